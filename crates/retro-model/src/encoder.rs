@@ -1,0 +1,52 @@
+//! The neighbour encoder: bidirectional self-attention over each neighbour, cross-attention to the input
+//! chunk that retrieved it (at the encoder's CA layers), feed-forward. All chunks and neighbours at once.
+
+use crate::attention::SelfAttention;
+use crate::cross_attention::CrossAttention;
+use crate::feed_forward::FeedForward;
+use crate::kernels::Kernels;
+use crate::layers::LayerNorm;
+use crate::rope::RopeTables;
+use candle_core::{Result, Tensor};
+use std::collections::BTreeSet;
+
+#[derive(Debug, Clone)]
+pub struct NeighbourEncoder {
+    pub(crate) attn: Vec<SelfAttention>,
+    pub(crate) ca: Vec<CrossAttention>,
+    pub(crate) ffw: Vec<FeedForward>,
+    pub(crate) norm_h: LayerNorm,
+    pub(crate) ca_layers: BTreeSet<usize>,
+    pub(crate) chunk_len: usize,
+}
+
+impl NeighbourEncoder {
+    /// `e [b, c, k, n, d]` neighbour token embeddings, `h [b, t, d]` the decoder's hidden state;
+    /// `rope` covers positions `0..n`.
+    pub fn forward(
+        &self,
+        e: &Tensor,
+        h: &Tensor,
+        rope: &RopeTables,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        let (b, c, k, n, d) = e.dims5()?;
+        let h_split = h
+            .narrow(1, 0, c * self.chunk_len)?
+            .reshape((b, c, self.chunk_len, d))?;
+        let h_split = self.norm_h.forward(&h_split, kern)?;
+        let mut e = e.clone();
+        let mut p_ca = 0;
+        for (p, attn) in self.attn.iter().enumerate() {
+            e = attn
+                .forward(&e.reshape((b * c * k, n, d))?, rope, None, None, kern)?
+                .reshape((b, c, k, n, d))?;
+            if self.ca_layers.contains(&p) {
+                e = self.ca[p_ca].forward(&e, &h_split, kern)?;
+                p_ca += 1;
+            }
+            e = self.ffw[p].forward(&e, kern)?;
+        }
+        Ok(e)
+    }
+}

@@ -1,0 +1,42 @@
+//! Which implementation of the normalising ops a forward uses.
+//!
+//! candle's fused `layer_norm`, `softmax_last_dim` and `rope` kernels are fast but record no backward
+//! op, so everything upstream would silently get no gradient. Inference uses them; training uses the
+//! differentiable compositions.
+
+use candle_core::{Result, Tensor, D};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Fused candle kernels: inference only.
+    Fused,
+    /// Ops built from differentiable primitives: for training.
+    Differentiable,
+}
+
+impl Kernels {
+    pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        match self {
+            // The fused CPU kernel has no f64 version.
+            Kernels::Fused if x.is_contiguous() && x.dtype() != candle_core::DType::F64 => {
+                candle_nn::ops::layer_norm(x, w, b, eps as f32)
+            }
+            _ => candle_nn::ops::layer_norm_slow(x, w, b, eps as f32),
+        }
+    }
+
+    pub fn softmax(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(x),
+            Kernels::Differentiable => candle_nn::ops::softmax(x, D::Minus1),
+        }
+    }
+
+    /// Rotate-half rotary embedding of `x [b, h, s, d]` with tables `cos, sin [s, d/2]`.
+    pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
+            Kernels::Differentiable => candle_nn::rotary_emb::rope_slow(x, cos, sin),
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The RETRO decoder: token embedding shared with the neighbours, causal self-attention layers, the
+//! neighbour encoder run once before the first CCA layer, chunked cross-attention, feed-forward, `read`.
+
+use crate::attention::{causal_mask, SelfAttention};
+use crate::cca::ChunkedCrossAttention;
+use crate::config::RetroConfig;
+use crate::cross_attention::CrossAttention;
+use crate::encoder::NeighbourEncoder;
+use crate::error::{ModelError, Result};
+use crate::feed_forward::FeedForward;
+use crate::kernels::Kernels;
+use crate::layers::LayerNorm;
+use crate::params::ParamBuilder;
+use crate::rope::{self, RopeTables};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+
+/// A RETRO model whose parameters live in a [`VarMap`] under the reference's `state_dict` names.
+pub struct RetroModel {
+    pub(crate) config: RetroConfig,
+    pub(crate) varmap: VarMap,
+    pub(crate) emb: Tensor,
+    pub(crate) attn: Vec<SelfAttention>,
+    pub(crate) cca: Vec<ChunkedCrossAttention>,
+    pub(crate) ffw: Vec<FeedForward>,
+    pub(crate) read: crate::layers::Linear,
+    pub(crate) norm_e: LayerNorm,
+    pub(crate) encoder: NeighbourEncoder,
+    pub(crate) theta: Vec<f32>,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+}
+
+impl RetroModel {
+    /// A freshly initialised model (PyTorch's default initialisation, drawn from `seed`).
+    pub fn new(config: &RetroConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let varmap = VarMap::new();
+        let mut pb = ParamBuilder::new(&varmap, seed, dtype, device);
+        let eps = c.layer_norm_eps;
+        let (d, da) = (c.d_model, c.d_attn());
+        let self_attention =
+            |pb: &mut ParamBuilder, name: String, causal: bool| -> Result<SelfAttention> {
+                Ok(SelfAttention {
+                    query: pb.linear(&format!("{name}.query"), d, da)?,
+                    key: pb.linear(&format!("{name}.key"), d, da)?,
+                    value: pb.linear(&format!("{name}.value"), d, da)?,
+                    norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
+                    output: pb.linear(&format!("{name}.output"), da, d)?,
+                    n_heads: c.n_heads,
+                    d_k: c.d_k,
+                    causal,
+                })
+            };
+        let ffw = |pb: &mut ParamBuilder, name: String| -> Result<FeedForward> {
+            Ok(FeedForward {
+                lin1: pb.linear(&format!("{name}.lin1"), d, c.d_ff)?,
+                lin2: pb.linear(&format!("{name}.lin2"), c.d_ff, d)?,
+                norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
+            })
+        };
+        // Created in the reference's registration order, so a seed means the same thing everywhere.
+        let enc_ca = (0..c.enc_ca_layers.len())
+            .map(|i| {
+                let name = format!("encoder.ca.{i}");
+                Ok(CrossAttention {
+                    query: pb.linear(&format!("{name}.query"), d, da)?,
+                    key: pb.linear(&format!("{name}.key"), d, da)?,
+                    value: pb.linear(&format!("{name}.value"), d, da)?,
+                    norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
+                    output: pb.linear(&format!("{name}.output"), da, d)?,
+                    n_heads: c.n_heads,
+                    d_k: c.d_k,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let enc_attn = (0..c.enc_n_layers)
+            .map(|p| self_attention(&mut pb, format!("encoder.attn.{p}"), false))
+            .collect::<Result<Vec<_>>>()?;
+        let enc_ffw = (0..c.enc_n_layers)
+            .map(|p| ffw(&mut pb, format!("encoder.ffw.{p}")))
+            .collect::<Result<Vec<_>>>()?;
+        let norm_h = pb.layer_norm("encoder.norm_h", d, eps)?;
+        let emb = pb.embedding("emb", c.n_vocab, d)?;
+        let cca = (0..c.ca_layers.len())
+            .map(|i| {
+                let name = format!("cca.{i}");
+                Ok(ChunkedCrossAttention {
+                    query: pb.linear(&format!("{name}.query"), d, da)?,
+                    key: pb.linear(&format!("{name}.key"), d, da)?,
+                    value: pb.linear(&format!("{name}.value"), d, da)?,
+                    norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
+                    output: pb.linear(&format!("{name}.output"), da, d)?,
+                    n_heads: c.n_heads,
+                    d_k: c.d_k,
+                    chunk_len: c.chunk_len,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attn = (0..c.n_layers)
+            .map(|p| self_attention(&mut pb, format!("attn.{p}"), true))
+            .collect::<Result<Vec<_>>>()?;
+        let ffw_layers = (0..c.n_layers)
+            .map(|p| ffw(&mut pb, format!("ffw.{p}")))
+            .collect::<Result<Vec<_>>>()?;
+        let read = pb.linear("read", d, c.n_vocab)?;
+        let norm_e = pb.layer_norm("norm_e", d, eps)?;
+        Ok(Self {
+            config: c.clone(),
+            encoder: NeighbourEncoder {
+                attn: enc_attn,
+                ca: enc_ca,
+                ffw: enc_ffw,
+                norm_h,
+                ca_layers: c.enc_ca_layers.clone(),
+                chunk_len: c.chunk_len,
+            },
+            varmap,
+            emb,
+            attn,
+            cca,
+            ffw: ffw_layers,
+            read,
+            norm_e,
+            theta: rope::theta(c.d_k, c.rope_base),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &RetroConfig {
+        &self.config
+    }
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// `x [B, T]` token ids and `ret [B, C, K, N]` neighbour token ids (`C == T / chunk_len`) ->
+    /// logits `[B, T, n_vocab]`. Inference kernels: no gradient flows.
+    pub fn forward(&self, x: &Tensor, ret: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Some(ret), Kernels::Fused)
+    }
+
+    /// RETRO[OFF]: the same decoder with the encoder and every CCA skipped.
+    pub fn forward_without_retrieval(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, None, Kernels::Fused)
+    }
+
+    /// The forward for training: every op records its backward. `ret = None` skips retrieval.
+    pub fn forward_train(&self, x: &Tensor, ret: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with(x, ret, Kernels::Differentiable)
+    }
+
+    /// Checks ids and shapes and returns `(x, ret)` as u32 ids on the model's device.
+    pub(crate) fn check_inputs(
+        &self,
+        x: &Tensor,
+        ret: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t) = x
+            .dims2()
+            .map_err(|_| ModelError::Shape(format!("x must be [B, T], got {:?}", x.dims())))?;
+        let x = self.ids(x, "x")?;
+        let ret = match ret {
+            None => None,
+            Some(ret) => {
+                let c = t / self.config.chunk_len;
+                let ok = matches!(ret.dims(), &[rb, rc, rk, rn] if rb == b && rc == c && (c == 0 || (rk > 0 && rn > 0)));
+                if !ok {
+                    return Err(ModelError::Shape(format!(
+                        "ret must be [B, C, K, N] with B = {b} and C = T / chunk_len = {t} / {} = {c}; \
+                         got ret {:?} for x {:?}",
+                        self.config.chunk_len,
+                        ret.dims(),
+                        x.dims()
+                    )));
+                }
+                Some(self.ids(ret, "ret")?)
+            }
+        };
+        Ok((x, ret))
+    }
+
+    fn ids(&self, t: &Tensor, input: &'static str) -> Result<Tensor> {
+        let t = t.to_device(&self.device)?;
+        if t.elem_count() > 0 {
+            let flat = t.flatten_all()?.to_dtype(DType::I64)?;
+            let (lo, hi) = (
+                flat.min(0)?.to_scalar::<i64>()?,
+                flat.max(0)?.to_scalar::<i64>()?,
+            );
+            if lo < 0 {
+                return Err(ModelError::TokenOutOfRange {
+                    input,
+                    id: lo as u64,
+                    n_vocab: self.config.n_vocab,
+                });
+            }
+            if hi as usize >= self.config.n_vocab {
+                return Err(ModelError::TokenOutOfRange {
+                    input,
+                    id: hi as u64,
+                    n_vocab: self.config.n_vocab,
+                });
+            }
+        }
+        Ok(t.to_dtype(DType::U32)?)
+    }
+
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        let flat = ids.flatten_all()?;
+        dims.push(self.config.d_model);
+        Ok(self.emb.index_select(&flat, 0)?.reshape(dims)?)
+    }
+
+    pub(crate) fn rope(&self, offset: usize, len: usize) -> Result<RopeTables> {
+        Ok(RopeTables::new(
+            &self.theta,
+            offset,
+            len,
+            self.dtype,
+            &self.device,
+        )?)
+    }
+
+    /// Encodes the neighbours `ret [B, C, K, N]` conditioned on the decoder state `h` and applies
+    /// `norm_e`: what every CCA layer attends to.
+    pub(crate) fn encode_neighbours(
+        &self,
+        ret: &Tensor,
+        h: &Tensor,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        let n = ret.dim(3)?;
+        let e = self.embed(ret)?;
+        let e = self.encoder.forward(&e, h, &self.rope(0, n)?, kern)?;
+        Ok(self.norm_e.forward(&e, kern)?)
+    }
+
+    fn forward_with(&self, x: &Tensor, ret: Option<&Tensor>, kern: Kernels) -> Result<Tensor> {
+        let (x, ret) = self.check_inputs(x, ret)?;
+        let (_, t) = x.dims2()?;
+        let c = t / self.config.chunk_len;
+        // With no complete chunk there is nothing to attend to: CCA is the identity.
+        let ret = ret.filter(|_| c > 0 && !self.config.ca_layers.is_empty());
+        let mut h = self.embed(&x)?;
+        let rope = self.rope(0, t)?;
+        let mask = causal_mask(t, 0, self.dtype, &self.device)?;
+        let first_cca = self.config.ca_layers.first().copied();
+        let mut e = None;
+        let mut p_ca = 0;
+        for (p, attn) in self.attn.iter().enumerate() {
+            h = attn.forward(&h, &rope, Some(&mask), None, kern)?;
+            if let Some(ret) = &ret {
+                if Some(p) == first_cca {
+                    e = Some(self.encode_neighbours(ret, &h, kern)?);
+                }
+                if self.config.ca_layers.contains(&p) {
+                    h = self.cca[p_ca].forward(&h, e.as_ref().expect("encoder ran"), kern)?;
+                }
+            }
+            if self.config.ca_layers.contains(&p) {
+                p_ca += 1;
+            }
+            h = self.ffw[p].forward(&h, kern)?;
+        }
+        Ok(self.read.forward(&h)?)
+    }
+}
