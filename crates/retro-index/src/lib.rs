@@ -1,1 +1,67 @@
-//! placeholder
+//! # retro-index: the RETRO retrieval database
+//!
+//! Corpus -> documents -> LM tokens -> chunks (never across a document boundary) -> frozen-BERT keys
+//! -> HNSW graph, persisted in one directory with a versioned manifest (Borgeaud et al. 2022, section 2.3).
+//!
+//! - [`corpus`]: read text files, folders and JSONL into [`Document`]s.
+//! - [`tokenizer`]: the LM tokenizer ([`LmTokenizer`]: labml characters or any `tokenizer.json`; [`train_bpe`]).
+//! - [`store`]: [`ChunkStore`], memory-mapped tokens; `neighbour(i)` = chunk + continuation.
+//! - [`embed`], [`bert`], [`lexical`]: the [`Embedder`] trait, [`BertEmbedder`] (candle) and the
+//!   weight-free [`LexicalEmbedder`].
+//! - [`hnsw`], [`distance`]: [`HnswIndex`] over hnsw_rs with a SIMD `1 - dot` distance.
+//! - [`database`]: [`Database::build`] (atomic) and [`Database::open`] (validated).
+//!
+//! ```
+//! use retro_index::{BuildOptions, Corpus, Database, Document, HnswParams, LexicalEmbedder, LmTokenizer};
+//!
+//! let corpus = Corpus::from_documents([
+//!     Document { id: "a".into(), source: "mem".into(), text: "The cat sat on the mat. ".repeat(8) },
+//!     Document { id: "b".into(), source: "mem".into(), text: "Quantum fields fluctuate. ".repeat(8) },
+//! ]);
+//! let tokenizer = LmTokenizer::char_from_corpus(&corpus);
+//! let embedder = LexicalEmbedder::new(64)?;
+//! let dir = tempfile::tempdir().unwrap();
+//! let opts = BuildOptions { chunk_len: 16, hnsw: HnswParams::default(), ..Default::default() };
+//! Database::build(&corpus, &tokenizer, &embedder, &opts, &dir.path().join("db"))?;
+//!
+//! let db = Database::open(&dir.path().join("db"))?;
+//! db.check_compatible(&tokenizer)?;
+//! let hits = db.search_texts(&embedder, &["quantum fields"], 3, None)?;
+//! let (chunk, _distance) = hits[0][0];
+//! assert_eq!(db.store().documents()[db.store().document_of(chunk)].id, "b");
+//! let value = db.store().neighbour(chunk); // chunk + continuation, 2 * chunk_len tokens
+//! assert_eq!(value.len(), 32);
+//! println!("{}", tokenizer.decode(&value)?);
+//! # Ok::<(), retro_index::IndexError>(())
+//! ```
+
+pub mod bert;
+pub mod corpus;
+pub mod database;
+pub mod distance;
+pub mod embed;
+pub mod embeddings;
+pub mod error;
+pub mod fsutil;
+pub mod hnsw;
+pub mod lexical;
+pub mod store;
+pub mod testdata;
+pub mod tokenizer;
+
+pub use bert::{BertEmbedder, BertOptions};
+pub use corpus::{read_corpus, Corpus, CorpusOptions, Document};
+pub use database::{
+    BuildOptions, Counts, Database, Manifest, OpenOptions, ProgressFn, RecallReport, Stage,
+};
+pub use distance::DistUnitDot;
+pub use embed::{l2_normalize, Embedder, EmbedderId};
+pub use embeddings::{write_npy, Embeddings};
+pub use error::{IndexError, Result};
+pub use hnsw::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
+pub use lexical::LexicalEmbedder;
+pub use store::{ChunkEntry, ChunkStore, DocumentEntry};
+pub use tokenizer::{train_bpe, CharTokenizer, LmTokenizer};
+
+/// Re-exported so callers can pick a device for [`BertEmbedder`].
+pub use candle_core::Device;

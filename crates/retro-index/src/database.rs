@@ -1,0 +1,627 @@
+//! The retrieval database: chunk store + keys + HNSW graph + LM tokenizer, described by a versioned
+//! manifest, built atomically (temporary directory, then rename) and validated when opened.
+
+use crate::corpus::Corpus;
+use crate::embed::{l2_normalize, Embedder, EmbedderId};
+use crate::embeddings::{Embeddings, EMBEDDINGS_FILE};
+use crate::error::{IndexError, Result};
+use crate::fsutil::{read_json, sha256_bytes, sha256_file, write_json_atomic};
+use crate::hnsw::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
+use crate::store::{ChunkStore, CHUNKS_FILE, DOCUMENTS_FILE, TOKENS_FILE};
+use crate::tokenizer::{LmTokenizer, TOKENIZER_FILE};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Version of the database layout this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+const HNSW_DIR: &str = "hnsw";
+
+/// The LM tokenizer a database was built with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenizerInfo {
+    pub kind: String,
+    pub fingerprint: String,
+    pub vocab_size: usize,
+    pub pad_id: u32,
+}
+
+/// Counts that add up: `documents` stored, `empty_skipped` not stored, `chunks` = sum of ceil(tokens/chunk_len).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counts {
+    pub documents: usize,
+    pub empty_skipped: usize,
+    pub chunks: usize,
+    pub tokens: usize,
+}
+
+/// Size and checksum of one file of the database.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileInfo {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// `manifest.json`: written last, so a directory without it is not a database.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// Content id (hash of the files' checksums and parameters).
+    pub database_id: String,
+    pub created_by: String,
+    pub chunk_len: usize,
+    pub tokenizer: TokenizerInfo,
+    pub embedder: EmbedderId,
+    pub dim: usize,
+    pub counts: Counts,
+    pub hnsw: HnswParams,
+    pub hnsw_basename: String,
+    /// Path relative to the database directory -> size and SHA-256.
+    pub files: BTreeMap<String, FileInfo>,
+}
+
+/// Build stages reported to the progress callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Tokenizing,
+    Embedding,
+    Inserting,
+    Writing,
+}
+
+/// `progress(stage, done, total)`.
+pub type ProgressFn = Arc<dyn Fn(Stage, usize, usize) + Send + Sync>;
+
+/// Options of [`Database::build`].
+#[derive(Clone)]
+pub struct BuildOptions {
+    pub chunk_len: usize,
+    pub hnsw: HnswParams,
+    /// Chunks handed to the embedder at a time.
+    pub batch_size: usize,
+    pub progress: Option<ProgressFn>,
+    /// Replace an existing database at `out_dir` (otherwise it is an error).
+    pub overwrite: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            chunk_len: 64,
+            hnsw: HnswParams::default(),
+            batch_size: 256,
+            progress: None,
+            overwrite: false,
+        }
+    }
+}
+
+/// Options of [`Database::open_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Recompute every file's SHA-256 (sizes are always checked).
+    pub verify_checksums: bool,
+}
+
+/// Recall of the HNSW graph against exact search over the stored keys.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct RecallReport {
+    pub sample: usize,
+    pub k: usize,
+    pub ef: usize,
+    pub recall: f64,
+    pub hnsw_queries_per_s: f64,
+    pub brute_force_queries_per_s: f64,
+}
+
+/// An opened retrieval database.
+pub struct Database {
+    dir: PathBuf,
+    manifest: Manifest,
+    store: ChunkStore,
+    embeddings: Embeddings,
+    index: HnswIndex,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("dir", &self.dir)
+            .field("id", &self.manifest.database_id)
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+/// Removes a half-built directory unless disarmed.
+struct TempDirGuard(Option<PathBuf>);
+impl Drop for TempDirGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+fn sibling(out_dir: &Path, tag: &str) -> PathBuf {
+    let name = out_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "db".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    out_dir.with_file_name(format!(".{name}.{tag}-{}-{nanos}", std::process::id()))
+}
+
+impl Database {
+    /// Tokenizes, chunks, embeds and indexes `corpus` into `out_dir`. Everything is written into a
+    /// temporary directory beside `out_dir`, renamed into place at the end: an interrupted build
+    /// leaves no directory that claims to be a database.
+    pub fn build(
+        corpus: &Corpus,
+        tokenizer: &LmTokenizer,
+        embedder: &dyn Embedder,
+        opts: &BuildOptions,
+        out_dir: &Path,
+    ) -> Result<Database> {
+        if corpus.documents.is_empty() {
+            return Err(IndexError::EmptyCorpus {
+                empty_skipped: corpus.empty_skipped,
+            });
+        }
+        if opts.chunk_len == 0 {
+            return Err(IndexError::invalid("chunk_len", 0, "must be positive"));
+        }
+        if out_dir.exists() && !opts.overwrite {
+            return Err(IndexError::invalid(
+                "out_dir",
+                out_dir.display(),
+                "already exists (pass overwrite to replace it)",
+            ));
+        }
+        let report = |s: Stage, d: usize, t: usize| {
+            if let Some(p) = &opts.progress {
+                p(s, d, t)
+            }
+        };
+        if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| IndexError::io(parent, e))?;
+        }
+        let tmp = sibling(out_dir, "building");
+        std::fs::create_dir(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
+        let mut guard = TempDirGuard(Some(tmp.clone()));
+
+        // 1. Tokenize (parallel over documents).
+        let n_docs = corpus.documents.len();
+        let done = AtomicUsize::new(0);
+        report(Stage::Tokenizing, 0, n_docs);
+        let tokens: Vec<Vec<u32>> = corpus
+            .documents
+            .par_iter()
+            .map(|d| {
+                let t = tokenizer.encode(&d.text).map_err(|e| {
+                    IndexError::Tokenizer(format!("document {:?} ({}): {e}", d.id, d.source))
+                });
+                let k = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if k & 63 == 0 {
+                    report(Stage::Tokenizing, k, n_docs);
+                }
+                t
+            })
+            .collect::<Result<_>>()?;
+        report(Stage::Tokenizing, n_docs, n_docs);
+
+        // 2. Chunk store.
+        let counts = ChunkStore::write(
+            &tmp,
+            corpus
+                .documents
+                .iter()
+                .zip(&tokens)
+                .map(|(d, t)| (d.id.as_str(), d.source.as_str(), t.as_slice())),
+            opts.chunk_len,
+            tokenizer.pad_id(),
+        )?;
+        drop(tokens);
+        let store = ChunkStore::open(&tmp)?;
+        if store.is_empty() {
+            return Err(IndexError::EmptyCorpus {
+                empty_skipped: corpus.empty_skipped,
+            });
+        }
+
+        // 3. Keys: decode each chunk, embed in batches.
+        let n = store.len();
+        let dim = embedder.dim();
+        let mut vectors = Vec::with_capacity(n * dim);
+        report(Stage::Embedding, 0, n);
+        let batch = opts.batch_size.max(1);
+        for start in (0..n).step_by(batch) {
+            let end = (start + batch).min(n);
+            let texts: Vec<String> = (start..end)
+                .into_par_iter()
+                .map(|i| tokenizer.decode(store.chunk_tokens(i)))
+                .collect::<Result<_>>()?;
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let vs = embedder.embed(&refs)?;
+            if vs.len() != refs.len() {
+                return Err(IndexError::Embedder(format!(
+                    "returned {} vectors for {} texts",
+                    vs.len(),
+                    refs.len()
+                )));
+            }
+            for (j, v) in vs.iter().enumerate() {
+                if v.len() != dim {
+                    return Err(IndexError::Embedder(format!(
+                        "chunk {}: vector of {} floats, dim is {dim}",
+                        start + j,
+                        v.len()
+                    )));
+                }
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(IndexError::Embedder(format!(
+                        "chunk {} ({:?}): the key has NaN or infinite components",
+                        start + j,
+                        refs[j]
+                    )));
+                }
+                vectors.extend_from_slice(v);
+            }
+            report(Stage::Embedding, end, n);
+        }
+        Embeddings::write(&tmp.join(EMBEDDINGS_FILE), &vectors)?;
+
+        // 4. Graph.
+        report(Stage::Inserting, 0, n);
+        let progress = |d: usize, t: usize| report(Stage::Inserting, d, t);
+        let index = HnswIndex::build(&vectors, dim, opts.hnsw, Some(&progress))?;
+        drop(vectors);
+        report(Stage::Writing, 0, 1);
+        let basename = index.save(&tmp.join(HNSW_DIR))?;
+        drop(index);
+        tokenizer.save(&tmp)?;
+
+        // 5. Manifest, last.
+        let mut files = BTreeMap::new();
+        let hnsw_files = [
+            format!("{HNSW_DIR}/{basename}.hnsw.graph"),
+            format!("{HNSW_DIR}/{basename}.hnsw.data"),
+        ];
+        for name in [
+            TOKENS_FILE,
+            CHUNKS_FILE,
+            DOCUMENTS_FILE,
+            EMBEDDINGS_FILE,
+            TOKENIZER_FILE,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(hnsw_files)
+        {
+            let p = tmp.join(&name);
+            let bytes = std::fs::metadata(&p)
+                .map_err(|e| IndexError::io(&p, e))?
+                .len();
+            files.insert(
+                name,
+                FileInfo {
+                    bytes,
+                    sha256: sha256_file(&p)?,
+                },
+            );
+        }
+        let embedder_id = embedder.id();
+        let tokenizer_info = TokenizerInfo {
+            kind: tokenizer.kind().into(),
+            fingerprint: tokenizer.fingerprint(),
+            vocab_size: tokenizer.vocab_size(),
+            pad_id: tokenizer.pad_id(),
+        };
+        let id_src = format!(
+            "{}|{}|{}|{}",
+            opts.chunk_len,
+            tokenizer_info.fingerprint,
+            embedder_id.weights_hash,
+            files
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.sha256))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            database_id: sha256_bytes(id_src.as_bytes())[..16].to_string(),
+            created_by: format!("retro-index {}", env!("CARGO_PKG_VERSION")),
+            chunk_len: opts.chunk_len,
+            tokenizer: tokenizer_info,
+            dim,
+            embedder: embedder_id,
+            counts: Counts {
+                documents: counts.documents,
+                empty_skipped: corpus.empty_skipped,
+                chunks: counts.chunks,
+                tokens: counts.tokens,
+            },
+            hnsw: opts.hnsw,
+            hnsw_basename: basename,
+            files,
+        };
+        write_json_atomic(&tmp.join(MANIFEST_FILE), &manifest)?;
+        drop(store);
+
+        // 6. Into place.
+        let mut old = None;
+        if out_dir.exists() {
+            let o = sibling(out_dir, "old");
+            std::fs::rename(out_dir, &o).map_err(|e| IndexError::io(out_dir, e))?;
+            old = Some(o);
+        }
+        std::fs::rename(&tmp, out_dir).map_err(|e| IndexError::io(out_dir, e))?;
+        guard.0 = None;
+        if let Some(o) = old {
+            let _ = std::fs::remove_dir_all(o);
+        }
+        report(Stage::Writing, 1, 1);
+        Database::open(out_dir)
+    }
+
+    /// Opens and validates a database (manifest version, every file present with its recorded size).
+    pub fn open(dir: &Path) -> Result<Database> {
+        Self::open_with(dir, OpenOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, opts: OpenOptions) -> Result<Database> {
+        let mpath = dir.join(MANIFEST_FILE);
+        let raw: serde_json::Value = read_json(&mpath)?;
+        let found = raw
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| IndexError::corrupt(&mpath, "no format_version"))?;
+        if found != FORMAT_VERSION as u64 {
+            return Err(IndexError::Version {
+                path: mpath,
+                found: found as u32,
+                expected: FORMAT_VERSION,
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_value(raw).map_err(|e| IndexError::corrupt(&mpath, e.to_string()))?;
+        let graph_name = format!("{HNSW_DIR}/{}.hnsw.graph", manifest.hnsw_basename);
+        let data_name = format!("{HNSW_DIR}/{}.hnsw.data", manifest.hnsw_basename);
+        for required in [
+            TOKENS_FILE,
+            CHUNKS_FILE,
+            DOCUMENTS_FILE,
+            EMBEDDINGS_FILE,
+            TOKENIZER_FILE,
+            &graph_name,
+            &data_name,
+        ] {
+            if !manifest.files.contains_key(required) {
+                return Err(IndexError::corrupt(&mpath, format!("lists no {required}")));
+            }
+        }
+        for (name, info) in &manifest.files {
+            let p = dir.join(name);
+            let meta = std::fs::metadata(&p).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    IndexError::Missing { path: p.clone() }
+                } else {
+                    IndexError::io(&p, e)
+                }
+            })?;
+            if meta.len() != info.bytes {
+                return Err(IndexError::corrupt(
+                    &p,
+                    format!("{} bytes, the manifest says {}", meta.len(), info.bytes),
+                ));
+            }
+            if opts.verify_checksums {
+                let sha = sha256_file(&p)?;
+                if sha != info.sha256 {
+                    return Err(IndexError::corrupt(
+                        &p,
+                        format!("SHA-256 {sha} differs from the manifest's {}", info.sha256),
+                    ));
+                }
+            }
+        }
+        let store = ChunkStore::open(dir)?;
+        let c = &manifest.counts;
+        if store.len() != c.chunks
+            || store.documents().len() != c.documents
+            || store.total_tokens() != c.tokens
+            || store.chunk_len() != manifest.chunk_len
+        {
+            return Err(IndexError::corrupt(
+                dir.join(DOCUMENTS_FILE),
+                "the store's counts or chunk_len disagree with the manifest",
+            ));
+        }
+        let embeddings = Embeddings::open(&dir.join(EMBEDDINGS_FILE), c.chunks, manifest.dim)?;
+        let index = HnswIndex::load(
+            &dir.join(HNSW_DIR),
+            &manifest.hnsw_basename,
+            manifest.dim,
+            manifest.hnsw,
+            c.chunks,
+        )?;
+        Ok(Database {
+            dir: dir.to_path_buf(),
+            manifest,
+            store,
+            embeddings,
+            index,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// The database's content id.
+    pub fn id(&self) -> &str {
+        &self.manifest.database_id
+    }
+    pub fn chunk_len(&self) -> usize {
+        self.manifest.chunk_len
+    }
+    pub fn store(&self) -> &ChunkStore {
+        &self.store
+    }
+    pub fn embeddings(&self) -> &Embeddings {
+        &self.embeddings
+    }
+    pub fn index(&self) -> &HnswIndex {
+        &self.index
+    }
+    /// The LM tokenizer stored with the database.
+    pub fn load_tokenizer(&self) -> Result<LmTokenizer> {
+        let t = LmTokenizer::load(&self.dir)?;
+        self.check_compatible(&t)?;
+        Ok(t)
+    }
+
+    /// Errors unless `tokenizer` is the one the database was built with.
+    pub fn check_compatible(&self, tokenizer: &LmTokenizer) -> Result<()> {
+        let fp = tokenizer.fingerprint();
+        if fp != self.manifest.tokenizer.fingerprint {
+            return Err(IndexError::Mismatch {
+                field: "tokenizer",
+                database: format!(
+                    "{} {}",
+                    self.manifest.tokenizer.kind, self.manifest.tokenizer.fingerprint
+                ),
+                given: format!("{} {fp}", tokenizer.kind()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Errors unless `embedder` is the one the database was built with (name, weights, dim).
+    pub fn check_embedder(&self, embedder: &dyn Embedder) -> Result<()> {
+        let id = embedder.id();
+        if id != self.manifest.embedder {
+            return Err(IndexError::Mismatch {
+                field: "embedder",
+                database: self.manifest.embedder.to_string(),
+                given: id.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Errors unless the database uses `chunk_len`.
+    pub fn check_chunk_len(&self, chunk_len: usize) -> Result<()> {
+        if chunk_len != self.manifest.chunk_len {
+            return Err(IndexError::Mismatch {
+                field: "chunk_len",
+                database: self.manifest.chunk_len.to_string(),
+                given: chunk_len.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The `k` nearest chunks to a key (normalised here), at the default ef.
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Hit>> {
+        self.search_ef(query, k, None)
+    }
+
+    pub fn search_ef(&self, query: &[f32], k: usize, ef: Option<usize>) -> Result<Vec<Hit>> {
+        let mut q = query.to_vec();
+        l2_normalize(&mut q);
+        self.index.search(&q, k, ef)
+    }
+
+    /// Many keys in parallel.
+    pub fn search_batch(
+        &self,
+        queries: &[Vec<f32>],
+        k: usize,
+        ef: Option<usize>,
+    ) -> Result<Vec<Vec<Hit>>> {
+        let qs: Vec<Vec<f32>> = queries
+            .iter()
+            .map(|q| {
+                let mut q = q.clone();
+                l2_normalize(&mut q);
+                q
+            })
+            .collect();
+        self.index.search_batch(&qs, k, ef)
+    }
+
+    /// The `k` nearest chunks for which `keep(chunk_id)` holds, e.g. the self-retrieval filter
+    /// `|c| db.store().document_of(c) != my_doc`.
+    pub fn search_filtered(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: Option<usize>,
+        keep: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Result<Vec<Hit>> {
+        let mut q = query.to_vec();
+        l2_normalize(&mut q);
+        self.index.search_filtered(&q, k, ef, keep)
+    }
+
+    /// Embeds texts with `embedder` (checked against the manifest) and searches.
+    pub fn search_texts(
+        &self,
+        embedder: &dyn Embedder,
+        texts: &[&str],
+        k: usize,
+        ef: Option<usize>,
+    ) -> Result<Vec<Vec<Hit>>> {
+        self.check_embedder(embedder)?;
+        let keys = embedder.embed(texts)?;
+        self.search_batch(&keys, k, ef)
+    }
+
+    /// Recall@k of the graph against brute force over the stored keys, on `sample` chunks spread
+    /// evenly over the database, with their own keys as queries.
+    pub fn recall(&self, sample: usize, k: usize, ef: Option<usize>) -> Result<RecallReport> {
+        let n = self.store.len();
+        let sample = sample.min(n).max(1);
+        let ids: Vec<usize> = (0..sample).map(|i| i * n / sample).collect();
+        let queries: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|&i| self.embeddings.row(i).to_vec())
+            .collect();
+        let ef_used = ef.unwrap_or(self.manifest.hnsw.ef_search).max(k);
+        let t = std::time::Instant::now();
+        let approx = self.index.search_batch(&queries, k, Some(ef_used))?;
+        let hnsw_s = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let dim = self.manifest.dim;
+        let all = self.embeddings.as_slice();
+        let exact: Vec<Vec<Hit>> = queries
+            .par_iter()
+            .map(|q| brute_force(all, dim, q, k))
+            .collect();
+        let bf_s = t.elapsed().as_secs_f64();
+        let recall = exact
+            .iter()
+            .zip(&approx)
+            .map(|(e, a)| recall_at_k(e, a, k))
+            .sum::<f64>()
+            / sample as f64;
+        Ok(RecallReport {
+            sample,
+            k,
+            ef: ef_used,
+            recall,
+            hnsw_queries_per_s: sample as f64 / hnsw_s.max(1e-9),
+            brute_force_queries_per_s: sample as f64 / bf_s.max(1e-9),
+        })
+    }
+}

@@ -1,0 +1,137 @@
+//! Atomic writes, checksums and the small versioned header of the crate's binary files.
+
+use crate::error::{IndexError, Result};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+#[cfg(target_endian = "big")]
+compile_error!("retro-index stores little-endian arrays and views them in place: big-endian targets are not supported");
+
+/// Bytes of the header of every binary array file: 8 magic bytes, u32 format version, u32 reserved.
+/// 16 bytes keep the payload aligned for u32, u64 and f32 views.
+pub const HEADER_LEN: usize = 16;
+
+pub(crate) fn header(magic: &[u8; 8], version: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(magic);
+    h[8..12].copy_from_slice(&version.to_le_bytes());
+    h
+}
+
+/// Checks the header of a mapped file and returns its payload.
+pub(crate) fn check_header<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    magic: &[u8; 8],
+    version: u32,
+) -> Result<&'a [u8]> {
+    if bytes.len() < HEADER_LEN || &bytes[..8] != magic {
+        return Err(IndexError::corrupt(
+            path,
+            format!(
+                "bad header (expected magic {:?})",
+                String::from_utf8_lossy(magic)
+            ),
+        ));
+    }
+    let found = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if found != version {
+        return Err(IndexError::Version {
+            path: path.to_path_buf(),
+            found,
+            expected: version,
+        });
+    }
+    Ok(&bytes[HEADER_LEN..])
+}
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Writes `path` atomically: a temporary file beside it, fsync, rename.
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = tmp_name(path);
+    let res = (|| {
+        let f = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::new(f);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.map_err(|e| IndexError::io(path, e))
+}
+
+/// Writes a JSON value atomically.
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(path, |w| {
+        serde_json::to_writer_pretty(&mut *w, value).map_err(std::io::Error::other)?;
+        w.write_all(b"\n")
+    })
+}
+
+/// Reads a JSON file, naming the file in errors.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            IndexError::Missing {
+                path: path.to_path_buf(),
+            }
+        } else {
+            IndexError::io(path, e)
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| IndexError::corrupt(path, e.to_string()))
+}
+
+/// Hex SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| IndexError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Hex SHA-256 of bytes.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Memory-maps a file read-only (an empty file gives an empty map).
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let f = std::fs::File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            IndexError::Missing {
+                path: path.to_path_buf(),
+            }
+        } else {
+            IndexError::io(path, e)
+        }
+    })?;
+    // SAFETY: the database files are written once (atomically) and never modified in place;
+    // a concurrent writer replacing the directory renames, it does not truncate mapped files.
+    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| IndexError::io(path, e))
+}

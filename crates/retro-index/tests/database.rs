@@ -1,0 +1,278 @@
+//! Building, reopening and refusing broken or mismatched databases.
+
+use retro_index::{
+    BuildOptions, Corpus, Database, Document, Embedder, IndexError, LexicalEmbedder, LmTokenizer,
+    OpenOptions,
+};
+use std::path::Path;
+
+fn corpus() -> Corpus {
+    let topics = [
+        "cats purr and sleep on warm mats",
+        "rust borrows and lifetimes",
+        "the ocean tides follow the moon",
+        "bread rises with yeast and time",
+    ];
+    let mut docs: Vec<Document> = (0..40)
+        .map(|i| Document {
+            id: format!("doc{i}"),
+            source: "mem".into(),
+            text: format!("{} number {i}. ", topics[i % 4]).repeat(1 + i % 5),
+        })
+        .collect();
+    docs.push(Document {
+        id: "blank".into(),
+        source: "mem".into(),
+        text: "  ".into(),
+    });
+    Corpus::from_documents(docs)
+}
+
+fn build(dir: &Path) -> (Corpus, LmTokenizer, LexicalEmbedder, Database) {
+    let c = corpus();
+    let t = LmTokenizer::char_from_corpus(&c);
+    let e = LexicalEmbedder::new(64).unwrap();
+    let opts = BuildOptions {
+        chunk_len: 16,
+        batch_size: 50,
+        ..Default::default()
+    };
+    let db = Database::build(&c, &t, &e, &opts, dir).unwrap();
+    (c, t, e, db)
+}
+
+#[test]
+fn build_open_search_and_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("db");
+    let (c, t, e, db) = build(&dir);
+    let m = db.manifest().clone();
+    assert_eq!(m.counts.documents, 40);
+    assert_eq!(m.counts.empty_skipped, 1);
+    let tokens: usize = c.documents.iter().map(|d| d.text.chars().count()).sum();
+    assert_eq!(m.counts.tokens, tokens);
+    let chunks: usize = c
+        .documents
+        .iter()
+        .map(|d| d.text.chars().count().div_ceil(16))
+        .sum();
+    assert_eq!(m.counts.chunks, chunks);
+    assert_eq!(db.store().len(), chunks);
+    assert_eq!(db.embeddings().len(), chunks);
+    // no temporary directories left beside it
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+
+    let hits = db
+        .search_texts(&e, &["ocean tides and the moon"], 5, None)
+        .unwrap();
+    let top = hits[0][0].0;
+    assert!(
+        t.decode(db.store().chunk_tokens(top))
+            .unwrap()
+            .contains("oce")
+            || t.decode(&db.store().neighbour(top))
+                .unwrap()
+                .contains("moon")
+    );
+    // a stored key finds its own chunk (or an identical one) at distance ~0
+    let own = db.search(db.embeddings().row(10), 1).unwrap();
+    assert!(own[0].1 < 1e-5);
+    // self-retrieval filter
+    let d = db.store().document_of(10);
+    let other = db
+        .search_filtered(db.embeddings().row(10), 5, None, &|c| {
+            db.store().document_of(c) != d
+        })
+        .unwrap();
+    assert_eq!(other.len(), 5);
+    assert!(other.iter().all(|h| db.store().document_of(h.0) != d));
+
+    let r = db.recall(100, 10, None).unwrap();
+    assert!(r.recall >= 0.95, "{r:?}");
+
+    // reopen: same id, same answers, checksums verify
+    let re = Database::open_with(
+        &dir,
+        OpenOptions {
+            verify_checksums: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(re.id(), db.id());
+    assert_eq!(
+        re.search(db.embeddings().row(3), 8).unwrap(),
+        db.search(db.embeddings().row(3), 8).unwrap()
+    );
+    re.check_compatible(&t).unwrap();
+    re.check_embedder(&e).unwrap();
+    assert_eq!(re.load_tokenizer().unwrap().fingerprint(), t.fingerprint());
+
+    // building over an existing database needs overwrite
+    let opts = BuildOptions {
+        chunk_len: 16,
+        ..Default::default()
+    };
+    assert!(Database::build(&c, &t, &e, &opts, &dir).is_err());
+    let opts = BuildOptions {
+        chunk_len: 8,
+        overwrite: true,
+        ..Default::default()
+    };
+    let db8 = Database::build(&c, &t, &e, &opts, &dir).unwrap();
+    assert_eq!(db8.chunk_len(), 8);
+    assert!(db8.check_chunk_len(16).is_err());
+}
+
+#[test]
+fn mismatches_and_corruption_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("db");
+    let (c, _t, _e, db) = build(&dir);
+    drop(db);
+
+    // another tokenizer / embedder
+    let other = LmTokenizer::char_from_corpus(&Corpus::from_documents([Document {
+        id: "x".into(),
+        source: "m".into(),
+        text: "xyz".into(),
+    }]));
+    let db = Database::open(&dir).unwrap();
+    assert!(matches!(
+        db.check_compatible(&other),
+        Err(IndexError::Mismatch {
+            field: "tokenizer",
+            ..
+        })
+    ));
+    let e2 = LexicalEmbedder::new(32).unwrap();
+    assert!(matches!(
+        db.check_embedder(&e2),
+        Err(IndexError::Mismatch {
+            field: "embedder",
+            ..
+        })
+    ));
+    assert!(db.search_texts(&e2, &["x"], 1, None).is_err());
+    assert!(db.search(&[f32::NAN; 64], 3).is_err());
+    assert_eq!(db.search(&[0.0; 64], 3).unwrap().len(), 3);
+    drop(db);
+
+    let copy = |name: &str| {
+        let d = tmp.path().join(name);
+        copy_dir(&dir, &d);
+        d
+    };
+    let d = copy("no-manifest");
+    std::fs::remove_file(d.join("manifest.json")).unwrap();
+    assert!(matches!(
+        Database::open(&d),
+        Err(IndexError::Missing { .. })
+    ));
+
+    let d = copy("bad-manifest");
+    std::fs::write(d.join("manifest.json"), "{ not json").unwrap();
+    let e = Database::open(&d).unwrap_err();
+    assert!(
+        matches!(e, IndexError::Corrupt { .. }) && e.to_string().contains("manifest.json"),
+        "{e}"
+    );
+
+    let d = copy("future");
+    let m = std::fs::read_to_string(d.join("manifest.json"))
+        .unwrap()
+        .replace("\"format_version\": 1", "\"format_version\": 99");
+    std::fs::write(d.join("manifest.json"), m).unwrap();
+    assert!(matches!(
+        Database::open(&d),
+        Err(IndexError::Version { found: 99, .. })
+    ));
+
+    let d = copy("no-graph");
+    for f in std::fs::read_dir(d.join("hnsw")).unwrap() {
+        let p = f.unwrap().path();
+        if p.to_string_lossy().ends_with(".hnsw.graph") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let e = Database::open(&d).unwrap_err();
+    assert!(
+        matches!(e, IndexError::Missing { .. }) && e.to_string().contains("hnsw.graph"),
+        "{e}"
+    );
+
+    let d = copy("short-store");
+    let p = d.join("tokens.bin");
+    let b = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &b[..b.len() - 8]).unwrap();
+    let e = Database::open(&d).unwrap_err();
+    assert!(
+        matches!(e, IndexError::Corrupt { .. }) && e.to_string().contains("tokens.bin"),
+        "{e}"
+    );
+
+    // same size, garbage graph: sizes pass, the graph reader must not panic
+    let d = copy("garbage-graph");
+    for f in std::fs::read_dir(d.join("hnsw")).unwrap() {
+        let p = f.unwrap().path();
+        let n = std::fs::metadata(&p).unwrap().len() as usize;
+        std::fs::write(&p, vec![0xabu8; n]).unwrap();
+    }
+    assert!(Database::open(&d).is_err());
+    let e = Database::open_with(
+        &d,
+        OpenOptions {
+            verify_checksums: true,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("SHA-256"), "{e}");
+
+    // flipped byte in the embeddings: only the checksum sees it
+    let d = copy("flipped");
+    let p = d.join("embeddings.bin");
+    let mut b = std::fs::read(&p).unwrap();
+    b[100] ^= 1;
+    std::fs::write(&p, b).unwrap();
+    assert!(Database::open(&d).is_ok());
+    assert!(Database::open_with(
+        &d,
+        OpenOptions {
+            verify_checksums: true
+        }
+    )
+    .is_err());
+
+    // empty corpus
+    let empty = Corpus::from_documents([Document {
+        id: "e".into(),
+        source: "m".into(),
+        text: String::new(),
+    }]);
+    let t = LmTokenizer::char_from_corpus(&c);
+    let e = LexicalEmbedder::new(8).unwrap();
+    assert!(matches!(
+        Database::build(
+            &empty,
+            &t,
+            &e,
+            &BuildOptions::default(),
+            &tmp.path().join("e")
+        ),
+        Err(IndexError::EmptyCorpus { empty_skipped: 1 })
+    ));
+    assert!(!tmp.path().join("e").exists());
+    let _ = e.id();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! HNSW recall against brute force, reload, and degenerate vectors.
+
+use rand::{Rng, SeedableRng};
+use retro_index::{brute_force, recall_at_k, HnswIndex, HnswParams};
+
+fn random_unit(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v: Vec<f32> = (0..n * dim)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
+    for r in v.chunks_exact_mut(dim) {
+        retro_index::l2_normalize(r);
+    }
+    v
+}
+
+#[test]
+fn recall_at_10_and_reload() {
+    let (n, dim) = (3000, 32);
+    let v = random_unit(n, dim, 7);
+    let params = HnswParams::default();
+    let idx = HnswIndex::build(&v, dim, params, None).unwrap();
+    assert_eq!(idx.len(), n);
+    let queries: Vec<Vec<f32>> = random_unit(200, dim, 8)
+        .chunks_exact(dim)
+        .map(|q| q.to_vec())
+        .collect();
+    let approx = idx.search_batch(&queries, 10, None).unwrap();
+    let recall: f64 = queries
+        .iter()
+        .zip(&approx)
+        .map(|(q, a)| recall_at_k(&brute_force(&v, dim, q, 10), a, 10))
+        .sum::<f64>()
+        / queries.len() as f64;
+    assert!(recall >= 0.95, "recall@10 = {recall}");
+
+    // single search = batch search
+    assert_eq!(idx.search(&queries[0], 10, None).unwrap(), approx[0]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = idx.save(&dir.path().join("g")).unwrap();
+    let re = HnswIndex::load(&dir.path().join("g"), &base, dim, params, n).unwrap();
+    assert_eq!(re.search_batch(&queries, 10, None).unwrap(), approx);
+    // wrong expectations are errors, not panics
+    assert!(HnswIndex::load(&dir.path().join("g"), &base, dim, params, n + 1).is_err());
+    assert!(HnswIndex::load(&dir.path().join("g"), "nope", dim, params, n).is_err());
+
+    // filtered search: only even ids
+    let even = idx
+        .search_filtered(&queries[1], 10, None, &|id| id % 2 == 0)
+        .unwrap();
+    assert_eq!(even.len(), 10);
+    assert!(even.iter().all(|(id, _)| id % 2 == 0));
+}
+
+#[test]
+fn zero_and_nan_vectors_do_not_panic() {
+    let dim = 16;
+    let mut v = random_unit(200, dim, 3);
+    v[..dim].iter_mut().for_each(|x| *x = 0.0); // a zero vector is accepted
+    let idx = HnswIndex::build(&v, dim, HnswParams::default(), None).unwrap();
+    let hits = idx.search(&vec![0.0; dim], 5, None).unwrap();
+    assert_eq!(hits.len(), 5);
+    assert!(hits.iter().all(|h| (h.1 - 1.0).abs() < 1e-6));
+    let mut q = v[dim..2 * dim].to_vec();
+    q[3] = f32::NAN;
+    assert!(idx.search(&q, 5, None).is_err());
+    assert!(idx.search(&[1.0; 3], 5, None).is_err());
+    let mut bad = v.clone();
+    bad[5 * dim] = f32::INFINITY;
+    assert!(HnswIndex::build(&bad, dim, HnswParams::default(), None).is_err());
+    // a vector already in the index finds itself at distance ~0
+    let me = idx.search(&v[7 * dim..8 * dim], 1, None).unwrap();
+    assert_eq!(me[0].0, 7);
+    assert!(me[0].1 >= 0.0 && me[0].1 < 1e-5);
+    assert!(idx.search(&v[..dim], 0, None).unwrap().is_empty());
+}
