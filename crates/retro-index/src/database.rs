@@ -55,6 +55,9 @@ pub struct Manifest {
     pub chunk_len: usize,
     pub tokenizer: TokenizerInfo,
     pub embedder: EmbedderId,
+    /// Where the embedder was loaded from (e.g. the model directory), as given to the build.
+    #[serde(default)]
+    pub embedder_source: Option<String>,
     pub dim: usize,
     pub counts: Counts,
     pub hnsw: HnswParams,
@@ -85,6 +88,8 @@ pub struct BuildOptions {
     pub progress: Option<ProgressFn>,
     /// Replace an existing database at `out_dir` (otherwise it is an error).
     pub overwrite: bool,
+    /// Recorded in the manifest so that tools can reload the same embedder (e.g. its model directory).
+    pub embedder_source: Option<String>,
 }
 
 impl Default for BuildOptions {
@@ -95,6 +100,7 @@ impl Default for BuildOptions {
             batch_size: 256,
             progress: None,
             overwrite: false,
+            embedder_source: None,
         }
     }
 }
@@ -342,6 +348,7 @@ impl Database {
             tokenizer: tokenizer_info,
             dim,
             embedder: embedder_id,
+            embedder_source: opts.embedder_source.clone(),
             counts: Counts {
                 documents: counts.documents,
                 empty_skipped: corpus.empty_skipped,
