@@ -30,6 +30,7 @@
 //! ```
 
 pub mod attention;
+pub mod bench;
 pub mod cca;
 pub mod config;
 pub mod cross_attention;
