@@ -44,6 +44,9 @@ pub struct BenchIndexArgs {
     pub synthetic: usize,
     #[arg(long, default_value_t = 384)]
     pub synthetic_dim: usize,
+    /// Only measure HNSW on these vectors (e.g. from `retro index export-embeddings`), no corpus.
+    #[arg(long)]
+    pub vectors: Option<PathBuf>,
     /// Keep the database here (e.g. for `retro index export-embeddings`) instead of a temporary directory.
     #[arg(long)]
     pub keep: Option<PathBuf>,
@@ -135,7 +138,63 @@ fn sample_ids(n: usize, sample: usize) -> Vec<usize> {
     (0..s).map(|i| i * n / s).collect()
 }
 
+fn hnsw_run(v: &[f32], d: usize, a: &BenchIndexArgs) -> anyhow::Result<HnswRun> {
+    let params = HnswParams {
+        m: a.m,
+        ef_construction: a.ef_construction,
+        ef_search: HnswParams::default().ef_search,
+    };
+    let n = v.len() / d;
+    let t = Instant::now();
+    let index = HnswIndex::build(v, d, params, None)?;
+    let build_s = t.elapsed().as_secs_f64();
+    let per_ef = measure(&index, v, d, &sample_ids(n, a.sample), a.k, &a.ef)?;
+    Ok(HnswRun {
+        points: n,
+        dim: d,
+        m: a.m,
+        ef_construction: a.ef_construction,
+        build_s,
+        inserts_per_s: n as f64 / build_s,
+        k: a.k,
+        per_ef,
+    })
+}
+
+fn print_run(name: &str, r: &HnswRun) {
+    println!(
+        "{name}: {} x {} build M {} efC {}: {:.0} inserts/s ({:.2}s)",
+        r.points, r.dim, r.m, r.ef_construction, r.inserts_per_s, r.build_s
+    );
+    println!(
+        "  {:>5} {:>10} {:>14} {:>14}",
+        "ef", "recall@k", "q/s parallel", "q/s 1 thread"
+    );
+    for e in &r.per_ef {
+        println!(
+            "  {:>5} {:>10.4} {:>14.0} {:>14.0}",
+            e.ef, e.recall, e.queries_per_s_parallel, e.queries_per_s_one_thread
+        );
+    }
+}
+
 pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
+    if let Some(path) = &a.vectors {
+        let (_, d, v) = retro_index::read_npy(path)?;
+        let r = hnsw_run(&v, d, &a)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "threads": rayon_threads(), "vectors": path, "hnsw": r })
+                )?
+            );
+        } else {
+            println!("threads {}; vectors {}", rayon_threads(), path.display());
+            print_run("hnsw_rs", &r);
+        }
+        return Ok(());
+    }
     let shared = retro_index::testdata::shared_dir();
     let corpus_path = a
         .corpus
@@ -232,27 +291,7 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
         for r in v.chunks_exact_mut(d) {
             retro_index::l2_normalize(r);
         }
-        let t = Instant::now();
-        let index = HnswIndex::build(&v, d, params, None)?;
-        let build_s = t.elapsed().as_secs_f64();
-        let per_ef = measure(
-            &index,
-            &v,
-            d,
-            &sample_ids(a.synthetic, a.sample),
-            a.k,
-            &a.ef,
-        )?;
-        Some(HnswRun {
-            points: a.synthetic,
-            dim: d,
-            m: a.m,
-            ef_construction: a.ef_construction,
-            build_s,
-            inserts_per_s: a.synthetic as f64 / build_s,
-            k: a.k,
-            per_ef,
-        })
+        Some(hnsw_run(&v, d, &a)?)
     } else {
         None
     };
@@ -282,25 +321,9 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
         "embedding: {} -> {:.1} chunks/s ({:.1}s)",
         report.embedder, report.embed_chunks_per_s, report.embed_s
     );
-    for (name, r) in [
-        ("database", Some(&report.database)),
-        ("synthetic", report.synthetic.as_ref()),
-    ] {
-        let Some(r) = r else { continue };
-        println!(
-            "{name}: {} x {} build M {} efC {}: {:.0} inserts/s ({:.2}s)",
-            r.points, r.dim, r.m, r.ef_construction, r.inserts_per_s, r.build_s
-        );
-        println!(
-            "  {:>5} {:>10} {:>14} {:>14}",
-            "ef", "recall@k", "q/s parallel", "q/s 1 thread"
-        );
-        for e in &r.per_ef {
-            println!(
-                "  {:>5} {:>10.4} {:>14.0} {:>14.0}",
-                e.ef, e.recall, e.queries_per_s_parallel, e.queries_per_s_one_thread
-            );
-        }
+    print_run("database", &report.database);
+    if let Some(r) = &report.synthetic {
+        print_run("synthetic", r);
     }
     Ok(())
 }

@@ -72,3 +72,52 @@ pub fn write_npy(path: &Path, vectors: &[f32], dim: usize) -> Result<()> {
         w.write_all(bytemuck::cast_slice(vectors))
     })
 }
+
+/// Reads a little-endian float32 2-D `.npy` file (as written by [`write_npy`]): `(rows, dim, data)`.
+pub fn read_npy(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
+    let bytes = std::fs::read(path).map_err(|e| IndexError::io(path, e))?;
+    let bad = |m: &str| IndexError::corrupt(path, m.to_string());
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file"));
+    }
+    let (hlen, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        _ => return Err(bad("unsupported .npy version")),
+    };
+    let header = bytes
+        .get(start..start + hlen)
+        .ok_or_else(|| bad("truncated header"))?;
+    let header = String::from_utf8_lossy(header);
+    if !header.contains("'descr': '<f4'") || header.contains("'fortran_order': True") {
+        return Err(bad("expected little-endian float32 in C order"));
+    }
+    let shape = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split(['(', ')']).nth(1))
+        .ok_or_else(|| bad("no shape"))?;
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| bad("bad shape")))
+        .collect::<Result<_>>()?;
+    let [rows, dim] = dims[..] else {
+        return Err(bad("expected a 2-D array"));
+    };
+    let data = &bytes[start + hlen..];
+    if data.len() != rows * dim * 4 {
+        return Err(bad("data size does not match the shape"));
+    }
+    Ok((
+        rows,
+        dim,
+        data.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    ))
+}

@@ -56,7 +56,7 @@ pub use database::{
 };
 pub use distance::DistUnitDot;
 pub use embed::{l2_normalize, Embedder, EmbedderId};
-pub use embeddings::{write_npy, Embeddings};
+pub use embeddings::{read_npy, write_npy, Embeddings};
 pub use error::{IndexError, Result};
 pub use hnsw::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
 pub use lexical::LexicalEmbedder;
