@@ -1,1 +1,38 @@
-//! placeholder
+//! # retro-pipeline
+//!
+//! Composes `retro-index` and `retro-model`: for every chunk of an input it fetches the K nearest
+//! neighbour chunks and their continuations and returns the `[B, C, K, neighbor_len]` tensor the model
+//! eats; precomputes neighbours for training sets; drives training, generation and evaluation.
+//!
+//! ```
+//! use retro_index::{BuildOptions, Corpus, Database, Document, LexicalEmbedder, LmTokenizer};
+//! use retro_pipeline::{Filter, Origin, Retriever};
+//!
+//! let corpus = Corpus::from_documents([
+//!     Document { id: "a".into(), source: "mem".into(), text: "The cat sat on the mat. ".repeat(8) },
+//!     Document { id: "b".into(), source: "mem".into(), text: "Quantum fields fluctuate. ".repeat(8) },
+//! ]);
+//! let tokenizer = LmTokenizer::char_from_corpus(&corpus);
+//! let embedder = LexicalEmbedder::new(64)?;
+//! let dir = tempfile::tempdir().unwrap();
+//! let opts = BuildOptions { chunk_len: 8, ..Default::default() };
+//! let db = Database::build(&corpus, &tokenizer, &embedder, &opts, &dir.path().join("db"))?;
+//!
+//! let retriever = Retriever::new(&db, &embedder, &tokenizer, 2)?;
+//! let x = vec![tokenizer.encode("The cat sat on the mat. The")?]; // T = 27: C = 3 chunks of 8
+//! let ret = retriever.retrieve(&x, None, Filter::None)?;
+//! assert_eq!(ret.to_tensor(&candle_core::Device::Cpu)?.dims(), &[1, 3, 2, 16]);
+//! // Training: never a neighbour from the sequence's own document.
+//! let origin = Origin { document: 0, start: 0 };
+//! let ret = retriever.retrieve(&x, Some(&[origin]), Filter::SameDocument)?;
+//! assert!(ret.chunk_ids.iter().flatten().all(|&c| db.store().document_of(c) != 0));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod error;
+pub mod filter;
+pub mod retriever;
+
+pub use error::{PipelineError, Result};
+pub use filter::{Filter, Origin};
+pub use retriever::{Neighbours, Retriever, Timings};

@@ -1,0 +1,39 @@
+//! Errors of the pipeline: they name the file, field or value at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Index(#[from] retro_index::IndexError),
+    #[error(transparent)]
+    Model(#[from] retro_model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("invalid {field} = {value}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl PipelineError {
+    pub fn invalid(field: &'static str, value: impl ToString, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+    pub fn file(path: &std::path::Path, msg: impl Into<String>) -> Self {
+        Self::File {
+            path: path.to_owned(),
+            msg: msg.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, PipelineError>;

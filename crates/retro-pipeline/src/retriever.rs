@@ -1,0 +1,243 @@
+//! Input chunks in, the model's `ret [B, C, K, neighbor_len]` out: decode each complete chunk to text,
+//! embed all of them in one batch, search the index (filtered, in parallel), gather each neighbour's
+//! chunk + continuation from the store.
+
+use crate::error::{PipelineError, Result};
+use crate::filter::{Filter, Origin};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use retro_index::{Database, Embedder, LmTokenizer};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+/// Neighbours of the chunks of a batch, nearest first.
+#[derive(Debug, Clone)]
+pub struct Neighbours {
+    pub batch: usize,
+    pub chunks: usize,
+    pub k: usize,
+    pub neighbor_len: usize,
+    /// `[B, C, K]` database chunk ids; `None` where the database could not supply K (padded).
+    pub chunk_ids: Vec<Option<usize>>,
+    /// `[B, C, K]` distances (`f32::INFINITY` for padding).
+    pub distances: Vec<f32>,
+    /// `[B, C, K, neighbor_len]` token ids.
+    pub tokens: Vec<u32>,
+    /// Neighbours that had to be padded.
+    pub padded: usize,
+    pub timings: Timings,
+}
+
+/// Where retrieval time went (for `retro bench pipeline`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Timings {
+    pub embed: Duration,
+    pub search: Duration,
+    pub gather: Duration,
+}
+
+impl Neighbours {
+    /// The model's `ret` tensor `[B, C, K, neighbor_len]` (u32) on `device`.
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.tokens.clone(),
+            (self.batch, self.chunks, self.k, self.neighbor_len),
+            device,
+        )?)
+    }
+}
+
+/// Fetches the K nearest neighbours (+ continuations) of every complete chunk of its input.
+pub struct Retriever<'a> {
+    db: &'a Database,
+    embedder: &'a dyn Embedder,
+    tokenizer: &'a LmTokenizer,
+    k: usize,
+    neighbor_len: usize,
+    ef: Option<usize>,
+    excluded: HashSet<usize>,
+}
+
+impl<'a> Retriever<'a> {
+    /// Checks that the embedder and tokenizer are the database's own.
+    pub fn new(
+        db: &'a Database,
+        embedder: &'a dyn Embedder,
+        tokenizer: &'a LmTokenizer,
+        k: usize,
+    ) -> Result<Self> {
+        db.check_embedder(embedder)?;
+        db.check_compatible(tokenizer)?;
+        if k == 0 {
+            return Err(PipelineError::invalid(
+                "k",
+                0,
+                "need at least one neighbour",
+            ));
+        }
+        Ok(Self {
+            db,
+            embedder,
+            tokenizer,
+            k,
+            neighbor_len: 2 * db.chunk_len(),
+            ef: None,
+            excluded: HashSet::new(),
+        })
+    }
+
+    /// Neighbour length: the chunk and up to `chunk_len` tokens of continuation (default `2 * chunk_len`).
+    pub fn with_neighbor_len(mut self, n: usize) -> Result<Self> {
+        let cl = self.db.chunk_len();
+        if n == 0 || n > 2 * cl {
+            return Err(PipelineError::invalid(
+                "neighbor_len",
+                n,
+                format!("must be in 1..={}", 2 * cl),
+            ));
+        }
+        self.neighbor_len = n;
+        Ok(self)
+    }
+
+    pub fn with_ef(mut self, ef: Option<usize>) -> Self {
+        self.ef = ef;
+        self
+    }
+
+    /// Documents that never serve as neighbours (held-out evaluation documents).
+    pub fn with_excluded_documents(mut self, docs: HashSet<usize>) -> Self {
+        self.excluded = docs;
+        self
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn neighbor_len(&self) -> usize {
+        self.neighbor_len
+    }
+    pub fn chunk_len(&self) -> usize {
+        self.db.chunk_len()
+    }
+    pub fn database(&self) -> &Database {
+        self.db
+    }
+
+    /// Neighbours of the `C = T / chunk_len` complete chunks of each row of `x` (all rows of length T).
+    /// `origins` (one per row) are needed by the same-document and window filters.
+    pub fn retrieve(
+        &self,
+        x: &[Vec<u32>],
+        origins: Option<&[Origin]>,
+        filter: Filter,
+    ) -> Result<Neighbours> {
+        let cl = self.db.chunk_len();
+        let t = x.first().map_or(0, |r| r.len());
+        if let Some(r) = x.iter().find(|r| r.len() != t) {
+            return Err(PipelineError::invalid(
+                "x",
+                format!("a row of length {}", r.len()),
+                format!("all rows must have length {t}"),
+            ));
+        }
+        let c = t / cl;
+        let t0 = Instant::now();
+        let texts = x
+            .iter()
+            .flat_map(|row| (0..c).map(move |u| &row[u * cl..(u + 1) * cl]))
+            .map(|chunk| self.tokenizer.decode(chunk))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let keys = if refs.is_empty() {
+            vec![]
+        } else {
+            self.embedder.embed(&refs)?
+        };
+        let embed = t0.elapsed();
+        let mut out = self.search(&keys, x.len(), c, origins, filter)?;
+        out.timings.embed = embed;
+        Ok(out)
+    }
+
+    /// Neighbours for precomputed keys `[B * C]` (row-major), e.g. the database's own keys of the
+    /// chunks of a training sequence.
+    pub fn search(
+        &self,
+        keys: &[Vec<f32>],
+        batch: usize,
+        chunks: usize,
+        origins: Option<&[Origin]>,
+        filter: Filter,
+    ) -> Result<Neighbours> {
+        if keys.len() != batch * chunks {
+            return Err(PipelineError::invalid(
+                "keys",
+                keys.len(),
+                format!("expected B * C = {}", batch * chunks),
+            ));
+        }
+        if filter.needs_origin() && origins.is_none_or(|o| o.len() != batch) {
+            return Err(PipelineError::invalid(
+                "origins",
+                "missing",
+                format!("the {filter} filter needs the origin of each of the {batch} rows"),
+            ));
+        }
+        let cl = self.db.chunk_len();
+        let store = self.db.store();
+        let t0 = Instant::now();
+        let hits = keys
+            .par_iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let origin = origins.map(|o| o[i / chunks.max(1)]);
+                let query_start = origin.map_or(0, |o| o.start + (i % chunks.max(1)) * cl);
+                let keep =
+                    |cand: usize| filter.keeps(store, cand, origin, query_start, &self.excluded);
+                if filter == Filter::None && self.excluded.is_empty() {
+                    self.db.search_ef(key, self.k, self.ef)
+                } else {
+                    self.db.search_filtered(key, self.k, self.ef, &keep)
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let search = t0.elapsed();
+        let t1 = Instant::now();
+        let (k, n) = (self.k, self.neighbor_len);
+        let mut out = Neighbours {
+            batch,
+            chunks,
+            k,
+            neighbor_len: n,
+            chunk_ids: Vec::with_capacity(keys.len() * k),
+            distances: Vec::with_capacity(keys.len() * k),
+            tokens: Vec::with_capacity(keys.len() * k * n),
+            padded: 0,
+            timings: Timings::default(),
+        };
+        for row in hits {
+            for j in 0..k {
+                match row.get(j) {
+                    Some(&(id, dist)) => {
+                        out.chunk_ids.push(Some(id));
+                        out.distances.push(dist);
+                        out.tokens.extend_from_slice(&store.neighbour(id)[..n]);
+                    }
+                    None => {
+                        out.chunk_ids.push(None);
+                        out.distances.push(f32::INFINITY);
+                        out.tokens.extend(std::iter::repeat_n(store.pad_id(), n));
+                        out.padded += 1;
+                    }
+                }
+            }
+        }
+        out.timings = Timings {
+            embed: Duration::ZERO,
+            search,
+            gather: t1.elapsed(),
+        };
+        Ok(out)
+    }
+}

@@ -1,0 +1,156 @@
+//! The retriever on a small real corpus: neighbour values, document boundaries, filters, shapes.
+
+mod common;
+
+use retro_pipeline::{Filter, Origin, Retriever};
+
+#[test]
+fn neighbours_are_the_stored_chunk_plus_its_continuation_within_its_document() {
+    let f = common::fixture(6, 3000, 16);
+    let store = f.db.store();
+    let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 3).unwrap();
+    let doc = store.document_tokens(1);
+    let x = vec![doc[..80].to_vec(), doc[40..120].to_vec()];
+    let out = r.retrieve(&x, None, Filter::None).unwrap();
+    assert_eq!(
+        (out.batch, out.chunks, out.k, out.neighbor_len),
+        (2, 5, 3, 32)
+    );
+    for (i, id) in out.chunk_ids.iter().enumerate() {
+        let id = id.expect("the database has plenty of chunks");
+        let d = store.document_of(id);
+        let tokens = store.document_tokens(d);
+        let start = store.chunk_start(id);
+        let got = &out.tokens[i * 32..(i + 1) * 32];
+        for (j, &tok) in got.iter().enumerate() {
+            let expect = tokens.get(start + j).copied().unwrap_or(store.pad_id());
+            assert_eq!(
+                tok, expect,
+                "neighbour {i} (chunk {id} of doc {d}), token {j}"
+            );
+        }
+    }
+    // Nearest first.
+    for row in out.distances.chunks(3) {
+        assert!(row.windows(2).all(|w| w[0] <= w[1]), "{row:?}");
+    }
+}
+
+#[test]
+fn the_last_chunks_of_a_document_are_padded_not_continued_into_the_next() {
+    let f = common::fixture(4, 1000, 16);
+    let store = f.db.store();
+    for d in 0..store.documents().len() {
+        let last = store.chunks_of_document(d).end - 1;
+        let v = store.neighbour(last);
+        let len = store.document_tokens(d).len();
+        let start = store.chunk_start(last);
+        assert!(
+            v[len - start..].iter().all(|&t| t == store.pad_id()),
+            "doc {d}"
+        );
+    }
+}
+
+#[test]
+fn same_document_filter_never_returns_the_sequences_document_over_every_chunk() {
+    let f = common::fixture(5, 2000, 16);
+    let store = f.db.store();
+    let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 2).unwrap();
+    for d in 0..store.documents().len() {
+        let tokens = store.document_tokens(d);
+        let t = tokens.len() / 16 * 16;
+        let out = r
+            .retrieve(
+                &[tokens[..t].to_vec()],
+                Some(&[Origin {
+                    document: d,
+                    start: 0,
+                }]),
+                Filter::SameDocument,
+            )
+            .unwrap();
+        assert_eq!(out.padded, 0);
+        for id in out.chunk_ids.iter().flatten() {
+            assert_ne!(store.document_of(*id), d, "document {d} retrieved itself");
+        }
+    }
+    // Without the filter, a chunk finds itself.
+    let tokens = store.document_tokens(2);
+    let out = r
+        .retrieve(&[tokens[..64].to_vec()], None, Filter::None)
+        .unwrap();
+    assert!(out
+        .chunk_ids
+        .iter()
+        .flatten()
+        .any(|&id| store.document_of(id) == 2));
+}
+
+#[test]
+fn window_filter_never_returns_a_chunk_inside_the_window() {
+    let f = common::fixture(1, 6000, 16);
+    let store = f.db.store();
+    let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 4).unwrap();
+    let tokens = store.document_tokens(0);
+    for start in [0usize, 160, 1000] {
+        let x = vec![tokens[start..start + 128].to_vec()];
+        let out = r
+            .retrieve(
+                &x,
+                Some(&[Origin { document: 0, start }]),
+                Filter::Window(32),
+            )
+            .unwrap();
+        for (i, id) in out.chunk_ids.iter().enumerate() {
+            let q = start + (i / 4) * 16;
+            let c = store.chunk_start(id.unwrap());
+            assert!(
+                c.abs_diff(q) >= 32,
+                "chunk at {c} inside the window of query chunk at {q}"
+            );
+        }
+    }
+}
+
+#[test]
+fn shapes_for_partial_and_short_inputs_and_padding_when_k_cannot_be_met() {
+    let f = common::fixture(2, 200, 16);
+    let store = f.db.store();
+    let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 2).unwrap();
+    let tokens = store.document_tokens(0).to_vec();
+    let out = r
+        .retrieve(&[tokens[..37].to_vec()], None, Filter::None)
+        .unwrap();
+    assert_eq!(
+        out.to_tensor(&candle_core::Device::Cpu).unwrap().dims(),
+        &[1, 2, 2, 32]
+    );
+    let out = r
+        .retrieve(&[tokens[..5].to_vec()], None, Filter::None)
+        .unwrap();
+    assert_eq!(
+        out.to_tensor(&candle_core::Device::Cpu).unwrap().dims(),
+        &[1, 0, 2, 32]
+    );
+    // Excluding every other document leaves nothing for the same-document filter: pad and count.
+    let big = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 2)
+        .unwrap()
+        .with_excluded_documents([1].into());
+    let out = big
+        .retrieve(
+            &[tokens[..32].to_vec()],
+            Some(&[Origin {
+                document: 0,
+                start: 0,
+            }]),
+            Filter::SameDocument,
+        )
+        .unwrap();
+    assert_eq!(out.padded, 4);
+    assert!(out.tokens.iter().all(|&t| t == store.pad_id()));
+    // A filter that needs origins without them is an error, not a guess.
+    assert!(r
+        .retrieve(&[tokens[..32].to_vec()], None, Filter::SameDocument)
+        .is_err());
+}
