@@ -29,10 +29,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod dataset;
 pub mod error;
 pub mod filter;
 pub mod retriever;
 
+pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
 pub use error::{PipelineError, Result};
 pub use filter::{Filter, Origin};
 pub use retriever::{Neighbours, Retriever, Timings};

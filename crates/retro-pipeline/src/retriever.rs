@@ -50,8 +50,8 @@ impl Neighbours {
 /// Fetches the K nearest neighbours (+ continuations) of every complete chunk of its input.
 pub struct Retriever<'a> {
     db: &'a Database,
-    embedder: &'a dyn Embedder,
-    tokenizer: &'a LmTokenizer,
+    /// The database's own embedder and LM tokenizer; absent for a key-only retriever.
+    text: Option<(&'a dyn Embedder, &'a LmTokenizer)>,
     k: usize,
     neighbor_len: usize,
     ef: Option<usize>,
@@ -68,6 +68,14 @@ impl<'a> Retriever<'a> {
     ) -> Result<Self> {
         db.check_embedder(embedder)?;
         db.check_compatible(tokenizer)?;
+        let mut r = Self::for_keys(db, k)?;
+        r.text = Some((embedder, tokenizer));
+        Ok(r)
+    }
+
+    /// A retriever that only searches precomputed keys ([`Retriever::search`]), e.g. the database's
+    /// own keys of training chunks.
+    pub fn for_keys(db: &'a Database, k: usize) -> Result<Self> {
         if k == 0 {
             return Err(PipelineError::invalid(
                 "k",
@@ -77,8 +85,7 @@ impl<'a> Retriever<'a> {
         }
         Ok(Self {
             db,
-            embedder,
-            tokenizer,
+            text: None,
             k,
             neighbor_len: 2 * db.chunk_len(),
             ef: None,
@@ -132,6 +139,13 @@ impl<'a> Retriever<'a> {
         origins: Option<&[Origin]>,
         filter: Filter,
     ) -> Result<Neighbours> {
+        let Some((embedder, tokenizer)) = self.text else {
+            return Err(PipelineError::invalid(
+                "retriever",
+                "key-only",
+                "retrieving for text needs an embedder and tokenizer",
+            ));
+        };
         let cl = self.db.chunk_len();
         let t = x.first().map_or(0, |r| r.len());
         if let Some(r) = x.iter().find(|r| r.len() != t) {
@@ -146,13 +160,13 @@ impl<'a> Retriever<'a> {
         let texts = x
             .iter()
             .flat_map(|row| (0..c).map(move |u| &row[u * cl..(u + 1) * cl]))
-            .map(|chunk| self.tokenizer.decode(chunk))
+            .map(|chunk| tokenizer.decode(chunk))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let keys = if refs.is_empty() {
             vec![]
         } else {
-            self.embedder.embed(&refs)?
+            embedder.embed(&refs)?
         };
         let embed = t0.elapsed();
         let mut out = self.search(&keys, x.len(), c, origins, filter)?;

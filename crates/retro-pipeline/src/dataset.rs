@@ -1,0 +1,544 @@
+//! Training datasets with precomputed neighbours (the paper: on-the-fly retrieval cannot keep up with
+//! training). Sequences are cut from the database's own documents at chunk-aligned offsets, so every
+//! chunk of a sequence is a database chunk and its key is already stored: building a dataset costs
+//! searches only. Neighbours are stored as chunk ids (memory-mapped), tagged with what they were built
+//! from; loading a dataset with another database is an error.
+
+use crate::error::{PipelineError, Result};
+use crate::filter::{Filter, Origin};
+use crate::retriever::Retriever;
+use memmap2::Mmap;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use retro_index::fsutil::{read_json, write_atomic, write_json_atomic};
+use retro_index::Database;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+pub const DATASET_FORMAT_VERSION: u32 = 1;
+/// Chunk id stored for a padded neighbour.
+pub const NO_CHUNK: u32 = u32::MAX;
+
+/// How a dataset is cut and retrieved.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DatasetParams {
+    pub seq_len: usize,
+    pub k: usize,
+    /// None: same-document, or a window of `2 * chunk_len` for a one-document corpus.
+    pub filter: Option<Filter>,
+    pub seed: u64,
+    /// Documents whose id is listed here, or contains one of `held_out_matching`, form the
+    /// validation split and never serve as neighbours.
+    pub held_out_ids: Vec<String>,
+    pub held_out_matching: Vec<String>,
+    /// With nothing held out by id, this fraction of documents (seeded) is held out; with a single
+    /// document, its last fraction of sequences is the validation split.
+    pub valid_fraction: f64,
+    pub max_train_sequences: Option<usize>,
+    pub max_valid_sequences: Option<usize>,
+}
+
+impl Default for DatasetParams {
+    fn default() -> Self {
+        Self {
+            seq_len: 512,
+            k: 2,
+            filter: None,
+            seed: 0,
+            held_out_ids: vec![],
+            held_out_matching: vec![],
+            valid_fraction: 0.1,
+            max_train_sequences: None,
+            max_valid_sequences: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SplitInfo {
+    pub sequences: usize,
+    pub padded_neighbours: usize,
+}
+
+/// `dataset.json`: what the dataset was built with and from.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DatasetMeta {
+    pub format_version: u32,
+    pub database_id: String,
+    pub chunk_len: usize,
+    pub seq_len: usize,
+    pub k: usize,
+    pub neighbor_len: usize,
+    pub filter: Filter,
+    pub seed: u64,
+    /// Indices and ids of the held-out (validation) documents.
+    pub held_out_documents: Vec<(usize, String)>,
+    /// Training documents too short for one sequence of `seq_len + 1` tokens.
+    pub skipped_short_documents: usize,
+    pub train: SplitInfo,
+    pub valid: SplitInfo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Valid,
+}
+
+impl Split {
+    fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Valid => "valid",
+        }
+    }
+}
+
+/// One split on disk: origins in memory, neighbour ids and distances memory-mapped.
+struct SplitData {
+    origins: Vec<Origin>,
+    neighbours: Option<Mmap>,
+    distances: Option<Mmap>,
+}
+
+pub struct Dataset {
+    dir: PathBuf,
+    meta: DatasetMeta,
+    train: SplitData,
+    valid: SplitData,
+}
+
+/// A batch ready for the model: `x`, `y` `[B, T]`, `ret` `[B, C, K, N]`, row-major.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub chunks: usize,
+    pub k: usize,
+    pub neighbor_len: usize,
+    pub x: Vec<u32>,
+    pub y: Vec<u32>,
+    pub ret: Vec<u32>,
+    pub origins: Vec<Origin>,
+}
+
+impl Batch {
+    pub fn tensors(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<(
+        candle_core::Tensor,
+        candle_core::Tensor,
+        candle_core::Tensor,
+    )> {
+        use candle_core::Tensor;
+        let (b, t) = (self.batch, self.seq_len);
+        Ok((
+            Tensor::from_vec(self.x.clone(), (b, t), device)?,
+            Tensor::from_vec(self.y.clone(), (b, t), device)?,
+            Tensor::from_vec(
+                self.ret.clone(),
+                (b, self.chunks, self.k, self.neighbor_len),
+                device,
+            )?,
+        ))
+    }
+}
+
+fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Chunk-aligned sequence starts within each document, seeded; documents shorter than `seq_len + 1`
+/// tokens give none.
+fn cut_sequences(
+    db: &Database,
+    docs: &[usize],
+    seq_len: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> Vec<Origin> {
+    let cl = db.chunk_len();
+    let store = db.store();
+    let mut out = vec![];
+    for &d in docs {
+        let len = store.document_tokens(d).len();
+        if len < seq_len + 1 {
+            continue;
+        }
+        // A random chunk-aligned phase, then non-overlapping windows.
+        let max_start = len - (seq_len + 1);
+        let phase = rng.random_range(0..=(max_start / cl).min(seq_len / cl)) * cl;
+        let mut start = phase;
+        while start <= max_start {
+            out.push(Origin { document: d, start });
+            start += seq_len.div_ceil(cl) * cl;
+        }
+    }
+    out
+}
+
+impl Dataset {
+    /// Cuts sequences, precomputes the neighbours of every chunk and writes the dataset to `out`
+    /// (each file atomically; `dataset.json` last, so a dataset without it is incomplete).
+    pub fn build(
+        db: &Database,
+        params: &DatasetParams,
+        out: &Path,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Dataset> {
+        let cl = db.chunk_len();
+        if params.seq_len < cl {
+            return Err(PipelineError::invalid(
+                "seq_len",
+                params.seq_len,
+                format!("must be at least chunk_len = {cl}"),
+            ));
+        }
+        let store = db.store();
+        let docs = store.documents();
+        let n_docs = docs.len();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
+        let mut held: HashSet<usize> = docs
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| {
+                params.held_out_ids.iter().any(|h| *h == d.id)
+                    || params
+                        .held_out_matching
+                        .iter()
+                        .any(|m| d.id.contains(m.as_str()))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for id in &params.held_out_ids {
+            if !docs.iter().any(|d| &d.id == id) {
+                return Err(PipelineError::invalid(
+                    "held_out_ids",
+                    id,
+                    "no document of the database has this id",
+                ));
+            }
+        }
+        if held.is_empty() && n_docs > 1 && params.valid_fraction > 0.0 {
+            let mut order: Vec<usize> = (0..n_docs).collect();
+            order.shuffle(&mut rng);
+            let n = ((n_docs as f64 * params.valid_fraction).round() as usize).clamp(1, n_docs - 1);
+            held.extend(order.into_iter().take(n));
+        }
+        if held.len() == n_docs && n_docs > 0 {
+            return Err(PipelineError::invalid(
+                "held_out",
+                held.len(),
+                "every document is held out: nothing left to train on",
+            ));
+        }
+        let filter = params.filter.unwrap_or(if n_docs == 1 {
+            Filter::Window(2 * cl)
+        } else {
+            Filter::SameDocument
+        });
+        let train_docs: Vec<usize> = (0..n_docs).filter(|d| !held.contains(d)).collect();
+        let valid_docs: Vec<usize> = (0..n_docs).filter(|d| held.contains(d)).collect();
+        let mut train = cut_sequences(db, &train_docs, params.seq_len, &mut rng);
+        let mut valid = cut_sequences(db, &valid_docs, params.seq_len, &mut rng);
+        let skipped_short_documents = train_docs
+            .iter()
+            .filter(|&&d| store.document_tokens(d).len() < params.seq_len + 1)
+            .count();
+        if n_docs == 1 && valid.is_empty() && params.valid_fraction > 0.0 && train.len() > 1 {
+            // One document: its tail is the validation split.
+            let n = ((train.len() as f64 * params.valid_fraction).round() as usize)
+                .clamp(1, train.len() - 1);
+            valid = train.split_off(train.len() - n);
+        }
+        train.shuffle(&mut rng);
+        valid.shuffle(&mut rng);
+        if let Some(m) = params.max_train_sequences {
+            train.truncate(m);
+        }
+        if let Some(m) = params.max_valid_sequences {
+            valid.truncate(m);
+        }
+        if train.is_empty() {
+            return Err(PipelineError::invalid(
+                "seq_len",
+                params.seq_len,
+                "no training document is long enough for one sequence",
+            ));
+        }
+        let retriever = Retriever::for_keys(db, params.k)?.with_excluded_documents(held.clone());
+        std::fs::create_dir_all(out).map_err(|e| PipelineError::file(out, e.to_string()))?;
+        let total = train.len() + valid.len();
+        let mut done = 0;
+        let mut infos = vec![];
+        for (split, origins) in [(Split::Train, &train), (Split::Valid, &valid)] {
+            let c = params.seq_len / cl;
+            let mut ids = Vec::with_capacity(origins.len() * c * params.k);
+            let mut dists: Vec<f32> = Vec::with_capacity(origins.len() * c * params.k);
+            let mut padded = 0;
+            for group in origins.chunks(64) {
+                let keys: Vec<Vec<f32>> = group
+                    .iter()
+                    .flat_map(|o| {
+                        let first =
+                            store.documents()[o.document].first_chunk as usize + o.start / cl;
+                        (0..c).map(move |u| first + u)
+                    })
+                    .map(|chunk| db.embeddings().row(chunk).to_vec())
+                    .collect();
+                let n = retriever.search(&keys, group.len(), c, Some(group), filter)?;
+                ids.extend(
+                    n.chunk_ids
+                        .iter()
+                        .map(|id| id.map_or(NO_CHUNK, |i| i as u32)),
+                );
+                dists.extend(&n.distances);
+                padded += n.padded;
+                done += group.len();
+                progress(done, total);
+            }
+            let name = split.name();
+            let flat: Vec<u32> = origins
+                .iter()
+                .flat_map(|o| [o.document as u32, o.start as u32])
+                .collect();
+            write_bytes(&out.join(format!("{name}.origins")), &u32_bytes(&flat))?;
+            write_bytes(&out.join(format!("{name}.neighbours")), &u32_bytes(&ids))?;
+            let db_bytes: Vec<u8> = dists.iter().flat_map(|x| x.to_le_bytes()).collect();
+            write_bytes(&out.join(format!("{name}.distances")), &db_bytes)?;
+            infos.push(SplitInfo {
+                sequences: origins.len(),
+                padded_neighbours: padded,
+            });
+        }
+        let valid_info = infos.pop().expect("two splits");
+        let train_info = infos.pop().expect("two splits");
+        let mut held_out_documents: Vec<(usize, String)> =
+            held.iter().map(|&d| (d, docs[d].id.clone())).collect();
+        held_out_documents.sort();
+        let meta = DatasetMeta {
+            format_version: DATASET_FORMAT_VERSION,
+            database_id: db.id().to_string(),
+            chunk_len: cl,
+            seq_len: params.seq_len,
+            k: params.k,
+            neighbor_len: 2 * cl,
+            filter,
+            seed: params.seed,
+            held_out_documents,
+            skipped_short_documents,
+            train: train_info,
+            valid: valid_info,
+        };
+        write_json_atomic(&out.join("dataset.json"), &meta)?;
+        Dataset::open(out, db)
+    }
+
+    /// Opens a dataset, checking its format and that it was built from `db`.
+    pub fn open(dir: &Path, db: &Database) -> Result<Dataset> {
+        let meta_path = dir.join("dataset.json");
+        let meta: DatasetMeta = read_json(&meta_path)?;
+        if meta.format_version != DATASET_FORMAT_VERSION {
+            return Err(PipelineError::file(
+                &meta_path,
+                format!(
+                    "format_version {} (this build reads {DATASET_FORMAT_VERSION})",
+                    meta.format_version
+                ),
+            ));
+        }
+        if meta.database_id != db.id() {
+            return Err(PipelineError::file(
+                &meta_path,
+                format!(
+                    "built from database {} but given database {} ({})",
+                    meta.database_id,
+                    db.id(),
+                    db.dir().display()
+                ),
+            ));
+        }
+        let per_seq = (meta.seq_len / meta.chunk_len) * meta.k;
+        let load = |split: Split, info: &SplitInfo| -> Result<SplitData> {
+            let name = split.name();
+            let origins_path = dir.join(format!("{name}.origins"));
+            let raw = std::fs::read(&origins_path)
+                .map_err(|e| PipelineError::file(&origins_path, e.to_string()))?;
+            if raw.len() != info.sequences * 8 {
+                return Err(PipelineError::file(
+                    &origins_path,
+                    format!(
+                        "{} bytes, expected {} for {} sequences",
+                        raw.len(),
+                        info.sequences * 8,
+                        info.sequences
+                    ),
+                ));
+            }
+            let origins = raw
+                .chunks_exact(8)
+                .map(|b| Origin {
+                    document: u32::from_le_bytes(b[..4].try_into().unwrap()) as usize,
+                    start: u32::from_le_bytes(b[4..].try_into().unwrap()) as usize,
+                })
+                .collect::<Vec<_>>();
+            for o in &origins {
+                if o.document >= db.store().documents().len()
+                    || o.start + meta.seq_len + 1 > db.store().document_tokens(o.document).len()
+                {
+                    return Err(PipelineError::file(
+                        &origins_path,
+                        format!("sequence {o:?} lies outside the database's documents"),
+                    ));
+                }
+            }
+            let map = |file: String, bytes_per: usize| -> Result<Option<Mmap>> {
+                let path = dir.join(file);
+                let f = std::fs::File::open(&path)
+                    .map_err(|e| PipelineError::file(&path, e.to_string()))?;
+                let want = info.sequences * per_seq * bytes_per;
+                let len = f
+                    .metadata()
+                    .map_err(|e| PipelineError::file(&path, e.to_string()))?
+                    .len() as usize;
+                if len != want {
+                    return Err(PipelineError::file(
+                        &path,
+                        format!("{len} bytes, expected {want}"),
+                    ));
+                }
+                if len == 0 {
+                    return Ok(None);
+                }
+                // SAFETY: the file is only read; the dataset's files are written once, atomically.
+                let m = unsafe { Mmap::map(&f) }
+                    .map_err(|e| PipelineError::file(&path, e.to_string()))?;
+                Ok(Some(m))
+            };
+            let neighbours = map(format!("{name}.neighbours"), 4)?;
+            if let Some(m) = &neighbours {
+                let n_chunks = db.store().len() as u32;
+                if let Some(bad) = bytemuck::cast_slice::<u8, u32>(m)
+                    .iter()
+                    .find(|&&i| i != NO_CHUNK && i >= n_chunks)
+                {
+                    return Err(PipelineError::file(
+                        &dir.join(format!("{name}.neighbours")),
+                        format!("chunk id {bad} is beyond the database's {n_chunks} chunks"),
+                    ));
+                }
+            }
+            Ok(SplitData {
+                origins,
+                neighbours,
+                distances: map(format!("{name}.distances"), 4)?,
+            })
+        };
+        let train = load(Split::Train, &meta.train)?;
+        let valid = load(Split::Valid, &meta.valid)?;
+        Ok(Dataset {
+            dir: dir.to_owned(),
+            meta,
+            train,
+            valid,
+        })
+    }
+
+    pub fn meta(&self) -> &DatasetMeta {
+        &self.meta
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn split(&self, s: Split) -> &SplitData {
+        match s {
+            Split::Train => &self.train,
+            Split::Valid => &self.valid,
+        }
+    }
+
+    pub fn len(&self, s: Split) -> usize {
+        self.split(s).origins.len()
+    }
+
+    pub fn origin(&self, s: Split, i: usize) -> Origin {
+        self.split(s).origins[i]
+    }
+
+    /// Neighbour chunk ids (`None`: padded) and distances of sequence `i`, `[C][K]` row-major.
+    pub fn neighbours(&self, s: Split, i: usize) -> Vec<(Option<usize>, f32)> {
+        let per = (self.meta.seq_len / self.meta.chunk_len) * self.meta.k;
+        let d = self.split(s);
+        let (Some(ids), Some(dists)) = (&d.neighbours, &d.distances) else {
+            return vec![];
+        };
+        let ids: &[u32] = bytemuck::cast_slice(&ids[i * per * 4..(i + 1) * per * 4]);
+        let dists: &[u8] = &dists[i * per * 4..(i + 1) * per * 4];
+        ids.iter()
+            .zip(dists.chunks_exact(4))
+            .map(|(&id, b)| {
+                (
+                    (id != NO_CHUNK).then_some(id as usize),
+                    f32::from_le_bytes(b.try_into().unwrap()),
+                )
+            })
+            .collect()
+    }
+
+    /// Gathers the sequences `indices` of split `s` with their neighbours' tokens.
+    pub fn batch(&self, db: &Database, s: Split, indices: &[usize]) -> Batch {
+        let m = &self.meta;
+        let (t, cl, k, n) = (m.seq_len, m.chunk_len, m.k, m.neighbor_len);
+        let c = t / cl;
+        let store = db.store();
+        let mut b = Batch {
+            batch: indices.len(),
+            seq_len: t,
+            chunks: c,
+            k,
+            neighbor_len: n,
+            x: Vec::with_capacity(indices.len() * t),
+            y: Vec::with_capacity(indices.len() * t),
+            ret: Vec::with_capacity(indices.len() * c * k * n),
+            origins: vec![],
+        };
+        for &i in indices {
+            let o = self.origin(s, i);
+            let tokens = &store.document_tokens(o.document)[o.start..o.start + t + 1];
+            b.x.extend_from_slice(&tokens[..t]);
+            b.y.extend_from_slice(&tokens[1..]);
+            b.origins.push(o);
+            for (id, _) in self.neighbours(s, i) {
+                match id {
+                    Some(id) => b.ret.extend_from_slice(&store.neighbour(id)[..n]),
+                    None => b.ret.extend(std::iter::repeat_n(store.pad_id(), n)),
+                }
+            }
+        }
+        b
+    }
+
+    /// Sequence indices of split `s` in batches of `batch_size`, shuffled by `(seed, epoch)`; the last
+    /// incomplete batch is dropped so every step sees the same shape.
+    pub fn epoch_batches(
+        &self,
+        s: Split,
+        batch_size: usize,
+        seed: u64,
+        epoch: u64,
+    ) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.len(s)).collect();
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        order.shuffle(&mut rng);
+        order
+            .chunks_exact(batch_size.max(1))
+            .map(|c| c.to_vec())
+            .collect()
+    }
+}
+
+fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    Ok(write_atomic(path, |w| w.write_all(bytes))?)
+}

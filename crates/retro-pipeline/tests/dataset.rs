@@ -1,0 +1,128 @@
+//! Datasets with precomputed neighbours: filters over every chunk, held-out documents, reload checks.
+
+mod common;
+
+use retro_pipeline::{Dataset, DatasetParams, Filter, Split};
+
+#[test]
+fn dataset_neighbours_obey_the_filters_and_batches_hold_the_right_tokens() {
+    let f = common::fixture(6, 4000, 16);
+    let store = f.db.store();
+    let out = f.dir.path().join("ds");
+    let held = store.documents()[4].id.clone();
+    let params = DatasetParams {
+        seq_len: 64,
+        k: 2,
+        seed: 7,
+        held_out_ids: vec![held.clone()],
+        ..Default::default()
+    };
+    let ds = Dataset::build(&f.db, &params, &out, &|_, _| {}).unwrap();
+    let m = ds.meta();
+    assert_eq!(m.filter, Filter::SameDocument);
+    assert_eq!(m.held_out_documents, vec![(4, held)]);
+    assert!(ds.len(Split::Train) > 10 && ds.len(Split::Valid) > 0);
+    for split in [Split::Train, Split::Valid] {
+        for i in 0..ds.len(split) {
+            let o = ds.origin(split, i);
+            assert_eq!(o.start % 16, 0);
+            assert_eq!(o.document == 4, split == Split::Valid);
+            let nb = ds.neighbours(split, i);
+            assert_eq!(nb.len(), 4 * 2);
+            for (id, _) in nb {
+                let d = store.document_of(id.expect("enough other documents"));
+                assert_ne!(
+                    d, o.document,
+                    "{split:?} sequence {i} retrieved its own document"
+                );
+                assert_ne!(d, 4, "a held-out document served as a neighbour");
+            }
+        }
+    }
+    let b = ds.batch(&f.db, Split::Train, &[0, 3]);
+    let o = ds.origin(Split::Train, 3);
+    let doc = store.document_tokens(o.document);
+    assert_eq!(&b.x[64..128], &doc[o.start..o.start + 64]);
+    assert_eq!(&b.y[64..128], &doc[o.start + 1..o.start + 65]);
+    let first = ds.neighbours(Split::Train, 0)[0].0.unwrap();
+    assert_eq!(&b.ret[..32], &store.neighbour(first)[..]);
+    let (x, y, ret) = b.tensors(&candle_core::Device::Cpu).unwrap();
+    assert_eq!(
+        (x.dims(), y.dims(), ret.dims()),
+        (&[2, 64][..], &[2, 64][..], &[2, 4, 2, 32][..])
+    );
+
+    // Reproducible from the seed.
+    let again = Dataset::build(&f.db, &params, &f.dir.path().join("ds2"), &|_, _| {}).unwrap();
+    for i in 0..ds.len(Split::Train) {
+        assert_eq!(ds.origin(Split::Train, i), again.origin(Split::Train, i));
+        assert_eq!(
+            ds.neighbours(Split::Train, i),
+            again.neighbours(Split::Train, i)
+        );
+    }
+    // Shuffled batches cover each sequence once per epoch.
+    let mut seen: Vec<usize> = ds.epoch_batches(Split::Train, 3, 1, 0).concat();
+    seen.sort();
+    assert_eq!(seen.len(), ds.len(Split::Train) / 3 * 3);
+    seen.dedup();
+    assert_eq!(seen.len(), ds.len(Split::Train) / 3 * 3);
+}
+
+#[test]
+fn a_dataset_refuses_another_database_and_damaged_files() {
+    let f = common::fixture(4, 2000, 16);
+    let g = common::fixture(3, 2000, 16);
+    let out = f.dir.path().join("ds");
+    let params = DatasetParams {
+        seq_len: 32,
+        ..Default::default()
+    };
+    Dataset::build(&f.db, &params, &out, &|_, _| {}).unwrap();
+    let err = Dataset::open(&out, &g.db).err().unwrap().to_string();
+    assert!(
+        err.contains("dataset.json") && err.contains("built from database"),
+        "{err}"
+    );
+    std::fs::write(out.join("train.neighbours"), b"abc").unwrap();
+    let err = Dataset::open(&out, &f.db).err().unwrap().to_string();
+    assert!(
+        err.contains("train.neighbours") && err.contains("bytes"),
+        "{err}"
+    );
+    std::fs::remove_file(out.join("dataset.json")).unwrap();
+    assert!(Dataset::open(&out, &f.db)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("dataset.json"));
+}
+
+#[test]
+fn a_one_document_corpus_uses_the_window_filter_and_its_tail_for_validation() {
+    let f = common::fixture(1, 8000, 16);
+    let store = f.db.store();
+    let params = DatasetParams {
+        seq_len: 64,
+        k: 2,
+        ..Default::default()
+    };
+    let ds = Dataset::build(&f.db, &params, &f.dir.path().join("ds"), &|_, _| {}).unwrap();
+    assert_eq!(ds.meta().filter, Filter::Window(32));
+    let max_train = (0..ds.len(Split::Train))
+        .map(|i| ds.origin(Split::Train, i).start)
+        .max()
+        .unwrap();
+    let min_valid = (0..ds.len(Split::Valid))
+        .map(|i| ds.origin(Split::Valid, i).start)
+        .min()
+        .unwrap();
+    assert!(max_train < min_valid);
+    for i in 0..ds.len(Split::Train) {
+        let o = ds.origin(Split::Train, i);
+        for (j, (id, _)) in ds.neighbours(Split::Train, i).into_iter().enumerate() {
+            let q = o.start + (j / 2) * 16;
+            assert!(store.chunk_start(id.unwrap()).abs_diff(q) >= 32);
+        }
+    }
+}
