@@ -32,9 +32,14 @@
 pub mod dataset;
 pub mod error;
 pub mod filter;
+pub mod plot;
 pub mod retriever;
+pub mod schedule;
+pub mod trainer;
 
 pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
 pub use error::{PipelineError, Result};
 pub use filter::{Filter, Origin};
 pub use retriever::{Neighbours, Retriever, Timings};
+pub use schedule::Schedule;
+pub use trainer::{train, Run, RunState, StepMetrics, TrainConfig};
