@@ -31,6 +31,7 @@
 
 pub mod attention;
 pub mod bench;
+pub mod bench_generate;
 pub mod cca;
 pub mod config;
 pub mod cross_attention;
@@ -38,6 +39,7 @@ pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod feed_forward;
+pub mod incremental;
 pub mod kernels;
 pub mod layers;
 pub mod model;
@@ -49,5 +51,6 @@ pub mod weights;
 pub use config::RetroConfig;
 pub use device::{device_from_name, dtype_from_name};
 pub use error::{ModelError, Result};
+pub use incremental::DecodeState;
 pub use kernels::Kernels;
 pub use model::RetroModel;

@@ -193,7 +193,7 @@ impl RetroModel {
         Ok((x, ret))
     }
 
-    fn ids(&self, t: &Tensor, input: &'static str) -> Result<Tensor> {
+    pub(crate) fn ids(&self, t: &Tensor, input: &'static str) -> Result<Tensor> {
         let t = t.to_device(&self.device)?;
         if t.elem_count() > 0 {
             let flat = t.flatten_all()?.to_dtype(DType::I64)?;

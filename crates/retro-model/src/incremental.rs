@@ -1,0 +1,324 @@
+//! Incremental decoding with a KV cache: one token per [`RetroModel::step`], each computing exactly
+//! the logits the full [`RetroModel::forward`] computes at that position.
+//!
+//! What a step at position `t` keeps so that the next one need not recompute the past:
+//! - per decoder layer, the self-attention keys (after RoPE) and values of positions `0..=t`;
+//! - the decoder's hidden rows at the first CCA layer for the chunk in progress: the neighbour encoder's
+//!   cross-attention reads `norm_h(h[:, u*cl .. u*cl + cl])` there;
+//! - the encoded neighbours `e[u]` (after `norm_e`) of every completed chunk u, and, per CCA layer, the
+//!   keys and values projected from the chunk now being attended to.
+//!
+//! Retrieval follows the data flow of generation: the token at a position `t` with
+//! `t % chunk_len == chunk_len - 1` completes chunk `u = t / chunk_len`, so the caller (who now knows that
+//! chunk's tokens) retrieves its neighbours and passes them with that same step. They are encoded, once,
+//! as soon as the hidden row of `t` exists at the first CCA layer, and condition position `t` itself and
+//! the next chunk (the CCA's shift by `chunk_len - 1`).
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use retro_model::{RetroConfig, RetroModel};
+//!
+//! let config = RetroConfig {
+//!     n_vocab: 11, d_model: 16, n_layers: 2, ca_layers: [1].into(), chunk_len: 4,
+//!     n_heads: 2, d_k: 8, d_ff: 32, enc_n_layers: 1, enc_ca_layers: [0].into(),
+//!     layer_norm_eps: 1e-5, rope_base: 10_000.0,
+//! };
+//! let model = RetroModel::new(&config, 42, DType::F32, &Device::Cpu)?;
+//! let mut state = model.start_decoding(1, true);
+//! let prompt = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu)?;   // one complete chunk + 1
+//! let ret = Tensor::zeros((1, 1, 3, 8), DType::U32, &Device::Cpu)?; // its neighbours, K = 3, N = 8
+//! let logits = model.prefill(&mut state, &prompt, Some(&ret))?;      // [1, 5, 11]
+//! let next = logits.narrow(1, 4, 1)?.squeeze(1)?.argmax(1)?;         // [1]
+//! let logits = model.step(&mut state, &next, None)?;                 // position 5: [1, 11]
+//! assert_eq!(logits.dims(), &[1, 11]);
+//! assert_eq!(state.position(), 6);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use crate::attention::KvCache;
+use crate::cca::ChunkedCrossAttention;
+use crate::error::{ModelError, Result};
+use crate::kernels::Kernels;
+use crate::model::RetroModel;
+use candle_core::Tensor;
+
+const KERN: Kernels = Kernels::Fused;
+
+/// Keys `[B, n_heads, d_k, K*N]` (transposed for the matmul) and values `[B, n_heads, K*N, d_k]` of one
+/// CCA layer, projected from the encoded neighbours of chunk `u`.
+#[derive(Debug, Clone)]
+struct CcaKv {
+    u: usize,
+    k_t: Tensor,
+    v: Tensor,
+}
+
+/// The decoding state of a batch of B sequences, all at the same position.
+#[derive(Debug, Clone)]
+pub struct DecodeState {
+    batch: usize,
+    /// Position of the next token.
+    t: usize,
+    retrieval: bool,
+    /// One self-attention cache per decoder layer.
+    caches: Vec<KvCache>,
+    /// `[B, 1, d_model]` hidden rows (after the self-attention of the first CCA layer) of the chunk in
+    /// progress.
+    chunk_h: Vec<Tensor>,
+    /// `[B, 1, K, N, d_model]` encoded neighbours (after `norm_e`) of each completed chunk.
+    e: Vec<Tensor>,
+    /// Per CCA layer, the projected keys and values of the chunk last attended to.
+    cca_kv: Vec<Option<CcaKv>>,
+}
+
+impl DecodeState {
+    /// Number of sequences decoded together.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Position of the next token (the number of tokens fed so far).
+    pub fn position(&self) -> usize {
+        self.t
+    }
+    /// Whether retrieval is on (off: RETRO[OFF], CCA and the encoder skipped).
+    pub fn retrieval(&self) -> bool {
+        self.retrieval
+    }
+    /// Number of completed chunks whose neighbours are encoded.
+    pub fn completed_chunks(&self) -> usize {
+        self.e.len()
+    }
+    /// The encoded neighbours `[B, K, N, d_model]` (after `norm_e`) of completed chunk `u`.
+    pub fn encoded_neighbours(&self, u: usize) -> Option<Tensor> {
+        self.e.get(u).and_then(|e| e.squeeze(1).ok())
+    }
+    /// The self-attention cache of decoder layer `p`.
+    pub fn kv_cache(&self, p: usize) -> Option<&KvCache> {
+        self.caches.get(p)
+    }
+}
+
+impl RetroModel {
+    /// A fresh decoding state for `batch` sequences starting at position 0. With `retrieval` off the
+    /// steps compute RETRO[OFF] (what [`RetroModel::forward_without_retrieval`] computes).
+    pub fn start_decoding(&self, batch: usize, retrieval: bool) -> DecodeState {
+        DecodeState {
+            batch,
+            t: 0,
+            retrieval,
+            caches: vec![KvCache::default(); self.config.n_layers],
+            chunk_h: Vec::with_capacity(self.config.chunk_len),
+            e: Vec::new(),
+            cca_kv: vec![None; self.config.ca_layers.len()],
+        }
+    }
+
+    /// Feeds `tokens [B]` at position `state.position()` and returns that position's logits
+    /// `[B, n_vocab]`. `neighbours [B, K, N]` are the ids retrieved for the chunk this token completes:
+    /// required (with retrieval on) exactly when `t % chunk_len == chunk_len - 1`, an error otherwise.
+    /// The state is left unchanged when a check fails.
+    pub fn step(
+        &self,
+        state: &mut DecodeState,
+        tokens: &Tensor,
+        neighbours: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let cl = self.config.chunk_len;
+        let t = state.t;
+        let b = state.batch;
+        if state.caches.len() != self.config.n_layers
+            || state.cca_kv.len() != self.config.ca_layers.len()
+        {
+            return Err(ModelError::Shape(format!(
+                "decode state at t = {t} was made for another model ({} decoder layers, {} CCA layers; \
+                 this model has {} and {})",
+                state.caches.len(),
+                state.cca_kv.len(),
+                self.config.n_layers,
+                self.config.ca_layers.len()
+            )));
+        }
+        match tokens.dims() {
+            &[tb] if tb == b => {}
+            d => {
+                return Err(ModelError::Shape(format!(
+                    "step at t = {t}: tokens must be [B] with B = {b}, got {d:?}"
+                )))
+            }
+        }
+        let chunk_end = t % cl == cl - 1;
+        let neighbours = match (state.retrieval, chunk_end, neighbours) {
+            (false, _, Some(_)) => {
+                return Err(ModelError::Shape(format!(
+                    "step at t = {t}: neighbours passed but retrieval is off for this decode state"
+                )))
+            }
+            (true, false, Some(n)) => {
+                return Err(ModelError::Shape(format!(
+                    "step at t = {t}: neighbours {:?} passed, but t does not complete a chunk \
+                     (neighbours come with the last token of a chunk, t % chunk_len == {}; \
+                     chunk_len = {cl})",
+                    n.dims(),
+                    cl - 1
+                )))
+            }
+            (true, true, None) => {
+                return Err(ModelError::Shape(format!(
+                    "step at t = {t}: this token completes chunk {}; pass that chunk's neighbours \
+                     [B, K, N] with it (retrieval is on)",
+                    t / cl
+                )))
+            }
+            (true, true, Some(n)) => match n.dims() {
+                &[nb, k, nn] if nb == b && k > 0 && nn > 0 => {
+                    Some(self.ids(n, "neighbours")?.reshape((b, 1, k, nn))?)
+                }
+                d => {
+                    return Err(ModelError::Shape(format!(
+                        "step at t = {t}: neighbours must be [B, K, N] with B = {b} and K, N > 0, \
+                         got {d:?}"
+                    )))
+                }
+            },
+            _ => None,
+        };
+        let tokens = self.ids(tokens, "tokens")?;
+
+        let use_cca = state.retrieval && !self.config.ca_layers.is_empty();
+        let first_cca = self.config.ca_layers.first().copied();
+        let mut h = self.embed(&tokens.reshape((b, 1))?)?;
+        let rope = self.rope(t, 1)?;
+        let mut i_ca = 0;
+        for (p, attn) in self.attn.iter().enumerate() {
+            // One query sees every cached key: no mask.
+            h = attn.forward(&h, &rope, None, Some(&mut state.caches[p]), KERN)?;
+            let is_ca = self.config.ca_layers.contains(&p);
+            if use_cca {
+                if Some(p) == first_cca {
+                    state.chunk_h.push(h.clone());
+                    if let Some(ret) = &neighbours {
+                        let h_chunk = Tensor::cat(&state.chunk_h, 1)?; // [B, cl, d]
+                        state.chunk_h.clear();
+                        state.e.push(self.encode_neighbours(ret, &h_chunk, KERN)?);
+                    }
+                }
+                // Chunk u's neighbours condition positions u*cl + cl - 1 ..= u*cl + 2*cl - 2.
+                if is_ca && t + 1 >= cl {
+                    let u = (t + 1 - cl) / cl;
+                    h = cca_step(&self.cca[i_ca], &mut state.cca_kv[i_ca], &state.e[u], u, &h)?;
+                }
+            }
+            if is_ca {
+                i_ca += 1;
+            }
+            h = self.ffw[p].forward(&h, KERN)?;
+        }
+        state.t += 1;
+        Ok(self.read.forward(&h)?.reshape((b, self.config.n_vocab))?)
+    }
+
+    /// Feeds `x [B, P]` (positions `t0 .. t0 + P` with `t0 = state.position()`) one step at a time and
+    /// returns the logits `[B, P, n_vocab]`. `ret [B, U, K, N]` holds the neighbours of the U chunks these
+    /// tokens complete, in order (`U = P / chunk_len` from position 0); required with retrieval on when
+    /// `U > 0`.
+    pub fn prefill(
+        &self,
+        state: &mut DecodeState,
+        x: &Tensor,
+        ret: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let t0 = state.t;
+        let cl = self.config.chunk_len;
+        let (b, p) = match x.dims() {
+            &[xb, p] if xb == state.batch => (xb, p),
+            d => {
+                return Err(ModelError::Shape(format!(
+                    "prefill at t = {t0}: x must be [B, P] with B = {}, got {d:?}",
+                    state.batch
+                )))
+            }
+        };
+        let ends = (t0 + p) / cl - t0 / cl;
+        let ret = match (state.retrieval, ret) {
+            (false, Some(_)) => {
+                return Err(ModelError::Shape(format!(
+                    "prefill at t = {t0}: ret passed but retrieval is off for this decode state"
+                )))
+            }
+            (true, None) if ends > 0 => {
+                return Err(ModelError::Shape(format!(
+                    "prefill at t = {t0}: x completes {ends} chunk(s) but no ret was passed \
+                     (retrieval is on)"
+                )))
+            }
+            (true, Some(r)) => match r.dims() {
+                &[rb, ru, k, n] if rb == b && ru == ends && (ends == 0 || (k > 0 && n > 0)) => {
+                    Some(self.ids(r, "ret")?)
+                }
+                d => {
+                    return Err(ModelError::Shape(format!(
+                        "prefill at t = {t0}: ret must be [B, U, K, N] with B = {b} and U = {ends} \
+                         (the chunks completed by positions {t0}..{}), got {d:?}",
+                        t0 + p
+                    )))
+                }
+            },
+            _ => None,
+        };
+        let x = self.ids(x, "x")?;
+        let mut logits = Vec::with_capacity(p);
+        let mut j = 0;
+        for i in 0..p {
+            let neighbours = match &ret {
+                Some(r) if (t0 + i) % cl == cl - 1 => {
+                    j += 1;
+                    Some(r.narrow(1, j - 1, 1)?.squeeze(1)?)
+                }
+                _ => None,
+            };
+            let tokens = x.narrow(1, i, 1)?.squeeze(1)?;
+            logits.push(self.step(state, &tokens, neighbours.as_ref())?);
+        }
+        if logits.is_empty() {
+            return Ok(Tensor::zeros(
+                (b, 0, self.config.n_vocab),
+                self.dtype,
+                &self.device,
+            )?);
+        }
+        Ok(Tensor::stack(&logits, 1)?)
+    }
+}
+
+/// CCA for the one new row `h [B, 1, d]`: queries from `cca.norm(h)`, keys and values from the encoded
+/// neighbours `e [B, 1, K, N, d]` of chunk `u`, softmax jointly over the `K*N` positions, residual.
+fn cca_step(
+    cca: &ChunkedCrossAttention,
+    kv: &mut Option<CcaKv>,
+    e: &Tensor,
+    u: usize,
+    h: &Tensor,
+) -> Result<Tensor> {
+    let (b, _, k, n, _) = e.dims5()?;
+    let (nh, dk) = (cca.n_heads, cca.d_k);
+    if kv.as_ref().map(|c| c.u) != Some(u) {
+        let split = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((b, k * n, nh, dk))?.transpose(1, 2)?.contiguous()
+        };
+        let kk = split(cca.key.forward(e)?)?; // [B, nh, K*N, dk]
+        let v = split(cca.value.forward(e)?)?;
+        *kv = Some(CcaKv {
+            u,
+            k_t: kk.t()?.contiguous()?,
+            v,
+        });
+    }
+    let CcaKv { k_t, v, .. } = kv.as_ref().expect("just set");
+    let scale = 1.0 / (dk as f64).sqrt();
+    let x = cca.norm.forward(h, KERN)?;
+    // [B, 1, nh*dk] -> [B, nh, 1, dk]: one row, so a reshape splits the heads.
+    let q = (cca.query.forward(&x)? * scale)?.reshape((b, nh, 1, dk))?;
+    let attn = KERN.softmax(&q.matmul(k_t)?)?;
+    let out = attn.matmul(v)?.reshape((b, 1, nh * dk))?;
+    Ok((cca.output.forward(&out)? + h)?)
+}

@@ -1,0 +1,395 @@
+//! Incremental decoding against the full forward: at every step the cached logits equal the logits of
+//! `forward(x[:, :t+1], ret[:, :(t+1)/chunk_len])` at position t (retrieval on), and of
+//! `forward_without_retrieval` (off); prefill then step likewise; the error cases; one PyTorch fixture.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use retro_model::{DecodeState, ModelError, RetroConfig, RetroModel};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+const B: usize = 2;
+
+/// Two layouts: CCA at {1, 3} with d_attn != d_model, and CCA at the very first layer.
+fn configs() -> Vec<RetroConfig> {
+    vec![
+        RetroConfig {
+            n_vocab: 13,
+            d_model: 16,
+            n_layers: 4,
+            ca_layers: [1, 3].into(),
+            chunk_len: 4,
+            n_heads: 3,
+            d_k: 6,
+            d_ff: 24,
+            enc_n_layers: 2,
+            enc_ca_layers: [1].into(),
+            layer_norm_eps: 1e-5,
+            rope_base: 10_000.0,
+        },
+        RetroConfig {
+            n_vocab: 11,
+            d_model: 12,
+            n_layers: 2,
+            ca_layers: [0].into(),
+            chunk_len: 3,
+            n_heads: 2,
+            d_k: 6,
+            d_ff: 16,
+            enc_n_layers: 2,
+            enc_ca_layers: [0, 1].into(),
+            layer_norm_eps: 1e-5,
+            rope_base: 10_000.0,
+        },
+    ]
+}
+
+fn ids(shape: &[usize], n_vocab: usize, salt: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<u32> = (0..n as u64)
+        .map(|i| {
+            let mut z = (i + 1)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(salt.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+            z = (z ^ (z >> 29)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 32)) % n_vocab as u64) as u32
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// `x [B, 4 chunks + 3]`, `ret [B, C, K 3, N 5]`.
+fn inputs(c: &RetroConfig) -> (Tensor, Tensor) {
+    let t = 4 * c.chunk_len + 3;
+    (
+        ids(&[B, t], c.n_vocab, 1),
+        ids(&[B, t / c.chunk_len, 3, 5], c.n_vocab, 2),
+    )
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        1e-9
+    } else {
+        1e-4
+    }
+}
+
+/// The neighbours to pass with the token at position t: `ret[:, t / cl]` at a chunk end.
+fn neighbours_at(ret: &Tensor, t: usize, cl: usize) -> Option<Tensor> {
+    (t % cl == cl - 1).then(|| ret.i((.., t / cl)).unwrap())
+}
+
+/// Full-forward logits `[B, V]` at position t, from the first t + 1 tokens only.
+fn full(m: &RetroModel, x: &Tensor, ret: Option<&Tensor>, t: usize) -> Tensor {
+    let cl = m.config().chunk_len;
+    let xs = x.narrow(1, 0, t + 1).unwrap();
+    let logits = match ret {
+        Some(r) => m
+            .forward(&xs, &r.narrow(1, 0, (t + 1) / cl).unwrap())
+            .unwrap(),
+        None => m.forward_without_retrieval(&xs).unwrap(),
+    };
+    logits.i((.., t)).unwrap()
+}
+
+fn step_all(
+    m: &RetroModel,
+    state: &mut DecodeState,
+    x: &Tensor,
+    ret: Option<&Tensor>,
+    from: usize,
+) {
+    let cl = m.config().chunk_len;
+    let dtype = m.dtype();
+    for t in from..x.dim(1).unwrap() {
+        assert_eq!(state.position(), t);
+        let nb = ret.and_then(|r| neighbours_at(r, t, cl));
+        let got = m.step(state, &x.i((.., t)).unwrap(), nb.as_ref()).unwrap();
+        assert_eq!(got.dims(), &[B, m.config().n_vocab]);
+        let d = max_abs(&got, &full(m, x, ret, t));
+        assert!(
+            d < tol(dtype),
+            "{dtype:?} retrieval {}: step logits at t = {t} differ from the full forward by {d}",
+            ret.is_some()
+        );
+    }
+}
+
+#[test]
+fn every_step_equals_the_full_forward() {
+    for (ci, c) in configs().iter().enumerate() {
+        for dtype in [DType::F32, DType::F64] {
+            let m = RetroModel::new(c, 7 + ci as u64, dtype, &Device::Cpu).unwrap();
+            let (x, ret) = inputs(c);
+            // Retrieval on: crosses at least 4 chunk boundaries.
+            let mut state = m.start_decoding(B, true);
+            step_all(&m, &mut state, &x, Some(&ret), 0);
+            assert_eq!(state.completed_chunks(), ret.dim(1).unwrap());
+            assert!(state.completed_chunks() >= 4);
+            assert_eq!(state.kv_cache(0).unwrap().len(), x.dim(1).unwrap());
+            // Retrieval off (RETRO[OFF]).
+            let mut state = m.start_decoding(B, false);
+            step_all(&m, &mut state, &x, None, 0);
+            assert_eq!(state.completed_chunks(), 0);
+        }
+    }
+}
+
+#[test]
+fn retrieval_changes_the_logits_after_the_first_chunk() {
+    // Guards against a test that passes because CCA does nothing.
+    let c = &configs()[0];
+    let m = RetroModel::new(c, 3, DType::F64, &Device::Cpu).unwrap();
+    let (x, ret) = inputs(c);
+    let (mut on, mut off) = (m.start_decoding(B, true), m.start_decoding(B, false));
+    let cl = c.chunk_len;
+    for t in 0..x.dim(1).unwrap() {
+        let tok = x.i((.., t)).unwrap();
+        let a = m
+            .step(&mut on, &tok, neighbours_at(&ret, t, cl).as_ref())
+            .unwrap();
+        let b = m.step(&mut off, &tok, None).unwrap();
+        let d = max_abs(&a, &b);
+        if t < cl - 1 {
+            assert!(
+                d < 1e-12,
+                "t = {t}: no neighbour yet, yet on/off differ by {d}"
+            );
+        } else {
+            assert!(d > 1e-6, "t = {t}: retrieval on and off agree ({d})");
+        }
+    }
+}
+
+#[test]
+fn prefill_then_step_equals_the_full_forward() {
+    for (ci, c) in configs().iter().enumerate() {
+        for dtype in [DType::F32, DType::F64] {
+            let m = RetroModel::new(c, 11 + ci as u64, dtype, &Device::Cpu).unwrap();
+            let cl = c.chunk_len;
+            let (x, ret) = inputs(c);
+            for retrieval in [true, false] {
+                let r = retrieval.then_some(&ret);
+                // A prompt that ends mid-chunk, then the rest step by step.
+                let p = 2 * cl + 1;
+                let mut state = m.start_decoding(B, retrieval);
+                let got = m
+                    .prefill(
+                        &mut state,
+                        &x.narrow(1, 0, p).unwrap(),
+                        r.map(|r| r.narrow(1, 0, p / cl).unwrap()).as_ref(),
+                    )
+                    .unwrap();
+                let xs = x.narrow(1, 0, p).unwrap();
+                let want = match r {
+                    Some(r) => m.forward(&xs, &r.narrow(1, 0, p / cl).unwrap()).unwrap(),
+                    None => m.forward_without_retrieval(&xs).unwrap(),
+                };
+                let d = max_abs(&got, &want);
+                assert!(d < tol(dtype), "{dtype:?} prefill logits differ by {d}");
+                assert_eq!(state.position(), p);
+                step_all(&m, &mut state, &x, r, p);
+
+                // Two prefills: the second starts mid-chunk, its ret holds the chunks it completes.
+                let mut state = m.start_decoding(B, retrieval);
+                let (p1, p2) = (cl + 2, 2 * cl);
+                m.prefill(
+                    &mut state,
+                    &x.narrow(1, 0, p1).unwrap(),
+                    r.map(|r| r.narrow(1, 0, 1).unwrap()).as_ref(),
+                )
+                .unwrap();
+                let got = m
+                    .prefill(
+                        &mut state,
+                        &x.narrow(1, p1, p2).unwrap(),
+                        r.map(|r| r.narrow(1, 1, 2).unwrap()).as_ref(),
+                    )
+                    .unwrap();
+                let t_end = p1 + p2 - 1;
+                let d = max_abs(&got.i((.., p2 - 1)).unwrap(), &full(&m, &x, r, t_end));
+                assert!(d < tol(dtype), "{dtype:?} second prefill differs by {d}");
+                step_all(&m, &mut state, &x, r, p1 + p2);
+            }
+        }
+    }
+}
+
+fn shape_err(r: retro_model::Result<Tensor>, needle: &str) {
+    match r {
+        Err(ModelError::Shape(msg)) => {
+            assert!(msg.contains(needle), "error `{msg}` lacks `{needle}`")
+        }
+        Err(e) => panic!("expected a shape error naming `{needle}`, got {e}"),
+        Ok(_) => panic!("expected a shape error naming `{needle}`, got Ok"),
+    }
+}
+
+#[test]
+fn misplaced_or_missing_neighbours_are_errors() {
+    let c = &configs()[0];
+    let cl = c.chunk_len;
+    let m = RetroModel::new(c, 5, DType::F32, &Device::Cpu).unwrap();
+    let (x, ret) = inputs(c);
+    let nb = ret.i((.., 0)).unwrap();
+    let mut state = m.start_decoding(B, true);
+    // Neighbours at t = 0, which completes no chunk.
+    shape_err(
+        m.step(&mut state, &x.i((.., 0)).unwrap(), Some(&nb)),
+        "t = 0",
+    );
+    assert_eq!(
+        state.position(),
+        0,
+        "a failed step leaves the state as it was"
+    );
+    for t in 0..cl - 1 {
+        m.step(&mut state, &x.i((.., t)).unwrap(), None).unwrap();
+    }
+    // The last token of chunk 0 without its neighbours.
+    let t = cl - 1;
+    shape_err(
+        m.step(&mut state, &x.i((.., t)).unwrap(), None),
+        &format!("t = {t}"),
+    );
+    // Wrong shapes: tokens [B+1], neighbours [B, K] or with another batch.
+    shape_err(
+        m.step(&mut state, &ids(&[B + 1], c.n_vocab, 3), Some(&nb)),
+        "tokens",
+    );
+    shape_err(
+        m.step(
+            &mut state,
+            &x.i((.., t)).unwrap(),
+            Some(&nb.i((.., .., 0)).unwrap()),
+        ),
+        "neighbours",
+    );
+    shape_err(
+        m.step(
+            &mut state,
+            &x.i((.., t)).unwrap(),
+            Some(&nb.narrow(0, 0, 1).unwrap()),
+        ),
+        "neighbours",
+    );
+    // Out-of-range neighbour ids.
+    let bad = (nb.to_dtype(DType::I64).unwrap() + c.n_vocab as f64).unwrap();
+    assert!(matches!(
+        m.step(&mut state, &x.i((.., t)).unwrap(), Some(&bad)),
+        Err(ModelError::TokenOutOfRange { .. })
+    ));
+    assert_eq!(state.position(), t);
+    // Still usable after the errors: the state is exactly as before them.
+    let got = m
+        .step(&mut state, &x.i((.., t)).unwrap(), Some(&nb))
+        .unwrap();
+    let d = max_abs(&got, &full(&m, &x, Some(&ret), t));
+    assert!(d < 1e-4, "after the errors the step differs by {d}");
+
+    // Retrieval off: neighbours are an error.
+    let mut off = m.start_decoding(B, false);
+    for t in 0..cl - 1 {
+        m.step(&mut off, &x.i((.., t)).unwrap(), None).unwrap();
+    }
+    shape_err(
+        m.step(&mut off, &x.i((.., cl - 1)).unwrap(), Some(&nb)),
+        "retrieval is off",
+    );
+
+    // Prefill: missing ret, ret with the wrong number of chunks, ret with retrieval off.
+    let xs = x.narrow(1, 0, 2 * cl).unwrap();
+    shape_err(
+        m.prefill(&mut m.start_decoding(B, true), &xs, None),
+        "t = 0",
+    );
+    shape_err(
+        m.prefill(
+            &mut m.start_decoding(B, true),
+            &xs,
+            Some(&ret.narrow(1, 0, 1).unwrap()),
+        ),
+        "U = 2",
+    );
+    shape_err(
+        m.prefill(
+            &mut m.start_decoding(B, false),
+            &xs,
+            Some(&ret.narrow(1, 0, 2).unwrap()),
+        ),
+        "retrieval is off",
+    );
+    // A prompt shorter than a chunk needs no ret.
+    let short = m
+        .prefill(
+            &mut m.start_decoding(B, true),
+            &x.narrow(1, 0, cl - 1).unwrap(),
+            None,
+        )
+        .unwrap();
+    assert_eq!(short.dims(), &[B, cl - 1, c.n_vocab]);
+}
+
+fn fixture(file: &str) -> HashMap<String, Tensor> {
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/model/labml_layout");
+    candle_core::safetensors::load(dir.join(file), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn cached_decoding_matches_the_pytorch_fixture() {
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/model/labml_layout");
+    let cfg = RetroConfig::from_json_file(&dir.join("config.json")).unwrap();
+    let (inputs, expected) = (
+        fixture("inputs.safetensors"),
+        fixture("expected.safetensors"),
+    );
+    let (x, ret) = (&inputs["x"], &inputs["ret"]);
+    let (b, t) = x.dims2().unwrap();
+    assert!(t / cfg.chunk_len >= 1);
+    for dtype in [DType::F32, DType::F64] {
+        let m = RetroModel::from_safetensors(
+            &cfg,
+            &dir.join("weights.safetensors"),
+            dtype,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (retrieval, key) in [(true, "logits"), (false, "logits_off")] {
+            let mut state = m.start_decoding(b, retrieval);
+            let mut worst = 0f64;
+            for p in 0..t {
+                let nb = if retrieval {
+                    neighbours_at(ret, p, cfg.chunk_len)
+                } else {
+                    None
+                };
+                let got = m
+                    .step(&mut state, &x.i((.., p)).unwrap(), nb.as_ref())
+                    .unwrap();
+                worst = worst.max(max_abs(&got, &expected[key].i((.., p)).unwrap()));
+            }
+            assert!(
+                worst < 1e-4,
+                "{dtype:?} {key}: cached logits differ from PyTorch by {worst}"
+            );
+        }
+    }
+}
