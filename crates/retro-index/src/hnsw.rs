@@ -3,6 +3,7 @@
 
 use crate::distance::DistUnitDot;
 use crate::error::{IndexError, Result};
+use crate::flat::FlatGraph;
 use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
 use rayon::prelude::*;
 use std::path::Path;
@@ -40,6 +41,8 @@ pub struct HnswIndex {
     // Reloaded graphs borrow their `HnswIo`, which is leaked (a few hundred bytes, no vector data:
     // reload copies the vectors into the graph) so that the index can be `'static`.
     hnsw: Hnsw<'static, f32, DistUnitDot>,
+    /// Fast read-only copy used by unfiltered searches (see [`crate::flat`]).
+    flat: Option<FlatGraph>,
     dim: usize,
     params: HnswParams,
 }
@@ -112,7 +115,13 @@ impl HnswIndex {
             }
         }
         hnsw.set_searching_mode(true);
-        Ok(Self { hnsw, dim, params })
+        let flat = FlatGraph::from_hnsw(&hnsw, dim);
+        Ok(Self {
+            hnsw,
+            flat,
+            dim,
+            params,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -251,7 +260,27 @@ impl HnswIndex {
             ));
         }
         hnsw.set_searching_mode(true);
-        Ok(Self { hnsw, dim, params })
+        let flat = FlatGraph::from_hnsw(&hnsw, dim);
+        Ok(Self {
+            hnsw,
+            flat,
+            dim,
+            params,
+        })
+    }
+
+    /// Searches with hnsw_rs' own code path (for comparison with the flat search).
+    pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: Option<usize>) -> Result<Vec<Hit>> {
+        check_vector(query, self.dim, "query")?;
+        let ef = ef.unwrap_or(self.params.ef_search).max(k);
+        let mut hits: Vec<Hit> = self
+            .hnsw
+            .search(query, k, ef)
+            .into_iter()
+            .map(|n| (n.d_id, n.distance))
+            .collect();
+        hits.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        Ok(hits)
     }
 }
 

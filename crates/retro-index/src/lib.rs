@@ -42,6 +42,7 @@ pub mod distance;
 pub mod embed;
 pub mod embeddings;
 pub mod error;
+pub mod flat;
 pub mod fsutil;
 pub mod hnsw;
 pub mod lexical;

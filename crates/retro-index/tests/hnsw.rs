@@ -34,6 +34,20 @@ fn recall_at_10_and_reload() {
         / queries.len() as f64;
     assert!(recall >= 0.95, "recall@10 = {recall}");
 
+    // the flat search walks the same graph as hnsw_rs' own search: recall at least as good
+    let rs: f64 = queries
+        .iter()
+        .map(|q| {
+            recall_at_k(
+                &brute_force(&v, dim, q, 10),
+                &idx.search_hnsw_rs(q, 10, None).unwrap(),
+                10,
+            )
+        })
+        .sum::<f64>()
+        / queries.len() as f64;
+    assert!(recall >= rs - 0.01, "flat {recall} vs hnsw_rs {rs}");
+
     // single search = batch search
     assert_eq!(idx.search(&queries[0], 10, None).unwrap(), approx[0]);
 
