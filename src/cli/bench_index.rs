@@ -63,6 +63,9 @@ struct EfRow {
     recall: f64,
     queries_per_s_parallel: f64,
     queries_per_s_one_thread: f64,
+    /// hnsw_rs' own search on the same graph, one thread (the flat search is the default).
+    queries_per_s_one_thread_hnsw_rs: f64,
+    recall_hnsw_rs: f64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -117,6 +120,18 @@ fn measure(
             std::hint::black_box(index.search(q, k, Some(ef))?);
         }
         let one = queries.len() as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut rs = Vec::with_capacity(queries.len());
+        for q in &queries {
+            rs.push(index.search_hnsw_rs(q, k, Some(ef))?);
+        }
+        let one_rs = queries.len() as f64 / t.elapsed().as_secs_f64();
+        let recall_hnsw_rs = exact
+            .iter()
+            .zip(&rs)
+            .map(|(e, a)| recall_at_k(e, a, k))
+            .sum::<f64>()
+            / queries.len().max(1) as f64;
         let recall = exact
             .iter()
             .zip(&approx)
@@ -128,6 +143,8 @@ fn measure(
             recall,
             queries_per_s_parallel: par,
             queries_per_s_one_thread: one,
+            queries_per_s_one_thread_hnsw_rs: one_rs,
+            recall_hnsw_rs,
         });
     }
     Ok(rows)
@@ -167,13 +184,18 @@ fn print_run(name: &str, r: &HnswRun) {
         r.points, r.dim, r.m, r.ef_construction, r.inserts_per_s, r.build_s
     );
     println!(
-        "  {:>5} {:>10} {:>14} {:>14}",
-        "ef", "recall@k", "q/s parallel", "q/s 1 thread"
+        "  {:>5} {:>10} {:>14} {:>14} {:>16} {:>16}",
+        "ef", "recall@k", "q/s parallel", "q/s 1 thread", "hnsw_rs recall", "hnsw_rs q/s 1t"
     );
     for e in &r.per_ef {
         println!(
-            "  {:>5} {:>10.4} {:>14.0} {:>14.0}",
-            e.ef, e.recall, e.queries_per_s_parallel, e.queries_per_s_one_thread
+            "  {:>5} {:>10.4} {:>14.0} {:>14.0} {:>16.4} {:>16.0}",
+            e.ef,
+            e.recall,
+            e.queries_per_s_parallel,
+            e.queries_per_s_one_thread,
+            e.recall_hnsw_rs,
+            e.queries_per_s_one_thread_hnsw_rs
         );
     }
 }

@@ -148,6 +148,9 @@ impl HnswIndex {
             return Vec::new();
         }
         let ef = ef.max(k);
+        if let (None, Some(flat)) = (filter, &self.flat) {
+            return flat.search(q, k, ef);
+        }
         let mut hits: Vec<Hit> = self
             .hnsw
             .search_filter(q, k, ef, filter)
