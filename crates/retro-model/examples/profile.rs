@@ -1,46 +1,52 @@
+//! Where the forward's time goes: `profile [full|train|kernels]` (default: all).
 use candle_core::{DType, Device, Tensor};
 use retro_model::bench::ModelBenchSpec;
-use retro_model::RetroModel;
+use retro_model::fused_attention::attention_heads;
+use retro_model::train::cross_entropy;
+use retro_model::{Kernels, RetroModel};
 use std::time::Instant;
+
 fn main() -> retro_model::Result<()> {
+    let what = std::env::args().nth(1).unwrap_or_default();
+    let all = what.is_empty();
     let spec = ModelBenchSpec::labml_small();
     let dev = Device::Cpu;
     let m = RetroModel::new(&spec.config, 0, DType::F32, &dev)?;
-    let (x, _y, ret) = spec.inputs(&dev)?;
-    for _ in 0..2 {
-        let t = Instant::now();
-        m.forward(&x, &ret)?;
-        println!("full {:?}", t.elapsed());
-        let t = Instant::now();
-        m.forward_without_retrieval(&x)?;
-        println!("off {:?}", t.elapsed());
+    let (x, y, ret) = spec.inputs(&dev)?;
+    if all || what == "full" {
+        for _ in 0..3 {
+            let t = Instant::now();
+            m.forward(&x, &ret)?;
+            println!("full {:?}", t.elapsed());
+            let t = Instant::now();
+            m.forward_without_retrieval(&x)?;
+            println!("off {:?}", t.elapsed());
+        }
     }
-    let q = Tensor::randn(0f32, 1., (64, 512, 16), &dev)?;
-    let k = Tensor::randn(0f32, 1., (64, 512, 16), &dev)?;
-    let t = Instant::now();
-    let s = q.matmul(&k.t()?)?;
-    println!("dec scores {:?}", t.elapsed());
-    let t = Instant::now();
-    let p = candle_nn::ops::softmax_last_dim(&s)?;
-    println!("softmax {:?}", t.elapsed());
-    let t = Instant::now();
-    let _ = p.matmul(&k)?;
-    println!("pv {:?}", t.elapsed());
-    let q = Tensor::randn(0f32, 1., (131072, 32, 16), &dev)?;
-    let t = Instant::now();
-    let s = q.matmul(&q.t()?)?;
-    println!("enc scores {:?}", t.elapsed());
-    let t = Instant::now();
-    let _ = s.matmul(&q)?;
-    println!("enc pv {:?}", t.elapsed());
-    let a = Tensor::randn(0f32, 1., (8192, 128), &dev)?;
-    let w = Tensor::randn(0f32, 1., (256, 128), &dev)?;
-    let t = Instant::now();
-    let _ = a.matmul(&w.t()?)?;
-    println!("enc linear {:?}", t.elapsed());
-    let h = Tensor::randn(0f32, 1., (4, 512, 16, 16), &dev)?;
-    let t = Instant::now();
-    let _ = h.transpose(1, 2)?.contiguous()?;
-    println!("transpose {:?}", t.elapsed());
+    if all || what == "train" {
+        for _ in 0..3 {
+            let t = Instant::now();
+            let loss = cross_entropy(&m.forward_train(&x, Some(&ret))?, &y)?;
+            let fwd = t.elapsed();
+            loss.backward()?;
+            println!("train forward {fwd:?}, forward+backward {:?}", t.elapsed());
+        }
+    }
+    if all || what == "kernels" {
+        let (b, t, c, k, n) = (4, 512, 32, 2, 32);
+        // [sequences, s, 3, heads, d_k] projections, heads as views.
+        for (name, seqs, s, causal) in [
+            ("decoder self-attention", b, t, Some(0)),
+            ("encoder self-attention", b * c * k, n, None),
+        ] {
+            let x = Tensor::randn(0f32, 1., (seqs, s, 3, 16, 16), &dev)?;
+            let part = |i: usize| x.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+            for _ in 0..3 {
+                let t = Instant::now();
+                attention_heads(&part(0)?, &part(1)?, &part(2)?, causal, Kernels::Fused)?;
+                println!("{name} {:?}", t.elapsed());
+            }
+        }
+    }
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Multi-head self-attention with rotary embeddings: causal in the decoder, bidirectional in the
 //! neighbour encoder. Pre-norm, residual. An optional KV cache serves incremental decoding.
 
+use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
-use crate::layers::{LayerNorm, Linear};
+use crate::layers::{fused_linear, LayerNorm, Linear};
 use crate::rope::RopeTables;
 use candle_core::{Result, Tensor};
 
@@ -58,16 +59,9 @@ pub fn causal_mask(
 }
 
 impl SelfAttention {
-    /// Splits `[b, s, h*d_k]` into heads `[b, h, s, d_k]`.
-    fn heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        x.reshape((b, s, self.n_heads, self.d_k))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
     /// `h [b, s, d_model]`; `rope` covers the absolute positions of these s rows; `mask` is
     /// `[s, seen + s]` for causal attention (None when no query can see a future key, e.g. s == 1).
+    /// The mask must be [`causal_mask`]`(s, seen)`: the fused kernel applies it implicitly.
     pub fn forward(
         &self,
         h: &Tensor,
@@ -77,31 +71,38 @@ impl SelfAttention {
         kern: Kernels,
     ) -> Result<Tensor> {
         let (b, s, _) = h.dims3()?;
+        let (nh, dk) = (self.n_heads, self.d_k);
         let x = self.norm.forward(h, kern)?;
-        let scale = 1.0 / (self.d_k as f64).sqrt();
-        let q = kern.rope(&self.heads(&self.query.forward(&x)?)?, &rope.cos, &rope.sin)?;
-        let q = (q * scale)?;
-        let mut k = kern.rope(&self.heads(&self.key.forward(&x)?)?, &rope.cos, &rope.sin)?;
-        let mut v = self.heads(&self.value.forward(&x)?)?;
+        let scale = 1.0 / (dk as f64).sqrt();
+        // One GEMM for q, k, v; heads are views of it: [b, s, 3, h, dk].
+        let qkv = fused_linear(
+            &[(&self.query, scale), (&self.key, 1.0), (&self.value, 1.0)],
+            &x,
+        )?
+        .reshape((b, s, 3, nh, dk))?;
+        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
+        // RoPE is linear: the scale folded into the query weights commutes with it.
+        let q = kern
+            .rope_bshd(&part(0)?, &rope.cos, &rope.sin)?
+            .transpose(1, 2)?;
+        let mut k = kern
+            .rope_bshd(&part(1)?, &rope.cos, &rope.sin)?
+            .transpose(1, 2)?;
+        let mut v = part(2)?.transpose(1, 2)?; // [b, h, s, dk] views
         if let Some(cache) = cache {
             if let (Some(pk), Some(pv)) = (&cache.k, &cache.v) {
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;
+            } else {
+                k = k.contiguous()?;
+                v = v.contiguous()?;
             }
             cache.k = Some(k.clone());
             cache.v = Some(v.clone());
         }
-        let mut attn = q.matmul(&k.t()?)?;
-        if self.causal {
-            if let Some(mask) = mask {
-                attn = attn.broadcast_add(mask)?;
-            }
-        }
-        let attn = kern.softmax(&attn)?;
-        let out = attn.matmul(&v)?; // [b, h, s, d_k]
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, s, self.n_heads * self.d_k))?;
-        self.output.forward(&out)? + h
+        let seen = k.dim(2)? - s;
+        let causal = (self.causal && mask.is_some()).then_some(seen);
+        let out = attention_heads(&q, &k, &v, causal, kern)?; // [b, s, h, dk]
+        self.output.forward(&out.reshape((b, s, nh * dk))?)? + h
     }
 }

@@ -2,8 +2,9 @@
 //! chunk before it. The shift is done here, as in the reference: drop the first `chunk_len - 1`
 //! positions, attend chunk-wise, shift back right by `chunk_len - 1` zero rows, truncate to T.
 
+use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
-use crate::layers::{LayerNorm, Linear};
+use crate::layers::{fused_linear, LayerNorm, Linear};
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -32,23 +33,21 @@ impl ChunkedCrossAttention {
         let x = self.norm.forward(&h.narrow(1, cl - 1, kept)?, kern)?;
         // Zero rows after the norm so the queries split into c whole chunks (they land past T).
         let x = x.pad_with_zeros(1, 0, c * cl - kept)?;
+        // [b*c, cl, h, dk] viewed as [b*c, h, cl, dk]
         let q = (self.query.forward(&x)? * scale)?
-            .reshape((b, c, cl, nh, dk))?
-            .permute((0, 1, 3, 2, 4))?
-            .reshape((b * c * nh, cl, dk))?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, c, k * n, nh, dk))?
-                .permute((0, 1, 3, 2, 4))?
-                .reshape((b * c * nh, k * n, dk))
-        };
-        let kk = split(self.key.forward(e)?)?;
-        let v = split(self.value.forward(e)?)?;
+            .reshape((b * c, cl, nh, dk))?
+            .transpose(1, 2)?;
+        // Keys and values in one GEMM: [b*c, k*n, 2, h, dk].
+        let kv = fused_linear(&[(&self.key, 1.0), (&self.value, 1.0)], e)?.reshape((
+            b * c,
+            k * n,
+            2,
+            nh,
+            dk,
+        ))?;
+        let part = |i: usize| kv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         // Softmax jointly over all k * n neighbour positions.
-        let attn = kern.softmax(&q.matmul(&kk.t()?)?)?;
-        let out = attn
-            .matmul(&v)? // [b*c*h, cl, dk]
-            .reshape((b, c, nh, cl, dk))?
-            .permute((0, 1, 3, 2, 4))?
+        let out = attention_heads(&q, &part(0)?, &part(1)?, None, kern)? // [b*c, cl, h, dk]
             .reshape((b, c * cl, nh * dk))?;
         let out = self.output.forward(&out.narrow(1, 0, kept)?)?;
         out.pad_with_zeros(1, cl - 1, 0)? + h

@@ -2,8 +2,9 @@
 //! Queries from the normed neighbour embeddings, keys and values from the (already normed) chunk;
 //! no mask, no rotary embedding. Residual on the neighbour side.
 
+use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
-use crate::layers::{LayerNorm, Linear};
+use crate::layers::{fused_linear, LayerNorm, Linear};
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -25,23 +26,20 @@ impl CrossAttention {
         let (nh, dk) = (self.n_heads, self.d_k);
         let scale = 1.0 / (dk as f64).sqrt();
         let x = self.norm.forward(e, kern)?;
-        // [b, c, k*n, h, dk] -> [b*c*h, k*n, dk]
+        // [b*c, k*n, h, dk] viewed as [b*c, h, k*n, dk]
         let q = (self.query.forward(&x)? * scale)?
-            .reshape((b, c, k * n, nh, dk))?
-            .permute((0, 1, 3, 2, 4))?
-            .reshape((b * c * nh, k * n, dk))?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, c, cl, nh, dk))?
-                .permute((0, 1, 3, 2, 4))?
-                .reshape((b * c * nh, cl, dk))
-        };
-        let kk = split(self.key.forward(h)?)?;
-        let v = split(self.value.forward(h)?)?;
-        let attn = kern.softmax(&q.matmul(&kk.t()?)?)?;
-        let out = attn
-            .matmul(&v)? // [b*c*h, k*n, dk]
-            .reshape((b, c, nh, k * n, dk))?
-            .permute((0, 1, 3, 2, 4))?
+            .reshape((b * c, k * n, nh, dk))?
+            .transpose(1, 2)?;
+        // Keys and values of the chunk in one GEMM: [b*c, cl, 2, h, dk].
+        let kv = fused_linear(&[(&self.key, 1.0), (&self.value, 1.0)], h)?.reshape((
+            b * c,
+            cl,
+            2,
+            nh,
+            dk,
+        ))?;
+        let part = |i: usize| kv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        let out = attention_heads(&q, &part(0)?, &part(1)?, None, kern)? // [b*c, k*n, h, dk]
             .reshape((b, c, k, n, nh * dk))?;
         self.output.forward(&out)? + e
     }

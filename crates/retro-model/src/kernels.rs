@@ -39,4 +39,24 @@ impl Kernels {
             Kernels::Differentiable => candle_nn::rotary_emb::rope_slow(x, cos, sin),
         }
     }
+
+    /// The same rotary embedding for `x [b, s, h, d]` (any strides), returning `[b, s, h, d]`.
+    pub fn rope_bshd(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin),
+            Kernels::Differentiable => {
+                let (_, s, _, d) = x.dims4()?;
+                let full = |t: &Tensor| -> Result<Tensor> {
+                    Tensor::cat(&[t, t], D::Minus1)?
+                        .narrow(0, 0, s)?
+                        .reshape((1, s, 1, d))
+                };
+                let (cos, sin) = (full(cos)?, full(sin)?);
+                let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+                let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+                let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+                x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
+            }
+        }
+    }
 }

@@ -28,6 +28,26 @@ impl Linear {
     }
 }
 
+/// Several Linears of the same input as one GEMM: `x [.., in] -> [.., sum of outs]`, the i-th part's
+/// output (scaled by its factor, folded into its weights) in the i-th slot. Differentiable: the
+/// weights are concatenated per call (they are small next to the activations).
+pub fn fused_linear(parts: &[(&Linear, f64)], x: &Tensor) -> Result<Tensor> {
+    let scaled = |t: &Tensor, s: f64| if s == 1.0 { Ok(t.clone()) } else { t * s };
+    let w = parts
+        .iter()
+        .map(|(l, s)| scaled(&l.weight, *s))
+        .collect::<Result<Vec<_>>>()?;
+    let b = parts
+        .iter()
+        .map(|(l, s)| scaled(&l.bias, *s))
+        .collect::<Result<Vec<_>>>()?;
+    Linear {
+        weight: Tensor::cat(&w, 0)?,
+        bias: Tensor::cat(&b, 0)?,
+    }
+    .forward(x)
+}
+
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     pub(crate) weight: Tensor,

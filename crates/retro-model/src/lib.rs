@@ -39,6 +39,7 @@ pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod feed_forward;
+pub mod fused_attention;
 pub mod incremental;
 pub mod kernels;
 pub mod layers;

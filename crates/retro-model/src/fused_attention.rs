@@ -1,0 +1,985 @@
+//! Fused scaled-dot-product attention: `softmax(q k^T + mask) v` in one pass per query row, without
+//! materialising the `[n, sq, sk]` score tensor, on CPU (f32 and f64), with a backward.
+//!
+//! The CPU kernel is a candle [`CustomOp3`] in plain Rust, parallelised with rayon over heads (and over
+//! row blocks when there are few heads). Per head it copies K transposed (`[d, sk]`) and V (`[sk, d]`),
+//! both zero-padded to multiples of [`L`], then works on tiles of [`R`] query rows: scores as an
+//! `R x L` register tile, the softmax on the row (at most `sk` values: they stay in L1), and `P V` as an
+//! `R x L` tile over features. The row is the streaming unit: its max, sum and log-sum-exp are kept per
+//! row, and the log-sum-exp is saved for the backward, which recomputes `P` from it
+//! (`dV = P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))`, `dQ = dS K`, `dK = dS^T Q`).
+//! Causal rows only touch the keys they may see, so a causal attention does half the work.
+//!
+//! The kernel reads strided inputs (only the feature dim must be contiguous): heads can be passed as
+//! `[b, h, s, d]` views of a `[b, s, h, d]` projection, and the output is written as `[b, s, h, d]`, the
+//! layout the output projection wants. [`attention_heads`] is that interface; [`attention`] is the plain
+//! `[n, s, d]` one. Other devices and dtypes use the matmul + softmax composition.
+
+use crate::kernels::Kernels;
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Query rows per micro-tile.
+const R: usize = 4;
+/// Lanes per micro-tile: keys in the score tile, features in the `P V` tile. Buffers are padded to it.
+const L: usize = 16;
+
+/// `softmax(q k^T + mask) v` for `q [n, sq, d]`, `k, v [n, sk, d]` (q already scaled), `[n, sq, d]`.
+/// With `causal_offset = Some(o)` query i sees key j iff `j <= i + o`. Differentiable.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal_offset: Option<usize>,
+) -> Result<Tensor> {
+    let (n, sq, d) = q.dims3()?;
+    let out = attention_heads(
+        &q.unsqueeze(1)?,
+        &k.unsqueeze(1)?,
+        &v.unsqueeze(1)?,
+        causal_offset,
+        Kernels::Differentiable,
+    )?;
+    out.reshape((n, sq, d))
+}
+
+/// Multi-head form: `q [b, h, sq, d]`, `k, v [b, h, sk, d]` with any strides (typically transposed
+/// views of `[b, s, h, d]` projections) -> `[b, sq, h, d]` contiguous, i.e. heads already merged for
+/// a reshape to `[b, sq, h*d]`. `kern = Fused` records no backward (inference).
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal_offset: Option<usize>,
+    kern: Kernels,
+) -> Result<Tensor> {
+    let (b, h, _, d) = q.dims4()?;
+    let (kb, kh, _, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not match",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let cpu_ok = matches!(q.device(), Device::Cpu)
+        && matches!(q.dtype(), DType::F32 | DType::F64)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype();
+    if !cpu_ok {
+        return fallback(q, k, v, causal_offset, kern);
+    }
+    let unit = |t: &Tensor| -> Result<Tensor> {
+        if t.stride()[3] == 1 || t.dim(3)? <= 1 {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    let (q, k, v) = (unit(q)?, unit(k)?, unit(v)?);
+    match kern {
+        Kernels::Fused => q.apply_op3_no_bwd(&k, &v, &FusedAttention::new(causal_offset, false)),
+        Kernels::Differentiable => q.apply_op3_arc(
+            &k,
+            &v,
+            Arc::new(Box::new(FusedAttention::new(causal_offset, true))),
+        ),
+    }
+}
+
+/// The composition of tensor ops the kernel replaces (any device), same shapes as [`attention_heads`].
+pub fn fallback(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal_offset: Option<usize>,
+    kern: Kernels,
+) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let mut s = q.matmul(&k.t()?)?;
+    if let Some(off) = causal_offset {
+        let (sq, sk) = (q.dim(2)?, k.dim(2)?);
+        let mask: Vec<f32> = (0..sq)
+            .flat_map(|i| (0..sk).map(move |j| if j <= i + off { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (sq, sk), q.device())?.to_dtype(q.dtype())?;
+        s = s.broadcast_add(&mask)?;
+    }
+    kern.softmax(&s)?.matmul(&v)?.transpose(1, 2)?.contiguous()
+}
+
+/// The element types the CPU kernel handles.
+trait Float: WithDType + Default {
+    const NEG_INF: Self;
+    fn exp_(self) -> Self;
+    fn ln_(self) -> Self;
+}
+
+impl Float for f64 {
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn exp_(self) -> Self {
+        self.exp()
+    }
+    fn ln_(self) -> Self {
+        self.ln()
+    }
+}
+
+impl Float for f32 {
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    /// Cephes' `expf` (about 1 ulp), branch-free so the softmax loop vectorises. Arguments are
+    /// `<= 0` here (scores minus the row max); below -87 the result flushes towards 0.
+    #[inline(always)]
+    fn exp_(self) -> Self {
+        let x = self.clamp(-87.0, 88.0);
+        let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let mut p = 1.987_569_1e-4f32;
+        p = p * r + 1.398_199_9e-3;
+        p = p * r + 8.333_452e-3;
+        p = p * r + 4.166_579_6e-2;
+        p = p * r + 1.666_666_5e-1;
+        p = p * r + 5.000_000e-1;
+        let y = p * r * r + r + 1.0;
+        y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+    fn ln_(self) -> Self {
+        self.ln()
+    }
+}
+
+/// Where head `(b, h)` row `i` of a 4-D tensor starts: `off + b*sb + h*sh + i*ss` (feature stride 1).
+#[derive(Debug, Clone, Copy)]
+struct View {
+    off: usize,
+    sb: usize,
+    sh: usize,
+    ss: usize,
+    heads: usize,
+}
+
+impl View {
+    /// For a `[b, h, s, d]` layout.
+    fn bhsd(l: &Layout) -> Self {
+        let st = l.stride();
+        Self {
+            off: l.start_offset(),
+            sb: st[0],
+            sh: st[1],
+            ss: st[2],
+            heads: l.dims()[1],
+        }
+    }
+    /// For a `[b, s, h, d]` layout.
+    fn bshd(l: &Layout) -> Self {
+        let st = l.stride();
+        Self {
+            off: l.start_offset(),
+            sb: st[0],
+            sh: st[2],
+            ss: st[1],
+            heads: l.dims()[2],
+        }
+    }
+    #[inline(always)]
+    fn row(&self, n: usize, i: usize) -> usize {
+        self.off + (n / self.heads) * self.sb + (n % self.heads) * self.sh + i * self.ss
+    }
+}
+
+/// The problem: `nh = b*h` heads, `sq` queries, `sk` keys of `d` features.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    nh: usize,
+    heads: usize,
+    sq: usize,
+    sk: usize,
+    d: usize,
+    causal: Option<usize>,
+}
+
+impl Dims {
+    /// Keys query row i may see.
+    #[inline(always)]
+    fn lim(&self, i: usize) -> usize {
+        match self.causal {
+            Some(o) => (i + o + 1).min(self.sk),
+            None => self.sk,
+        }
+    }
+    /// Offset of output row `(n, i)` in the contiguous `[b, sq, h, d]` output.
+    #[inline(always)]
+    fn out_row(&self, n: usize, i: usize) -> usize {
+        (((n / self.heads) * self.sq + i) * self.heads + n % self.heads) * self.d
+    }
+}
+
+fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    /// # Safety
+    /// `[at, at + len)` must be in bounds and written by no other thread meanwhile.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
+    }
+}
+
+/// `s[r][jb..] = q_r . kt[.., jb..]` for the `R` rows of `qb [R, ldd]` and `ncols` (multiple of L)
+/// columns of `kt [d, ldk]`.
+#[inline(always)]
+fn tile_scores<T: Float>(
+    qb: &[T],
+    ldd: usize,
+    d: usize,
+    kt: &[T],
+    ldk: usize,
+    ncols: usize,
+    s: &mut [T],
+) {
+    let qb = &qb[..R * ldd];
+    for jb in (0..ncols).step_by(L) {
+        let mut acc = [[T::zero(); L]; R];
+        for c in 0..d {
+            let k: &[T; L] = kt[c * ldk + jb..][..L].try_into().unwrap();
+            for r in 0..R {
+                let qv = qb[r * ldd + c];
+                for l in 0..L {
+                    acc[r][l] += qv * k[l];
+                }
+            }
+        }
+        for r in 0..R {
+            s[r * ldk + jb..][..L].copy_from_slice(&acc[r]);
+        }
+    }
+}
+
+/// `out[r] = sum_{j < nk} p[r][j] * v[j]` for `p [R, ldk]`, `v [.., ldd]`, `out [R, ldd]`.
+#[inline(always)]
+fn tile_pv<T: Float>(p: &[T], ldk: usize, nk: usize, v: &[T], ldd: usize, out: &mut [T]) {
+    let p = &p[..R * ldk];
+    let v = &v[..nk * ldd];
+    for cb in (0..ldd).step_by(L) {
+        let mut acc = [[T::zero(); L]; R];
+        for j in 0..nk {
+            let vv: &[T; L] = v[j * ldd + cb..][..L].try_into().unwrap();
+            for r in 0..R {
+                let pv = p[r * ldk + j];
+                for l in 0..L {
+                    acc[r][l] += pv * vv[l];
+                }
+            }
+        }
+        for r in 0..R {
+            out[r * ldd + cb..][..L].copy_from_slice(&acc[r]);
+        }
+    }
+}
+
+/// `acc[j] += sum_r w[r][j] * x[r]` for `j < nk`: `w [R, ldk]`, `x [R, ldd]`, `acc [.., ldd]`.
+#[inline(always)]
+fn tile_outer<T: Float>(w: &[T], ldk: usize, nk: usize, x: &[T], ldd: usize, acc: &mut [T]) {
+    let (x0, rest) = x[..R * ldd].split_at(ldd);
+    let (x1, rest) = rest.split_at(ldd);
+    let (x2, x3) = rest.split_at(ldd);
+    for j in 0..nk {
+        let (w0, w1, w2, w3) = (w[j], w[ldk + j], w[2 * ldk + j], w[3 * ldk + j]);
+        let row = &mut acc[j * ldd..][..ldd];
+        for c in 0..ldd {
+            row[c] += w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c];
+        }
+    }
+}
+
+#[inline(always)]
+fn row_max<T: Float>(s: &[T]) -> T {
+    let mut m = [T::NEG_INF; L];
+    let chunks = s.chunks_exact(L);
+    let rem = chunks.remainder();
+    for ch in chunks {
+        for l in 0..L {
+            m[l] = if ch[l] > m[l] { ch[l] } else { m[l] };
+        }
+    }
+    let mut best = T::NEG_INF;
+    for &x in m.iter().chain(rem) {
+        if x > best {
+            best = x;
+        }
+    }
+    best
+}
+
+/// `s[j] = exp(s[j] - shift)` for `j < lim`, 0 for `lim <= j < end`; returns the sum.
+#[inline(always)]
+fn exp_row<T: Float>(s: &mut [T], lim: usize, end: usize, shift: T) -> T {
+    for x in s[..lim].iter_mut() {
+        *x = (*x - shift).exp_();
+    }
+    for x in s[lim..end].iter_mut() {
+        *x = T::zero();
+    }
+    let mut acc = [T::zero(); L];
+    let chunks = s[..lim].chunks_exact(L);
+    let rem = chunks.remainder();
+    for ch in chunks {
+        for l in 0..L {
+            acc[l] += ch[l];
+        }
+    }
+    let mut sum = T::zero();
+    for &x in acc.iter().chain(rem) {
+        sum += x;
+    }
+    sum
+}
+
+/// Per-thread scratch buffers.
+#[derive(Default)]
+struct Scratch<T> {
+    a: Vec<T>,
+    b: Vec<T>,
+    c: Vec<T>,
+    d: Vec<T>,
+    e: Vec<T>,
+    f: Vec<T>,
+    g: Vec<T>,
+    h: Vec<T>,
+}
+
+fn zeroed<T: Float>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    v.clear();
+    v.resize(len, T::zero());
+    &mut v[..]
+}
+
+/// Copies `rows` rows of head `n` of `x` into `dst [rows, ldd]` (zero padded).
+#[inline(always)]
+fn load_rows<T: Float>(
+    x: &[T],
+    vw: &View,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    d: usize,
+    ldd: usize,
+    dst: &mut [T],
+) {
+    for (r, i) in rows.enumerate() {
+        let at = vw.row(n, i);
+        dst[r * ldd..r * ldd + d].copy_from_slice(&x[at..at + d]);
+    }
+}
+
+/// Copies keys `0..nk` of head `n` transposed into `dst [d, ldk]` (zero padded).
+#[inline(always)]
+fn load_t<T: Float>(x: &[T], vw: &View, n: usize, nk: usize, d: usize, ldk: usize, dst: &mut [T]) {
+    for j in 0..nk {
+        let at = vw.row(n, j);
+        for (c, &val) in x[at..at + d].iter().enumerate() {
+            dst[c * ldk + j] = val;
+        }
+    }
+}
+
+struct FwdArgs<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    qv: View,
+    kv: View,
+    vv: View,
+    dims: Dims,
+    out: &'a SendPtr<T>,
+    lse: &'a SendPtr<T>,
+}
+
+/// One forward task: head `n`, query rows `r0..r1`.
+#[inline(always)]
+fn fwd_task<T: Float>(a: &FwdArgs<'_, T>, n: usize, r0: usize, r1: usize, sc: &mut Scratch<T>) {
+    let Dims { d, .. } = a.dims;
+    let ldd = round_up(d, L);
+    let nk = a.dims.lim(r1 - 1);
+    let ldk = round_up(nk.max(1), L);
+    let kt = zeroed(&mut sc.a, d * ldk);
+    load_t(a.k, &a.kv, n, nk, d, ldk, kt);
+    let vb = zeroed(&mut sc.b, nk * ldd);
+    load_rows(a.v, &a.vv, n, 0..nk, d, ldd, vb);
+    let qb = zeroed(&mut sc.c, R * ldd);
+    let s = zeroed(&mut sc.d, R * ldk);
+    let ob = zeroed(&mut sc.e, R * ldd);
+    let mut i0 = r0;
+    while i0 < r1 {
+        let rows = (r1 - i0).min(R);
+        qb.fill(T::zero());
+        load_rows(a.q, &a.qv, n, i0..i0 + rows, d, ldd, qb);
+        let lmax = a.dims.lim(i0 + rows - 1);
+        let ncols = round_up(lmax.max(1), L);
+        tile_scores(qb, ldd, d, kt, ldk, ncols, s);
+        let mut sums = [T::zero(); R];
+        for r in 0..R {
+            let lim = if r < rows { a.dims.lim(i0 + r) } else { 0 };
+            let row = &mut s[r * ldk..r * ldk + ncols];
+            let m = if lim > 0 {
+                row_max(&row[..lim])
+            } else {
+                T::zero()
+            };
+            sums[r] = exp_row(row, lim, ncols, m);
+            if r < rows {
+                let lse = if sums[r] > T::zero() {
+                    m + sums[r].ln_()
+                } else {
+                    T::NEG_INF
+                };
+                // SAFETY: row (n, i0 + r) belongs to this task only.
+                unsafe { a.lse.slice(n * a.dims.sq + i0 + r, 1)[0] = lse };
+            }
+        }
+        tile_pv(s, ldk, lmax, vb, ldd, ob);
+        for r in 0..rows {
+            let inv = if sums[r] > T::zero() {
+                T::one() / sums[r]
+            } else {
+                T::zero()
+            };
+            // SAFETY: output row (n, i0 + r) belongs to this task only.
+            let dst = unsafe { a.out.slice(a.dims.out_row(n, i0 + r), d) };
+            for (o, &x) in dst.iter_mut().zip(&ob[r * ldd..r * ldd + d]) {
+                *o = x * inv;
+            }
+        }
+        i0 += rows;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Base,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Base
+}
+
+/// Compiles `$body` (a call of an `#[inline(always)]` generic) once per instruction set and runs the
+/// version the CPU supports.
+macro_rules! dispatch {
+    ($isa:expr, $f:ident::<$args:ident>($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn v512<T: Float>(a: &$args<'_, T>, n: usize, r0: usize, r1: usize, sc: &mut Scratch<T>) {
+                $f(a, n, r0, r1, sc)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v256<T: Float>(a: &$args<'_, T>, n: usize, r0: usize, r1: usize, sc: &mut Scratch<T>) {
+                $f(a, n, r0, r1, sc)
+            }
+            match $isa {
+                // SAFETY: the features were detected at run time.
+                Isa::Avx512 => unsafe { v512($($arg),*) },
+                Isa::Avx2 => unsafe { v256($($arg),*) },
+                Isa::Base => $f($($arg),*),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = $isa;
+            $f($($arg),*)
+        }
+    }};
+}
+
+fn forward_cpu<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    qv: View,
+    kv: View,
+    vv: View,
+    dims: Dims,
+) -> (Vec<T>, Vec<T>) {
+    let mut out = vec![T::zero(); dims.nh * dims.sq * dims.d];
+    let mut lse = vec![T::NEG_INF; dims.nh * dims.sq];
+    let (op, lp) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    let args = FwdArgs {
+        q,
+        k,
+        v,
+        qv,
+        kv,
+        vv,
+        dims,
+        out: &op,
+        lse: &lp,
+    };
+    // Enough tasks to keep every thread busy even with a handful of heads.
+    let want = 8 * rayon::current_num_threads();
+    let per_head = want.div_ceil(dims.nh.max(1)).max(1);
+    let rb = round_up(dims.sq.div_ceil(per_head).max(16), R).min(dims.sq.max(1));
+    let blocks = dims.sq.div_ceil(rb);
+    let level = isa();
+    (0..dims.nh * blocks)
+        .into_par_iter()
+        .with_min_len(if blocks == 1 { 16 } else { 1 })
+        .for_each_init(Scratch::<T>::default, |sc, t| {
+            let (n, blk) = (t / blocks, t % blocks);
+            let r0 = blk * rb;
+            let r1 = (r0 + rb).min(dims.sq);
+            if r0 < r1 {
+                dispatch!(level, fwd_task::<FwdArgs>(&args, n, r0, r1, sc));
+            }
+        });
+    (out, lse)
+}
+
+struct BwdArgs<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    o: &'a [T],
+    go: &'a [T],
+    lse: &'a [T],
+    qv: View,
+    kv: View,
+    vv: View,
+    ov: View,
+    gov: View,
+    dims: Dims,
+    dq: &'a SendPtr<T>,
+    dk: &'a SendPtr<T>,
+    dv: &'a SendPtr<T>,
+}
+
+/// Backward of head `n`, all rows. `_r0, _r1` keep the dispatch signature.
+#[inline(always)]
+fn bwd_task<T: Float>(a: &BwdArgs<'_, T>, n: usize, _r0: usize, _r1: usize, sc: &mut Scratch<T>) {
+    let Dims { d, sq, .. } = a.dims;
+    let ldd = round_up(d, L);
+    let nk = a.dims.lim(sq.max(1) - 1).min(a.dims.sk);
+    let ldk = round_up(nk.max(1), L);
+    let sqp = round_up(sq, R);
+    let qb = zeroed(&mut sc.a, sqp * ldd);
+    load_rows(a.q, &a.qv, n, 0..sq, d, ldd, qb);
+    let gob = zeroed(&mut sc.b, sqp * ldd);
+    load_rows(a.go, &a.gov, n, 0..sq, d, ldd, gob);
+    let kb = zeroed(&mut sc.c, nk * ldd);
+    load_rows(a.k, &a.kv, n, 0..nk, d, ldd, kb);
+    let kt = zeroed(&mut sc.d, d * ldk);
+    load_t(a.k, &a.kv, n, nk, d, ldk, kt);
+    let vt = zeroed(&mut sc.e, d * ldk);
+    load_t(a.v, &a.vv, n, nk, d, ldk, vt);
+    // dK and dV accumulate over all rows: [nk, ldd]; p and ds tiles [R, ldk] side by side.
+    let dkv = zeroed(&mut sc.f, 2 * nk * ldd);
+    let (dk, dv) = dkv.split_at_mut(nk * ldd);
+    let pd = zeroed(&mut sc.g, 2 * R * ldk);
+    let (p, ds) = pd.split_at_mut(R * ldk);
+    let dqb = zeroed(&mut sc.h, R * ldd);
+    for i0 in (0..sq).step_by(R) {
+        let rows = (sq - i0).min(R);
+        let qt = &qb[i0 * ldd..(i0 + R) * ldd];
+        let got = &gob[i0 * ldd..(i0 + R) * ldd];
+        let lmax = a.dims.lim(i0 + rows - 1);
+        let ncols = round_up(lmax.max(1), L);
+        tile_scores(qt, ldd, d, kt, ldk, ncols, p);
+        tile_scores(got, ldd, d, vt, ldk, ncols, ds);
+        for r in 0..R {
+            let (lim, lse, delta) = if r < rows {
+                let i = i0 + r;
+                let (at, ot) = (a.gov.row(n, i), a.ov.row(n, i));
+                let mut delta = T::zero();
+                for c in 0..d {
+                    delta += a.go[at + c] * a.o[ot + c];
+                }
+                (a.dims.lim(i), a.lse[n * sq + i], delta)
+            } else {
+                (0, T::zero(), T::zero())
+            };
+            let lim = if lse == T::NEG_INF { 0 } else { lim };
+            let prow = &mut p[r * ldk..r * ldk + ncols];
+            exp_row(prow, lim, ncols, lse);
+            let dsrow = &mut ds[r * ldk..r * ldk + ncols];
+            for (x, &pj) in dsrow.iter_mut().zip(prow.iter()) {
+                *x = pj * (*x - delta);
+            }
+        }
+        tile_pv(ds, ldk, lmax, kb, ldd, dqb);
+        tile_outer(ds, ldk, lmax, qt, ldd, dk);
+        tile_outer(p, ldk, lmax, got, ldd, dv);
+        for r in 0..rows {
+            // SAFETY: rows of head n belong to this task only.
+            let dst = unsafe { a.dq.slice(a.dims.out_row(n, i0 + r), d) };
+            dst.copy_from_slice(&dqb[r * ldd..r * ldd + d]);
+        }
+    }
+    let sk = a.dims.sk;
+    for j in 0..sk {
+        let ko = (((n / a.dims.heads) * sk + j) * a.dims.heads + n % a.dims.heads) * d;
+        // SAFETY: rows of head n belong to this task only.
+        let (gk, gv) = unsafe { (a.dk.slice(ko, d), a.dv.slice(ko, d)) };
+        if j < nk {
+            gk.copy_from_slice(&dk[j * ldd..j * ldd + d]);
+            gv.copy_from_slice(&dv[j * ldd..j * ldd + d]);
+        }
+    }
+}
+
+type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+#[allow(clippy::too_many_arguments)]
+fn backward_cpu<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    go: &[T],
+    lse: &[T],
+    views: [View; 5],
+    dims: Dims,
+) -> Grads<T> {
+    let mut dq = vec![T::zero(); dims.nh * dims.sq * dims.d];
+    let mut dk = vec![T::zero(); dims.nh * dims.sk * dims.d];
+    let mut dv = vec![T::zero(); dims.nh * dims.sk * dims.d];
+    let (pq, pk, pv) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    let [qv, kv, vv, ov, gov] = views;
+    let args = BwdArgs {
+        q,
+        k,
+        v,
+        o,
+        go,
+        lse,
+        qv,
+        kv,
+        vv,
+        ov,
+        gov,
+        dims,
+        dq: &pq,
+        dk: &pk,
+        dv: &pv,
+    };
+    let level = isa();
+    (0..dims.nh)
+        .into_par_iter()
+        .with_min_len(16)
+        .for_each_init(Scratch::<T>::default, |sc, n| {
+            if dims.sq > 0 {
+                dispatch!(level, bwd_task::<BwdArgs>(&args, n, 0, dims.sq, sc));
+            }
+        });
+    (dq, dk, dv)
+}
+
+/// The candle op: inputs `[b, h, s, d]` (strided), output `[b, sq, h, d]`.
+struct FusedAttention {
+    causal: Option<usize>,
+    /// Log-sum-exp per row `[b*h, sq]`, kept from the forward for the backward when training.
+    lse: Option<Mutex<Option<CpuStorage>>>,
+}
+
+impl FusedAttention {
+    fn new(causal: Option<usize>, save: bool) -> Self {
+        Self {
+            causal,
+            lse: save.then(|| Mutex::new(None)),
+        }
+    }
+
+    fn dims(&self, lq: &Layout, lk: &Layout) -> Dims {
+        let q = lq.dims();
+        Dims {
+            nh: q[0] * q[1],
+            heads: q[1],
+            sq: q[2],
+            sk: lk.dims()[2],
+            d: q[3],
+            causal: self.causal,
+        }
+    }
+}
+
+fn slice<T: Float>(s: &CpuStorage) -> Result<&[T]> {
+    T::cpu_storage_as_slice(s)
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        for l in [l1, l2, l3] {
+            if l.dims().len() != 4 || (l.dims()[3] > 1 && l.stride()[3] != 1) {
+                candle_core::bail!("fused-attention: bad layout {l:?}");
+            }
+        }
+        let dims = self.dims(l1, l2);
+        let (vq, vk, vv) = (View::bhsd(l1), View::bhsd(l2), View::bhsd(l3));
+        fn go<T: Float>(
+            s: [&CpuStorage; 3],
+            v: [View; 3],
+            dims: Dims,
+        ) -> Result<(CpuStorage, CpuStorage)> {
+            let (o, lse) = forward_cpu(
+                slice::<T>(s[0])?,
+                slice::<T>(s[1])?,
+                slice::<T>(s[2])?,
+                v[0],
+                v[1],
+                v[2],
+                dims,
+            );
+            Ok((T::to_cpu_storage_owned(o), T::to_cpu_storage_owned(lse)))
+        }
+        let (out, lse) = match s1 {
+            CpuStorage::F32(_) => go::<f32>([s1, s2, s3], [vq, vk, vv], dims)?,
+            CpuStorage::F64(_) => go::<f64>([s1, s2, s3], [vq, vk, vv], dims)?,
+            _ => candle_core::bail!("fused-attention: f32 and f64 only"),
+        };
+        if let Some(slot) = &self.lse {
+            *slot.lock().unwrap() = Some(lse);
+        }
+        let q = l1.dims();
+        Ok((out, Shape::from((q[0], q[2], q[1], q[3]))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.lse.as_ref().and_then(|s| s.lock().unwrap().take());
+        let lse = match saved {
+            Some(lse) => lse,
+            None => {
+                // Not saved (applied twice, or by hand): recompute the forward.
+                let op = FusedAttention::new(self.causal, true);
+                q.apply_op3_no_bwd(k, v, &op)?;
+                let lse = op.lse.as_ref().and_then(|s| s.lock().unwrap().take());
+                lse.ok_or_else(|| candle_core::Error::Msg("fused-attention: no lse".into()))?
+            }
+        };
+        let go_t = grad_res.detach();
+        let (sq_, lq) = q.storage_and_layout();
+        let (sk_, lk) = k.storage_and_layout();
+        let (sv_, lv) = v.storage_and_layout();
+        let (so_, lo) = res.storage_and_layout();
+        let (sg_, lg) = go_t.storage_and_layout();
+        let cpu = |s: &Storage| -> Result<*const CpuStorage> {
+            match s {
+                Storage::Cpu(c) => Ok(c as *const CpuStorage),
+                _ => candle_core::bail!("fused-attention: cpu backward on a non-cpu tensor"),
+            }
+        };
+        // SAFETY: the pointers live as long as the read guards above.
+        let (cq, ck, cv, co, cg) = unsafe {
+            (
+                &*cpu(&sq_)?,
+                &*cpu(&sk_)?,
+                &*cpu(&sv_)?,
+                &*cpu(&so_)?,
+                &*cpu(&sg_)?,
+            )
+        };
+        if lg.stride()[3] != 1 && lg.dims()[3] > 1 {
+            candle_core::bail!("fused-attention: strided gradient");
+        }
+        let dims = self.dims(lq, lk);
+        let views = [
+            View::bhsd(lq),
+            View::bhsd(lk),
+            View::bhsd(lv),
+            View::bshd(lo),
+            View::bshd(lg),
+        ];
+        fn go<T: Float>(c: [&CpuStorage; 6], views: [View; 5], dims: Dims) -> Result<Grads<T>> {
+            Ok(backward_cpu(
+                slice::<T>(c[0])?,
+                slice::<T>(c[1])?,
+                slice::<T>(c[2])?,
+                slice::<T>(c[3])?,
+                slice::<T>(c[4])?,
+                slice::<T>(c[5])?,
+                views,
+                dims,
+            ))
+        }
+        let all = [cq, ck, cv, co, cg, &lse];
+        let q4 = lq.dims();
+        let (b, h, sq, d, sk) = (q4[0], q4[1], q4[2], q4[3], lk.dims()[2]);
+        let dev = q.device();
+        let mk = |data: CpuStorage, s: usize| -> Result<Tensor> {
+            let t = match data {
+                CpuStorage::F32(x) => Tensor::from_vec(x, (b, s, h, d), dev)?,
+                CpuStorage::F64(x) => Tensor::from_vec(x, (b, s, h, d), dev)?,
+                _ => unreachable!(),
+            };
+            t.transpose(1, 2)
+        };
+        let (dq, dk, dv) = match cq {
+            CpuStorage::F32(_) => {
+                let (a, b_, c) = go::<f32>(all, views, dims)?;
+                (CpuStorage::F32(a), CpuStorage::F32(b_), CpuStorage::F32(c))
+            }
+            CpuStorage::F64(_) => {
+                let (a, b_, c) = go::<f64>(all, views, dims)?;
+                (CpuStorage::F64(a), CpuStorage::F64(b_), CpuStorage::F64(c))
+            }
+            _ => candle_core::bail!("fused-attention: f32 and f64 only"),
+        };
+        Ok((Some(mk(dq, sq)?), Some(mk(dk, sk)?), Some(mk(dv, sk)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, off: Option<usize>) -> Result<Tensor> {
+        // [n, s, d] through the fallback's formula.
+        let out = fallback(
+            &q.unsqueeze(1)?,
+            &k.unsqueeze(1)?,
+            &v.unsqueeze(1)?,
+            off,
+            Kernels::Differentiable,
+        )?;
+        out.squeeze(2)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    fn check(n: usize, sq: usize, sk: usize, d: usize, off: Option<usize>, dtype: DType, tol: f64) {
+        let dev = Device::Cpu;
+        let r = |s: usize| {
+            Var::from_tensor(
+                &Tensor::randn(0f64, 1.0, (n, s, d), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let (q, k, v) = (r(sq), r(sk), r(sk));
+        let w = Tensor::randn(0f64, 1.0, (n, sq, d), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let got = attention(&q, &k, &v, off).unwrap();
+        let want = reference(&q, &k, &v, off).unwrap();
+        assert!(
+            max_diff(&got, &want) < tol,
+            "values {n} {sq} {sk} {d} {off:?}"
+        );
+        let g1 = (got * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, b) = (g1.get(x).unwrap(), g2.get(x).unwrap());
+            assert_eq!(a.dims(), b.dims());
+            assert!(max_diff(a, b) < tol, "d{name} {n} {sq} {sk} {d} {off:?}");
+        }
+    }
+
+    #[test]
+    fn matches_the_tensor_formula_f64() {
+        for &(n, sq, sk, d) in &[
+            (3, 7, 7, 5),
+            (2, 33, 33, 16),
+            (5, 16, 40, 16),
+            (1, 1, 9, 8),
+            (70, 4, 3, 17),
+        ] {
+            check(n, sq, sk, d, None, DType::F64, 1e-12);
+            if sk >= sq {
+                check(n, sq, sk, d, Some(sk - sq), DType::F64, 1e-12);
+            }
+            check(n, sq, sk, d, Some(0), DType::F64, 1e-12);
+            check(n, sq, sk, d, Some(2), DType::F64, 1e-12);
+        }
+    }
+
+    #[test]
+    fn matches_the_tensor_formula_f32() {
+        check(4, 50, 50, 16, Some(0), DType::F32, 1e-5);
+        check(3, 20, 37, 16, None, DType::F32, 1e-5);
+        check(2, 3, 70, 32, Some(67), DType::F32, 1e-5);
+    }
+
+    #[test]
+    fn strided_heads_in_and_merged_heads_out() {
+        let dev = Device::Cpu;
+        let (b, s, h, d) = (2, 19, 3, 8);
+        let x = Tensor::randn(0f64, 1.0, (b, s, 3, h, d), &dev).unwrap();
+        let part = |i: usize| {
+            x.narrow(2, i, 1)
+                .unwrap()
+                .squeeze(2)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        let (q, k, v) = (part(0), part(1), part(2));
+        for kern in [Kernels::Fused, Kernels::Differentiable] {
+            let got = attention_heads(&q, &k, &v, Some(0), kern).unwrap();
+            let want = fallback(&q, &k, &v, Some(0), kern).unwrap();
+            assert_eq!(got.dims(), &[b, s, h, d]);
+            assert!(max_diff(&got, &want) < 1e-12);
+        }
+    }
+}
