@@ -18,6 +18,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Build, query and inspect retrieval databases.
+    #[command(subcommand)]
+    Index(cli::index::IndexCmd),
+    /// Train an LM tokenizer offline.
+    #[command(subcommand)]
+    Tokenizer(cli::tokenizer::TokenizerCmd),
+    /// Training sequences with precomputed neighbours.
+    #[command(subcommand)]
+    Dataset(cli::dataset::DatasetCmd),
+    /// Train a model (or resume, or RETRO-fit).
+    Train(cli::train::TrainArgs),
+    /// Generate text, retrieving for every completed chunk.
+    Generate(cli::generate::GenerateArgs),
+    /// Loss, perplexity and bits per byte with retrieval on, off, and for a baseline.
+    Eval(cli::eval::EvalArgs),
     /// Run or initialise model checkpoints.
     #[command(subcommand)]
     Model(cli::model::ModelCmd),
@@ -30,11 +45,23 @@ enum Cmd {
 enum BenchCmd {
     /// Forward and train-step throughput of the model.
     Model(cli::bench_model::BenchModelArgs),
+    /// Embedding, build, search and recall of the retrieval database.
+    Index(cli::bench_index::BenchIndexArgs),
+    /// Cached (KV) generation against labml's full recompute per token.
+    Generate(cli::bench_generate::BenchGenerateArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Index(c) => c.run(),
+        Cmd::Tokenizer(c) => c.run(),
+        Cmd::Dataset(c) => c.run(),
+        Cmd::Train(a) => cli::train::run(a),
+        Cmd::Generate(a) => cli::generate::run(a),
+        Cmd::Eval(a) => cli::eval::run(a),
         Cmd::Model(c) => c.run(),
         Cmd::Bench(BenchCmd::Model(a)) => cli::bench_model::run(a),
+        Cmd::Bench(BenchCmd::Index(a)) => cli::bench_index::run(a),
+        Cmd::Bench(BenchCmd::Generate(a)) => cli::bench_generate::run(a),
     }
 }

@@ -1,4 +1,12 @@
 //! Argument parsing and printing for each `retro` subcommand; the work lives in the crates.
 
+pub mod bench_generate;
+pub mod bench_index;
 pub mod bench_model;
+pub mod dataset;
+pub mod eval;
+pub mod generate;
+pub mod index;
 pub mod model;
+pub mod tokenizer;
+pub mod train;

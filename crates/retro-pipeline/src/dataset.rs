@@ -65,6 +65,9 @@ pub struct SplitInfo {
 pub struct DatasetMeta {
     pub format_version: u32,
     pub database_id: String,
+    /// Where the database was when the dataset was built (the id is what is checked).
+    #[serde(default)]
+    pub database_dir: PathBuf,
     pub chunk_len: usize,
     pub seq_len: usize,
     pub k: usize,
@@ -319,6 +322,10 @@ impl Dataset {
         let meta = DatasetMeta {
             format_version: DATASET_FORMAT_VERSION,
             database_id: db.id().to_string(),
+            database_dir: db
+                .dir()
+                .canonicalize()
+                .unwrap_or_else(|_| db.dir().to_owned()),
             chunk_len: cl,
             seq_len: params.seq_len,
             k: params.k,
@@ -332,6 +339,11 @@ impl Dataset {
         };
         write_json_atomic(&out.join("dataset.json"), &meta)?;
         Dataset::open(out, db)
+    }
+
+    /// Reads `dataset.json` alone (e.g. to find the database a dataset was built from).
+    pub fn read_meta(dir: &Path) -> Result<DatasetMeta> {
+        Ok(read_json(&dir.join("dataset.json"))?)
     }
 
     /// Opens a dataset, checking its format and that it was built from `db`.

@@ -31,7 +31,9 @@
 
 pub mod dataset;
 pub mod error;
+pub mod eval;
 pub mod filter;
+pub mod generate;
 pub mod plot;
 pub mod retriever;
 pub mod schedule;
@@ -39,7 +41,9 @@ pub mod trainer;
 
 pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
 pub use error::{PipelineError, Result};
+pub use eval::{evaluate, EvalReport, Scores};
 pub use filter::{Filter, Origin};
+pub use generate::{generate, Event, Sampling};
 pub use retriever::{Neighbours, Retriever, Timings};
 pub use schedule::Schedule;
 pub use trainer::{train, Run, RunState, StepMetrics, TrainConfig};

@@ -1,0 +1,197 @@
+//! Generation with incremental decoding: neighbours are retrieved for every chunk of the prompt, then
+//! for each generated chunk as soon as it is complete (the partial last chunk has none yet); the model
+//! runs one token at a time on its KV cache, the encoder once per completed chunk.
+
+use crate::error::{PipelineError, Result};
+use crate::filter::Filter;
+use crate::retriever::{Neighbours, Retriever};
+use candle_core::{DType, Tensor};
+use rand::{Rng, SeedableRng};
+use retro_index::LmTokenizer;
+use retro_model::RetroModel;
+
+/// Greedy when `temperature == 0`; otherwise temperature, then top-k, then top-p (nucleus).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+}
+
+/// Picks a token from one row of logits.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32)
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if let Some(k) = s.top_k {
+        idx.truncate(k.max(1));
+    }
+    let max = logits[idx[0]] as f64;
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / s.temperature).exp())
+        .collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if let Some(top_p) = s.top_p {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|p| {
+            acc += p;
+            acc >= top_p
+        });
+        let keep = keep.map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut r = rng.random::<f64>() * total;
+    for (p, &i) in probs.iter().zip(&idx) {
+        r -= p;
+        if r <= 0.0 {
+            return i as u32;
+        }
+    }
+    idx[idx.len() - 1] as u32
+}
+
+/// What the caller hears as generation proceeds.
+pub enum Event<'a> {
+    /// Neighbours retrieved for chunk `chunk` (its tokens are `tokens`).
+    Neighbours {
+        chunk: usize,
+        tokens: &'a [u32],
+        neighbours: &'a Neighbours,
+    },
+    /// A new token.
+    Token(u32),
+}
+
+/// Generates up to `max_tokens` after `prompt`. With `retriever` None (or a model without CCA layers)
+/// it generates without retrieval.
+pub fn generate(
+    model: &RetroModel,
+    retriever: Option<&Retriever>,
+    tokenizer: &LmTokenizer,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: &Sampling,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Vec<u32>> {
+    let cl = model.config().chunk_len;
+    let retriever = retriever.filter(|_| !model.config().ca_layers.is_empty());
+    if let Some(r) = retriever {
+        if r.chunk_len() != cl {
+            return Err(PipelineError::invalid(
+                "chunk_len",
+                cl,
+                format!("the database has chunk_len {}", r.chunk_len()),
+            ));
+        }
+    }
+    let mut tokens = tokenizer.encode(prompt)?;
+    if tokens.is_empty() {
+        return Err(PipelineError::invalid(
+            "prompt",
+            format!("{prompt:?}"),
+            "encodes to no token",
+        ));
+    }
+    let device = model.device().clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
+    let mut state = model.start_decoding(1, retriever.is_some());
+    // Neighbours `[1, K, N]` of the chunk that ends at position t, if any.
+    let neighbours_at =
+        |tokens: &[u32], t: usize, on_event: &mut dyn FnMut(Event)| -> Result<Option<Tensor>> {
+            let Some(r) = retriever else { return Ok(None) };
+            if t % cl != cl - 1 {
+                return Ok(None);
+            }
+            let chunk = &tokens[t + 1 - cl..=t];
+            let n = r.retrieve(&[chunk.to_vec()], None, Filter::None)?;
+            on_event(Event::Neighbours {
+                chunk: t / cl,
+                tokens: chunk,
+                neighbours: &n,
+            });
+            Ok(Some(n.to_tensor(&device)?.squeeze(1)?))
+        };
+    let mut logits = None;
+    for t in 0..tokens.len() {
+        let nb = neighbours_at(&tokens, t, on_event)?;
+        let x = Tensor::new(&[tokens[t]], &device)?;
+        logits = Some(model.step(&mut state, &x, nb.as_ref())?);
+    }
+    let mut out = vec![];
+    for _ in 0..max_tokens {
+        let row: Vec<f32> = logits
+            .take()
+            .expect("a step ran")
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        let next = sample(&row, sampling, &mut rng);
+        out.push(next);
+        tokens.push(next);
+        on_event(Event::Token(next));
+        let t = tokens.len() - 1;
+        let nb = neighbours_at(&tokens, t, on_event)?;
+        logits = Some(model.step(&mut state, &Tensor::new(&[next], &device)?, nb.as_ref())?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_respects_greedy_top_k_and_top_p() {
+        let logits = [0.0f32, 3.0, 2.9, -1.0];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        assert_eq!(sample(&logits, &Sampling::default(), &mut rng), 1);
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: Some(2),
+            ..Default::default()
+        };
+        for _ in 0..200 {
+            assert!(matches!(sample(&logits, &s, &mut rng), 1 | 2));
+        }
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: Some(0.3),
+            ..Default::default()
+        };
+        for _ in 0..200 {
+            assert_eq!(sample(&logits, &s, &mut rng), 1);
+        }
+        let s = Sampling {
+            temperature: 5.0,
+            ..Default::default()
+        };
+        let seen: std::collections::HashSet<u32> =
+            (0..500).map(|_| sample(&logits, &s, &mut rng)).collect();
+        assert_eq!(seen.len(), 4);
+    }
+}

@@ -1,0 +1,131 @@
+//! `retro generate`: stream text from a trained run, retrieving for each chunk as it completes.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use retro_index::Database;
+use retro_pipeline::{generate, Event, Retriever, Run, Sampling};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    pub prompt: String,
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Retrieval database (default: the one the run's dataset was built from).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Neighbours per chunk (default: the run's dataset's K).
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Print the neighbours retrieved for each chunk.
+    #[arg(long)]
+    pub show_neighbours: bool,
+    /// Generate with every CCA skipped (RETRO[OFF]).
+    #[arg(long)]
+    pub no_retrieval: bool,
+    #[command(flatten)]
+    pub embedder: super::index::EmbedderArgs,
+}
+
+/// The database and K a run was trained with, unless given.
+pub fn run_database(
+    run: &Run,
+    db: Option<&PathBuf>,
+    k: Option<usize>,
+) -> Result<(Database, usize)> {
+    let meta = run
+        .state()?
+        .map(|s| retro_pipeline::Dataset::read_meta(&s.dataset))
+        .transpose()
+        .ok()
+        .flatten();
+    let dir = match (db, &meta) {
+        (Some(d), _) => d.clone(),
+        (None, Some(m)) => m.database_dir.clone(),
+        (None, None) => {
+            anyhow::bail!("pass --db: the run does not say which database it was trained with")
+        }
+    };
+    let db = Database::open(&dir).with_context(|| format!("opening database {}", dir.display()))?;
+    Ok((db, k.or(meta.map(|m| m.k)).unwrap_or(2)))
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let run = Run::open(&a.run)?;
+    let device = retro_model::device_from_name(&a.embedder.device)?;
+    let model = run.load_model(&device)?;
+    let (db, k) = run_database(&run, a.db.as_ref(), a.k)?;
+    let tokenizer = db.load_tokenizer()?;
+    let (embedder, _) = super::index::load_embedder(&a.embedder, Some(&db))?;
+    let retriever = Retriever::new(&db, embedder.as_ref(), &tokenizer, k)?;
+    let sampling = Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    print!("{}", a.prompt);
+    std::io::stdout().flush()?;
+    let store = db.store();
+    let mut pending = vec![];
+    let show = a.show_neighbours;
+    let out = generate(
+        &model,
+        (!a.no_retrieval).then_some(&retriever),
+        &tokenizer,
+        &a.prompt,
+        a.max_tokens,
+        &sampling,
+        &mut |e| match e {
+            Event::Token(t) => {
+                // Decode incrementally: byte-level BPE tokens may split a character.
+                pending.push(t);
+                if let Ok(s) = tokenizer.decode(&pending) {
+                    if !s.contains('\u{FFFD}') {
+                        print!("{s}");
+                        let _ = std::io::stdout().flush();
+                        pending.clear();
+                    }
+                }
+            }
+            Event::Neighbours {
+                chunk,
+                tokens,
+                neighbours,
+            } if show => {
+                println!(
+                    "\n[chunk {chunk} {:?} retrieved:",
+                    tokenizer.decode(tokens).unwrap_or_default()
+                );
+                for (j, id) in neighbours.chunk_ids.iter().enumerate() {
+                    match id {
+                        Some(id) => println!(
+                            "   #{j} chunk {id} of {} d={:.3}: {:?}",
+                            store.documents()[store.document_of(*id)].id,
+                            neighbours.distances[j],
+                            tokenizer.decode(&store.neighbour(*id)).unwrap_or_default()
+                        ),
+                        None => println!("   #{j} (padded)"),
+                    }
+                }
+                println!("]");
+            }
+            Event::Neighbours { .. } => {}
+        },
+    )?;
+    println!();
+    eprintln!("generated {} tokens", out.len());
+    Ok(())
+}

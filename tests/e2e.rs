@@ -1,0 +1,214 @@
+//! The whole RETRO loop through the `retro` binary at toy size: index, dataset, train (and resume),
+//! baseline, eval with retrieval on/off, generation retrieving at every chunk boundary.
+
+use std::path::Path;
+use std::process::Command;
+
+fn retro(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_retro"))
+        .args(args)
+        .output()
+        .expect("run retro");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "retro {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Six documents: Python docs when the shared data is there, else generated text.
+fn write_corpus(dir: &Path) -> (String, String) {
+    let docs: Vec<(String, String)> =
+        match retro_index::testdata::shared_path("data/python-3.11-docs.jsonl") {
+            Some(p) => std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .take(6)
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    (
+                        v["id"].as_str().unwrap().to_string(),
+                        v["text"].as_str().unwrap().chars().take(4000).collect(),
+                    )
+                })
+                .collect(),
+            None => (0..6)
+                .map(|i| {
+                    (
+                        format!("doc{i}"),
+                        (0..500)
+                            .map(|j| format!("w{} ", (i * 7 + j * 13) % 40))
+                            .collect(),
+                    )
+                })
+                .collect(),
+        };
+    let line = |(id, text): &(String, String)| {
+        serde_json::json!({"id": id, "text": text}).to_string() + "\n"
+    };
+    std::fs::write(
+        dir.join("corpus.jsonl"),
+        docs[..5].iter().map(line).collect::<String>(),
+    )
+    .unwrap();
+    // The character tokenizer knows only the database's characters.
+    let known: std::collections::HashSet<char> =
+        docs[..5].iter().flat_map(|d| d.1.chars()).collect();
+    let held = (
+        docs[5].0.clone(),
+        docs[5].1.chars().filter(|c| known.contains(c)).collect(),
+    );
+    std::fs::write(dir.join("heldout.jsonl"), line(&held)).unwrap();
+    (docs[0].0.clone(), docs[0].1.chars().take(20).collect())
+}
+
+#[test]
+fn the_whole_loop_at_toy_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |n: &str| tmp.path().join(n).to_string_lossy().into_owned();
+    let (first_id, prompt) = write_corpus(tmp.path());
+    let corpus = d("corpus.jsonl");
+    retro(&[
+        "index",
+        "build",
+        "--corpus",
+        &corpus,
+        "--tokenizer",
+        "char",
+        "--lexical-embedder",
+        "128",
+        "--chunk-len",
+        "16",
+        "--out",
+        &d("db"),
+    ]);
+    let info = retro(&["index", "info", &d("db")]);
+    assert!(info.contains("5") && info.contains("chunk"), "{info}");
+    retro(&[
+        "dataset",
+        "build",
+        "--db",
+        &d("db"),
+        "--seq-len",
+        "64",
+        "--k",
+        "2",
+        "--hold-out",
+        &first_id,
+        "--out",
+        &d("ds"),
+    ]);
+    let show = retro(&["dataset", "show", &d("ds"), "--sample", "0", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(v["chunks"].as_array().unwrap().len(), 4);
+
+    let ds = d("ds");
+    let train = |out: &str, extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--dataset",
+            &ds,
+            "--preset",
+            "tiny",
+            "--steps",
+            "120",
+            "--batch-size",
+            "4",
+        ];
+        a.extend([
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "10",
+            "--schedule",
+            "cosine",
+            "--eval-every",
+            "40",
+            "--checkpoint-every",
+            "60",
+            "--out",
+            out,
+        ]);
+        a.extend(extra);
+        retro(&a)
+    };
+    train(&d("run"), &[]);
+    let l = losses(Path::new(&d("run")));
+    assert_eq!(l.len(), 120);
+    let (first, last) = (
+        l[..5].iter().sum::<f64>() / 5.0,
+        l[115..].iter().sum::<f64>() / 5.0,
+    );
+    assert!(last < 0.75 * first, "loss did not fall: {first} -> {last}");
+    assert!(Path::new(&d("run")).join("loss.png").exists());
+
+    // Interrupted at 60, resumed: the same curve.
+    train(&d("half"), &["--stop-after", "60"]);
+    assert_eq!(losses(Path::new(&d("half"))).len(), 60);
+    retro(&["train", "--dataset", &d("ds"), "--resume", &d("half")]);
+    let h = losses(Path::new(&d("half")));
+    for s in 60..120 {
+        assert!(
+            (l[s] - h[s]).abs() < 1e-4,
+            "step {}: {} vs resumed {}",
+            s + 1,
+            l[s],
+            h[s]
+        );
+    }
+
+    // Baseline without retrieval, then eval: on, off and baseline.
+    train(&d("base"), &["--no-retrieval"]);
+    let eval = retro(&[
+        "eval",
+        "--run",
+        &d("run"),
+        "--data",
+        &d("heldout.jsonl"),
+        "--baseline",
+        &d("base"),
+        "--json",
+    ]);
+    let e: serde_json::Value = serde_json::from_str(&eval).unwrap();
+    for key in ["retrieval_on", "retrieval_off", "baseline"] {
+        let bpb = e[key]["bits_per_byte"].as_f64().unwrap_or(f64::NAN);
+        assert!(bpb.is_finite() && bpb > 0.0 && bpb < 8.0, "{key}: {eval}");
+    }
+    assert_eq!(e["held_out_in_database"].as_array().unwrap().len(), 0);
+    let table = retro(&["eval", "--run", &d("run"), "--data", &d("heldout.jsonl")]);
+    assert!(
+        table.contains("RETRO (retrieval on)") && table.contains("RETRO[OFF]"),
+        "{table}"
+    );
+
+    // Generation retrieves at every chunk boundary: 20 prompt + 40 new tokens = chunks 0, 1, 2.
+    let g = retro(&[
+        "generate",
+        "--run",
+        &d("run"),
+        &prompt,
+        "--max-tokens",
+        "40",
+        "--show-neighbours",
+    ]);
+    assert_eq!(g.matches("[chunk ").count(), 3, "{g}");
+    for u in 0..3 {
+        assert!(g.contains(&format!("[chunk {u} ")), "{g}");
+    }
+    // A prompt shorter than one chunk works.
+    retro(&["generate", "--run", &d("run"), "ab", "--max-tokens", "5"]);
+}
