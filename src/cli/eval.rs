@@ -23,6 +23,9 @@ pub struct EvalArgs {
     pub seq_len: Option<usize>,
     #[arg(long)]
     pub k: Option<usize>,
+    /// Score at most this many tokens.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -56,6 +59,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         &tokenizer,
         &corpus,
         seq_len.unwrap_or(512),
+        a.max_tokens,
     )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

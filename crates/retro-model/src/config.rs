@@ -68,7 +68,7 @@ impl RetroConfig {
                 return err(format!("`{name}` must be > 0"));
             }
         }
-        if self.d_k % 2 != 0 {
+        if !self.d_k.is_multiple_of(2) {
             return err(format!(
                 "`d_k` = {} must be even for rotary embeddings",
                 self.d_k
@@ -89,13 +89,14 @@ impl RetroConfig {
         if !self.ca_layers.is_empty() && self.enc_n_layers == 0 {
             return err("`ca_layers` is not empty but `enc_n_layers` is 0".into());
         }
-        if !(self.layer_norm_eps > 0.0) {
+        // Written so that NaN fails too.
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return err(format!(
                 "`layer_norm_eps` = {} must be > 0",
                 self.layer_norm_eps
             ));
         }
-        if !(self.rope_base > 0.0) {
+        if self.rope_base.is_nan() || self.rope_base <= 0.0 {
             return err(format!("`rope_base` = {} must be > 0", self.rope_base));
         }
         Ok(())

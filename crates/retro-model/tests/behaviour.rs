@@ -266,7 +266,7 @@ fn wrong_shapes_and_ids_are_errors_that_name_them() {
     let cfg = config();
     let model = RetroModel::new(&cfg, 9, DType::F32, &Device::Cpu).unwrap();
     let x = ids(&pseudo(12, 1, 13), &[1, 12]);
-    let bad_c = ids(&vec![0; 2 * 2 * 8], &[1, 2, 2, 8]);
+    let bad_c = ids(&[0; 2 * 2 * 8], &[1, 2, 2, 8]);
     let err = model.forward(&x, &bad_c).unwrap_err().to_string();
     assert!(
         err.contains("C = T / chunk_len") && err.contains("[1, 2, 2, 8]"),

@@ -205,7 +205,7 @@ impl Dataset {
             .iter()
             .enumerate()
             .filter(|(_, d)| {
-                params.held_out_ids.iter().any(|h| *h == d.id)
+                params.held_out_ids.contains(&d.id)
                     || params
                         .held_out_matching
                         .iter()

@@ -24,7 +24,8 @@ pub struct EvalReport {
     pub retrieval_on: Option<Scores>,
     pub retrieval_off: Scores,
     pub baseline: Option<Scores>,
-    /// Held-out documents whose id or text is also in the database (their own text may be retrieved).
+    /// Held-out documents whose id is also in the database: those database documents are excluded
+    /// from retrieval during the evaluation.
     pub held_out_in_database: Vec<String>,
 }
 
@@ -60,8 +61,8 @@ fn scores(nll: f64, tokens: usize, bytes: usize) -> Scores {
     }
 }
 
-/// Scores `model` (and `baseline`) on `held_out`. Retrieval uses no filter: held-out documents should
-/// not be in the database, and the report lists those that are.
+/// Scores `model` (and `baseline`) on `held_out`, up to `max_tokens` scored tokens. Held-out documents
+/// should not be in the database; those that are (same id) are listed and never retrieved.
 pub fn evaluate(
     model: &RetroModel,
     baseline: Option<&RetroModel>,
@@ -69,26 +70,35 @@ pub fn evaluate(
     tokenizer: &LmTokenizer,
     held_out: &Corpus,
     seq_len: usize,
+    max_tokens: Option<usize>,
 ) -> Result<EvalReport> {
     if seq_len == 0 {
         return Err(PipelineError::invalid("seq_len", 0, "must be positive"));
     }
     let device = model.device();
-    let retrieval = retriever.filter(|_| !model.config().ca_layers.is_empty());
     let mut held_out_in_database = vec![];
+    let mut excluded = std::collections::HashSet::new();
     if let Some(r) = retriever {
         let store = r.database().store();
         for d in &held_out.documents {
-            if store.documents().iter().any(|e| e.id == d.id) {
+            if let Some(i) = store.documents().iter().position(|e| e.id == d.id) {
                 held_out_in_database.push(d.id.clone());
+                excluded.insert(i);
             }
         }
     }
+    let retriever = retriever.map(|r| r.clone().with_excluded_documents(excluded));
+    let retrieval = retriever
+        .as_ref()
+        .filter(|_| !model.config().ca_layers.is_empty());
     let (mut on, mut off, mut base) = (0.0, 0.0, 0.0);
     let (mut tokens, mut bytes) = (0usize, 0usize);
     for doc in &held_out.documents {
         let ids = tokenizer.encode(&doc.text)?;
         for w in windows(&ids, seq_len) {
+            if max_tokens.is_some_and(|m| tokens >= m) {
+                break;
+            }
             let t = w.len() - 1;
             let x = Tensor::from_vec(w[..t].to_vec(), (1, t), device)?;
             let y = Tensor::from_vec(w[1..].to_vec(), (1, t), device)?;

@@ -48,6 +48,7 @@ impl Neighbours {
 }
 
 /// Fetches the K nearest neighbours (+ continuations) of every complete chunk of its input.
+#[derive(Clone)]
 pub struct Retriever<'a> {
     db: &'a Database,
     /// The database's own embedder and LM tokenizer; absent for a key-only retriever.
