@@ -22,10 +22,10 @@ pub struct DemoArgs {
     #[arg(long)]
     pub embedder: Option<PathBuf>,
     /// Plays (first edition) in the database besides the held-out ones.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 4)]
     pub plays: usize,
     /// Plays held out for evaluation, every edition (file-name prefixes).
-    #[arg(long, default_values_t = ["tempest".to_string(), "macbeth".to_string()])]
+    #[arg(long, default_values_t = ["tempest".to_string()])]
     pub hold_out: Vec<String>,
     #[arg(long, default_value_t = 64)]
     pub chunk_len: usize,
@@ -35,7 +35,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4.0)]
     pub train_minutes: f64,
     /// Tokens of held-out text to score.
-    #[arg(long, default_value_t = 40_000)]
+    #[arg(long, default_value_t = 30_000)]
     pub eval_tokens: usize,
     #[arg(
         long,
@@ -240,9 +240,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ];
         args.extend([
             "--lr",
-            "1e-3",
+            "2e-3",
             "--warmup",
-            "100",
+            "50",
             "--schedule",
             "constant",
             "--eval-every",

@@ -211,7 +211,15 @@ impl<'a> Retriever<'a> {
                 let keep =
                     |cand: usize| filter.keeps(store, cand, origin, query_start, &self.excluded);
                 if filter == Filter::None && self.excluded.is_empty() {
-                    self.db.search_ef(key, self.k, self.ef)
+                    return self.db.search_ef(key, self.k, self.ef);
+                }
+                // Over-fetch from the fast unfiltered search first; fall back to the graph's filtered
+                // walk only when too few candidates survive.
+                let over = (8 * self.k).max(32);
+                let hits = self.db.search_ef(key, over, self.ef.map(|e| e.max(over)))?;
+                let kept: Vec<_> = hits.into_iter().filter(|h| keep(h.0)).take(self.k).collect();
+                if kept.len() == self.k {
+                    Ok(kept)
                 } else {
                     self.db.search_filtered(key, self.k, self.ef, &keep)
                 }
