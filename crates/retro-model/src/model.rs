@@ -9,11 +9,20 @@ use crate::encoder::NeighbourEncoder;
 use crate::error::{ModelError, Result};
 use crate::feed_forward::FeedForward;
 use crate::kernels::Kernels;
-use crate::layers::LayerNorm;
+use crate::layers::{LayerNorm, Linear};
 use crate::params::ParamBuilder;
 use crate::rope::{self, RopeTables};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
+
+/// The parameters every attention module has.
+struct AttentionParams {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    norm: LayerNorm,
+    output: Linear,
+}
 
 /// A RETRO model whose parameters live in a [`VarMap`] under the reference's `state_dict` names.
 pub struct RetroModel {
@@ -23,7 +32,7 @@ pub struct RetroModel {
     pub(crate) attn: Vec<SelfAttention>,
     pub(crate) cca: Vec<ChunkedCrossAttention>,
     pub(crate) ffw: Vec<FeedForward>,
-    pub(crate) read: crate::layers::Linear,
+    pub(crate) read: Linear,
     pub(crate) norm_e: LayerNorm,
     pub(crate) encoder: NeighbourEncoder,
     pub(crate) theta: Vec<f32>,
@@ -40,14 +49,32 @@ impl RetroModel {
         let mut pb = ParamBuilder::new(&varmap, seed, dtype, device);
         let eps = c.layer_norm_eps;
         let (d, da) = (c.d_model, c.d_attn());
+        // Every attention module has the same parameters, created in the reference's order:
+        // query, key, value, norm, output.
+        let attention_params = |pb: &mut ParamBuilder, name: &str| -> Result<AttentionParams> {
+            Ok(AttentionParams {
+                query: pb.linear(&format!("{name}.query"), d, da)?,
+                key: pb.linear(&format!("{name}.key"), d, da)?,
+                value: pb.linear(&format!("{name}.value"), d, da)?,
+                norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
+                output: pb.linear(&format!("{name}.output"), da, d)?,
+            })
+        };
         let self_attention =
             |pb: &mut ParamBuilder, name: String, causal: bool| -> Result<SelfAttention> {
+                let AttentionParams {
+                    query,
+                    key,
+                    value,
+                    norm,
+                    output,
+                } = attention_params(pb, &name)?;
                 Ok(SelfAttention {
-                    query: pb.linear(&format!("{name}.query"), d, da)?,
-                    key: pb.linear(&format!("{name}.key"), d, da)?,
-                    value: pb.linear(&format!("{name}.value"), d, da)?,
-                    norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
-                    output: pb.linear(&format!("{name}.output"), da, d)?,
+                    query,
+                    key,
+                    value,
+                    norm,
+                    output,
                     n_heads: c.n_heads,
                     d_k: c.d_k,
                     causal,
@@ -63,13 +90,19 @@ impl RetroModel {
         // Created in the reference's registration order, so a seed means the same thing everywhere.
         let enc_ca = (0..c.enc_ca_layers.len())
             .map(|i| {
-                let name = format!("encoder.ca.{i}");
+                let AttentionParams {
+                    query,
+                    key,
+                    value,
+                    norm,
+                    output,
+                } = attention_params(&mut pb, &format!("encoder.ca.{i}"))?;
                 Ok(CrossAttention {
-                    query: pb.linear(&format!("{name}.query"), d, da)?,
-                    key: pb.linear(&format!("{name}.key"), d, da)?,
-                    value: pb.linear(&format!("{name}.value"), d, da)?,
-                    norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
-                    output: pb.linear(&format!("{name}.output"), da, d)?,
+                    query,
+                    key,
+                    value,
+                    norm,
+                    output,
                     n_heads: c.n_heads,
                     d_k: c.d_k,
                 })
@@ -85,13 +118,19 @@ impl RetroModel {
         let emb = pb.embedding("emb", c.n_vocab, d)?;
         let cca = (0..c.ca_layers.len())
             .map(|i| {
-                let name = format!("cca.{i}");
+                let AttentionParams {
+                    query,
+                    key,
+                    value,
+                    norm,
+                    output,
+                } = attention_params(&mut pb, &format!("cca.{i}"))?;
                 Ok(ChunkedCrossAttention {
-                    query: pb.linear(&format!("{name}.query"), d, da)?,
-                    key: pb.linear(&format!("{name}.key"), d, da)?,
-                    value: pb.linear(&format!("{name}.value"), d, da)?,
-                    norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
-                    output: pb.linear(&format!("{name}.output"), da, d)?,
+                    query,
+                    key,
+                    value,
+                    norm,
+                    output,
                     n_heads: c.n_heads,
                     d_k: c.d_k,
                     chunk_len: c.chunk_len,
