@@ -49,6 +49,8 @@ enum BenchCmd {
     Index(cli::bench_index::BenchIndexArgs),
     /// Cached (KV) generation against labml's full recompute per token.
     Generate(cli::bench_generate::BenchGenerateArgs),
+    /// Chunks retrieved per second (embed / search / gather), dataset precompute, embedder alone.
+    Pipeline(cli::bench_pipeline::BenchPipelineArgs),
 }
 
 fn main() -> Result<()> {
@@ -63,5 +65,6 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Model(a)) => cli::bench_model::run(a),
         Cmd::Bench(BenchCmd::Index(a)) => cli::bench_index::run(a),
         Cmd::Bench(BenchCmd::Generate(a)) => cli::bench_generate::run(a),
+        Cmd::Bench(BenchCmd::Pipeline(a)) => cli::bench_pipeline::run(a),
     }
 }

@@ -3,6 +3,7 @@
 pub mod bench_generate;
 pub mod bench_index;
 pub mod bench_model;
+pub mod bench_pipeline;
 pub mod dataset;
 pub mod eval;
 pub mod generate;
