@@ -5,6 +5,7 @@ pub mod bench_index;
 pub mod bench_model;
 pub mod bench_pipeline;
 pub mod dataset;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod index;
