@@ -21,7 +21,8 @@ impl Kernels {
             Kernels::Fused if x.is_contiguous() && x.dtype() != candle_core::DType::F64 => {
                 candle_nn::ops::layer_norm(x, w, b, eps as f32)
             }
-            _ => candle_nn::ops::layer_norm_slow(x, w, b, eps as f32),
+            // Falls back to `layer_norm_slow` off the CPU and for other dtypes.
+            _ => crate::fused_norm::layer_norm(x, w, b, eps as f32),
         }
     }
 
@@ -44,19 +45,8 @@ impl Kernels {
     pub fn rope_bshd(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         match self {
             Kernels::Fused => candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin),
-            Kernels::Differentiable => {
-                let (_, s, _, d) = x.dims4()?;
-                let full = |t: &Tensor| -> Result<Tensor> {
-                    Tensor::cat(&[t, t], D::Minus1)?
-                        .narrow(0, 0, s)?
-                        .reshape((1, s, 1, d))
-                };
-                let (cos, sin) = (full(cos)?, full(sin)?);
-                let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-                let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-                let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-                x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
-            }
+            // Falls back to the rotate-half composition off the CPU and for other dtypes.
+            Kernels::Differentiable => crate::fused_norm::rope_bshd(x, cos, sin),
         }
     }
 }

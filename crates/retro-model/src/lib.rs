@@ -40,6 +40,7 @@ pub mod encoder;
 pub mod error;
 pub mod feed_forward;
 pub mod fused_attention;
+pub mod fused_norm;
 pub mod incremental;
 pub mod kernels;
 pub mod layers;

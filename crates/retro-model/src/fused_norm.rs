@@ -1,0 +1,488 @@
+//! Differentiable fused LayerNorm and rotary embedding for training on CPU.
+//!
+//! candle's fused `layer_norm` and `rope` kernels record no backward op, so training used the
+//! compositions `layer_norm_slow` / rotate-half, whose many elementwise ops dominated the train step.
+//! These are candle custom ops with plain-Rust CPU kernels (f32 and f64, rayon over rows) *and* a
+//! backward. Other devices and dtypes fall back to the compositions.
+//!
+//! LayerNorm over the last dim: `y = xhat * w + b`, `xhat = (x - mean) / sigma`,
+//! `sigma = sqrt(var + eps)`. Backward: `dx = (g*w - mean(g*w) - xhat * mean(g*w*xhat)) / sigma`,
+//! `dw = sum_rows g*xhat`, `db = sum_rows g`.
+//!
+//! RoPE (rotate-half) on `x [b, s, h, d]`: `y1 = x1 c - x2 s`, `y2 = x2 c + x1 s`; its backward is the
+//! inverse rotation (`-theta`).
+
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType, D,
+};
+use rayon::prelude::*;
+
+/// The element types the CPU kernels handle.
+trait Float: WithDType + Default {
+    fn sqrt_(self) -> Self;
+}
+
+impl Float for f64 {
+    #[inline(always)]
+    fn sqrt_(self) -> Self {
+        self.sqrt()
+    }
+}
+
+impl Float for f32 {
+    #[inline(always)]
+    fn sqrt_(self) -> Self {
+        self.sqrt()
+    }
+}
+
+fn cpu_ok(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// The contiguous data of `s` under layout `l`.
+fn data<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let v = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fused-norm: non-contiguous input {l:?}"),
+    }
+}
+
+/// Rows per rayon task.
+const ROWS: usize = 32;
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+// ---------------------------------------------------------------------------------------------
+
+/// LayerNorm of `x [.., d]` with `w, b [d]` over the last dim, differentiable in all three.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if !cpu_ok(x) || w.dtype() != x.dtype() || b.dtype() != x.dtype() || w.dims() != [d] {
+        return candle_nn::ops::layer_norm_slow(x, w, b, eps);
+    }
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    x.apply_op3(&w, &b, LayerNormOp { eps: eps as f64 })
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+/// Mean and `1 / sigma` of one row (two-pass, as `layer_norm_slow`).
+#[inline(always)]
+fn stats<T: Float>(r: &[T], eps: T) -> (T, T) {
+    let n = T::from_f64(r.len() as f64);
+    let mut s = T::zero();
+    for &v in r {
+        s += v;
+    }
+    let mean = s / n;
+    let mut q = T::zero();
+    for &v in r {
+        let c = v - mean;
+        q += c * c;
+    }
+    (mean, T::one() / (q / n + eps).sqrt_())
+}
+
+fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Vec<T> {
+    let eps = T::from_f64(eps);
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(d * ROWS)
+        .zip(x.par_chunks(d * ROWS))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                let (mean, rs) = stats(xr, eps);
+                for i in 0..d {
+                    yr[i] = (xr[i] - mean) * rs * w[i] + b[i];
+                }
+            }
+        });
+    y
+}
+
+/// `(dx, dw, db)`.
+fn ln_bwd<T: Float>(x: &[T], w: &[T], g: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let eps = T::from_f64(eps);
+    let n = T::from_f64(d as f64);
+    let mut dx = vec![T::zero(); x.len()];
+    let partials: Vec<(Vec<T>, Vec<T>)> = dx
+        .par_chunks_mut(d * ROWS)
+        .zip(x.par_chunks(d * ROWS).zip(g.par_chunks(d * ROWS)))
+        .map(|(dxc, (xc, gc))| {
+            let mut dw = vec![T::zero(); d];
+            let mut db = vec![T::zero(); d];
+            for ((dxr, xr), gr) in dxc
+                .chunks_exact_mut(d)
+                .zip(xc.chunks_exact(d))
+                .zip(gc.chunks_exact(d))
+            {
+                let (mean, rs) = stats(xr, eps);
+                let (mut s1, mut s2) = (T::zero(), T::zero());
+                for i in 0..d {
+                    let xh = (xr[i] - mean) * rs;
+                    let gw = gr[i] * w[i];
+                    s1 += gw;
+                    s2 += gw * xh;
+                    dw[i] += gr[i] * xh;
+                    db[i] += gr[i];
+                }
+                let (m1, m2) = (s1 / n, s2 / n);
+                for i in 0..d {
+                    let xh = (xr[i] - mean) * rs;
+                    dxr[i] = (gr[i] * w[i] - m1 - xh * m2) * rs;
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut dw = vec![T::zero(); d];
+    let mut db = vec![T::zero(); d];
+    for (pw, pb) in partials {
+        for i in 0..d {
+            dw[i] += pw[i];
+            db[i] += pb[i];
+        }
+    }
+    (dx, dw, db)
+}
+
+/// Reads three tensors' CPU storages (made contiguous by the caller) and runs `f` on them.
+fn with_cpu3<R>(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    f: impl FnOnce([&CpuStorage; 3], [&Layout; 3]) -> Result<R>,
+) -> Result<R> {
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (sc, lc) = c.storage_and_layout();
+    match (&*sa, &*sb, &*sc) {
+        (Storage::Cpu(x), Storage::Cpu(y), Storage::Cpu(z)) => f([x, y, z], [la, lb, lc]),
+        _ => candle_core::bail!("fused-norm: cpu backward on a non-cpu tensor"),
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = *l1.dims().last().unwrap_or(&1);
+        fn go<T: Float>(
+            s: [&CpuStorage; 3],
+            l: [&Layout; 3],
+            d: usize,
+            eps: f64,
+        ) -> Result<CpuStorage> {
+            let (x, w, b) = (
+                data::<T>(s[0], l[0])?,
+                data::<T>(s[1], l[1])?,
+                data::<T>(s[2], l[2])?,
+            );
+            Ok(T::to_cpu_storage_owned(ln_fwd(x, w, b, d, eps)))
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => go::<f32>([s1, s2, s3], [l1, l2, l3], d, self.eps)?,
+            CpuStorage::F64(_) => go::<f64>([s1, s2, s3], [l1, l2, l3], d, self.eps)?,
+            _ => candle_core::bail!("fused-layer-norm: f32 and f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad_res.detach().contiguous()?;
+        let d = x.dim(D::Minus1)?;
+        let eps = self.eps;
+        let dev = x.device().clone();
+        let (xs, ws) = (x.shape().clone(), w.shape().clone());
+        let (dx, dw, db) = with_cpu3(x, w, &g, |s, l| {
+            fn go<T: Float>(
+                s: [&CpuStorage; 3],
+                l: [&Layout; 3],
+                d: usize,
+                eps: f64,
+                shapes: (&Shape, &Shape),
+                dev: &Device,
+            ) -> Result<(Tensor, Tensor, Tensor)> {
+                let (x, w, g) = (
+                    data::<T>(s[0], l[0])?,
+                    data::<T>(s[1], l[1])?,
+                    data::<T>(s[2], l[2])?,
+                );
+                let (a, b, c) = ln_bwd(x, w, g, d, eps);
+                Ok((
+                    Tensor::from_vec(a, shapes.0, dev)?,
+                    Tensor::from_vec(b, shapes.1, dev)?,
+                    Tensor::from_vec(c, shapes.1, dev)?,
+                ))
+            }
+            match s[0] {
+                CpuStorage::F32(_) => go::<f32>(s, l, d, eps, (&xs, &ws), &dev),
+                CpuStorage::F64(_) => go::<f64>(s, l, d, eps, (&xs, &ws), &dev),
+                _ => candle_core::bail!("fused-layer-norm: f32 and f64 only"),
+            }
+        })?;
+        let _ = b;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+// ---------------------------------------------------------------------------------------------
+
+/// Rotate-half rotary embedding of `x [b, s, h, d]` (any strides with a unit feature stride) with
+/// tables `cos, sin [>= s, d/2]`, returning a contiguous `[b, s, h, d]`; differentiable in `x`.
+pub fn rope_bshd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, s, _, d) = x.dims4()?;
+    let ok = cpu_ok(x)
+        && cos.dtype() == x.dtype()
+        && sin.dtype() == x.dtype()
+        && d % 2 == 0
+        && cos.dims2()? == (cos.dim(0)?, d / 2)
+        && sin.dims() == cos.dims()
+        && cos.dim(0)? >= s;
+    if !ok {
+        return rope_bshd_slow(x, cos, sin);
+    }
+    let x = if d > 1 && x.stride()[3] != 1 {
+        x.contiguous()?
+    } else {
+        x.clone()
+    };
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    x.apply_op3(&cos, &sin, RopeOp { inverse: false })
+}
+
+/// The rotate-half composition, differentiable by candle's autograd.
+pub fn rope_bshd_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, s, _, d) = x.dims4()?;
+    let full = |t: &Tensor| -> Result<Tensor> {
+        Tensor::cat(&[t, t], D::Minus1)?
+            .narrow(0, 0, s)?
+            .reshape((1, s, 1, d))
+    };
+    let (cos, sin) = (full(cos)?, full(sin)?);
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
+}
+
+struct RopeOp {
+    /// Rotate by `-theta` (the backward).
+    inverse: bool,
+}
+
+fn rope_cpu<T: Float>(x: &[T], l: &Layout, cos: &[T], sin: &[T], inverse: bool) -> Vec<T> {
+    let (dims, st) = (l.dims(), l.stride());
+    let (b, s, h, d) = (dims[0], dims[1], dims[2], dims[3]);
+    let (sb, ss, sh) = (st[0], st[1], st[2]);
+    let off = l.start_offset();
+    let half = d / 2;
+    let mut y = vec![T::zero(); b * s * h * d];
+    if y.is_empty() {
+        return y;
+    }
+    y.par_chunks_mut(h * d).enumerate().for_each(|(r, yr)| {
+        let (bi, si) = (r / s, r % s);
+        let (c, sn) = (&cos[si * half..][..half], &sin[si * half..][..half]);
+        for hi in 0..h {
+            let xr = &x[off + bi * sb + si * ss + hi * sh..][..d];
+            let (x1, x2) = xr.split_at(half);
+            let (y1, y2) = yr[hi * d..][..d].split_at_mut(half);
+            if inverse {
+                for i in 0..half {
+                    y1[i] = x1[i] * c[i] + x2[i] * sn[i];
+                    y2[i] = x2[i] * c[i] - x1[i] * sn[i];
+                }
+            } else {
+                for i in 0..half {
+                    y1[i] = x1[i] * c[i] - x2[i] * sn[i];
+                    y2[i] = x2[i] * c[i] + x1[i] * sn[i];
+                }
+            }
+        }
+    });
+    y
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "fused-rope-bshd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.dims().len() != 4 || (l1.dims()[3] > 1 && l1.stride()[3] != 1) {
+            candle_core::bail!("fused-rope: bad layout {l1:?}");
+        }
+        fn go<T: Float>(s: [&CpuStorage; 3], l: [&Layout; 3], inverse: bool) -> Result<CpuStorage> {
+            let x = T::cpu_storage_as_slice(s[0])?;
+            let (c, sn) = (data::<T>(s[1], l[1])?, data::<T>(s[2], l[2])?);
+            Ok(T::to_cpu_storage_owned(rope_cpu(x, l[0], c, sn, inverse)))
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => go::<f32>([s1, s2, s3], [l1, l2, l3], self.inverse)?,
+            CpuStorage::F64(_) => go::<f64>([s1, s2, s3], [l1, l2, l3], self.inverse)?,
+            _ => candle_core::bail!("fused-rope: f32 and f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad_res.detach();
+        let dx = g.apply_op3_no_bwd(
+            cos,
+            sin,
+            &RopeOp {
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    fn rand(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn check_ln(shape: &[usize], dtype: DType, tol: f64) {
+        let d = *shape.last().unwrap();
+        let x = Var::from_tensor(&rand(shape, dtype)).unwrap();
+        let w = Var::from_tensor(&(rand(&[d], dtype) + 1.0).unwrap()).unwrap();
+        let b = Var::from_tensor(&rand(&[d], dtype)).unwrap();
+        let gy = rand(shape, dtype);
+        let run = |fused: bool| {
+            let y = if fused {
+                layer_norm(&x, &w, &b, 1e-5).unwrap()
+            } else {
+                candle_nn::ops::layer_norm_slow(&x, &w, &b, 1e-5).unwrap()
+            };
+            let grads = (&y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+            (y, g(&x), g(&w), g(&b))
+        };
+        let (a, b_) = (run(true), run(false));
+        for (p, q) in [(&a.0, &b_.0), (&a.1, &b_.1), (&a.2, &b_.2), (&a.3, &b_.3)] {
+            assert_eq!(p.dims(), q.dims());
+            let e = max_diff(p, q);
+            assert!(e < tol, "{shape:?} {dtype:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_slow_f64() {
+        check_ln(&[3, 37, 16], DType::F64, 1e-12);
+        check_ln(&[70, 128], DType::F64, 1e-12);
+        check_ln(&[1, 1, 5], DType::F64, 1e-12);
+    }
+
+    #[test]
+    fn layer_norm_matches_slow_f32() {
+        check_ln(&[3, 37, 16], DType::F32, 1e-4);
+        check_ln(&[70, 128], DType::F32, 1e-4);
+    }
+
+    #[test]
+    fn layer_norm_strided_input() {
+        let x = rand(&[8, 6], DType::F64).t().unwrap();
+        let (w, b) = (rand(&[8], DType::F64), rand(&[8], DType::F64));
+        let e = max_diff(
+            &layer_norm(&x, &w, &b, 1e-5).unwrap(),
+            &candle_nn::ops::layer_norm_slow(&x, &w, &b, 1e-5).unwrap(),
+        );
+        assert!(e < 1e-12);
+    }
+
+    fn check_rope(dtype: DType, tol: f64) {
+        let (b, s, h, d, smax) = (2, 7, 3, 8, 10);
+        // A copied [b, s, h, d] tensor, and a strided view (heads of a wider GEMM output).
+        let base = Var::from_tensor(&rand(&[b, s, 2 * h * d], dtype)).unwrap();
+        let x = base
+            .narrow(2, h * d, h * d)
+            .unwrap()
+            .reshape((b, s, h, d))
+            .unwrap();
+        let base4 = base.reshape((b, s, 2 * h, d)).unwrap();
+        let xv = base4.narrow(2, h, h).unwrap();
+        assert!(!xv.is_contiguous());
+        let cos = rand(&[smax, d / 2], dtype);
+        let sin = rand(&[smax, d / 2], dtype);
+        let gy = rand(&[b, s, h, d], dtype);
+        for x in [&x, &xv] {
+            let run = |fused: bool| {
+                let y = if fused {
+                    rope_bshd(x, &cos, &sin).unwrap()
+                } else {
+                    rope_bshd_slow(x, &cos, &sin).unwrap()
+                };
+                let grads = (&y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, grads.get(base.as_tensor()).unwrap().clone())
+            };
+            let (p, q) = (run(true), run(false));
+            assert!(max_diff(&p.0, &q.0) < tol);
+            assert!(max_diff(&p.1, &q.1) < tol);
+        }
+    }
+
+    #[test]
+    fn rope_matches_slow() {
+        check_rope(DType::F64, 1e-12);
+        check_rope(DType::F32, 1e-5);
+    }
+}
