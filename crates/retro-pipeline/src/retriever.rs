@@ -217,7 +217,11 @@ impl<'a> Retriever<'a> {
                 // walk only when too few candidates survive.
                 let over = (8 * self.k).max(32);
                 let hits = self.db.search_ef(key, over, self.ef.map(|e| e.max(over)))?;
-                let kept: Vec<_> = hits.into_iter().filter(|h| keep(h.0)).take(self.k).collect();
+                let kept: Vec<_> = hits
+                    .into_iter()
+                    .filter(|h| keep(h.0))
+                    .take(self.k)
+                    .collect();
                 if kept.len() == self.k {
                     Ok(kept)
                 } else {
