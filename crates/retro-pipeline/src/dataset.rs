@@ -531,6 +531,62 @@ impl Dataset {
         b
     }
 
+    /// The loader: feeds `f` the training batches of global steps `from..to` (epoch `s / per_epoch`,
+    /// each epoch shuffled by `(seed, epoch)`, so a resumed run sees the batches it would have seen),
+    /// gathering the next batches on another thread while `f` runs. `f` returns false to stop early.
+    pub fn for_each_train_batch(
+        &self,
+        db: &Database,
+        batch_size: usize,
+        seed: u64,
+        steps: std::ops::Range<usize>,
+        f: &mut dyn FnMut(Batch) -> Result<bool>,
+    ) -> Result<()> {
+        let per_epoch = self.len(Split::Train) / batch_size.max(1);
+        if per_epoch == 0 {
+            return Err(PipelineError::invalid(
+                "batch_size",
+                batch_size,
+                format!(
+                    "the dataset has {} training sequences",
+                    self.len(Split::Train)
+                ),
+            ));
+        }
+        std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
+            let range = steps.clone();
+            scope.spawn(move || {
+                let mut s = range.start;
+                while s < range.end {
+                    let (epoch, i) = (s / per_epoch, s % per_epoch);
+                    let order = self.epoch_batches(Split::Train, batch_size, seed, epoch as u64);
+                    for idx in &order[i..] {
+                        if s >= range.end || tx.send(self.batch(db, Split::Train, idx)).is_err() {
+                            return;
+                        }
+                        s += 1;
+                    }
+                }
+            });
+            for _ in steps {
+                let batch = rx.recv().map_err(|_| {
+                    PipelineError::invalid(
+                        "dataset",
+                        self.dir.display(),
+                        "the batch loader stopped",
+                    )
+                })?;
+                if !f(batch)? {
+                    break;
+                }
+            }
+            // Dropping the receiver stops the loader thread.
+            drop(rx);
+            Ok(())
+        })
+    }
+
     /// Sequence indices of split `s` in batches of `batch_size`, shuffled by `(seed, epoch)`; the last
     /// incomplete batch is dropped so every step sees the same shape.
     pub fn epoch_batches(

@@ -2,7 +2,7 @@
 //! steps, atomic checkpoints (weights under the reference's names, config, optimizer moments, step)
 //! every N steps and at the end, exact resume, metrics as JSONL and a loss-curve PNG.
 
-use crate::dataset::{Batch, Dataset, Split};
+use crate::dataset::{Dataset, Split};
 use crate::error::{PipelineError, Result};
 use crate::schedule::Schedule;
 use candle_core::{DType, Device, Tensor};
@@ -269,7 +269,6 @@ pub fn train(
         write_json_atomic(&run_dir.join("train.json"), cfg)?;
     }
     let retrieval = !model_config.ca_layers.is_empty();
-    let per_epoch = ds.len(Split::Train) / cfg.batch_size;
     let started = Instant::now();
     let start_step = step;
     let mut metrics = std::fs::OpenOptions::new()
@@ -278,30 +277,14 @@ pub fn train(
         .open(run_dir.join("metrics.jsonl"))
         .map_err(|e| PipelineError::file(&run_dir.join("metrics.jsonl"), e.to_string()))?;
     let mut last_state = None;
-    std::thread::scope(|scope| -> Result<()> {
-        // The next batches are gathered on another thread while the model runs.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
-        let (first, total, seed, bs) = (step, cfg.steps, cfg.seed, cfg.batch_size);
-        scope.spawn(move || {
-            let mut s = first;
-            while s < total {
-                let (epoch, i) = (s / per_epoch, s % per_epoch);
-                let order = ds.epoch_batches(Split::Train, bs, seed, epoch as u64);
-                for idx in &order[i..] {
-                    if tx.send(ds.batch(db, Split::Train, idx)).is_err() || {
-                        s += 1;
-                        s >= total
-                    } {
-                        return;
-                    }
-                }
-            }
-        });
-        while step < cfg.steps {
+    // The next batches are gathered on another thread while the model runs.
+    ds.for_each_train_batch(
+        db,
+        cfg.batch_size,
+        cfg.seed,
+        step..cfg.steps,
+        &mut |batch| {
             let t0 = Instant::now();
-            let batch = rx.recv().map_err(|_| {
-                PipelineError::invalid("dataset", ds.dir().display(), "the batch loader stopped")
-            })?;
             let (x, y, ret) = batch.tensors(device)?;
             let logits = model.forward_train(&x, retrieval.then_some(&ret))?;
             let loss = cross_entropy(&logits, &y)?;
@@ -354,13 +337,9 @@ pub fn train(
                     db,
                 )?);
             }
-            if out_of_time {
-                break;
-            }
-        }
-        drop(rx);
-        Ok(())
-    })?;
+            Ok(!out_of_time)
+        },
+    )?;
     let _ = crate::plot::loss_curve(&run_dir.join("metrics.jsonl"), &run_dir.join("loss.png"));
     match last_state {
         Some(s) => Ok(s),
