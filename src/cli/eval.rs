@@ -90,7 +90,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("none of the held-out documents is in the database");
     } else {
         println!(
-            "WARNING: {} held-out documents are in the database: {:?}",
+            "{} held-out documents are in the database and were excluded from retrieval: {:?}",
             r.held_out_in_database.len(),
             r.held_out_in_database
         );
