@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use retro_index::{
     read_corpus, write_npy, BertEmbedder, BertOptions, BuildOptions, CorpusOptions, Database,
-    Device, Embedder, HnswParams, LexicalEmbedder, LmTokenizer, OpenOptions, ProgressFn, Stage,
+    Embedder, HnswParams, LexicalEmbedder, LmTokenizer, OpenOptions, ProgressFn, Stage,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -44,17 +44,6 @@ pub struct EmbedderArgs {
     pub device: String,
 }
 
-pub fn parse_device(s: &str) -> anyhow::Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        s if s.starts_with("cuda:") => Ok(Device::new_cuda(
-            s[5..].parse().context("cuda device ordinal")?,
-        )?),
-        s => bail!("unknown device {s:?} (cpu, cuda, cuda:N)"),
-    }
-}
-
 /// Loads the embedder named by the arguments; with none given, the one the database records.
 pub fn load_embedder(
     a: &EmbedderArgs,
@@ -80,7 +69,7 @@ pub fn load_embedder(
         }
         (None, None) => bail!("choose an embedder: --embedder MODEL_DIR or --lexical-embedder DIM"),
     };
-    let device = parse_device(&a.device)?;
+    let device = retro_model::device_from_name(&a.device)?;
     let e = BertEmbedder::load_with(
         &dir,
         &device,
