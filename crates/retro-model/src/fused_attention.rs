@@ -27,6 +27,23 @@ const R: usize = 4;
 /// Lanes per micro-tile: keys in the score tile, features in the `P V` tile. Buffers are padded to it.
 const L: usize = 16;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// Runs `$simd` (an `avx512` tile, on f32 slices) instead of the generic body when the CPU has
+/// AVX-512 and every slice named is f32.
+macro_rules! simd_f32 {
+    ($simd:ident($($a:ident),*; $($m:ident),*; $($x:expr),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            if let ($(Some($a),)* $(Some($m),)*) = ($(T::f32s($a),)* $(T::f32s_mut($m),)*) {
+                // SAFETY: AVX-512F was detected; the tile asserts the slice bounds it relies on.
+                return unsafe { avx512::$simd($($x),*) };
+            }
+        }
+    };
+}
+
 /// `softmax(q k^T + mask) v` for `q [n, sq, d]`, `k, v [n, sk, d]` (q already scaled), `[n, sq, d]`.
 /// With `causal_offset = Some(o)` query i sees key j iff `j <= i + o`. Differentiable.
 pub fn attention(
@@ -117,6 +134,13 @@ trait Float: WithDType + Default {
     const NEG_INF: Self;
     fn exp_(self) -> Self;
     fn ln_(self) -> Self;
+    /// The slice as `f32`, when `Self` is `f32` (for the hand-vectorised f32 tiles).
+    fn f32s(_x: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn f32s_mut(_x: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Float for f64 {
@@ -132,6 +156,12 @@ impl Float for f64 {
 
 impl Float for f32 {
     const NEG_INF: Self = f32::NEG_INFINITY;
+    fn f32s(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
+    }
+    fn f32s_mut(x: &mut [Self]) -> Option<&mut [f32]> {
+        Some(x)
+    }
     /// Cephes' `expf` (about 1 ulp), branch-free so the softmax loop vectorises. Arguments are
     /// `<= 0` here (scores minus the row max); below -87 the result flushes towards 0.
     #[inline(always)]
@@ -248,6 +278,7 @@ fn tile_scores<T: Float>(
     ncols: usize,
     s: &mut [T],
 ) {
+    simd_f32!(tile_scores(qb, kt; s; qb, ldd, d, kt, ldk, ncols, s));
     let qb = &qb[..R * ldd];
     for jb in (0..ncols).step_by(L) {
         let mut acc = [[T::zero(); L]; R];
@@ -269,6 +300,7 @@ fn tile_scores<T: Float>(
 /// `out[r] = sum_{j < nk} p[r][j] * v[j]` for `p [R, ldk]`, `v [.., ldd]`, `out [R, ldd]`.
 #[inline(always)]
 fn tile_pv<T: Float>(p: &[T], ldk: usize, nk: usize, v: &[T], ldd: usize, out: &mut [T]) {
+    simd_f32!(tile_pv(p, v; out; p, ldk, nk, v, ldd, out));
     let p = &p[..R * ldk];
     let v = &v[..nk * ldd];
     for cb in (0..ldd).step_by(L) {
@@ -291,6 +323,7 @@ fn tile_pv<T: Float>(p: &[T], ldk: usize, nk: usize, v: &[T], ldd: usize, out: &
 /// `acc[j] += sum_r w[r][j] * x[r]` for `j < nk`: `w [R, ldk]`, `x [R, ldd]`, `acc [.., ldd]`.
 #[inline(always)]
 fn tile_outer<T: Float>(w: &[T], ldk: usize, nk: usize, x: &[T], ldd: usize, acc: &mut [T]) {
+    simd_f32!(tile_outer(w, x; acc; w, ldk, nk, x, ldd, acc));
     let (x0, rest) = x[..R * ldd].split_at(ldd);
     let (x1, rest) = rest.split_at(ldd);
     let (x2, x3) = rest.split_at(ldd);
@@ -305,6 +338,13 @@ fn tile_outer<T: Float>(w: &[T], ldk: usize, nk: usize, x: &[T], ldd: usize, acc
 
 #[inline(always)]
 fn row_max<T: Float>(s: &[T]) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        if let Some(x) = T::f32s(s) {
+            // SAFETY: AVX-512F was detected.
+            return T::from_f64(unsafe { avx512::row_max(x) } as f64);
+        }
+    }
     let mut m = [T::NEG_INF; L];
     let chunks = s.chunks_exact(L);
     let rem = chunks.remainder();
@@ -325,6 +365,14 @@ fn row_max<T: Float>(s: &[T]) -> T {
 /// `s[j] = exp(s[j] - shift)` for `j < lim`, 0 for `lim <= j < end`; returns the sum.
 #[inline(always)]
 fn exp_row<T: Float>(s: &mut [T], lim: usize, end: usize, shift: T) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        if let Some(x) = T::f32s_mut(s) {
+            // SAFETY: AVX-512F was detected; the tile asserts its bounds.
+            let sum = unsafe { avx512::exp_row(x, lim, end, shift.to_f64() as f32) };
+            return T::from_f64(sum as f64);
+        }
+    }
     for x in s[..lim].iter_mut() {
         *x = (*x - shift).exp_();
     }
@@ -963,6 +1011,13 @@ mod tests {
 
     #[test]
     fn matches_the_tensor_formula_f32() {
+        // On AVX-512 machines these run the hand-vectorised tiles: odd widths, odd key counts
+        // and rows that end inside a 16-lane block included.
+        for &(n, sq, sk, d) in &[(3, 7, 7, 5), (2, 33, 33, 16), (1, 1, 9, 8), (70, 4, 3, 17)] {
+            check(n, sq, sk, d, None, DType::F32, 1e-5);
+            check(n, sq, sk, d, Some(0), DType::F32, 1e-5);
+            check(n, sq, sk, d, Some(2), DType::F32, 1e-5);
+        }
         check(4, 50, 50, 16, Some(0), DType::F32, 1e-5);
         check(3, 20, 37, 16, None, DType::F32, 1e-5);
         check(2, 3, 70, 32, Some(67), DType::F32, 1e-5);

@@ -1,0 +1,214 @@
+//! The f32 tiles of the attention kernel written with AVX-512 intrinsics.
+//!
+//! LLVM's auto-vectoriser keeps the generic tiles' accumulators in registers only when the code is
+//! just so (FMA contraction made it spill them); here each accumulator is one `zmm` register and
+//! every multiply-add one FMA. Same contracts as the generic tiles in `fused_attention.rs`; the
+//! caller checks [`available`] and the slice lengths (asserted below, outside the hot loops).
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use super::{L, R};
+use std::arch::x86_64::*;
+
+/// AVX-512F is present (cached by std after the first call).
+#[inline(always)]
+pub(super) fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// See `tile_scores`: `s[r][jb..] = q_r . kt[.., jb..]`, `R` rows, `ncols` a multiple of 16.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn tile_scores(
+    qb: &[f32],
+    ldd: usize,
+    d: usize,
+    kt: &[f32],
+    ldk: usize,
+    ncols: usize,
+    s: &mut [f32],
+) {
+    assert!(qb.len() >= (R - 1) * ldd + d && ncols <= ldk && ncols % L == 0);
+    assert!(kt.len() >= d.saturating_sub(1) * ldk + ncols && s.len() >= (R - 1) * ldk + ncols);
+    let (q, k, out) = (qb.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
+    let mut jb = 0;
+    // Two column blocks: 8 independent FMA chains.
+    while jb + 2 * L <= ncols {
+        let mut acc = [_mm512_setzero_ps(); 2 * R];
+        for c in 0..d {
+            let k0 = _mm512_loadu_ps(k.add(c * ldk + jb));
+            let k1 = _mm512_loadu_ps(k.add(c * ldk + jb + L));
+            for r in 0..R {
+                let qv = _mm512_set1_ps(*q.add(r * ldd + c));
+                acc[2 * r] = _mm512_fmadd_ps(qv, k0, acc[2 * r]);
+                acc[2 * r + 1] = _mm512_fmadd_ps(qv, k1, acc[2 * r + 1]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out.add(r * ldk + jb), acc[2 * r]);
+            _mm512_storeu_ps(out.add(r * ldk + jb + L), acc[2 * r + 1]);
+        }
+        jb += 2 * L;
+    }
+    if jb < ncols {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for c in 0..d {
+            let k0 = _mm512_loadu_ps(k.add(c * ldk + jb));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(r * ldd + c)), k0, *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * ldk + jb), *a);
+        }
+    }
+}
+
+/// See `tile_pv`: `out[r] = sum_{j < nk} p[r][j] * v[j]`, `ldd` a multiple of 16.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn tile_pv(
+    p: &[f32],
+    ldk: usize,
+    nk: usize,
+    v: &[f32],
+    ldd: usize,
+    out: &mut [f32],
+) {
+    assert!(ldd % L == 0 && nk <= ldk && p.len() >= R * ldk);
+    assert!(v.len() >= nk * ldd && out.len() >= R * ldd);
+    let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
+    for cb in (0..ldd).step_by(L) {
+        // Even and odd keys in separate accumulators: 8 independent FMA chains.
+        let mut acc = [_mm512_setzero_ps(); 2 * R];
+        let mut j = 0;
+        while j + 2 <= nk {
+            let v0 = _mm512_loadu_ps(vp.add(j * ldd + cb));
+            let v1 = _mm512_loadu_ps(vp.add((j + 1) * ldd + cb));
+            for r in 0..R {
+                let p0 = _mm512_set1_ps(*pp.add(r * ldk + j));
+                let p1 = _mm512_set1_ps(*pp.add(r * ldk + j + 1));
+                acc[2 * r] = _mm512_fmadd_ps(p0, v0, acc[2 * r]);
+                acc[2 * r + 1] = _mm512_fmadd_ps(p1, v1, acc[2 * r + 1]);
+            }
+            j += 2;
+        }
+        if j < nk {
+            let v0 = _mm512_loadu_ps(vp.add(j * ldd + cb));
+            for r in 0..R {
+                let p0 = _mm512_set1_ps(*pp.add(r * ldk + j));
+                acc[2 * r] = _mm512_fmadd_ps(p0, v0, acc[2 * r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(
+                op.add(r * ldd + cb),
+                _mm512_add_ps(acc[2 * r], acc[2 * r + 1]),
+            );
+        }
+    }
+}
+
+/// See `tile_outer`: `acc[j] += sum_r w[r][j] * x[r]` for `j < nk`, `ldd` a multiple of 16.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn tile_outer(
+    w: &[f32],
+    ldk: usize,
+    nk: usize,
+    x: &[f32],
+    ldd: usize,
+    acc: &mut [f32],
+) {
+    assert!(ldd % L == 0 && nk <= ldk && w.len() >= R * ldk);
+    assert!(x.len() >= R * ldd && acc.len() >= nk * ldd);
+    let (wp, xp, ap) = (w.as_ptr(), x.as_ptr(), acc.as_mut_ptr());
+    for cb in (0..ldd).step_by(L) {
+        let mut xs = [_mm512_setzero_ps(); R];
+        for (r, xr) in xs.iter_mut().enumerate() {
+            *xr = _mm512_loadu_ps(xp.add(r * ldd + cb));
+        }
+        for j in 0..nk {
+            let row = ap.add(j * ldd + cb);
+            let mut a = _mm512_loadu_ps(row);
+            for (r, xr) in xs.iter().enumerate() {
+                a = _mm512_fmadd_ps(_mm512_set1_ps(*wp.add(r * ldk + j)), *xr, a);
+            }
+            _mm512_storeu_ps(row, a);
+        }
+    }
+}
+
+/// Lanes `< n` of a 16-lane block.
+#[inline(always)]
+fn lanes(n: usize) -> __mmask16 {
+    if n >= L {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// The largest of `s[..lim]` (`lim > 0`).
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn row_max(s: &[f32]) -> f32 {
+    let p = s.as_ptr();
+    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut j = 0;
+    while j < s.len() {
+        let x = _mm512_mask_loadu_ps(m, lanes(s.len() - j), p.add(j));
+        m = _mm512_max_ps(m, x);
+        j += L;
+    }
+    _mm512_reduce_max_ps(m)
+}
+
+/// `exp(x)` for 16 lanes (Cephes' polynomial, as the generic `exp_`; 2^n applied by `scalef`).
+#[target_feature(enable = "avx512f")]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+        _mm512_set1_ps(88.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_fmadd_ps(
+        _mm512_mul_ps(p, r),
+        r,
+        _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+    );
+    _mm512_scalef_ps(y, n)
+}
+
+/// See `exp_row`: `s[j] = exp(s[j] - shift)` for `j < lim`, 0 up to `end` (a multiple of 16);
+/// returns the sum.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp_row(s: &mut [f32], lim: usize, end: usize, shift: f32) -> f32 {
+    assert!(lim <= end && end <= s.len() && end % L == 0);
+    let p = s.as_mut_ptr();
+    let sh = _mm512_set1_ps(shift);
+    let mut sum = _mm512_setzero_ps();
+    let mut j = 0;
+    while j < lim {
+        let m = lanes(lim - j);
+        let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(j)), sh));
+        let e = _mm512_maskz_mov_ps(m, e);
+        _mm512_storeu_ps(p.add(j), e);
+        sum = _mm512_add_ps(sum, e);
+        j += L;
+    }
+    while j < end {
+        _mm512_storeu_ps(p.add(j), _mm512_setzero_ps());
+        j += L;
+    }
+    _mm512_reduce_add_ps(sum)
+}
