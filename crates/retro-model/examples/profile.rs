@@ -6,7 +6,13 @@ use retro_model::train::cross_entropy;
 use retro_model::{Kernels, RetroModel};
 use std::time::Instant;
 
+// As the `retro` binary: mimalloc, never purging (`mi_option_purge_delay` = 15, set to -1).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> retro_model::Result<()> {
+    // SAFETY: a process-wide option, no pointers.
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     let what = std::env::args().nth(1).unwrap_or_default();
     let all = what.is_empty();
     let spec = ModelBenchSpec::labml_small();

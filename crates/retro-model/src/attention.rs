@@ -78,6 +78,7 @@ impl SelfAttention {
         let qkv = fused_linear(
             &[(&self.query, scale), (&self.key, 1.0), (&self.value, 1.0)],
             &x,
+            kern,
         )?
         .reshape((b, s, 3, nh, dk))?;
         let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
@@ -103,6 +104,7 @@ impl SelfAttention {
         let seen = k.dim(2)? - s;
         let causal = (self.causal && mask.is_some()).then_some(seen);
         let out = attention_heads(&q, &k, &v, causal, kern)?; // [b, s, h, dk]
-        self.output.forward(&out.reshape((b, s, nh * dk))?)? + h
+        self.output
+            .forward_k(&out.reshape((b, s, nh * dk))?, Some(h), kern)
     }
 }

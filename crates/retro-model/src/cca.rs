@@ -34,11 +34,11 @@ impl ChunkedCrossAttention {
         // Zero rows after the norm so the queries split into c whole chunks (they land past T).
         let x = x.pad_with_zeros(1, 0, c * cl - kept)?;
         // [b*c, cl, h, dk] viewed as [b*c, h, cl, dk]
-        let q = (self.query.forward(&x)? * scale)?
+        let q = fused_linear(&[(&self.query, scale)], &x, kern)?
             .reshape((b * c, cl, nh, dk))?
             .transpose(1, 2)?;
         // Keys and values in one GEMM: [b*c, k*n, 2, h, dk].
-        let kv = fused_linear(&[(&self.key, 1.0), (&self.value, 1.0)], e)?.reshape((
+        let kv = fused_linear(&[(&self.key, 1.0), (&self.value, 1.0)], e, kern)?.reshape((
             b * c,
             k * n,
             2,
@@ -49,7 +49,9 @@ impl ChunkedCrossAttention {
         // Softmax jointly over all k * n neighbour positions.
         let out = attention_heads(&q, &part(0)?, &part(1)?, None, kern)? // [b*c, cl, h, dk]
             .reshape((b, c * cl, nh * dk))?;
-        let out = self.output.forward(&out.narrow(1, 0, kept)?)?;
+        let out = self
+            .output
+            .forward_k(&out.narrow(1, 0, kept)?, None, kern)?;
         out.pad_with_zeros(1, cl - 1, 0)? + h
     }
 }

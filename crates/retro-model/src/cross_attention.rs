@@ -27,11 +27,11 @@ impl CrossAttention {
         let scale = 1.0 / (dk as f64).sqrt();
         let x = self.norm.forward(e, kern)?;
         // [b*c, k*n, h, dk] viewed as [b*c, h, k*n, dk]
-        let q = (self.query.forward(&x)? * scale)?
+        let q = fused_linear(&[(&self.query, scale)], &x, kern)?
             .reshape((b * c, k * n, nh, dk))?
             .transpose(1, 2)?;
         // Keys and values of the chunk in one GEMM: [b*c, cl, 2, h, dk].
-        let kv = fused_linear(&[(&self.key, 1.0), (&self.value, 1.0)], h)?.reshape((
+        let kv = fused_linear(&[(&self.key, 1.0), (&self.value, 1.0)], h, kern)?.reshape((
             b * c,
             cl,
             2,
@@ -41,6 +41,6 @@ impl CrossAttention {
         let part = |i: usize| kv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         let out = attention_heads(&q, &part(0)?, &part(1)?, None, kern)? // [b*c, k*n, h, dk]
             .reshape((b, c, k, n, nh * dk))?;
-        self.output.forward(&out)? + e
+        self.output.forward_k(&out, Some(e), kern)
     }
 }

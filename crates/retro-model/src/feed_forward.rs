@@ -14,6 +14,7 @@ pub struct FeedForward {
 impl FeedForward {
     pub fn forward(&self, h: &Tensor, kern: Kernels) -> Result<Tensor> {
         let x = self.norm.forward(h, kern)?;
-        self.lin2.forward(&self.lin1.forward(&x)?.relu()?)? + h
+        let hidden = self.lin1.forward_k(&x, None, kern)?.relu()?;
+        self.lin2.forward_k(&hidden, Some(h), kern)
     }
 }

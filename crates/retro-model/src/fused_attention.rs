@@ -450,7 +450,8 @@ struct FwdArgs<'a, T> {
     vv: View,
     dims: Dims,
     out: &'a SendPtr<T>,
-    lse: &'a SendPtr<T>,
+    /// Where the rows' log-sum-exp go, when the backward will need them.
+    lse: Option<&'a SendPtr<T>>,
 }
 
 /// One forward task: head `n`, query rows `r0..r1`.
@@ -485,14 +486,14 @@ fn fwd_task<T: Float>(a: &FwdArgs<'_, T>, n: usize, r0: usize, r1: usize, sc: &m
                 T::zero()
             };
             sums[r] = exp_row(row, lim, ncols, m);
-            if r < rows {
+            if let (true, Some(lse_out)) = (r < rows, a.lse) {
                 let lse = if sums[r] > T::zero() {
                     m + sums[r].ln_()
                 } else {
                     T::NEG_INF
                 };
                 // SAFETY: row (n, i0 + r) belongs to this task only.
-                unsafe { a.lse.slice(n * a.dims.sq + i0 + r, 1)[0] = lse };
+                unsafe { lse_out.slice(n * a.dims.sq + i0 + r, 1)[0] = lse };
             }
         }
         tile_pv(s, ldk, lmax, vb, ldd, ob);
@@ -572,9 +573,10 @@ fn forward_cpu<T: Float>(
     kv: View,
     vv: View,
     dims: Dims,
+    want_lse: bool,
 ) -> (Vec<T>, Vec<T>) {
     let mut out = vec![T::zero(); dims.nh * dims.sq * dims.d];
-    let mut lse = vec![T::NEG_INF; dims.nh * dims.sq];
+    let mut lse = vec![T::NEG_INF; if want_lse { dims.nh * dims.sq } else { 0 }];
     let (op, lp) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     let args = FwdArgs {
         q,
@@ -585,7 +587,7 @@ fn forward_cpu<T: Float>(
         vv,
         dims,
         out: &op,
-        lse: &lp,
+        lse: want_lse.then_some(&lp),
     };
     // Enough tasks to keep every thread busy even with a handful of heads.
     let want = 8 * rayon::current_num_threads();
@@ -806,6 +808,7 @@ impl CustomOp3 for FusedAttention {
             s: [&CpuStorage; 3],
             v: [View; 3],
             dims: Dims,
+            want_lse: bool,
         ) -> Result<(CpuStorage, CpuStorage)> {
             let (o, lse) = forward_cpu(
                 slice::<T>(s[0])?,
@@ -815,12 +818,14 @@ impl CustomOp3 for FusedAttention {
                 v[1],
                 v[2],
                 dims,
+                want_lse,
             );
             Ok((T::to_cpu_storage_owned(o), T::to_cpu_storage_owned(lse)))
         }
+        let want = self.lse.is_some();
         let (out, lse) = match s1 {
-            CpuStorage::F32(_) => go::<f32>([s1, s2, s3], [vq, vk, vv], dims)?,
-            CpuStorage::F64(_) => go::<f64>([s1, s2, s3], [vq, vk, vv], dims)?,
+            CpuStorage::F32(_) => go::<f32>([s1, s2, s3], [vq, vk, vv], dims, want)?,
+            CpuStorage::F64(_) => go::<f64>([s1, s2, s3], [vq, vk, vv], dims, want)?,
             _ => candle_core::bail!("fused-attention: f32 and f64 only"),
         };
         if let Some(slot) = &self.lse {

@@ -36,7 +36,8 @@ impl Float for f32 {
     }
 }
 
-fn cpu_ok(x: &Tensor) -> bool {
+/// The CPU kernels here handle `x` (f32 or f64 on the CPU).
+pub(crate) fn cpu_ok(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
@@ -303,27 +304,39 @@ fn rope_cpu<T: Float>(x: &[T], l: &Layout, cos: &[T], sin: &[T], inverse: bool) 
     if y.is_empty() {
         return y;
     }
-    y.par_chunks_mut(h * d).enumerate().for_each(|(r, yr)| {
-        let (bi, si) = (r / s, r % s);
-        let (c, sn) = (&cos[si * half..][..half], &sin[si * half..][..half]);
-        for hi in 0..h {
-            let xr = &x[off + bi * sb + si * ss + hi * sh..][..d];
-            let (x1, x2) = xr.split_at(half);
-            let (y1, y2) = yr[hi * d..][..d].split_at_mut(half);
-            if inverse {
-                for i in 0..half {
-                    y1[i] = x1[i] * c[i] + x2[i] * sn[i];
-                    y2[i] = x2[i] * c[i] - x1[i] * sn[i];
-                }
-            } else {
-                for i in 0..half {
-                    y1[i] = x1[i] * c[i] - x2[i] * sn[i];
-                    y2[i] = x2[i] * c[i] + x1[i] * sn[i];
-                }
+    // One `(b, s)` row (all heads) is only h*d elements: hand rayon blocks of rows.
+    y.par_chunks_mut(h * d)
+        .enumerate()
+        .with_min_len(64)
+        .for_each(|(r, yr)| {
+            let (bi, si) = (r / s, r % s);
+            let (c, sn) = (&cos[si * half..][..half], &sin[si * half..][..half]);
+            for hi in 0..h {
+                let xr = &x[off + bi * sb + si * ss + hi * sh..][..d];
+                rope_row(xr, c, sn, &mut yr[hi * d..][..d], inverse);
             }
-        }
-    });
+        });
     y
+}
+
+/// One head's row: rotate `x` by theta (or by -theta for the backward) into `y`.
+#[inline(always)]
+fn rope_row<T: Float>(x: &[T], c: &[T], sn: &[T], y: &mut [T], inverse: bool) {
+    let half = c.len();
+    let (x1, x2) = x.split_at(half);
+    let (y1, y2) = y.split_at_mut(half);
+    let (x2, sn, y1, y2) = (&x2[..half], &sn[..half], &mut y1[..half], &mut y2[..half]);
+    if inverse {
+        for i in 0..half {
+            y1[i] = x1[i] * c[i] + x2[i] * sn[i];
+            y2[i] = x2[i] * c[i] - x1[i] * sn[i];
+        }
+    } else {
+        for i in 0..half {
+            y1[i] = x1[i] * c[i] - x2[i] * sn[i];
+            y2[i] = x2[i] * c[i] + x1[i] * sn[i];
+        }
+    }
 }
 
 impl CustomOp3 for RopeOp {

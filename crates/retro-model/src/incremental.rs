@@ -214,7 +214,10 @@ impl RetroModel {
             h = self.ffw[p].forward(&h, KERN)?;
         }
         state.t += 1;
-        Ok(self.read.forward(&h)?.reshape((b, self.config.n_vocab))?)
+        Ok(self
+            .read
+            .forward_k(&h, None, KERN)?
+            .reshape((b, self.config.n_vocab))?)
     }
 
     /// Feeds `x [B, P]` (positions `t0 .. t0 + P` with `t0 = state.position()`) one step at a time and
@@ -320,5 +323,5 @@ fn cca_step(
     let q = (cca.query.forward(&x)? * scale)?.reshape((b, nh, 1, dk))?;
     let attn = KERN.softmax(&q.matmul(k_t)?)?;
     let out = attn.matmul(v)?.reshape((b, 1, nh * dk))?;
-    Ok((cca.output.forward(&out)? + h)?)
+    Ok(cca.output.forward_k(&out, Some(h), KERN)?)
 }

@@ -44,9 +44,13 @@ impl Kernels {
     /// The same rotary embedding for `x [b, s, h, d]` (any strides), returning `[b, s, h, d]`.
     pub fn rope_bshd(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         match self {
-            Kernels::Fused => candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin),
+            // Ours reads the strided q/k views of the fused projection in place (candle's needs a
+            // contiguous copy first); candle's covers other devices and dtypes.
+            Kernels::Fused if !crate::fused_norm::cpu_ok(x) => {
+                candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)
+            }
             // Falls back to the rotate-half composition off the CPU and for other dtypes.
-            Kernels::Differentiable => crate::fused_norm::rope_bshd(x, cos, sin),
+            _ => crate::fused_norm::rope_bshd(x, cos, sin),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! and a LayerNorm with affine weights.
 
 use crate::kernels::Kernels;
+use crate::linear_op::linear_inference;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -26,12 +27,29 @@ impl Linear {
         *out_dims.last_mut().unwrap() = d_out;
         y.reshape(out_dims)
     }
+
+    /// `x W^T + b (+ residual)`. With `Kernels::Fused` on the CPU: one GEMM accumulating into the
+    /// bias (and residual), no backward; otherwise the differentiable composition.
+    pub fn forward_k(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        match kern {
+            Kernels::Fused => linear_inference(x, &self.weight, &self.bias, residual),
+            Kernels::Differentiable => match residual {
+                Some(r) => self.forward(x)? + r,
+                None => self.forward(x),
+            },
+        }
+    }
 }
 
 /// Several Linears of the same input as one GEMM: `x [.., in] -> [.., sum of outs]`, the i-th part's
 /// output (scaled by its factor, folded into its weights) in the i-th slot. Differentiable: the
 /// weights are concatenated per call (they are small next to the activations).
-pub fn fused_linear(parts: &[(&Linear, f64)], x: &Tensor) -> Result<Tensor> {
+pub fn fused_linear(parts: &[(&Linear, f64)], x: &Tensor, kern: Kernels) -> Result<Tensor> {
     let scaled = |t: &Tensor, s: f64| if s == 1.0 { Ok(t.clone()) } else { t * s };
     let w = parts
         .iter()
@@ -45,7 +63,7 @@ pub fn fused_linear(parts: &[(&Linear, f64)], x: &Tensor) -> Result<Tensor> {
         weight: Tensor::cat(&w, 0)?,
         bias: Tensor::cat(&b, 0)?,
     }
-    .forward(x)
+    .forward_k(x, None, kern)
 }
 
 #[derive(Debug, Clone)]

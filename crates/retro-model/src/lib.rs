@@ -44,6 +44,7 @@ pub mod fused_norm;
 pub mod incremental;
 pub mod kernels;
 pub mod layers;
+mod linear_op;
 pub mod model;
 mod params;
 pub mod rope;

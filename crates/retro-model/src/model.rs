@@ -316,6 +316,6 @@ impl RetroModel {
             }
             h = self.ffw[p].forward(&h, kern)?;
         }
-        Ok(self.read.forward(&h)?)
+        Ok(self.read.forward_k(&h, None, kern)?)
     }
 }

@@ -1,0 +1,224 @@
+//! `x W^T + b (+ r)` as one GEMM for inference on the CPU.
+//!
+//! candle's matmul zero-fills its output and the bias and residual adds are two more passes, each
+//! with a fresh allocation. Here the output starts as `b (+ r)` and the GEMM accumulates into it.
+//! No backward: training uses the composition.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// `x [.., in]`, `w [out, in]`, `b [out]`, `residual [.., out]` -> `[.., out]`.
+pub fn linear_inference(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let d_in = dims[dims.len() - 1];
+    let rows = x.elem_count() / d_in.max(1);
+    let d_out = w.dim(0)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = d_out;
+    let cpu = matches!(x.device(), Device::Cpu)
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && w.dtype() == x.dtype()
+        && b.dtype() == x.dtype()
+        && residual.is_none_or(|r| r.dtype() == x.dtype() && r.dims() == out_dims.as_slice());
+    if !cpu || rows == 0 {
+        let y = x
+            .reshape((rows, d_in))?
+            .matmul(&w.t()?)?
+            .broadcast_add(b)?
+            .reshape(out_dims)?;
+        return match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        };
+    }
+    let x = x.contiguous()?.reshape((rows, d_in))?;
+    let op = LinearOp {
+        residual: residual
+            .map(|r| r.contiguous()?.reshape((rows, d_out)))
+            .transpose()?,
+    };
+    x.apply_op3_no_bwd(w, &b.contiguous()?, &op)?
+        .reshape(out_dims)
+}
+
+struct LinearOp {
+    /// `[rows, out]`, contiguous.
+    residual: Option<Tensor>,
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    Ok(&T::cpu_storage_as_slice(s)?[l.start_offset()..])
+}
+
+fn run<T: WithDType + 'static>(
+    x: &[T],
+    lx: &Layout,
+    w: &[T],
+    lw: &Layout,
+    b: &[T],
+    residual: Option<&[T]>,
+) -> Vec<T> {
+    let (rows, k) = (lx.dims()[0], lx.dims()[1]);
+    let n = lw.dims()[0];
+    let mut dst = vec![T::zero(); rows * n];
+    dst.par_chunks_mut(n)
+        .enumerate()
+        .with_min_len(64)
+        .for_each(|(i, row)| match residual {
+            Some(r) => {
+                for ((d, &bj), &rj) in row.iter_mut().zip(b).zip(&r[i * n..(i + 1) * n]) {
+                    *d = bj + rj;
+                }
+            }
+            None => row.copy_from_slice(&b[..n]),
+        });
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let (sx, sw) = (lx.stride(), lw.stride());
+    // SAFETY: dst is [rows, n] row-major; x is [rows, k] and w [n, k] with the strides of their
+    // layouts (read as w^T [k, n]); all in bounds of their slices.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            sx[1] as isize,
+            sx[0] as isize,
+            w.as_ptr(),
+            sw[0] as isize,
+            sw[1] as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        )
+    };
+    dst
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear-bias-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k) = lx.shape().dims2()?;
+        let (n, kw) = lw.shape().dims2()?;
+        if k != kw || lb.dims() != [n] || !lx.is_contiguous() || !lb.is_contiguous() {
+            candle_core::bail!("linear: x {lx:?}, w {lw:?}, b {lb:?} do not fit");
+        }
+        let res = self.residual.as_ref().map(|r| r.storage_and_layout());
+        fn go<T: WithDType + 'static>(
+            s: [&CpuStorage; 3],
+            l: [&Layout; 3],
+            res: Option<(&CpuStorage, &Layout)>,
+        ) -> Result<CpuStorage> {
+            let r = res.map(|(s, l)| slice::<T>(s, l)).transpose()?;
+            let (x, w, b) = (
+                slice::<T>(s[0], l[0])?,
+                slice::<T>(s[1], l[1])?,
+                slice::<T>(s[2], l[2])?,
+            );
+            Ok(T::to_cpu_storage_owned(run(x, l[0], w, l[1], b, r)))
+        }
+        let res = match &res {
+            Some((s, l)) => match &**s {
+                candle_core::Storage::Cpu(c) => Some((c, *l)),
+                _ => candle_core::bail!("linear: the residual is not on the CPU"),
+            },
+            None => None,
+        };
+        let out = match sx {
+            CpuStorage::F32(_) => go::<f32>([sx, sw, sb], [lx, lw, lb], res)?,
+            CpuStorage::F64(_) => go::<f64>([sx, sw, sb], [lx, lw, lb], res)?,
+            _ => candle_core::bail!("linear: f32 and f64 only"),
+        };
+        Ok((out, Shape::from((rows, n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equals_the_composition() {
+        let dev = Device::Cpu;
+        for dt in [DType::F64, DType::F32] {
+            let x = Tensor::randn(0f64, 1.0, (2, 5, 7), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            // A transposed view, as fused weights or `w.t()` give.
+            let w = Tensor::randn(0f64, 1.0, (7, 3), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
+                .t()
+                .unwrap();
+            let b = Tensor::randn(0f64, 1.0, 3, &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let r = Tensor::randn(0f64, 1.0, (2, 5, 3), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let want = (x
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+                + &r)
+                .unwrap();
+            let got = linear_inference(&x, &w, &b, Some(&r)).unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap();
+            let diff = diff
+                .max(0)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                diff < if dt == DType::F64 { 1e-12 } else { 1e-5 },
+                "{dt:?}: {diff}"
+            );
+            let no_res = linear_inference(&x, &w, &b, None).unwrap();
+            let back = (no_res + &r).unwrap();
+            let d2 = (back - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert!(d2.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap() < 1e-5);
+        }
+    }
+}
