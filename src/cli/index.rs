@@ -42,6 +42,9 @@ pub struct EmbedderArgs {
     /// cpu or cuda[:N] (cuda needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Run candle-transformers' BERT (padded batches) on the CPU too, instead of the packed encoder.
+    #[arg(long)]
+    pub candle_transformers: bool,
 }
 
 /// Loads the embedder named by the arguments; with none given, the one the database records.
@@ -76,6 +79,7 @@ pub fn load_embedder(
         BertOptions {
             batch_size: a.embed_batch,
             max_len: a.max_len,
+            candle_transformers: a.candle_transformers,
         },
     )
     .with_context(|| format!("loading embedder {}", dir.display()))?;

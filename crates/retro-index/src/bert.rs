@@ -1,8 +1,10 @@
-//! Frozen BERT-family embedder (candle-transformers' BERT) loaded from a local Hugging Face directory:
-//! masked mean of the last hidden state, L2-normalised when the model's modules.json says so.
+//! Frozen BERT-family embedder loaded from a local Hugging Face directory: masked mean of the last
+//! hidden state, L2-normalised when the model's modules.json says so. On the CPU it runs
+//! [`PackedBert`] (no padding, fused kernels); elsewhere, or when asked, candle-transformers' BERT.
 
 use crate::embed::{Embedder, EmbedderId};
 use crate::error::{IndexError, Result};
+use crate::packed_bert::PackedBert;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertModel, Config};
 use std::path::Path;
@@ -15,6 +17,9 @@ pub struct BertOptions {
     /// Truncate inputs to this many tokens (special tokens included). `None`: the model's
     /// `sentence_bert_config.json` max_seq_length, else `min(max_position_embeddings, 512)`.
     pub max_len: Option<usize>,
+    /// Run candle-transformers' `BertModel` (padded batches) even on the CPU, where
+    /// [`PackedBert`] is the default.
+    pub candle_transformers: bool,
 }
 
 impl Default for BertOptions {
@@ -22,19 +27,26 @@ impl Default for BertOptions {
         Self {
             batch_size: 32,
             max_len: None,
+            candle_transformers: false,
         }
     }
 }
 
 /// A frozen BERT encoder producing mean-pooled keys.
 pub struct BertEmbedder {
-    model: BertModel,
+    model: Engine,
     tokenizer: tokenizers::Tokenizer,
     device: Device,
     id: EmbedderId,
     normalize: bool,
     batch_size: usize,
     max_len: usize,
+}
+
+/// Which implementation runs the encoder.
+enum Engine {
+    Padded(BertModel),
+    Packed(PackedBert),
 }
 
 fn e(path: &Path) -> impl Fn(candle_core::Error) -> IndexError + '_ {
@@ -107,7 +119,11 @@ impl BertEmbedder {
             )
         }
         .map_err(e(&weights))?;
-        let model = BertModel::load(vb, &config).map_err(e(&weights))?;
+        let model = if matches!(device, Device::Cpu) && !opts.candle_transformers {
+            Engine::Packed(PackedBert::load(vb, &config).map_err(e(&weights))?)
+        } else {
+            Engine::Padded(BertModel::load(vb, &config).map_err(e(&weights))?)
+        };
         let name = dir
             .canonicalize()
             .unwrap_or_else(|_| dir.to_path_buf())
@@ -154,6 +170,21 @@ impl BertEmbedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(terr)?;
+        let model = match &self.model {
+            Engine::Padded(model) => model,
+            Engine::Packed(model) => {
+                // Unpadded ids: the attention mask marks the real tokens (a prefix).
+                let ids: Vec<Vec<u32>> = encs
+                    .iter()
+                    .map(|enc| {
+                        let n = enc.get_attention_mask().iter().filter(|&&m| m == 1).count();
+                        enc.get_ids()[..n].to_vec()
+                    })
+                    .collect();
+                let pooled = model.mean_pooled(&ids).map_err(cerr)?;
+                return self.finish(pooled);
+            }
+        };
         let b = encs.len();
         let l = encs.first().map(|e| e.get_ids().len()).unwrap_or(0);
         let mut ids = Vec::with_capacity(b * l);
@@ -165,10 +196,7 @@ impl BertEmbedder {
         let ids = Tensor::from_vec(ids, (b, l), &self.device).map_err(cerr)?;
         let mask = Tensor::from_vec(mask, (b, l), &self.device).map_err(cerr)?;
         let types = ids.zeros_like().map_err(cerr)?;
-        let hidden = self
-            .model
-            .forward(&ids, &types, Some(&mask))
-            .map_err(cerr)?; // (b, l, h)
+        let hidden = model.forward(&ids, &types, Some(&mask)).map_err(cerr)?; // (b, l, h)
         let m = mask
             .to_dtype(DType::F32)
             .map_err(cerr)?
@@ -182,7 +210,12 @@ impl BertEmbedder {
             .sum(1)
             .and_then(|c| c.clamp(1e-9f32, f32::MAX))
             .map_err(cerr)?; // (b, 1)
-        let mut pooled = summed.broadcast_div(&counts).map_err(cerr)?;
+        self.finish(summed.broadcast_div(&counts).map_err(cerr)?)
+    }
+
+    /// L2-normalises the pooled `[texts, hidden]` keys when the model says so; rows as vectors.
+    fn finish(&self, mut pooled: Tensor) -> Result<Vec<Vec<f32>>> {
+        let cerr = |err: candle_core::Error| IndexError::Embedder(err.to_string());
         if self.normalize {
             let norm = pooled
                 .sqr()

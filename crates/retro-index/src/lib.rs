@@ -46,6 +46,7 @@ pub mod flat;
 pub mod fsutil;
 pub mod hnsw;
 pub mod lexical;
+pub mod packed_bert;
 pub mod store;
 pub mod testdata;
 pub mod tokenizer;

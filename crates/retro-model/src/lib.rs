@@ -39,17 +39,16 @@ pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod feed_forward;
-pub mod fused_attention;
-pub mod fused_norm;
 pub mod incremental;
-pub mod kernels;
 pub mod layers;
-mod linear_op;
 pub mod model;
 mod params;
 pub mod rope;
 pub mod train;
 pub mod weights;
+
+// The kernels live in retro-kernels (the index's BERT encoder uses them too).
+pub use retro_kernels::{fused_attention, fused_norm, kernels, linear_op};
 
 pub use config::RetroConfig;
 pub use device::{device_from_name, dtype_from_name};

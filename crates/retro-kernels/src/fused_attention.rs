@@ -162,21 +162,9 @@ impl Float for f32 {
     fn f32s_mut(x: &mut [Self]) -> Option<&mut [f32]> {
         Some(x)
     }
-    /// Cephes' `expf` (about 1 ulp), branch-free so the softmax loop vectorises. Arguments are
-    /// `<= 0` here (scores minus the row max); below -87 the result flushes towards 0.
     #[inline(always)]
     fn exp_(self) -> Self {
-        let x = self.clamp(-87.0, 88.0);
-        let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-        let mut p = 1.987_569_1e-4f32;
-        p = p * r + 1.398_199_9e-3;
-        p = p * r + 8.333_452e-3;
-        p = p * r + 4.166_579_6e-2;
-        p = p * r + 1.666_666_5e-1;
-        p = p * r + 0.5;
-        let y = p * r * r + r + 1.0;
-        y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        crate::gelu::exp_f32(self)
     }
     fn ln_(self) -> Self {
         self.ln()
