@@ -554,12 +554,8 @@ macro_rules! dispatch {
 }
 
 fn forward_cpu<T: Float>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    qv: View,
-    kv: View,
-    vv: View,
+    [q, k, v]: [&[T]; 3],
+    [qv, kv, vv]: [View; 3],
     dims: Dims,
     want_lse: bool,
 ) -> (Vec<T>, Vec<T>) {
@@ -799,12 +795,8 @@ impl CustomOp3 for FusedAttention {
             want_lse: bool,
         ) -> Result<(CpuStorage, CpuStorage)> {
             let (o, lse) = forward_cpu(
-                slice::<T>(s[0])?,
-                slice::<T>(s[1])?,
-                slice::<T>(s[2])?,
-                v[0],
-                v[1],
-                v[2],
+                [slice::<T>(s[0])?, slice::<T>(s[1])?, slice::<T>(s[2])?],
+                v,
                 dims,
                 want_lse,
             );

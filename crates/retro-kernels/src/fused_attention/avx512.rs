@@ -26,7 +26,7 @@ pub(super) unsafe fn tile_scores(
     ncols: usize,
     s: &mut [f32],
 ) {
-    assert!(qb.len() >= (R - 1) * ldd + d && ncols <= ldk && ncols % L == 0);
+    assert!(qb.len() >= (R - 1) * ldd + d && ncols <= ldk && ncols.is_multiple_of(L));
     assert!(kt.len() >= d.saturating_sub(1) * ldk + ncols && s.len() >= (R - 1) * ldk + ncols);
     let (q, k, out) = (qb.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
     let mut jb = 0;
@@ -72,7 +72,7 @@ pub(super) unsafe fn tile_pv(
     ldd: usize,
     out: &mut [f32],
 ) {
-    assert!(ldd % L == 0 && nk <= ldk && p.len() >= R * ldk);
+    assert!(ldd.is_multiple_of(L) && nk <= ldk && p.len() >= R * ldk);
     assert!(v.len() >= nk * ldd && out.len() >= R * ldd);
     let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
     for cb in (0..ldd).step_by(L) {
@@ -116,7 +116,7 @@ pub(super) unsafe fn tile_outer(
     ldd: usize,
     acc: &mut [f32],
 ) {
-    assert!(ldd % L == 0 && nk <= ldk && w.len() >= R * ldk);
+    assert!(ldd.is_multiple_of(L) && nk <= ldk && w.len() >= R * ldk);
     assert!(x.len() >= R * ldd && acc.len() >= nk * ldd);
     let (wp, xp, ap) = (w.as_ptr(), x.as_ptr(), acc.as_mut_ptr());
     for cb in (0..ldd).step_by(L) {
@@ -193,7 +193,7 @@ unsafe fn exp16(x: __m512) -> __m512 {
 /// returns the sum.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn exp_row(s: &mut [f32], lim: usize, end: usize, shift: f32) -> f32 {
-    assert!(lim <= end && end <= s.len() && end % L == 0);
+    assert!(lim <= end && end <= s.len() && end.is_multiple_of(L));
     let p = s.as_mut_ptr();
     let sh = _mm512_set1_ps(shift);
     let mut sum = _mm512_setzero_ps();
