@@ -1,11 +1,35 @@
-//! `x W^T + b (+ r)` as one GEMM for inference on the CPU.
+//! `x W^T + b (+ r)` as one GEMM on the CPU.
 //!
 //! candle's matmul zero-fills its output and the bias and residual adds are two more passes, each
 //! with a fresh allocation. Here the output starts as `b (+ r)` and the GEMM accumulates into it.
-//! No backward: training uses the composition.
+//! For training, [`linear`] is one autograd node with its own backward instead of the five
+//! (reshape, transpose, matmul, broadcast add, reshape) of the composition, each of which costs
+//! candle a full-size gradient accumulation.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+
+/// `x [.., in] W^T + b` (`w [out, in]`, `b [out]`), differentiable in all three.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let cpu = matches!(x.device(), Device::Cpu)
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && w.dtype() == x.dtype()
+        && b.dtype() == x.dtype();
+    let dims = x.dims();
+    let d_in = dims[dims.len() - 1];
+    let rows = x.elem_count() / d_in.max(1);
+    if !cpu || rows == 0 {
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = w.dim(0)?;
+        return x
+            .reshape((rows, d_in))?
+            .matmul(&w.t()?)?
+            .broadcast_add(b)?
+            .reshape(out_dims);
+    }
+    x.contiguous()?
+        .apply_op3(w, &b.contiguous()?, LinearOp { residual: None })
+}
 
 /// `x [.., in]`, `w [out, in]`, `b [out]`, `residual [.., out]` -> `[.., out]`.
 pub fn linear_inference(
@@ -36,14 +60,12 @@ pub fn linear_inference(
             None => Ok(y),
         };
     }
-    let x = x.contiguous()?.reshape((rows, d_in))?;
     let op = LinearOp {
         residual: residual
             .map(|r| r.contiguous()?.reshape((rows, d_out)))
             .transpose()?,
     };
-    x.apply_op3_no_bwd(w, &b.contiguous()?, &op)?
-        .reshape(out_dims)
+    x.contiguous()?.apply_op3_no_bwd(w, &b.contiguous()?, &op)
 }
 
 struct LinearOp {
@@ -63,7 +85,8 @@ fn run<T: WithDType + 'static>(
     b: &[T],
     residual: Option<&[T]>,
 ) -> Vec<T> {
-    let (rows, k) = (lx.dims()[0], lx.dims()[1]);
+    let k = lx.dims()[lx.dims().len() - 1];
+    let rows = lx.shape().elem_count() / k.max(1);
     let n = lw.dims()[0];
     let mut dst = vec![T::zero(); rows * n];
     dst.par_chunks_mut(n)
@@ -83,7 +106,7 @@ fn run<T: WithDType + 'static>(
     } else {
         gemm::Parallelism::None
     };
-    let (sx, sw) = (lx.stride(), lw.stride());
+    let sw = lw.stride();
     // SAFETY: dst is [rows, n] row-major; x is [rows, k] and w [n, k] with the strides of their
     // layouts (read as w^T [k, n]); all in bounds of their slices.
     unsafe {
@@ -96,8 +119,8 @@ fn run<T: WithDType + 'static>(
             n as isize,
             true,
             x.as_ptr(),
-            sx[1] as isize,
-            sx[0] as isize,
+            1,
+            k as isize,
             w.as_ptr(),
             sw[0] as isize,
             sw[1] as isize,
@@ -126,11 +149,13 @@ impl CustomOp3 for LinearOp {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, k) = lx.shape().dims2()?;
         let (n, kw) = lw.shape().dims2()?;
+        let k = lx.dims().last().copied().unwrap_or(0);
         if k != kw || lb.dims() != [n] || !lx.is_contiguous() || !lb.is_contiguous() {
             candle_core::bail!("linear: x {lx:?}, w {lw:?}, b {lb:?} do not fit");
         }
+        let mut out_dims = lx.dims().to_vec();
+        *out_dims.last_mut().unwrap() = n;
         let res = self.residual.as_ref().map(|r| r.storage_and_layout());
         fn go<T: WithDType + 'static>(
             s: [&CpuStorage; 3],
@@ -157,13 +182,94 @@ impl CustomOp3 for LinearOp {
             CpuStorage::F64(_) => go::<f64>([sx, sw, sb], [lx, lw, lb], res)?,
             _ => candle_core::bail!("linear: f32 and f64 only"),
         };
-        Ok((out, Shape::from((rows, n))))
+        Ok((out, Shape::from(out_dims)))
+    }
+
+    /// dx = dy W, dW = dy^T x, db = the column sums of dy (never with a residual: `linear` has none).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let rows = x.elem_count() / k.max(1);
+        let dy = dy.contiguous()?.reshape((rows, n))?;
+        let dx = dy.matmul(w)?.reshape(x.dims())?;
+        let dw = dy.t()?.matmul(&x.reshape((rows, k))?)?;
+        let db = dy.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Var;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn linear_values_and_gradients_equal_the_composition() {
+        let dev = Device::Cpu;
+        for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-4)] {
+            let x = Var::from_tensor(
+                &Tensor::randn(0f64, 1.0, (2, 3, 5, 7), &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let w = Var::from_tensor(
+                &Tensor::randn(0f64, 1.0, (4, 7), &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let b = Var::from_tensor(
+                &Tensor::randn(0f64, 1.0, 4, &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let up = Tensor::randn(0f64, 1.0, (2, 3, 5, 4), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let got = linear(&x, &w, &b).unwrap();
+            let want = x
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            assert_eq!(got.dims(), &[2, 3, 5, 4]);
+            assert!(max_diff(&got, &want) < tol);
+            let g1 = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w, &b] {
+                let (a, c) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert_eq!(a.dims(), v.dims());
+                assert!(max_diff(a, c) < tol, "{dt:?}: gradient of {:?}", v.dims());
+            }
+        }
+    }
 
     #[test]
     fn equals_the_composition() {
