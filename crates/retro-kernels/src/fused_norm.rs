@@ -18,7 +18,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 /// The element types the CPU kernels handle.
-trait Float: WithDType + Default {
+pub(crate) trait Float: WithDType + Default {
     fn sqrt_(self) -> Self;
 }
 
@@ -88,7 +88,7 @@ fn stats<T: Float>(r: &[T], eps: T) -> (T, T) {
     (mean, T::one() / (q / n + eps).sqrt_())
 }
 
-fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Vec<T> {
+pub(crate) fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Vec<T> {
     let eps = T::from_f64(eps);
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(d * ROWS)
@@ -105,7 +105,13 @@ fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Vec<T> {
 }
 
 /// `(dx, dw, db)`.
-fn ln_bwd<T: Float>(x: &[T], w: &[T], g: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+pub(crate) fn ln_bwd<T: Float>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    d: usize,
+    eps: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let eps = T::from_f64(eps);
     let n = T::from_f64(d as f64);
     let mut dx = vec![T::zero(); x.len()];

@@ -21,6 +21,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub mod feed_forward_op;
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod gelu;

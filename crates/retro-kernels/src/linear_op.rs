@@ -68,6 +68,48 @@ pub fn linear_inference(
     x.contiguous()?.apply_op3_no_bwd(w, &b.contiguous()?, &op)
 }
 
+/// `dst [m, n]` (row-major) `= (dst if accumulate) + lhs [m, k] * rhs [k, n]`; each operand is
+/// `(pointer, row stride, column stride)`, run on rayon's threads.
+///
+/// # Safety
+/// Every element the strides address for those sizes must lie inside its allocation.
+pub(crate) unsafe fn gemm_into<T: WithDType + 'static>(
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: (*const T, isize, isize),
+    rhs: (*const T, isize, isize),
+    (m, n, k): (usize, usize, usize),
+) {
+    assert!(dst.len() >= m * n);
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        lhs.0,
+        lhs.2,
+        lhs.1,
+        rhs.0,
+        rhs.2,
+        rhs.1,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
 struct LinearOp {
     /// `[rows, out]`, contiguous.
     residual: Option<Tensor>,
@@ -100,36 +142,16 @@ fn run<T: WithDType + 'static>(
             }
             None => row.copy_from_slice(&b[..n]),
         });
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     let sw = lw.stride();
-    // SAFETY: dst is [rows, n] row-major; x is [rows, k] and w [n, k] with the strides of their
-    // layouts (read as w^T [k, n]); all in bounds of their slices.
+    // SAFETY: dst is [rows, n] row-major; x is [rows, k] and w [n, k] with the strides of its
+    // layout (read as w^T [k, n]); all in bounds of their slices.
     unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
+        gemm_into(
+            &mut dst,
             true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            sw[0] as isize,
-            sw[1] as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            par,
+            (x.as_ptr(), k as isize, 1),
+            (w.as_ptr(), sw[1] as isize, sw[0] as isize),
+            (rows, n, k),
         )
     };
     dst

@@ -1,0 +1,408 @@
+//! The pre-norm feed-forward block `h + W2 relu(W1 LN(h) + b1) + b2` as one differentiable op.
+//!
+//! Built from candle ops the block is eight autograd nodes, most of them `[rows, d_ff]` wide, each
+//! costing a full-size gradient accumulation; this is one node whose backward is written out
+//! (four GEMMs, the ReLU mask, LayerNorm's backward). The block's six parameters travel as one
+//! concatenated tensor: candle's `cat` backward hands each `Var` its slice of the gradient.
+
+use crate::fused_norm::{ln_bwd, ln_fwd, Float};
+use crate::linear_op::gemm_into;
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// The block's parameters (PyTorch layouts: `w1 [d_ff, d]`, `w2 [d, d_ff]`).
+pub struct FeedForwardParams<'a> {
+    pub norm_w: &'a Tensor,
+    pub norm_b: &'a Tensor,
+    pub w1: &'a Tensor,
+    pub b1: &'a Tensor,
+    pub w2: &'a Tensor,
+    pub b2: &'a Tensor,
+    pub eps: f64,
+}
+
+/// `h [.., d] -> h + lin2(relu(lin1(norm(h))))`, differentiable in `h` and every parameter.
+/// f32/f64 on the CPU; `None` elsewhere (the caller composes the block from candle ops).
+pub fn feed_forward(h: &Tensor, p: &FeedForwardParams<'_>) -> Result<Option<Tensor>> {
+    let (d_ff, d) = p.w1.dims2()?;
+    let ok = matches!(h.device(), Device::Cpu)
+        && matches!(h.dtype(), DType::F32 | DType::F64)
+        && [p.norm_w, p.norm_b, p.w1, p.b1, p.w2, p.b2]
+            .iter()
+            .all(|t| t.dtype() == h.dtype())
+        && h.dims().last() == Some(&d)
+        && p.w2.dims() == [d, d_ff];
+    if !ok {
+        return Ok(None);
+    }
+    let packed = Tensor::cat(
+        &[
+            p.norm_w,
+            p.norm_b,
+            &p.w1.flatten_all()?,
+            p.b1,
+            &p.w2.flatten_all()?,
+            p.b2,
+        ],
+        0,
+    )?;
+    let op = FeedForwardOp {
+        d,
+        d_ff,
+        eps: p.eps,
+        saved: Mutex::new(None),
+    };
+    Ok(Some(h.contiguous()?.apply_op2(&packed, op)?))
+}
+
+struct FeedForwardOp {
+    d: usize,
+    d_ff: usize,
+    eps: f64,
+    /// `LN(h)` and `relu(a)` from the forward, for the backward.
+    saved: Mutex<Option<(CpuStorage, CpuStorage)>>,
+}
+
+/// Offsets of the six parameters in the packed tensor.
+fn offsets(d: usize, f: usize) -> [usize; 7] {
+    let mut o = [0; 7];
+    for (i, len) in [d, d, f * d, f, d * f, d].into_iter().enumerate() {
+        o[i + 1] = o[i] + len;
+    }
+    o
+}
+
+fn cpu<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let v = T::cpu_storage_as_slice(s)?;
+    Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+}
+
+/// Column sums of `x [rows, n]`.
+fn col_sums<T: Float>(x: &[T], n: usize) -> Vec<T> {
+    x.par_chunks(n * 64)
+        .map(|c| {
+            let mut s = vec![T::zero(); n];
+            for row in c.chunks_exact(n) {
+                for (a, &v) in s.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            s
+        })
+        .reduce(
+            || vec![T::zero(); n],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            },
+        )
+}
+
+impl FeedForwardOp {
+    fn fwd<T: Float>(&self, h: &[T], p: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (d, f) = (self.d, self.d_ff);
+        let o = offsets(d, f);
+        let rows = h.len() / d.max(1);
+        let x = ln_fwd(h, &p[o[0]..o[1]], &p[o[1]..o[2]], d, self.eps);
+        let (w1, b1, w2, b2) = (
+            &p[o[2]..o[3]],
+            &p[o[3]..o[4]],
+            &p[o[4]..o[5]],
+            &p[o[5]..o[6]],
+        );
+        let mut a = vec![T::zero(); rows * f];
+        a.par_chunks_mut(f * 64).for_each(|c| {
+            for row in c.chunks_exact_mut(f) {
+                row.copy_from_slice(b1);
+            }
+        });
+        // SAFETY (both GEMMs): x [rows, d], w1 [f, d] read as w1^T [d, f], r [rows, f], w2 [d, f]
+        // read as w2^T [f, d]; sizes match the slices.
+        unsafe {
+            gemm_into(
+                &mut a,
+                true,
+                (x.as_ptr(), d as isize, 1),
+                (w1.as_ptr(), 1, d as isize),
+                (rows, f, d),
+            )
+        };
+        a.par_iter_mut().for_each(|v| {
+            if !(*v > T::zero()) {
+                *v = T::zero();
+            }
+        });
+        let mut y = vec![T::zero(); rows * d];
+        y.par_chunks_mut(d * 64)
+            .zip(h.par_chunks(d * 64))
+            .for_each(|(yc, hc)| {
+                for (yr, hr) in yc.chunks_exact_mut(d).zip(hc.chunks_exact(d)) {
+                    for i in 0..d {
+                        yr[i] = hr[i] + b2[i];
+                    }
+                }
+            });
+        unsafe {
+            gemm_into(
+                &mut y,
+                true,
+                (a.as_ptr(), f as isize, 1),
+                (w2.as_ptr(), 1, f as isize),
+                (rows, d, f),
+            )
+        };
+        (y, x, a)
+    }
+
+    /// `(dh, dpacked)` from `dy`.
+    fn bwd<T: Float>(&self, h: &[T], p: &[T], x: &[T], r: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+        let (d, f) = (self.d, self.d_ff);
+        let o = offsets(d, f);
+        let rows = h.len() / d.max(1);
+        let (w1, w2) = (&p[o[2]..o[3]], &p[o[4]..o[5]]);
+        let mut dp = vec![T::zero(); o[6]];
+        // SAFETY (every GEMM below): the operands are the row-major buffers named in each
+        // comment, with the sizes given; all lie inside their slices.
+        // dW2 [d, f] = dy^T [d, rows] r [rows, f]
+        unsafe {
+            gemm_into(
+                &mut dp[o[4]..o[5]],
+                false,
+                (dy.as_ptr(), 1, d as isize),
+                (r.as_ptr(), f as isize, 1),
+                (d, f, rows),
+            )
+        };
+        dp[o[5]..o[6]].copy_from_slice(&col_sums(dy, d));
+        // da [rows, f] = (dy [rows, d] w2 [d, f]) * (r > 0)
+        let mut da = vec![T::zero(); rows * f];
+        unsafe {
+            gemm_into(
+                &mut da,
+                false,
+                (dy.as_ptr(), d as isize, 1),
+                (w2.as_ptr(), f as isize, 1),
+                (rows, f, d),
+            )
+        };
+        da.par_iter_mut().zip(r.par_iter()).for_each(|(g, &rv)| {
+            if !(rv > T::zero()) {
+                *g = T::zero();
+            }
+        });
+        // dW1 [f, d] = da^T [f, rows] x [rows, d]
+        unsafe {
+            gemm_into(
+                &mut dp[o[2]..o[3]],
+                false,
+                (da.as_ptr(), 1, f as isize),
+                (x.as_ptr(), d as isize, 1),
+                (f, d, rows),
+            )
+        };
+        dp[o[3]..o[4]].copy_from_slice(&col_sums(&da, f));
+        // dx [rows, d] = da [rows, f] w1 [f, d]
+        let mut dx = vec![T::zero(); rows * d];
+        unsafe {
+            gemm_into(
+                &mut dx,
+                false,
+                (da.as_ptr(), f as isize, 1),
+                (w1.as_ptr(), d as isize, 1),
+                (rows, d, f),
+            )
+        };
+        let (mut dh, dw, db) = ln_bwd(h, &p[o[0]..o[1]], &dx, d, self.eps);
+        dp[o[0]..o[1]].copy_from_slice(&dw);
+        dp[o[1]..o[2]].copy_from_slice(&db);
+        dh.par_iter_mut()
+            .zip(dy.par_iter())
+            .for_each(|(a, &b)| *a += b);
+        (dh, dp)
+    }
+}
+
+fn slices<'a, T: Float>(s: [&'a CpuStorage; 2], l: [&Layout; 2]) -> Result<(&'a [T], &'a [T])> {
+    Ok((cpu::<T>(s[0], l[0])?, cpu::<T>(s[1], l[1])?))
+}
+
+impl CustomOp2 for FeedForwardOp {
+    fn name(&self) -> &'static str {
+        "feed-forward-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sh: &CpuStorage,
+        lh: &Layout,
+        sp: &CpuStorage,
+        lp: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !lh.is_contiguous()
+            || !lp.is_contiguous()
+            || lp.dims() != [offsets(self.d, self.d_ff)[6]]
+        {
+            candle_core::bail!("feed-forward: bad layouts {lh:?}, {lp:?}");
+        }
+        macro_rules! go {
+            ($t:ty) => {{
+                let (h, p) = slices::<$t>([sh, sp], [lh, lp])?;
+                let (y, x, a) = self.fwd(h, p);
+                *self.saved.lock().unwrap() =
+                    Some((<$t>::to_cpu_storage_owned(x), <$t>::to_cpu_storage_owned(a)));
+                <$t>::to_cpu_storage_owned(y)
+            }};
+        }
+        let y = match sh {
+            CpuStorage::F32(_) => go!(f32),
+            CpuStorage::F64(_) => go!(f64),
+            _ => candle_core::bail!("feed-forward: f32 and f64 only"),
+        };
+        Ok((y, lh.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        p: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some((x, r)) = self.saved.lock().unwrap().take() else {
+            candle_core::bail!("feed-forward: backward without a saved forward");
+        };
+        let dy = dy.contiguous()?;
+        let (sh, lh) = h.storage_and_layout();
+        let (sp, lp) = p.storage_and_layout();
+        let (sg, lg) = dy.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(sh),
+            candle_core::Storage::Cpu(sp),
+            candle_core::Storage::Cpu(sg),
+        ) = (&*sh, &*sp, &*sg)
+        else {
+            candle_core::bail!("feed-forward: CPU tensors only");
+        };
+        macro_rules! go {
+            ($t:ty) => {{
+                let (hv, pv) = slices::<$t>([sh, sp], [lh, lp])?;
+                let g = cpu::<$t>(sg, lg)?;
+                let (xv, rv) = (
+                    <$t>::cpu_storage_as_slice(&x)?,
+                    <$t>::cpu_storage_as_slice(&r)?,
+                );
+                let (dh, dp) = self.bwd(hv, pv, xv, rv, g);
+                (
+                    Tensor::from_vec(dh, h.shape(), h.device())?,
+                    Tensor::from_vec(dp, p.shape(), p.device())?,
+                )
+            }};
+        }
+        let (dh, dp) = match sh {
+            CpuStorage::F32(_) => go!(f32),
+            CpuStorage::F64(_) => go!(f64),
+            _ => candle_core::bail!("feed-forward: f32 and f64 only"),
+        };
+        Ok((Some(dh), Some(dp)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn composed(h: &Tensor, p: &FeedForwardParams<'_>) -> Tensor {
+        let x = candle_nn::ops::layer_norm_slow(h, p.norm_w, p.norm_b, p.eps as f32).unwrap();
+        let a = x
+            .broadcast_matmul(&p.w1.t().unwrap())
+            .unwrap()
+            .broadcast_add(p.b1)
+            .unwrap();
+        let y = a
+            .relu()
+            .unwrap()
+            .broadcast_matmul(&p.w2.t().unwrap())
+            .unwrap();
+        (y.broadcast_add(p.b2).unwrap() + h).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn values_and_gradients_equal_the_composition() {
+        let dev = Device::Cpu;
+        let (d, f) = (6, 10);
+        for (dt, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            let var = |shape: &[usize], mean: f64| {
+                Var::from_tensor(
+                    &Tensor::randn(mean, 1.0, shape, &dev)
+                        .unwrap()
+                        .to_dtype(dt)
+                        .unwrap(),
+                )
+                .unwrap()
+            };
+            let h = var(&[2, 7, d], 0.0);
+            let (nw, nb, w1, b1, w2, b2) = (
+                var(&[d], 1.0),
+                var(&[d], 0.0),
+                var(&[f, d], 0.0),
+                var(&[f], 0.0),
+                var(&[d, f], 0.0),
+                var(&[d], 0.0),
+            );
+            let p = FeedForwardParams {
+                norm_w: &nw,
+                norm_b: &nb,
+                w1: &w1,
+                b1: &b1,
+                w2: &w2,
+                b2: &b2,
+                eps: 1e-5,
+            };
+            let got = feed_forward(&h, &p).unwrap().unwrap();
+            let want = composed(&h, &p);
+            assert!(max_diff(&got, &want) < tol, "{dt:?} values");
+            let up = Tensor::randn(0f64, 1.0, (2, 7, d), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let g1 = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [
+                ("h", &h),
+                ("norm_w", &nw),
+                ("norm_b", &nb),
+                ("w1", &w1),
+                ("b1", &b1),
+                ("w2", &w2),
+                ("b2", &b2),
+            ] {
+                let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert_eq!(a.dims(), v.dims(), "{name}");
+                assert!(
+                    max_diff(a, b) < tol,
+                    "{dt:?}: gradient of {name}: {}",
+                    max_diff(a, b)
+                );
+            }
+        }
+    }
+}
