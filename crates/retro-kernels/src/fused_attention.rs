@@ -736,14 +736,14 @@ fn backward_cpu<T: Float>(
 }
 
 /// The candle op: inputs `[b, h, s, d]` (strided), output `[b, sq, h, d]`.
-struct FusedAttention {
+pub(crate) struct FusedAttention {
     causal: Option<usize>,
     /// Log-sum-exp per row `[b*h, sq]`, kept from the forward for the backward when training.
     lse: Option<Mutex<Option<CpuStorage>>>,
 }
 
 impl FusedAttention {
-    fn new(causal: Option<usize>, save: bool) -> Self {
+    pub(crate) fn new(causal: Option<usize>, save: bool) -> Self {
         Self {
             causal,
             lse: save.then(|| Mutex::new(None)),

@@ -27,5 +27,6 @@ pub mod fused_norm;
 pub mod gelu;
 pub mod kernels;
 pub mod linear_op;
+pub mod self_attention_op;
 
 pub use kernels::Kernels;

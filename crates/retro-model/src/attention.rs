@@ -5,6 +5,7 @@ use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
 use crate::layers::{fused_linear, LayerNorm, Linear};
 use crate::rope::RopeTables;
+use crate::self_attention_op::self_attention_qkv;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -81,6 +82,15 @@ impl SelfAttention {
             kern,
         )?
         .reshape((b, s, 3, nh, dk))?;
+        if kern == Kernels::Differentiable && cache.is_none() {
+            // Training: one autograd node from the projection (CPU, f32/f64).
+            let causal = (self.causal && mask.is_some()).then_some(0);
+            if let Some(out) = self_attention_qkv(&qkv, &rope.cos, &rope.sin, causal)? {
+                return self
+                    .output
+                    .forward_k(&out.reshape((b, s, nh * dk))?, Some(h), kern);
+            }
+        }
         let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
         // RoPE is linear: the scale folded into the query weights commutes with it.
         let q = kern

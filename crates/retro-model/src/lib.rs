@@ -48,7 +48,9 @@ pub mod train;
 pub mod weights;
 
 // The kernels live in retro-kernels (the index's BERT encoder uses them too).
-pub use retro_kernels::{feed_forward_op, fused_attention, fused_norm, kernels, linear_op};
+pub use retro_kernels::{
+    feed_forward_op, fused_attention, fused_norm, kernels, linear_op, self_attention_op,
+};
 
 pub use config::RetroConfig;
 pub use device::{device_from_name, dtype_from_name};
