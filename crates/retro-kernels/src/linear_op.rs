@@ -218,7 +218,9 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
         let rows = x.elem_count() / k.max(1);
-        let dy = dy.contiguous()?.reshape((rows, n))?;
+        // Detached: the gradients must not keep this step's graph (x's activations) alive.
+        let (x, w) = (&x.detach(), &w.detach());
+        let dy = dy.detach().contiguous()?.reshape((rows, n))?;
         let dx = dy.matmul(w)?.reshape(x.dims())?;
         let dw = dy.t()?.matmul(&x.reshape((rows, k))?)?;
         let db = dy.sum(0)?;

@@ -2,7 +2,7 @@
 use candle_core::{DType, Device, Tensor};
 use retro_model::bench::ModelBenchSpec;
 use retro_model::fused_attention::attention_heads;
-use retro_model::train::cross_entropy;
+use retro_model::train::{cross_entropy, AdamW, AdamWParams};
 use retro_model::{Kernels, RetroModel};
 use std::time::Instant;
 
@@ -30,12 +30,20 @@ fn main() -> retro_model::Result<()> {
         }
     }
     if all || what == "train" {
+        let mut opt = AdamW::for_model(&m, AdamWParams::default())?;
         for _ in 0..3 {
             let t = Instant::now();
             let loss = cross_entropy(&m.forward_train(&x, Some(&ret))?, &y)?;
             let fwd = t.elapsed();
-            loss.backward()?;
-            println!("train forward {fwd:?}, forward+backward {:?}", t.elapsed());
+            let grads = loss.backward()?;
+            let fb = t.elapsed();
+            if std::env::var_os("NO_ADAMW").is_none() {
+                opt.step(&grads, 1e-4)?;
+            }
+            println!(
+                "train forward {fwd:?}, forward+backward {fb:?}, + AdamW {:?}",
+                t.elapsed()
+            );
         }
     }
     if all || what == "kernels" {

@@ -32,7 +32,7 @@ pub fn clip_grad_norm(vars: &[(String, Var)], grads: &mut GradStore, max_norm: f
         let s = max_norm / (norm + 1e-6);
         for (_, v) in vars {
             if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), (g * s)?);
+                grads.insert(v.as_tensor(), (g.detach() * s)?);
             }
         }
     }
@@ -110,6 +110,9 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // Gradients can carry the op graph that computed them (and through it the step's
+            // activations); the moments outlive the step, so they must not hold on to it.
+            let g = &g.detach();
             let m = ((&self.m[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;
             let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
@@ -166,5 +169,63 @@ impl RetroModel {
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RetroConfig, RetroModel};
+    use candle_core::Device;
+
+    /// The moments outlive the step: if they were computed from gradients that still carry their
+    /// op graph, every step's activations would stay alive (memory grew by ~1 GB a step).
+    #[test]
+    fn moments_hold_no_graph_after_a_step() {
+        let config = RetroConfig {
+            n_vocab: 11,
+            d_model: 16,
+            n_layers: 2,
+            ca_layers: [1].into(),
+            chunk_len: 4,
+            n_heads: 2,
+            d_k: 8,
+            d_ff: 32,
+            enc_n_layers: 1,
+            enc_ca_layers: [0].into(),
+            layer_norm_eps: 1e-5,
+            rope_base: 10_000.0,
+        };
+        let dev = Device::Cpu;
+        let model = RetroModel::new(&config, 3, DType::F32, &dev).unwrap();
+        let x = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &dev).unwrap();
+        let ret = Tensor::new(
+            &[[[[1u32, 2, 3, 4, 5, 6, 7, 8]], [[2u32, 3, 4, 5, 6, 7, 8, 9]]]],
+            &dev,
+        )
+        .unwrap();
+        let mut opt = AdamW::for_model(&model, AdamWParams::default()).unwrap();
+        for _ in 0..2 {
+            let logits = model.forward_train(&x, Some(&ret)).unwrap();
+            let loss = cross_entropy(&logits, &x).unwrap();
+            opt.step(&loss.backward().unwrap(), 1e-3).unwrap();
+        }
+        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
+    }
+
+    /// candle's own matmul backward yields a gradient that still tracks its op: AdamW detaches it.
+    #[test]
+    fn adamw_detaches_a_tracked_gradient() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 2), &dev).unwrap()).unwrap();
+        let grads = a.matmul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(&w).unwrap().track_op(),
+            "the premise: a tracked gradient"
+        );
+        let mut opt = AdamW::new(vec![("w".into(), w)], AdamWParams::default()).unwrap();
+        opt.step(&grads, 1e-3).unwrap();
+        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
     }
 }
