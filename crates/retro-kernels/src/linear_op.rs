@@ -130,18 +130,26 @@ fn run<T: WithDType + 'static>(
     let k = lx.dims()[lx.dims().len() - 1];
     let rows = lx.shape().elem_count() / k.max(1);
     let n = lw.dims()[0];
-    let mut dst = vec![T::zero(); rows * n];
-    dst.par_chunks_mut(n)
+    // The output starts as b (+ r): written once, never zero-filled first.
+    let mut dst: Vec<T> = Vec::with_capacity(rows * n);
+    dst.spare_capacity_mut()[..rows * n]
+        .par_chunks_mut(n.max(1))
         .enumerate()
         .with_min_len(64)
         .for_each(|(i, row)| match residual {
             Some(r) => {
                 for ((d, &bj), &rj) in row.iter_mut().zip(b).zip(&r[i * n..(i + 1) * n]) {
-                    *d = bj + rj;
+                    d.write(bj + rj);
                 }
             }
-            None => row.copy_from_slice(&b[..n]),
+            None => {
+                for (d, &bj) in row.iter_mut().zip(b) {
+                    d.write(bj);
+                }
+            }
         });
+    // SAFETY: every one of the rows * n elements was written above (b has n elements).
+    unsafe { dst.set_len(rows * n) };
     let sw = lw.stride();
     // SAFETY: dst is [rows, n] row-major; x is [rows, k] and w [n, k] with the strides of its
     // layout (read as w^T [k, n]); all in bounds of their slices.
