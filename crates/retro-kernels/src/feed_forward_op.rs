@@ -131,7 +131,7 @@ impl FeedForwardOp {
             )
         };
         a.par_iter_mut().for_each(|v| {
-            if !(*v > T::zero()) {
+            if *v <= T::zero() {
                 *v = T::zero();
             }
         });
@@ -189,7 +189,7 @@ impl FeedForwardOp {
             )
         };
         da.par_iter_mut().zip(r.par_iter()).for_each(|(g, &rv)| {
-            if !(rv > T::zero()) {
+            if rv <= T::zero() {
                 *g = T::zero();
             }
         });
