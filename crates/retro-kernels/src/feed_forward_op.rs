@@ -313,6 +313,7 @@ impl CustomOp2 for FeedForwardOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_diff;
     use candle_core::Var;
 
     fn composed(h: &Tensor, p: &FeedForwardParams<'_>) -> Tensor {
@@ -328,21 +329,6 @@ mod tests {
             .broadcast_matmul(&p.w2.t().unwrap())
             .unwrap();
         (y.broadcast_add(p.b2).unwrap() + h).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     #[test]

@@ -909,6 +909,7 @@ impl CustomOp3 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_diff;
     use candle_core::Var;
 
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, off: Option<usize>) -> Result<Tensor> {
@@ -921,21 +922,6 @@ mod tests {
             Kernels::Differentiable,
         )?;
         out.squeeze(2)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     fn check(n: usize, sq: usize, sk: usize, d: usize, off: Option<usize>, dtype: DType, tol: f64) {

@@ -398,20 +398,8 @@ impl CustomOp3 for RopeOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_diff;
     use candle_core::Var;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     fn rand(shape: &[usize], dtype: DType) -> Tensor {
         Tensor::randn(0f64, 1.0, shape, &Device::Cpu)

@@ -30,3 +30,22 @@ pub mod linear_op;
 pub mod self_attention_op;
 
 pub use kernels::Kernels;
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use candle_core::{DType, Tensor};
+
+    /// The largest absolute difference of two tensors of one shape, in f64.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+}

@@ -239,22 +239,8 @@ impl CustomOp3 for LinearOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_diff;
     use candle_core::Var;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn linear_values_and_gradients_equal_the_composition() {
@@ -334,29 +320,11 @@ mod tests {
                 + &r)
                 .unwrap();
             let got = linear_inference(&x, &w, &b, Some(&r)).unwrap();
-            let diff = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap();
-            let diff = diff
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(
-                diff < if dt == DType::F64 { 1e-12 } else { 1e-5 },
-                "{dt:?}: {diff}"
-            );
+            let diff = max_diff(&got, &want);
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+            assert!(diff < tol, "{dt:?}: {diff}");
             let no_res = linear_inference(&x, &w, &b, None).unwrap();
-            let back = (no_res + &r).unwrap();
-            let d2 = (back - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert!(d2.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap() < 1e-5);
+            assert!(max_diff(&(no_res + &r).unwrap(), &want) < tol);
         }
     }
 }

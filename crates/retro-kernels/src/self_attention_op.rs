@@ -105,6 +105,7 @@ impl CustomOp2 for QkvAttention {
 mod tests {
     use super::*;
     use crate::fused_attention::attention_heads;
+    use crate::testutil::max_diff;
     use crate::Kernels;
     use candle_core::Var;
 
@@ -139,21 +140,7 @@ mod tests {
                     .unwrap()
                     .unwrap();
                 let want = composed(&qkv, &cos, &sin, causal);
-                let diff = |a: &Tensor, b: &Tensor| {
-                    (a - b)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                };
-                assert!(diff(&got, &want) < tol, "{dt:?} {causal:?} values");
+                assert!(max_diff(&got, &want) < tol, "{dt:?} {causal:?} values");
                 let up = Tensor::randn(0f64, 1.0, (b, s, h, d), &dev)
                     .unwrap()
                     .to_dtype(dt)
@@ -163,9 +150,9 @@ mod tests {
                 let (a, c) = (g1.get(&qkv).unwrap(), g2.get(&qkv).unwrap());
                 assert_eq!(a.dims(), qkv.dims());
                 assert!(
-                    diff(a, c) < tol,
+                    max_diff(a, c) < tol,
                     "{dt:?} {causal:?} gradient: {}",
-                    diff(a, c)
+                    max_diff(a, c)
                 );
             }
         }
