@@ -43,6 +43,12 @@ pub struct BertEmbedder {
     max_len: usize,
 }
 
+/// An encoding's ids without padding: the attention mask marks the real tokens (a prefix).
+fn unpadded(enc: &tokenizers::Encoding) -> Vec<u32> {
+    let n = enc.get_attention_mask().iter().filter(|&&m| m == 1).count();
+    enc.get_ids()[..n].to_vec()
+}
+
 /// Which implementation runs the encoder.
 enum Engine {
     Padded(BertModel),
@@ -152,8 +158,7 @@ impl BertEmbedder {
             .tokenizer
             .encode(text, true)
             .map_err(|err| IndexError::Embedder(err.to_string()))?;
-        let n = enc.get_attention_mask().iter().filter(|&&m| m == 1).count();
-        Ok(enc.get_ids()[..n].to_vec())
+        Ok(unpadded(&enc))
     }
 
     pub fn max_len(&self) -> usize {
@@ -173,14 +178,7 @@ impl BertEmbedder {
         let model = match &self.model {
             Engine::Padded(model) => model,
             Engine::Packed(model) => {
-                // Unpadded ids: the attention mask marks the real tokens (a prefix).
-                let ids: Vec<Vec<u32>> = encs
-                    .iter()
-                    .map(|enc| {
-                        let n = enc.get_attention_mask().iter().filter(|&&m| m == 1).count();
-                        enc.get_ids()[..n].to_vec()
-                    })
-                    .collect();
+                let ids: Vec<Vec<u32>> = encs.iter().map(unpadded).collect();
                 let pooled = model.mean_pooled(&ids).map_err(cerr)?;
                 return self.finish(pooled);
             }

@@ -6,7 +6,7 @@
 //! concatenated tensor: candle's `cat` backward hands each `Var` its slice of the gradient.
 
 use crate::fused_norm::{ln_bwd, ln_fwd, Float};
-use crate::linear_op::gemm_into;
+use crate::linear_op::{affine, gemm_into};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -113,47 +113,14 @@ impl FeedForwardOp {
             &p[o[4]..o[5]],
             &p[o[5]..o[6]],
         );
-        let mut a = vec![T::zero(); rows * f];
-        a.par_chunks_mut(f * 64).for_each(|c| {
-            for row in c.chunks_exact_mut(f) {
-                row.copy_from_slice(b1);
-            }
-        });
-        // SAFETY (both GEMMs): x [rows, d], w1 [f, d] read as w1^T [d, f], r [rows, f], w2 [d, f]
-        // read as w2^T [f, d]; sizes match the slices.
-        unsafe {
-            gemm_into(
-                &mut a,
-                true,
-                (x.as_ptr(), d as isize, 1),
-                (w1.as_ptr(), 1, d as isize),
-                (rows, f, d),
-            )
-        };
+        // w1 [f, d] and w2 [d, f] are row-major.
+        let mut a = affine(&x, (rows, d), w1, (f, [d, 1]), b1, None);
         a.par_iter_mut().for_each(|v| {
             if *v <= T::zero() {
                 *v = T::zero();
             }
         });
-        let mut y = vec![T::zero(); rows * d];
-        y.par_chunks_mut(d * 64)
-            .zip(h.par_chunks(d * 64))
-            .for_each(|(yc, hc)| {
-                for (yr, hr) in yc.chunks_exact_mut(d).zip(hc.chunks_exact(d)) {
-                    for i in 0..d {
-                        yr[i] = hr[i] + b2[i];
-                    }
-                }
-            });
-        unsafe {
-            gemm_into(
-                &mut y,
-                true,
-                (a.as_ptr(), f as isize, 1),
-                (w2.as_ptr(), 1, f as isize),
-                (rows, d, f),
-            )
-        };
+        let y = affine(&a, (rows, f), w2, (d, [f, 1]), b2, Some(h));
         (y, x, a)
     }
 

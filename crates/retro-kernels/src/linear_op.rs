@@ -9,23 +9,32 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-/// `x [.., in] W^T + b` (`w [out, in]`, `b [out]`), differentiable in all three.
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let cpu = matches!(x.device(), Device::Cpu)
+/// The CPU kernel handles these (f32 or f64 on the CPU, one dtype, at least one row).
+fn kernel_ok(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu)
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && w.dtype() == x.dtype()
-        && b.dtype() == x.dtype();
+        && b.dtype() == x.dtype()
+        && x.elem_count() > 0
+}
+
+/// The candle composition (any device): one 2-D GEMM over all leading dims, then the bias.
+fn composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let d_in = dims[dims.len() - 1];
     let rows = x.elem_count() / d_in.max(1);
-    if !cpu || rows == 0 {
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = w.dim(0)?;
-        return x
-            .reshape((rows, d_in))?
-            .matmul(&w.t()?)?
-            .broadcast_add(b)?
-            .reshape(out_dims);
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = w.dim(0)?;
+    x.reshape((rows, d_in))?
+        .matmul(&w.t()?)?
+        .broadcast_add(b)?
+        .reshape(out_dims)
+}
+
+/// `x [.., in] W^T + b` (`w [out, in]`, `b [out]`), differentiable in all three.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !kernel_ok(x, w, b) {
+        return composed(x, w, b);
     }
     x.contiguous()?
         .apply_op3(w, &b.contiguous()?, LinearOp { residual: None })
@@ -44,17 +53,10 @@ pub fn linear_inference(
     let d_out = w.dim(0)?;
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().unwrap() = d_out;
-    let cpu = matches!(x.device(), Device::Cpu)
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && w.dtype() == x.dtype()
-        && b.dtype() == x.dtype()
-        && residual.is_none_or(|r| r.dtype() == x.dtype() && r.dims() == out_dims.as_slice());
-    if !cpu || rows == 0 {
-        let y = x
-            .reshape((rows, d_in))?
-            .matmul(&w.t()?)?
-            .broadcast_add(b)?
-            .reshape(out_dims)?;
+    let residual_ok =
+        residual.is_none_or(|r| r.dtype() == x.dtype() && r.dims() == out_dims.as_slice());
+    if !kernel_ok(x, w, b) || !residual_ok {
+        let y = composed(x, w, b)?;
         return match residual {
             Some(r) => y + r,
             None => Ok(y),
@@ -119,18 +121,19 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     Ok(&T::cpu_storage_as_slice(s)?[l.start_offset()..])
 }
 
-fn run<T: WithDType + 'static>(
+/// `x [rows, k] W^T + b (+ r)` as a new row-major `[rows, n]`: the output starts as `b (+ r)`,
+/// written once (never zero-filled first), and the GEMM accumulates into it. `w` is `[n, k]` with
+/// strides `sw` (along n, along k); `r` is `[rows, n]` row-major.
+pub(crate) fn affine<T: WithDType + 'static>(
     x: &[T],
-    lx: &Layout,
+    (rows, k): (usize, usize),
     w: &[T],
-    lw: &Layout,
+    (n, sw): (usize, [usize; 2]),
     b: &[T],
     residual: Option<&[T]>,
 ) -> Vec<T> {
-    let k = lx.dims()[lx.dims().len() - 1];
-    let rows = lx.shape().elem_count() / k.max(1);
-    let n = lw.dims()[0];
-    // The output starts as b (+ r): written once, never zero-filled first.
+    assert!(x.len() >= rows * k && b.len() >= n && residual.is_none_or(|r| r.len() >= rows * n));
+    assert!(n == 0 || k == 0 || w.len() > (n - 1) * sw[0] + (k - 1) * sw[1]);
     let mut dst: Vec<T> = Vec::with_capacity(rows * n);
     dst.spare_capacity_mut()[..rows * n]
         .par_chunks_mut(n.max(1))
@@ -150,9 +153,8 @@ fn run<T: WithDType + 'static>(
         });
     // SAFETY: every one of the rows * n elements was written above (b has n elements).
     unsafe { dst.set_len(rows * n) };
-    let sw = lw.stride();
-    // SAFETY: dst is [rows, n] row-major; x is [rows, k] and w [n, k] with the strides of its
-    // layout (read as w^T [k, n]); all in bounds of their slices.
+    // SAFETY: dst is [rows, n] row-major; x is [rows, k] row-major and w [n, k] with strides sw
+    // (read as w^T [k, n]); the asserts above keep every addressed element in bounds.
     unsafe {
         gemm_into(
             &mut dst,
@@ -198,7 +200,11 @@ impl CustomOp3 for LinearOp {
                 slice::<T>(s[1], l[1])?,
                 slice::<T>(s[2], l[2])?,
             );
-            Ok(T::to_cpu_storage_owned(run(x, l[0], w, l[1], b, r)))
+            let k = l[0].dims().last().copied().unwrap_or(0);
+            let rows = l[0].shape().elem_count() / k.max(1);
+            let (n, sw) = (l[1].dims()[0], l[1].stride());
+            let y = affine(x, (rows, k), w, (n, [sw[0], sw[1]]), b, r);
+            Ok(T::to_cpu_storage_owned(y))
         }
         let res = match &res {
             Some((s, l)) => match &**s {

@@ -12,24 +12,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `x [.., in] -> [.., out]` as one 2-D GEMM over all leading dims (one big multi-threaded matmul
-    /// instead of a batched one).
+    /// `x [.., in] -> [.., out]`, differentiable: one 2-D GEMM over all leading dims (one big
+    /// multi-threaded matmul instead of a batched one), one autograd node on the CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let d_in = dims[dims.len() - 1];
-        let rows = x.elem_count() / d_in.max(1);
-        let d_out = self.weight.dim(0)?;
-        let y = x
-            .reshape((rows, d_in))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = d_out;
-        y.reshape(out_dims)
+        linear(x, &self.weight, &self.bias)
     }
 
     /// `x W^T + b (+ residual)`. With `Kernels::Fused` on the CPU: one GEMM accumulating into the
-    /// bias (and residual), no backward; otherwise the differentiable composition.
+    /// bias (and residual), no backward; otherwise [`Linear::forward`] (differentiable).
     pub fn forward_k(
         &self,
         x: &Tensor,
@@ -38,14 +28,10 @@ impl Linear {
     ) -> Result<Tensor> {
         match kern {
             Kernels::Fused => linear_inference(x, &self.weight, &self.bias, residual),
-            // One autograd node instead of the composition's five.
-            Kernels::Differentiable => {
-                let y = linear(x, &self.weight, &self.bias)?;
-                match residual {
-                    Some(r) => y + r,
-                    None => Ok(y),
-                }
-            }
+            Kernels::Differentiable => match residual {
+                Some(r) => self.forward(x)? + r,
+                None => self.forward(x),
+            },
         }
     }
 }
