@@ -1,4 +1,5 @@
-//! Where the forward's time goes: `profile [full|train|kernels]` (default: all).
+//! Where the forward's time goes: `profile [full|train|kernels]` (default: all); `NO_ADAMW=1` leaves the
+//! optimizer step out of `train`.
 use candle_core::{DType, Device, Tensor};
 use retro_model::bench::ModelBenchSpec;
 use retro_model::fused_attention::attention_heads;
