@@ -6,7 +6,7 @@
 //! concatenated tensor: candle's `cat` backward hands each `Var` its slice of the gradient.
 
 use crate::fused_norm::{ln_bwd, ln_fwd, Float};
-use crate::linear_op::{affine, gemm_into};
+use crate::linear_op::{affine, col_sums, gemm_into};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -76,29 +76,6 @@ fn offsets(d: usize, f: usize) -> [usize; 7] {
 fn cpu<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let v = T::cpu_storage_as_slice(s)?;
     Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-}
-
-/// Column sums of `x [rows, n]`.
-fn col_sums<T: Float>(x: &[T], n: usize) -> Vec<T> {
-    x.par_chunks(n * 64)
-        .map(|c| {
-            let mut s = vec![T::zero(); n];
-            for row in c.chunks_exact(n) {
-                for (a, &v) in s.iter_mut().zip(row) {
-                    *a += v;
-                }
-            }
-            s
-        })
-        .reduce(
-            || vec![T::zero(); n],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            },
-        )
 }
 
 impl FeedForwardOp {
