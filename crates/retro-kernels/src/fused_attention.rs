@@ -130,7 +130,7 @@ pub fn fallback(
 }
 
 /// The element types the CPU kernel handles.
-trait Float: WithDType + Default {
+pub(crate) trait Float: WithDType + Default {
     const NEG_INF: Self;
     fn exp_(self) -> Self;
     fn ln_(self) -> Self;
@@ -173,7 +173,7 @@ impl Float for f32 {
 
 /// Where head `(b, h)` row `i` of a 4-D tensor starts: `off + b*sb + h*sh + i*ss` (feature stride 1).
 #[derive(Debug, Clone, Copy)]
-struct View {
+pub(crate) struct View {
     off: usize,
     sb: usize,
     sh: usize,
@@ -182,6 +182,32 @@ struct View {
 }
 
 impl View {
+    /// Rows of `heads` heads, `head` elements apart, in groups (sequences) `group` apart, rows
+    /// `row` apart, from `off`.
+    pub(crate) fn new(off: usize, group: usize, row: usize, heads: usize, head: usize) -> Self {
+        Self {
+            off,
+            sb: group,
+            sh: head,
+            ss: row,
+            heads,
+        }
+    }
+    /// The same rows `by` elements further on.
+    pub(crate) fn shifted(self, by: usize) -> Self {
+        Self {
+            off: self.off + by,
+            ..self
+        }
+    }
+    /// One past the last element of `nh` heads of `rows` rows of `d` features.
+    fn end(&self, nh: usize, rows: usize, d: usize) -> usize {
+        if nh == 0 || rows == 0 {
+            return 0;
+        }
+        // Strides are non-negative: the last head's last row is the farthest.
+        self.row(nh - 1, rows - 1) + d
+    }
     /// For a `[b, h, s, d]` layout.
     fn bhsd(l: &Layout) -> Self {
         let st = l.stride();
@@ -212,7 +238,7 @@ impl View {
 
 /// The problem: `nh = b*h` heads, `sq` queries, `sk` keys of `d` features.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
+pub(crate) struct Dims {
     nh: usize,
     heads: usize,
     sq: usize,
@@ -222,6 +248,22 @@ struct Dims {
 }
 
 impl Dims {
+    /// `groups` sequences of `heads` heads each: `sq` queries attend to `sk` keys of `d` features.
+    pub(crate) fn new(
+        groups: usize,
+        heads: usize,
+        (sq, sk, d): (usize, usize, usize),
+        causal: Option<usize>,
+    ) -> Self {
+        Self {
+            nh: groups * heads,
+            heads,
+            sq,
+            sk,
+            d,
+            causal,
+        }
+    }
     /// Keys query row i may see.
     #[inline(always)]
     fn lim(&self, i: usize) -> usize {
@@ -553,7 +595,7 @@ macro_rules! dispatch {
     }};
 }
 
-fn forward_cpu<T: Float>(
+pub(crate) fn forward_cpu<T: Float>(
     [q, k, v]: [&[T]; 3],
     [qv, kv, vv]: [View; 3],
     dims: Dims,
@@ -609,6 +651,8 @@ struct BwdArgs<'a, T> {
     dq: &'a SendPtr<T>,
     dk: &'a SendPtr<T>,
     dv: &'a SendPtr<T>,
+    /// Where the rows of dQ, dK and dV go.
+    dst: [View; 3],
 }
 
 /// Backward of head `n`, all rows. `_r0, _r1` keep the dispatch signature.
@@ -668,44 +712,45 @@ fn bwd_task<T: Float>(a: &BwdArgs<'_, T>, n: usize, _r0: usize, _r1: usize, sc: 
         tile_outer(p, ldk, lmax, got, ldd, dv);
         for r in 0..rows {
             // SAFETY: rows of head n belong to this task only.
-            let dst = unsafe { a.dq.slice(a.dims.out_row(n, i0 + r), d) };
+            let dst = unsafe { a.dq.slice(a.dst[0].row(n, i0 + r), d) };
             dst.copy_from_slice(&dqb[r * ldd..r * ldd + d]);
         }
     }
     let sk = a.dims.sk;
     for j in 0..sk {
-        let ko = (((n / a.dims.heads) * sk + j) * a.dims.heads + n % a.dims.heads) * d;
         // SAFETY: rows of head n belong to this task only.
-        let (gk, gv) = unsafe { (a.dk.slice(ko, d), a.dv.slice(ko, d)) };
+        let (gk, gv) = unsafe {
+            (
+                a.dk.slice(a.dst[1].row(n, j), d),
+                a.dv.slice(a.dst[2].row(n, j), d),
+            )
+        };
         if j < nk {
             gk.copy_from_slice(&dk[j * ldd..j * ldd + d]);
             gv.copy_from_slice(&dv[j * ldd..j * ldd + d]);
+        } else {
+            gk.fill(T::zero());
+            gv.fill(T::zero());
         }
     }
 }
 
 type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
 
+/// The backward into `dq, dk, dv` at the rows `dst` gives.
+///
+/// # Safety
+/// `dq`, `dk`, `dv` must be valid for writes at every row `dst` addresses for `dims`, and no two
+/// rows may overlap.
 #[allow(clippy::too_many_arguments)]
-fn backward_cpu<T: Float>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    o: &[T],
-    go: &[T],
+unsafe fn backward_raw<T: Float>(
+    [q, k, v, o, go]: [&[T]; 5],
     lse: &[T],
-    views: [View; 5],
+    [qv, kv, vv, ov, gov]: [View; 5],
     dims: Dims,
-) -> Grads<T> {
-    let mut dq = vec![T::zero(); dims.nh * dims.sq * dims.d];
-    let mut dk = vec![T::zero(); dims.nh * dims.sk * dims.d];
-    let mut dv = vec![T::zero(); dims.nh * dims.sk * dims.d];
-    let (pq, pk, pv) = (
-        SendPtr(dq.as_mut_ptr()),
-        SendPtr(dk.as_mut_ptr()),
-        SendPtr(dv.as_mut_ptr()),
-    );
-    let [qv, kv, vv, ov, gov] = views;
+    [dq, dk, dv]: [SendPtr<T>; 3],
+    dst: [View; 3],
+) {
     let args = BwdArgs {
         q,
         k,
@@ -719,9 +764,10 @@ fn backward_cpu<T: Float>(
         ov,
         gov,
         dims,
-        dq: &pq,
-        dk: &pk,
-        dv: &pv,
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        dst,
     };
     let level = isa();
     (0..dims.nh)
@@ -732,7 +778,56 @@ fn backward_cpu<T: Float>(
                 dispatch!(level, bwd_task::<BwdArgs>(&args, n, 0, dims.sq, sc));
             }
         });
+}
+
+/// dQ, dK, dV as contiguous `[b, s, h, d]`.
+fn backward_cpu<T: Float>(src: [&[T]; 5], lse: &[T], views: [View; 5], dims: Dims) -> Grads<T> {
+    let mut dq = vec![T::zero(); dims.nh * dims.sq * dims.d];
+    let mut dk = vec![T::zero(); dims.nh * dims.sk * dims.d];
+    let mut dv = vec![T::zero(); dims.nh * dims.sk * dims.d];
+    let (h, d) = (dims.heads, dims.d);
+    let merged = |s: usize| View::new(0, s * h * d, h * d, h, d);
+    let ptrs = [&mut dq, &mut dk, &mut dv].map(|x| SendPtr(x.as_mut_ptr()));
+    // SAFETY: each buffer is one contiguous [b, s, h, d] tensor, the layout `merged` addresses.
+    unsafe {
+        backward_raw(
+            src,
+            lse,
+            views,
+            dims,
+            ptrs,
+            [merged(dims.sq), merged(dims.sk), merged(dims.sk)],
+        )
+    };
     (dq, dk, dv)
+}
+
+/// The backward into one buffer: the rows of dQ, dK and dV go where `dst` says (they must not
+/// overlap; rows the views skip are left as they are).
+pub(crate) fn backward_into<T: Float>(
+    src: [&[T]; 5],
+    lse: &[T],
+    views: [View; 5],
+    dims: Dims,
+    out: &mut [T],
+    dst: [View; 3],
+) {
+    let groups = dims.nh / dims.heads.max(1);
+    for (vw, rows) in dst.iter().zip([dims.sq, dims.sk, dims.sk]) {
+        assert!(vw.heads == dims.heads && vw.end(groups * vw.heads, rows, dims.d) <= out.len());
+    }
+    let p = out.as_mut_ptr();
+    // SAFETY: the asserts keep every addressed row inside `out`; the caller's views do not overlap.
+    unsafe {
+        backward_raw(
+            src,
+            lse,
+            views,
+            dims,
+            [SendPtr(p), SendPtr(p), SendPtr(p)],
+            dst,
+        )
+    }
 }
 
 /// The candle op: inputs `[b, h, s, d]` (strided), output `[b, sq, h, d]`.
@@ -868,16 +963,14 @@ impl CustomOp3 for FusedAttention {
             View::bshd(lg),
         ];
         fn go<T: Float>(c: [&CpuStorage; 6], views: [View; 5], dims: Dims) -> Result<Grads<T>> {
-            Ok(backward_cpu(
+            let src = [
                 slice::<T>(c[0])?,
                 slice::<T>(c[1])?,
                 slice::<T>(c[2])?,
                 slice::<T>(c[3])?,
                 slice::<T>(c[4])?,
-                slice::<T>(c[5])?,
-                views,
-                dims,
-            ))
+            ];
+            Ok(backward_cpu(src, slice::<T>(c[5])?, views, dims))
         }
         let all = [cq, ck, cv, co, cg, &lse];
         let q4 = lq.dims();

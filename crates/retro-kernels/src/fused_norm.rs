@@ -328,19 +328,25 @@ fn rope_cpu<T: Float>(x: &[T], l: &Layout, cos: &[T], sin: &[T], inverse: bool) 
 /// One head's row: rotate `x` by theta (or by -theta for the backward) into `y`.
 #[inline(always)]
 fn rope_row<T: Float>(x: &[T], c: &[T], sn: &[T], y: &mut [T], inverse: bool) {
+    let y = &mut y[..x.len()];
+    y.copy_from_slice(x);
+    rope_in_place(y, c, sn, inverse);
+}
+
+/// One head's row rotated in place by theta (by -theta when `inverse`: the backward).
+#[inline(always)]
+pub(crate) fn rope_in_place<T: Float>(x: &mut [T], c: &[T], sn: &[T], inverse: bool) {
     let half = c.len();
-    let (x1, x2) = x.split_at(half);
-    let (y1, y2) = y.split_at_mut(half);
-    let (x2, sn, y1, y2) = (&x2[..half], &sn[..half], &mut y1[..half], &mut y2[..half]);
-    if inverse {
-        for i in 0..half {
-            y1[i] = x1[i] * c[i] + x2[i] * sn[i];
-            y2[i] = x2[i] * c[i] - x1[i] * sn[i];
-        }
-    } else {
-        for i in 0..half {
-            y1[i] = x1[i] * c[i] - x2[i] * sn[i];
-            y2[i] = x2[i] * c[i] + x1[i] * sn[i];
+    let (x1, x2) = x.split_at_mut(half);
+    let (x2, sn) = (&mut x2[..half], &sn[..half]);
+    for i in 0..half {
+        let (a, b) = (x1[i], x2[i]);
+        if inverse {
+            x1[i] = a * c[i] + b * sn[i];
+            x2[i] = b * c[i] - a * sn[i];
+        } else {
+            x1[i] = a * c[i] - b * sn[i];
+            x2[i] = b * c[i] + a * sn[i];
         }
     }
 }

@@ -21,13 +21,13 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub mod attention_block_op;
 pub mod feed_forward_op;
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod gelu;
 pub mod kernels;
 pub mod linear_op;
-pub mod self_attention_op;
 
 pub use kernels::Kernels;
 

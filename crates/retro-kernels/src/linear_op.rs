@@ -112,6 +112,43 @@ pub(crate) unsafe fn gemm_into<T: WithDType + 'static>(
     )
 }
 
+/// A matrix operand: `(data, row stride, column stride)`.
+pub(crate) type Operand<'a, T> = (&'a [T], usize, usize);
+
+/// `dst [m, n]` (row-major, `dst.len() >= m * n`) `= (dst if accumulate) + a [m, k] b [k, n]`, the
+/// operands strided as given; panics if a stride reaches outside its slice.
+pub(crate) fn matmul_into<T: WithDType + 'static>(
+    dst: &mut [T],
+    accumulate: bool,
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
+    (m, n, k): (usize, usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let fits = |(x, rs, cs): Operand<'_, T>, r: usize, c: usize| {
+        r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < x.len()
+    };
+    assert!(dst.len() >= m * n && fits(a, m, k) && fits(b, k, n));
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::zero());
+        }
+        return;
+    }
+    // SAFETY: the assert keeps every addressed element inside its slice.
+    unsafe {
+        gemm_into(
+            dst,
+            accumulate,
+            (a.0.as_ptr(), a.1 as isize, a.2 as isize),
+            (b.0.as_ptr(), b.1 as isize, b.2 as isize),
+            (m, n, k),
+        )
+    }
+}
+
 /// Column sums of `x [rows, n]`.
 pub(crate) fn col_sums<T: WithDType>(x: &[T], n: usize) -> Vec<T> {
     x.par_chunks(n * 64)

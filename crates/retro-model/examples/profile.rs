@@ -32,7 +32,10 @@ fn main() -> retro_model::Result<()> {
     }
     if all || what == "train" {
         let mut opt = AdamW::for_model(&m, AdamWParams::default())?;
-        let iters = std::env::var("ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+        let iters = std::env::var("ITERS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3);
         for _ in 0..iters {
             let t = Instant::now();
             let loss = cross_entropy(&m.forward_train(&x, Some(&ret))?, &y)?;

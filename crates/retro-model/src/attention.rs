@@ -1,11 +1,11 @@
 //! Multi-head self-attention with rotary embeddings: causal in the decoder, bidirectional in the
 //! neighbour encoder. Pre-norm, residual. An optional KV cache serves incremental decoding.
 
+use crate::attention_block_op::{attention_block, Attend};
 use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
-use crate::layers::{fused_linear, LayerNorm, Linear};
+use crate::layers::{block_params, fused_linear, LayerNorm, Linear};
 use crate::rope::RopeTables;
-use crate::self_attention_op::self_attention_qkv;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ pub fn causal_mask(
 }
 
 impl SelfAttention {
-    /// `h [b, s, d_model]`; `rope` covers the absolute positions of these s rows; `mask` is
+    /// `h [.., s, d_model]` (leading dims are sequences); `rope` covers the absolute positions of these s rows; `mask` is
     /// `[s, seen + s]` for causal attention (None when no query can see a future key, e.g. s == 1).
     /// The mask must be [`causal_mask`]`(s, seen)`: the fused kernel applies it implicitly.
     pub fn forward(
@@ -71,6 +71,28 @@ impl SelfAttention {
         cache: Option<&mut KvCache>,
         kern: Kernels,
     ) -> Result<Tensor> {
+        if kern == Kernels::Differentiable && cache.is_none() {
+            // Training: the whole block as one autograd node (CPU, f32/f64).
+            let attend = Attend::SelfAttention {
+                cos: &rope.cos,
+                sin: &rope.sin,
+                causal: self.causal && mask.is_some(),
+            };
+            let parts = [&self.query, &self.key, &self.value, &self.output];
+            if let Some(y) =
+                attention_block(h, attend, &block_params(&self.norm, parts, self.n_heads))?
+            {
+                return Ok(y);
+            }
+        }
+        if h.rank() != 3 {
+            // [.., s, d] as [sequences, s, d] and back.
+            let (s, d) = (h.dim(h.rank() - 2)?, h.dim(h.rank() - 1)?);
+            let flat = h.reshape(((), s, d))?;
+            return self
+                .forward(&flat, rope, mask, cache, kern)?
+                .reshape(h.dims());
+        }
         let (b, s, _) = h.dims3()?;
         let (nh, dk) = (self.n_heads, self.d_k);
         let x = self.norm.forward(h, kern)?;
@@ -82,15 +104,6 @@ impl SelfAttention {
             kern,
         )?
         .reshape((b, s, 3, nh, dk))?;
-        if kern == Kernels::Differentiable && cache.is_none() {
-            // Training: one autograd node from the projection (CPU, f32/f64).
-            let causal = (self.causal && mask.is_some()).then_some(0);
-            if let Some(out) = self_attention_qkv(&qkv, &rope.cos, &rope.sin, causal)? {
-                return self
-                    .output
-                    .forward_k(&out.reshape((b, s, nh * dk))?, Some(h), kern);
-            }
-        }
         let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
         // RoPE is linear: the scale folded into the query weights commutes with it.
         let q = kern

@@ -2,9 +2,10 @@
 //! chunk before it. The shift is done here, as in the reference: drop the first `chunk_len - 1`
 //! positions, attend chunk-wise, shift back right by `chunk_len - 1` zero rows, truncate to T.
 
+use crate::attention_block_op::{attention_block, Attend};
 use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
-use crate::layers::{fused_linear, LayerNorm, Linear};
+use crate::layers::{block_params, fused_linear, LayerNorm, Linear};
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -25,6 +26,19 @@ impl ChunkedCrossAttention {
         let (b, c, k, n, _) = e.dims5()?;
         if c == 0 {
             return Ok(h.clone());
+        }
+        if kern == Kernels::Differentiable {
+            // Training: the whole block as one autograd node (CPU, f32/f64).
+            let attend = Attend::Chunked {
+                ctx: e,
+                chunk_len: self.chunk_len,
+            };
+            let parts = [&self.query, &self.key, &self.value, &self.output];
+            if let Some(y) =
+                attention_block(h, attend, &block_params(&self.norm, parts, self.n_heads))?
+            {
+                return Ok(y);
+            }
         }
         let (_, t, _) = h.dims3()?;
         let (nh, dk, cl) = (self.n_heads, self.d_k, self.chunk_len);

@@ -2,9 +2,10 @@
 //! Queries from the normed neighbour embeddings, keys and values from the (already normed) chunk;
 //! no mask, no rotary embedding. Residual on the neighbour side.
 
+use crate::attention_block_op::{attention_block, Attend};
 use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
-use crate::layers::{fused_linear, LayerNorm, Linear};
+use crate::layers::{block_params, fused_linear, LayerNorm, Linear};
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -22,6 +23,19 @@ impl CrossAttention {
     /// `e [b, c, k, n, d_model]` neighbours, `h [b, c, chunk_len, d_model]` normed input chunks.
     pub fn forward(&self, e: &Tensor, h: &Tensor, kern: Kernels) -> Result<Tensor> {
         let (b, c, k, n, _) = e.dims5()?;
+        if kern == Kernels::Differentiable {
+            // Training: the whole block as one autograd node (CPU, f32/f64).
+            let attend = Attend::Cross {
+                ctx: h,
+                groups: b * c,
+            };
+            let parts = [&self.query, &self.key, &self.value, &self.output];
+            if let Some(y) =
+                attention_block(e, attend, &block_params(&self.norm, parts, self.n_heads))?
+            {
+                return Ok(y);
+            }
+        }
         let (_, _, cl, _) = h.dims4()?;
         let (nh, dk) = (self.n_heads, self.d_k);
         let scale = 1.0 / (dk as f64).sqrt();

@@ -30,7 +30,7 @@ impl NeighbourEncoder {
         rope: &RopeTables,
         kern: Kernels,
     ) -> Result<Tensor> {
-        let (b, c, k, n, d) = e.dims5()?;
+        let (b, c, _, _, d) = e.dims5()?;
         let h_split = h
             .narrow(1, 0, c * self.chunk_len)?
             .reshape((b, c, self.chunk_len, d))?;
@@ -38,9 +38,8 @@ impl NeighbourEncoder {
         let mut e = e.clone();
         let mut p_ca = 0;
         for (p, attn) in self.attn.iter().enumerate() {
-            e = attn
-                .forward(&e.reshape((b * c * k, n, d))?, rope, None, None, kern)?
-                .reshape((b, c, k, n, d))?;
+            // Each neighbour is a sequence: [b, c, k] lead, n rows.
+            e = attn.forward(&e, rope, None, None, kern)?;
             if self.ca_layers.contains(&p) {
                 e = self.ca[p_ca].forward(&e, &h_split, kern)?;
                 p_ca += 1;

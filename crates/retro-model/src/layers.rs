@@ -1,6 +1,7 @@
 //! The two parameterised building blocks: a Linear with bias (weights `[out, in]`, PyTorch's layout)
 //! and a LayerNorm with affine weights.
 
+use crate::attention_block_op::AttentionBlockParams;
 use crate::kernels::Kernels;
 use crate::linear_op::{linear, linear_inference};
 use candle_core::{Result, Tensor};
@@ -66,5 +67,28 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
         k.layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// The parameters of a pre-norm attention block (self, cross or chunked) for the one-node
+/// training op.
+pub(crate) fn block_params<'a>(
+    norm: &'a LayerNorm,
+    [query, key, value, output]: [&'a Linear; 4],
+    n_heads: usize,
+) -> AttentionBlockParams<'a> {
+    AttentionBlockParams {
+        norm_w: &norm.weight,
+        norm_b: &norm.bias,
+        wq: &query.weight,
+        bq: &query.bias,
+        wk: &key.weight,
+        bk: &key.bias,
+        wv: &value.weight,
+        bv: &value.bias,
+        wo: &output.weight,
+        bo: &output.bias,
+        eps: norm.eps,
+        n_heads,
     }
 }

@@ -49,7 +49,7 @@ pub mod weights;
 
 // The kernels live in retro-kernels (the index's BERT encoder uses them too).
 pub use retro_kernels::{
-    feed_forward_op, fused_attention, fused_norm, kernels, linear_op, self_attention_op,
+    attention_block_op, feed_forward_op, fused_attention, fused_norm, kernels, linear_op,
 };
 
 pub use config::RetroConfig;
