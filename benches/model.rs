@@ -5,7 +5,7 @@
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use retro_model::bench::ModelBenchSpec;
-use retro_model::train::{cross_entropy, AdamW, AdamWParams};
+use retro_model::train::{loss_and_grads, AdamW, AdamWParams};
 use retro_model::RetroModel;
 use std::time::Duration;
 
@@ -25,8 +25,8 @@ fn model(c: &mut Criterion) {
     let mut opt = AdamW::for_model(&m, AdamWParams::default()).unwrap();
     g.bench_function("train step", |b| {
         b.iter(|| {
-            let loss = cross_entropy(&m.forward_train(&x, Some(&ret)).unwrap(), &y).unwrap();
-            opt.step(&loss.backward().unwrap(), 1e-4).unwrap();
+            let (_, grads) = loss_and_grads(&m, &x, &y, Some(&ret)).unwrap();
+            opt.step(&grads, 1e-4).unwrap();
         })
     });
     g.finish();

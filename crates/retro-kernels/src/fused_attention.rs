@@ -366,6 +366,24 @@ fn tile_outer<T: Float>(w: &[T], ldk: usize, nk: usize, x: &[T], ldd: usize, acc
     }
 }
 
+/// `x . y` with eight partial sums (one dependent chain would be latency-bound).
+#[inline(always)]
+fn dot<T: Float>(x: &[T], y: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: T = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .fold(T::zero(), |s, (&a, &b)| s + a * b);
+    for (a, b) in xc.zip(yc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
 #[inline(always)]
 fn row_max<T: Float>(s: &[T]) -> T {
     #[cfg(target_arch = "x86_64")]
@@ -691,10 +709,7 @@ fn bwd_task<T: Float>(a: &BwdArgs<'_, T>, n: usize, _r0: usize, _r1: usize, sc: 
             let (lim, lse, delta) = if r < rows {
                 let i = i0 + r;
                 let (at, ot) = (a.gov.row(n, i), a.ov.row(n, i));
-                let mut delta = T::zero();
-                for c in 0..d {
-                    delta += a.go[at + c] * a.o[ot + c];
-                }
+                let delta = dot(&a.go[at..at + d], &a.o[ot..ot + d]);
                 (a.dims.lim(i), a.lse[n * sq + i], delta)
             } else {
                 (0, T::zero(), T::zero())

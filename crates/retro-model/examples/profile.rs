@@ -1,9 +1,9 @@
-//! Where the forward's time goes: `profile [full|train|kernels]` (default: all); `NO_ADAMW=1` leaves the
-//! optimizer step out of `train`.
+//! Where the forward's time goes: `profile [full|train|kernels]` (default: all); `ITERS=n` train
+//! steps (3); `NO_ADAMW=1` leaves the optimizer step out of `train`.
 use candle_core::{DType, Device, Tensor};
 use retro_model::bench::ModelBenchSpec;
 use retro_model::fused_attention::attention_heads;
-use retro_model::train::{cross_entropy, AdamW, AdamWParams};
+use retro_model::train::{cross_entropy, loss_and_grads, AdamW, AdamWParams};
 use retro_model::{Kernels, RetroModel};
 use std::time::Instant;
 
@@ -38,9 +38,10 @@ fn main() -> retro_model::Result<()> {
             .unwrap_or(3);
         for _ in 0..iters {
             let t = Instant::now();
-            let loss = cross_entropy(&m.forward_train(&x, Some(&ret))?, &y)?;
+            cross_entropy(&m.forward_train(&x, Some(&ret))?, &y)?;
             let fwd = t.elapsed();
-            let grads = loss.backward()?;
+            let t = Instant::now();
+            let (_, grads) = loss_and_grads(&m, &x, &y, Some(&ret))?;
             let fb = t.elapsed();
             if std::env::var_os("NO_ADAMW").is_none() {
                 opt.step(&grads, 1e-4)?;
@@ -64,6 +65,21 @@ fn main() -> retro_model::Result<()> {
                 let t = Instant::now();
                 attention_heads(&part(0)?, &part(1)?, &part(2)?, causal, Kernels::Fused)?;
                 println!("{name} {:?}", t.elapsed());
+            }
+            let xv = candle_core::Var::from_tensor(&x)?;
+            let part = |i: usize| xv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+            let out = attention_heads(
+                &part(0)?,
+                &part(1)?,
+                &part(2)?,
+                causal,
+                Kernels::Differentiable,
+            )?;
+            let loss = out.sum_all()?;
+            for _ in 0..3 {
+                let t = Instant::now();
+                loss.backward()?;
+                println!("{name} backward (with autograd) {:?}", t.elapsed());
             }
         }
     }

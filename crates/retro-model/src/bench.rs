@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::model::RetroModel;
-use crate::train::{cross_entropy, AdamW, AdamWParams};
+use crate::train::{loss_and_grads, AdamW, AdamWParams};
 use crate::RetroConfig;
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
@@ -114,8 +114,8 @@ pub fn run(spec: &ModelBenchSpec, device: &Device, dtype: DType) -> Result<Model
     })?;
     let mut opt = AdamW::for_model(&model, AdamWParams::default())?;
     let train_step_ms = time_ms(device, spec.warmup, spec.iters, || {
-        let loss = cross_entropy(&model.forward_train(&x, Some(&ret))?, &y)?;
-        opt.step(&loss.backward()?, 1e-4)?;
+        let (_, grads) = loss_and_grads(&model, &x, &y, Some(&ret))?;
+        opt.step(&grads, 1e-4)?;
         Ok(())
     })?;
     let tokens = spec.tokens() as f64;

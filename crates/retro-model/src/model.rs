@@ -290,6 +290,10 @@ impl RetroModel {
     }
 
     fn forward_with(&self, x: &Tensor, ret: Option<&Tensor>, kern: Kernels) -> Result<Tensor> {
+        crate::train::on_pool(&self.device, || self.forward_on(x, ret, kern))
+    }
+
+    fn forward_on(&self, x: &Tensor, ret: Option<&Tensor>, kern: Kernels) -> Result<Tensor> {
         let (x, ret) = self.check_inputs(x, ret)?;
         let (_, t) = x.dims2()?;
         let c = t / self.config.chunk_len;

@@ -8,7 +8,7 @@ use crate::schedule::Schedule;
 use candle_core::{DType, Device, Tensor};
 use retro_index::fsutil::{read_json, write_json_atomic};
 use retro_index::Database;
-use retro_model::train::{clip_grad_norm, cross_entropy, AdamW, AdamWParams};
+use retro_model::train::{clip_grad_norm, cross_entropy, loss_and_grads, AdamW, AdamWParams};
 use retro_model::{RetroConfig, RetroModel};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -286,9 +286,7 @@ pub fn train(
         &mut |batch| {
             let t0 = Instant::now();
             let (x, y, ret) = batch.tensors(device)?;
-            let logits = model.forward_train(&x, retrieval.then_some(&ret))?;
-            let loss = cross_entropy(&logits, &y)?;
-            let mut grads = loss.backward()?;
+            let (loss, mut grads) = loss_and_grads(&model, &x, &y, retrieval.then_some(&ret))?;
             let grad_norm = clip_grad_norm(opt.vars(), &mut grads, cfg.grad_clip)?;
             let lr = cfg.schedule.lr(cfg.lr, cfg.warmup, step + 1, cfg.steps);
             opt.step(&grads, lr)?;

@@ -124,7 +124,23 @@ pub(super) unsafe fn tile_outer(
         for (r, xr) in xs.iter_mut().enumerate() {
             *xr = _mm512_loadu_ps(xp.add(r * ldd + cb));
         }
-        for j in 0..nk {
+        // Four keys at a time: four independent FMA chains instead of one (latency-bound) chain.
+        let mut j = 0;
+        while j + 4 <= nk {
+            let rows = [0, 1, 2, 3].map(|u| ap.add((j + u) * ldd + cb));
+            let mut a = rows.map(|p| _mm512_loadu_ps(p));
+            for (r, xr) in xs.iter().enumerate() {
+                let wr = wp.add(r * ldk + j);
+                for (u, au) in a.iter_mut().enumerate() {
+                    *au = _mm512_fmadd_ps(_mm512_set1_ps(*wr.add(u)), *xr, *au);
+                }
+            }
+            for (p, au) in rows.into_iter().zip(a) {
+                _mm512_storeu_ps(p, au);
+            }
+            j += 4;
+        }
+        for j in j..nk {
             let row = ap.add(j * ldd + cb);
             let mut a = _mm512_loadu_ps(row);
             for (r, xr) in xs.iter().enumerate() {
