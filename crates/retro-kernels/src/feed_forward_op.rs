@@ -6,7 +6,7 @@
 //! concatenated tensor: candle's `cat` backward hands each `Var` its slice of the gradient.
 
 use crate::fused_norm::{ln_bwd, ln_fwd, Float};
-use crate::linear_op::{affine, col_sums, gemm_into};
+use crate::linear_op::{affine, col_sums, matmul_into, matmul_new};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -108,57 +108,33 @@ impl FeedForwardOp {
         let rows = h.len() / d.max(1);
         let (w1, w2) = (&p[o[2]..o[3]], &p[o[4]..o[5]]);
         let mut dp = vec![T::zero(); o[6]];
-        // SAFETY (every GEMM below): the operands are the row-major buffers named in each
-        // comment, with the sizes given; all lie inside their slices.
         // dW2 [d, f] = dy^T [d, rows] r [rows, f]
-        unsafe {
-            gemm_into(
-                &mut dp[o[4]..o[5]],
-                false,
-                (dy.as_ptr(), 1, d as isize),
-                (r.as_ptr(), f as isize, 1),
-                (d, f, rows),
-            )
-        };
+        matmul_into(
+            &mut dp[o[4]..o[5]],
+            false,
+            (dy, 1, d),
+            (r, f, 1),
+            (d, f, rows),
+        );
         dp[o[5]..o[6]].copy_from_slice(&col_sums(dy, d));
         // da [rows, f] = (dy [rows, d] w2 [d, f]) * (r > 0)
-        let mut da = vec![T::zero(); rows * f];
-        unsafe {
-            gemm_into(
-                &mut da,
-                false,
-                (dy.as_ptr(), d as isize, 1),
-                (w2.as_ptr(), f as isize, 1),
-                (rows, f, d),
-            )
-        };
+        let mut da = matmul_new((dy, d, 1), (w2, f, 1), (rows, f, d));
         da.par_iter_mut().zip(r.par_iter()).for_each(|(g, &rv)| {
             if rv <= T::zero() {
                 *g = T::zero();
             }
         });
         // dW1 [f, d] = da^T [f, rows] x [rows, d]
-        unsafe {
-            gemm_into(
-                &mut dp[o[2]..o[3]],
-                false,
-                (da.as_ptr(), 1, f as isize),
-                (x.as_ptr(), d as isize, 1),
-                (f, d, rows),
-            )
-        };
+        matmul_into(
+            &mut dp[o[2]..o[3]],
+            false,
+            (&da, 1, f),
+            (x, d, 1),
+            (f, d, rows),
+        );
         dp[o[3]..o[4]].copy_from_slice(&col_sums(&da, f));
         // dx [rows, d] = da [rows, f] w1 [f, d]
-        let mut dx = vec![T::zero(); rows * d];
-        unsafe {
-            gemm_into(
-                &mut dx,
-                false,
-                (da.as_ptr(), f as isize, 1),
-                (w1.as_ptr(), d as isize, 1),
-                (rows, d, f),
-            )
-        };
+        let dx = matmul_new((&da, f, 1), (w1, d, 1), (rows, d, f));
         let (mut dh, dw, db) = ln_bwd(h, &p[o[0]..o[1]], &dx, d, self.eps);
         dp[o[0]..o[1]].copy_from_slice(&dw);
         dp[o[1]..o[2]].copy_from_slice(&db);

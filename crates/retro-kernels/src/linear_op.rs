@@ -83,6 +83,22 @@ pub(crate) unsafe fn gemm_into<T: WithDType + 'static>(
     (m, n, k): (usize, usize, usize),
 ) {
     assert!(dst.len() >= m * n);
+    gemm_raw(dst.as_mut_ptr(), accumulate, lhs, rhs, (m, n, k))
+}
+
+/// [`gemm_into`] on a raw destination: without `accumulate` it is only written, so it may be
+/// uninitialised.
+///
+/// # Safety
+/// `dst` must be valid for `m * n` writes (and reads, with `accumulate`); the operands as for
+/// [`gemm_into`].
+unsafe fn gemm_raw<T: WithDType + 'static>(
+    dst: *mut T,
+    accumulate: bool,
+    lhs: (*const T, isize, isize),
+    rhs: (*const T, isize, isize),
+    (m, n, k): (usize, usize, usize),
+) {
     let threads = rayon::current_num_threads();
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
@@ -93,7 +109,7 @@ pub(crate) unsafe fn gemm_into<T: WithDType + 'static>(
         m,
         n,
         k,
-        dst.as_mut_ptr(),
+        dst,
         1,
         n as isize,
         accumulate,
@@ -147,6 +163,35 @@ pub(crate) fn matmul_into<T: WithDType + 'static>(
             (m, n, k),
         )
     }
+}
+
+/// A new row-major `a [m, k] b [k, n]`, never zero-filled first: the GEMM writes every element.
+pub(crate) fn matmul_new<T: WithDType + 'static>(
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
+    (m, n, k): (usize, usize, usize),
+) -> Vec<T> {
+    let fits = |(x, rs, cs): Operand<'_, T>, r: usize, c: usize| {
+        r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < x.len()
+    };
+    assert!(fits(a, m, k) && fits(b, k, n));
+    if m == 0 || n == 0 || k == 0 {
+        return vec![T::zero(); m * n];
+    }
+    let mut dst: Vec<T> = Vec::with_capacity(m * n);
+    // SAFETY: the assert keeps every operand element in bounds; `dst` has room for m * n, which
+    // the GEMM (without `accumulate`) writes, all of them, so the length may then be set.
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            false,
+            (a.0.as_ptr(), a.1 as isize, a.2 as isize),
+            (b.0.as_ptr(), b.1 as isize, b.2 as isize),
+            (m, n, k),
+        );
+        dst.set_len(m * n);
+    }
+    dst
 }
 
 /// Column sums of `x [rows, n]`.
