@@ -9,12 +9,11 @@
 //! is written out: the output projection's GEMMs, the attention backward written straight into the
 //! projection's gradient, the inverse rotation, the input projections' GEMMs, LayerNorm's backward.
 
+use crate::cpu_storage::{contiguous, cpu};
 use crate::fused_attention::{self as fa, backward_into, forward_cpu, Dims, View};
 use crate::fused_norm::{self as fnorm, ln_bwd, ln_fwd, rope_in_place};
 use crate::linear_op::{affine, col_sums, matmul_into, matmul_new};
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::any::Any;
 use std::sync::Mutex;
@@ -323,6 +322,22 @@ impl AttentionBlockOp {
         }
     }
 
+    /// CCA: the query rows `[rows_q, d]` gathered from `x`-shaped rows (zero past the end).
+    fn gather<T: Float>(&self, src: &[T], rows_q: usize) -> Vec<T> {
+        let d = self.d;
+        let mut out = vec![T::zero(); rows_q * d];
+        self.chunk_rows(|q, r| out[q * d..(q + 1) * d].copy_from_slice(&src[r * d..(r + 1) * d]));
+        out
+    }
+
+    /// CCA: query rows scattered back to `x`-shaped rows (zero for the first `chunk_len - 1`).
+    fn scatter<T: Float>(&self, src: &[T], rows_x: usize) -> Vec<T> {
+        let d = self.d;
+        let mut out = vec![T::zero(); rows_x * d];
+        self.chunk_rows(|q, r| out[r * d..(r + 1) * d].copy_from_slice(&src[q * d..(q + 1) * d]));
+        out
+    }
+
     fn fwd<T: Float>(
         &self,
         x: &[T],
@@ -337,13 +352,7 @@ impl AttentionBlockOp {
         let (rows_q, rows_c) = self.rows(rows_x);
         let xn = ln_fwd(x, &p[o_[0]..o_[1]], &p[o_[1]..o_[2]], d, self.eps);
         let xq = match self.kind {
-            Kind::Chunked { .. } => {
-                let mut xq = vec![T::zero(); rows_q * d];
-                self.chunk_rows(|q, r| {
-                    xq[q * d..(q + 1) * d].copy_from_slice(&xn[r * d..(r + 1) * d])
-                });
-                xq
-            }
+            Kind::Chunked { .. } => self.gather(&xn, rows_q),
             _ => xn,
         };
         let (proj, kv) = match (self.kind.is_self(), ctx) {
@@ -382,14 +391,11 @@ impl AttentionBlockOp {
         let y = match self.kind {
             Kind::Chunked { .. } => {
                 // y = x, plus the projected attention on the shifted rows.
-                let mut y = x.to_vec();
-                let mut pairs = Vec::new();
-                self.chunk_rows(|q, r| pairs.push((q, r)));
-                let mut out = affine(&o, (rows_q, da), wo, (d, [da, 1]), bo, None);
-                for (q, r) in pairs {
-                    let (yr, orow) = (&mut y[r * d..(r + 1) * d], &mut out[q * d..(q + 1) * d]);
-                    yr.iter_mut().zip(orow.iter()).for_each(|(a, &b)| *a += b);
-                }
+                let out = affine(&o, (rows_q, da), wo, (d, [da, 1]), bo, None);
+                let mut y = self.scatter(&out, rows_x);
+                y.par_iter_mut()
+                    .zip(x.par_iter())
+                    .for_each(|(a, &b)| *a += b);
                 y
             }
             _ => affine(&o, (rows_q, da), wo, (d, [da, 1]), bo, Some(x)),
@@ -426,11 +432,7 @@ impl AttentionBlockOp {
         let gathered;
         let dout: &[T] = match self.kind {
             Kind::Chunked { .. } => {
-                let mut g = vec![T::zero(); rows_q * d];
-                self.chunk_rows(|q, r| {
-                    g[q * d..(q + 1) * d].copy_from_slice(&dy[r * d..(r + 1) * d])
-                });
-                gathered = g;
+                gathered = self.gather(dy, rows_q);
                 &gathered
             }
             _ => dy,
@@ -500,13 +502,7 @@ impl AttentionBlockOp {
         }
         // LayerNorm's backward (CCA: the query rows scattered back to x's rows), plus the residual.
         let dxn = match self.kind {
-            Kind::Chunked { .. } => {
-                let mut g = vec![T::zero(); rows_x * d];
-                self.chunk_rows(|q, r| {
-                    g[r * d..(r + 1) * d].copy_from_slice(&dxq[q * d..(q + 1) * d])
-                });
-                g
-            }
+            Kind::Chunked { .. } => self.scatter(&dxq, rows_x),
             _ => dxq,
         };
         let (mut dx, dw, db) = ln_bwd(x, &p[o_[0]..o_[1]], &dxn, d, self.eps);
@@ -516,21 +512,6 @@ impl AttentionBlockOp {
             .zip(dy.par_iter())
             .for_each(|(a, &b)| *a += b);
         (dx, dctx, dp)
-    }
-}
-
-/// The contiguous data of a CPU tensor (layout `l`).
-fn data<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => candle_core::bail!("attention block: non-contiguous input {l:?}"),
-    }
-}
-
-fn cpu(s: &Storage) -> Result<&CpuStorage> {
-    match s {
-        Storage::Cpu(c) => Ok(c),
-        _ => candle_core::bail!("attention block: CPU tensors only"),
     }
 }
 
@@ -545,7 +526,10 @@ impl AttentionBlockOp {
         };
         let (sc, lc) = cos.storage_and_layout();
         let (ss, ls) = sin.storage_and_layout();
-        f(Some((data::<T>(cpu(&sc)?, lc)?, data::<T>(cpu(&ss)?, ls)?)))
+        f(Some((
+            contiguous::<T>(cpu(&sc)?, lc)?,
+            contiguous::<T>(cpu(&ss)?, ls)?,
+        )))
     }
 
     fn check(&self, lx: &Layout, lp: &Layout) -> Result<()> {
@@ -564,9 +548,9 @@ impl AttentionBlockOp {
         self.check(lx, lp)?;
         macro_rules! go {
             ($t:ty) => {{
-                let x = data::<$t>(sx, lx)?;
-                let c = ctx.map(|(s, l)| data::<$t>(s, l)).transpose()?;
-                let p = data::<$t>(sp, lp)?;
+                let x = contiguous::<$t>(sx, lx)?;
+                let c = ctx.map(|(s, l)| contiguous::<$t>(s, l)).transpose()?;
+                let p = contiguous::<$t>(sp, lp)?;
                 let (y, saved) = self.with_trig::<$t, _>(|trig| Ok(self.fwd(x, c, p, trig)))?;
                 *self.saved.lock().unwrap() = Some(Box::new(saved));
                 <$t as candle_core::WithDType>::to_cpu_storage_owned(y)
@@ -602,11 +586,11 @@ impl AttentionBlockOp {
                 let Ok(saved) = saved.downcast::<Saved<$t>>() else {
                     candle_core::bail!("attention block: saved forward of another dtype");
                 };
-                let xs = data::<$t>(cpu(&sx)?, lx)?;
-                let ps = data::<$t>(cpu(&sp)?, lp)?;
-                let g = data::<$t>(cpu(&sg)?, lg)?;
+                let xs = contiguous::<$t>(cpu(&sx)?, lx)?;
+                let ps = contiguous::<$t>(cpu(&sp)?, lp)?;
+                let g = contiguous::<$t>(cpu(&sg)?, lg)?;
                 let cs = match &sl_ctx {
-                    Some((s, l)) => Some(data::<$t>(cpu(s)?, l)?),
+                    Some((s, l)) => Some(contiguous::<$t>(cpu(s)?, l)?),
                     None => None,
                 };
                 let (dx, dc, dp) =

@@ -5,6 +5,7 @@
 //! (four GEMMs, the ReLU mask, LayerNorm's backward). The block's six parameters travel as one
 //! concatenated tensor: candle's `cat` backward hands each `Var` its slice of the gradient.
 
+use crate::cpu_storage::{contiguous, cpu};
 use crate::fused_norm::{ln_bwd, ln_fwd, Float};
 use crate::linear_op::{affine, col_sums, matmul_into, matmul_new};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
@@ -71,11 +72,6 @@ fn offsets(d: usize, f: usize) -> [usize; 7] {
         o[i + 1] = o[i] + len;
     }
     o
-}
-
-fn cpu<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let v = T::cpu_storage_as_slice(s)?;
-    Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
 impl FeedForwardOp {
@@ -146,7 +142,7 @@ impl FeedForwardOp {
 }
 
 fn slices<'a, T: Float>(s: [&'a CpuStorage; 2], l: [&Layout; 2]) -> Result<(&'a [T], &'a [T])> {
-    Ok((cpu::<T>(s[0], l[0])?, cpu::<T>(s[1], l[1])?))
+    Ok((contiguous::<T>(s[0], l[0])?, contiguous::<T>(s[1], l[1])?))
 }
 
 impl CustomOp2 for FeedForwardOp {
@@ -198,18 +194,11 @@ impl CustomOp2 for FeedForwardOp {
         let (sh, lh) = h.storage_and_layout();
         let (sp, lp) = p.storage_and_layout();
         let (sg, lg) = dy.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(sh),
-            candle_core::Storage::Cpu(sp),
-            candle_core::Storage::Cpu(sg),
-        ) = (&*sh, &*sp, &*sg)
-        else {
-            candle_core::bail!("feed-forward: CPU tensors only");
-        };
+        let (sh, sp, sg) = (cpu(&sh)?, cpu(&sp)?, cpu(&sg)?);
         macro_rules! go {
             ($t:ty) => {{
                 let (hv, pv) = slices::<$t>([sh, sp], [lh, lp])?;
-                let g = cpu::<$t>(sg, lg)?;
+                let g = contiguous::<$t>(sg, lg)?;
                 let (xv, rv) = (
                     <$t>::cpu_storage_as_slice(&x)?,
                     <$t>::cpu_storage_as_slice(&r)?,

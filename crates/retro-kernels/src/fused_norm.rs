@@ -12,6 +12,7 @@
 //! RoPE (rotate-half) on `x [b, s, h, d]`: `y1 = x1 c - x2 s`, `y2 = x2 c + x1 s`; its backward is the
 //! inverse rotation (`-theta`).
 
+use crate::cpu_storage::contiguous;
 use candle_core::{
     CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType, D,
 };
@@ -39,15 +40,6 @@ impl Float for f32 {
 /// The CPU kernels here handle `x` (f32 or f64 on the CPU).
 pub(crate) fn cpu_ok(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
-}
-
-/// The contiguous data of `s` under layout `l`.
-fn data<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let v = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused-norm: non-contiguous input {l:?}"),
-    }
 }
 
 /// Rows per rayon task.
@@ -194,9 +186,9 @@ impl CustomOp3 for LayerNormOp {
             eps: f64,
         ) -> Result<CpuStorage> {
             let (x, w, b) = (
-                data::<T>(s[0], l[0])?,
-                data::<T>(s[1], l[1])?,
-                data::<T>(s[2], l[2])?,
+                contiguous::<T>(s[0], l[0])?,
+                contiguous::<T>(s[1], l[1])?,
+                contiguous::<T>(s[2], l[2])?,
             );
             Ok(T::to_cpu_storage_owned(ln_fwd(x, w, b, d, eps)))
         }
@@ -231,9 +223,9 @@ impl CustomOp3 for LayerNormOp {
                 dev: &Device,
             ) -> Result<(Tensor, Tensor, Tensor)> {
                 let (x, w, g) = (
-                    data::<T>(s[0], l[0])?,
-                    data::<T>(s[1], l[1])?,
-                    data::<T>(s[2], l[2])?,
+                    contiguous::<T>(s[0], l[0])?,
+                    contiguous::<T>(s[1], l[1])?,
+                    contiguous::<T>(s[2], l[2])?,
                 );
                 let (a, b, c) = ln_bwd(x, w, g, d, eps);
                 Ok((
@@ -370,7 +362,7 @@ impl CustomOp3 for RopeOp {
         }
         fn go<T: Float>(s: [&CpuStorage; 3], l: [&Layout; 3], inverse: bool) -> Result<CpuStorage> {
             let x = T::cpu_storage_as_slice(s[0])?;
-            let (c, sn) = (data::<T>(s[1], l[1])?, data::<T>(s[2], l[2])?);
+            let (c, sn) = (contiguous::<T>(s[1], l[1])?, contiguous::<T>(s[2], l[2])?);
             Ok(T::to_cpu_storage_owned(rope_cpu(x, l[0], c, sn, inverse)))
         }
         let out = match s1 {

@@ -22,6 +22,7 @@
 //! ```
 
 pub mod attention_block_op;
+mod cpu_storage;
 pub mod feed_forward_op;
 pub mod fused_attention;
 pub mod fused_norm;
