@@ -194,27 +194,29 @@ pub(crate) fn matmul_new<T: WithDType + 'static>(
     dst
 }
 
-/// Column sums of `x [rows, n]`.
+/// Column sums of `x [rows, n]`. Blocks of 64 rows in parallel, the blocks' sums added in order:
+/// the same result on any number of threads (a rayon `reduce` would pair them as the work was
+/// stolen, and a resumed training run would drift from an uninterrupted one).
 pub(crate) fn col_sums<T: WithDType>(x: &[T], n: usize) -> Vec<T> {
-    x.par_chunks(n * 64)
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(n.max(1) * 64)
         .map(|c| {
             let mut s = vec![T::zero(); n];
-            for row in c.chunks_exact(n) {
+            for row in c.chunks_exact(n.max(1)) {
                 for (a, &v) in s.iter_mut().zip(row) {
                     *a += v;
                 }
             }
             s
         })
-        .reduce(
-            || vec![T::zero(); n],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            },
-        )
+        .collect();
+    let mut sums = vec![T::zero(); n];
+    for p in partials {
+        for (a, v) in sums.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+    sums
 }
 
 struct LinearOp {
@@ -410,6 +412,37 @@ mod tests {
                 assert_eq!(a.dims(), v.dims());
                 assert!(max_diff(a, c) < tol, "{dt:?}: gradient of {:?}", v.dims());
             }
+        }
+    }
+
+    #[test]
+    fn column_sums_do_not_depend_on_the_thread_count() {
+        let (rows, n) = (20_000, 7);
+        let x: Vec<f32> = (0..rows * n)
+            .map(|i| ((i * 2_654_435_761usize) % 10_007) as f32 / 997.0 - 5.0)
+            .collect();
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| col_sums(&x, n))
+        };
+        let one = on(1);
+        let exact: Vec<f64> = (0..n)
+            .map(|j| (0..rows).map(|i| x[i * n + j] as f64).sum())
+            .collect();
+        for (a, b) in one.iter().zip(&exact) {
+            assert!((*a as f64 - b).abs() < 1e-2 * b.abs().max(1.0));
+        }
+        for threads in [2, 3, 8] {
+            let got = on(threads);
+            assert!(
+                got.iter()
+                    .zip(&one)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads: {got:?} vs {one:?}"
+            );
         }
     }
 
