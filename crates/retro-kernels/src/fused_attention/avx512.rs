@@ -30,7 +30,7 @@ pub(super) unsafe fn tile_scores(
     assert!(kt.len() >= d.saturating_sub(1) * ldk + ncols && s.len() >= (R - 1) * ldk + ncols);
     let (q, k, out) = (qb.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
     let mut jb = 0;
-    // Two column blocks: 8 independent FMA chains.
+    // Two column blocks: 2 R independent FMA chains.
     while jb + 2 * L <= ncols {
         let mut acc = [_mm512_setzero_ps(); 2 * R];
         for c in 0..d {
@@ -76,7 +76,7 @@ pub(super) unsafe fn tile_pv(
     assert!(v.len() >= nk * ldd && out.len() >= R * ldd);
     let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
     for cb in (0..ldd).step_by(L) {
-        // Even and odd keys in separate accumulators: 8 independent FMA chains.
+        // Even and odd keys in separate accumulators: 2 R independent FMA chains.
         let mut acc = [_mm512_setzero_ps(); 2 * R];
         let mut j = 0;
         while j + 2 <= nk {
