@@ -3,8 +3,10 @@
 //! The CPU kernels under the RETRO model and the index's BERT encoder, as candle ops: attention
 //! with an implicit causal mask that reads strided heads (`fused_attention`, forward and backward),
 //! LayerNorm and rotary embeddings with backward (`fused_norm`), `x W^T + b (+ r)` as one GEMM
-//! (`linear_op`), exact GELU (`gelu`), and the switch between inference and differentiable
-//! versions (`Kernels`). f32 and f64 on the CPU; other devices and dtypes fall back to candle's ops.
+//! (`linear_op`), exact GELU (`gelu`), the training blocks as single autograd nodes with written-out
+//! backwards (`attention_block_op`: pre-norm self-, cross- and chunked cross-attention;
+//! `feed_forward_op`), and the switch between inference and differentiable versions (`Kernels`).
+//! f32 and f64 on the CPU; other devices and dtypes fall back to candle's ops.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
