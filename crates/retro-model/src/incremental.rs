@@ -123,6 +123,15 @@ impl RetroModel {
         tokens: &Tensor,
         neighbours: Option<&Tensor>,
     ) -> Result<Tensor> {
+        crate::train::on_pool(&self.device, || self.step_on(state, tokens, neighbours))
+    }
+
+    fn step_on(
+        &self,
+        state: &mut DecodeState,
+        tokens: &Tensor,
+        neighbours: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let cl = self.config.chunk_len;
         let t = state.t;
         let b = state.batch;
