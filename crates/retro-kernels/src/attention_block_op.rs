@@ -11,8 +11,8 @@
 
 use crate::cpu_storage::{contiguous, cpu};
 use crate::fused_attention::{self as fa, backward_into, forward_cpu, Dims, View};
-use crate::fused_norm::{self as fnorm, ln_bwd, ln_fwd, rope_in_place};
-use crate::linear_op::{affine, col_sums, matmul_into, matmul_new};
+use crate::fused_norm::{self as fnorm, ln_fwd, pre_norm_bwd, rope_in_place};
+use crate::linear_op::{affine, linear_bwd};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::any::Any;
@@ -437,16 +437,9 @@ impl AttentionBlockOp {
             }
             _ => dy,
         };
-        // dW_o [d, da] = dout^T o; db_o = column sums; do [rows_q, da] = dout W_o.
-        matmul_into(
-            &mut dp[o_[4]..o_[5]],
-            false,
-            (dout, 1, d),
-            (&s.o, da, 1),
-            (d, da, rows_q),
-        );
-        dp[o_[5]..o_[6]].copy_from_slice(&col_sums(dout, d));
-        let d_o = matmul_new((dout, d, 1), (wo, da, 1), (rows_q, da, d));
+        // The output projection's backward: do [rows_q, da].
+        let (dwo, dbo) = dp[o_[4]..].split_at_mut(d * da);
+        let d_o = linear_bwd(dout, &s.o, wo, (rows_q, d, da), dwo, dbo);
         // The attention backward, straight into the projections' gradient.
         let plan = self.plan(rows_x);
         let kv_src: &[T] = if self.kind.is_self() { &s.proj } else { &s.kv };
@@ -460,16 +453,8 @@ impl AttentionBlockOp {
             if let Some(trig) = trig {
                 self.rope(&mut dqkv, trig, true);
             }
-            // dW_qkv [3 da, d] = dqkv^T xq; db = column sums; dxq = dqkv W_qkv.
-            matmul_into(
-                &mut dp[o_[2]..o_[3]],
-                false,
-                (&dqkv, 1, 3 * da),
-                (&s.xq, d, 1),
-                (3 * da, d, rows_q),
-            );
-            dp[o_[3]..o_[4]].copy_from_slice(&col_sums(&dqkv, 3 * da));
-            dxq = matmul_new((&dqkv, 3 * da, 1), (w, d, 1), (rows_q, d, 3 * da));
+            let (dw, db) = dp[o_[2]..o_[4]].split_at_mut(3 * da * d);
+            dxq = linear_bwd(&dqkv, &s.xq, w, (rows_q, 3 * da, d), dw, db);
         } else {
             let ctx = ctx.expect("cross-attention has a context");
             // dq [rows_q, da] then dk, dv interleaved as [rows_c, 2 da], in one buffer.
@@ -481,23 +466,18 @@ impl AttentionBlockOp {
             ];
             backward_into(src, &s.lse, views, plan.dims, &mut buf, dst);
             let (dq, dkv) = buf.split_at(rows_q * da);
-            let (dw_q, dw_kv) = dp[o_[2]..o_[3]].split_at_mut(da * d);
-            matmul_into(dw_q, false, (dq, 1, da), (&s.xq, d, 1), (da, d, rows_q));
-            matmul_into(
+            let (dw, db) = dp[o_[2]..o_[4]].split_at_mut(3 * da * d);
+            let (dw_q, dw_kv) = dw.split_at_mut(da * d);
+            let (db_q, db_kv) = db.split_at_mut(da);
+            let (w_q, w_kv) = w.split_at(da * d);
+            dxq = linear_bwd(dq, &s.xq, w_q, (rows_q, da, d), dw_q, db_q);
+            dctx = Some(linear_bwd(
+                dkv,
+                ctx,
+                w_kv,
+                (rows_c, 2 * da, d),
                 dw_kv,
-                false,
-                (dkv, 1, 2 * da),
-                (ctx, d, 1),
-                (2 * da, d, rows_c),
-            );
-            let (db_q, db_kv) = dp[o_[3]..o_[4]].split_at_mut(da);
-            db_q.copy_from_slice(&col_sums(dq, da));
-            db_kv.copy_from_slice(&col_sums(dkv, 2 * da));
-            dxq = matmul_new((dq, da, 1), (&w[..da * d], d, 1), (rows_q, d, da));
-            dctx = Some(matmul_new(
-                (dkv, 2 * da, 1),
-                (&w[da * d..], d, 1),
-                (rows_c, d, 2 * da),
+                db_kv,
             ));
         }
         // LayerNorm's backward (CCA: the query rows scattered back to x's rows), plus the residual.
@@ -505,12 +485,7 @@ impl AttentionBlockOp {
             Kind::Chunked { .. } => self.scatter(&dxq, rows_x),
             _ => dxq,
         };
-        let (mut dx, dw, db) = ln_bwd(x, &p[o_[0]..o_[1]], &dxn, d, self.eps);
-        dp[o_[0]..o_[1]].copy_from_slice(&dw);
-        dp[o_[1]..o_[2]].copy_from_slice(&db);
-        dx.par_iter_mut()
-            .zip(dy.par_iter())
-            .for_each(|(a, &b)| *a += b);
+        let dx = pre_norm_bwd(x, &p[o_[0]..o_[1]], &dxn, dy, d, self.eps, &mut dp[..o_[2]]);
         (dx, dctx, dp)
     }
 }

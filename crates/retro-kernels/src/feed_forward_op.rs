@@ -6,8 +6,8 @@
 //! concatenated tensor: candle's `cat` backward hands each `Var` its slice of the gradient.
 
 use crate::cpu_storage::{contiguous, cpu};
-use crate::fused_norm::{ln_bwd, ln_fwd, Float};
-use crate::linear_op::{affine, col_sums, matmul_into, matmul_new};
+use crate::fused_norm::{ln_fwd, pre_norm_bwd, Float};
+use crate::linear_op::{affine, linear_bwd};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -104,39 +104,19 @@ impl FeedForwardOp {
         let rows = h.len() / d.max(1);
         let (w1, w2) = (&p[o[2]..o[3]], &p[o[4]..o[5]]);
         let mut dp = vec![T::zero(); o[6]];
-        // dW2 [d, f] = dy^T [d, rows] r [rows, f]
-        matmul_into(
-            &mut dp[o[4]..o[5]],
-            false,
-            (dy, 1, d),
-            (r, f, 1),
-            (d, f, rows),
-        );
-        dp[o[5]..o[6]].copy_from_slice(&col_sums(dy, d));
-        // da [rows, f] = (dy [rows, d] w2 [d, f]) * (r > 0)
-        let mut da = matmul_new((dy, d, 1), (w2, f, 1), (rows, f, d));
+        let (dw1, rest) = dp[o[2]..].split_at_mut(f * d);
+        let (db1, rest) = rest.split_at_mut(f);
+        let (dw2, db2) = rest.split_at_mut(d * f);
+        // lin2's backward from dy, then the ReLU mask: da [rows, f].
+        let mut da = linear_bwd(dy, r, w2, (rows, d, f), dw2, db2);
         da.par_iter_mut().zip(r.par_iter()).for_each(|(g, &rv)| {
             if rv <= T::zero() {
                 *g = T::zero();
             }
         });
-        // dW1 [f, d] = da^T [f, rows] x [rows, d]
-        matmul_into(
-            &mut dp[o[2]..o[3]],
-            false,
-            (&da, 1, f),
-            (x, d, 1),
-            (f, d, rows),
-        );
-        dp[o[3]..o[4]].copy_from_slice(&col_sums(&da, f));
-        // dx [rows, d] = da [rows, f] w1 [f, d]
-        let dx = matmul_new((&da, f, 1), (w1, d, 1), (rows, d, f));
-        let (mut dh, dw, db) = ln_bwd(h, &p[o[0]..o[1]], &dx, d, self.eps);
-        dp[o[0]..o[1]].copy_from_slice(&dw);
-        dp[o[1]..o[2]].copy_from_slice(&db);
-        dh.par_iter_mut()
-            .zip(dy.par_iter())
-            .for_each(|(a, &b)| *a += b);
+        // lin1's backward: dx [rows, d].
+        let dx = linear_bwd(&da, x, w1, (rows, f, d), dw1, db1);
+        let dh = pre_norm_bwd(h, &p[o[0]..o[1]], &dx, dy, d, self.eps, &mut dp[..o[2]]);
         (dh, dp)
     }
 }

@@ -148,6 +148,27 @@ pub(crate) fn ln_bwd<T: Float>(
     (dx, dw, db)
 }
 
+/// The input gradient of a pre-norm residual block `y = x + f(LN(x))`: LayerNorm's backward of
+/// `g` (the gradient of `LN(x)`) plus `dy` (the residual's); the norm's `dw` and `db` go to
+/// `dnorm[..d]` and `dnorm[d..2 d]`.
+pub(crate) fn pre_norm_bwd<T: Float>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    dy: &[T],
+    d: usize,
+    eps: f64,
+    dnorm: &mut [T],
+) -> Vec<T> {
+    let (mut dx, dw, db) = ln_bwd(x, w, g, d, eps);
+    dnorm[..d].copy_from_slice(&dw);
+    dnorm[d..2 * d].copy_from_slice(&db);
+    dx.par_iter_mut()
+        .zip(dy.par_iter())
+        .for_each(|(a, &b)| *a += b);
+    dx
+}
+
 /// Reads three tensors' CPU storages (made contiguous by the caller) and runs `f` on them.
 fn with_cpu3<R>(
     a: &Tensor,

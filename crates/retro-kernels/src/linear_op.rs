@@ -194,6 +194,22 @@ pub(crate) fn matmul_new<T: WithDType + 'static>(
     dst
 }
 
+/// The backward of `y = x W^T + b` on row-major slices (`g [rows, n]` the gradient of `y`,
+/// `x [rows, k]`, `w [n, k]`): writes `dW = g^T x` and `db` = the column sums of `g`, returns
+/// `dx = g W` as `[rows, k]`.
+pub(crate) fn linear_bwd<T: WithDType + 'static>(
+    g: &[T],
+    x: &[T],
+    w: &[T],
+    (rows, n, k): (usize, usize, usize),
+    dw: &mut [T],
+    db: &mut [T],
+) -> Vec<T> {
+    matmul_into(dw, false, (g, 1, n), (x, k, 1), (n, k, rows));
+    db.copy_from_slice(&col_sums(g, n));
+    matmul_new((g, n, 1), (w, k, 1), (rows, k, n))
+}
+
 /// Column sums of `x [rows, n]`. Blocks of 64 rows in parallel, the blocks' sums added in order:
 /// the same result on any number of threads (a rayon `reduce` would pair them as the work was
 /// stolen, and a resumed training run would drift from an uninterrupted one).
