@@ -241,7 +241,7 @@ fn offsets(d: usize, da: usize) -> [usize; 7] {
     o
 }
 
-/// The attention's problem and where q, k, v, o and their gradients live: `(dims, [q, k, v], o)`.
+/// The attention's problem and where q, k, v, o and their gradients live.
 struct Plan {
     dims: Dims,
     qkv: [View; 3],
@@ -253,39 +253,39 @@ impl AttentionBlockOp {
         self.da / self.heads
     }
 
+    /// `(groups, queries, keys)`: the attention runs per group (a sequence; a neighbour with its
+    /// retrieving chunk; a chunk with its neighbours).
+    fn groups(&self, rows_x: usize) -> (usize, usize, usize) {
+        match self.kind {
+            Kind::SelfAttention { s, .. } => (rows_x / s.max(1), s, s),
+            Kind::Cross { groups, sq, sk } => (groups, sq, sk),
+            Kind::Chunked { b, cl, c, sk, .. } => (b * c, cl, sk),
+        }
+    }
+
     /// Query rows and context rows.
     fn rows(&self, rows_x: usize) -> (usize, usize) {
-        match self.kind {
-            Kind::SelfAttention { .. } => (rows_x, rows_x),
-            Kind::Cross { groups, sq, sk } => (groups * sq, groups * sk),
-            Kind::Chunked { b, cl, c, sk, .. } => (b * c * cl, b * c * sk),
-        }
+        let (g, sq, sk) = self.groups(rows_x);
+        (g * sq, g * sk)
     }
 
     fn plan(&self, rows_x: usize) -> Plan {
         let (da, dk, h) = (self.da, self.dk(), self.heads);
-        let (dims, qkv, sq) = match self.kind {
-            Kind::SelfAttention { s, causal, .. } => {
-                let groups = rows_x / s.max(1);
-                let at = |off| View::new(off, s * 3 * da, 3 * da, h, dk);
-                let dims = Dims::new(groups, h, (s, s, dk), causal.then_some(0));
-                (dims, [at(0), at(da), at(2 * da)], s)
+        let (g, sq, sk) = self.groups(rows_x);
+        let (qkv, causal) = match self.kind {
+            // q, k, v side by side in one projection [rows, 3 da].
+            Kind::SelfAttention { causal, .. } => {
+                let at = |off| View::new(off, sq * 3 * da, 3 * da, h, dk);
+                ([at(0), at(da), at(2 * da)], causal.then_some(0))
             }
-            Kind::Cross { groups, sq, sk } => {
+            // q [rows_q, da]; k, v side by side in [rows_c, 2 da].
+            _ => {
                 let kv = |off| View::new(off, sk * 2 * da, 2 * da, h, dk);
-                let dims = Dims::new(groups, h, (sq, sk, dk), None);
-                let q = View::new(0, sq * da, da, h, dk);
-                (dims, [q, kv(0), kv(da)], sq)
-            }
-            Kind::Chunked { b, cl, c, sk, .. } => {
-                let kv = |off| View::new(off, sk * 2 * da, 2 * da, h, dk);
-                let dims = Dims::new(b * c, h, (cl, sk, dk), None);
-                let q = View::new(0, cl * da, da, h, dk);
-                (dims, [q, kv(0), kv(da)], cl)
+                ([View::new(0, sq * da, da, h, dk), kv(0), kv(da)], None)
             }
         };
         Plan {
-            dims,
+            dims: Dims::new(g, h, (sq, sk, dk), causal),
             qkv,
             o: View::new(0, sq * da, da, h, dk),
         }
