@@ -449,7 +449,8 @@ impl AttentionBlockOp {
         let mut dctx = None;
         if self.kind.is_self() {
             let mut dqkv = vec![T::zero(); rows_q * 3 * da];
-            backward_into(src, &s.lse, views, plan.dims, &mut dqkv, plan.qkv);
+            // SAFETY: q, k and v of a row sit side by side in dqkv, each head's d_k columns once.
+            unsafe { backward_into(src, &s.lse, views, plan.dims, &mut dqkv, plan.qkv) };
             if let Some(trig) = trig {
                 self.rope(&mut dqkv, trig, true);
             }
@@ -464,7 +465,9 @@ impl AttentionBlockOp {
                 plan.qkv[1].shifted(rows_q * da),
                 plan.qkv[2].shifted(rows_q * da),
             ];
-            backward_into(src, &s.lse, views, plan.dims, &mut buf, dst);
+            // SAFETY: dq fills buf's first rows_q * da elements, dk and dv the halves of each row
+            // of the [rows_c, 2 da] rest.
+            unsafe { backward_into(src, &s.lse, views, plan.dims, &mut buf, dst) };
             let (dq, dkv) = buf.split_at(rows_q * da);
             let (dw, db) = dp[o_[2]..o_[4]].split_at_mut(3 * da * d);
             let (dw_q, dw_kv) = dw.split_at_mut(da * d);

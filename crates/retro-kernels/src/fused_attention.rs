@@ -15,10 +15,9 @@
 //! layout the output projection wants. [`attention_heads`] is that interface; [`attention`] is the plain
 //! `[n, s, d]` one. Other devices and dtypes use the matmul + softmax composition.
 
+use crate::cpu_storage::cpu;
 use crate::kernels::Kernels;
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -835,9 +834,12 @@ fn backward_cpu<T: Float>(src: [&[T]; 5], lse: &[T], views: [View; 5], dims: Dim
     (dq, dk, dv)
 }
 
-/// The backward into one buffer: the rows of dQ, dK and dV go where `dst` says (they must not
-/// overlap; rows the views skip are left as they are).
-pub(crate) fn backward_into<T: Float>(
+/// The backward into one buffer: the rows of dQ, dK and dV go where `dst` says (rows the views
+/// skip are left as they are). Panics if a view reaches outside `out`.
+///
+/// # Safety
+/// No two rows the three views address for `dims` may overlap: heads are written in parallel.
+pub(crate) unsafe fn backward_into<T: Float>(
     src: [&[T]; 5],
     lse: &[T],
     views: [View; 5],
@@ -850,7 +852,8 @@ pub(crate) fn backward_into<T: Float>(
         assert!(vw.heads == dims.heads && vw.end(groups * vw.heads, rows, dims.d) <= out.len());
     }
     let p = out.as_mut_ptr();
-    // SAFETY: the asserts keep every addressed row inside `out`; the caller's views do not overlap.
+    // SAFETY: the asserts keep every addressed row inside `out`; the caller vouches that no two
+    // overlap.
     unsafe {
         backward_raw(
             src,
@@ -968,22 +971,7 @@ impl CustomOp3 for FusedAttention {
         let (sv_, lv) = v.storage_and_layout();
         let (so_, lo) = res.storage_and_layout();
         let (sg_, lg) = go_t.storage_and_layout();
-        let cpu = |s: &Storage| -> Result<*const CpuStorage> {
-            match s {
-                Storage::Cpu(c) => Ok(c as *const CpuStorage),
-                _ => candle_core::bail!("fused-attention: cpu backward on a non-cpu tensor"),
-            }
-        };
-        // SAFETY: the pointers live as long as the read guards above.
-        let (cq, ck, cv, co, cg) = unsafe {
-            (
-                &*cpu(&sq_)?,
-                &*cpu(&sk_)?,
-                &*cpu(&sv_)?,
-                &*cpu(&so_)?,
-                &*cpu(&sg_)?,
-            )
-        };
+        let (cq, ck, cv, co, cg) = (cpu(&sq_)?, cpu(&sk_)?, cpu(&sv_)?, cpu(&so_)?, cpu(&sg_)?);
         if lg.stride()[3] != 1 && lg.dims()[3] > 1 {
             candle_core::bail!("fused-attention: strided gradient");
         }

@@ -12,9 +12,9 @@
 //! RoPE (rotate-half) on `x [b, s, h, d]`: `y1 = x1 c - x2 s`, `y2 = x2 c + x1 s`; its backward is the
 //! inverse rotation (`-theta`).
 
-use crate::cpu_storage::contiguous;
+use crate::cpu_storage::{contiguous, cpu};
 use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType, D,
+    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, D,
 };
 use rayon::prelude::*;
 
@@ -179,10 +179,7 @@ fn with_cpu3<R>(
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
     let (sc, lc) = c.storage_and_layout();
-    match (&*sa, &*sb, &*sc) {
-        (Storage::Cpu(x), Storage::Cpu(y), Storage::Cpu(z)) => f([x, y, z], [la, lb, lc]),
-        _ => candle_core::bail!("fused-norm: cpu backward on a non-cpu tensor"),
-    }
+    f([cpu(&sa)?, cpu(&sb)?, cpu(&sc)?], [la, lb, lc])
 }
 
 impl CustomOp3 for LayerNormOp {
