@@ -123,7 +123,7 @@ impl RetroModel {
         tokens: &Tensor,
         neighbours: Option<&Tensor>,
     ) -> Result<Tensor> {
-        crate::train::on_pool(&self.device, || self.step_on(state, tokens, neighbours))
+        crate::device::on_pool(&self.device, || self.step_on(state, tokens, neighbours))
     }
 
     fn step_on(

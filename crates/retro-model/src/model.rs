@@ -290,7 +290,7 @@ impl RetroModel {
     }
 
     fn forward_with(&self, x: &Tensor, ret: Option<&Tensor>, kern: Kernels) -> Result<Tensor> {
-        crate::train::on_pool(&self.device, || self.forward_on(x, ret, kern))
+        crate::device::on_pool(&self.device, || self.forward_on(x, ret, kern))
     }
 
     fn forward_on(&self, x: &Tensor, ret: Option<&Tensor>, kern: Kernels) -> Result<Tensor> {
