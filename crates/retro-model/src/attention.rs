@@ -61,8 +61,9 @@ pub fn causal_mask(
 
 impl SelfAttention {
     /// `h [.., s, d_model]` (leading dims are sequences); `rope` covers the absolute positions of
-    /// these s rows; `mask` is `[s, seen + s]` for causal attention (None when no query can see a future key, e.g. s == 1).
-    /// The mask must be [`causal_mask`]`(s, seen)`: the fused kernel applies it implicitly.
+    /// these s rows; `mask` is `[s, seen + s]` for causal attention (None when no query can see a
+    /// future key, e.g. s == 1). The mask must be [`causal_mask`]`(s, seen)`: the fused kernel
+    /// applies it implicitly.
     pub fn forward(
         &self,
         h: &Tensor,
