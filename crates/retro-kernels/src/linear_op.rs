@@ -6,6 +6,7 @@
 //! (reshape, transpose, matmul, broadcast add, reshape) of the composition, each of which costs
 //! candle a full-size gradient accumulation.
 
+use crate::cpu_storage::{contiguous, cpu};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -131,6 +132,11 @@ unsafe fn gemm_raw<T: WithDType + 'static>(
 /// A matrix operand: `(data, row stride, column stride)`.
 pub(crate) type Operand<'a, T> = (&'a [T], usize, usize);
 
+/// Every element of an `r x c` operand lies inside its slice.
+fn fits<T>((x, rs, cs): Operand<'_, T>, r: usize, c: usize) -> bool {
+    r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < x.len()
+}
+
 /// `dst [m, n]` (row-major, `dst.len() >= m * n`) `= (dst if accumulate) + a [m, k] b [k, n]`, the
 /// operands strided as given; panics if a stride reaches outside its slice.
 pub(crate) fn matmul_into<T: WithDType + 'static>(
@@ -143,9 +149,6 @@ pub(crate) fn matmul_into<T: WithDType + 'static>(
     if m == 0 || n == 0 {
         return;
     }
-    let fits = |(x, rs, cs): Operand<'_, T>, r: usize, c: usize| {
-        r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < x.len()
-    };
     assert!(dst.len() >= m * n && fits(a, m, k) && fits(b, k, n));
     if k == 0 {
         if !accumulate {
@@ -171,9 +174,6 @@ pub(crate) fn matmul_new<T: WithDType + 'static>(
     b: Operand<'_, T>,
     (m, n, k): (usize, usize, usize),
 ) -> Vec<T> {
-    let fits = |(x, rs, cs): Operand<'_, T>, r: usize, c: usize| {
-        r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < x.len()
-    };
     assert!(fits(a, m, k) && fits(b, k, n));
     if m == 0 || n == 0 || k == 0 {
         return vec![T::zero(); m * n];
@@ -255,8 +255,7 @@ pub(crate) fn affine<T: WithDType + 'static>(
     b: &[T],
     residual: Option<&[T]>,
 ) -> Vec<T> {
-    assert!(x.len() >= rows * k && b.len() >= n && residual.is_none_or(|r| r.len() >= rows * n));
-    assert!(n == 0 || k == 0 || w.len() > (n - 1) * sw[0] + (k - 1) * sw[1]);
+    assert!(b.len() >= n && residual.is_none_or(|r| r.len() >= rows * n));
     let mut dst: Vec<T> = Vec::with_capacity(rows * n);
     dst.spare_capacity_mut()[..rows * n]
         .par_chunks_mut(n.max(1))
@@ -276,17 +275,8 @@ pub(crate) fn affine<T: WithDType + 'static>(
         });
     // SAFETY: every one of the rows * n elements was written above (b has n elements).
     unsafe { dst.set_len(rows * n) };
-    // SAFETY: dst is [rows, n] row-major; x is [rows, k] row-major and w [n, k] with strides sw
-    // (read as w^T [k, n]); the asserts above keep every addressed element in bounds.
-    unsafe {
-        gemm_into(
-            &mut dst,
-            true,
-            (x.as_ptr(), k as isize, 1),
-            (w.as_ptr(), sw[1] as isize, sw[0] as isize),
-            (rows, n, k),
-        )
-    };
+    // x [rows, k] row-major; w [n, k] with strides sw, read as w^T [k, n].
+    matmul_into(&mut dst, true, (x, k, 1), (w, sw[1], sw[0]), (rows, n, k));
     dst
 }
 
@@ -344,7 +334,8 @@ impl CustomOp3 for LinearOp {
         Ok((out, Shape::from(out_dims)))
     }
 
-    /// dx = dy W, dW = dy^T x, db = the column sums of dy (never with a residual: `linear` has none).
+    /// `linear_bwd`: dx = dy W, dW = dy^T x, db = the column sums of dy (never with a residual:
+    /// `linear` has none).
     fn bwd(
         &self,
         x: &Tensor,
@@ -355,24 +346,32 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
         let rows = x.elem_count() / k.max(1);
-        // Detached: the gradients must not keep this step's graph (x's activations) alive.
-        let (x, w) = (&x.detach(), &w.detach());
-        let dy = dy.detach().contiguous()?.reshape((rows, n))?;
-        let dx = dy.matmul(w)?.reshape(x.dims())?;
-        let dw = dy.t()?.matmul(&x.reshape((rows, k))?)?;
-        // candle's `sum(0)` reduces a leading dim on one thread, strided: 10% of a train step.
-        let db = {
-            let (s, l) = dy.storage_and_layout();
-            let at = l.start_offset()..l.start_offset() + rows * n;
-            match &*s {
-                candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
-                    Tensor::new(col_sums(&v[at], n), dy.device())?
-                }
-                candle_core::Storage::Cpu(CpuStorage::F64(v)) => {
-                    Tensor::new(col_sums(&v[at], n), dy.device())?
-                }
-                _ => dy.sum(0)?,
-            }
+        let (w, dy) = (w.contiguous()?, dy.contiguous()?);
+        let (sx, lx) = x.storage_and_layout();
+        let (sw, lw) = w.storage_and_layout();
+        let (sg, lg) = dy.storage_and_layout();
+        let dev = x.device();
+        // Fresh tensors from the slices: the gradients keep no graph (x's activations) alive.
+        macro_rules! go {
+            ($t:ty) => {{
+                let (xs, ws, g) = (
+                    contiguous::<$t>(cpu(&sx)?, lx)?,
+                    contiguous::<$t>(cpu(&sw)?, lw)?,
+                    contiguous::<$t>(cpu(&sg)?, lg)?,
+                );
+                let (mut dw, mut db) = (vec![<$t>::default(); n * k], vec![<$t>::default(); n]);
+                let dx = linear_bwd(g, xs, ws, (rows, n, k), &mut dw, &mut db);
+                (
+                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    Tensor::from_vec(dw, (n, k), dev)?,
+                    Tensor::from_vec(db, n, dev)?,
+                )
+            }};
+        }
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => go!(f32),
+            DType::F64 => go!(f64),
+            dt => candle_core::bail!("linear: f32 and f64 only, not {dt:?}"),
         };
         Ok((Some(dx), Some(dw), Some(db)))
     }
