@@ -70,7 +70,17 @@ enum BenchCmd {
     Pipeline(cli::bench_pipeline::BenchPipelineArgs),
 }
 
+/// Output piped into `head` and closed early: end quietly, as Unix tools do, instead of Rust's
+/// "failed printing to stdout: Broken pipe" panic (Rust ignores SIGPIPE by default).
+fn exit_quietly_on_broken_pipe() {
+    // SAFETY: restoring the default disposition of one signal before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> Result<()> {
+    exit_quietly_on_broken_pipe();
     keep_freed_memory();
     match Cli::parse().cmd {
         Cmd::Index(c) => c.run(),

@@ -61,6 +61,9 @@ pub struct BuildArgs {
     pub max_valid_sequences: Option<usize>,
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the dataset already at --out (never a folder that is not a dataset).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Opens the database a dataset names (or the one given) and the dataset.
@@ -97,7 +100,7 @@ impl DatasetCmd {
                     .expect("template"),
                 );
                 let t0 = std::time::Instant::now();
-                let ds = Dataset::build(&db, &params, &a.out, &|done, total| {
+                let ds = Dataset::build_with(&db, &params, &a.out, a.overwrite, &|done, total| {
                     bar.set_length(total as u64);
                     bar.set_position(done as u64);
                 })?;

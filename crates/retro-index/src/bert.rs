@@ -74,6 +74,13 @@ impl BertEmbedder {
                 Err(IndexError::Missing { path: p })
             }
         };
+        if opts.max_len == Some(0) {
+            return Err(IndexError::invalid(
+                "max_len",
+                0,
+                "must be at least 1 token (0 would give every chunk the same key)",
+            ));
+        }
         let config_path = need("config.json")?;
         let weights = need("model.safetensors")?;
         let tok_path = need("tokenizer.json")?;

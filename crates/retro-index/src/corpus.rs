@@ -90,6 +90,16 @@ pub fn read_corpus(path: &Path, opts: &CorpusOptions) -> Result<Corpus> {
             .unwrap_or_default();
         read_file(path, &rel, opts, &mut corpus)?;
     }
+    let mut seen = std::collections::HashMap::new();
+    for d in &corpus.documents {
+        if let Some(first) = seen.insert(d.id.as_str(), d.source.as_str()) {
+            return Err(IndexError::DuplicateId {
+                id: d.id.clone(),
+                first: first.to_string(),
+                second: d.source.clone(),
+            });
+        }
+    }
     Ok(corpus)
 }
 
@@ -213,5 +223,15 @@ mod tests {
         std::fs::write(dir.path().join("bad.jsonl"), "{\"id\":1}\n").unwrap();
         let e = read_corpus(&dir.path().join("bad.jsonl"), &CorpusOptions::default()).unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_ids_are_an_error_naming_both_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(&p, "{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n").unwrap();
+        let e = read_corpus(&p, &CorpusOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("duplicate document id \"a\""), "{e}");
+        assert!(e.contains("d.jsonl:1") && e.contains("d.jsonl:2"), "{e}");
     }
 }

@@ -5,7 +5,7 @@ use crate::corpus::Corpus;
 use crate::embed::{l2_normalize, Embedder, EmbedderId};
 use crate::embeddings::{Embeddings, EMBEDDINGS_FILE};
 use crate::error::{IndexError, Result};
-use crate::fsutil::{read_json, sha256_bytes, sha256_file, write_json_atomic};
+use crate::fsutil::{read_json, sha256_bytes, sha256_file, write_json_atomic, StagedDir};
 use crate::hnsw::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
 use crate::store::{ChunkStore, CHUNKS_FILE, DOCUMENTS_FILE, TOKENS_FILE};
 use crate::tokenizer::{LmTokenizer, TOKENIZER_FILE};
@@ -64,7 +64,15 @@ pub struct Manifest {
     pub hnsw_basename: String,
     /// Path relative to the database directory -> size and SHA-256.
     pub files: BTreeMap<String, FileInfo>,
+    /// How keys are compared: `unit-l2` (every key and query L2-normalised, then ranked by L2
+    /// distance, the same order as cosine). Absent in databases built before keys were always
+    /// normalised: those stored a model's raw vectors when it had no Normalize module.
+    #[serde(default)]
+    pub key_metric: Option<String>,
 }
+
+/// [`Manifest::key_metric`] of every database built now.
+pub const KEY_METRIC: &str = "unit-l2";
 
 /// Build stages reported to the progress callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,27 +151,6 @@ impl std::fmt::Debug for Database {
 }
 
 /// Removes a half-built directory unless disarmed.
-struct TempDirGuard(Option<PathBuf>);
-impl Drop for TempDirGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
-fn sibling(out_dir: &Path, tag: &str) -> PathBuf {
-    let name = out_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "db".into());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    out_dir.with_file_name(format!(".{name}.{tag}-{}-{nanos}", std::process::id()))
-}
-
 impl Database {
     /// Tokenizes, chunks, embeds and indexes `corpus` into `out_dir`. Everything is written into a
     /// temporary directory beside `out_dir`, renamed into place at the end: an interrupted build
@@ -183,24 +170,33 @@ impl Database {
         if opts.chunk_len == 0 {
             return Err(IndexError::invalid("chunk_len", 0, "must be positive"));
         }
-        if out_dir.exists() && !opts.overwrite {
-            return Err(IndexError::invalid(
-                "out_dir",
-                out_dir.display(),
-                "already exists (pass overwrite to replace it)",
-            ));
+        // Never write into the corpus: replacing the folder would delete the documents.
+        if let Ok(out_abs) = out_dir.canonicalize() {
+            if let Some(d) = corpus.documents.iter().find(|d| {
+                let src = d.source.rsplit_once(':').map_or(d.source.as_str(), |(p, l)| {
+                    if l.parse::<usize>().is_ok() { p } else { d.source.as_str() }
+                });
+                Path::new(src)
+                    .canonicalize()
+                    .is_ok_and(|p| p.starts_with(&out_abs))
+            }) {
+                return Err(IndexError::invalid(
+                    "out_dir",
+                    out_dir.display(),
+                    format!(
+                        "holds the corpus itself ({}): the database must go elsewhere",
+                        d.source
+                    ),
+                ));
+            }
         }
+        let staged = StagedDir::new(out_dir, MANIFEST_FILE, "retro database", opts.overwrite)?;
         let report = |s: Stage, d: usize, t: usize| {
             if let Some(p) = &opts.progress {
                 p(s, d, t)
             }
         };
-        if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| IndexError::io(parent, e))?;
-        }
-        let tmp = sibling(out_dir, "building");
-        std::fs::create_dir(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
-        let mut guard = TempDirGuard(Some(tmp.clone()));
+        let tmp = staged.path().to_owned();
 
         // 1. Tokenize (parallel over documents).
         let n_docs = corpus.documents.len();
@@ -277,7 +273,18 @@ impl Database {
                         refs[j]
                     )));
                 }
+                // The graph's distance assumes unit keys: normalise every key, whatever the model
+                // does (plain BERT has no Normalize module, and raw norms would decide the ranking).
+                let start_of = vectors.len();
                 vectors.extend_from_slice(v);
+                l2_normalize(&mut vectors[start_of..]);
+                if vectors[start_of..].iter().all(|&x| x == 0.0) {
+                    return Err(IndexError::Embedder(format!(
+                        "chunk {} ({:?}): the key is the zero vector, which has no direction to rank by",
+                        start + j,
+                        refs[j]
+                    )));
+                }
             }
             report(Stage::Embedding, end, n);
         }
@@ -358,22 +365,13 @@ impl Database {
             hnsw: opts.hnsw,
             hnsw_basename: basename,
             files,
+            key_metric: Some(KEY_METRIC.into()),
         };
         write_json_atomic(&tmp.join(MANIFEST_FILE), &manifest)?;
         drop(store);
 
         // 6. Into place.
-        let mut old = None;
-        if out_dir.exists() {
-            let o = sibling(out_dir, "old");
-            std::fs::rename(out_dir, &o).map_err(|e| IndexError::io(out_dir, e))?;
-            old = Some(o);
-        }
-        std::fs::rename(&tmp, out_dir).map_err(|e| IndexError::io(out_dir, e))?;
-        guard.0 = None;
-        if let Some(o) = old {
-            let _ = std::fs::remove_dir_all(o);
-        }
+        staged.commit()?;
         report(Stage::Writing, 1, 1);
         Database::open(out_dir)
     }

@@ -19,6 +19,12 @@ pub enum IndexError {
         line: usize,
         message: String,
     },
+    #[error("duplicate document id {id:?}: {first} and {second} (ids must be unique: rename one, or give each JSONL line its own id)")]
+    DuplicateId {
+        id: String,
+        first: String,
+        second: String,
+    },
     #[error("the corpus has no non-empty documents ({empty_skipped} empty ones skipped)")]
     EmptyCorpus { empty_skipped: usize },
     #[error("tokenizer: {0}")]

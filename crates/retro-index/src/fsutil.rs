@@ -135,3 +135,142 @@ pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     // a concurrent writer replacing the directory renames, it does not truncate mapped files.
     unsafe { memmap2::Mmap::map(&f) }.map_err(|e| IndexError::io(path, e))
 }
+
+/// A directory written beside its destination under a hidden temporary name, then swapped into
+/// place by [`StagedDir::commit`]; dropped uncommitted, it is removed. The destination is replaced
+/// only when it is empty or holds `marker` (the file that makes it one of ours, e.g. a database's
+/// manifest): a folder of other files is never deleted. Leftovers of staged builds that died (their
+/// process is gone) are removed when the next one starts.
+pub struct StagedDir {
+    tmp: Option<PathBuf>,
+    out: PathBuf,
+}
+
+fn staged_name(out: &Path) -> String {
+    out.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into())
+}
+
+fn staged_sibling(out: &Path, tag: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    out.with_file_name(format!(
+        ".{}.{tag}-{}-{nanos}",
+        staged_name(out),
+        std::process::id()
+    ))
+}
+
+/// Removes `.NAME.building-PID-*` and `.NAME.old-PID-*` siblings of `out` whose process is gone.
+fn remove_stale_siblings(out: &Path) {
+    let Some(parent) = out.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }) else {
+        return;
+    };
+    let prefix = format!(".{}.", staged_name(out));
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid = ["building-", "old-"]
+            .iter()
+            .find_map(|t| rest.strip_prefix(t))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+            if !alive {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+impl StagedDir {
+    /// Checks that `out` may be written (absent; or, with `overwrite`, empty or holding `marker`)
+    /// and creates the temporary directory beside it. `what` names the kind in errors.
+    pub fn new(out: &Path, marker: &str, what: &str, overwrite: bool) -> Result<StagedDir> {
+        if out.exists() {
+            if !out.is_dir() {
+                return Err(IndexError::invalid(
+                    "out_dir",
+                    out.display(),
+                    format!("is a file, not a {what} directory"),
+                ));
+            }
+            let empty = std::fs::read_dir(out)
+                .map_err(|e| IndexError::io(out, e))?
+                .next()
+                .is_none();
+            if !empty && !out.join(marker).is_file() {
+                return Err(IndexError::invalid(
+                    "out_dir",
+                    out.display(),
+                    format!(
+                        "holds files but is not a {what} (no {marker}): refusing to replace it; \
+                         choose a new or empty directory"
+                    ),
+                ));
+            }
+            if !empty && !overwrite {
+                return Err(IndexError::invalid(
+                    "out_dir",
+                    out.display(),
+                    format!("already holds a {what} (pass --overwrite to replace it)"),
+                ));
+            }
+        }
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| IndexError::io(parent, e))?;
+        }
+        remove_stale_siblings(out);
+        let tmp = staged_sibling(out, "building");
+        std::fs::create_dir(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
+        Ok(StagedDir {
+            tmp: Some(tmp),
+            out: out.to_owned(),
+        })
+    }
+
+    /// Where to write.
+    pub fn path(&self) -> &Path {
+        self.tmp.as_deref().expect("not committed")
+    }
+
+    /// Moves the staged directory into place: the old one (if any) is renamed aside first and
+    /// removed after, so a crash leaves either the old or the new one at `out`.
+    pub fn commit(mut self) -> Result<()> {
+        let tmp = self.tmp.take().expect("not committed");
+        let mut old = None;
+        if self.out.exists() {
+            let o = staged_sibling(&self.out, "old");
+            std::fs::rename(&self.out, &o).map_err(|e| IndexError::io(&self.out, e))?;
+            old = Some(o);
+        }
+        if let Err(e) = std::fs::rename(&tmp, &self.out) {
+            if let Some(o) = &old {
+                let _ = std::fs::rename(o, &self.out);
+            }
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(IndexError::io(&self.out, e));
+        }
+        if let Some(o) = old {
+            let _ = std::fs::remove_dir_all(o);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.tmp.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}

@@ -116,7 +116,17 @@ impl LmTokenizer {
                 .iter()
                 .find_map(|s| t.token_to_id(s))
             })
-            .unwrap_or(0);
+            // No pad-like token: pad with the first id past the vocabulary, never a real token.
+            .unwrap_or(t.get_vocab_size(true) as u32);
+        if is_wordpiece(&t) {
+            return Err(IndexError::Tokenizer(
+                "a WordPiece (BERT) tokenizer is not a language model's tokenizer: it lowercases \
+                 and drops newlines and spacing, so generated text cannot be decoded faithfully; \
+                 use a byte-level BPE tokenizer.json (e.g. GPT-2's), `char`, or `retro tokenizer \
+                 train`"
+                    .into(),
+            ));
+        }
         let json = t.to_string(false).map_err(tok_err)?;
         Ok(LmTokenizer::Hf(HfTokenizer {
             inner: Box::new(t),
@@ -154,6 +164,37 @@ impl LmTokenizer {
         }
     }
 
+    /// Token ids of a text and the UTF-8 bytes of the text each token covers, so that per-token
+    /// byte counts add up to the text's own length (a character split across byte-level BPE tokens
+    /// is counted once, on its first token). Bits per byte are counted with these, never by decoding.
+    pub fn encode_with_bytes(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>)> {
+        match self {
+            LmTokenizer::Char(_) => Ok((
+                self.encode(text)?,
+                text.chars().map(char::len_utf8).collect(),
+            )),
+            LmTokenizer::Hf(h) => {
+                let enc = h.inner.encode(text, false).map_err(tok_err)?;
+                let mut covered = 0usize;
+                let lens = enc
+                    .get_offsets()
+                    .iter()
+                    .map(|&(_, end)| {
+                        let n = end.saturating_sub(covered);
+                        covered = covered.max(end);
+                        n
+                    })
+                    .collect::<Vec<_>>();
+                let mut lens = lens;
+                // Bytes no token's offsets reach (e.g. stripped whitespace) go to the last token.
+                if let Some(last) = lens.last_mut() {
+                    *last += text.len().saturating_sub(covered);
+                }
+                Ok((enc.get_ids().to_vec(), lens))
+            }
+        }
+    }
+
     /// Text of token ids; pad ids decode to nothing.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
@@ -184,7 +225,7 @@ impl LmTokenizer {
     pub fn vocab_size(&self) -> usize {
         match self {
             LmTokenizer::Char(c) => c.chars.len() + 1,
-            LmTokenizer::Hf(h) => h.inner.get_vocab_size(true),
+            LmTokenizer::Hf(h) => h.inner.get_vocab_size(true).max(h.pad_id as usize + 1),
         }
     }
 
@@ -264,6 +305,11 @@ impl LmTokenizer {
             LmTokenizer::Char(_) => None,
         }
     }
+}
+
+/// Whether the tokenizer's model is WordPiece (BERT's): lossy for a decoder.
+fn is_wordpiece(t: &tokenizers::Tokenizer) -> bool {
+    matches!(t.get_model(), tokenizers::ModelWrapper::WordPiece(_))
 }
 
 /// Trains a byte-level BPE tokenizer (GPT-2 style) on a corpus, offline, and writes it as a

@@ -276,3 +276,104 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A BERT directory without sentence-transformers' Normalize module (plain BERT, as in the paper)
+/// gives raw mean-pooled vectors; the database must still store unit keys, or the graph's distance
+/// would rank by vector norm and many keys would tie.
+#[test]
+fn keys_of_a_model_without_normalize_are_stored_as_unit_vectors() {
+    let Some(model) = retro_index::testdata::shared_path("models/all-MiniLM-L6-v2") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain-bert");
+    std::fs::create_dir(&plain).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::os::unix::fs::symlink(model.join(f), plain.join(f)).unwrap();
+    }
+    let e = retro_index::BertEmbedder::load(&plain, &retro_index::Device::Cpu).unwrap();
+    assert!(!e.normalizes());
+    let raw = e.embed(&["cats purr on warm mats"]).unwrap();
+    let norm = raw[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() > 0.05, "the model's own output is raw: norm {norm}");
+    let c = Corpus::from_documents((0..6).map(|i| Document {
+        id: format!("d{i}"),
+        source: "mem".into(),
+        text: ["cats purr on warm mats. ", "tides follow the moon. ", "yeast makes bread rise. "]
+            [i % 3]
+            .repeat(3),
+    }));
+    let t = LmTokenizer::char_from_corpus(&c);
+    let db = Database::build(
+        &c,
+        &t,
+        &e,
+        &BuildOptions {
+            chunk_len: 24,
+            ..Default::default()
+        },
+        &tmp.path().join("db"),
+    )
+    .unwrap();
+    assert_eq!(db.manifest().key_metric.as_deref(), Some("unit-l2"));
+    for i in 0..db.embeddings().len() {
+        let n = db.embeddings().row(i).iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-4, "key {i} has norm {n}");
+    }
+    // A chunk's own key is its nearest neighbour at distance ~0 (with its twin in d3); other
+    // chunks are at positive distance: no ties at 0 from keys of other directions.
+    let hits = db.search(db.embeddings().row(0), 3).unwrap();
+    assert!(hits[0].1 < 1e-4, "{hits:?}");
+    assert!(hits[2].1 > 1e-3, "{hits:?}");
+}
+
+#[test]
+fn overwrite_never_deletes_a_folder_that_is_not_a_database() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = corpus();
+    let t = LmTokenizer::char_from_corpus(&c);
+    let e = LexicalEmbedder::new(64).unwrap();
+    let opts = BuildOptions {
+        chunk_len: 16,
+        overwrite: true,
+        ..Default::default()
+    };
+    // A folder of the user's files.
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("thesis.txt"), "years of work").unwrap();
+    let err = Database::build(&c, &t, &e, &opts, &mine).unwrap_err().to_string();
+    assert!(err.contains("not a retro database"), "{err}");
+    assert_eq!(std::fs::read_to_string(mine.join("thesis.txt")).unwrap(), "years of work");
+    // The corpus folder itself.
+    let corpus_dir = tmp.path().join("corpus");
+    std::fs::create_dir(&corpus_dir).unwrap();
+    std::fs::write(corpus_dir.join("a.txt"), "some text to index here").unwrap();
+    let files = retro_index::read_corpus(&corpus_dir, &Default::default()).unwrap();
+    let t2 = LmTokenizer::char_from_corpus(&files);
+    let err = Database::build(&files, &t2, &e, &opts, &corpus_dir)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("corpus"), "{err}");
+    assert!(corpus_dir.join("a.txt").is_file());
+    // A database is replaced; without overwrite it is refused; no temporary folder is left.
+    let db_dir = tmp.path().join("db");
+    Database::build(&c, &t, &e, &opts, &db_dir).unwrap();
+    let no = BuildOptions {
+        overwrite: false,
+        ..opts.clone()
+    };
+    let err = Database::build(&c, &t, &e, &no, &db_dir).unwrap_err().to_string();
+    assert!(err.contains("--overwrite"), "{err}");
+    // A leftover of a build that died (its process is gone) is cleaned up by the next build.
+    let stale = tmp.path().join(".db.building-4000000-1");
+    std::fs::create_dir(&stale).unwrap();
+    Database::build(&c, &t, &e, &opts, &db_dir).unwrap();
+    assert!(!stale.exists());
+    let hidden: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}

@@ -53,6 +53,43 @@ impl RetroConfig {
         }
     }
 
+    /// A 4-layer, 64-wide model (CCA at layers 1 and 3, a 2-layer encoder): minutes on a CPU.
+    pub fn tiny() -> Self {
+        Self {
+            n_vocab: 65,
+            d_model: 64,
+            n_layers: 4,
+            ca_layers: [1, 3].into(),
+            chunk_len: 16,
+            n_heads: 4,
+            d_k: 16,
+            d_ff: 256,
+            enc_n_layers: 2,
+            enc_ca_layers: [1].into(),
+            layer_norm_eps: 1e-5,
+            rope_base: 10_000.0,
+        }
+    }
+
+    /// The named presets: `labml-small`, `tiny`.
+    pub const PRESETS: [&'static str; 2] = ["labml-small", "tiny"];
+
+    /// A preset by name with the given vocabulary size.
+    pub fn preset(name: &str, n_vocab: usize) -> Result<Self> {
+        let mut c = match name {
+            "labml-small" => Self::labml_small(),
+            "tiny" => Self::tiny(),
+            p => {
+                return Err(ModelError::Config(format!(
+                    "unknown preset `{p}` (expected one of {:?})",
+                    Self::PRESETS
+                )))
+            }
+        };
+        c.n_vocab = n_vocab;
+        Ok(c)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let err = |m: String| Err(ModelError::Config(m));
         for (name, v) in [

@@ -10,7 +10,7 @@ use crate::retriever::Retriever;
 use memmap2::Mmap;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use retro_index::fsutil::{read_json, write_atomic, write_json_atomic};
+use retro_index::fsutil::{read_json, write_atomic, write_json_atomic, StagedDir};
 use retro_index::Database;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,8 @@ pub const NO_CHUNK: u32 = u32::MAX;
 pub struct DatasetParams {
     pub seq_len: usize,
     pub k: usize,
-    /// None: same-document, or a window of `2 * chunk_len` for a one-document corpus.
+    /// None: same-document, or `sequence:SEQ_LEN` (the whole training sequence and the chunk after
+    /// it) for a one-document corpus.
     pub filter: Option<Filter>,
     pub seed: u64,
     /// Documents whose id is listed here, or contains one of `held_out_matching`, form the
@@ -181,12 +182,25 @@ fn cut_sequences(
 }
 
 impl Dataset {
-    /// Cuts sequences, precomputes the neighbours of every chunk and writes the dataset to `out`
-    /// (each file atomically; `dataset.json` last, so a dataset without it is incomplete).
+    /// Cuts sequences, precomputes the neighbours of every chunk and writes the dataset to `out`,
+    /// which must not exist yet (or be empty).
     pub fn build(
         db: &Database,
         params: &DatasetParams,
         out: &Path,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Dataset> {
+        Self::build_with(db, params, out, false, progress)
+    }
+
+    /// As [`Dataset::build`]; with `overwrite`, an existing dataset at `out` is replaced. The dataset
+    /// is written into a temporary folder beside `out` and renamed into place, so a crash leaves the
+    /// old dataset or the new one, never a mix. A folder that is not a dataset is never replaced.
+    pub fn build_with(
+        db: &Database,
+        params: &DatasetParams,
+        out_dir: &Path,
+        overwrite: bool,
         progress: &dyn Fn(usize, usize),
     ) -> Result<Dataset> {
         let cl = db.chunk_len();
@@ -213,6 +227,16 @@ impl Dataset {
             })
             .map(|(i, _)| i)
             .collect();
+        for m in &params.held_out_matching {
+            if !docs.iter().any(|d| d.id.contains(m.as_str())) {
+                return Err(PipelineError::invalid(
+                    "held_out_matching",
+                    m,
+                    "no document id of the database contains this text (nothing would be held \
+                     out by it)",
+                ));
+            }
+        }
         for id in &params.held_out_ids {
             if !docs.iter().any(|d| &d.id == id) {
                 return Err(PipelineError::invalid(
@@ -236,7 +260,7 @@ impl Dataset {
             ));
         }
         let filter = params.filter.unwrap_or(if n_docs == 1 {
-            Filter::Window(2 * cl)
+            Filter::Sequence(params.seq_len)
         } else {
             Filter::SameDocument
         });
@@ -270,7 +294,13 @@ impl Dataset {
             ));
         }
         let retriever = Retriever::for_keys(db, params.k)?.with_excluded_documents(held.clone());
-        std::fs::create_dir_all(out).map_err(|e| PipelineError::file(out, e.to_string()))?;
+        // A one-document corpus' validation tail never feeds the training sequences' neighbours.
+        let train_retriever = match (n_docs, valid.iter().map(|o| o.start).min()) {
+            (1, Some(from)) if held.is_empty() => retriever.clone().with_excluded_tail(0, from),
+            _ => retriever.clone(),
+        };
+        let staged = StagedDir::new(out_dir, "dataset.json", "dataset", overwrite)?;
+        let out = staged.path();
         let total = train.len() + valid.len();
         let mut done = 0;
         let mut infos = vec![];
@@ -289,7 +319,12 @@ impl Dataset {
                     })
                     .map(|chunk| db.embeddings().row(chunk).to_vec())
                     .collect();
-                let n = retriever.search(&keys, group.len(), c, Some(group), filter)?;
+                let r = if split == Split::Train {
+                    &train_retriever
+                } else {
+                    &retriever
+                };
+                let n = r.search(&keys, group.len(), c, Some(group), filter)?;
                 ids.extend(
                     n.chunk_ids
                         .iter()
@@ -338,7 +373,8 @@ impl Dataset {
             valid: valid_info,
         };
         write_json_atomic(&out.join("dataset.json"), &meta)?;
-        Dataset::open(out, db)
+        staged.commit()?;
+        Dataset::open(out_dir, db)
     }
 
     /// Reads `dataset.json` alone (e.g. to find the database a dataset was built from).

@@ -1,14 +1,23 @@
 //! Evaluation on held-out documents: loss, perplexity and bits per byte with retrieval on, with
 //! retrieval off (CCA skipped: RETRO[OFF]) and for a baseline model without retrieval.
+//!
+//! Retrieval is scored under two conditions (what the database may supply):
+//! - *related*: anything but the scored document itself, matched by content (its tokens), never by id;
+//! - *novel*: nor any document of the held-out set the caller names (every edition of a held-out play).
+//!
+//! Each scored chunk is also bucketed by its overlap with the neighbours that condition it (the
+//! paper's section 2.6 and Fig. 6): the longest common token substring between the chunk and any of
+//! those neighbours (chunk + continuation), as a fraction of `chunk_len`.
 
 use crate::error::{PipelineError, Result};
 use crate::filter::Filter;
 use crate::retriever::Retriever;
 use candle_core::{DType, Tensor};
-use retro_index::{Corpus, LmTokenizer};
+use retro_index::{ChunkStore, Corpus, LmTokenizer};
 use retro_model::RetroModel;
+use std::collections::HashSet;
 
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Scores {
     /// Mean negative log-likelihood, nats per token.
     pub loss: f64,
@@ -16,40 +25,130 @@ pub struct Scores {
     pub bits_per_byte: f64,
 }
 
+/// What the database may supply while a held-out document is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    /// Everything but the scored document itself.
+    Related,
+    /// Nor any document of the held-out set.
+    Novel,
+}
+
+impl Condition {
+    pub fn name(self) -> &'static str {
+        match self {
+            Condition::Related => "related",
+            Condition::Novel => "novel",
+        }
+    }
+}
+
+/// The overlap buckets' upper bounds (fractions of `chunk_len`, the last inclusive).
+pub const OVERLAP_BOUNDS: [f64; 4] = [0.125, 0.25, 0.5, 1.0];
+
+/// Scores of the chunks whose overlap with their neighbours falls in `[lo, hi)` (`hi` inclusive
+/// for the last bucket). The first chunk of each window has no neighbours: `lo = hi = None`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OverlapBucket {
+    pub lo: Option<f64>,
+    pub hi: Option<f64>,
+    pub chunks: usize,
+    pub tokens: usize,
+    pub bytes: usize,
+    pub on: Option<Scores>,
+    pub off: Option<Scores>,
+    pub baseline: Option<Scores>,
+}
+
+impl OverlapBucket {
+    pub fn label(&self) -> String {
+        match (self.lo, self.hi) {
+            (Some(lo), Some(hi)) => format!("{:.1}-{:.1}%", lo * 100.0, hi * 100.0),
+            _ => "first chunk (no neighbours)".into(),
+        }
+    }
+}
+
+/// Retrieval scored under one condition.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConditionReport {
+    pub condition: Condition,
+    /// Database documents that never served as neighbours.
+    pub excluded_documents: Vec<String>,
+    pub on: Scores,
+    pub overlap: Vec<OverlapBucket>,
+}
+
+/// `bits_per_byte` of the three models, retrieval on under the first condition (related).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct BitsPerByte {
+    pub on: Option<f64>,
+    pub off: f64,
+    pub baseline: Option<f64>,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EvalReport {
     pub documents: usize,
     pub tokens: usize,
+    /// UTF-8 bytes of the scored text itself (every token but each document's first).
     pub bytes: usize,
-    pub retrieval_on: Option<Scores>,
+    /// Neighbours per chunk at evaluation.
+    pub k: Option<usize>,
+    pub database_id: Option<String>,
+    pub bits_per_byte: BitsPerByte,
     pub retrieval_off: Scores,
     pub baseline: Option<Scores>,
-    /// Held-out documents whose id is also in the database: those database documents are excluded
-    /// from retrieval during the evaluation.
-    pub held_out_in_database: Vec<String>,
+    pub conditions: Vec<ConditionReport>,
+}
+
+impl EvalReport {
+    pub fn condition(&self, c: Condition) -> Option<&ConditionReport> {
+        self.conditions.iter().find(|r| r.condition == c)
+    }
+}
+
+/// What to score and what the database may not supply.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    /// Tokens per scored window.
+    pub seq_len: usize,
+    /// Score at most this many tokens.
+    pub max_tokens: Option<usize>,
+    /// Database documents of the held-out set (e.g. the dataset's held-out documents): excluded in the
+    /// novel condition.
+    pub held_out_set: HashSet<usize>,
+    /// Database documents the model was trained on: scoring one is an error unless allowed.
+    pub training_documents: HashSet<usize>,
+    pub allow_training_documents: bool,
 }
 
 /// Windows of `seq_len + 1` tokens at stride `seq_len` over each document (the last may be shorter).
-fn windows(tokens: &[u32], seq_len: usize) -> Vec<&[u32]> {
+fn windows(n: usize, seq_len: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = vec![];
     let mut s = 0;
-    while s + 1 < tokens.len() {
-        let e = (s + seq_len + 1).min(tokens.len());
-        out.push(&tokens[s..e]);
+    while s + 1 < n {
+        out.push(s..(s + seq_len + 1).min(n));
         s += seq_len;
     }
     out
 }
 
-fn nll_sum(model: &RetroModel, x: &Tensor, y: &Tensor, ret: Option<&Tensor>) -> Result<f64> {
+/// Negative log-likelihood of each target `y [1, t]`.
+fn nll(model: &RetroModel, x: &Tensor, y: &Tensor, ret: Option<&Tensor>) -> Result<Vec<f64>> {
     let logits = match ret {
         Some(r) => model.forward(x, r)?,
         None => model.forward_without_retrieval(x)?,
     };
     let (b, t, v) = logits.dims3()?;
     let lsm = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?.to_dtype(DType::F32)?, 1)?;
-    let picked = lsm.gather(&y.reshape((b * t, 1))?, 1)?;
-    Ok(-(picked.sum_all()?.to_scalar::<f32>()? as f64))
+    let picked = lsm.gather(&y.reshape((b * t, 1))?, 1)?.flatten_all()?;
+    Ok(picked
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|l| -(l as f64))
+        .collect())
 }
 
 fn scores(nll: f64, tokens: usize, bytes: usize) -> Scores {
@@ -61,58 +160,174 @@ fn scores(nll: f64, tokens: usize, bytes: usize) -> Scores {
     }
 }
 
-/// Scores `model` (and `baseline`) on `held_out`, up to `max_tokens` scored tokens. Held-out documents
-/// should not be in the database; those that are (same id) are listed and never retrieved.
+/// Longest common contiguous run of tokens of `a` and `b`.
+pub fn longest_common_substring(a: &[u32], b: &[u32]) -> usize {
+    let mut prev = vec![0usize; b.len() + 1];
+    let mut cur = vec![0usize; b.len() + 1];
+    let mut best = 0;
+    for &x in a {
+        for (j, &y) in b.iter().enumerate() {
+            cur[j + 1] = if x == y { prev[j] + 1 } else { 0 };
+            best = best.max(cur[j + 1]);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    best
+}
+
+/// Index into the buckets: 0 for no neighbours, then one per [`OVERLAP_BOUNDS`] entry.
+fn bucket_of(overlap: Option<f64>) -> usize {
+    match overlap {
+        None => 0,
+        Some(f) => 1 + OVERLAP_BOUNDS.iter().position(|&hi| f < hi).unwrap_or(3),
+    }
+}
+
+/// Per-token sums of one model, split by overlap bucket.
+#[derive(Clone, Default)]
+struct Sums {
+    nll: [f64; 5],
+}
+
+/// Database documents whose tokens equal `tokens`.
+fn same_content(store: &ChunkStore, tokens: &[u32]) -> Vec<usize> {
+    (0..store.documents().len())
+        .filter(|&d| store.document_tokens(d) == tokens)
+        .collect()
+}
+
+/// Scores `model` (and `baseline`) on `held_out`, up to `max_tokens` scored tokens, with retrieval
+/// under both conditions when a retriever is given and the model has CCA layers.
 pub fn evaluate(
     model: &RetroModel,
     baseline: Option<&RetroModel>,
     retriever: Option<&Retriever>,
     tokenizer: &LmTokenizer,
     held_out: &Corpus,
-    seq_len: usize,
-    max_tokens: Option<usize>,
+    opts: &EvalOptions,
 ) -> Result<EvalReport> {
+    let seq_len = opts.seq_len;
     if seq_len == 0 {
         return Err(PipelineError::invalid("seq_len", 0, "must be positive"));
     }
     let device = model.device();
-    let mut held_out_in_database = vec![];
-    let mut excluded = std::collections::HashSet::new();
+    let retrieval = retriever.filter(|_| !model.config().ca_layers.is_empty());
+    let docs = held_out
+        .documents
+        .iter()
+        .map(|d| {
+            tokenizer
+                .encode_with_bytes(&d.text)
+                .map_err(PipelineError::from)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // The scored documents' own copies in the database, found by content.
+    let mut itself = HashSet::new();
     if let Some(r) = retriever {
         let store = r.database().store();
-        for d in &held_out.documents {
-            if let Some(i) = store.documents().iter().position(|e| e.id == d.id) {
-                held_out_in_database.push(d.id.clone());
-                excluded.insert(i);
+        for (doc, (ids, _)) in held_out.documents.iter().zip(&docs) {
+            for d in same_content(store, ids) {
+                if opts.training_documents.contains(&d) && !opts.allow_training_documents {
+                    return Err(PipelineError::invalid(
+                        "held-out data",
+                        &doc.id,
+                        format!(
+                            "its text is the database document {:?}, which the model was trained \
+                             on; scoring it measures memorisation (pass --allow-training-documents \
+                             to do it anyway)",
+                            store.documents()[d].id
+                        ),
+                    ));
+                }
+                itself.insert(d);
             }
         }
     }
-    let retriever = retriever.map(|r| r.clone().with_excluded_documents(excluded));
-    let retrieval = retriever
-        .as_ref()
-        .filter(|_| !model.config().ca_layers.is_empty());
-    let (mut on, mut off, mut base) = (0.0, 0.0, 0.0);
+    let conditions: Vec<(Condition, HashSet<usize>)> = match retrieval {
+        None => vec![],
+        Some(_) => vec![
+            (Condition::Related, itself.clone()),
+            (
+                Condition::Novel,
+                itself.union(&opts.held_out_set).copied().collect(),
+            ),
+        ],
+    };
+    let retrievers: Vec<Retriever> = conditions
+        .iter()
+        .map(|(_, ex)| {
+            retrieval
+                .expect("conditions need a retriever")
+                .clone()
+                .with_excluded_documents(ex.clone())
+        })
+        .collect();
+    let cl = model.config().chunk_len;
+    let nb = OVERLAP_BOUNDS.len() + 1;
+    let mut on = vec![Sums::default(); conditions.len()];
+    // Per condition and bucket: chunks, tokens, bytes (on differs by condition, so do its buckets).
+    let mut counts = vec![vec![(0usize, 0usize, 0usize); nb]; conditions.len()];
+    let mut off = 0.0;
+    let mut base = 0.0;
+    let mut off_buckets = vec![Sums::default(); conditions.len()];
+    let mut base_buckets = vec![Sums::default(); conditions.len()];
     let (mut tokens, mut bytes) = (0usize, 0usize);
-    for doc in &held_out.documents {
-        let ids = tokenizer.encode(&doc.text)?;
-        for w in windows(&ids, seq_len) {
-            if max_tokens.is_some_and(|m| tokens >= m) {
-                break;
+    'docs: for (ids, lens) in &docs {
+        for w in windows(ids.len(), seq_len) {
+            if max_tokens_reached(opts.max_tokens, tokens) {
+                break 'docs;
             }
-            let t = w.len() - 1;
-            let x = Tensor::from_vec(w[..t].to_vec(), (1, t), device)?;
-            let y = Tensor::from_vec(w[1..].to_vec(), (1, t), device)?;
+            let (ws, t) = (&ids[w.clone()], w.len() - 1);
+            let wl = &lens[w.clone()];
+            let x = Tensor::from_vec(ws[..t].to_vec(), (1, t), device)?;
+            let y = Tensor::from_vec(ws[1..].to_vec(), (1, t), device)?;
             tokens += t;
-            bytes += tokenizer.decode(&w[1..])?.len();
-            if let Some(r) = retrieval {
-                let ret = r
-                    .retrieve(&[w[..t].to_vec()], None, Filter::None)?
-                    .to_tensor(device)?;
-                on += nll_sum(model, &x, &y, Some(&ret))?;
+            bytes += wl[1..].iter().sum::<usize>();
+            let nll_off = nll(model, &x, &y, None)?;
+            off += nll_off.iter().sum::<f64>();
+            let nll_base = baseline.map(|b| nll(b, &x, &y, None)).transpose()?;
+            if let Some(v) = &nll_base {
+                base += v.iter().sum::<f64>();
             }
-            off += nll_sum(model, &x, &y, None)?;
-            if let Some(b) = baseline {
-                base += nll_sum(b, &x, &y, None)?;
+            for (ci, r) in retrievers.iter().enumerate() {
+                let n = r.retrieve(&[ws[..t].to_vec()], None, Filter::None)?;
+                let nll_on = nll(model, &x, &y, Some(&n.to_tensor(device)?))?;
+                let chunks = n.chunks;
+                // Target j (window index 1..=t) lies in chunk j / cl; neighbours of chunk u - 1
+                // condition chunk u (the CCA shift).
+                let overlap = |u: usize| -> Option<f64> {
+                    if u == 0 || u > chunks {
+                        return None;
+                    }
+                    let chunk = &ws[u * cl..((u + 1) * cl).min(ws.len())];
+                    let row = n.k * n.neighbor_len;
+                    let nbrs = &n.tokens[(u - 1) * row..u * row];
+                    let best = (0..n.k)
+                        .filter(|&j| n.chunk_ids[(u - 1) * n.k + j].is_some())
+                        .map(|j| {
+                            let v = &nbrs[j * n.neighbor_len..(j + 1) * n.neighbor_len];
+                            longest_common_substring(chunk, v)
+                        })
+                        .max()?;
+                    Some(best as f64 / cl as f64)
+                };
+                let mut last_u = usize::MAX;
+                let mut bucket = 0;
+                for j in 1..=t {
+                    let u = j / cl;
+                    if u != last_u {
+                        bucket = bucket_of(overlap(u));
+                        counts[ci][bucket].0 += 1;
+                        last_u = u;
+                    }
+                    counts[ci][bucket].1 += 1;
+                    counts[ci][bucket].2 += wl[j];
+                    on[ci].nll[bucket] += nll_on[j - 1];
+                    off_buckets[ci].nll[bucket] += nll_off[j - 1];
+                    if let Some(v) = &nll_base {
+                        base_buckets[ci].nll[bucket] += v[j - 1];
+                    }
+                }
             }
         }
     }
@@ -123,13 +338,100 @@ pub fn evaluate(
             "no document has two tokens to score",
         ));
     }
+    let store = retriever.map(|r| r.database().store());
+    let names = |ex: &HashSet<usize>| -> Vec<String> {
+        let mut v: Vec<String> = ex
+            .iter()
+            .filter_map(|&d| store.map(|s| s.documents()[d].id.clone()))
+            .collect();
+        v.sort();
+        v
+    };
+    let reports: Vec<ConditionReport> = conditions
+        .iter()
+        .enumerate()
+        .map(|(ci, (c, ex))| {
+            let overlap = (0..nb)
+                .map(|b| {
+                    let (chunks, tk, by) = counts[ci][b];
+                    let s = |v: f64| (tk > 0).then(|| scores(v, tk, by));
+                    let (lo, hi) = match b {
+                        0 => (None, None),
+                        b => (
+                            Some(if b == 1 { 0.0 } else { OVERLAP_BOUNDS[b - 2] }),
+                            Some(OVERLAP_BOUNDS[b - 1]),
+                        ),
+                    };
+                    OverlapBucket {
+                        lo,
+                        hi,
+                        chunks,
+                        tokens: tk,
+                        bytes: by,
+                        on: s(on[ci].nll[b]),
+                        off: s(off_buckets[ci].nll[b]),
+                        baseline: baseline.and(s(base_buckets[ci].nll[b])),
+                    }
+                })
+                .collect();
+            ConditionReport {
+                condition: *c,
+                excluded_documents: names(ex),
+                on: scores(on[ci].nll.iter().sum(), tokens, bytes),
+                overlap,
+            }
+        })
+        .collect();
+    let retrieval_off = scores(off, tokens, bytes);
+    let baseline = baseline.map(|_| scores(base, tokens, bytes));
     Ok(EvalReport {
         documents: held_out.documents.len(),
         tokens,
         bytes,
-        retrieval_on: retrieval.map(|_| scores(on, tokens, bytes)),
-        retrieval_off: scores(off, tokens, bytes),
-        baseline: baseline.map(|_| scores(base, tokens, bytes)),
-        held_out_in_database,
+        k: retrieval.map(|r| r.k()),
+        database_id: retrieval.map(|r| r.database().id().to_string()),
+        bits_per_byte: BitsPerByte {
+            on: reports.first().map(|r| r.on.bits_per_byte),
+            off: retrieval_off.bits_per_byte,
+            baseline: baseline.map(|s| s.bits_per_byte),
+        },
+        retrieval_off,
+        baseline,
+        conditions: reports,
     })
+}
+
+fn max_tokens_reached(max: Option<usize>, tokens: usize) -> bool {
+    max.is_some_and(|m| tokens >= m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_common_substring_finds_the_longest_run() {
+        assert_eq!(longest_common_substring(&[1, 2, 3, 4], &[9, 2, 3, 4, 1]), 3);
+        assert_eq!(longest_common_substring(&[1, 2], &[3, 4]), 0);
+        assert_eq!(longest_common_substring(&[], &[3, 4]), 0);
+        assert_eq!(longest_common_substring(&[5, 5, 5], &[5, 5]), 2);
+    }
+
+    #[test]
+    fn buckets_split_at_the_bounds() {
+        assert_eq!(bucket_of(None), 0);
+        assert_eq!(bucket_of(Some(0.0)), 1);
+        assert_eq!(bucket_of(Some(0.125)), 2);
+        assert_eq!(bucket_of(Some(0.49)), 3);
+        assert_eq!(bucket_of(Some(0.5)), 4);
+        assert_eq!(bucket_of(Some(1.0)), 4);
+    }
+
+    #[test]
+    fn windows_cover_every_target_once() {
+        let w = windows(10, 4);
+        assert_eq!(w, vec![0..5, 4..9, 8..10]);
+        let targets: usize = w.iter().map(|r| r.len() - 1).sum();
+        assert_eq!(targets, 9);
+    }
 }

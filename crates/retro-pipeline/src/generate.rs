@@ -30,6 +30,36 @@ impl Default for Sampling {
     }
 }
 
+impl Sampling {
+    /// Errors naming the first parameter outside its domain.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(PipelineError::invalid(
+                "temperature",
+                self.temperature,
+                "must be a finite number >= 0 (0 is greedy)",
+            ));
+        }
+        if self.top_k == Some(0) {
+            return Err(PipelineError::invalid(
+                "top_k",
+                0,
+                "must be at least 1 (omit it to keep every token)",
+            ));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(PipelineError::invalid(
+                    "top_p",
+                    p,
+                    "must be in (0, 1] (omit it to keep every token)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Picks a token from one row of logits.
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
     let argmax = || {
@@ -98,6 +128,7 @@ pub fn generate(
     sampling: &Sampling,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Vec<u32>> {
+    sampling.validate()?;
     let cl = model.config().chunk_len;
     let retriever = retriever.filter(|_| !model.config().ca_layers.is_empty());
     if let Some(r) = retriever {
@@ -170,6 +201,16 @@ mod tests {
         let logits = [0.0f32, 3.0, 2.9, -1.0];
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         assert_eq!(sample(&logits, &Sampling::default(), &mut rng), 1);
+        let bad = |f: fn(&mut Sampling)| {
+            let mut s = Sampling::default();
+            f(&mut s);
+            s.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|s| s.temperature = f64::NAN).contains("temperature"));
+        assert!(bad(|s| s.temperature = -1.0).contains(">= 0"));
+        assert!(bad(|s| s.top_k = Some(0)).contains("top_k"));
+        assert!(bad(|s| s.top_p = Some(0.0)).contains("(0, 1]"));
+        assert!(bad(|s| s.top_p = Some(2.0)).contains("top_p"));
         let s = Sampling {
             temperature: 1.0,
             top_k: Some(2),

@@ -42,7 +42,7 @@ pub mod trainer;
 
 pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
 pub use error::{PipelineError, Result};
-pub use eval::{evaluate, EvalReport, Scores};
+pub use eval::{evaluate, Condition, ConditionReport, EvalOptions, EvalReport, OverlapBucket, Scores};
 pub use filter::{Filter, Origin};
 pub use generate::{generate, Event, Sampling};
 pub use retriever::{Neighbours, Retriever, Timings};

@@ -1,17 +1,42 @@
-//! The loss curve (train loss in blue, validation loss in red, over steps) as a PNG beside the run.
+//! The PNGs the project writes, each with a title, labelled axes and a legend: the loss curve of a
+//! run, and evaluation bits per byte by neighbour overlap. Text is drawn with DejaVu Sans, embedded.
 
 use crate::error::{PipelineError, Result};
+use crate::eval::EvalReport;
 use crate::trainer::StepMetrics;
 use plotters::prelude::*;
 use std::path::Path;
 
-pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(metrics)
-        .map_err(|e| PipelineError::file(metrics, e.to_string()))?;
-    let rows: Vec<StepMetrics> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+const FONT: &str = "sans-serif";
+
+fn register_font() -> Result<()> {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *ONCE.get_or_init(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(PipelineError::invalid(
+            "font",
+            "DejaVu Sans",
+            "the embedded font did not load",
+        ))
+    }
+}
+
+type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+/// Draws into `out` through a temporary file and rename, so a reader never sees half a PNG.
+fn write_png(out: &Path, what: &str, draw: impl FnOnce(&Path) -> DrawResult) -> Result<()> {
+    register_font()?;
+    let tmp = out.with_extension("tmp.png");
+    draw(&tmp).map_err(|e| PipelineError::file(out, format!("cannot draw the {what}: {e}")))?;
+    std::fs::rename(&tmp, out).map_err(|e| PipelineError::file(out, e.to_string()))
+}
+
+/// Training loss (every step) and validation loss (every `eval_every` steps) against the step.
+pub fn loss_curve(rows: &[StepMetrics], title: &str, out: &Path) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -25,18 +50,121 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
         .iter()
         .chain(&valid)
         .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    let tmp = out.with_extension("tmp.png");
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let root = BitMapBackend::new(&tmp, (800, 480)).into_drawing_area();
+    write_png(out, "loss curve", |tmp| {
+        let root = BitMapBackend::new(tmp, (800, 480)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
-            .margin(20)
+            .caption(title, (FONT, 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
             .build_cartesian_2d(0.0..max_step, lo * 0.95..hi * 1.05)?;
-        chart.draw_series(LineSeries::new(train.clone(), &BLUE))?;
-        chart.draw_series(LineSeries::new(valid.clone(), RED.stroke_width(2)))?;
+        chart
+            .configure_mesh()
+            .x_desc("training step")
+            .y_desc("cross-entropy (nats per token)")
+            .label_style((FONT, 14))
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(train.clone(), &BLUE))?
+            .label("training loss (one batch)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(valid.clone(), RED.stroke_width(2)))?
+            .label("validation loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
         root.present()?;
         Ok(())
+    })
+}
+
+/// Bits per byte ON (each condition), OFF and baseline for each overlap bucket, as grouped bars.
+pub fn overlap_plot(r: &EvalReport, out: &Path) -> Result<()> {
+    let Some(first) = r.conditions.first() else {
+        return Ok(());
     };
-    draw().map_err(|e| PipelineError::file(out, format!("cannot draw the loss curve: {e}")))?;
-    std::fs::rename(&tmp, out).map_err(|e| PipelineError::file(out, e.to_string()))
+    let labels: Vec<String> = first
+        .overlap
+        .iter()
+        .map(|b| match b.hi {
+            Some(_) => b.label(),
+            None => "first chunk".into(),
+        })
+        .collect();
+    // (series name, colour, bpb per bucket)
+    let mut series: Vec<(String, RGBColor, Vec<Option<f64>>)> = vec![];
+    let palette = [RGBColor(31, 119, 180), RGBColor(44, 160, 44)];
+    for (c, colour) in r.conditions.iter().zip(palette) {
+        let v = c.overlap.iter().map(|b| b.on.map(|s| s.bits_per_byte)).collect();
+        series.push((format!("RETRO on, {} database", c.condition.name()), colour, v));
+    }
+    let off = first.overlap.iter().map(|b| b.off.map(|s| s.bits_per_byte)).collect();
+    series.push(("RETRO[OFF]".into(), RGBColor(214, 39, 40), off));
+    if r.baseline.is_some() {
+        let v = first.overlap.iter().map(|b| b.baseline.map(|s| s.bits_per_byte)).collect();
+        series.push(("baseline (no CCA)".into(), RGBColor(127, 127, 127), v));
+    }
+    let hi = series
+        .iter()
+        .flat_map(|s| s.2.iter().flatten())
+        .fold(0.1f64, |a, &b| a.max(b));
+    let nb = labels.len();
+    let ns = series.len();
+    write_png(out, "overlap plot", |tmp| {
+        let root = BitMapBackend::new(tmp, (900, 520)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("Held-out bits per byte by chunk/neighbour overlap (K = {})", r.k.unwrap_or(0)),
+                (FONT, 20),
+            )
+            .margin(15)
+            .x_label_area_size(50)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..nb as f64, 0.0..hi * 1.25)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(nb * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                if (x - i as f64 - 0.5).abs() < 0.01 && i < nb {
+                    labels[i].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .x_desc("longest common token run between chunk and neighbours, % of chunk_len")
+            .y_desc("bits per byte")
+            .label_style((FONT, 13))
+            .draw()?;
+        let w = 0.8 / ns as f64;
+        for (si, (name, colour, v)) in series.iter().enumerate() {
+            let colour = *colour;
+            let bars = v.iter().enumerate().filter_map(|(b, y)| {
+                let y = (*y)?;
+                let x0 = b as f64 + 0.1 + si as f64 * w;
+                Some(Rectangle::new([(x0, 0.0), (x0 + w * 0.9, y)], colour.filled()))
+            });
+            chart
+                .draw_series(bars)?
+                .label(name.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], colour.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    })
 }

@@ -3,7 +3,7 @@
 //! chunk + continuation from the store.
 
 use crate::error::{PipelineError, Result};
-use crate::filter::{Filter, Origin};
+use crate::filter::{Excluded, Filter, Origin};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use retro_index::{Database, Embedder, LmTokenizer};
@@ -56,7 +56,7 @@ pub struct Retriever<'a> {
     k: usize,
     neighbor_len: usize,
     ef: Option<usize>,
-    excluded: HashSet<usize>,
+    excluded: Excluded,
 }
 
 impl<'a> Retriever<'a> {
@@ -90,7 +90,7 @@ impl<'a> Retriever<'a> {
             k,
             neighbor_len: 2 * db.chunk_len(),
             ef: None,
-            excluded: HashSet::new(),
+            excluded: Excluded::new(),
         })
     }
 
@@ -115,7 +115,15 @@ impl<'a> Retriever<'a> {
 
     /// Documents that never serve as neighbours (held-out evaluation documents).
     pub fn with_excluded_documents(mut self, docs: HashSet<usize>) -> Self {
-        self.excluded = docs;
+        self.excluded = docs.into_iter().map(|d| (d, 0)).collect();
+        self
+    }
+
+    /// Also never a neighbour whose value reaches token `from` of document `doc` (a one-document
+    /// corpus's validation tail).
+    pub fn with_excluded_tail(mut self, doc: usize, from: usize) -> Self {
+        let e = self.excluded.entry(doc).or_insert(from);
+        *e = (*e).min(from);
         self
     }
 

@@ -69,6 +69,11 @@ pub struct RunState {
     pub dataset: PathBuf,
     pub database_id: String,
     pub tokens_seen: u64,
+    /// Seconds spent in training steps (batches, forward, backward, optimizer), validation and
+    /// checkpoints left out: the budget `max_seconds` counts, and what an equal-time comparison
+    /// compares.
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 /// One line of `metrics.jsonl`.
@@ -116,6 +121,15 @@ impl Run {
             ));
         }
         Ok(Some(s))
+    }
+
+    /// The tokenizer the model was trained to read (`RUN/lm_tokenizer.json`); `None` for runs written
+    /// before runs kept it.
+    pub fn tokenizer(&self) -> Result<Option<retro_index::LmTokenizer>> {
+        if !self.dir.join(retro_index::tokenizer::TOKENIZER_FILE).exists() {
+            return Ok(None);
+        }
+        Ok(Some(retro_index::LmTokenizer::load(&self.dir)?))
     }
 
     /// The latest checkpoint's weights.
@@ -229,6 +243,7 @@ pub fn train(
     )?;
     let mut step = 0;
     let mut tokens_seen = 0u64;
+    let mut train_seconds = 0f64;
     let run = Run {
         dir: run_dir.to_owned(),
         model_config: model_config.clone(),
@@ -253,6 +268,7 @@ pub fn train(
         opt.load_state_dict(&st, state.step)?;
         step = state.step;
         tokens_seen = state.tokens_seen;
+        train_seconds = state.train_seconds;
     } else {
         if run_dir.join("state.json").exists() {
             return Err(PipelineError::file(
@@ -267,10 +283,22 @@ pub fn train(
         }
         write_json_atomic(&run_dir.join("config.json"), model_config)?;
         write_json_atomic(&run_dir.join("train.json"), cfg)?;
+        db.load_tokenizer()?.save(run_dir)?;
     }
     let retrieval = !model_config.ca_layers.is_empty();
-    let started = Instant::now();
+    let budget_start = train_seconds;
     let start_step = step;
+    // The step's clock starts when the previous step's bookkeeping ends, so waiting for a batch counts.
+    let mut step_started = Instant::now();
+    // Every step's metrics so far (a resumed run's too), for the loss curve.
+    let mut rows: Vec<StepMetrics> = match std::fs::read_to_string(run_dir.join("metrics.jsonl")) {
+        Ok(text) => text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok())
+            .filter(|m| m.step <= step)
+            .collect(),
+        Err(_) => vec![],
+    };
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -284,7 +312,7 @@ pub fn train(
         cfg.seed,
         step..cfg.steps,
         &mut |batch| {
-            let t0 = Instant::now();
+            let t0 = step_started;
             let (x, y, ret) = batch.tensors(device)?;
             let (loss, mut grads) = loss_and_grads(&model, &x, &y, retrieval.then_some(&ret))?;
             let grad_norm = clip_grad_norm(opt.vars(), &mut grads, cfg.grad_clip)?;
@@ -308,9 +336,10 @@ pub fn train(
                 tokens_per_s: (batch.batch * batch.seq_len) as f64 / t0.elapsed().as_secs_f64(),
                 valid_loss: None,
             };
+            train_seconds += t0.elapsed().as_secs_f64();
             let out_of_time = cfg
                 .max_seconds
-                .is_some_and(|s| started.elapsed().as_secs_f64() >= s)
+                .is_some_and(|s| train_seconds - budget_start >= s)
                 || cfg.stop_after.is_some_and(|s| step >= s);
             let last = step == cfg.steps || out_of_time;
             if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || last) {
@@ -324,21 +353,27 @@ pub fn train(
             )
             .map_err(|e| PipelineError::file(&run_dir.join("metrics.jsonl"), e.to_string()))?;
             on_step(&m, cfg.steps);
+            rows.push(m.clone());
             if last || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
                 last_state = Some(save_checkpoint(
                     &run,
                     &model,
                     &opt,
-                    step,
-                    tokens_seen,
+                    (step, tokens_seen, train_seconds),
                     ds,
                     db,
                 )?);
             }
+            step_started = Instant::now();
             Ok(!out_of_time)
         },
     )?;
-    let _ = crate::plot::loss_curve(&run_dir.join("metrics.jsonl"), &run_dir.join("loss.png"));
+    let title = format!(
+        "{} ({}): loss by step",
+        run_dir.file_name().map_or("run".into(), |n| n.to_string_lossy()),
+        if retrieval { "RETRO" } else { "no retrieval" }
+    );
+    crate::plot::loss_curve(&rows, &title, &run_dir.join("loss.png"))?;
     match last_state {
         Some(s) => Ok(s),
         None if step > start_step => unreachable!("the last step always checkpoints"),
@@ -354,8 +389,7 @@ fn save_checkpoint(
     run: &Run,
     model: &RetroModel,
     opt: &AdamW,
-    step: usize,
-    tokens_seen: u64,
+    (step, tokens_seen, train_seconds): (usize, u64, f64),
     ds: &Dataset,
     db: &Database,
 ) -> Result<RunState> {
@@ -382,6 +416,7 @@ fn save_checkpoint(
         dataset: ds.dir().to_owned(),
         database_id: db.id().to_string(),
         tokens_seen,
+        train_seconds,
     };
     let previous = run.state().ok().flatten();
     write_json_atomic(&run.dir.join("state.json"), &state)?;

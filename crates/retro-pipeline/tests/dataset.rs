@@ -99,7 +99,7 @@ fn a_dataset_refuses_another_database_and_damaged_files() {
 }
 
 #[test]
-fn a_one_document_corpus_uses_the_window_filter_and_its_tail_for_validation() {
+fn a_one_document_corpus_never_lets_a_neighbour_hold_its_own_sequence_or_the_validation_tail() {
     let f = common::fixture(1, 8000, 16);
     let store = f.db.store();
     let params = DatasetParams {
@@ -108,7 +108,7 @@ fn a_one_document_corpus_uses_the_window_filter_and_its_tail_for_validation() {
         ..Default::default()
     };
     let ds = Dataset::build(&f.db, &params, &f.dir.path().join("ds"), &|_, _| {}).unwrap();
-    assert_eq!(ds.meta().filter, Filter::Window(32));
+    assert_eq!(ds.meta().filter, Filter::Sequence(64));
     let max_train = (0..ds.len(Split::Train))
         .map(|i| ds.origin(Split::Train, i).start)
         .max()
@@ -118,13 +118,70 @@ fn a_one_document_corpus_uses_the_window_filter_and_its_tail_for_validation() {
         .min()
         .unwrap();
     assert!(max_train < min_valid);
+    let mut checked = 0;
     for i in 0..ds.len(Split::Train) {
         let o = ds.origin(Split::Train, i);
-        for (j, (id, _)) in ds.neighbours(Split::Train, i).into_iter().enumerate() {
-            let q = o.start + (j / 2) * 16;
-            assert!(store.chunk_start(id.unwrap()).abs_diff(q) >= 32);
+        // What the model reads or predicts: the sequence, its targets, and the chunk after it.
+        let span = o.start..o.start + 64 + 16;
+        for (id, _) in ds.neighbours(Split::Train, i) {
+            let start = store.chunk_start(id.unwrap());
+            let value = start..start + 2 * 16;
+            assert!(
+                value.end <= span.start || value.start >= span.end,
+                "sequence at {}: neighbour value {value:?} overlaps {span:?}",
+                o.start
+            );
+            assert!(value.end <= min_valid, "a training neighbour reads the validation tail");
+            checked += 1;
         }
     }
+    assert!(checked > 0);
+    // The older window rule is still there for datasets that name it, and parses back.
+    assert_eq!("sequence:64".parse::<Filter>().unwrap(), Filter::Sequence(64));
+    assert_eq!("window:32".parse::<Filter>().unwrap(), Filter::Window(32));
+}
+
+#[test]
+fn hold_out_matching_that_matches_nothing_is_an_error() {
+    let f = common::fixture(4, 2000, 16);
+    let params = DatasetParams {
+        seq_len: 64,
+        held_out_matching: vec!["no-such-play".into()],
+        ..Default::default()
+    };
+    let e = Dataset::build(&f.db, &params, &f.dir.path().join("ds"), &|_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no-such-play") && e.contains("held_out_matching"), "{e}");
+}
+
+#[test]
+fn rebuilding_a_dataset_needs_overwrite_and_never_replaces_other_folders() {
+    let f = common::fixture(4, 2000, 16);
+    let params = DatasetParams {
+        seq_len: 64,
+        ..Default::default()
+    };
+    let out = f.dir.path().join("ds");
+    Dataset::build(&f.db, &params, &out, &|_, _| {}).unwrap();
+    let e = Dataset::build(&f.db, &params, &out, &|_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--overwrite"), "{e}");
+    let k3 = DatasetParams { k: 3, ..params.clone() };
+    let ds = Dataset::build_with(&f.db, &k3, &out, true, &|_, _| {}).unwrap();
+    assert_eq!(ds.meta().k, 3);
+    let mine = f.dir.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "keep").unwrap();
+    let e = Dataset::build_with(&f.db, &params, &mine, true, &|_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not a dataset"), "{e}");
+    assert!(mine.join("notes.txt").is_file());
 }
 
 #[test]

@@ -1,0 +1,145 @@
+//! RETRO must learn to copy: every training document has a twin in another document, so the
+//! neighbour's continuation holds the text to predict. Random words are unpredictable without
+//! retrieval, so the model can only do well by reading its neighbours. On a held-out document whose
+//! twin is in the database (the related condition), retrieval on must score far below retrieval off;
+//! with no twin (novel), retrieval cannot help. A RETRO whose CCA cannot learn this is broken.
+
+use candle_core::Device;
+use rand::{Rng, SeedableRng};
+use retro_index::{BuildOptions, Corpus, Database, Document, LexicalEmbedder, LmTokenizer};
+use retro_model::RetroConfig;
+use retro_pipeline::{
+    evaluate, train, Condition, Dataset, DatasetParams, EvalOptions, Retriever, Run, Schedule,
+    TrainConfig,
+};
+use std::collections::HashSet;
+
+/// Random lowercase words: about 4.2 bits per character that no model can predict without the twin.
+fn random_text(rng: &mut rand::rngs::StdRng, chars: usize) -> String {
+    let mut s = String::new();
+    while s.len() < chars {
+        let len = rng.random_range(2..7);
+        for _ in 0..len {
+            s.push((b'a' + rng.random_range(0..16u8)) as char);
+        }
+        s.push(if rng.random_bool(0.1) { '\n' } else { ' ' });
+    }
+    s
+}
+
+#[test]
+fn retro_learns_to_copy_from_a_twin_in_another_document() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut documents = vec![];
+    for i in 0..24 {
+        let text = random_text(&mut rng, 1200);
+        for twin in ["a", "b"] {
+            documents.push(Document {
+                id: format!("{twin}{i:02}"),
+                source: "generated".into(),
+                text: text.clone(),
+            });
+        }
+    }
+    let scored = Corpus::from_documents([Document {
+        id: "scored".into(),
+        source: "generated".into(),
+        text: documents[0].text.clone(),
+    }]);
+    let corpus = Corpus::from_documents(documents);
+    let tokenizer = LmTokenizer::char_from_corpus(&corpus);
+    let embedder = LexicalEmbedder::new(128).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let chunk_len = 8;
+    let db = Database::build(
+        &corpus,
+        &tokenizer,
+        &embedder,
+        &BuildOptions {
+            chunk_len,
+            ..Default::default()
+        },
+        &dir.path().join("db"),
+    )
+    .unwrap();
+    // Both twins of pair 0 held out: never trained on, never a training neighbour.
+    let ds = Dataset::build(
+        &db,
+        &DatasetParams {
+            seq_len: 64,
+            k: 2,
+            held_out_ids: vec!["a00".into(), "b00".into()],
+            ..Default::default()
+        },
+        &dir.path().join("ds"),
+        &|_, _| {},
+    )
+    .unwrap();
+    let cfg = RetroConfig {
+        n_vocab: tokenizer.vocab_size(),
+        d_model: 32,
+        n_layers: 2,
+        ca_layers: [1].into(),
+        chunk_len,
+        n_heads: 2,
+        d_k: 16,
+        d_ff: 64,
+        enc_n_layers: 1,
+        enc_ca_layers: [0].into(),
+        layer_norm_eps: 1e-5,
+        rope_base: 10_000.0,
+    };
+    let tc = TrainConfig {
+        steps: 400,
+        batch_size: 8,
+        lr: 5e-3,
+        warmup: 20,
+        schedule: Schedule::Constant,
+        eval_every: 0,
+        checkpoint_every: 0,
+        ..Default::default()
+    };
+    let run_dir = dir.path().join("run");
+    let dev = Device::Cpu;
+    train(&run_dir, &cfg, &tc, &ds, &db, &dev, None, false, &mut |_, _| {}).unwrap();
+    let model = Run::open(&run_dir).unwrap().load_model(&dev).unwrap();
+    let retriever = Retriever::new(&db, &embedder, &tokenizer, 2).unwrap();
+    let docs = db.store().documents();
+    let held: HashSet<usize> = (0..docs.len())
+        .filter(|&d| docs[d].id.ends_with("00"))
+        .collect();
+    let report = evaluate(
+        &model,
+        None,
+        Some(&retriever),
+        &tokenizer,
+        &scored,
+        &EvalOptions {
+            seq_len: 64,
+            held_out_set: held,
+            training_documents: (0..docs.len()).filter(|&d| !docs[d].id.ends_with("00")).collect(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let off = report.retrieval_off.bits_per_byte;
+    let related = report.condition(Condition::Related).unwrap();
+    let novel = report.condition(Condition::Novel).unwrap();
+    // The scored text is a00's: found by content, though its id is "scored".
+    assert_eq!(related.excluded_documents, ["a00"]);
+    assert_eq!(novel.excluded_documents, ["a00", "b00"]);
+    assert!(
+        related.on.bits_per_byte < 0.5 * off,
+        "retrieval did not help with the twin in the database: ON {} vs OFF {off}",
+        related.on.bits_per_byte
+    );
+    assert!(
+        novel.on.bits_per_byte > 0.8 * off,
+        "retrieval helped without any twin in the database (a leak?): ON {} vs OFF {off}",
+        novel.on.bits_per_byte
+    );
+    // The chunks that overlap their neighbours most are where ON gains.
+    let top = related.overlap.last().unwrap();
+    assert!(top.chunks > 0, "{:?}", related.overlap);
+    assert!(top.on.unwrap().bits_per_byte < 0.5 * top.off.unwrap().bits_per_byte);
+}
