@@ -30,7 +30,12 @@ fn retro_fails(args: &[&str]) -> String {
 
 /// The text of document `i` of a JSONL corpus.
 fn held_text_of(corpus: &str, i: usize) -> String {
-    let line = std::fs::read_to_string(corpus).unwrap().lines().nth(i).unwrap().to_string();
+    let line = std::fs::read_to_string(corpus)
+        .unwrap()
+        .lines()
+        .nth(i)
+        .unwrap()
+        .to_string();
     serde_json::from_str::<serde_json::Value>(&line).unwrap()["text"]
         .as_str()
         .unwrap()
@@ -208,16 +213,33 @@ fn the_whole_loop_at_toy_size() {
         assert!(bpb.is_finite() && bpb > 0.0 && bpb < 8.0, "{key}: {eval}");
     }
     assert_eq!(e["k"], 2, "{eval}");
-    assert!(e["database_id"].as_str().is_some_and(|s| s.len() == 16), "{eval}");
+    assert!(
+        e["database_id"].as_str().is_some_and(|s| s.len() == 16),
+        "{eval}"
+    );
     let conditions = e["conditions"].as_array().unwrap();
     assert_eq!(conditions.len(), 2, "{eval}");
     assert_eq!(conditions[0]["condition"], "related");
     assert_eq!(conditions[0]["overlap"].as_array().unwrap().len(), 5);
     // The held-out document is not in the database; its held-out twin of the dataset is excluded
     // only in the novel condition.
-    assert_eq!(conditions[0]["excluded_documents"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        conditions[0]["excluded_documents"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     assert_eq!(conditions[1]["excluded_documents"][0], first_id.as_str());
-    let table = retro(&["eval", "--run", &d("run"), "--data", &d("heldout.jsonl"), "--k", "3"]);
+    let table = retro(&[
+        "eval",
+        "--run",
+        &d("run"),
+        "--data",
+        &d("heldout.jsonl"),
+        "--k",
+        "3",
+    ]);
     assert!(
         table.contains("RETRO (retrieval on)")
             && table.contains("RETRO[OFF]")
@@ -229,15 +251,32 @@ fn the_whole_loop_at_toy_size() {
     assert!(tmp.path().join("run/eval-overlap.png").is_file());
     // A training document is refused, unless asked for; the database's copy of it is found by its
     // content, whatever its file is called.
-    let trained = serde_json::json!({"id": "renamed", "text": held_text_of(&corpus, 1)}).to_string();
+    let trained =
+        serde_json::json!({"id": "renamed", "text": held_text_of(&corpus, 1)}).to_string();
     std::fs::write(d("trained.jsonl"), trained + "\n").unwrap();
     let refused = retro_fails(&["eval", "--run", &d("run"), "--data", &d("trained.jsonl")]);
-    assert!(refused.contains("trained on") && refused.contains("--allow-training-documents"), "{refused}");
+    assert!(
+        refused.contains("trained on") && refused.contains("--allow-training-documents"),
+        "{refused}"
+    );
     let allowed = retro(&[
-        "eval", "--run", &d("run"), "--data", &d("trained.jsonl"), "--allow-training-documents", "--json",
+        "eval",
+        "--run",
+        &d("run"),
+        "--data",
+        &d("trained.jsonl"),
+        "--allow-training-documents",
+        "--json",
     ]);
     let e: serde_json::Value = serde_json::from_str(&allowed).unwrap();
-    assert_eq!(e["conditions"][0]["excluded_documents"].as_array().unwrap().len(), 1, "{allowed}");
+    assert_eq!(
+        e["conditions"][0]["excluded_documents"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "{allowed}"
+    );
 
     // Generation retrieves at every chunk boundary: 20 prompt + 40 new tokens = chunks 0, 1, 2.
     let g = retro(&[

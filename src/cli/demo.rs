@@ -271,7 +271,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         retro(&args)
     };
     let minutes = a.train_minutes.to_string();
-    train("run", &["--steps", "100000", "--max-minutes", &minutes], &[])?;
+    train(
+        "run",
+        &["--steps", "100000", "--max-minutes", &minutes],
+        &[],
+    )?;
     let retro_steps = retro_pipeline::Run::open(&out.join("run"))?
         .state()?
         .context("the RETRO run wrote no checkpoint")?

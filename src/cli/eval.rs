@@ -173,7 +173,8 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
             "  {:<28} {:>7} {:>9} {:>9} {:>9}",
             "bucket", "chunks", "ON bpb", "OFF bpb", "base bpb"
         );
-        let f = |s: &Option<Scores>| s.map_or("-".to_string(), |s| format!("{:.4}", s.bits_per_byte));
+        let f =
+            |s: &Option<Scores>| s.map_or("-".to_string(), |s| format!("{:.4}", s.bits_per_byte));
         for b in &c.overlap {
             println!(
                 "  {:<28} {:>7} {:>9} {:>9} {:>9}",

@@ -229,8 +229,14 @@ mod tests {
     fn duplicate_ids_are_an_error_naming_both_places() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.jsonl");
-        std::fs::write(&p, "{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n").unwrap();
-        let e = read_corpus(&p, &CorpusOptions::default()).unwrap_err().to_string();
+        std::fs::write(
+            &p,
+            "{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n",
+        )
+        .unwrap();
+        let e = read_corpus(&p, &CorpusOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("duplicate document id \"a\""), "{e}");
         assert!(e.contains("d.jsonl:1") && e.contains("d.jsonl:2"), "{e}");
     }

@@ -173,9 +173,16 @@ impl Database {
         // Never write into the corpus: replacing the folder would delete the documents.
         if let Ok(out_abs) = out_dir.canonicalize() {
             if let Some(d) = corpus.documents.iter().find(|d| {
-                let src = d.source.rsplit_once(':').map_or(d.source.as_str(), |(p, l)| {
-                    if l.parse::<usize>().is_ok() { p } else { d.source.as_str() }
-                });
+                let src = d
+                    .source
+                    .rsplit_once(':')
+                    .map_or(d.source.as_str(), |(p, l)| {
+                        if l.parse::<usize>().is_ok() {
+                            p
+                        } else {
+                            d.source.as_str()
+                        }
+                    });
                 Path::new(src)
                     .canonicalize()
                     .is_ok_and(|p| p.starts_with(&out_abs))
@@ -277,14 +284,8 @@ impl Database {
                 // does (plain BERT has no Normalize module, and raw norms would decide the ranking).
                 let start_of = vectors.len();
                 vectors.extend_from_slice(v);
+                // (A zero key, e.g. the lexical embedder's for a chunk of punctuation, stays zero.)
                 l2_normalize(&mut vectors[start_of..]);
-                if vectors[start_of..].iter().all(|&x| x == 0.0) {
-                    return Err(IndexError::Embedder(format!(
-                        "chunk {} ({:?}): the key is the zero vector, which has no direction to rank by",
-                        start + j,
-                        refs[j]
-                    )));
-                }
             }
             report(Stage::Embedding, end, n);
         }

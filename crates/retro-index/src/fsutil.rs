@@ -166,7 +166,13 @@ fn staged_sibling(out: &Path, tag: &str) -> PathBuf {
 
 /// Removes `.NAME.building-PID-*` and `.NAME.old-PID-*` siblings of `out` whose process is gone.
 fn remove_stale_siblings(out: &Path) {
-    let Some(parent) = out.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }) else {
+    let Some(parent) = out.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    }) else {
         return;
     };
     let prefix = format!(".{}.", staged_name(out));

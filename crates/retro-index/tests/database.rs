@@ -295,13 +295,21 @@ fn keys_of_a_model_without_normalize_are_stored_as_unit_vectors() {
     assert!(!e.normalizes());
     let raw = e.embed(&["cats purr on warm mats"]).unwrap();
     let norm = raw[0].iter().map(|x| x * x).sum::<f32>().sqrt();
-    assert!((norm - 1.0).abs() > 0.05, "the model's own output is raw: norm {norm}");
-    let c = Corpus::from_documents((0..6).map(|i| Document {
-        id: format!("d{i}"),
-        source: "mem".into(),
-        text: ["cats purr on warm mats. ", "tides follow the moon. ", "yeast makes bread rise. "]
-            [i % 3]
-            .repeat(3),
+    assert!(
+        (norm - 1.0).abs() > 0.05,
+        "the model's own output is raw: norm {norm}"
+    );
+    let c = Corpus::from_documents((0..6).map(|i| {
+        Document {
+            id: format!("d{i}"),
+            source: "mem".into(),
+            text: [
+                "cats purr on warm mats. ",
+                "tides follow the moon. ",
+                "yeast makes bread rise. ",
+            ][i % 3]
+                .repeat(3),
+        }
     }));
     let t = LmTokenizer::char_from_corpus(&c);
     let db = Database::build(
@@ -317,14 +325,22 @@ fn keys_of_a_model_without_normalize_are_stored_as_unit_vectors() {
     .unwrap();
     assert_eq!(db.manifest().key_metric.as_deref(), Some("unit-l2"));
     for i in 0..db.embeddings().len() {
-        let n = db.embeddings().row(i).iter().map(|x| x * x).sum::<f32>().sqrt();
+        let n = db
+            .embeddings()
+            .row(i)
+            .iter()
+            .map(|x| x * x)
+            .sum::<f32>()
+            .sqrt();
         assert!((n - 1.0).abs() < 1e-4, "key {i} has norm {n}");
     }
-    // A chunk's own key is its nearest neighbour at distance ~0 (with its twin in d3); other
-    // chunks are at positive distance: no ties at 0 from keys of other directions.
-    let hits = db.search(db.embeddings().row(0), 3).unwrap();
+    // Chunks of the same text are at distance ~0; chunks of the other topics are not: no ties at 0
+    // between keys of other directions.
+    let n = db.embeddings().len();
+    let hits = db.search(db.embeddings().row(0), n).unwrap();
     assert!(hits[0].1 < 1e-4, "{hits:?}");
-    assert!(hits[2].1 > 1e-3, "{hits:?}");
+    let far = hits.iter().filter(|h| h.1 > 0.05).count();
+    assert!(far >= n / 2, "{hits:?}");
 }
 
 #[test]
@@ -342,9 +358,14 @@ fn overwrite_never_deletes_a_folder_that_is_not_a_database() {
     let mine = tmp.path().join("mine");
     std::fs::create_dir(&mine).unwrap();
     std::fs::write(mine.join("thesis.txt"), "years of work").unwrap();
-    let err = Database::build(&c, &t, &e, &opts, &mine).unwrap_err().to_string();
+    let err = Database::build(&c, &t, &e, &opts, &mine)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a retro database"), "{err}");
-    assert_eq!(std::fs::read_to_string(mine.join("thesis.txt")).unwrap(), "years of work");
+    assert_eq!(
+        std::fs::read_to_string(mine.join("thesis.txt")).unwrap(),
+        "years of work"
+    );
     // The corpus folder itself.
     let corpus_dir = tmp.path().join("corpus");
     std::fs::create_dir(&corpus_dir).unwrap();
@@ -363,7 +384,9 @@ fn overwrite_never_deletes_a_folder_that_is_not_a_database() {
         overwrite: false,
         ..opts.clone()
     };
-    let err = Database::build(&c, &t, &e, &no, &db_dir).unwrap_err().to_string();
+    let err = Database::build(&c, &t, &e, &no, &db_dir)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("--overwrite"), "{err}");
     // A leftover of a build that died (its process is gone) is cleaned up by the next build.
     let stale = tmp.path().join(".db.building-4000000-1");

@@ -20,7 +20,11 @@ fn a_tokenizer_without_a_pad_token_pads_outside_its_vocabulary_and_bang_round_tr
         .remove("<|endoftext|>");
     let t = LmTokenizer::from_json(&j.to_string()).unwrap();
     let real = t.hf().unwrap().get_vocab_size(true) as u32;
-    assert!(t.pad_id() >= real, "pad {} is a real token (vocab {real})", t.pad_id());
+    assert!(
+        t.pad_id() >= real,
+        "pad {} is a real token (vocab {real})",
+        t.pad_id()
+    );
     assert!(t.vocab_size() > t.pad_id() as usize);
     let text = "Wow! Stop!! Is it \"!\"?\n!";
     let ids = t.encode(text).unwrap();
@@ -51,7 +55,9 @@ fn per_token_bytes_add_up_to_the_text_with_byte_level_bpe_and_multi_byte_charact
         assert_ne!(decoded.len(), counted);
     }
     // The character tokenizer: one char, its UTF-8 length.
-    let c = LmTokenizer::Char(retro_index::CharTokenizer::from_chars(text.chars().collect()));
+    let c = LmTokenizer::Char(retro_index::CharTokenizer::from_chars(
+        text.chars().collect(),
+    ));
     let (_, b) = c.encode_with_bytes(text).unwrap();
     assert_eq!(b.iter().sum::<usize>(), text.len());
 }
@@ -62,5 +68,8 @@ fn a_wordpiece_tokenizer_is_refused_as_the_lm_tokenizer() {
         return;
     };
     let e = LmTokenizer::from_file(&p).unwrap_err().to_string();
-    assert!(e.contains("WordPiece") && e.contains("tokenizer.json"), "{e}");
+    assert!(
+        e.contains("WordPiece") && e.contains("tokenizer.json"),
+        "{e}"
+    );
 }

@@ -8,7 +8,11 @@ use retro_model::{RetroConfig, RetroModel};
 
 fn pseudo(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
     (0..n as u32)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503))) >> 7)
+        .map(|i| {
+            (i.wrapping_mul(2654435761)
+                .wrapping_add(seed.wrapping_mul(40503)))
+                >> 7
+        })
         .map(|v| v % vocab)
         .collect()
 }
@@ -51,15 +55,39 @@ fn f32_gradients_match_f64_at_the_demo_shapes() {
     let vars64: std::collections::HashMap<_, _> = m64.named_vars().into_iter().collect();
     let mut worst = (0f64, String::new());
     for (name, v32) in m32.named_vars() {
-        let a = g32.get(v32.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+        let a = g32
+            .get(v32.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
         let bb = g64.get(vars64[&name].as_tensor()).unwrap();
-        let scale = bb.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        let diff = (&a - bb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        let rel = diff / scale.max(1e-12);
+        let scale = bb
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let diff = (&a - bb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        // Key biases get a gradient that is zero up to rounding (softmax ignores a shift of every
+        // score): measure those against a floor, not their own ~1e-19 scale.
+        let rel = diff / scale.max(1e-6);
         println!("{name:40} scale {scale:.3e} rel {rel:.2e}");
         if rel > worst.0 {
             worst = (rel, name.clone());
         }
     }
-    assert!(worst.0 < 1e-3, "worst f32 gradient: {} ({:.2e})", worst.1, worst.0);
+    assert!(
+        worst.0 < 1e-3,
+        "worst f32 gradient: {} ({:.2e})",
+        worst.1,
+        worst.0
+    );
 }

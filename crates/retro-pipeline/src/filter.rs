@@ -85,9 +85,7 @@ impl Filter {
         match (self, origin) {
             (Filter::None, _) | (_, None) => true,
             (Filter::SameDocument, Some(o)) => doc != o.document,
-            (Filter::Window(n), Some(o)) => {
-                doc != o.document || start.abs_diff(query_start) >= *n
-            }
+            (Filter::Window(n), Some(o)) => doc != o.document || start.abs_diff(query_start) >= *n,
             (Filter::Sequence(seq_len), Some(o)) => {
                 let span_end = o.start + seq_len + store.chunk_len();
                 doc != o.document || start >= span_end || value_end <= o.start

@@ -42,7 +42,9 @@ pub mod trainer;
 
 pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
 pub use error::{PipelineError, Result};
-pub use eval::{evaluate, Condition, ConditionReport, EvalOptions, EvalReport, OverlapBucket, Scores};
+pub use eval::{
+    evaluate, Condition, ConditionReport, EvalOptions, EvalReport, OverlapBucket, Scores,
+};
 pub use filter::{Filter, Origin};
 pub use generate::{generate, Event, Sampling};
 pub use retriever::{Neighbours, Retriever, Timings};

@@ -101,13 +101,29 @@ pub fn overlap_plot(r: &EvalReport, out: &Path) -> Result<()> {
     let mut series: Vec<(String, RGBColor, Vec<Option<f64>>)> = vec![];
     let palette = [RGBColor(31, 119, 180), RGBColor(44, 160, 44)];
     for (c, colour) in r.conditions.iter().zip(palette) {
-        let v = c.overlap.iter().map(|b| b.on.map(|s| s.bits_per_byte)).collect();
-        series.push((format!("RETRO on, {} database", c.condition.name()), colour, v));
+        let v = c
+            .overlap
+            .iter()
+            .map(|b| b.on.map(|s| s.bits_per_byte))
+            .collect();
+        series.push((
+            format!("RETRO on, {} database", c.condition.name()),
+            colour,
+            v,
+        ));
     }
-    let off = first.overlap.iter().map(|b| b.off.map(|s| s.bits_per_byte)).collect();
+    let off = first
+        .overlap
+        .iter()
+        .map(|b| b.off.map(|s| s.bits_per_byte))
+        .collect();
     series.push(("RETRO[OFF]".into(), RGBColor(214, 39, 40), off));
     if r.baseline.is_some() {
-        let v = first.overlap.iter().map(|b| b.baseline.map(|s| s.bits_per_byte)).collect();
+        let v = first
+            .overlap
+            .iter()
+            .map(|b| b.baseline.map(|s| s.bits_per_byte))
+            .collect();
         series.push(("baseline (no CCA)".into(), RGBColor(127, 127, 127), v));
     }
     let hi = series
@@ -121,7 +137,10 @@ pub fn overlap_plot(r: &EvalReport, out: &Path) -> Result<()> {
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                format!("Held-out bits per byte by chunk/neighbour overlap (K = {})", r.k.unwrap_or(0)),
+                format!(
+                    "Held-out bits per byte by chunk/neighbour overlap (K = {})",
+                    r.k.unwrap_or(0)
+                ),
                 (FONT, 20),
             )
             .margin(15)
@@ -150,12 +169,17 @@ pub fn overlap_plot(r: &EvalReport, out: &Path) -> Result<()> {
             let bars = v.iter().enumerate().filter_map(|(b, y)| {
                 let y = (*y)?;
                 let x0 = b as f64 + 0.1 + si as f64 * w;
-                Some(Rectangle::new([(x0, 0.0), (x0 + w * 0.9, y)], colour.filled()))
+                Some(Rectangle::new(
+                    [(x0, 0.0), (x0 + w * 0.9, y)],
+                    colour.filled(),
+                ))
             });
             chart
                 .draw_series(bars)?
                 .label(name.as_str())
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], colour.filled()));
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 15, y + 5)], colour.filled())
+                });
         }
         chart
             .configure_series_labels()

@@ -126,7 +126,11 @@ impl Run {
     /// The tokenizer the model was trained to read (`RUN/lm_tokenizer.json`); `None` for runs written
     /// before runs kept it.
     pub fn tokenizer(&self) -> Result<Option<retro_index::LmTokenizer>> {
-        if !self.dir.join(retro_index::tokenizer::TOKENIZER_FILE).exists() {
+        if !self
+            .dir
+            .join(retro_index::tokenizer::TOKENIZER_FILE)
+            .exists()
+        {
             return Ok(None);
         }
         Ok(Some(retro_index::LmTokenizer::load(&self.dir)?))
@@ -370,7 +374,9 @@ pub fn train(
     )?;
     let title = format!(
         "{} ({}): loss by step",
-        run_dir.file_name().map_or("run".into(), |n| n.to_string_lossy()),
+        run_dir
+            .file_name()
+            .map_or("run".into(), |n| n.to_string_lossy()),
         if retrieval { "RETRO" } else { "no retrieval" }
     );
     crate::plot::loss_curve(&rows, &title, &run_dir.join("loss.png"))?;

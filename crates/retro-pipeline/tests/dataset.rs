@@ -131,13 +131,19 @@ fn a_one_document_corpus_never_lets_a_neighbour_hold_its_own_sequence_or_the_val
                 "sequence at {}: neighbour value {value:?} overlaps {span:?}",
                 o.start
             );
-            assert!(value.end <= min_valid, "a training neighbour reads the validation tail");
+            assert!(
+                value.end <= min_valid,
+                "a training neighbour reads the validation tail"
+            );
             checked += 1;
         }
     }
     assert!(checked > 0);
     // The older window rule is still there for datasets that name it, and parses back.
-    assert_eq!("sequence:64".parse::<Filter>().unwrap(), Filter::Sequence(64));
+    assert_eq!(
+        "sequence:64".parse::<Filter>().unwrap(),
+        Filter::Sequence(64)
+    );
     assert_eq!("window:32".parse::<Filter>().unwrap(), Filter::Window(32));
 }
 
@@ -153,7 +159,10 @@ fn hold_out_matching_that_matches_nothing_is_an_error() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("no-such-play") && e.contains("held_out_matching"), "{e}");
+    assert!(
+        e.contains("no-such-play") && e.contains("held_out_matching"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -170,7 +179,10 @@ fn rebuilding_a_dataset_needs_overwrite_and_never_replaces_other_folders() {
         .unwrap()
         .to_string();
     assert!(e.contains("--overwrite"), "{e}");
-    let k3 = DatasetParams { k: 3, ..params.clone() };
+    let k3 = DatasetParams {
+        k: 3,
+        ..params.clone()
+    };
     let ds = Dataset::build_with(&f.db, &k3, &out, true, &|_, _| {}).unwrap();
     assert_eq!(ds.meta().k, 3);
     let mine = f.dir.path().join("mine");
