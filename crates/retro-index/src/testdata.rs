@@ -9,7 +9,16 @@ use std::path::PathBuf;
 /// The shared data folder (it may not exist).
 pub fn shared_dir() -> PathBuf {
     match std::env::var_os("RETRO_SHARED") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
+        // A relative path is relative to the workspace root, where the README's command runs
+        // (each test binary runs in its own crate's folder).
+        Some(p) if !p.is_empty() => {
+            let p = PathBuf::from(p);
+            if p.is_absolute() {
+                p
+            } else {
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(p)
+            }
+        }
         _ => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")),
     }
 }
