@@ -176,7 +176,7 @@ impl LmTokenizer {
             LmTokenizer::Hf(h) => {
                 let enc = h.inner.encode(text, false).map_err(tok_err)?;
                 let mut covered = 0usize;
-                let lens = enc
+                let mut lens = enc
                     .get_offsets()
                     .iter()
                     .map(|&(_, end)| {
@@ -185,7 +185,6 @@ impl LmTokenizer {
                         n
                     })
                     .collect::<Vec<_>>();
-                let mut lens = lens;
                 // Bytes no token's offsets reach (e.g. stripped whitespace) go to the last token.
                 if let Some(last) = lens.last_mut() {
                     *last += text.len().saturating_sub(covered);
