@@ -395,7 +395,10 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         m.tokenizer.kind,
         m.tokenizer.vocab_size,
         m.tokenizer.pad_id,
-        &m.tokenizer.fingerprint[..16]
+        m.tokenizer
+            .fingerprint
+            .get(..16)
+            .unwrap_or(&m.tokenizer.fingerprint)
     );
     println!(
         "embedder     {}{}",
@@ -416,7 +419,11 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         if a.verify { ", checksums verified" } else { "" }
     );
     for (name, f) in &m.files {
-        println!("  {name:<28} {:>12} {}", f.bytes, &f.sha256[..16]);
+        println!(
+            "  {name:<28} {:>12} {}",
+            f.bytes,
+            f.sha256.get(..16).unwrap_or(&f.sha256)
+        );
     }
     Ok(())
 }

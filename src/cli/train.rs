@@ -35,29 +35,39 @@ pub struct TrainArgs {
     /// Train only the CCA layers, encoder and norm_e (RETRO-fitting; use with --init).
     #[arg(long)]
     pub freeze_base: bool,
-    #[arg(long, default_value_t = 1000)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 2e-3)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 200)]
-    pub warmup: usize,
-    /// noam, cosine or constant.
-    #[arg(long, default_value = "noam")]
-    pub schedule: Schedule,
-    #[arg(long, default_value_t = 0.01)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub grad_clip: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, default_value_t = 100)]
-    pub eval_every: usize,
-    #[arg(long, default_value_t = 4)]
-    pub eval_batches: usize,
-    #[arg(long, default_value_t = 200)]
-    pub checkpoint_every: usize,
+    /// Steps to train [default: 1000]. With --resume: extends (or keeps) the run's count.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// [default: 4]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate [default: 0.002].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// [default: 200]
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// noam, cosine or constant [default: noam].
+    #[arg(long)]
+    pub schedule: Option<Schedule>,
+    /// [default: 0.01]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// [default: 1.0]
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// [default: 100]
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// [default: 4]
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    /// [default: 200]
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
     /// Stop after this many minutes (the checkpoint is written; --resume continues).
     #[arg(long)]
     pub max_minutes: Option<f64>,
@@ -66,6 +76,80 @@ pub struct TrainArgs {
     pub stop_after: Option<usize>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+/// The training flags over `base` (the defaults, or a resumed run's `train.json`). A resumed run
+/// keeps its config: a flag that would change it is an error, except `--steps`, which extends it.
+fn apply_flags(
+    a: &TrainArgs,
+    base: TrainConfig,
+    resumed: Option<&std::path::Path>,
+) -> Result<TrainConfig> {
+    let mut c = base;
+    if a.freeze_base && resumed.is_none() {
+        c.freeze_base = true;
+    }
+    macro_rules! flag {
+        ($field:ident, $name:literal) => {
+            if let Some(v) = a.$field.clone() {
+                if let Some(path) = resumed {
+                    if v != c.$field {
+                        bail!(
+                            "{} {} conflicts with the run's {} = {} ({}): a resumed run keeps its \
+                             training flags; only --steps (to extend it), --max-minutes and \
+                             --stop-after apply",
+                            $name,
+                            v,
+                            stringify!($field),
+                            c.$field,
+                            path.display()
+                        );
+                    }
+                }
+                c.$field = v;
+            }
+        };
+    }
+    if let (Some(path), Some(steps)) = (resumed, a.steps) {
+        if steps != c.steps {
+            println!(
+                "--steps {steps}: the run's step count goes from {} to {steps} ({} is rewritten; \
+                 the learning-rate schedule now spans {steps} steps)",
+                c.steps,
+                path.display()
+            );
+        }
+        c.steps = steps;
+    }
+    if resumed.is_none() {
+        flag!(steps, "--steps");
+    }
+    flag!(batch_size, "--batch-size");
+    flag!(lr, "--lr");
+    flag!(warmup, "--warmup");
+    flag!(schedule, "--schedule");
+    flag!(weight_decay, "--weight-decay");
+    flag!(grad_clip, "--grad-clip");
+    flag!(seed, "--seed");
+    flag!(eval_every, "--eval-every");
+    flag!(eval_batches, "--eval-batches");
+    flag!(checkpoint_every, "--checkpoint-every");
+    if resumed.is_some() && (a.init.is_some() || (a.freeze_base && !c.freeze_base)) {
+        bail!("--init and --freeze-base start a run; they do not apply to --resume");
+    }
+    if !(c.lr.is_finite() && c.lr > 0.0) {
+        bail!("--lr {}: must be a positive number", c.lr);
+    }
+    if !(c.weight_decay.is_finite() && c.weight_decay >= 0.0) {
+        bail!("--weight-decay {}: must be a number >= 0", c.weight_decay);
+    }
+    if !(c.grad_clip.is_finite() && c.grad_clip > 0.0) {
+        bail!("--grad-clip {}: must be a positive number", c.grad_clip);
+    }
+    if c.steps == 0 {
+        bail!("--steps 0: nothing to train");
+    }
+    Ok(c)
 }
 
 pub fn preset(name: &str, n_vocab: usize) -> Result<RetroConfig> {
@@ -78,7 +162,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let vocab = db.load_tokenizer()?.vocab_size();
     let (run_dir, resume, mut model_cfg, train_cfg) = if let Some(dir) = &a.resume {
         let run = Run::open(dir).with_context(|| format!("opening run {}", dir.display()))?;
-        (dir.clone(), true, run.model_config, run.train_config)
+        let point = run.resume_point()?;
+        for n in &point.notes {
+            eprintln!("note: {n}");
+        }
+        println!(
+            "resuming {} from {} (step {})",
+            dir.display(),
+            point.state.checkpoint,
+            point.state.step
+        );
+        let tc = apply_flags(&a, run.train_config.clone(), Some(&dir.join("train.json")))?;
+        (dir.clone(), true, run.model_config, tc)
     } else {
         let cl = ds.meta().chunk_len;
         let cfg = match (&a.config, &a.preset) {
@@ -99,22 +194,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 ..preset(p.as_deref().unwrap_or("labml-small"), vocab)?
             },
         };
-        let tc = TrainConfig {
-            steps: a.steps,
-            batch_size: a.batch_size,
-            lr: a.lr,
-            warmup: a.warmup,
-            schedule: a.schedule,
-            weight_decay: a.weight_decay,
-            grad_clip: a.grad_clip,
-            seed: a.seed,
-            eval_every: a.eval_every,
-            eval_batches: a.eval_batches,
-            checkpoint_every: a.checkpoint_every,
-            freeze_base: a.freeze_base,
-            max_seconds: None,
-            stop_after: None,
-        };
+        let tc = apply_flags(&a, TrainConfig::default(), None)?;
         (
             a.out.clone().expect("clap requires --out without --resume"),
             false,

@@ -66,12 +66,23 @@ impl BertEmbedder {
     }
 
     pub fn load_with(dir: &Path, device: &Device, opts: BertOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(IndexError::missing(
+                dir,
+                "the embedder must be a BERT model directory (config.json, model.safetensors, \
+                 tokenizer.json)",
+            ));
+        }
         let need = |f: &str| {
             let p = dir.join(f);
             if p.is_file() {
                 Ok(p)
             } else {
-                Err(IndexError::Missing { path: p })
+                Err(IndexError::missing(
+                    p,
+                    "a BERT model directory (a sentence-transformers folder: config.json, \
+                     model.safetensors, tokenizer.json) is needed here",
+                ))
             }
         };
         if opts.max_len == Some(0) {

@@ -130,7 +130,11 @@ fn decode(path: &Path, bytes: Vec<u8>, lossy: bool) -> Result<String> {
 
 fn read_file(path: &Path, rel: &str, opts: &CorpusOptions, corpus: &mut Corpus) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| IndexError::io(path, e))?;
-    let text = decode(path, bytes, opts.lossy)?;
+    let mut text = decode(path, bytes, opts.lossy)?;
+    // A UTF-8 byte-order mark (Windows editors write one) is not text.
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
     let is_jsonl = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
@@ -223,6 +227,19 @@ mod tests {
         std::fs::write(dir.path().join("bad.jsonl"), "{\"id\":1}\n").unwrap();
         let e = read_corpus(&dir.path().join("bad.jsonl"), &CorpusOptions::default()).unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bom.jsonl");
+        std::fs::write(&p, "\u{feff}{\"id\":\"a\",\"text\":\"x\"}\n").unwrap();
+        let c = read_corpus(&p, &CorpusOptions::default()).unwrap();
+        assert_eq!(c.documents[0].id, "a");
+        let t = dir.path().join("bom.txt");
+        std::fs::write(&t, "\u{feff}Hello").unwrap();
+        let c = read_corpus(&t, &CorpusOptions::default()).unwrap();
+        assert_eq!(c.documents[0].text, "Hello");
     }
 
     #[test]

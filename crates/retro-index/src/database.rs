@@ -71,6 +71,95 @@ pub struct Manifest {
     pub key_metric: Option<String>,
 }
 
+/// Files up to this size are checksummed on every open; larger ones by [`Database::verify`] or
+/// [`OpenOptions::verify_checksums`].
+pub const SMALL_FILE_BYTES: u64 = 8 << 20;
+
+fn is_hex(s: &str, len: std::ops::RangeInclusive<usize>) -> bool {
+    len.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Manifest {
+    /// Field checks that need no other file: ids and checksums are hex of the right length,
+    /// sizes are positive, names stay inside the database folder.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, why: String| IndexError::corrupt(path, format!("{field}: {why}"));
+        if !is_hex(&self.database_id, 16..=64) {
+            return Err(bad(
+                "database_id",
+                format!("{:?} is not 16-64 hex digits", self.database_id),
+            ));
+        }
+        if !is_hex(&self.tokenizer.fingerprint, 16..=64) {
+            return Err(bad(
+                "tokenizer.fingerprint",
+                format!("{:?} is not 16-64 hex digits", self.tokenizer.fingerprint),
+            ));
+        }
+        if self.chunk_len == 0 || self.chunk_len > MAX_CHUNK_LEN {
+            return Err(bad(
+                "chunk_len",
+                format!("{} is outside 1..={MAX_CHUNK_LEN}", self.chunk_len),
+            ));
+        }
+        if self.dim == 0 || self.dim > 65_536 {
+            return Err(bad("dim", format!("{} is outside 1..=65536", self.dim)));
+        }
+        let h = &self.hnsw;
+        if !(1..=1024).contains(&h.m)
+            || !(1..=1 << 20).contains(&h.ef_construction)
+            || !(1..=1 << 20).contains(&h.ef_search)
+        {
+            return Err(bad(
+                "hnsw",
+                format!(
+                    "m {} ef_construction {} ef_search {}: m must be 1..=1024, ef 1..=2^20",
+                    h.m, h.ef_construction, h.ef_search
+                ),
+            ));
+        }
+        if self.tokenizer.vocab_size == 0 {
+            return Err(bad("tokenizer.vocab_size", "is 0".into()));
+        }
+        if self.hnsw_basename.is_empty()
+            || self.hnsw_basename.contains(['/', '\\'])
+            || self.hnsw_basename.starts_with('.')
+        {
+            return Err(bad(
+                "hnsw_basename",
+                format!("{:?} is not a file name", self.hnsw_basename),
+            ));
+        }
+        for (name, f) in &self.files {
+            if Path::new(name)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(bad("files", format!("{name:?} leaves the database folder")));
+            }
+            if !is_hex(&f.sha256, 64..=64) {
+                return Err(bad(
+                    &format!("files.{name}.sha256"),
+                    format!("{:?} is not 64 hex digits", f.sha256),
+                ));
+            }
+        }
+        if let Some(m) = &self.key_metric {
+            if m != KEY_METRIC {
+                return Err(bad(
+                    "key_metric",
+                    format!("{m:?}: this build knows only {KEY_METRIC:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The longest chunk a database may have (the paper uses 64; beyond this a chunk's attention and
+/// the store's padding make no sense).
+pub const MAX_CHUNK_LEN: usize = 4096;
+
 /// [`Manifest::key_metric`] of every database built now.
 pub const KEY_METRIC: &str = "unit-l2";
 
@@ -138,6 +227,7 @@ pub struct Database {
     store: ChunkStore,
     embeddings: Embeddings,
     index: HnswIndex,
+    tokenizer: LmTokenizer,
 }
 
 impl std::fmt::Debug for Database {
@@ -167,8 +257,12 @@ impl Database {
                 empty_skipped: corpus.empty_skipped,
             });
         }
-        if opts.chunk_len == 0 {
-            return Err(IndexError::invalid("chunk_len", 0, "must be positive"));
+        if opts.chunk_len == 0 || opts.chunk_len > MAX_CHUNK_LEN {
+            return Err(IndexError::invalid(
+                "chunk_len",
+                opts.chunk_len,
+                format!("must be between 1 and {MAX_CHUNK_LEN} tokens (the paper uses 64)"),
+            ));
         }
         // Never write into the corpus: replacing the folder would delete the documents.
         if let Ok(out_abs) = out_dir.canonicalize() {
@@ -384,6 +478,18 @@ impl Database {
 
     pub fn open_with(dir: &Path, opts: OpenOptions) -> Result<Database> {
         let mpath = dir.join(MANIFEST_FILE);
+        if !mpath.is_file() {
+            let what = if dir.join("dataset.json").is_file() {
+                "this folder is a retro dataset, not a database (give the database it was built from)"
+            } else if dir.join("state.json").is_file() || dir.join("train.json").is_file() {
+                "this folder is a training run, not a database"
+            } else if !dir.exists() {
+                "no database here (build one with `retro index build`)"
+            } else {
+                "not a retro database (every database has a manifest.json, written last)"
+            };
+            return Err(IndexError::missing(&mpath, what));
+        }
         let raw: serde_json::Value = read_json(&mpath)?;
         let found = raw
             .get("format_version")
@@ -398,6 +504,7 @@ impl Database {
         }
         let manifest: Manifest =
             serde_json::from_value(raw).map_err(|e| IndexError::corrupt(&mpath, e.to_string()))?;
+        manifest.validate(&mpath)?;
         let graph_name = format!("{HNSW_DIR}/{}.hnsw.graph", manifest.hnsw_basename);
         let data_name = format!("{HNSW_DIR}/{}.hnsw.data", manifest.hnsw_basename);
         for required in [
@@ -417,7 +524,7 @@ impl Database {
             let p = dir.join(name);
             let meta = std::fs::metadata(&p).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
-                    IndexError::Missing { path: p.clone() }
+                    IndexError::missing(&p, "listed in the manifest: the database is incomplete")
                 } else {
                     IndexError::io(&p, e)
                 }
@@ -428,7 +535,11 @@ impl Database {
                     format!("{} bytes, the manifest says {}", meta.len(), info.bytes),
                 ));
             }
-            if opts.verify_checksums {
+            // Small files are always checked: it costs milliseconds.
+            // The graph files too, whatever their size: hnsw_rs' loader exits the process or
+            // reads out of bounds on a malformed dump, so it must only ever see the bytes we wrote.
+            let graph_file = name.starts_with(&format!("{HNSW_DIR}/"));
+            if opts.verify_checksums || info.bytes <= SMALL_FILE_BYTES || graph_file {
                 let sha = sha256_file(&p)?;
                 if sha != info.sha256 {
                     return Err(IndexError::corrupt(
@@ -450,6 +561,52 @@ impl Database {
                 "the store's counts or chunk_len disagree with the manifest",
             ));
         }
+        // The stored tokenizer must be the one the manifest describes (ids, padding, vocabulary).
+        let tokenizer = LmTokenizer::load(dir)?;
+        let t = &manifest.tokenizer;
+        let tpath = dir.join(TOKENIZER_FILE);
+        for (field, recorded, actual) in [
+            (
+                "tokenizer.kind",
+                t.kind.clone(),
+                tokenizer.kind().to_string(),
+            ),
+            (
+                "tokenizer.fingerprint",
+                t.fingerprint.clone(),
+                tokenizer.fingerprint(),
+            ),
+            (
+                "tokenizer.vocab_size",
+                t.vocab_size.to_string(),
+                tokenizer.vocab_size().to_string(),
+            ),
+            (
+                "tokenizer.pad_id",
+                t.pad_id.to_string(),
+                tokenizer.pad_id().to_string(),
+            ),
+        ] {
+            if recorded != actual {
+                return Err(IndexError::corrupt(
+                    &mpath,
+                    format!(
+                        "{field} is {recorded}, but {} gives {actual}",
+                        tpath.display()
+                    ),
+                ));
+            }
+        }
+        if store.pad_id() != t.pad_id {
+            return Err(IndexError::corrupt(
+                dir.join(CHUNKS_FILE),
+                format!(
+                    "pads with id {}, the manifest's pad_id is {}",
+                    store.pad_id(),
+                    t.pad_id
+                ),
+            ));
+        }
         let embeddings = Embeddings::open(&dir.join(EMBEDDINGS_FILE), c.chunks, manifest.dim)?;
         let index = HnswIndex::load(
             &dir.join(HNSW_DIR),
@@ -464,7 +621,28 @@ impl Database {
             store,
             embeddings,
             index,
+            tokenizer,
         })
+    }
+
+    /// Recomputes every file's SHA-256 against the manifest: for operations that read the
+    /// database whole (a dataset build), where flipped bytes would otherwise pass unnoticed.
+    pub fn verify(&self) -> Result<()> {
+        for (name, info) in &self.manifest.files {
+            let p = self.dir.join(name);
+            let sha = sha256_file(&p)?;
+            if sha != info.sha256 {
+                return Err(IndexError::corrupt(
+                    &p,
+                    format!(
+                        "SHA-256 {sha} differs from the manifest's {}: the file was damaged; \
+                         rebuild the database",
+                        info.sha256
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -491,9 +669,12 @@ impl Database {
     }
     /// The LM tokenizer stored with the database.
     pub fn load_tokenizer(&self) -> Result<LmTokenizer> {
-        let t = LmTokenizer::load(&self.dir)?;
-        self.check_compatible(&t)?;
-        Ok(t)
+        Ok(self.tokenizer.clone())
+    }
+
+    /// The LM tokenizer stored with the database (checked against the manifest on open).
+    pub fn tokenizer(&self) -> &LmTokenizer {
+        &self.tokenizer
     }
 
     /// Errors unless `tokenizer` is the one the database was built with.

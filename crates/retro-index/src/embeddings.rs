@@ -27,7 +27,7 @@ impl Embeddings {
     pub fn open(path: &Path, n: usize, dim: usize) -> Result<Self> {
         let map = map_file(path)?;
         let payload = check_header(path, &map, MAGIC, FORMAT_VERSION)?;
-        if payload.len() != n * dim * 4 {
+        if Some(payload.len()) != n.checked_mul(dim).and_then(|x| x.checked_mul(4)) {
             return Err(IndexError::corrupt(
                 path,
                 format!("{} bytes, expected {n} x {dim} f32", payload.len()),
@@ -110,7 +110,7 @@ pub fn read_npy(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
         return Err(bad("expected a 2-D array"));
     };
     let data = &bytes[start + hlen..];
-    if data.len() != rows * dim * 4 {
+    if Some(data.len()) != rows.checked_mul(dim).and_then(|x| x.checked_mul(4)) {
         return Err(bad("data size does not match the shape"));
     }
     Ok((

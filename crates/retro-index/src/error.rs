@@ -31,8 +31,10 @@ pub enum IndexError {
     Tokenizer(String),
     #[error("embedder: {0}")]
     Embedder(String),
-    #[error("{path}: missing (the database is incomplete or not a database)")]
-    Missing { path: PathBuf },
+    /// A file that should be there is not; `needed_for` says what wanted it ("a retro database",
+    /// "a BERT model directory (--embedder)", ...).
+    #[error("{path}: missing: {needed_for}")]
+    Missing { path: PathBuf, needed_for: String },
     #[error("{path}: corrupt: {message}")]
     Corrupt { path: PathBuf, message: String },
     #[error("{path}: format_version {found} is not supported (this build reads {expected})")]
@@ -65,6 +67,12 @@ impl IndexError {
         IndexError::Io {
             path: path.into(),
             source,
+        }
+    }
+    pub(crate) fn missing(path: impl Into<PathBuf>, needed_for: impl Into<String>) -> Self {
+        IndexError::Missing {
+            path: path.into(),
+            needed_for: needed_for.into(),
         }
     }
     pub(crate) fn corrupt(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {

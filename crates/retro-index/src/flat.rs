@@ -114,7 +114,8 @@ impl FlatGraph {
     /// The `k` nearest data ids to `q` with breadth `ef` (>= k), nearest first.
     pub fn search(&self, q: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
         let n = self.offsets.len() - 1;
-        let ef = ef.max(k);
+        // Never wider than the graph: a huge `ef` (a flag, a hand-edited manifest) costs nothing more.
+        let ef = ef.max(k).min(n.max(1));
         // greedy descent through the upper layers
         let mut ep = self.entry;
         let mut d_ep = self.dist(q, ep);

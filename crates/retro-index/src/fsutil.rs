@@ -86,14 +86,14 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = std::fs::read(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            IndexError::Missing {
-                path: path.to_path_buf(),
-            }
+            IndexError::missing(path, "no such file")
         } else {
             IndexError::io(path, e)
         }
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| IndexError::corrupt(path, e.to_string()))
+    // Editors on Windows write a byte-order mark; JSON parsers reject it.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    serde_json::from_slice(bytes).map_err(|e| IndexError::corrupt(path, e.to_string()))
 }
 
 /// Hex SHA-256 of a file, streamed.
@@ -124,9 +124,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let f = std::fs::File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            IndexError::Missing {
-                path: path.to_path_buf(),
-            }
+            IndexError::missing(path, "no such file")
         } else {
             IndexError::io(path, e)
         }
@@ -164,7 +162,40 @@ fn staged_sibling(out: &Path, tag: &str) -> PathBuf {
     ))
 }
 
+/// Swaps two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`), so no instant exists where
+/// neither is in place. Fails with `Unsupported` where the system or file system cannot.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let ca = std::ffi::CString::new(a.as_os_str().as_bytes())?;
+        let cb = std::ffi::CString::new(b.as_os_str().as_bytes())?;
+        // SAFETY: two NUL-terminated paths that outlive the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    let _ = (a, b);
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
 /// Removes `.NAME.building-PID-*` and `.NAME.old-PID-*` siblings of `out` whose process is gone.
+/// An `.old-` one is the previous version that a two-step swap had moved aside when it died: when
+/// `out` itself is missing it is put back, never deleted.
 fn remove_stale_siblings(out: &Path) {
     let Some(parent) = out.parent().map(|p| {
         if p.as_os_str().is_empty() {
@@ -192,7 +223,11 @@ fn remove_stale_siblings(out: &Path) {
         if let Some(pid) = pid {
             let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
             if !alive {
-                let _ = std::fs::remove_dir_all(e.path());
+                if rest.starts_with("old-") && !out.exists() {
+                    let _ = std::fs::rename(e.path(), out);
+                } else {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
     }
@@ -249,10 +284,26 @@ impl StagedDir {
         self.tmp.as_deref().expect("not committed")
     }
 
-    /// Moves the staged directory into place: the old one (if any) is renamed aside first and
-    /// removed after, so a crash leaves either the old or the new one at `out`.
+    /// Moves the staged directory into place, swapping it with the old one (if any) in one step, so
+    /// a crash leaves either the old or the new one at `out`; the old one is then removed.
     pub fn commit(mut self) -> Result<()> {
         let tmp = self.tmp.take().expect("not committed");
+        if self.out.exists() {
+            match exchange(&tmp, &self.out) {
+                // `tmp` now holds the old version.
+                Ok(()) => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Ok(());
+                }
+                Err(e) if e.kind() != std::io::ErrorKind::Unsupported => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(IndexError::io(&self.out, e));
+                }
+                Err(_) => {}
+            }
+        }
+        // Two renames where the exchange is not available; a crash between them leaves the old
+        // version under `.NAME.old-PID-*`, which the next build puts back.
         let mut old = None;
         if self.out.exists() {
             let o = staged_sibling(&self.out, "old");

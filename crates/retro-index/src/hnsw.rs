@@ -232,22 +232,21 @@ impl HnswIndex {
         for ext in ["hnsw.graph", "hnsw.data"] {
             let p = dir.join(format!("{basename}.{ext}"));
             if !p.is_file() {
-                return Err(IndexError::Missing { path: p });
+                return Err(IndexError::missing(
+                    p,
+                    "the database's HNSW graph is incomplete",
+                ));
             }
         }
         let graph = dir.join(format!("{basename}.hnsw.graph"));
         let io = Box::new(HnswIo::new(dir, basename));
-        let prev_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || load_leaked(io)));
-        std::panic::set_hook(prev_hook);
-        let mut hnsw = match res {
+        let mut hnsw = match crate::panic_guard::catch(move || load_leaked(io)) {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => return Err(IndexError::corrupt(&graph, e)),
-            Err(_) => {
+            Err(why) => {
                 return Err(IndexError::corrupt(
                     &graph,
-                    "hnsw_rs could not read the graph",
+                    format!("hnsw_rs could not read the graph ({why})"),
                 ))
             }
         };

@@ -47,6 +47,7 @@ pub mod fsutil;
 pub mod hnsw;
 pub mod lexical;
 pub mod packed_bert;
+pub mod panic_guard;
 pub mod store;
 pub mod testdata;
 pub mod tokenizer;

@@ -154,7 +154,7 @@ impl ChunkStore {
         let tokens_path = dir.join(TOKENS_FILE);
         let tokens = map_file(&tokens_path)?;
         let payload = check_header(&tokens_path, &tokens, TOKENS_MAGIC, FORMAT_VERSION)?;
-        if payload.len() as u64 != df.total_tokens * 4 {
+        if Some(payload.len() as u64) != df.total_tokens.checked_mul(4) {
             return Err(IndexError::corrupt(
                 &tokens_path,
                 format!(
@@ -209,7 +209,9 @@ impl ChunkStore {
             let ok = doc.is_some_and(|doc| {
                 c.len as usize <= self.chunk_len
                     && c.offset >= doc.token_offset
-                    && c.offset + c.len as u64 <= doc.token_offset + doc.token_count
+                    && c.offset
+                        .checked_add(c.len as u64)
+                        .is_some_and(|end| end <= doc.token_offset.saturating_add(doc.token_count))
                     && (i as u64).wrapping_sub(doc.first_chunk) < doc.chunk_count
             });
             if !ok {

@@ -99,7 +99,10 @@ impl LmTokenizer {
 
     /// From the JSON text of a `tokenizer.json`.
     pub fn from_json(json: &str) -> Result<Self> {
-        let mut t: tokenizers::Tokenizer = json.parse().map_err(tok_err)?;
+        // tokenizers panics on some malformed files (nested decoders) instead of failing.
+        let mut t: tokenizers::Tokenizer = crate::panic_guard::catch(|| json.parse())
+            .map_err(|why| IndexError::Tokenizer(format!("malformed tokenizer.json: {why}")))?
+            .map_err(tok_err)?;
         let pad_from_params = t.get_padding().map(|p| p.pad_id);
         t.with_padding(None);
         t.with_truncation(None).map_err(tok_err)?;

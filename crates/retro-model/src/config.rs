@@ -105,6 +105,33 @@ impl RetroConfig {
                 return err(format!("`{name}` must be > 0"));
             }
         }
+        // Bounds that keep every size computation far from overflow and refuse absurd configs
+        // (a typo of three zeros) before anything is allocated.
+        for (name, v, max) in [
+            ("n_vocab", self.n_vocab, 1 << 24),
+            ("d_model", self.d_model, 1 << 16),
+            ("n_layers", self.n_layers, 1024),
+            ("enc_n_layers", self.enc_n_layers, 1024),
+            ("chunk_len", self.chunk_len, 4096),
+            ("n_heads", self.n_heads, 1024),
+            ("d_k", self.d_k, 4096),
+            ("d_ff", self.d_ff, 1 << 18),
+        ] {
+            if v > max {
+                return err(format!(
+                    "`{name}` = {v} is beyond this build's limit of {max}"
+                ));
+            }
+        }
+        let per_layer = 4 * self.d_model * self.n_heads * self.d_k + 2 * self.d_model * self.d_ff;
+        let params = (self.n_layers + self.enc_n_layers + self.ca_layers.len()) as u128
+            * per_layer as u128
+            + (self.n_vocab * self.d_model * 2) as u128;
+        if params > 1 << 36 {
+            return err(format!(
+                "about {params} parameters: beyond this build's limit of 2^36 (check d_model, d_ff, n_layers)"
+            ));
+        }
         if !self.d_k.is_multiple_of(2) {
             return err(format!(
                 "`d_k` = {} must be even for rotary embeddings",

@@ -10,12 +10,20 @@ use crate::retriever::Retriever;
 use memmap2::Mmap;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use retro_index::fsutil::{read_json, write_atomic, write_json_atomic, StagedDir};
+use retro_index::database::FileInfo;
+use retro_index::fsutil::{
+    read_json, sha256_bytes, sha256_file, write_atomic, write_json_atomic, StagedDir,
+};
 use retro_index::Database;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-pub const DATASET_FORMAT_VERSION: u32 = 1;
+/// Version 2 added `dataset_id` and the files' checksums.
+pub const DATASET_FORMAT_VERSION: u32 = 2;
+/// Most neighbours per chunk a dataset may hold (the paper trains with 2 and evaluates with up to 40).
+pub const MAX_K: usize = 64;
+/// The split files of a dataset, per split.
+const SPLIT_FILES: [&str; 3] = ["origins", "neighbours", "distances"];
 /// Chunk id stored for a padded neighbour.
 pub const NO_CHUNK: u32 = u32::MAX;
 
@@ -65,6 +73,9 @@ pub struct SplitInfo {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DatasetMeta {
     pub format_version: u32,
+    /// Content id: a hash of the parameters, the database id and the files' checksums. A run
+    /// records it, and resuming on another dataset is refused.
+    pub dataset_id: String,
     pub database_id: String,
     /// Where the database was when the dataset was built (the id is what is checked).
     #[serde(default)]
@@ -81,6 +92,8 @@ pub struct DatasetMeta {
     pub skipped_short_documents: usize,
     pub train: SplitInfo,
     pub valid: SplitInfo,
+    /// File name -> size and SHA-256, verified on every open.
+    pub files: BTreeMap<String, FileInfo>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +108,108 @@ impl Split {
             Split::Train => "train",
             Split::Valid => "valid",
         }
+    }
+}
+
+impl DatasetMeta {
+    /// Checks that need no database: sizes in range, names of the dataset's own files only.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, value: String, why: &str| {
+            PipelineError::file(path, format!("{field} = {value}: {why}"))
+        };
+        let cl = self.chunk_len;
+        if cl == 0 || cl > retro_index::database::MAX_CHUNK_LEN {
+            return Err(bad(
+                "chunk_len",
+                cl.to_string(),
+                "must be positive and at most 4096",
+            ));
+        }
+        if self.seq_len < cl || self.seq_len > 1 << 20 {
+            return Err(bad(
+                "seq_len",
+                self.seq_len.to_string(),
+                "must be at least chunk_len and at most 2^20",
+            ));
+        }
+        if self.k == 0 || self.k > MAX_K {
+            return Err(bad("k", self.k.to_string(), "must be between 1 and 64"));
+        }
+        if self.neighbor_len != 2 * cl {
+            return Err(bad(
+                "neighbor_len",
+                self.neighbor_len.to_string(),
+                &format!(
+                    "a neighbour is a chunk and its continuation: 2 x chunk_len = {}",
+                    2 * cl
+                ),
+            ));
+        }
+        if let Filter::Sequence(0) | Filter::Window(0) = self.filter {
+            return Err(bad(
+                "filter",
+                self.filter.to_string(),
+                "needs a positive length",
+            ));
+        }
+        let mut want: Vec<String> = [Split::Train, Split::Valid]
+            .iter()
+            .flat_map(|s| SPLIT_FILES.iter().map(move |f| format!("{}.{f}", s.name())))
+            .collect();
+        want.sort();
+        let have: Vec<String> = self.files.keys().cloned().collect();
+        if have != want {
+            return Err(bad(
+                "files",
+                format!("{have:?}"),
+                &format!("must list exactly {want:?}"),
+            ));
+        }
+        for (name, f) in &self.files {
+            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(
+                    &format!("files.{name}.sha256"),
+                    format!("{:?}", f.sha256),
+                    "is not 64 hex digits",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks against the database the dataset is opened with.
+    fn check_against(&self, path: &Path, db: &Database) -> Result<()> {
+        if self.database_id != db.id() {
+            return Err(PipelineError::file(
+                path,
+                format!(
+                    "built from database {} but given database {} ({})",
+                    self.database_id,
+                    db.id(),
+                    db.dir().display()
+                ),
+            ));
+        }
+        if self.chunk_len != db.chunk_len() {
+            return Err(PipelineError::file(
+                path,
+                format!(
+                    "chunk_len = {}, but the database's is {}",
+                    self.chunk_len,
+                    db.chunk_len()
+                ),
+            ));
+        }
+        let docs = db.store().documents();
+        for (i, id) in &self.held_out_documents {
+            if docs.get(*i).is_none_or(|d| &d.id != id) {
+                return Err(PipelineError::file(
+                    path,
+                    format!("held_out_documents: ({i}, {id:?}) is not a document of the database"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -211,6 +326,24 @@ impl Dataset {
                 format!("must be at least chunk_len = {cl}"),
             ));
         }
+        if params.k == 0 || params.k > MAX_K {
+            return Err(PipelineError::invalid(
+                "k",
+                params.k,
+                format!(
+                    "neighbours per chunk must be between 1 and {MAX_K} (the paper trains with 2)"
+                ),
+            ));
+        }
+        if params.k > db.store().len() {
+            return Err(PipelineError::invalid(
+                "k",
+                params.k,
+                format!("the database has only {} chunks", db.store().len()),
+            ));
+        }
+        // The build reads the whole database: verify every file against its checksum first.
+        db.verify()?;
         let store = db.store();
         let docs = store.documents();
         let n_docs = docs.len();
@@ -354,8 +487,39 @@ impl Dataset {
         let mut held_out_documents: Vec<(usize, String)> =
             held.iter().map(|&d| (d, docs[d].id.clone())).collect();
         held_out_documents.sort();
+        let mut files = BTreeMap::new();
+        for split in [Split::Train, Split::Valid] {
+            for f in SPLIT_FILES {
+                let name = format!("{}.{f}", split.name());
+                let p = out.join(&name);
+                let bytes = std::fs::metadata(&p)
+                    .map_err(|e| PipelineError::file(&p, e.to_string()))?
+                    .len();
+                files.insert(
+                    name,
+                    FileInfo {
+                        bytes,
+                        sha256: sha256_file(&p)?,
+                    },
+                );
+            }
+        }
+        let id_src = format!(
+            "{}|{}|{}|{}|{filter}|{}|{}",
+            db.id(),
+            params.seq_len,
+            params.k,
+            cl,
+            params.seed,
+            files
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.sha256))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         let meta = DatasetMeta {
             format_version: DATASET_FORMAT_VERSION,
+            dataset_id: sha256_bytes(id_src.as_bytes())[..16].to_string(),
             database_id: db.id().to_string(),
             database_dir: db
                 .dir()
@@ -371,40 +535,73 @@ impl Dataset {
             skipped_short_documents,
             train: train_info,
             valid: valid_info,
+            files,
         };
         write_json_atomic(&out.join("dataset.json"), &meta)?;
         staged.commit()?;
         Dataset::open(out_dir, db)
     }
 
-    /// Reads `dataset.json` alone (e.g. to find the database a dataset was built from).
+    /// Reads `dataset.json` alone (e.g. to find the database a dataset was built from), checking
+    /// its format version and the fields that need no database.
     pub fn read_meta(dir: &Path) -> Result<DatasetMeta> {
-        Ok(read_json(&dir.join("dataset.json"))?)
+        let path = dir.join("dataset.json");
+        if !path.is_file() {
+            let why = if dir.join(retro_index::database::MANIFEST_FILE).is_file() {
+                "missing: this folder is a retro database, not a dataset (build one with \
+                 `retro dataset build --db DIR --out DS`)"
+            } else if dir.join("state.json").is_file() {
+                "missing: this folder is a training run, not a dataset"
+            } else {
+                "missing: not a retro dataset"
+            };
+            return Err(PipelineError::file(&path, why));
+        }
+        let raw: serde_json::Value = read_json(&path)?;
+        let version = raw.get("format_version").and_then(|v| v.as_u64());
+        if version != Some(DATASET_FORMAT_VERSION as u64) {
+            return Err(PipelineError::file(
+                &path,
+                format!(
+                    "format_version {} (this build reads {DATASET_FORMAT_VERSION}; rebuild the \
+                     dataset with `retro dataset build --overwrite`)",
+                    version.map_or("missing".into(), |v| v.to_string())
+                ),
+            ));
+        }
+        let meta: DatasetMeta =
+            serde_json::from_value(raw).map_err(|e| PipelineError::file(&path, e.to_string()))?;
+        meta.validate(&path)?;
+        Ok(meta)
     }
 
     /// Opens a dataset, checking its format and that it was built from `db`.
     pub fn open(dir: &Path, db: &Database) -> Result<Dataset> {
         let meta_path = dir.join("dataset.json");
-        let meta: DatasetMeta = read_json(&meta_path)?;
-        if meta.format_version != DATASET_FORMAT_VERSION {
-            return Err(PipelineError::file(
-                &meta_path,
-                format!(
-                    "format_version {} (this build reads {DATASET_FORMAT_VERSION})",
-                    meta.format_version
-                ),
-            ));
-        }
-        if meta.database_id != db.id() {
-            return Err(PipelineError::file(
-                &meta_path,
-                format!(
-                    "built from database {} but given database {} ({})",
-                    meta.database_id,
-                    db.id(),
-                    db.dir().display()
-                ),
-            ));
+        let meta = Self::read_meta(dir)?;
+        meta.check_against(&meta_path, db)?;
+        for (name, info) in &meta.files {
+            let p = dir.join(name);
+            let len = std::fs::metadata(&p)
+                .map_err(|e| PipelineError::file(&p, format!("{e} (listed in dataset.json)")))?
+                .len();
+            if len != info.bytes {
+                return Err(PipelineError::file(
+                    &p,
+                    format!("{len} bytes, dataset.json says {}", info.bytes),
+                ));
+            }
+            let sha = sha256_file(&p)?;
+            if sha != info.sha256 {
+                return Err(PipelineError::file(
+                    &p,
+                    format!(
+                        "SHA-256 {sha} differs from dataset.json's {}: the file was damaged; \
+                         rebuild the dataset (`retro dataset build --overwrite`)",
+                        info.sha256
+                    ),
+                ));
+            }
         }
         let per_seq = (meta.seq_len / meta.chunk_len) * meta.k;
         let load = |split: Split, info: &SplitInfo| -> Result<SplitData> {
@@ -412,13 +609,13 @@ impl Dataset {
             let origins_path = dir.join(format!("{name}.origins"));
             let raw = std::fs::read(&origins_path)
                 .map_err(|e| PipelineError::file(&origins_path, e.to_string()))?;
-            if raw.len() != info.sequences * 8 {
+            if Some(raw.len()) != info.sequences.checked_mul(8) {
                 return Err(PipelineError::file(
                     &origins_path,
                     format!(
                         "{} bytes, expected {} for {} sequences",
                         raw.len(),
-                        info.sequences * 8,
+                        info.sequences.saturating_mul(8),
                         info.sequences
                     ),
                 ));
@@ -444,7 +641,10 @@ impl Dataset {
                 let path = dir.join(file);
                 let f = std::fs::File::open(&path)
                     .map_err(|e| PipelineError::file(&path, e.to_string()))?;
-                let want = info.sequences * per_seq * bytes_per;
+                let want = info
+                    .sequences
+                    .saturating_mul(per_seq)
+                    .saturating_mul(bytes_per);
                 let len = f
                     .metadata()
                     .map_err(|e| PipelineError::file(&path, e.to_string()))?

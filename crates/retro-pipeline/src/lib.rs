@@ -49,4 +49,4 @@ pub use filter::{Filter, Origin};
 pub use generate::{generate, Event, Sampling};
 pub use retriever::{Neighbours, Retriever, Timings};
 pub use schedule::Schedule;
-pub use trainer::{train, Run, RunState, StepMetrics, TrainConfig};
+pub use trainer::{train, CheckpointMeta, ResumePoint, Run, RunState, StepMetrics, TrainConfig};

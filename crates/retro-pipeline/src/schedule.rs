@@ -25,6 +25,16 @@ impl std::str::FromStr for Schedule {
     }
 }
 
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Schedule::Noam => "noam",
+            Schedule::Cosine => "cosine",
+            Schedule::Constant => "constant",
+        })
+    }
+}
+
 impl Schedule {
     /// Learning rate of 1-based `step` out of `total`.
     pub fn lr(self, peak: f64, warmup: usize, step: usize, total: usize) -> f64 {

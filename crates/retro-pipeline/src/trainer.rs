@@ -6,10 +6,12 @@ use crate::dataset::{Dataset, Split};
 use crate::error::{PipelineError, Result};
 use crate::schedule::Schedule;
 use candle_core::{DType, Device, Tensor};
-use retro_index::fsutil::{read_json, write_json_atomic};
+use retro_index::database::FileInfo;
+use retro_index::fsutil::{read_json, sha256_file, write_atomic, write_json_atomic};
 use retro_index::Database;
 use retro_model::train::{clip_grad_norm, cross_entropy, loss_and_grads, AdamW, AdamWParams};
 use retro_model::{RetroConfig, RetroModel};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -74,6 +76,70 @@ pub struct RunState {
     /// compares.
     #[serde(default)]
     pub train_seconds: f64,
+    /// [`crate::DatasetMeta::dataset_id`] of the dataset trained on (empty in runs written before
+    /// datasets had ids): resuming on another dataset is refused.
+    #[serde(default)]
+    pub dataset_id: String,
+    /// What a resume had to say (damaged checkpoints skipped); not saved.
+    #[serde(skip)]
+    pub notes: Vec<String>,
+}
+
+/// `checkpoint-STEP/checkpoint.json`: what the checkpoint holds, with checksums verified on resume.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointMeta {
+    pub format_version: u32,
+    pub step: usize,
+    pub tokens_seen: u64,
+    pub train_seconds: f64,
+    pub files: BTreeMap<String, FileInfo>,
+}
+
+const CHECKPOINT_FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "config.json"];
+
+/// Where a resumed run continues: the newest intact checkpoint, and what was skipped to find it.
+#[derive(Debug, Clone)]
+pub struct ResumePoint {
+    pub state: RunState,
+    /// Checkpoints that were newer but damaged, with the reason, newest first.
+    pub notes: Vec<String>,
+}
+
+/// Checks a checkpoint directory against its `checkpoint.json`.
+fn verify_checkpoint(dir: &Path) -> std::result::Result<CheckpointMeta, String> {
+    let meta: CheckpointMeta =
+        read_json(&dir.join("checkpoint.json")).map_err(|e| e.to_string())?;
+    if meta.format_version != RUN_FORMAT_VERSION {
+        return Err(format!(
+            "checkpoint.json: format_version {}",
+            meta.format_version
+        ));
+    }
+    for f in CHECKPOINT_FILES {
+        let info = meta
+            .files
+            .get(f)
+            .ok_or_else(|| format!("checkpoint.json lists no {f}"))?;
+        let p = dir.join(f);
+        let len = std::fs::metadata(&p)
+            .map_err(|e| format!("{}: {e}", p.display()))?
+            .len();
+        if len != info.bytes {
+            return Err(format!(
+                "{}: {len} bytes, checkpoint.json says {}",
+                p.display(),
+                info.bytes
+            ));
+        }
+        let sha = sha256_file(&p).map_err(|e| e.to_string())?;
+        if sha != info.sha256 {
+            return Err(format!(
+                "{}: SHA-256 differs from checkpoint.json's",
+                p.display()
+            ));
+        }
+    }
+    Ok(meta)
 }
 
 /// One line of `metrics.jsonl`.
@@ -136,11 +202,79 @@ impl Run {
         Ok(Some(retro_index::LmTokenizer::load(&self.dir)?))
     }
 
+    /// The newest checkpoint that passes its checksums: `state.json`'s, or when that one is damaged
+    /// (a disk error, a copy cut short), the newest older one, said in [`ResumePoint::notes`].
+    pub fn resume_point(&self) -> Result<ResumePoint> {
+        let state = self.state()?.ok_or_else(|| {
+            PipelineError::file(
+                &self.dir,
+                "nothing to resume: no checkpoint (state.json missing)",
+            )
+        })?;
+        let mut names: Vec<(usize, String)> = std::fs::read_dir(&self.dir)
+            .map_err(|e| PipelineError::file(&self.dir, e.to_string()))?
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let step = n.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+                (step <= state.step).then_some((step, n))
+            })
+            .collect();
+        names.sort_by(|a, b| b.cmp(a));
+        let mut notes = vec![];
+        for (step, name) in names {
+            let dir = self.dir.join(&name);
+            let legacy = !dir.join("checkpoint.json").exists() && name == state.checkpoint;
+            if legacy {
+                // Written before checkpoints carried checksums: nothing to verify against.
+                notes.push(format!(
+                    "{name} has no checkpoint.json (an older run): its weights are not verified"
+                ));
+                return Ok(ResumePoint { state, notes });
+            }
+            match verify_checkpoint(&dir) {
+                Ok(m) if m.step == step => {
+                    let state = RunState {
+                        step,
+                        checkpoint: name,
+                        tokens_seen: m.tokens_seen,
+                        train_seconds: m.train_seconds,
+                        ..state
+                    };
+                    return Ok(ResumePoint { state, notes });
+                }
+                Ok(m) => notes.push(format!(
+                    "{name} is damaged: checkpoint.json says step {}",
+                    m.step
+                )),
+                Err(why) => notes.push(format!("{name} is damaged ({why}), skipped")),
+            }
+        }
+        Err(PipelineError::file(
+            &self.dir,
+            format!("no intact checkpoint to resume from: {}", notes.join("; ")),
+        ))
+    }
+
     /// The latest checkpoint's weights.
     pub fn weights_path(&self) -> Result<PathBuf> {
         let state = self.state()?.ok_or_else(|| {
             PipelineError::file(&self.dir, "no checkpoint yet (state.json missing)")
         })?;
+        // The weights must pass their checksums; a damaged latest checkpoint is an error here
+        // (evaluating an older one without a word would be a silent wrong result).
+        let point = self.resume_point()?;
+        if point.state.checkpoint != state.checkpoint {
+            return Err(PipelineError::file(
+                &self.dir.join(&state.checkpoint),
+                format!(
+                    "{}; `retro train --resume` continues from {} (step {})",
+                    point.notes.join("; "),
+                    point.state.checkpoint,
+                    point.state.step
+                ),
+            ));
+        }
         Ok(self.dir.join(state.checkpoint).join("model.safetensors"))
     }
 
@@ -153,6 +287,32 @@ impl Run {
             device,
         )?)
     }
+}
+
+/// A resumed run keeps its training config: only `steps` may change (to extend the run; the
+/// schedule then spans the new count), besides the per-invocation `max_seconds` and `stop_after`.
+fn check_resumable(run: &TrainConfig, given: &TrainConfig, path: &Path) -> Result<()> {
+    let a = serde_json::to_value(run).expect("config serialises");
+    let b = serde_json::to_value(given).expect("config serialises");
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return Ok(());
+    };
+    for (k, v) in a {
+        if k == "steps" || k == "max_seconds" {
+            continue;
+        }
+        if b.get(k) != Some(v) {
+            return Err(PipelineError::file(
+                path,
+                format!(
+                    "the run was trained with {k} = {v}, resumed with {}: a resumed run keeps its \
+                     training config (only the step count may grow)",
+                    b.get(k).map_or("nothing".into(), |x| x.to_string())
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn is_retrieval_param(name: &str) -> bool {
@@ -253,6 +413,7 @@ pub fn train(
         model_config: model_config.clone(),
         train_config: cfg.clone(),
     };
+    let mut resumed_notes = vec![];
     if resume {
         let prev = Run::open(run_dir)?;
         if prev.model_config != *model_config {
@@ -261,9 +422,48 @@ pub fn train(
                 "the run was trained with another model config",
             ));
         }
-        let state = prev
-            .state()?
-            .ok_or_else(|| PipelineError::file(run_dir, "nothing to resume: no checkpoint"))?;
+        check_resumable(&prev.train_config, cfg, &run_dir.join("train.json"))?;
+        let point = prev.resume_point()?;
+        let state = point.state;
+        resumed_notes = point.notes;
+        if cfg.steps < state.step {
+            return Err(PipelineError::invalid(
+                "steps",
+                cfg.steps,
+                format!("the run is already at step {}", state.step),
+            ));
+        }
+        if state.database_id != db.id() {
+            return Err(PipelineError::file(
+                &run_dir.join("state.json"),
+                format!(
+                    "the run was trained on database {}, given database {} ({})",
+                    state.database_id,
+                    db.id(),
+                    db.dir().display()
+                ),
+            ));
+        }
+        if !state.dataset_id.is_empty() && state.dataset_id != ds.meta().dataset_id {
+            return Err(PipelineError::file(
+                &run_dir.join("state.json"),
+                format!(
+                    "the run was trained on dataset {} ({}), but {} is now dataset {} \
+                     (seq_len {}, K {}, filter {}): it was rebuilt; resume with the dataset the run \
+                     started on, or start a new run",
+                    state.dataset_id,
+                    state.dataset.display(),
+                    ds.dir().display(),
+                    ds.meta().dataset_id,
+                    ds.meta().seq_len,
+                    ds.meta().k,
+                    ds.meta().filter
+                ),
+            ));
+        }
+        if cfg.steps != prev.train_config.steps {
+            write_json_atomic(&run_dir.join("train.json"), cfg)?;
+        }
         let ck = run_dir.join(&state.checkpoint);
         model.load_safetensors(&ck.join("model.safetensors"))?;
         let opt_path = ck.join("optimizer.safetensors");
@@ -294,7 +494,9 @@ pub fn train(
     let start_step = step;
     // The step's clock starts when the previous step's bookkeeping ends, so waiting for a batch counts.
     let mut step_started = Instant::now();
-    // Every step's metrics so far (a resumed run's too), for the loss curve.
+    // Every step's metrics so far (a resumed run's too), for the loss curve. Steps past the
+    // checkpoint (trained before a crash, or past a damaged checkpoint) are trained again: their
+    // old lines go, so the file holds each step once.
     let mut rows: Vec<StepMetrics> = match std::fs::read_to_string(run_dir.join("metrics.jsonl")) {
         Ok(text) => text
             .lines()
@@ -303,6 +505,18 @@ pub fn train(
             .collect(),
         Err(_) => vec![],
     };
+    if resume {
+        write_atomic(&run_dir.join("metrics.jsonl"), |w| {
+            for m in &rows {
+                writeln!(
+                    w,
+                    "{}",
+                    serde_json::to_string(m).expect("metrics serialise")
+                )?;
+            }
+            Ok(())
+        })?;
+    }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -380,11 +594,16 @@ pub fn train(
         if retrieval { "RETRO" } else { "no retrieval" }
     );
     crate::plot::loss_curve(&rows, &title, &run_dir.join("loss.png"))?;
-    match last_state {
+    let with_notes = |mut s: RunState| {
+        s.notes = resumed_notes.clone();
+        s
+    };
+    match last_state.map(with_notes) {
         Some(s) => Ok(s),
         None if step > start_step => unreachable!("the last step always checkpoints"),
         None => run
             .state()?
+            .map(with_notes)
             .ok_or_else(|| PipelineError::file(run_dir, "no steps to train")),
     }
 }
@@ -411,6 +630,34 @@ fn save_checkpoint(
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
     write_json_atomic(&tmp.join("config.json"), &run.model_config)?;
+    let mut files = BTreeMap::new();
+    for f in CHECKPOINT_FILES {
+        let p = tmp.join(f);
+        let bytes = std::fs::metadata(&p)
+            .map_err(|e| PipelineError::file(&p, e.to_string()))?
+            .len();
+        files.insert(
+            f.to_string(),
+            FileInfo {
+                bytes,
+                sha256: sha256_file(&p)?,
+            },
+        );
+    }
+    write_json_atomic(
+        &tmp.join("checkpoint.json"),
+        &CheckpointMeta {
+            format_version: RUN_FORMAT_VERSION,
+            step,
+            tokens_seen,
+            train_seconds,
+            files,
+        },
+    )?;
+    // The directory's entries must be durable before the rename publishes them.
+    if let Ok(d) = std::fs::File::open(&tmp) {
+        let _ = d.sync_all();
+    }
     let final_dir = run.dir.join(&name);
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir)
@@ -423,6 +670,8 @@ fn save_checkpoint(
         database_id: db.id().to_string(),
         tokens_seen,
         train_seconds,
+        dataset_id: ds.meta().dataset_id.clone(),
+        notes: vec![],
     };
     let previous = run.state().ok().flatten();
     write_json_atomic(&run.dir.join("state.json"), &state)?;
