@@ -160,6 +160,7 @@ fn hnsw_run(v: &[f32], d: usize, a: &BenchIndexArgs) -> anyhow::Result<HnswRun> 
         m: a.m,
         ef_construction: a.ef_construction,
         ef_search: HnswParams::default().ef_search,
+        deterministic: false,
     };
     let n = v.len() / d;
     let t = Instant::now();
@@ -250,6 +251,7 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
         m: a.m,
         ef_construction: a.ef_construction,
         ef_search: HnswParams::default().ef_search,
+        deterministic: false,
     };
     let opts = BuildOptions {
         chunk_len: a.chunk_len,

@@ -155,6 +155,11 @@ pub struct BuildArgs {
     pub ef_construction: usize,
     #[arg(long, default_value_t = HnswParams::default().ef_search)]
     pub ef_search: usize,
+    /// Insert keys one at a time, so that rebuilding gives the same graph and the same neighbours
+    /// (slower: the default inserts in parallel, and the graph then varies slightly between builds;
+    /// the database id never does).
+    #[arg(long)]
+    pub deterministic: bool,
     /// Chunks handed to the embedder per step.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
@@ -287,6 +292,7 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
             m: a.m,
             ef_construction: a.ef_construction,
             ef_search: a.ef_search,
+            deterministic: a.deterministic,
         },
         batch_size: a.batch_size,
         progress: if a.quiet { None } else { Some(progress_bars()) },
@@ -310,6 +316,9 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
 }
 
 fn query(a: QueryArgs) -> anyhow::Result<()> {
+    if a.k == 0 {
+        bail!("-k 0: ask for at least one neighbour");
+    }
     let db = open_db(&a.db, false)?;
     let mut texts = a.texts.clone();
     if let Some(f) = &a.queries {

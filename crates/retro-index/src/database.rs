@@ -106,14 +106,14 @@ impl Manifest {
             return Err(bad("dim", format!("{} is outside 1..=65536", self.dim)));
         }
         let h = &self.hnsw;
-        if !(1..=1024).contains(&h.m)
+        if !(2..=255).contains(&h.m)
             || !(1..=1 << 20).contains(&h.ef_construction)
             || !(1..=1 << 20).contains(&h.ef_search)
         {
             return Err(bad(
                 "hnsw",
                 format!(
-                    "m {} ef_construction {} ef_search {}: m must be 1..=1024, ef 1..=2^20",
+                    "m {} ef_construction {} ef_search {}: m must be 2..=255, ef 1..=2^20",
                     h.m, h.ef_construction, h.ef_search
                 ),
             ));
@@ -431,13 +431,18 @@ impl Database {
             vocab_size: tokenizer.vocab_size(),
             pad_id: tokenizer.pad_id(),
         };
+        // The id is a function of the inputs and the parameters: the chunks, keys and tokenizer
+        // and the graph's parameters, not the graph's bytes, which parallel insertion varies
+        // between builds. So a rebuilt database keeps its id and the datasets built on it.
         let id_src = format!(
-            "{}|{}|{}|{}",
+            "{}|{}|{}|{:?}|{}",
             opts.chunk_len,
             tokenizer_info.fingerprint,
             embedder_id.weights_hash,
+            opts.hnsw,
             files
                 .iter()
+                .filter(|(k, _)| !k.starts_with(&format!("{HNSW_DIR}/")))
                 .map(|(k, v)| format!("{k}={}", v.sha256))
                 .collect::<Vec<_>>()
                 .join(",")

@@ -16,6 +16,10 @@ pub struct HnswParams {
     pub ef_construction: usize,
     /// Default search breadth (raised to `k` when smaller).
     pub ef_search: usize,
+    /// Insert one key at a time: the same keys then give the same graph (and the same neighbours)
+    /// on every build, at the cost of the parallel insertion's speed.
+    #[serde(default)]
+    pub deterministic: bool,
 }
 
 impl Default for HnswParams {
@@ -24,6 +28,7 @@ impl Default for HnswParams {
             m: 16,
             ef_construction: 200,
             ef_search: 128,
+            deterministic: false,
         }
     }
 }
@@ -108,7 +113,13 @@ impl HnswIndex {
             .collect();
         let mut done = 0;
         for block in rows.chunks(INSERT_BLOCK) {
-            hnsw.parallel_insert_slice(&block.to_vec());
+            if params.deterministic {
+                for &(r, i) in block {
+                    hnsw.insert_slice((r, i));
+                }
+            } else {
+                hnsw.parallel_insert_slice(&block.to_vec());
+            }
             done += block.len();
             if let Some(p) = progress {
                 p(done, n);

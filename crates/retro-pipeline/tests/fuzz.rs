@@ -78,7 +78,10 @@ fn every_dataset_file_damaged_as_found_and_behind_agreeing_checksums() {
                         true
                     }
                     Err(e) => {
-                        assert!(e.to_string().contains("ds"), "the error names the dataset: {e}");
+                        assert!(
+                            e.to_string().contains("ds"),
+                            "the error names the dataset: {e}"
+                        );
                         false
                     }
                 }

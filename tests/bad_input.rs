@@ -1,0 +1,954 @@
+//! Bad input through the `retro` binary: every row must fail with a clear error that contains the
+//! expected words (the file, field or value at fault), exit with status 1 or 2, never panic
+//! (status 101) and never write a partial result. docs/RELIABILITY.md lists these rows.
+
+use std::path::Path;
+use std::process::Command;
+
+fn run(args: &[String]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_retro"))
+        .args(args)
+        .output()
+        .expect("run retro");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let (code, out, err) = run(&a);
+    assert_eq!(code, 0, "retro {args:?}:\n{out}\n{err}");
+    out
+}
+
+fn write(p: &Path, text: &[u8]) {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(p, text).unwrap();
+}
+
+fn edit_json(p: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_bad_input_gets_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let p = |n: &str| t.join(n).to_string_lossy().into_owned();
+    let docs: String = (0..6)
+        .map(|i| {
+            let body: String = (0..400)
+                .map(|j| format!("w{} ", (i * 7 + j * 13) % 40))
+                .collect();
+            serde_json::json!({"id": format!("doc{i}"), "text": body}).to_string() + "\n"
+        })
+        .collect();
+    write(&t.join("corpus.jsonl"), docs.as_bytes());
+    write(
+        &t.join("corpus-dir/a.txt"),
+        b"some text of the corpus folder",
+    );
+    let build = |corpus: &str, out: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "index",
+            "build",
+            "--corpus",
+            corpus,
+            "--tokenizer",
+            "char",
+            "--lexical-embedder",
+            "64",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !extra.contains(&"--chunk-len") {
+            v.extend(["--chunk-len".to_string(), "16".to_string()]);
+        }
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let b = build(&p("corpus.jsonl"), &p("db"), &[]);
+    ok(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&[
+        "dataset",
+        "build",
+        "--db",
+        &p("db"),
+        "--seq-len",
+        "64",
+        "--k",
+        "2",
+        "--out",
+        &p("ds"),
+    ]);
+    let train_flags = [
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "2",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+    ];
+    let (ds_dir, run_dir) = (p("ds"), p("run"));
+    let mut a = vec!["train", "--dataset", &ds_dir, "--out", &run_dir];
+    a.extend(train_flags);
+    ok(&a);
+    // Another database: other chunk_len; and one with another tokenizer (other characters).
+    ok(&build(&p("corpus.jsonl"), &p("db8"), &["--chunk-len", "8"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    write(&t.join("other.jsonl"), b"{\"id\":\"x\",\"text\":\"ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 !?\"}\n");
+    ok(&build(&p("other.jsonl"), &p("db-other-tok"), &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    write(
+        &t.join("held.txt"),
+        b"w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21 w22",
+    );
+
+    // Damaged copies, one fault each.
+    let damaged = |name: &str, f: &dyn Fn(&Path)| -> String {
+        let d = t.join(name);
+        copy_dir(&t.join("db"), &d);
+        f(&d);
+        d.to_string_lossy().into_owned()
+    };
+    let short_sha = damaged("db-short-sha", &|d| {
+        edit_json(&d.join("manifest.json"), |v| {
+            v["files"]["tokens.bin"]["sha256"] = "abc".into()
+        })
+    });
+    let short_fp = damaged("db-short-fp", &|d| {
+        edit_json(&d.join("manifest.json"), |v| {
+            v["tokenizer"]["fingerprint"] = "12ab".into()
+        })
+    });
+    let vocab = damaged("db-vocab", &|d| {
+        edit_json(&d.join("manifest.json"), |v| {
+            v["tokenizer"]["vocab_size"] = 7.into()
+        })
+    });
+    let pad = damaged("db-pad", &|d| {
+        edit_json(&d.join("manifest.json"), |v| {
+            v["tokenizer"]["pad_id"] = 3.into()
+        })
+    });
+    let version = damaged("db-version", &|d| {
+        edit_json(&d.join("manifest.json"), |v| {
+            v["format_version"] = 99.into()
+        })
+    });
+    let chunk0 = damaged("db-chunk0", &|d| {
+        edit_json(&d.join("manifest.json"), |v| v["chunk_len"] = 0.into())
+    });
+    let ef = damaged("db-ef", &|d| {
+        edit_json(&d.join("manifest.json"), |v| {
+            v["hnsw"]["ef_search"] = u64::MAX.into()
+        })
+    });
+    let escape = damaged("db-escape", &|d| {
+        edit_json(&d.join("manifest.json"), |v| {
+            let f = v["files"]["tokens.bin"].clone();
+            v["files"]["../outside"] = f;
+        })
+    });
+    let flip = |file: &'static str| {
+        move |d: &Path| {
+            let p = d.join(file);
+            let mut b = std::fs::read(&p).unwrap();
+            let n = b.len();
+            b[n - 5] ^= 0x10;
+            std::fs::write(&p, b).unwrap();
+        }
+    };
+    let tokens_flip = damaged("db-tokens-flip", &flip("tokens.bin"));
+    let keys_flip = damaged("db-keys-flip", &flip("embeddings.bin"));
+    let docs_flip = damaged("db-docs-flip", &flip("documents.json"));
+    let graph_flip = damaged("db-graph-flip", &flip("hnsw/graph.hnsw.graph"));
+    let truncated = damaged("db-truncated", &|d| {
+        let p = d.join("tokens.bin");
+        let b = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+    });
+    let missing = damaged("db-missing", &|d| {
+        std::fs::remove_file(d.join("embeddings.bin")).unwrap()
+    });
+    let ds_copy = |name: &str, f: &dyn Fn(&Path)| -> String {
+        let d = t.join(name);
+        copy_dir(&t.join("ds"), &d);
+        f(&d);
+        d.to_string_lossy().into_owned()
+    };
+    let ds_field = |name: &str, field: &'static str, value: serde_json::Value| {
+        ds_copy(name, &move |d: &Path| {
+            let value = value.clone();
+            edit_json(&d.join("dataset.json"), move |v| v[field] = value)
+        })
+    };
+    let ds_cl0 = ds_field("ds-cl0", "chunk_len", 0.into());
+    let ds_nl = ds_field("ds-nl", "neighbor_len", 16.into());
+    let ds_nl_big = ds_field("ds-nl-big", "neighbor_len", 64.into());
+    let ds_k = ds_field("ds-k", "k", 0.into());
+    let ds_v1 = ds_field("ds-v1", "format_version", 1.into());
+    let ds_flip = ds_copy("ds-flip", &flip("train.neighbours"));
+    let ds_trunc = ds_copy("ds-trunc", &|d| {
+        std::fs::write(d.join("valid.origins"), b"").unwrap()
+    });
+    let ds_bom = ds_copy("ds-bom", &|d| {
+        let p = d.join("dataset.json");
+        let mut b = b"\xEF\xBB\xBF".to_vec();
+        b.extend(std::fs::read(&p).unwrap());
+        std::fs::write(p, b).unwrap();
+    });
+    let run_damaged = {
+        let d = t.join("run-damaged");
+        copy_dir(&t.join("run"), &d);
+        let w = d.join("checkpoint-0000004/model.safetensors");
+        let mut b = std::fs::read(&w).unwrap();
+        let n = b.len();
+        for x in &mut b[n - 64..] {
+            *x ^= 0x5A;
+        }
+        std::fs::write(&w, b).unwrap();
+        d.to_string_lossy().into_owned()
+    };
+    let bad_cfg = p("bad-config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.join("run/config.json")).unwrap()).unwrap();
+    c["chunk_len"] = 8.into();
+    write(Path::new(&bad_cfg), &serde_json::to_vec(&c).unwrap());
+    let huge_cfg = p("huge-config.json");
+    c["chunk_len"] = 16.into();
+    c["d_model"] = 1_000_000_000u64.into();
+    write(Path::new(&huge_cfg), &serde_json::to_vec(&c).unwrap());
+    write(&t.join("user-files/notes.txt"), b"my notes");
+    write(&t.join("a-file"), b"x");
+    std::fs::create_dir_all(t.join("empty")).unwrap();
+    write(
+        &t.join("dup.jsonl"),
+        b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n",
+    );
+    write(
+        &t.join("notobj.jsonl"),
+        b"{\"id\":\"a\",\"text\":\"x\"}\n[1,2]\n",
+    );
+    write(&t.join("notext.jsonl"), b"{\"id\":\"a\"}\n");
+    write(&t.join("numtext.jsonl"), b"{\"id\":\"a\",\"text\":5}\n");
+    write(&t.join("bad-utf8.txt"), b"ok \xff no");
+    write(&t.join("blank.txt"), b"   \n ");
+    write(&t.join("bad-tok.json"), b"{\"model\": 3}");
+
+    let r = p("run");
+    let ds = p("ds");
+    let db = p("db");
+    let held = p("held.txt");
+    // (args, words the error must contain)
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        // index build
+        (
+            build(&p("nope.jsonl"), &p("o1"), &[]),
+            vec!["nope.jsonl", "No such file"],
+        ),
+        (
+            build(&p("corpus.jsonl"), &p("o2"), &["--chunk-len", "0"]),
+            vec!["chunk_len", "between 1 and 4096"],
+        ),
+        (
+            build(
+                &p("corpus.jsonl"),
+                &p("o3"),
+                &["--chunk-len", "18446744073709551615"],
+            ),
+            vec!["chunk_len = 18446744073709551615"],
+        ),
+        (
+            build(&p("corpus-dir"), &p("corpus-dir"), &["--overwrite"]),
+            vec!["holds the corpus itself"],
+        ),
+        (
+            build(&p("corpus.jsonl"), &p("user-files"), &["--overwrite"]),
+            vec!["user-files", "is not a retro database"],
+        ),
+        (
+            build(&p("corpus.jsonl"), &db, &[]),
+            vec!["already holds a retro database", "--overwrite"],
+        ),
+        (
+            build(&p("corpus.jsonl"), &p("a-file"), &[]),
+            vec!["a-file", "is a file"],
+        ),
+        (
+            build(&p("dup.jsonl"), &p("o4"), &[]),
+            vec!["duplicate document id \"a\"", "dup.jsonl:1", "dup.jsonl:2"],
+        ),
+        (
+            build(&p("notobj.jsonl"), &p("o5"), &[]),
+            vec!["notobj.jsonl, line 2", "not a JSON object"],
+        ),
+        (
+            build(&p("notext.jsonl"), &p("o6"), &[]),
+            vec!["notext.jsonl, line 1", "missing text field"],
+        ),
+        (
+            build(&p("numtext.jsonl"), &p("o7"), &[]),
+            vec!["line 1", "is not a string"],
+        ),
+        (
+            build(&p("bad-utf8.txt"), &p("o8"), &[]),
+            vec!["bad-utf8.txt", "invalid UTF-8 at byte offset 3"],
+        ),
+        (
+            build(&p("blank.txt"), &p("o9"), &[]),
+            vec!["no non-empty documents"],
+        ),
+        (
+            build(&p("corpus.jsonl"), &p("o10"), &["--m", "1"]),
+            vec!["m", "2..=255"],
+        ),
+        (
+            [
+                "index",
+                "build",
+                "--corpus",
+                &p("corpus.jsonl"),
+                "--tokenizer",
+                "char",
+                "--embedder",
+                &p("empty"),
+                "--out",
+                &p("o11"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["empty", "BERT model directory"],
+        ),
+        (
+            [
+                "index",
+                "build",
+                "--corpus",
+                &p("corpus.jsonl"),
+                "--tokenizer",
+                "char",
+                "--embedder",
+                &p("no-such-model"),
+                "--out",
+                &p("o12"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["no-such-model", "BERT model directory"],
+        ),
+        (
+            [
+                "index",
+                "build",
+                "--corpus",
+                &p("corpus.jsonl"),
+                "--tokenizer",
+                &p("bad-tok.json"),
+                "--lexical-embedder",
+                "64",
+                "--out",
+                &p("o13"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["tokenizer"],
+        ),
+        // opening databases
+        (
+            ["index", "info", &ds].map(String::from).to_vec(),
+            vec!["is a retro dataset, not a database"],
+        ),
+        (
+            ["index", "info", &r].map(String::from).to_vec(),
+            vec!["training run, not a database"],
+        ),
+        (
+            ["index", "info", &p("empty")].map(String::from).to_vec(),
+            vec!["not a retro database"],
+        ),
+        (
+            ["index", "info", &p("nowhere")].map(String::from).to_vec(),
+            vec!["nowhere", "no database here"],
+        ),
+        (
+            ["index", "info", &short_sha].map(String::from).to_vec(),
+            vec!["files.tokens.bin.sha256", "64 hex digits"],
+        ),
+        (
+            ["index", "info", &short_fp].map(String::from).to_vec(),
+            vec!["tokenizer.fingerprint", "hex digits"],
+        ),
+        (
+            ["index", "info", &vocab].map(String::from).to_vec(),
+            vec!["tokenizer.vocab_size is 7"],
+        ),
+        (
+            ["index", "info", &pad].map(String::from).to_vec(),
+            vec!["tokenizer.pad_id is 3"],
+        ),
+        (
+            ["index", "info", &version].map(String::from).to_vec(),
+            vec!["format_version 99"],
+        ),
+        (
+            ["index", "info", &chunk0].map(String::from).to_vec(),
+            vec!["chunk_len", "outside 1..=4096"],
+        ),
+        (
+            ["index", "info", &ef].map(String::from).to_vec(),
+            vec!["hnsw", "ef_search"],
+        ),
+        (
+            ["index", "info", &escape].map(String::from).to_vec(),
+            vec!["leaves the database folder"],
+        ),
+        (
+            ["index", "info", &truncated].map(String::from).to_vec(),
+            vec!["tokens.bin", "bytes, the manifest says"],
+        ),
+        (
+            ["index", "info", &missing].map(String::from).to_vec(),
+            vec!["embeddings.bin", "missing"],
+        ),
+        (
+            ["index", "info", &docs_flip].map(String::from).to_vec(),
+            vec!["documents.json", "SHA-256"],
+        ),
+        (
+            ["index", "info", &graph_flip].map(String::from).to_vec(),
+            vec!["graph.hnsw.graph", "SHA-256"],
+        ),
+        (
+            ["index", "info", &keys_flip, "--verify"]
+                .map(String::from)
+                .to_vec(),
+            vec!["embeddings.bin", "SHA-256"],
+        ),
+        (
+            [
+                "dataset",
+                "build",
+                "--db",
+                &keys_flip,
+                "--seq-len",
+                "64",
+                "--out",
+                &p("o14"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["embeddings.bin", "SHA-256"],
+        ),
+        (
+            [
+                "dataset",
+                "build",
+                "--db",
+                &tokens_flip,
+                "--seq-len",
+                "64",
+                "--out",
+                &p("o15"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["tokens.bin", "SHA-256"],
+        ),
+        (
+            ["index", "query", &db, "w1 w2", "-k", "0"]
+                .map(String::from)
+                .to_vec(),
+            vec!["k"],
+        ),
+        // datasets
+        (
+            [
+                "dataset",
+                "build",
+                "--db",
+                &db,
+                "--seq-len",
+                "64",
+                "--k",
+                "1000",
+                "--out",
+                &p("o16"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["k = 1000", "between 1 and 64"],
+        ),
+        (
+            [
+                "dataset",
+                "build",
+                "--db",
+                &db,
+                "--seq-len",
+                "64",
+                "--k",
+                "0",
+                "--out",
+                &p("o17"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["k = 0"],
+        ),
+        (
+            [
+                "dataset",
+                "build",
+                "--db",
+                &db,
+                "--seq-len",
+                "8",
+                "--out",
+                &p("o18"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["seq_len = 8", "chunk_len"],
+        ),
+        (
+            [
+                "dataset",
+                "build",
+                "--db",
+                &db,
+                "--seq-len",
+                "64",
+                "--hold-out-matching",
+                "zzz",
+                "--out",
+                &p("o19"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["held_out_matching = zzz"],
+        ),
+        (
+            [
+                "dataset",
+                "build",
+                "--db",
+                &db,
+                "--seq-len",
+                "64",
+                "--hold-out",
+                "doc99",
+                "--out",
+                &p("o20"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["held_out_ids = doc99"],
+        ),
+        (
+            [
+                "dataset",
+                "build",
+                "--db",
+                &db,
+                "--seq-len",
+                "64",
+                "--out",
+                &ds,
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["already holds a dataset", "--overwrite"],
+        ),
+        (
+            [
+                "dataset",
+                "build",
+                "--db",
+                &db,
+                "--seq-len",
+                "64",
+                "--out",
+                &p("user-files"),
+                "--overwrite",
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["user-files", "is not a dataset"],
+        ),
+        (
+            ["dataset", "info", &db].map(String::from).to_vec(),
+            vec!["is a retro database, not a dataset"],
+        ),
+        (
+            ["dataset", "info", &ds_cl0].map(String::from).to_vec(),
+            vec!["chunk_len = 0"],
+        ),
+        (
+            ["dataset", "info", &ds_nl].map(String::from).to_vec(),
+            vec!["neighbor_len = 16", "2 x chunk_len = 32"],
+        ),
+        (
+            ["dataset", "info", &ds_nl_big].map(String::from).to_vec(),
+            vec!["neighbor_len = 64"],
+        ),
+        (
+            ["dataset", "info", &ds_k].map(String::from).to_vec(),
+            vec!["k = 0"],
+        ),
+        (
+            ["dataset", "info", &ds_v1].map(String::from).to_vec(),
+            vec!["format_version 1", "rebuild"],
+        ),
+        (
+            ["dataset", "info", &ds_flip].map(String::from).to_vec(),
+            vec!["train.neighbours", "SHA-256"],
+        ),
+        (
+            ["dataset", "info", &ds_trunc].map(String::from).to_vec(),
+            vec!["valid.origins"],
+        ),
+        (
+            ["dataset", "info", &ds, "--db", &p("db8")]
+                .map(String::from)
+                .to_vec(),
+            vec!["built from database"],
+        ),
+        // training
+        (
+            [
+                "train",
+                "--dataset",
+                &ds,
+                "--config",
+                &bad_cfg,
+                "--out",
+                &p("o21"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["chunk_len 8", "chunk_len 16"],
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                &ds,
+                "--config",
+                &huge_cfg,
+                "--out",
+                &p("o22"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["d_model", "limit"],
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                &ds,
+                "--preset",
+                "giant",
+                "--out",
+                &p("o23"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["giant"],
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                &ds,
+                "--preset",
+                "tiny",
+                "--lr",
+                "NaN",
+                "--out",
+                &p("o24"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["--lr NaN"],
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                &ds,
+                "--preset",
+                "tiny",
+                "--lr=-1",
+                "--out",
+                &p("o25"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["--lr -1"],
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                &ds,
+                "--preset",
+                "tiny",
+                "--batch-size",
+                "0",
+                "--out",
+                &p("o26"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["batch_size = 0"],
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                &ds,
+                "--preset",
+                "tiny",
+                "--steps",
+                "0",
+                "--out",
+                &p("o27"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["--steps 0"],
+        ),
+        (
+            ["train", "--dataset", &ds, "--preset", "tiny", "--out", &r]
+                .map(String::from)
+                .to_vec(),
+            vec!["already holds a run"],
+        ),
+        (
+            ["train", "--dataset", &ds, "--resume", &r, "--lr", "0.5"]
+                .map(String::from)
+                .to_vec(),
+            vec!["--lr 0.5 conflicts with the run's lr"],
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                &ds,
+                "--resume",
+                &r,
+                "--batch-size",
+                "3",
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["--batch-size 3 conflicts"],
+        ),
+        (
+            ["train", "--dataset", &ds, "--resume", &r, "--steps", "2"]
+                .map(String::from)
+                .to_vec(),
+            vec!["steps = 2", "already at step 4"],
+        ),
+        (
+            ["train", "--dataset", &ds, "--resume", &p("no-run")]
+                .map(String::from)
+                .to_vec(),
+            vec!["no-run"],
+        ),
+        (
+            ["train", "--dataset", &ds, "--resume", &r, "--no-retrieval"]
+                .map(String::from)
+                .to_vec(),
+            vec!["another model config"],
+        ),
+        (
+            ["eval", "--run", &run_damaged, "--data", &held]
+                .map(String::from)
+                .to_vec(),
+            vec!["checkpoint-0000004", "damaged"],
+        ),
+        // generation and evaluation
+        (
+            ["generate", "--run", &r, "w1", "--temperature", "NaN"]
+                .map(String::from)
+                .to_vec(),
+            vec!["temperature"],
+        ),
+        (
+            ["generate", "--run", &r, "w1", "--temperature=-1"]
+                .map(String::from)
+                .to_vec(),
+            vec!["temperature"],
+        ),
+        (
+            [
+                "generate",
+                "--run",
+                &r,
+                "w1",
+                "--temperature",
+                "1",
+                "--top-p",
+                "0",
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["top_p"],
+        ),
+        (
+            [
+                "generate",
+                "--run",
+                &r,
+                "w1",
+                "--temperature",
+                "1",
+                "--top-p",
+                "2",
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["top_p"],
+        ),
+        (
+            [
+                "generate",
+                "--run",
+                &r,
+                "w1",
+                "--temperature",
+                "1",
+                "--top-k",
+                "0",
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["top_k"],
+        ),
+        (
+            ["generate", "--run", &p("no-run"), "w1"]
+                .map(String::from)
+                .to_vec(),
+            vec!["no-run"],
+        ),
+        (
+            ["generate", "--run", &r, "w1", "--db", &p("db-other-tok")]
+                .map(String::from)
+                .to_vec(),
+            vec!["tokenizer"],
+        ),
+        (
+            ["eval", "--run", &r, "--data", &held, "--db", &p("db8")]
+                .map(String::from)
+                .to_vec(),
+            vec!["chunk_len"],
+        ),
+        (
+            [
+                "eval",
+                "--run",
+                &r,
+                "--data",
+                &held,
+                "--db",
+                &p("db-other-tok"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["tokenizer"],
+        ),
+        (
+            ["eval", "--run", &r, "--data", &p("corpus.jsonl")]
+                .map(String::from)
+                .to_vec(),
+            vec!["--allow-training-documents"],
+        ),
+        (
+            ["eval", "--run", &r, "--data", &p("nothing.txt")]
+                .map(String::from)
+                .to_vec(),
+            vec!["nothing.txt"],
+        ),
+    ];
+    let mut failures = vec![];
+    for (args, want) in &cases {
+        let (code, _out, err) = run(args);
+        let good = (code == 1 || code == 2)
+            && !err.contains("panicked")
+            && want.iter().all(|w| err.contains(w));
+        if !good {
+            failures.push(format!(
+                "retro {}\n  exit {code}\n  stderr: {}\n  wanted: {want:?}",
+                args.join(" "),
+                err.trim()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    // Nothing was written for the refused builds.
+    for n in ["o1", "o2", "o3", "o4", "o14", "o16", "o21", "o24"] {
+        assert!(!t.join(n).exists(), "{n} was created by a refused command");
+    }
+    assert_eq!(
+        std::fs::read(t.join("user-files/notes.txt")).unwrap(),
+        b"my notes"
+    );
+    assert!(t.join("corpus-dir/a.txt").exists());
+    // Correct behaviour, not an error: a dataset.json with a byte-order mark opens.
+    ok(&["dataset", "info", &ds_bom]);
+    // Output piped into `head` ends quietly, as Unix tools do.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} index query {db} 'w1 w2 w3' -k 100 --json | head -c 10",
+            env!("CARGO_BIN_EXE_retro")
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("Broken pipe") && !err.contains("panicked"),
+        "{err}"
+    );
+}
