@@ -17,6 +17,37 @@ fn run(args: &[String]) -> (i32, String, String) {
     )
 }
 
+/// The error as the user reads it: from the `Error:` line on, its causes joined, usage lines left out.
+fn error_text(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("Error:") || l.starts_with("error:"))
+        .unwrap_or(0);
+    let end = lines
+        .iter()
+        .position(|l| l.starts_with("Stack backtrace:"))
+        .unwrap_or(lines.len())
+        .max(start);
+    let text = lines[start..end]
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| {
+            !l.is_empty()
+                && *l != "Caused by:"
+                && !l.starts_with("Usage:")
+                && !l.starts_with("For more information")
+        })
+        .map(|l| {
+            l.split_once(": ")
+                .filter(|(n, _)| n.parse::<usize>().is_ok())
+                .map_or(l, |(_, r)| r)
+        })
+        .collect::<Vec<_>>()
+        .join(" / ");
+    text.chars().take(400).collect()
+}
+
 fn ok(args: &[&str]) -> String {
     let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let (code, out, err) = run(&a);
@@ -386,6 +417,25 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["tokenizer"],
         ),
+        (
+            [
+                "index",
+                "build",
+                "--corpus",
+                &p("corpus.jsonl"),
+                "--tokenizer",
+                "char",
+                "--embedder",
+                &p("empty"),
+                "--max-len",
+                "0",
+                "--out",
+                &p("o28"),
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec!["max_len = 0", "same key"],
+        ),
         // opening databases
         (
             ["index", "info", &ds].map(String::from).to_vec(),
@@ -734,7 +784,7 @@ fn every_bad_input_gets_a_clear_error() {
             ]
             .map(String::from)
             .to_vec(),
-            vec!["batch_size = 0"],
+            vec!["--batch-size 0"],
         ),
         (
             [
@@ -788,7 +838,7 @@ fn every_bad_input_gets_a_clear_error() {
             ["train", "--dataset", &ds, "--resume", &p("no-run")]
                 .map(String::from)
                 .to_vec(),
-            vec!["no-run"],
+            vec!["no-run", "no such run"],
         ),
         (
             ["train", "--dataset", &ds, "--resume", &r, "--no-retrieval"]
@@ -864,7 +914,7 @@ fn every_bad_input_gets_a_clear_error() {
             ["generate", "--run", &p("no-run"), "w1"]
                 .map(String::from)
                 .to_vec(),
-            vec!["no-run"],
+            vec!["no-run", "no such run"],
         ),
         (
             ["generate", "--run", &r, "w1", "--db", &p("db-other-tok")]
@@ -906,8 +956,17 @@ fn every_bad_input_gets_a_clear_error() {
         ),
     ];
     let mut failures = vec![];
+    // RETRO_RELIABILITY_TABLE=FILE writes the rows with the messages users get (docs/RELIABILITY.md).
+    let mut table = String::new();
+    let root = t.to_string_lossy().into_owned();
     for (args, want) in &cases {
         let (code, _out, err) = run(args);
+        let shown = |x: &str| x.replace(&root, "T").replace('|', "\\|");
+        table += &format!(
+            "| `retro {}` | {} |\n",
+            shown(&args.join(" ")),
+            shown(&error_text(&err))
+        );
         let good = (code == 1 || code == 2)
             && !err.contains("panicked")
             && want.iter().all(|w| err.contains(w));
@@ -918,6 +977,9 @@ fn every_bad_input_gets_a_clear_error() {
                 err.trim()
             ));
         }
+    }
+    if let Some(f) = std::env::var_os("RETRO_RELIABILITY_TABLE") {
+        std::fs::write(f, &table).unwrap();
     }
     assert!(
         failures.is_empty(),

@@ -146,6 +146,9 @@ fn apply_flags(
     if !(c.grad_clip.is_finite() && c.grad_clip > 0.0) {
         bail!("--grad-clip {}: must be a positive number", c.grad_clip);
     }
+    if c.batch_size == 0 {
+        bail!("--batch-size 0: a batch holds at least one sequence");
+    }
     if c.steps == 0 {
         bail!("--steps 0: nothing to train");
     }

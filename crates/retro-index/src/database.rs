@@ -476,7 +476,9 @@ impl Database {
         Database::open(out_dir)
     }
 
-    /// Opens and validates a database (manifest version, every file present with its recorded size).
+    /// Opens and validates a database: the manifest's version and fields, every file present with
+    /// its recorded size, the checksums of the small files and of the HNSW dump, the stored
+    /// tokenizer against the manifest. [`Database::verify`] checks the rest.
     pub fn open(dir: &Path) -> Result<Database> {
         Self::open_with(dir, OpenOptions::default())
     }

@@ -227,13 +227,14 @@ fn mismatches_and_corruption_are_clear_errors() {
     .unwrap_err();
     assert!(e.to_string().contains("SHA-256"), "{e}");
 
-    // flipped byte in the embeddings: only the checksum sees it
+    // flipped byte in the embeddings: a small file, so every open checks its checksum
     let d = copy("flipped");
     let p = d.join("embeddings.bin");
     let mut b = std::fs::read(&p).unwrap();
     b[100] ^= 1;
     std::fs::write(&p, b).unwrap();
-    assert!(Database::open(&d).is_ok());
+    let e = Database::open(&d).unwrap_err().to_string();
+    assert!(e.contains("embeddings.bin") && e.contains("SHA-256"), "{e}");
     assert!(Database::open_with(
         &d,
         OpenOptions {

@@ -164,6 +164,18 @@ pub struct Run {
 
 impl Run {
     pub fn open(dir: &Path) -> Result<Run> {
+        if !dir.join("config.json").is_file() || !dir.join("train.json").is_file() {
+            let why = if !dir.exists() {
+                "no such run (a run folder is made by `retro train --out`)"
+            } else if dir.join("manifest.json").is_file() {
+                "this folder is a retro database, not a training run"
+            } else if dir.join("dataset.json").is_file() {
+                "this folder is a dataset, not a training run"
+            } else {
+                "not a training run (no config.json and train.json)"
+            };
+            return Err(PipelineError::file(dir, why));
+        }
         Ok(Run {
             dir: dir.to_owned(),
             model_config: RetroConfig::from_json_file(&dir.join("config.json"))?,
