@@ -45,6 +45,19 @@ pub struct FileInfo {
     pub sha256: String,
 }
 
+impl FileInfo {
+    /// The size and SHA-256 of the file at `path`, as recorded by every format of the project.
+    pub fn of(path: &Path) -> Result<FileInfo> {
+        let bytes = std::fs::metadata(path)
+            .map_err(|e| IndexError::io(path, e))?
+            .len();
+        Ok(FileInfo {
+            bytes,
+            sha256: sha256_file(path)?,
+        })
+    }
+}
+
 /// `manifest.json`: written last, so a directory without it is not a database.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
@@ -412,17 +425,8 @@ impl Database {
         .map(|s| s.to_string())
         .chain(hnsw_files)
         {
-            let p = tmp.join(&name);
-            let bytes = std::fs::metadata(&p)
-                .map_err(|e| IndexError::io(&p, e))?
-                .len();
-            files.insert(
-                name,
-                FileInfo {
-                    bytes,
-                    sha256: sha256_file(&p)?,
-                },
-            );
+            let info = FileInfo::of(&tmp.join(&name))?;
+            files.insert(name, info);
         }
         let embedder_id = embedder.id();
         let tokenizer_info = TokenizerInfo {

@@ -491,17 +491,8 @@ impl Dataset {
         for split in [Split::Train, Split::Valid] {
             for f in SPLIT_FILES {
                 let name = format!("{}.{f}", split.name());
-                let p = out.join(&name);
-                let bytes = std::fs::metadata(&p)
-                    .map_err(|e| PipelineError::file(&p, e.to_string()))?
-                    .len();
-                files.insert(
-                    name,
-                    FileInfo {
-                        bytes,
-                        sha256: sha256_file(&p)?,
-                    },
-                );
+                let info = FileInfo::of(&out.join(&name))?;
+                files.insert(name, info);
             }
         }
         let id_src = format!(

@@ -644,17 +644,7 @@ fn save_checkpoint(
     write_json_atomic(&tmp.join("config.json"), &run.model_config)?;
     let mut files = BTreeMap::new();
     for f in CHECKPOINT_FILES {
-        let p = tmp.join(f);
-        let bytes = std::fs::metadata(&p)
-            .map_err(|e| PipelineError::file(&p, e.to_string()))?
-            .len();
-        files.insert(
-            f.to_string(),
-            FileInfo {
-                bytes,
-                sha256: sha256_file(&p)?,
-            },
-        );
+        files.insert(f.to_string(), FileInfo::of(&tmp.join(f))?);
     }
     write_json_atomic(
         &tmp.join("checkpoint.json"),
