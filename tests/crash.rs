@@ -314,6 +314,16 @@ fn kill_9_during_dataset_build_and_overwrite_and_train_then_resume_is_bit_exact(
         (1..=40).collect::<Vec<_>>(),
         "each step once in metrics.jsonl"
     );
+    let stale: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "half-written checkpoints left behind: {stale:?}"
+    );
 }
 
 #[test]

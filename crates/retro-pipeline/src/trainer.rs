@@ -501,6 +501,21 @@ pub fn train(
         write_json_atomic(&run_dir.join("train.json"), cfg)?;
         db.load_tokenizer()?.save(run_dir)?;
     }
+    // Half-written checkpoints and files of a run that was killed (`.NAME.tmp`, `.NAME.PID.tmp`):
+    // never referenced, so removed. A run directory has one trainer at a time.
+    if let Ok(entries) = std::fs::read_dir(run_dir) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with('.') && n.ends_with(".tmp") {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(p)
+                } else {
+                    std::fs::remove_file(p)
+                };
+            }
+        }
+    }
     let retrieval = !model_config.ca_layers.is_empty();
     let budget_start = train_seconds;
     let start_step = step;
