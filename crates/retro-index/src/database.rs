@@ -5,7 +5,7 @@ use crate::corpus::Corpus;
 use crate::embed::{l2_normalize, Embedder, EmbedderId};
 use crate::embeddings::{Embeddings, EMBEDDINGS_FILE};
 use crate::error::{IndexError, Result};
-use crate::fsutil::{read_json, sha256_bytes, sha256_file, write_json_atomic, StagedDir};
+use crate::fsutil::{is_hex, read_json, sha256_bytes, sha256_file, write_json_atomic, StagedDir};
 use crate::hnsw::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
 use crate::store::{ChunkStore, CHUNKS_FILE, DOCUMENTS_FILE, TOKENS_FILE};
 use crate::tokenizer::{LmTokenizer, TOKENIZER_FILE};
@@ -56,6 +56,23 @@ impl FileInfo {
             sha256: sha256_file(path)?,
         })
     }
+
+    /// Errors unless the file at `path` has this SHA-256. `recorded_in` names the file that
+    /// recorded it ("the manifest", "dataset.json"); `remedy` says what to do about a mismatch.
+    pub fn check_sha256(&self, path: &Path, recorded_in: &str, remedy: &str) -> Result<()> {
+        let sha = sha256_file(path)?;
+        if sha != self.sha256 {
+            return Err(IndexError::corrupt(
+                path,
+                format!(
+                    "SHA-256 {sha} differs from {recorded_in}'s {}: the file was damaged after it \
+                     was written; {remedy}",
+                    self.sha256
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `manifest.json`: written last, so a directory without it is not a database.
@@ -88,9 +105,8 @@ pub struct Manifest {
 /// [`OpenOptions::verify_checksums`].
 pub const SMALL_FILE_BYTES: u64 = 8 << 20;
 
-fn is_hex(s: &str, len: std::ops::RangeInclusive<usize>) -> bool {
-    len.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
+/// What to do about a damaged database file.
+const REBUILD: &str = "rebuild the database (`retro index build --overwrite`)";
 
 impl Manifest {
     /// Field checks that need no other file: ids and checksums are hex of the right length,
@@ -551,13 +567,7 @@ impl Database {
             // reads out of bounds on a malformed dump, so it must only ever see the bytes we wrote.
             let graph_file = name.starts_with(&format!("{HNSW_DIR}/"));
             if opts.verify_checksums || info.bytes <= SMALL_FILE_BYTES || graph_file {
-                let sha = sha256_file(&p)?;
-                if sha != info.sha256 {
-                    return Err(IndexError::corrupt(
-                        &p,
-                        format!("SHA-256 {sha} differs from the manifest's {}", info.sha256),
-                    ));
-                }
+                info.check_sha256(&p, "the manifest", REBUILD)?;
             }
         }
         let store = ChunkStore::open(dir)?;
@@ -640,18 +650,7 @@ impl Database {
     /// database whole (a dataset build), where flipped bytes would otherwise pass unnoticed.
     pub fn verify(&self) -> Result<()> {
         for (name, info) in &self.manifest.files {
-            let p = self.dir.join(name);
-            let sha = sha256_file(&p)?;
-            if sha != info.sha256 {
-                return Err(IndexError::corrupt(
-                    &p,
-                    format!(
-                        "SHA-256 {sha} differs from the manifest's {}: the file was damaged; \
-                         rebuild the database",
-                        info.sha256
-                    ),
-                ));
-            }
+            info.check_sha256(&self.dir.join(name), "the manifest", REBUILD)?;
         }
         Ok(())
     }

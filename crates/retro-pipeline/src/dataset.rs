@@ -12,7 +12,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use retro_index::database::FileInfo;
 use retro_index::fsutil::{
-    read_json, sha256_bytes, sha256_file, write_atomic, write_json_atomic, StagedDir,
+    is_hex, read_json, sha256_bytes, write_atomic, write_json_atomic, StagedDir,
 };
 use retro_index::Database;
 use std::collections::{BTreeMap, HashSet};
@@ -166,7 +166,7 @@ impl DatasetMeta {
             ));
         }
         for (name, f) in &self.files {
-            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !is_hex(&f.sha256, 64..=64) {
                 return Err(bad(
                     &format!("files.{name}.sha256"),
                     format!("{:?}", f.sha256),
@@ -582,17 +582,11 @@ impl Dataset {
                     format!("{len} bytes, dataset.json says {}", info.bytes),
                 ));
             }
-            let sha = sha256_file(&p)?;
-            if sha != info.sha256 {
-                return Err(PipelineError::file(
-                    &p,
-                    format!(
-                        "SHA-256 {sha} differs from dataset.json's {}: the file was damaged; \
-                         rebuild the dataset (`retro dataset build --overwrite`)",
-                        info.sha256
-                    ),
-                ));
-            }
+            info.check_sha256(
+                &p,
+                "dataset.json",
+                "rebuild the dataset (`retro dataset build --overwrite`)",
+            )?;
         }
         let per_seq = (meta.seq_len / meta.chunk_len) * meta.k;
         let load = |split: Split, info: &SplitInfo| -> Result<SplitData> {

@@ -7,7 +7,7 @@ use crate::error::{PipelineError, Result};
 use crate::schedule::Schedule;
 use candle_core::{DType, Device, Tensor};
 use retro_index::database::FileInfo;
-use retro_index::fsutil::{read_json, sha256_file, write_atomic, write_json_atomic};
+use retro_index::fsutil::{read_json, write_atomic, write_json_atomic};
 use retro_index::Database;
 use retro_model::train::{clip_grad_norm, cross_entropy, loss_and_grads, AdamW, AdamWParams};
 use retro_model::{RetroConfig, RetroModel};
@@ -131,13 +131,8 @@ fn verify_checkpoint(dir: &Path) -> std::result::Result<CheckpointMeta, String> 
                 info.bytes
             ));
         }
-        let sha = sha256_file(&p).map_err(|e| e.to_string())?;
-        if sha != info.sha256 {
-            return Err(format!(
-                "{}: SHA-256 differs from checkpoint.json's",
-                p.display()
-            ));
-        }
+        info.check_sha256(&p, "checkpoint.json", "its weights cannot be trusted")
+            .map_err(|e| e.to_string())?;
     }
     Ok(meta)
 }
