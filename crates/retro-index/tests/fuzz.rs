@@ -108,24 +108,24 @@ fn fuzz_file(db_dir: &Path, name: &str, json: bool, agree: bool, seed: u64) {
     Database::open(db_dir).expect("restored");
 }
 
-fn files(db: &Database) -> Vec<(String, bool)> {
-    let mut v: Vec<(String, bool)> = db
+/// A fresh database and its files (name, is JSON), the manifest last.
+fn database() -> (tempfile::TempDir, std::path::PathBuf, Vec<(String, bool)>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("db");
+    let db = build(&dir);
+    let mut names: Vec<(String, bool)> = db
         .manifest()
         .files
         .keys()
         .map(|k| (k.clone(), k.ends_with(".json")))
         .collect();
-    v.push((MANIFEST_FILE.to_string(), true));
-    v
+    names.push((MANIFEST_FILE.to_string(), true));
+    (tmp, dir, names)
 }
 
 #[test]
 fn every_database_file_damaged_as_found() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("db");
-    let db = build(&dir);
-    let names = files(&db);
-    drop(db);
+    let (_tmp, dir, names) = database();
     for (i, (name, json)) in names.iter().enumerate() {
         fuzz_file(&dir, name, *json, false, 1000 + i as u64);
     }
@@ -133,11 +133,7 @@ fn every_database_file_damaged_as_found() {
 
 #[test]
 fn every_database_file_damaged_behind_agreeing_checksums() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("db");
-    let db = build(&dir);
-    let names = files(&db);
-    drop(db);
+    let (_tmp, dir, names) = database();
     for (i, (name, json)) in names.iter().enumerate() {
         // Not the HNSW dump: hnsw_rs' loader calls `process::exit` or reads out of bounds on some
         // malformed dumps, so `Database::open` checksums the graph files before hnsw_rs reads
