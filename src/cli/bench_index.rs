@@ -50,6 +50,10 @@ pub struct BenchIndexArgs {
     /// Keep the database here (e.g. for `retro index export-embeddings`) instead of a temporary directory.
     #[arg(long)]
     pub keep: Option<PathBuf>,
+    /// Compare the embedded graph with this vector store on the same keys (`--vectors` or
+    /// `--synthetic` clustered vectors; `--sample` of them held out as queries).
+    #[command(flatten)]
+    pub store: super::index::VectorStoreArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -201,7 +205,96 @@ fn print_run(name: &str, r: &HnswRun) {
     }
 }
 
+/// The embedded graph against `--vector-store` on the same keys, through the `KeyIndex` trait.
+fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
+    use super::bench_store as bs;
+    let (mut keys, dim, source) = match &a.vectors {
+        Some(path) => {
+            let (_, d, v) = retro_index::read_npy(path)?;
+            (v, d, path.display().to_string())
+        }
+        None if a.synthetic > 0 => {
+            let (k, _) = bs::clustered(a.synthetic + a.sample, 0, a.synthetic_dim, 42);
+            (
+                k,
+                a.synthetic_dim,
+                format!("{} clustered synthetic", a.synthetic),
+            )
+        }
+        None => {
+            anyhow::bail!("--vector-store compares stores on --vectors E.npy or --synthetic N keys")
+        }
+    };
+    for r in keys.chunks_exact_mut(dim) {
+        retro_index::l2_normalize(r);
+    }
+    // The last `sample` keys are the queries, not indexed.
+    let n = keys.len() / dim;
+    let q = a.sample.min(n / 2).max(1);
+    let queries: Vec<Vec<f32>> = keys[(n - q) * dim..]
+        .chunks_exact(dim)
+        .map(<[f32]>::to_vec)
+        .collect();
+    keys.truncate((n - q) * dim);
+    let exact = bs::exact_top_k(&keys, dim, &queries, a.k);
+    let hnsw = HnswParams {
+        m: a.m,
+        ef_construction: a.ef_construction,
+        ef_search: HnswParams::default().ef_search,
+        deterministic: false,
+    };
+    if !a.json {
+        eprintln!(
+            "{} keys of dim {dim} ({source}), {q} queries; hnsw_rs ...",
+            n - q
+        );
+    }
+    #[allow(unused_mut)]
+    let mut runs = vec![bs::embedded_run(&keys, dim, hnsw, &queries, &exact, a.k)?];
+    #[cfg(feature = "milvus")]
+    {
+        let Some((_, index)) = a.store.resolve(hnsw)? else {
+            unreachable!("a vector store was given")
+        };
+        if !a.json {
+            eprintln!("{url} ...");
+        }
+        runs.push(bs::milvus_run(
+            &keys,
+            dim,
+            url,
+            index,
+            a.store.options(),
+            &queries,
+            &exact,
+            a.k,
+        )?);
+    }
+    #[cfg(not(feature = "milvus"))]
+    anyhow::bail!("{url}: this build has no Milvus support: build with `--features milvus`");
+    #[allow(unreachable_code)]
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "threads": rayon_threads(), "keys": source, "queries": q, "runs": runs
+            }))?
+        );
+    } else {
+        println!(
+            "threads {}; keys {source}; {q} held-out queries, k {}",
+            rayon_threads(),
+            a.k
+        );
+        bs::print_runs(&runs);
+    }
+    Ok(())
+}
+
 pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
+    if let Some(url) = &a.store.vector_store {
+        return store_comparison(&a, url);
+    }
     if let Some(path) = &a.vectors {
         let (_, d, v) = retro_index::read_npy(path)?;
         let r = hnsw_run(&v, d, &a)?;
@@ -264,6 +357,7 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
         })),
         overwrite: true,
         embedder_source: source,
+        ..Default::default()
     };
     let tmp = tempfile::tempdir()?;
     let out = a.keep.clone().unwrap_or_else(|| tmp.path().join("db"));
@@ -289,7 +383,10 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
     let dim = db.embeddings().dim();
     let vectors = db.embeddings().as_slice();
     let ids = sample_ids(n, a.sample);
-    let per_ef = measure(db.index(), vectors, dim, &ids, a.k, &a.ef)?;
+    let graph = db
+        .hnsw()
+        .context("`bench index` measures the embedded hnsw_rs graph")?;
+    let per_ef = measure(graph, vectors, dim, &ids, a.k, &a.ef)?;
     let database = HnswRun {
         points: n,
         dim,

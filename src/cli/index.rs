@@ -5,7 +5,8 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use retro_index::{
     read_corpus, write_npy, BertEmbedder, BertOptions, BuildOptions, CorpusOptions, Database,
-    Embedder, HnswParams, LexicalEmbedder, LmTokenizer, OpenOptions, ProgressFn, Stage,
+    Embedder, HnswParams, LexicalEmbedder, LexicalFeatures, LmTokenizer, MilvusIndexParams,
+    MilvusLocation, MilvusOptions, OpenOptions, ProgressFn, Stage,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,10 @@ pub struct EmbedderArgs {
     /// Use the lexical (hashed n-gram) embedder of this width instead of a model.
     #[arg(long, value_name = "DIM")]
     pub lexical_embedder: Option<usize>,
+    /// The lexical embedder's features: `words` (words, word bigrams, character trigrams) or
+    /// `chars` (character trigrams only, robust to spelling variants and short chunks).
+    #[arg(long, default_value = "words", value_parser = ["words", "chars"], requires = "lexical_embedder")]
+    pub lexical_features: String,
     /// Texts per forward pass of the model.
     #[arg(long, default_value_t = 32)]
     pub embed_batch: usize,
@@ -53,14 +58,24 @@ pub fn load_embedder(
     db: Option<&Database>,
 ) -> anyhow::Result<(Box<dyn Embedder>, Option<String>)> {
     if let Some(dim) = a.lexical_embedder {
-        return Ok((Box::new(LexicalEmbedder::new(dim)?), None));
+        let features = match a.lexical_features.as_str() {
+            "chars" => LexicalFeatures::CharTrigrams,
+            _ => LexicalFeatures::Words,
+        };
+        return Ok((
+            Box::new(LexicalEmbedder::with_features(dim, features)?),
+            None,
+        ));
     }
     let dir = match (&a.embedder, db) {
         (Some(d), _) => d.clone(),
         (None, Some(db)) => {
             let m = db.manifest();
-            if m.embedder.name.starts_with("lexical") {
-                return Ok((Box::new(LexicalEmbedder::new(m.dim)?), None));
+            if let Some(features) = LexicalFeatures::from_name(&m.embedder.name) {
+                return Ok((
+                    Box::new(LexicalEmbedder::with_features(m.dim, features)?),
+                    None,
+                ));
             }
             match &m.embedder_source {
                 Some(s) => PathBuf::from(s),
@@ -163,6 +178,8 @@ pub struct BuildArgs {
     /// Chunks handed to the embedder per step.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub store: VectorStoreArgs,
     #[arg(long, default_value = "id")]
     pub id_field: String,
     #[arg(long, default_value = "text")]
@@ -173,6 +190,60 @@ pub struct BuildArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Where the keys go: the embedded hnsw_rs graph (default) or a Milvus collection.
+#[derive(Debug, Args, Clone)]
+pub struct VectorStoreArgs {
+    /// `milvus://HOST:PORT/COLLECTION`: put the keys into Milvus (needs a build with
+    /// `--features milvus`); chunk tokens and documents stay in the folder. Default: the
+    /// embedded graph. A collection that exists needs --overwrite.
+    #[arg(long, value_name = "URL")]
+    pub vector_store: Option<String>,
+    /// Milvus' index over the keys: `hnsw` (--m, --ef-construction, --ef-search), `ivf-flat`
+    /// (--nlist, --nprobe) or `flat` (exact).
+    #[arg(long, default_value = "hnsw", value_parser = ["hnsw", "ivf-flat", "flat"], requires = "vector_store")]
+    pub milvus_index: String,
+    #[arg(long, default_value_t = 1024, requires = "vector_store")]
+    pub nlist: usize,
+    #[arg(long, default_value_t = 16, requires = "vector_store")]
+    pub nprobe: usize,
+    /// Keys per insert and queries per search request.
+    #[arg(long, default_value_t = MilvusOptions::default().batch_size, requires = "vector_store")]
+    pub milvus_batch: usize,
+}
+
+impl VectorStoreArgs {
+    /// The store and its index, or `None` for the embedded graph.
+    pub fn resolve(
+        &self,
+        hnsw: HnswParams,
+    ) -> anyhow::Result<Option<(MilvusLocation, MilvusIndexParams)>> {
+        let Some(url) = &self.vector_store else {
+            return Ok(None);
+        };
+        let loc = MilvusLocation::parse(url)?;
+        let index = match self.milvus_index.as_str() {
+            "ivf-flat" => MilvusIndexParams::IvfFlat {
+                nlist: self.nlist,
+                nprobe: self.nprobe,
+            },
+            "flat" => MilvusIndexParams::Flat,
+            _ => MilvusIndexParams::hnsw(hnsw),
+        };
+        index.validate()?;
+        if self.milvus_batch == 0 {
+            bail!("--milvus-batch must be positive");
+        }
+        Ok(Some((loc, index)))
+    }
+
+    pub fn options(&self) -> MilvusOptions {
+        MilvusOptions {
+            batch_size: self.milvus_batch,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +303,7 @@ fn open_db(dir: &Path, verify: bool) -> anyhow::Result<Database> {
         dir,
         OpenOptions {
             verify_checksums: verify,
+            ..Default::default()
         },
     )
     .with_context(|| format!("opening database {}", dir.display()))
@@ -286,18 +358,21 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
         tokenizer.vocab_size(),
         embedder.id()
     );
+    let hnsw = HnswParams {
+        m: a.m,
+        ef_construction: a.ef_construction,
+        ef_search: a.ef_search,
+        deterministic: a.deterministic,
+    };
     let opts = BuildOptions {
         chunk_len: a.chunk_len,
-        hnsw: HnswParams {
-            m: a.m,
-            ef_construction: a.ef_construction,
-            ef_search: a.ef_search,
-            deterministic: a.deterministic,
-        },
+        hnsw,
         batch_size: a.batch_size,
         progress: if a.quiet { None } else { Some(progress_bars()) },
         overwrite: a.overwrite,
         embedder_source: source,
+        vector_store: a.store.resolve(hnsw)?,
+        milvus: a.store.options(),
     };
     let db = Database::build(&corpus, &tokenizer, embedder.as_ref(), &opts, &a.out)?;
     let c = db.manifest().counts;
@@ -417,9 +492,10 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             .map(|s| format!(" from {s}"))
             .unwrap_or_default()
     );
+    let d = db.index().describe();
     println!(
-        "hnsw         M {} ef_construction {} ef_search {}",
-        m.hnsw.m, m.hnsw.ef_construction, m.hnsw.ef_search
+        "keys         {} in {} at {} ({}, dim {}, {})",
+        d.count, d.store, d.location, d.params, d.dim, d.metric
     );
     let total: u64 = m.files.values().map(|f| f.bytes).sum();
     println!(

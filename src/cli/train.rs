@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// [default: 1.0]
     #[arg(long)]
     pub grad_clip: Option<f64>,
+    /// The fraction of training sequences that get another sequence's neighbours, so that CCA
+    /// also learns what unrelated neighbours look like and to ignore them [default: 0].
+    #[arg(long, value_name = "P")]
+    pub neighbour_shuffle: Option<f64>,
     /// [default: 0]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -130,6 +134,7 @@ fn apply_flags(
     flag!(schedule, "--schedule");
     flag!(weight_decay, "--weight-decay");
     flag!(grad_clip, "--grad-clip");
+    flag!(neighbour_shuffle, "--neighbour-shuffle");
     flag!(seed, "--seed");
     flag!(eval_every, "--eval-every");
     flag!(eval_batches, "--eval-batches");
@@ -148,6 +153,15 @@ fn apply_flags(
     }
     if c.batch_size == 0 {
         bail!("--batch-size 0: a batch holds at least one sequence");
+    }
+    if !(0.0..1.0).contains(&c.neighbour_shuffle) {
+        bail!(
+            "--neighbour-shuffle {}: must be a fraction in [0, 1)",
+            c.neighbour_shuffle
+        );
+    }
+    if c.neighbour_shuffle > 0.0 && c.batch_size < 2 {
+        bail!("--neighbour-shuffle takes neighbours from another sequence of the batch: --batch-size must be at least 2");
     }
     if c.steps == 0 {
         bail!("--steps 0: nothing to train");

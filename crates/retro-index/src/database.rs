@@ -7,8 +7,10 @@ use crate::embeddings::{Embeddings, EMBEDDINGS_FILE};
 use crate::error::{IndexError, Result};
 use crate::fsutil::{is_hex, read_json, sha256_bytes, sha256_file, write_json_atomic, StagedDir};
 use crate::hnsw::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
+use crate::key_index::{EmbeddedIndex, KeyFilter, KeyIndex};
 use crate::store::{ChunkStore, CHUNKS_FILE, DOCUMENTS_FILE, TOKENS_FILE};
 use crate::tokenizer::{LmTokenizer, TOKENIZER_FILE};
+use crate::vector_store::{MilvusIndexParams, MilvusLocation, MilvusOptions, VectorStoreRecord};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -99,6 +101,10 @@ pub struct Manifest {
     /// normalised: those stored a model's raw vectors when it had no Normalize module.
     #[serde(default)]
     pub key_metric: Option<String>,
+    /// Where the keys are searched: absent for the embedded hnsw_rs graph in `hnsw/`, or a
+    /// Milvus collection (then there is no graph in the folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector_store: Option<VectorStoreRecord>,
 }
 
 /// Files up to this size are checksummed on every open; larger ones by [`Database::verify`] or
@@ -150,7 +156,24 @@ impl Manifest {
         if self.tokenizer.vocab_size == 0 {
             return Err(bad("tokenizer.vocab_size", "is 0".into()));
         }
-        if self.hnsw_basename.is_empty()
+        if let Some(v) = &self.vector_store {
+            if v.dim != self.dim || v.count != self.counts.chunks {
+                return Err(bad(
+                    "vector_store",
+                    format!(
+                        "dim {} and count {} disagree with the manifest's dim {} and {} chunks",
+                        v.dim, v.count, self.dim, self.counts.chunks
+                    ),
+                ));
+            }
+            if v.database_id != self.database_id {
+                return Err(bad(
+                    "vector_store.database_id",
+                    format!("{:?} is not this database's id", v.database_id),
+                ));
+            }
+            v.index.validate()?;
+        } else if self.hnsw_basename.is_empty()
             || self.hnsw_basename.contains(['/', '\\'])
             || self.hnsw_basename.starts_with('.')
         {
@@ -216,6 +239,10 @@ pub struct BuildOptions {
     pub overwrite: bool,
     /// Recorded in the manifest so that tools can reload the same embedder (e.g. its model directory).
     pub embedder_source: Option<String>,
+    /// Put the keys into a Milvus collection with this index instead of the embedded graph
+    /// (needs the `milvus` feature). `overwrite` also allows replacing the collection.
+    pub vector_store: Option<(MilvusLocation, MilvusIndexParams)>,
+    pub milvus: MilvusOptions,
 }
 
 impl Default for BuildOptions {
@@ -227,6 +254,8 @@ impl Default for BuildOptions {
             progress: None,
             overwrite: false,
             embedder_source: None,
+            vector_store: None,
+            milvus: MilvusOptions::default(),
         }
     }
 }
@@ -236,6 +265,8 @@ impl Default for BuildOptions {
 pub struct OpenOptions {
     /// Recompute every file's SHA-256 (sizes are always checked).
     pub verify_checksums: bool,
+    /// Batch size and attempts for a database whose keys live in Milvus.
+    pub milvus: MilvusOptions,
 }
 
 /// Recall of the HNSW graph against exact search over the stored keys.
@@ -253,9 +284,9 @@ pub struct RecallReport {
 pub struct Database {
     dir: PathBuf,
     manifest: Manifest,
-    store: ChunkStore,
+    store: Arc<ChunkStore>,
     embeddings: Embeddings,
-    index: HnswIndex,
+    index: Box<dyn KeyIndex>,
     tokenizer: LmTokenizer,
 }
 
@@ -266,6 +297,64 @@ impl std::fmt::Debug for Database {
             .field("id", &self.manifest.database_id)
             .field("store", &self.store)
             .finish()
+    }
+}
+
+/// Puts the keys into a new Milvus collection, in batches, with their chunk, document and start.
+#[cfg(feature = "milvus")]
+#[allow(clippy::too_many_arguments)]
+fn build_milvus(
+    vectors: &[f32],
+    store: &ChunkStore,
+    dim: usize,
+    loc: &MilvusLocation,
+    params: MilvusIndexParams,
+    database_id: &str,
+    opts: &BuildOptions,
+    progress: &dyn Fn(usize, usize),
+) -> Result<VectorStoreRecord> {
+    use crate::key_index::{KeyIndexBuilder, KeyRef};
+    use crate::milvus_store::MilvusBuilder;
+    let mut b = MilvusBuilder::create(loc, dim, params, database_id, opts.overwrite, opts.milvus)?;
+    let n = store.len();
+    let step = b.batch_size();
+    for first in (0..n).step_by(step) {
+        let last = (first + step).min(n);
+        let refs: Vec<KeyRef> = (first..last)
+            .map(|c| KeyRef {
+                chunk: c,
+                document: store.document_of(c),
+                start: store.chunk_start(c),
+            })
+            .collect();
+        b.add(&vectors[first * dim..last * dim], &refs)?;
+        progress(last, n);
+    }
+    let record = b.record(n);
+    Box::new(b).finish()?;
+    Ok(record)
+}
+
+#[cfg(not(feature = "milvus"))]
+#[allow(clippy::too_many_arguments)]
+fn build_milvus(
+    _: &[f32],
+    _: &ChunkStore,
+    _: usize,
+    loc: &MilvusLocation,
+    _: MilvusIndexParams,
+    _: &str,
+    _: &BuildOptions,
+    _: &dyn Fn(usize, usize),
+) -> Result<VectorStoreRecord> {
+    Err(no_milvus(loc))
+}
+
+#[cfg(not(feature = "milvus"))]
+fn no_milvus(loc: &MilvusLocation) -> IndexError {
+    IndexError::Store {
+        location: loc.to_string(),
+        message: "this build has no Milvus support: build with `--features milvus`".into(),
     }
 }
 
@@ -414,35 +503,19 @@ impl Database {
         }
         Embeddings::write(&tmp.join(EMBEDDINGS_FILE), &vectors)?;
 
-        // 4. Graph.
-        report(Stage::Inserting, 0, n);
-        let progress = |d: usize, t: usize| report(Stage::Inserting, d, t);
-        let index = HnswIndex::build(&vectors, dim, opts.hnsw, Some(&progress))?;
-        drop(vectors);
-        report(Stage::Writing, 0, 1);
-        let basename = index.save(&tmp.join(HNSW_DIR))?;
-        drop(index);
+        // 4. The id: a function of the inputs and the parameters (the chunks, keys and tokenizer
+        // and the index's parameters), not of the graph's bytes, which parallel insertion varies
+        // between builds. So a rebuilt database keeps its id and the datasets built on it.
         tokenizer.save(&tmp)?;
-
-        // 5. Manifest, last.
         let mut files = BTreeMap::new();
-        let hnsw_files = [
-            format!("{HNSW_DIR}/{basename}.hnsw.graph"),
-            format!("{HNSW_DIR}/{basename}.hnsw.data"),
-        ];
         for name in [
             TOKENS_FILE,
             CHUNKS_FILE,
             DOCUMENTS_FILE,
             EMBEDDINGS_FILE,
             TOKENIZER_FILE,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(hnsw_files)
-        {
-            let info = FileInfo::of(&tmp.join(&name))?;
-            files.insert(name, info);
+        ] {
+            files.insert(name.to_string(), FileInfo::of(&tmp.join(name))?);
         }
         let embedder_id = embedder.id();
         let tokenizer_info = TokenizerInfo {
@@ -451,25 +524,62 @@ impl Database {
             vocab_size: tokenizer.vocab_size(),
             pad_id: tokenizer.pad_id(),
         };
-        // The id is a function of the inputs and the parameters: the chunks, keys and tokenizer
-        // and the graph's parameters, not the graph's bytes, which parallel insertion varies
-        // between builds. So a rebuilt database keeps its id and the datasets built on it.
+        let index_params = match &opts.vector_store {
+            None => format!("{:?}", opts.hnsw),
+            Some((_, p)) => format!("milvus {p:?}"),
+        };
         let id_src = format!(
-            "{}|{}|{}|{:?}|{}",
+            "{}|{}|{}|{}|{}",
             opts.chunk_len,
             tokenizer_info.fingerprint,
             embedder_id.weights_hash,
-            opts.hnsw,
+            index_params,
             files
                 .iter()
-                .filter(|(k, _)| !k.starts_with(&format!("{HNSW_DIR}/")))
                 .map(|(k, v)| format!("{k}={}", v.sha256))
                 .collect::<Vec<_>>()
                 .join(",")
         );
+        let database_id = sha256_bytes(id_src.as_bytes())[..16].to_string();
+
+        // 5. The index: the embedded graph in the folder, or a Milvus collection.
+        report(Stage::Inserting, 0, n);
+        let progress = |d: usize, t: usize| report(Stage::Inserting, d, t);
+        let (basename, vector_store) = match &opts.vector_store {
+            None => {
+                let index = HnswIndex::build(&vectors, dim, opts.hnsw, Some(&progress))?;
+                drop(vectors);
+                report(Stage::Writing, 0, 1);
+                let basename = index.save(&tmp.join(HNSW_DIR))?;
+                for name in [
+                    format!("{HNSW_DIR}/{basename}.hnsw.graph"),
+                    format!("{HNSW_DIR}/{basename}.hnsw.data"),
+                ] {
+                    let info = FileInfo::of(&tmp.join(&name))?;
+                    files.insert(name, info);
+                }
+                (basename, None)
+            }
+            Some((loc, params)) => {
+                let record = build_milvus(
+                    &vectors,
+                    &store,
+                    dim,
+                    loc,
+                    *params,
+                    &database_id,
+                    opts,
+                    &progress,
+                )?;
+                report(Stage::Writing, 0, 1);
+                (String::new(), Some(record))
+            }
+        };
+
+        // 6. Manifest, last.
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
-            database_id: sha256_bytes(id_src.as_bytes())[..16].to_string(),
+            database_id,
             created_by: format!("retro-index {}", env!("CARGO_PKG_VERSION")),
             chunk_len: opts.chunk_len,
             tokenizer: tokenizer_info,
@@ -486,11 +596,12 @@ impl Database {
             hnsw_basename: basename,
             files,
             key_metric: Some(KEY_METRIC.into()),
+            vector_store,
         };
         write_json_atomic(&tmp.join(MANIFEST_FILE), &manifest)?;
         drop(store);
 
-        // 6. Into place.
+        // 7. Into place.
         staged.commit()?;
         report(Stage::Writing, 1, 1);
         Database::open(out_dir)
@@ -532,17 +643,21 @@ impl Database {
         let manifest: Manifest =
             serde_json::from_value(raw).map_err(|e| IndexError::corrupt(&mpath, e.to_string()))?;
         manifest.validate(&mpath)?;
-        let graph_name = format!("{HNSW_DIR}/{}.hnsw.graph", manifest.hnsw_basename);
-        let data_name = format!("{HNSW_DIR}/{}.hnsw.data", manifest.hnsw_basename);
-        for required in [
+        let mut required: Vec<String> = [
             TOKENS_FILE,
             CHUNKS_FILE,
             DOCUMENTS_FILE,
             EMBEDDINGS_FILE,
             TOKENIZER_FILE,
-            &graph_name,
-            &data_name,
-        ] {
+        ]
+        .map(String::from)
+        .into();
+        if manifest.vector_store.is_none() {
+            for ext in ["graph", "data"] {
+                required.push(format!("{HNSW_DIR}/{}.hnsw.{ext}", manifest.hnsw_basename));
+            }
+        }
+        for required in &required {
             if !manifest.files.contains_key(required) {
                 return Err(IndexError::corrupt(&mpath, format!("lists no {required}")));
             }
@@ -629,13 +744,28 @@ impl Database {
             ));
         }
         let embeddings = Embeddings::open(&dir.join(EMBEDDINGS_FILE), c.chunks, manifest.dim)?;
-        let index = HnswIndex::load(
-            &dir.join(HNSW_DIR),
-            &manifest.hnsw_basename,
-            manifest.dim,
-            manifest.hnsw,
-            c.chunks,
-        )?;
+        let store = Arc::new(store);
+        let index: Box<dyn KeyIndex> = match &manifest.vector_store {
+            None => {
+                let graph_dir = dir.join(HNSW_DIR);
+                let hnsw = HnswIndex::load(
+                    &graph_dir,
+                    &manifest.hnsw_basename,
+                    manifest.dim,
+                    manifest.hnsw,
+                    c.chunks,
+                )?;
+                Box::new(EmbeddedIndex::new(
+                    hnsw,
+                    store.clone(),
+                    graph_dir.display().to_string(),
+                ))
+            }
+            #[cfg(feature = "milvus")]
+            Some(record) => Box::new(crate::milvus_store::MilvusIndex::open(record, opts.milvus)?),
+            #[cfg(not(feature = "milvus"))]
+            Some(record) => return Err(no_milvus(&record.location)),
+        };
         Ok(Database {
             dir: dir.to_path_buf(),
             manifest,
@@ -674,8 +804,14 @@ impl Database {
     pub fn embeddings(&self) -> &Embeddings {
         &self.embeddings
     }
-    pub fn index(&self) -> &HnswIndex {
-        &self.index
+    /// The embedded hnsw_rs graph, when the keys live in the folder (not in a vector store).
+    pub fn hnsw(&self) -> Option<&HnswIndex> {
+        self.index.as_hnsw()
+    }
+
+    /// The key index, whichever store holds it.
+    pub fn index(&self) -> &dyn KeyIndex {
+        self.index.as_ref()
     }
     /// The LM tokenizer stored with the database.
     pub fn load_tokenizer(&self) -> Result<LmTokenizer> {
@@ -736,7 +872,7 @@ impl Database {
     pub fn search_ef(&self, query: &[f32], k: usize, ef: Option<usize>) -> Result<Vec<Hit>> {
         let mut q = query.to_vec();
         l2_normalize(&mut q);
-        self.index.search(&q, k, ef)
+        Ok(self.index.search(&[q], k, ef)?.pop().unwrap_or_default())
     }
 
     /// Many keys in parallel.
@@ -754,21 +890,34 @@ impl Database {
                 q
             })
             .collect();
-        self.index.search_batch(&qs, k, ef)
+        self.index.search(&qs, k, ef)
     }
 
-    /// The `k` nearest chunks for which `keep(chunk_id)` holds, e.g. the self-retrieval filter
-    /// `|c| db.store().document_of(c) != my_doc`.
+    /// The `k` nearest chunks of each key that its filter keeps (one filter per key), e.g. the
+    /// self-retrieval filter `Exclusion::document(my_doc)`: exactly `k` whenever `k` exist.
     pub fn search_filtered(
         &self,
-        query: &[f32],
+        queries: &[Vec<f32>],
         k: usize,
         ef: Option<usize>,
-        keep: &(dyn Fn(usize) -> bool + Sync),
-    ) -> Result<Vec<Hit>> {
-        let mut q = query.to_vec();
-        l2_normalize(&mut q);
-        self.index.search_filtered(&q, k, ef, keep)
+        filters: &[KeyFilter],
+    ) -> Result<Vec<Vec<Hit>>> {
+        if queries.len() != filters.len() {
+            return Err(IndexError::invalid(
+                "filters",
+                filters.len(),
+                format!("one per query ({} queries)", queries.len()),
+            ));
+        }
+        let qs: Vec<Vec<f32>> = queries
+            .iter()
+            .map(|q| {
+                let mut q = q.clone();
+                l2_normalize(&mut q);
+                q
+            })
+            .collect();
+        self.index.search_filtered(&qs, k, ef, filters)
     }
 
     /// Embeds texts with `embedder` (checked against the manifest) and searches.
@@ -796,7 +945,7 @@ impl Database {
             .collect();
         let ef_used = ef.unwrap_or(self.manifest.hnsw.ef_search).max(k);
         let t = std::time::Instant::now();
-        let approx = self.index.search_batch(&queries, k, Some(ef_used))?;
+        let approx = self.index.search(&queries, k, Some(ef_used))?;
         let hnsw_s = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         let dim = self.manifest.dim;

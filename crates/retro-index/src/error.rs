@@ -57,6 +57,9 @@ pub enum IndexError {
     },
     #[error("index: {0}")]
     Index(String),
+    /// A vector store (Milvus) failed or disagrees with the manifest; `location` is its URL.
+    #[error("{location}: {message}")]
+    Store { location: String, message: String },
 }
 
 /// Result with [`IndexError`].

@@ -45,12 +45,16 @@ pub mod error;
 pub mod flat;
 pub mod fsutil;
 pub mod hnsw;
+pub mod key_index;
 pub mod lexical;
+#[cfg(feature = "milvus")]
+pub mod milvus_store;
 pub mod packed_bert;
 pub mod panic_guard;
 pub mod store;
 pub mod testdata;
 pub mod tokenizer;
+pub mod vector_store;
 
 pub use bert::{BertEmbedder, BertOptions};
 pub use corpus::{read_corpus, Corpus, CorpusOptions, Document};
@@ -62,9 +66,11 @@ pub use embed::{l2_normalize, Embedder, EmbedderId};
 pub use embeddings::{read_npy, write_npy, Embeddings};
 pub use error::{IndexError, Result};
 pub use hnsw::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
-pub use lexical::LexicalEmbedder;
+pub use key_index::{EmbeddedIndex, Exclusion, IndexDescription, KeyFilter, KeyIndex, KeyRef};
+pub use lexical::{LexicalEmbedder, LexicalFeatures};
 pub use store::{ChunkEntry, ChunkStore, DocumentEntry};
 pub use tokenizer::{train_bpe, CharTokenizer, LmTokenizer};
+pub use vector_store::{MilvusIndexParams, MilvusLocation, MilvusOptions, VectorStoreRecord};
 
 /// Re-exported so callers can pick a device for [`BertEmbedder`].
 pub use candle_core::Device;

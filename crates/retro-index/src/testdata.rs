@@ -51,6 +51,29 @@ pub fn shared_path(rel: &str) -> Option<PathBuf> {
     None
 }
 
+/// The Milvus server for the integration tests: `RETRO_MILVUS_URL` (`milvus://127.0.0.1:PORT`, as
+/// `tools/milvus.sh start` prints it). Without it the test skips with a message, unless
+/// `RETRO_REQUIRE_MILVUS=1` (CI), which makes it fail.
+pub fn milvus_url() -> Option<String> {
+    if let Ok(u) = std::env::var("RETRO_MILVUS_URL") {
+        if !u.is_empty() {
+            return Some(u.trim_end_matches('/').to_string());
+        }
+    }
+    if std::env::var("RETRO_REQUIRE_MILVUS").is_ok_and(|v| v == "1") {
+        panic!("RETRO_REQUIRE_MILVUS=1 but RETRO_MILVUS_URL is not set (start a server with tools/milvus.sh start)");
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    raw_stderr(&format!(
+        "SKIPPED {test}: no Milvus server (run tools/milvus.sh start and set RETRO_MILVUS_URL)\n"
+    ));
+    record_skip(test);
+    None
+}
+
 /// Tests skipped in this process for missing data, counted at exit.
 static SKIPPED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 

@@ -1,8 +1,8 @@
 //! Building, reopening and refusing broken or mismatched databases.
 
 use retro_index::{
-    BuildOptions, Corpus, Database, Document, Embedder, IndexError, LexicalEmbedder, LmTokenizer,
-    OpenOptions,
+    BuildOptions, Corpus, Database, Document, Embedder, Exclusion, IndexError, KeyFilter,
+    LexicalEmbedder, LmTokenizer, OpenOptions,
 };
 use std::path::Path;
 
@@ -80,10 +80,16 @@ fn build_open_search_and_counts() {
     // self-retrieval filter
     let d = db.store().document_of(10);
     let other = db
-        .search_filtered(db.embeddings().row(10), 5, None, &|c| {
-            db.store().document_of(c) != d
-        })
-        .unwrap();
+        .search_filtered(
+            &[db.embeddings().row(10).to_vec()],
+            5,
+            None,
+            &[KeyFilter {
+                exclude: vec![Exclusion::document(d)],
+            }],
+        )
+        .unwrap()
+        .remove(0);
     assert_eq!(other.len(), 5);
     assert!(other.iter().all(|h| db.store().document_of(h.0) != d));
 
@@ -95,6 +101,7 @@ fn build_open_search_and_counts() {
         &dir,
         OpenOptions {
             verify_checksums: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -222,6 +229,7 @@ fn mismatches_and_corruption_are_clear_errors() {
         &d,
         OpenOptions {
             verify_checksums: true,
+            ..Default::default()
         },
     )
     .unwrap_err();
@@ -238,7 +246,8 @@ fn mismatches_and_corruption_are_clear_errors() {
     assert!(Database::open_with(
         &d,
         OpenOptions {
-            verify_checksums: true
+            verify_checksums: true,
+            ..Default::default()
         }
     )
     .is_err());

@@ -12,7 +12,8 @@ use retro_index::database::{Manifest, MANIFEST_FILE};
 use retro_index::fsutil::sha256_bytes;
 use retro_index::testdata::mutate;
 use retro_index::{
-    read_npy, write_npy, BuildOptions, Corpus, Database, Document, LexicalEmbedder, LmTokenizer,
+    read_npy, write_npy, BuildOptions, Corpus, Database, Document, Exclusion, KeyFilter,
+    LexicalEmbedder, LmTokenizer,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -41,7 +42,14 @@ fn exercise(db: &Database) {
     let dim = db.manifest().dim;
     let q: Vec<f32> = (0..dim).map(|i| (i as f32).sin()).collect();
     let _ = db.search(&q, 5);
-    let _ = db.search_filtered(&q, 3, None, &|c| c % 2 == 0);
+    let _ = db.search_filtered(
+        &[q.clone()],
+        3,
+        None,
+        &[KeyFilter {
+            exclude: vec![Exclusion::document(0)],
+        }],
+    );
     let tok = db.tokenizer();
     let store = db.store();
     for i in [0, store.len() / 2, store.len().saturating_sub(1)] {
@@ -96,6 +104,7 @@ fn fuzz_file(db_dir: &Path, name: &str, json: bool, agree: bool, seed: u64) {
                 db_dir,
                 retro_index::OpenOptions {
                     verify_checksums: true,
+                    ..Default::default()
                 },
             );
         }

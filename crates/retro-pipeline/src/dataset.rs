@@ -242,6 +242,26 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Gives each sequence, with probability `p`, the neighbours of another sequence of the
+    /// batch (chosen at random; they were retrieved for other text). Deterministic in `seed`.
+    pub fn shuffle_neighbours(&mut self, p: f64, seed: u64) {
+        use rand::{Rng, SeedableRng};
+        let b = self.batch;
+        if b < 2 || p <= 0.0 {
+            return;
+        }
+        let block = self.chunks * self.k * self.neighbor_len;
+        let original = self.ret.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for i in 0..b {
+            if rng.random::<f64>() < p {
+                let j = (i + rng.random_range(1..b)) % b;
+                self.ret[i * block..(i + 1) * block]
+                    .copy_from_slice(&original[j * block..(j + 1) * block]);
+            }
+        }
+    }
+
     pub fn tensors(
         &self,
         device: &candle_core::Device,
@@ -830,4 +850,56 @@ impl Dataset {
 
 fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(write_atomic(path, |w| w.write_all(bytes))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(b: usize) -> Batch {
+        let (c, k, n) = (2, 2, 3);
+        Batch {
+            batch: b,
+            seq_len: 8,
+            chunks: c,
+            k,
+            neighbor_len: n,
+            x: vec![0; b * 8],
+            y: vec![0; b * 8],
+            // Row i's neighbour tokens are all i.
+            ret: (0..b).flat_map(|i| vec![i as u32; c * k * n]).collect(),
+            origins: vec![],
+        }
+    }
+
+    #[test]
+    fn shuffled_neighbours_come_whole_from_another_row_and_replay_from_the_seed() {
+        let mut a = batch(4);
+        a.shuffle_neighbours(0.999, 11);
+        let block = 2 * 2 * 3;
+        for (i, r) in a.ret.chunks(block).enumerate() {
+            assert!(r.iter().all(|&t| t == r[0]), "row {i} mixes rows");
+            assert_ne!(r[0] as usize, i, "row {i} kept its own neighbours");
+        }
+        let mut again = batch(4);
+        again.shuffle_neighbours(0.999, 11);
+        assert_eq!(a.ret, again.ret);
+        let mut none = batch(4);
+        none.shuffle_neighbours(0.0, 11);
+        assert_eq!(none.ret, batch(4).ret);
+        // About p of the rows, over many seeds.
+        let moved: usize = (0..500)
+            .map(|s| {
+                let mut b = batch(4);
+                b.shuffle_neighbours(0.25, s);
+                b.ret
+                    .chunks(block)
+                    .enumerate()
+                    .filter(|(i, r)| r[0] as usize != *i)
+                    .count()
+            })
+            .sum();
+        let frac = moved as f64 / 2000.0;
+        assert!((0.2..0.3).contains(&frac), "{frac}");
+    }
 }

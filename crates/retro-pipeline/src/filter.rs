@@ -1,6 +1,6 @@
 //! The self-retrieval filters: which database chunks may serve as neighbours of a query chunk.
 
-use retro_index::ChunkStore;
+use retro_index::{ChunkStore, Exclusion, KeyFilter};
 use std::collections::HashMap;
 
 /// Database regions that never serve as neighbours: per document, the token position from which
@@ -66,8 +66,47 @@ impl Filter {
         !matches!(self, Filter::None)
     }
 
+    /// The chunks that may not be neighbours of the query chunk starting at token `query_start`
+    /// of `origin`'s document, as data an index evaluates next to the keys; `excluded` regions
+    /// (held out) never may. A candidate is a chunk of `chunk_len` tokens whose value (chunk +
+    /// continuation) spans `2 * chunk_len` tokens from its start.
+    pub fn key_filter(
+        &self,
+        chunk_len: usize,
+        origin: Option<Origin>,
+        query_start: usize,
+        excluded: &Excluded,
+    ) -> KeyFilter {
+        let value = 2 * chunk_len;
+        // Held out from `from`: no value may reach it (start + value > from).
+        let mut exclude: Vec<Exclusion> = excluded
+            .iter()
+            .map(|(&document, &from)| Exclusion {
+                document,
+                starts: (from + 1).saturating_sub(value)..usize::MAX,
+            })
+            .collect();
+        exclude.sort_by_key(|e| (e.document, e.starts.start));
+        let own = match (self, origin) {
+            (Filter::None, _) | (_, None) => None,
+            (Filter::SameDocument, Some(o)) => Some(Exclusion::document(o.document)),
+            // |start - query_start| < n
+            (Filter::Window(n), Some(o)) => Some(Exclusion {
+                document: o.document,
+                starts: (query_start + 1).saturating_sub(*n)..query_start + n,
+            }),
+            // The value overlaps [o.start, o.start + seq_len + chunk_len).
+            (Filter::Sequence(seq_len), Some(o)) => Some(Exclusion {
+                document: o.document,
+                starts: (o.start + 1).saturating_sub(value)..o.start + seq_len + chunk_len,
+            }),
+        };
+        exclude.extend(own);
+        KeyFilter { exclude }
+    }
+
     /// Whether database chunk `cand` may be a neighbour of the query chunk starting at token
-    /// `query_start` of `origin`'s document; `excluded` regions (held out) never may.
+    /// `query_start` of `origin`'s document (see [`Filter::key_filter`]).
     pub fn keeps(
         &self,
         store: &ChunkStore,
@@ -76,19 +115,70 @@ impl Filter {
         query_start: usize,
         excluded: &Excluded,
     ) -> bool {
-        let doc = store.document_of(cand);
-        let start = store.chunk_start(cand);
-        let value_end = start + 2 * store.chunk_len();
+        self.key_filter(store.chunk_len(), origin, query_start, excluded)
+            .keeps(store.document_of(cand), store.chunk_start(cand))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The filters' definitions, written out per candidate.
+    fn keeps_by_definition(
+        f: Filter,
+        cl: usize,
+        doc: usize,
+        start: usize,
+        origin: Option<Origin>,
+        query_start: usize,
+        excluded: &Excluded,
+    ) -> bool {
+        let value_end = start + 2 * cl;
         if excluded.get(&doc).is_some_and(|&from| value_end > from) {
             return false;
         }
-        match (self, origin) {
+        match (f, origin) {
             (Filter::None, _) | (_, None) => true,
             (Filter::SameDocument, Some(o)) => doc != o.document,
-            (Filter::Window(n), Some(o)) => doc != o.document || start.abs_diff(query_start) >= *n,
+            (Filter::Window(n), Some(o)) => doc != o.document || start.abs_diff(query_start) >= n,
             (Filter::Sequence(seq_len), Some(o)) => {
-                let span_end = o.start + seq_len + store.chunk_len();
+                let span_end = o.start + seq_len + cl;
                 doc != o.document || start >= span_end || value_end <= o.start
+            }
+        }
+    }
+
+    #[test]
+    fn key_filter_matches_the_definitions() {
+        let cl = 4;
+        let excluded: Excluded = [(2, 0), (1, 37)].into_iter().collect();
+        for f in [
+            Filter::None,
+            Filter::SameDocument,
+            Filter::Window(0),
+            Filter::Window(9),
+            Filter::Sequence(16),
+        ] {
+            for o_start in [0, 3, 8, 40] {
+                let origin = Origin {
+                    document: 1,
+                    start: o_start,
+                };
+                for q in [o_start, o_start + 4, o_start + 12] {
+                    for origin in [Some(origin), None] {
+                        let kf = f.key_filter(cl, origin, q, &excluded);
+                        for doc in 0..3 {
+                            for start in 0..80 {
+                                assert_eq!(
+                                    kf.keeps(doc, start),
+                                    keeps_by_definition(f, cl, doc, start, origin, q, &excluded),
+                                    "{f} origin {origin:?} query {q} candidate doc {doc} start {start}"
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }

@@ -5,7 +5,6 @@
 use crate::error::{PipelineError, Result};
 use crate::filter::{Excluded, Filter, Origin};
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 use retro_index::{Database, Embedder, LmTokenizer};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -210,33 +209,18 @@ impl<'a> Retriever<'a> {
         let cl = self.db.chunk_len();
         let store = self.db.store();
         let t0 = Instant::now();
-        let hits = keys
-            .par_iter()
-            .enumerate()
-            .map(|(i, key)| {
-                let origin = origins.map(|o| o[i / chunks.max(1)]);
-                let query_start = origin.map_or(0, |o| o.start + (i % chunks.max(1)) * cl);
-                let keep =
-                    |cand: usize| filter.keeps(store, cand, origin, query_start, &self.excluded);
-                if filter == Filter::None && self.excluded.is_empty() {
-                    return self.db.search_ef(key, self.k, self.ef);
-                }
-                // Over-fetch from the fast unfiltered search first; fall back to the graph's filtered
-                // walk only when too few candidates survive.
-                let over = (8 * self.k).max(32);
-                let hits = self.db.search_ef(key, over, self.ef.map(|e| e.max(over)))?;
-                let kept: Vec<_> = hits
-                    .into_iter()
-                    .filter(|h| keep(h.0))
-                    .take(self.k)
-                    .collect();
-                if kept.len() == self.k {
-                    Ok(kept)
-                } else {
-                    self.db.search_filtered(key, self.k, self.ef, &keep)
-                }
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let hits = if filter == Filter::None && self.excluded.is_empty() {
+            self.db.search_batch(keys, self.k, self.ef)?
+        } else {
+            let filters: Vec<_> = (0..keys.len())
+                .map(|i| {
+                    let origin = origins.map(|o| o[i / chunks.max(1)]);
+                    let query_start = origin.map_or(0, |o| o.start + (i % chunks.max(1)) * cl);
+                    filter.key_filter(cl, origin, query_start, &self.excluded)
+                })
+                .collect();
+            self.db.search_filtered(keys, self.k, self.ef, &filters)?
+        };
         let search = t0.elapsed();
         let t1 = Instant::now();
         let (k, n) = (self.k, self.neighbor_len);

@@ -35,6 +35,11 @@ pub struct TrainConfig {
     pub freeze_base: bool,
     /// Stop (and checkpoint) after this many seconds of training, if set.
     pub max_seconds: Option<f64>,
+    /// The fraction of training sequences that get the neighbours of another sequence of their
+    /// batch: CCA then also sees neighbours that say nothing about the text, as a database
+    /// without a related document gives, and learns to ignore them (0 in older runs).
+    #[serde(default)]
+    pub neighbour_shuffle: f64,
     /// Stop (and checkpoint) once this step is reached, as an interrupted run would; the schedule
     /// still spans `steps`. Not saved with the run.
     #[serde(skip)]
@@ -57,6 +62,7 @@ impl Default for TrainConfig {
             checkpoint_every: 200,
             freeze_base: false,
             max_seconds: None,
+            neighbour_shuffle: 0.0,
             stop_after: None,
         }
     }
@@ -551,8 +557,12 @@ pub fn train(
         cfg.batch_size,
         cfg.seed,
         step..cfg.steps,
-        &mut |batch| {
+        &mut |mut batch| {
             let t0 = step_started;
+            if retrieval && cfg.neighbour_shuffle > 0.0 {
+                // Seeded by the step, so a resumed run shuffles as the uninterrupted one did.
+                batch.shuffle_neighbours(cfg.neighbour_shuffle, cfg.seed ^ ((step as u64) << 20));
+            }
             let (x, y, ret) = batch.tensors(device)?;
             let (loss, mut grads) = loss_and_grads(&model, &x, &y, retrieval.then_some(&ret))?;
             let grad_norm = clip_grad_norm(opt.vars(), &mut grads, cfg.grad_clip)?;

@@ -1,0 +1,255 @@
+//! `retro bench index --vector-store milvus://HOST:PORT/COLLECTION`: the same keys in the embedded
+//! hnsw_rs graph and in Milvus, through the [`KeyIndex`] trait the pipeline uses: build
+//! throughput, query latency at batch 1 (p50, p99), queries/s at batch 1 and 64, recall@k
+//! against exact search. Keys come from `--vectors E.npy` (e.g. real MiniLM keys from `retro index
+//! export-embeddings`) or `--synthetic N` clustered unit vectors.
+
+use retro_index::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
+use std::time::Instant;
+
+/// One store's numbers.
+#[derive(Debug, serde::Serialize)]
+pub struct StoreRun {
+    pub store: String,
+    pub params: String,
+    pub keys: usize,
+    pub dim: usize,
+    /// Everything until the first search can run (inserts, graph; for Milvus also flush,
+    /// index build and load).
+    pub build_s: f64,
+    pub keys_per_s: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub queries_per_s_batch1: f64,
+    pub queries_per_s_batch64: f64,
+    pub recall: f64,
+    pub k: usize,
+}
+
+/// `n` unit vectors in `dim` dimensions around `sqrt(n)` random centres (a mixture, like
+/// embeddings of a corpus with topics), from a seeded xorshift; `extra` more from the same
+/// mixture serve as queries that are not in the index.
+pub fn clustered(n: usize, extra: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut state = seed | 1;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut normal = move || {
+        // Box-Muller
+        let (u, v) = (uniform().max(1e-12), uniform());
+        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+    };
+    let centres = ((n as f64).sqrt() as usize).max(1);
+    let c: Vec<f32> = (0..centres * dim).map(|_| normal()).collect();
+    let mut point = |i: usize| -> Vec<f32> {
+        let base = &c[(i % centres) * dim..(i % centres + 1) * dim];
+        let mut v: Vec<f32> = base.iter().map(|&x| x + 0.6 * normal()).collect();
+        retro_index::l2_normalize(&mut v);
+        v
+    };
+    let mut keys = Vec::with_capacity(n * dim);
+    for i in 0..n {
+        keys.extend(point(i.wrapping_mul(2654435761)));
+    }
+    let queries = (0..extra).map(|i| point(n + i * 7919)).collect();
+    (keys, queries)
+}
+
+/// Latency percentile `p` (0..=1) of sorted milliseconds.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Times `search` at batch 1 (each query alone) and batch 64, and scores recall against `exact`.
+pub fn measure_queries(
+    queries: &[Vec<f32>],
+    exact: &[Vec<Hit>],
+    k: usize,
+    search: &dyn Fn(&[Vec<f32>]) -> anyhow::Result<Vec<Vec<Hit>>>,
+) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
+    let mut ms = Vec::with_capacity(queries.len());
+    let mut found = Vec::with_capacity(queries.len());
+    let t0 = Instant::now();
+    for q in queries {
+        let t = Instant::now();
+        found.extend(search(std::slice::from_ref(q))?);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let qps1 = queries.len() as f64 / t0.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for part in queries.chunks(64) {
+        std::hint::black_box(search(part)?);
+    }
+    let qps64 = queries.len() as f64 / t.elapsed().as_secs_f64();
+    ms.sort_by(f64::total_cmp);
+    let recall = exact
+        .iter()
+        .zip(&found)
+        .map(|(e, a)| recall_at_k(e, a, k))
+        .sum::<f64>()
+        / queries.len().max(1) as f64;
+    Ok((
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99),
+        qps1,
+        qps64,
+        recall,
+    ))
+}
+
+/// Exact top-k of each query over `keys`.
+pub fn exact_top_k(keys: &[f32], dim: usize, queries: &[Vec<f32>], k: usize) -> Vec<Vec<Hit>> {
+    use rayon::prelude::*;
+    queries
+        .par_iter()
+        .map(|q| brute_force(keys, dim, q, k))
+        .collect()
+}
+
+/// The embedded graph over `keys`.
+pub fn embedded_run(
+    keys: &[f32],
+    dim: usize,
+    params: HnswParams,
+    queries: &[Vec<f32>],
+    exact: &[Vec<Hit>],
+    k: usize,
+) -> anyhow::Result<StoreRun> {
+    let n = keys.len() / dim;
+    let t = Instant::now();
+    let index = HnswIndex::build(keys, dim, params, None)?;
+    let build_s = t.elapsed().as_secs_f64();
+    let search = |q: &[Vec<f32>]| Ok(index.search_batch(q, k, None)?);
+    let (p50, p99, qps1, qps64, recall) = measure_queries(queries, exact, k, &search)?;
+    Ok(StoreRun {
+        store: "hnsw_rs (embedded)".into(),
+        params: format!(
+            "HNSW M={} efConstruction={} ef={}",
+            params.m, params.ef_construction, params.ef_search
+        ),
+        keys: n,
+        dim,
+        build_s,
+        keys_per_s: n as f64 / build_s.max(1e-9),
+        latency_ms_p50: p50,
+        latency_ms_p99: p99,
+        queries_per_s_batch1: qps1,
+        queries_per_s_batch64: qps64,
+        recall,
+        k,
+    })
+}
+
+/// The same keys in a Milvus collection (dropped afterwards).
+#[cfg(feature = "milvus")]
+#[allow(clippy::too_many_arguments)]
+pub fn milvus_run(
+    keys: &[f32],
+    dim: usize,
+    url: &str,
+    index: retro_index::MilvusIndexParams,
+    opts: retro_index::MilvusOptions,
+    queries: &[Vec<f32>],
+    exact: &[Vec<Hit>],
+    k: usize,
+) -> anyhow::Result<StoreRun> {
+    use retro_index::key_index::{KeyIndex, KeyIndexBuilder, KeyRef};
+    use retro_index::milvus_store::{MilvusBuilder, MilvusIndex};
+    let loc = retro_index::MilvusLocation::parse(url)?;
+    let n = keys.len() / dim;
+    let t = Instant::now();
+    let mut b = MilvusBuilder::create(&loc, dim, index, "0000000000000000", true, opts)?;
+    let step = b.batch_size();
+    for first in (0..n).step_by(step) {
+        let last = (first + step).min(n);
+        // One document per 1,000 keys, as if chunked from documents.
+        let refs: Vec<KeyRef> = (first..last)
+            .map(|c| KeyRef {
+                chunk: c,
+                document: c / 1000,
+                start: c % 1000,
+            })
+            .collect();
+        b.add(&keys[first * dim..last * dim], &refs)?;
+    }
+    let record = b.record(n);
+    Box::new(b).finish()?;
+    let build_s = t.elapsed().as_secs_f64();
+    let store = MilvusIndex::open(&record, opts)?;
+    let search = |q: &[Vec<f32>]| Ok(store.search(q, k, None)?);
+    let (p50, p99, qps1, qps64, recall) = measure_queries(queries, exact, k, &search)?;
+    store.drop_index()?;
+    Ok(StoreRun {
+        store: "milvus".into(),
+        params: index.to_string(),
+        keys: n,
+        dim,
+        build_s,
+        keys_per_s: n as f64 / build_s.max(1e-9),
+        latency_ms_p50: p50,
+        latency_ms_p99: p99,
+        queries_per_s_batch1: qps1,
+        queries_per_s_batch64: qps64,
+        recall,
+        k,
+    })
+}
+
+pub fn print_runs(runs: &[StoreRun]) {
+    println!(
+        "{:<20} {:<36} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "store", "index", "keys", "keys/s", "p50 ms", "p99 ms", "q/s b1", "q/s b64", "recall"
+    );
+    for r in runs {
+        println!(
+            "{:<20} {:<36} {:>8} {:>10.0} {:>9.3} {:>9.3} {:>9.0} {:>10.0} {:>9.4}",
+            r.store,
+            r.params,
+            r.keys,
+            r.keys_per_s,
+            r.latency_ms_p50,
+            r.latency_ms_p99,
+            r.queries_per_s_batch1,
+            r.queries_per_s_batch64,
+            r.recall
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clustered_vectors_are_unit_and_clustered() {
+        let (keys, queries) = clustered(400, 5, 16, 7);
+        assert_eq!((keys.len(), queries.len()), (400 * 16, 5));
+        for r in keys.chunks(16).chain(queries.iter().map(Vec::as_slice)) {
+            let n: f32 = r.iter().map(|x| x * x).sum();
+            assert!((n - 1.0).abs() < 1e-4);
+        }
+        // A query's nearest key is much nearer than an average key: there is structure.
+        let q = &queries[0];
+        let d: Vec<f32> = keys
+            .chunks(16)
+            .map(|r| 1.0 - r.iter().zip(q).map(|(a, b)| a * b).sum::<f32>())
+            .collect();
+        let mean = d.iter().sum::<f32>() / d.len() as f32;
+        let min = d.iter().cloned().fold(f32::INFINITY, f32::min);
+        assert!(min < 0.5 * mean, "min {min} mean {mean}");
+    }
+
+    #[test]
+    fn percentiles_pick_the_right_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}
