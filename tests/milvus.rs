@@ -193,7 +193,7 @@ fn the_same_document_filter_runs_inside_milvus_and_returns_exactly_k() {
         }],
     };
     let h = milvus
-        .search_filtered(&keys[..1], 20, None, &[window.clone()])
+        .search_filtered(&keys[..1], 20, None, std::slice::from_ref(&window))
         .unwrap();
     assert_eq!(h[0].len(), 20);
     assert!(h[0]

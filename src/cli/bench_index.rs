@@ -205,7 +205,13 @@ fn print_run(name: &str, r: &HnswRun) {
     }
 }
 
+#[cfg(not(feature = "milvus"))]
+fn store_comparison(_: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
+    anyhow::bail!("{url}: this build has no Milvus support: build with `--features milvus`")
+}
+
 /// The embedded graph against `--vector-store` on the same keys, through the `KeyIndex` trait.
+#[cfg(feature = "milvus")]
 fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
     use super::bench_store as bs;
     let (mut keys, dim, source) = match &a.vectors {
@@ -249,9 +255,7 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
             n - q
         );
     }
-    #[allow(unused_mut)]
     let mut runs = vec![bs::embedded_run(&keys, dim, hnsw, &queries, &exact, a.k)?];
-    #[cfg(feature = "milvus")]
     {
         let Some((_, index)) = a.store.resolve(hnsw)? else {
             unreachable!("a vector store was given")
@@ -270,9 +274,6 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
             a.k,
         )?);
     }
-    #[cfg(not(feature = "milvus"))]
-    anyhow::bail!("{url}: this build has no Milvus support: build with `--features milvus`");
-    #[allow(unreachable_code)]
     if a.json {
         println!(
             "{}",

@@ -9,6 +9,9 @@
 //! - [`embed`], [`bert`], [`lexical`]: the [`Embedder`] trait, [`BertEmbedder`] (candle) and the
 //!   weight-free [`LexicalEmbedder`].
 //! - [`hnsw`], [`distance`]: [`HnswIndex`] over hnsw_rs with a SIMD `1 - dot` distance.
+//! - [`key_index`], [`vector_store`]: the [`KeyIndex`] trait the searches go through, with the
+//!   embedded graph ([`EmbeddedIndex`]) or, with the `milvus` feature, a Milvus collection
+//!   (`milvus_store`); filters ([`KeyFilter`]) are data, evaluated next to the keys.
 //! - [`database`]: [`Database::build`] (atomic) and [`Database::open`] (validated).
 //!
 //! ```
@@ -29,6 +32,11 @@
 //! let hits = db.search_texts(&embedder, &["quantum fields"], 3, None)?;
 //! let (chunk, _distance) = hits[0][0];
 //! assert_eq!(db.store().documents()[db.store().document_of(chunk)].id, "b");
+//! // The same-document filter: nothing from document 1 ("b").
+//! let key = db.embeddings().row(chunk).to_vec();
+//! let no_b = retro_index::KeyFilter { exclude: vec![retro_index::Exclusion::document(1)] };
+//! let other = db.search_filtered(&[key], 3, None, &[no_b])?;
+//! assert!(other[0].iter().all(|&(c, _)| db.store().document_of(c) == 0));
 //! let value = db.store().neighbour(chunk); // chunk + continuation, 2 * chunk_len tokens
 //! assert_eq!(value.len(), 32);
 //! println!("{}", tokenizer.decode(&value)?);
