@@ -29,6 +29,42 @@ pub struct StoreRun {
     pub k: usize,
 }
 
+/// What [`measure_queries`] found.
+pub struct Measured {
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub queries_per_s_batch1: f64,
+    pub queries_per_s_batch64: f64,
+    pub recall: f64,
+}
+
+impl StoreRun {
+    fn new(
+        store: &str,
+        params: String,
+        keys: usize,
+        dim: usize,
+        build_s: f64,
+        m: Measured,
+        k: usize,
+    ) -> Self {
+        Self {
+            store: store.into(),
+            params,
+            keys,
+            dim,
+            build_s,
+            keys_per_s: keys as f64 / build_s.max(1e-9),
+            latency_ms_p50: m.latency_ms_p50,
+            latency_ms_p99: m.latency_ms_p99,
+            queries_per_s_batch1: m.queries_per_s_batch1,
+            queries_per_s_batch64: m.queries_per_s_batch64,
+            recall: m.recall,
+            k,
+        }
+    }
+}
+
 /// `n` unit vectors in `dim` dimensions around `sqrt(n)` random centres (a mixture, like
 /// embeddings of a corpus with topics), from a seeded xorshift; `extra` more from the same
 /// mixture serve as queries that are not in the index.
@@ -78,7 +114,7 @@ pub fn measure_queries(
     exact: &[Vec<Hit>],
     k: usize,
     search: &SearchFn,
-) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
+) -> anyhow::Result<Measured> {
     let mut ms = Vec::with_capacity(queries.len());
     let mut found = Vec::with_capacity(queries.len());
     let t0 = Instant::now();
@@ -100,13 +136,13 @@ pub fn measure_queries(
         .map(|(e, a)| recall_at_k(e, a, k))
         .sum::<f64>()
         / queries.len().max(1) as f64;
-    Ok((
-        percentile(&ms, 0.5),
-        percentile(&ms, 0.99),
-        qps1,
-        qps64,
+    Ok(Measured {
+        latency_ms_p50: percentile(&ms, 0.5),
+        latency_ms_p99: percentile(&ms, 0.99),
+        queries_per_s_batch1: qps1,
+        queries_per_s_batch64: qps64,
         recall,
-    ))
+    })
 }
 
 /// Exact top-k of each query over `keys`.
@@ -132,24 +168,16 @@ pub fn embedded_run(
     let index = HnswIndex::build(keys, dim, params, None)?;
     let build_s = t.elapsed().as_secs_f64();
     let search = |q: &[Vec<f32>]| Ok(index.search_batch(q, k, None)?);
-    let (p50, p99, qps1, qps64, recall) = measure_queries(queries, exact, k, &search)?;
-    Ok(StoreRun {
-        store: "hnsw_rs (embedded)".into(),
-        params: format!(
-            "HNSW M={} efConstruction={} ef={}",
-            params.m, params.ef_construction, params.ef_search
-        ),
-        keys: n,
+    let m = measure_queries(queries, exact, k, &search)?;
+    Ok(StoreRun::new(
+        "hnsw_rs (embedded)",
+        params.to_string(),
+        n,
         dim,
         build_s,
-        keys_per_s: n as f64 / build_s.max(1e-9),
-        latency_ms_p50: p50,
-        latency_ms_p99: p99,
-        queries_per_s_batch1: qps1,
-        queries_per_s_batch64: qps64,
-        recall,
+        m,
         k,
-    })
+    ))
 }
 
 /// The same keys in a Milvus collection (dropped afterwards).
@@ -171,40 +199,31 @@ pub fn milvus_run(
     let n = keys.len() / dim;
     let t = Instant::now();
     let mut b = MilvusBuilder::create(&loc, dim, index, "0000000000000000", true, opts)?;
-    let step = b.batch_size();
-    for first in (0..n).step_by(step) {
-        let last = (first + step).min(n);
-        // One document per 1,000 keys, as if chunked from documents.
-        let refs: Vec<KeyRef> = (first..last)
-            .map(|c| KeyRef {
-                chunk: c,
-                document: c / 1000,
-                start: c % 1000,
-            })
-            .collect();
-        b.add(&keys[first * dim..last * dim], &refs)?;
-    }
+    // One document per 1,000 keys, as if chunked from documents; `add` sends them in batches.
+    let refs: Vec<KeyRef> = (0..n)
+        .map(|c| KeyRef {
+            chunk: c,
+            document: c / 1000,
+            start: c % 1000,
+        })
+        .collect();
+    b.add(keys, &refs)?;
     let record = b.record(n);
     Box::new(b).finish()?;
     let build_s = t.elapsed().as_secs_f64();
     let store = MilvusIndex::open(&record, opts)?;
     let search = |q: &[Vec<f32>]| Ok(store.search(q, k, None)?);
-    let (p50, p99, qps1, qps64, recall) = measure_queries(queries, exact, k, &search)?;
+    let m = measure_queries(queries, exact, k, &search)?;
     store.drop_index()?;
-    Ok(StoreRun {
-        store: "milvus".into(),
-        params: index.to_string(),
-        keys: n,
+    Ok(StoreRun::new(
+        "milvus",
+        index.to_string(),
+        n,
         dim,
         build_s,
-        keys_per_s: n as f64 / build_s.max(1e-9),
-        latency_ms_p50: p50,
-        latency_ms_p99: p99,
-        queries_per_s_batch1: qps1,
-        queries_per_s_batch64: qps64,
-        recall,
+        m,
         k,
-    })
+    ))
 }
 
 pub fn print_runs(runs: &[StoreRun]) {

@@ -300,6 +300,18 @@ impl std::fmt::Debug for Database {
     }
 }
 
+/// The queries as unit vectors, as the stored keys are.
+fn normalized(queries: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    queries
+        .iter()
+        .map(|q| {
+            let mut q = q.clone();
+            l2_normalize(&mut q);
+            q
+        })
+        .collect()
+}
+
 /// Puts the keys into a new Milvus collection, in batches, with their chunk, document and start.
 #[cfg(feature = "milvus")]
 #[allow(clippy::too_many_arguments)]
@@ -870,9 +882,8 @@ impl Database {
     }
 
     pub fn search_ef(&self, query: &[f32], k: usize, ef: Option<usize>) -> Result<Vec<Hit>> {
-        let mut q = query.to_vec();
-        l2_normalize(&mut q);
-        Ok(self.index.search(&[q], k, ef)?.pop().unwrap_or_default())
+        let q = normalized(std::slice::from_ref(&query.to_vec()));
+        Ok(self.index.search(&q, k, ef)?.pop().unwrap_or_default())
     }
 
     /// Many keys in parallel.
@@ -882,15 +893,7 @@ impl Database {
         k: usize,
         ef: Option<usize>,
     ) -> Result<Vec<Vec<Hit>>> {
-        let qs: Vec<Vec<f32>> = queries
-            .iter()
-            .map(|q| {
-                let mut q = q.clone();
-                l2_normalize(&mut q);
-                q
-            })
-            .collect();
-        self.index.search(&qs, k, ef)
+        self.index.search(&normalized(queries), k, ef)
     }
 
     /// The `k` nearest chunks of each key that its filter keeps (one filter per key), e.g. the
@@ -902,22 +905,8 @@ impl Database {
         ef: Option<usize>,
         filters: &[KeyFilter],
     ) -> Result<Vec<Vec<Hit>>> {
-        if queries.len() != filters.len() {
-            return Err(IndexError::invalid(
-                "filters",
-                filters.len(),
-                format!("one per query ({} queries)", queries.len()),
-            ));
-        }
-        let qs: Vec<Vec<f32>> = queries
-            .iter()
-            .map(|q| {
-                let mut q = q.clone();
-                l2_normalize(&mut q);
-                q
-            })
-            .collect();
-        self.index.search_filtered(&qs, k, ef, filters)
+        self.index
+            .search_filtered(&normalized(queries), k, ef, filters)
     }
 
     /// Embeds texts with `embedder` (checked against the manifest) and searches.

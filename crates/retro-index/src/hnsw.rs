@@ -33,6 +33,16 @@ impl Default for HnswParams {
     }
 }
 
+impl std::fmt::Display for HnswParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HNSW M={} efConstruction={} ef={}",
+            self.m, self.ef_construction, self.ef_search
+        )
+    }
+}
+
 /// Basename of the graph files inside the index directory.
 pub const HNSW_BASENAME: &str = "graph";
 const MAX_LAYER: usize = 16;

@@ -101,6 +101,18 @@ pub trait KeyIndex: Send + Sync {
     }
 }
 
+/// The filtered searches' precondition, one filter per query, as an error rather than a panic.
+pub fn check_filters(queries: &[Vec<f32>], filters: &[KeyFilter]) -> Result<()> {
+    if queries.len() != filters.len() {
+        return Err(crate::error::IndexError::invalid(
+            "filters",
+            filters.len(),
+            format!("one per query ({} queries)", queries.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// A store of keys being built: keys are added in batches with their chunk and document, then
 /// the index is finished (built, flushed, loaded) and described for the manifest.
 pub trait KeyIndexBuilder {
@@ -131,17 +143,13 @@ impl EmbeddedIndex {
 
 impl KeyIndex for EmbeddedIndex {
     fn describe(&self) -> IndexDescription {
-        let p = self.hnsw.params();
         IndexDescription {
             store: "hnsw_rs".into(),
             location: self.location.clone(),
             metric: crate::database::KEY_METRIC.into(),
             dim: self.hnsw.dim(),
             count: self.hnsw.len(),
-            params: format!(
-                "HNSW M={} efConstruction={} ef={}",
-                p.m, p.ef_construction, p.ef_search
-            ),
+            params: self.hnsw.params().to_string(),
         }
     }
     fn len(&self) -> usize {
@@ -168,7 +176,7 @@ impl KeyIndex for EmbeddedIndex {
         filters: &[KeyFilter],
     ) -> Result<Vec<Vec<Hit>>> {
         use rayon::prelude::*;
-        assert_eq!(queries.len(), filters.len(), "one filter per query");
+        check_filters(queries, filters)?;
         let store = &self.store;
         queries
             .par_iter()

@@ -10,7 +10,9 @@
 
 use crate::error::{IndexError, Result};
 use crate::hnsw::Hit;
-use crate::key_index::{IndexDescription, KeyFilter, KeyIndex, KeyIndexBuilder, KeyRef};
+use crate::key_index::{
+    check_filters, IndexDescription, KeyFilter, KeyIndex, KeyIndexBuilder, KeyRef,
+};
 use crate::vector_store::{
     collection_description, MilvusIndexParams, MilvusLocation, MilvusOptions, VectorStoreRecord,
 };
@@ -221,30 +223,10 @@ impl MilvusBuilder {
         self.conn.opts.batch_size.max(1)
     }
 
-    fn column<T: Clone>(&self, name: &str, v: Vec<T>) -> Result<FieldColumn>
-    where
-        FieldColumn: FromColumn<T>,
-    {
-        let field = self
-            .schema
+    fn field(&self, name: &str) -> Result<&FieldSchema> {
+        self.schema
             .get_field(name)
-            .ok_or_else(|| IndexError::Index(format!("Milvus schema has no field {name}")))?;
-        Ok(FieldColumn::from_column(field, v))
-    }
-}
-
-/// `FieldColumn::new` for the two column types used here.
-trait FromColumn<T> {
-    fn from_column(field: &FieldSchema, v: Vec<T>) -> FieldColumn;
-}
-impl FromColumn<i64> for FieldColumn {
-    fn from_column(field: &FieldSchema, v: Vec<i64>) -> FieldColumn {
-        FieldColumn::new(field, v)
-    }
-}
-impl FromColumn<f32> for FieldColumn {
-    fn from_column(field: &FieldSchema, v: Vec<f32>) -> FieldColumn {
-        FieldColumn::new(field, v)
+            .ok_or_else(|| IndexError::Index(format!("Milvus schema has no field {name}")))
     }
 }
 
@@ -261,11 +243,14 @@ impl KeyIndexBuilder for MilvusBuilder {
         for (i, part) in refs.chunks(b).enumerate() {
             let rows = &keys[i * b * self.dim..(i * b + part.len()) * self.dim];
             let cols = || -> Result<Vec<FieldColumn>> {
+                let ints = |f: fn(&KeyRef) -> usize| -> Vec<i64> {
+                    part.iter().map(|r| f(r) as i64).collect()
+                };
                 Ok(vec![
-                    self.column(CHUNK, part.iter().map(|r| r.chunk as i64).collect())?,
-                    self.column(DOCUMENT, part.iter().map(|r| r.document as i64).collect())?,
-                    self.column(START, part.iter().map(|r| r.start as i64).collect())?,
-                    self.column(KEY, rows.to_vec())?,
+                    FieldColumn::new(self.field(CHUNK)?, ints(|r| r.chunk)),
+                    FieldColumn::new(self.field(DOCUMENT)?, ints(|r| r.document)),
+                    FieldColumn::new(self.field(START)?, ints(|r| r.start)),
+                    FieldColumn::new(self.field(KEY)?, rows.to_vec()),
                 ])
             };
             let columns = cols()?;
@@ -546,12 +531,9 @@ impl KeyIndex for MilvusIndex {
         self.record.dim
     }
     fn search(&self, queries: &[Vec<f32>], k: usize, ef: Option<usize>) -> Result<Vec<Vec<Hit>>> {
-        let mut out = Vec::with_capacity(queries.len());
-        for part in queries.chunks(self.conn.opts.batch_size.max(1)) {
-            let refs: Vec<&Vec<f32>> = part.iter().collect();
-            out.extend(self.search_group(&refs, k, ef, "")?);
-        }
-        Ok(out)
+        // No filter: one group, searched in batches.
+        let none = vec![KeyFilter::default(); queries.len()];
+        self.search_filtered(queries, k, ef, &none)
     }
     fn search_filtered(
         &self,
@@ -560,6 +542,7 @@ impl KeyIndex for MilvusIndex {
         ef: Option<usize>,
         filters: &[KeyFilter],
     ) -> Result<Vec<Vec<Hit>>> {
+        check_filters(queries, filters)?;
         // One request per distinct filter (the queries of one sequence share theirs), in
         // batches; answers go back to their queries' places.
         let mut groups: Vec<(String, Vec<usize>)> = vec![];
