@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use retro_index::{Database, LmTokenizer};
-use retro_pipeline::{DatasetMeta, Run};
+use retro_pipeline::{DatasetMeta, DistanceGate, Run};
 use std::path::Path;
 
 /// A run's database (its own, or `--db`), K, the tokenizer the model reads, and the dataset it was
@@ -86,4 +86,23 @@ pub fn run_database(run: &Run, db: Option<&Path>, k: Option<usize>) -> Result<Ru
         tokenizer,
         dataset,
     })
+}
+
+/// Which chunks' neighbours the model reads.
+#[derive(clap::Args, Debug)]
+pub struct GateArgs {
+    /// Read a chunk's neighbours only when the nearest is at most this far from it (the database's
+    /// distance, as `index query` prints it); farther ones leave RETRO[OFF]'s prediction. Default:
+    /// read every neighbour, as the paper does. docs/QUALITY.md measures the trade-off.
+    #[arg(long)]
+    pub max_distance: Option<f32>,
+}
+
+impl GateArgs {
+    /// The gate to retrieve with: `None` reads every neighbour.
+    pub fn gate(&self) -> Result<Option<DistanceGate>> {
+        self.max_distance
+            .map(|m| DistanceGate::new(m).context("--max-distance"))
+            .transpose()
+    }
 }

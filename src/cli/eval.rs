@@ -40,6 +40,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
+    pub gate: super::common::GateArgs,
+    #[command(flatten)]
     pub embedder: super::index::EmbedderArgs,
 }
 
@@ -59,7 +61,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .or(rdb.dataset.as_ref().map(|m| m.seq_len))
         .unwrap_or(512);
     let (embedder, _) = super::index::load_embedder(&a.embedder, Some(db))?;
-    let retriever = Retriever::new(db, embedder.as_ref(), &rdb.tokenizer, rdb.k)?;
+    let retriever =
+        Retriever::new(db, embedder.as_ref(), &rdb.tokenizer, rdb.k)?.with_gate(a.gate.gate()?);
     let corpus = read_corpus(&a.data, &CorpusOptions::default())?;
     // The run's held-out documents, found in this database by id; the rest it was trained on.
     let held_ids: HashSet<&str> = rdb
@@ -162,6 +165,9 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
             "", "loss", "perplexity", "bits/byte"
         );
         row("RETRO (retrieval on)", Some(&c.on));
+        if let Some(g) = &c.gated {
+            row("RETRO (on, distance gate)", Some(&g.on));
+        }
         row("RETRO[OFF]", Some(&r.retrieval_off));
         if r.baseline.is_some() {
             row("baseline (no CCA)", r.baseline.as_ref());
@@ -169,20 +175,40 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
         println!(
             "  by overlap of each chunk with its neighbours (longest common token run / chunk_len):"
         );
+        let gated = c.gated.is_some();
+        let col = |v: String| {
+            if gated {
+                format!(" {v:>9}")
+            } else {
+                String::new()
+            }
+        };
         println!(
-            "  {:<28} {:>7} {:>9} {:>9} {:>9}",
-            "bucket", "chunks", "ON bpb", "OFF bpb", "base bpb"
+            "  {:<28} {:>7} {:>9}{} {:>9} {:>9}",
+            "bucket",
+            "chunks",
+            "ON bpb",
+            col("gated bpb".into()),
+            "OFF bpb",
+            "base bpb"
         );
         let f =
             |s: &Option<Scores>| s.map_or("-".to_string(), |s| format!("{:.4}", s.bits_per_byte));
         for b in &c.overlap {
             println!(
-                "  {:<28} {:>7} {:>9} {:>9} {:>9}",
+                "  {:<28} {:>7} {:>9}{} {:>9} {:>9}",
                 b.label(),
                 b.chunks,
                 f(&b.on),
+                col(f(&b.on_gated)),
                 f(&b.off),
                 f(&b.baseline)
+            );
+        }
+        if let Some(g) = &c.gated {
+            println!(
+                "  distance gate: {}; {} of {} retrieved chunks kept",
+                g.gate, g.kept_chunks, g.chunks
             );
         }
     }

@@ -35,6 +35,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub no_retrieval: bool,
     #[command(flatten)]
+    pub gate: super::common::GateArgs,
+    #[command(flatten)]
     pub embedder: super::index::EmbedderArgs,
 }
 
@@ -45,7 +47,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
     let (db, k, tokenizer) = (&rdb.db, rdb.k, &rdb.tokenizer);
     let (embedder, _) = super::index::load_embedder(&a.embedder, Some(db))?;
-    let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?;
+    let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?.with_gate(a.gate.gate()?);
     let sampling = Sampling {
         temperature: a.temperature,
         top_k: a.top_k,

@@ -22,12 +22,20 @@ pub struct ChunkedCrossAttention {
 
 impl ChunkedCrossAttention {
     /// `h [b, t, d_model]`, `e [b, c, k, n, d_model]` encoded neighbours with `c == t / chunk_len`.
-    pub fn forward(&self, h: &Tensor, e: &Tensor, kern: Kernels) -> Result<Tensor> {
+    /// `keep [b, c]` (0 or 1, the model's dtype) gates each chunk's neighbours: where it is 0 the
+    /// rows that chunk conditions get no CCA update, as in RETRO[OFF].
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        e: &Tensor,
+        keep: Option<&Tensor>,
+        kern: Kernels,
+    ) -> Result<Tensor> {
         let (b, c, k, n, _) = e.dims5()?;
         if c == 0 {
             return Ok(h.clone());
         }
-        if kern == Kernels::Differentiable {
+        if kern == Kernels::Differentiable && keep.is_none() {
             // Training: the whole block as one autograd node (CPU, f32/f64).
             let attend = Attend::Chunked {
                 ctx: e,
@@ -66,6 +74,18 @@ impl ChunkedCrossAttention {
         let out = self
             .output
             .forward_k(&out.narrow(1, 0, kept)?, None, kern)?;
+        let out = match keep {
+            None => out,
+            // After the output projection: its bias must not reach a gated row either.
+            Some(keep) => {
+                let d = out.dim(2)?;
+                out.pad_with_zeros(1, 0, c * cl - kept)?
+                    .reshape((b, c, cl, d))?
+                    .broadcast_mul(&keep.reshape((b, c, 1, 1))?)?
+                    .reshape((b, c * cl, d))?
+                    .narrow(1, 0, kept)?
+            }
+        };
         out.pad_with_zeros(1, cl - 1, 0)? + h
     }
 }

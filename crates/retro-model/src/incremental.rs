@@ -67,6 +67,8 @@ pub struct DecodeState {
     chunk_h: Vec<Tensor>,
     /// `[B, 1, K, N, d_model]` encoded neighbours (after `norm_e`) of each completed chunk.
     e: Vec<Tensor>,
+    /// `[B, 1, 1]` gate of each completed chunk's neighbours (`None`: all kept).
+    keep: Vec<Option<Tensor>>,
     /// Per CCA layer, the projected keys and values of the chunk last attended to.
     cca_kv: Vec<Option<CcaKv>>,
 }
@@ -109,6 +111,7 @@ impl RetroModel {
             caches: vec![KvCache::default(); self.config.n_layers],
             chunk_h: Vec::with_capacity(self.config.chunk_len),
             e: Vec::new(),
+            keep: Vec::new(),
             cca_kv: vec![None; self.config.ca_layers.len()],
         }
     }
@@ -123,7 +126,21 @@ impl RetroModel {
         tokens: &Tensor,
         neighbours: Option<&Tensor>,
     ) -> Result<Tensor> {
-        crate::device::on_pool(&self.device, || self.step_on(state, tokens, neighbours))
+        self.step_gated(state, tokens, neighbours, None)
+    }
+
+    /// [`RetroModel::step`] with the neighbours of the completed chunk gated per row: `keep [B]` (0 or
+    /// 1, any float dtype), passed with them. What [`RetroModel::forward_gated`] computes.
+    pub fn step_gated(
+        &self,
+        state: &mut DecodeState,
+        tokens: &Tensor,
+        neighbours: Option<&Tensor>,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        crate::device::on_pool(&self.device, || {
+            self.step_on(state, tokens, neighbours, keep)
+        })
     }
 
     fn step_on(
@@ -131,6 +148,7 @@ impl RetroModel {
         state: &mut DecodeState,
         tokens: &Tensor,
         neighbours: Option<&Tensor>,
+        keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let cl = self.config.chunk_len;
         let t = state.t;
@@ -191,6 +209,24 @@ impl RetroModel {
             },
             _ => None,
         };
+        let keep = match (keep, &neighbours) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ModelError::Shape(format!(
+                    "step at t = {t}: keep passed without neighbours (it gates them)"
+                )))
+            }
+            (Some(k), Some(_)) => {
+                if k.dims() != [b] {
+                    return Err(ModelError::Shape(format!(
+                        "step at t = {t}: keep must be [B] with B = {b}, got {:?}",
+                        k.dims()
+                    )));
+                }
+                let k = self.check_keep(&k.reshape((b, 1))?, b, 1)?;
+                Some(k.reshape((b, 1, 1))?)
+            }
+        };
         let tokens = self.ids(tokens, "tokens")?;
 
         let use_cca = state.retrieval && !self.config.ca_layers.is_empty();
@@ -209,12 +245,20 @@ impl RetroModel {
                         let h_chunk = Tensor::cat(&state.chunk_h, 1)?; // [B, cl, d]
                         state.chunk_h.clear();
                         state.e.push(self.encode_neighbours(ret, &h_chunk, KERN)?);
+                        state.keep.push(keep.clone());
                     }
                 }
                 // Chunk u's neighbours condition positions u*cl + cl - 1 ..= u*cl + 2*cl - 2.
                 if is_ca && t + 1 >= cl {
                     let u = (t + 1 - cl) / cl;
-                    h = cca_step(&self.cca[i_ca], &mut state.cca_kv[i_ca], &state.e[u], u, &h)?;
+                    h = cca_step(
+                        &self.cca[i_ca],
+                        &mut state.cca_kv[i_ca],
+                        &state.e[u],
+                        state.keep[u].as_ref(),
+                        u,
+                        &h,
+                    )?;
                 }
             }
             if is_ca {
@@ -308,6 +352,7 @@ fn cca_step(
     cca: &ChunkedCrossAttention,
     kv: &mut Option<CcaKv>,
     e: &Tensor,
+    keep: Option<&Tensor>,
     u: usize,
     h: &Tensor,
 ) -> Result<Tensor> {
@@ -332,5 +377,13 @@ fn cca_step(
     let q = (cca.query.forward(&x)? * scale)?.reshape((b, nh, 1, dk))?;
     let attn = KERN.softmax(&q.matmul(k_t)?)?;
     let out = attn.matmul(v)?.reshape((b, 1, nh * dk))?;
-    Ok(cca.output.forward_k(&out, Some(h), KERN)?)
+    Ok(match keep {
+        None => cca.output.forward_k(&out, Some(h), KERN)?,
+        Some(keep) => {
+            (cca.output
+                .forward_k(&out, None, KERN)?
+                .broadcast_mul(keep)?
+                + h)?
+        }
+    })
 }

@@ -189,17 +189,42 @@ impl RetroModel {
     /// `x [B, T]` token ids and `ret [B, C, K, N]` neighbour token ids (`C == T / chunk_len`) ->
     /// logits `[B, T, n_vocab]`. Inference kernels: no gradient flows.
     pub fn forward(&self, x: &Tensor, ret: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, Some(ret), Kernels::Fused)
+        self.forward_with(x, Some(ret), None, Kernels::Fused)
+    }
+
+    /// [`RetroModel::forward`] with the neighbours of each chunk gated: `keep [B, C]` (0 or 1, any
+    /// float dtype). Where it is 0, the positions chunk u's neighbours would condition get no CCA
+    /// update, as in RETRO[OFF]; all zeros computes RETRO[OFF], all ones [`RetroModel::forward`].
+    /// The pipeline gates neighbours that are too far from their chunk to help.
+    pub fn forward_gated(&self, x: &Tensor, ret: &Tensor, keep: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Some(ret), Some(keep), Kernels::Fused)
     }
 
     /// RETRO[OFF]: the same decoder with the encoder and every CCA skipped.
     pub fn forward_without_retrieval(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, None, Kernels::Fused)
+        self.forward_with(x, None, None, Kernels::Fused)
     }
 
     /// The forward for training: every op records its backward. `ret = None` skips retrieval.
     pub fn forward_train(&self, x: &Tensor, ret: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_with(x, ret, Kernels::Differentiable)
+        self.forward_with(x, ret, None, Kernels::Differentiable)
+    }
+
+    /// Checks `keep [B, C]` against `ret [B, C, K, N]` and returns it in the model's dtype.
+    pub(crate) fn check_keep(&self, keep: &Tensor, b: usize, c: usize) -> Result<Tensor> {
+        if keep.dims() != [b, c] {
+            return Err(ModelError::Shape(format!(
+                "keep must be [B, C] = [{b}, {c}] (one gate per chunk), got {:?}",
+                keep.dims()
+            )));
+        }
+        if !keep.dtype().is_float() {
+            return Err(ModelError::Shape(format!(
+                "keep must hold floats 0 or 1, got dtype {:?}",
+                keep.dtype()
+            )));
+        }
+        Ok(keep.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
     /// Checks ids and shapes and returns `(x, ret)` as u32 ids on the model's device.
@@ -289,14 +314,27 @@ impl RetroModel {
         Ok(self.norm_e.forward(&e, kern)?)
     }
 
-    fn forward_with(&self, x: &Tensor, ret: Option<&Tensor>, kern: Kernels) -> Result<Tensor> {
-        crate::device::on_pool(&self.device, || self.forward_on(x, ret, kern))
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        ret: Option<&Tensor>,
+        keep: Option<&Tensor>,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        crate::device::on_pool(&self.device, || self.forward_on(x, ret, keep, kern))
     }
 
-    fn forward_on(&self, x: &Tensor, ret: Option<&Tensor>, kern: Kernels) -> Result<Tensor> {
+    fn forward_on(
+        &self,
+        x: &Tensor,
+        ret: Option<&Tensor>,
+        keep: Option<&Tensor>,
+        kern: Kernels,
+    ) -> Result<Tensor> {
         let (x, ret) = self.check_inputs(x, ret)?;
-        let (_, t) = x.dims2()?;
+        let (b, t) = x.dims2()?;
         let c = t / self.config.chunk_len;
+        let keep = keep.map(|k| self.check_keep(k, b, c)).transpose()?;
         // With no complete chunk there is nothing to attend to: CCA is the identity.
         let ret = ret.filter(|_| c > 0 && !self.config.ca_layers.is_empty());
         let mut h = self.embed(&x)?;
@@ -312,7 +350,12 @@ impl RetroModel {
                     e = Some(self.encode_neighbours(ret, &h, kern)?);
                 }
                 if self.config.ca_layers.contains(&p) {
-                    h = self.cca[p_ca].forward(&h, e.as_ref().expect("encoder ran"), kern)?;
+                    h = self.cca[p_ca].forward(
+                        &h,
+                        e.as_ref().expect("encoder ran"),
+                        keep.as_ref(),
+                        kern,
+                    )?;
                 }
             }
             if self.config.ca_layers.contains(&p) {

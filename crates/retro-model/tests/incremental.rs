@@ -151,6 +151,88 @@ fn every_step_equals_the_full_forward() {
     }
 }
 
+/// `keep [B, C]`: a mix of kept and gated chunks, different in each row.
+fn keep_mix(b: usize, c: usize, dtype: DType) -> Tensor {
+    let v: Vec<f64> = (0..b * c)
+        .map(|i| if (i / c + i % c) % 2 == 0 { 1.0 } else { 0.0 })
+        .collect();
+    Tensor::from_vec(v, (b, c), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+#[test]
+fn gated_neighbours_compute_retro_off_where_gated() {
+    for (ci, c) in configs().iter().enumerate() {
+        for dtype in [DType::F32, DType::F64] {
+            let m = RetroModel::new(c, 11 + ci as u64, dtype, &Device::Cpu).unwrap();
+            let (x, ret) = inputs(c);
+            let cl = c.chunk_len;
+            let chunks = ret.dim(1).unwrap();
+            let ones = Tensor::ones((B, chunks), dtype, &Device::Cpu).unwrap();
+            let zeros = ones.zeros_like().unwrap();
+            let on = m.forward(&x, &ret).unwrap();
+            let off = m.forward_without_retrieval(&x).unwrap();
+            // All kept: the plain forward. All gated: RETRO[OFF], exactly.
+            let d = max_abs(&m.forward_gated(&x, &ret, &ones).unwrap(), &on);
+            assert!(
+                d < tol(dtype),
+                "{dtype:?}: all kept differs from forward by {d}"
+            );
+            let d = max_abs(&m.forward_gated(&x, &ret, &zeros).unwrap(), &off);
+            assert!(
+                d == 0.0,
+                "{dtype:?}: all gated differs from RETRO[OFF] by {d}"
+            );
+            // A mix: positions before the first kept chunk's rows are RETRO[OFF]'s; row 1 gates
+            // chunk 0, so its first 2 * cl - 1 positions (up to chunk 1's CCA rows) are OFF's.
+            let keep = keep_mix(B, chunks, dtype);
+            let mixed = m.forward_gated(&x, &ret, &keep).unwrap();
+            let head = |t: &Tensor| t.i((1, ..2 * cl - 1)).unwrap();
+            assert!(max_abs(&head(&mixed), &head(&off)) == 0.0);
+            assert!(max_abs(&mixed, &on) > 1e-3 && max_abs(&mixed, &off) > 1e-3);
+            // Step by step with the same gates: the gated full forward at every position.
+            let mut state = m.start_decoding(B, true);
+            for t in 0..x.dim(1).unwrap() {
+                let nb = neighbours_at(&ret, t, cl);
+                let k = nb.as_ref().map(|_| keep.i((.., t / cl)).unwrap());
+                let got = m
+                    .step_gated(&mut state, &x.i((.., t)).unwrap(), nb.as_ref(), k.as_ref())
+                    .unwrap();
+                let d = max_abs(&got, &mixed.i((.., t)).unwrap());
+                assert!(
+                    d < tol(dtype),
+                    "{dtype:?}: gated step at t = {t} differs by {d}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn malformed_gates_are_errors() {
+    let c = &configs()[0];
+    let m = RetroModel::new(c, 3, DType::F32, &Device::Cpu).unwrap();
+    let (x, ret) = inputs(c);
+    let chunks = ret.dim(1).unwrap();
+    let wrong = Tensor::ones((B, chunks + 1), DType::F32, &Device::Cpu).unwrap();
+    shape_err(m.forward_gated(&x, &ret, &wrong), "keep must be [B, C]");
+    let ints = Tensor::ones((B, chunks), DType::U32, &Device::Cpu).unwrap();
+    shape_err(m.forward_gated(&x, &ret, &ints), "floats");
+    let mut state = m.start_decoding(B, true);
+    let one = Tensor::ones(B, DType::F32, &Device::Cpu).unwrap();
+    shape_err(
+        m.step_gated(&mut state, &x.i((.., 0)).unwrap(), None, Some(&one)),
+        "keep passed without neighbours",
+    );
+    assert_eq!(
+        state.position(),
+        0,
+        "a failed check leaves the state as it was"
+    );
+}
+
 #[test]
 fn retrieval_changes_the_logits_after_the_first_chunk() {
     // Guards against a test that passes because CCA does nothing.

@@ -8,9 +8,13 @@
 //! Each scored chunk is also bucketed by its overlap with the neighbours that condition it (the
 //! paper's section 2.6 and Fig. 6): the longest common token substring between the chunk and any of
 //! those neighbours (chunk + continuation), as a fraction of `chunk_len`.
+//!
+//! When the retriever carries a distance gate ([`crate::gate`]), retrieval on is also scored through
+//! it: a chunk's neighbours are read only when the nearest is close enough to help.
 
 use crate::error::{PipelineError, Result};
 use crate::filter::Filter;
+use crate::gate::DistanceGate;
 use crate::retriever::Retriever;
 use candle_core::{DType, Tensor};
 use retro_index::{ChunkStore, Corpus, LmTokenizer};
@@ -57,6 +61,8 @@ pub struct OverlapBucket {
     pub tokens: usize,
     pub bytes: usize,
     pub on: Option<Scores>,
+    /// Retrieval on through the retriever's distance gate.
+    pub on_gated: Option<Scores>,
     pub off: Option<Scores>,
     pub baseline: Option<Scores>,
 }
@@ -77,13 +83,27 @@ pub struct ConditionReport {
     /// Database documents that never served as neighbours.
     pub excluded_documents: Vec<String>,
     pub on: Scores,
+    /// Retrieval on through the retriever's distance gate, when it has one.
+    pub gated: Option<GatedScores>,
     pub overlap: Vec<OverlapBucket>,
+}
+
+/// Scores with each chunk's neighbours read only when the gate keeps them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GatedScores {
+    pub gate: DistanceGate,
+    /// Retrieved chunks, and how many of them the gate kept.
+    pub chunks: usize,
+    pub kept_chunks: usize,
+    pub on: Scores,
 }
 
 /// `bits_per_byte` of the three models, retrieval on under the first condition (related).
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct BitsPerByte {
     pub on: Option<f64>,
+    /// Retrieval on through the distance gate (related condition).
+    pub on_gated: Option<f64>,
     pub off: f64,
     pub baseline: Option<f64>,
 }
@@ -136,10 +156,17 @@ fn windows(n: usize, seq_len: usize) -> Vec<std::ops::Range<usize>> {
 }
 
 /// Negative log-likelihood of each target `y [1, t]`.
-fn nll(model: &RetroModel, x: &Tensor, y: &Tensor, ret: Option<&Tensor>) -> Result<Vec<f64>> {
-    let logits = match ret {
-        Some(r) => model.forward(x, r)?,
-        None => model.forward_without_retrieval(x)?,
+fn nll(
+    model: &RetroModel,
+    x: &Tensor,
+    y: &Tensor,
+    ret: Option<&Tensor>,
+    keep: Option<&Tensor>,
+) -> Result<Vec<f64>> {
+    let logits = match (ret, keep) {
+        (Some(r), Some(k)) => model.forward_gated(x, r, k)?,
+        (Some(r), None) => model.forward(x, r)?,
+        (None, _) => model.forward_without_retrieval(x)?,
     };
     let (b, t, v) = logits.dims3()?;
     let lsm = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?.to_dtype(DType::F32)?, 1)?;
@@ -265,6 +292,9 @@ pub fn evaluate(
     let cl = model.config().chunk_len;
     let nb = OVERLAP_BOUNDS.len() + 1;
     let mut on = vec![Sums::default(); conditions.len()];
+    let mut on_gated = vec![Sums::default(); conditions.len()];
+    // Per condition: retrieved chunks, and those the gate kept.
+    let mut gate_counts = vec![(0usize, 0usize); conditions.len()];
     // Per condition and bucket: chunks, tokens, bytes (on differs by condition, so do its buckets).
     let mut counts = vec![vec![(0usize, 0usize, 0usize); nb]; conditions.len()];
     let mut off = 0.0;
@@ -283,15 +313,25 @@ pub fn evaluate(
             let y = Tensor::from_vec(ws[1..].to_vec(), (1, t), device)?;
             tokens += t;
             bytes += wl[1..].iter().sum::<usize>();
-            let nll_off = nll(model, &x, &y, None)?;
+            let nll_off = nll(model, &x, &y, None, None)?;
             off += nll_off.iter().sum::<f64>();
-            let nll_base = baseline.map(|b| nll(b, &x, &y, None)).transpose()?;
+            let nll_base = baseline.map(|b| nll(b, &x, &y, None, None)).transpose()?;
             if let Some(v) = &nll_base {
                 base += v.iter().sum::<f64>();
             }
             for (ci, r) in retrievers.iter().enumerate() {
                 let n = r.retrieve(&[ws[..t].to_vec()], None, Filter::None)?;
-                let nll_on = nll(model, &x, &y, Some(&n.to_tensor(device)?))?;
+                let ret = n.to_tensor(device)?;
+                let nll_on = nll(model, &x, &y, Some(&ret), None)?;
+                let keep = n.keep_tensor(device)?;
+                let nll_gated = keep
+                    .as_ref()
+                    .map(|k| nll(model, &x, &y, Some(&ret), Some(k)))
+                    .transpose()?;
+                if let Some(k) = &n.keep {
+                    gate_counts[ci].0 += k.len();
+                    gate_counts[ci].1 += k.iter().filter(|&&v| v > 0.0).count();
+                }
                 let chunks = n.chunks;
                 // Target j (window index 1..=t) lies in chunk j / cl; neighbours of chunk u - 1
                 // condition chunk u (the CCA shift).
@@ -323,6 +363,9 @@ pub fn evaluate(
                     counts[ci][bucket].1 += 1;
                     counts[ci][bucket].2 += wl[j];
                     on[ci].nll[bucket] += nll_on[j - 1];
+                    if let Some(v) = &nll_gated {
+                        on_gated[ci].nll[bucket] += v[j - 1];
+                    }
                     off_buckets[ci].nll[bucket] += nll_off[j - 1];
                     if let Some(v) = &nll_base {
                         base_buckets[ci].nll[bucket] += v[j - 1];
@@ -347,6 +390,7 @@ pub fn evaluate(
         v.sort();
         v
     };
+    let gate = retrieval.and_then(|r| r.gate());
     let reports: Vec<ConditionReport> = conditions
         .iter()
         .enumerate()
@@ -369,6 +413,7 @@ pub fn evaluate(
                         tokens: tk,
                         bytes: by,
                         on: s(on[ci].nll[b]),
+                        on_gated: gate.and(s(on_gated[ci].nll[b])),
                         off: s(off_buckets[ci].nll[b]),
                         baseline: baseline.and(s(base_buckets[ci].nll[b])),
                     }
@@ -378,6 +423,12 @@ pub fn evaluate(
                 condition: *c,
                 excluded_documents: names(ex),
                 on: scores(on[ci].nll.iter().sum(), tokens, bytes),
+                gated: gate.map(|g| GatedScores {
+                    gate: g,
+                    chunks: gate_counts[ci].0,
+                    kept_chunks: gate_counts[ci].1,
+                    on: scores(on_gated[ci].nll.iter().sum(), tokens, bytes),
+                }),
                 overlap,
             }
         })
@@ -392,6 +443,10 @@ pub fn evaluate(
         database_id: retrieval.map(|r| r.database().id().to_string()),
         bits_per_byte: BitsPerByte {
             on: reports.first().map(|r| r.on.bits_per_byte),
+            on_gated: reports
+                .first()
+                .and_then(|r| r.gated.as_ref())
+                .map(|g| g.on.bits_per_byte),
             off: retrieval_off.bits_per_byte,
             baseline: baseline.map(|s| s.bits_per_byte),
         },

@@ -151,12 +151,15 @@ pub fn generate(
     let device = model.device().clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
     let mut state = model.start_decoding(1, retriever.is_some());
-    // Neighbours `[1, K, N]` of the chunk that ends at position t, if any.
+    // Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
+    type Retrieved = (Option<Tensor>, Option<Tensor>);
     let neighbours_at =
-        |tokens: &[u32], t: usize, on_event: &mut dyn FnMut(Event)| -> Result<Option<Tensor>> {
-            let Some(r) = retriever else { return Ok(None) };
+        |tokens: &[u32], t: usize, on_event: &mut dyn FnMut(Event)| -> Result<Retrieved> {
+            let Some(r) = retriever else {
+                return Ok((None, None));
+            };
             if t % cl != cl - 1 {
-                return Ok(None);
+                return Ok((None, None));
             }
             let chunk = &tokens[t + 1 - cl..=t];
             let n = r.retrieve(&[chunk.to_vec()], None, Filter::None)?;
@@ -165,13 +168,14 @@ pub fn generate(
                 tokens: chunk,
                 neighbours: &n,
             });
-            Ok(Some(n.to_tensor(&device)?.squeeze(1)?))
+            let keep = n.keep_tensor(&device)?.map(|k| k.reshape(1)).transpose()?;
+            Ok((Some(n.to_tensor(&device)?.squeeze(1)?), keep))
         };
     let mut logits = None;
     for t in 0..tokens.len() {
-        let nb = neighbours_at(&tokens, t, on_event)?;
+        let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
         let x = Tensor::new(&[tokens[t]], &device)?;
-        logits = Some(model.step(&mut state, &x, nb.as_ref())?);
+        logits = Some(model.step_gated(&mut state, &x, nb.as_ref(), keep.as_ref())?);
     }
     let mut out = vec![];
     for _ in 0..max_tokens {
@@ -186,8 +190,9 @@ pub fn generate(
         tokens.push(next);
         on_event(Event::Token(next));
         let t = tokens.len() - 1;
-        let nb = neighbours_at(&tokens, t, on_event)?;
-        logits = Some(model.step(&mut state, &Tensor::new(&[next], &device)?, nb.as_ref())?);
+        let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
+        let x = Tensor::new(&[next], &device)?;
+        logits = Some(model.step_gated(&mut state, &x, nb.as_ref(), keep.as_ref())?);
     }
     Ok(out)
 }

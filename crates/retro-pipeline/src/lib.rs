@@ -34,6 +34,7 @@ pub mod dataset;
 pub mod error;
 pub mod eval;
 pub mod filter;
+pub mod gate;
 pub mod generate;
 pub mod plot;
 pub mod retriever;
@@ -43,9 +44,11 @@ pub mod trainer;
 pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
 pub use error::{PipelineError, Result};
 pub use eval::{
-    evaluate, Condition, ConditionReport, EvalOptions, EvalReport, OverlapBucket, Scores,
+    evaluate, Condition, ConditionReport, EvalOptions, EvalReport, GatedScores, OverlapBucket,
+    Scores,
 };
 pub use filter::{Filter, Origin};
+pub use gate::DistanceGate;
 pub use generate::{generate, Event, Sampling};
 pub use retriever::{Neighbours, Retriever, Timings};
 pub use schedule::Schedule;

@@ -4,6 +4,7 @@
 
 use crate::error::{PipelineError, Result};
 use crate::filter::{Excluded, Filter, Origin};
+use crate::gate::DistanceGate;
 use candle_core::{Device, Tensor};
 use retro_index::{Database, Embedder, LmTokenizer};
 use std::collections::HashSet;
@@ -24,6 +25,9 @@ pub struct Neighbours {
     pub tokens: Vec<u32>,
     /// Neighbours that had to be padded.
     pub padded: usize,
+    /// `[B, C]` the retriever's gate: 1 where a chunk's neighbours are to be read, 0 where they are
+    /// too far to help; `None` without a gate (all read).
+    pub keep: Option<Vec<f32>>,
     pub timings: Timings,
 }
 
@@ -44,6 +48,20 @@ impl Neighbours {
             device,
         )?)
     }
+
+    /// The gate `keep [B, C]` (f32) on `device`, when the retriever has one.
+    pub fn keep_tensor(&self, device: &Device) -> Result<Option<Tensor>> {
+        self.keep
+            .as_ref()
+            .map(|k| {
+                Ok(Tensor::from_vec(
+                    k.clone(),
+                    (self.batch, self.chunks),
+                    device,
+                )?)
+            })
+            .transpose()
+    }
 }
 
 /// Fetches the K nearest neighbours (+ continuations) of every complete chunk of its input.
@@ -56,6 +74,7 @@ pub struct Retriever<'a> {
     neighbor_len: usize,
     ef: Option<usize>,
     excluded: Excluded,
+    gate: Option<DistanceGate>,
 }
 
 impl<'a> Retriever<'a> {
@@ -90,6 +109,7 @@ impl<'a> Retriever<'a> {
             neighbor_len: 2 * db.chunk_len(),
             ef: None,
             excluded: Excluded::new(),
+            gate: None,
         })
     }
 
@@ -105,6 +125,16 @@ impl<'a> Retriever<'a> {
         }
         self.neighbor_len = n;
         Ok(self)
+    }
+
+    /// Gates each chunk's neighbours by distance ([`Neighbours::keep`]).
+    pub fn with_gate(mut self, gate: Option<DistanceGate>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    pub fn gate(&self) -> Option<DistanceGate> {
+        self.gate
     }
 
     pub fn with_ef(mut self, ef: Option<usize>) -> Self {
@@ -233,6 +263,7 @@ impl<'a> Retriever<'a> {
             distances: Vec::with_capacity(keys.len() * k),
             tokens: Vec::with_capacity(keys.len() * k * n),
             padded: 0,
+            keep: None,
             timings: Timings::default(),
         };
         for row in hits {
@@ -252,6 +283,9 @@ impl<'a> Retriever<'a> {
                 }
             }
         }
+        out.keep = self
+            .gate
+            .map(|g| out.distances.chunks(k).map(|d| g.keep(d)).collect());
         out.timings = Timings {
             embed: Duration::ZERO,
             search,

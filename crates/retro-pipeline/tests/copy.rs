@@ -9,8 +9,8 @@ use rand::{Rng, SeedableRng};
 use retro_index::{BuildOptions, Corpus, Database, Document, LexicalEmbedder, LmTokenizer};
 use retro_model::RetroConfig;
 use retro_pipeline::{
-    evaluate, train, Condition, Dataset, DatasetParams, EvalOptions, Retriever, Run, Schedule,
-    TrainConfig,
+    evaluate, generate, train, Condition, Dataset, DatasetParams, DistanceGate, EvalOptions,
+    Filter, Retriever, Run, Sampling, Schedule, TrainConfig,
 };
 use std::collections::HashSet;
 
@@ -114,8 +114,22 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
         &mut |_, _| {},
     )
     .unwrap();
-    let model = Run::open(&run_dir).unwrap().load_model(&dev).unwrap();
+    let run = Run::open(&run_dir).unwrap();
+    let model = run.load_model(&dev).unwrap();
     let retriever = Retriever::new(&db, &embedder, &tokenizer, 2).unwrap();
+    // A gate between the twins' distances and the strangers': the nearest distance that keeps 90% of
+    // a training document's chunks (their twins are in the database) is below most strangers'.
+    let probe = retriever
+        .retrieve(
+            &[db.store().document_tokens(2)[..512].to_vec()],
+            None,
+            Filter::None,
+        )
+        .unwrap();
+    let mut nearest: Vec<f32> = probe.distances.chunks(2).map(|d| d[0]).collect();
+    nearest.sort_by(f32::total_cmp);
+    let gate = DistanceGate::new(nearest[nearest.len() * 9 / 10]).unwrap();
+    let retriever = retriever.with_gate(Some(gate));
     let docs = db.store().documents();
     let held: HashSet<usize> = (0..docs.len())
         .filter(|&d| docs[d].id.ends_with("00"))
@@ -151,6 +165,48 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
         novel.on.bits_per_byte > 0.8 * off,
         "retrieval helped without any twin in the database (a leak?): ON {} vs OFF {off}",
         novel.on.bits_per_byte
+    );
+    // The gate keeps the twins' neighbours and drops the strangers': related still gains, and novel
+    // reads almost nothing, so it scores as RETRO[OFF] does.
+    let (rg, ng) = (
+        related.gated.as_ref().unwrap(),
+        novel.gated.as_ref().unwrap(),
+    );
+    assert!(rg.on.bits_per_byte < 0.5 * off, "{rg:?} vs OFF {off}");
+    assert!(rg.kept_chunks * 10 > rg.chunks * 8, "{rg:?}");
+    assert!(ng.kept_chunks * 10 < ng.chunks, "{ng:?}");
+    assert!(
+        (ng.on.bits_per_byte - off).abs() < (novel.on.bits_per_byte - off).abs().max(0.01 * off),
+        "gated novel {ng:?} is no closer to OFF {off} than ungated {}",
+        novel.on.bits_per_byte
+    );
+    assert_eq!(report.bits_per_byte.on_gated, Some(rg.on.bits_per_byte));
+    // Generation through a gate that reads nothing is RETRO[OFF]'s; through one that reads all, the
+    // ungated model's.
+    let greedy = |r: Option<&Retriever>| {
+        let prompt = &corpus.documents[2].text[..40];
+        generate(
+            &model,
+            r,
+            &tokenizer,
+            prompt,
+            24,
+            &Sampling::default(),
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let plain = Retriever::new(&db, &embedder, &tokenizer, 2).unwrap();
+    let none = plain.clone().with_gate(Some(DistanceGate::closed()));
+    let all = plain
+        .clone()
+        .with_gate(Some(DistanceGate::new(f32::MAX).unwrap()));
+    assert_eq!(greedy(Some(&none)), greedy(None));
+    assert_eq!(greedy(Some(&all)), greedy(Some(&plain)));
+    assert_ne!(
+        greedy(Some(&plain)),
+        greedy(None),
+        "retrieval changes what a copier generates"
     );
     // The chunks that overlap their neighbours most are where ON gains.
     let top = related.overlap.last().unwrap();

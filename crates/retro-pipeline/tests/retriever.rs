@@ -2,7 +2,7 @@
 
 mod common;
 
-use retro_pipeline::{Filter, Origin, Retriever};
+use retro_pipeline::{DistanceGate, Filter, Origin, Retriever};
 
 #[test]
 fn neighbours_are_the_stored_chunk_plus_its_continuation_within_its_document() {
@@ -153,4 +153,32 @@ fn shapes_for_partial_and_short_inputs_and_padding_when_k_cannot_be_met() {
     assert!(r
         .retrieve(&[tokens[..32].to_vec()], None, Filter::SameDocument)
         .is_err());
+}
+
+#[test]
+fn the_gate_keeps_exactly_the_chunks_whose_nearest_neighbour_is_close() {
+    let f = common::fixture(6, 3000, 16);
+    let doc = f.db.store().document_tokens(2).to_vec();
+    let x = vec![doc[..160].to_vec()];
+    let plain = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 3).unwrap();
+    let out = plain.retrieve(&x, None, Filter::None).unwrap();
+    assert!(out.keep.is_none(), "no gate, no keep");
+    // A threshold at the median nearest distance splits the chunks.
+    let mut nearest: Vec<f32> = out.distances.chunks(3).map(|d| d[0]).collect();
+    nearest.sort_by(f32::total_cmp);
+    let m = nearest[nearest.len() / 2];
+    let gated = plain.clone().with_gate(Some(DistanceGate::new(m).unwrap()));
+    let out = gated.retrieve(&x, None, Filter::None).unwrap();
+    let keep = out.keep.clone().unwrap();
+    assert_eq!(keep.len(), out.chunks);
+    for (u, d) in out.distances.chunks(3).enumerate() {
+        assert_eq!(
+            keep[u],
+            if d[0] <= m { 1.0 } else { 0.0 },
+            "chunk {u}: {d:?}"
+        );
+    }
+    assert!(keep.contains(&1.0) && keep.contains(&0.0), "{keep:?}");
+    let t = out.keep_tensor(&candle_core::Device::Cpu).unwrap().unwrap();
+    assert_eq!(t.dims(), &[1, out.chunks]);
 }
