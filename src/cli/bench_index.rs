@@ -256,6 +256,10 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
         );
     }
     let mut runs = vec![bs::embedded_run(&keys, dim, hnsw, &queries, &exact, a.k)?];
+    if !a.json {
+        // Now, so that a failure in the store's half does not lose the embedded half's numbers.
+        eprintln!("{}", serde_json::to_string(&runs[0])?);
+    }
     {
         let Some((_, index)) = a.store.resolve(hnsw)? else {
             unreachable!("a vector store was given")

@@ -154,7 +154,13 @@ fn every_step_equals_the_full_forward() {
 /// `keep [B, C]`: a mix of kept and gated chunks, different in each row.
 fn keep_mix(b: usize, c: usize, dtype: DType) -> Tensor {
     let v: Vec<f64> = (0..b * c)
-        .map(|i| if (i / c + i % c) % 2 == 0 { 1.0 } else { 0.0 })
+        .map(|i| {
+            if (i / c + i % c).is_multiple_of(2) {
+                1.0
+            } else {
+                0.0
+            }
+        })
         .collect();
     Tensor::from_vec(v, (b, c), &Device::Cpu)
         .unwrap()
