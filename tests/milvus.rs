@@ -129,7 +129,6 @@ fn milvus_and_hnsw_rs_agree_on_the_top_10() {
     let a = embedded.search_batch(&keys, 10, None).unwrap();
     let b = milvus.search_batch(&keys, 10, None).unwrap();
     let mean = a.iter().zip(&b).map(|(x, y)| agreement(x, y)).sum::<f64>() / a.len() as f64;
-    eprintln!("top-10 agreement {mean:.4}");
     assert!(mean >= 0.9, "top-10 agreement {mean:.3}");
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(y.len(), 10);

@@ -84,6 +84,9 @@ fn sh(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Sequences per training step of both runs (the probe's tokens per step follow from it).
+const BATCH_SIZE: usize = 4;
+
 /// The median seconds of a training step after the first 10 (which pay for allocation and warm-up),
 /// from a run's `metrics.jsonl`: the whole probe's mean overestimated the step time by 8% (RETRO) and
 /// 33% (baseline), so the baseline got less time than RETRO (2026-12-02).
@@ -309,6 +312,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(out.join(run));
     }
     let lr = a.lr.to_string();
+    let batch = BATCH_SIZE.to_string();
     let shuffle = a.neighbour_shuffle.to_string();
     let train = |run: &str, budget: &[&str], extra: &[&str]| -> Result<()> {
         let dir = p(run);
@@ -319,7 +323,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "--preset",
             &a.preset,
             "--batch-size",
-            "4",
+            &batch,
             "--lr",
             &lr,
             "--warmup",
@@ -347,7 +351,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let steps_in = |probe: &str, seconds: f64, extra: &[&str]| -> Result<usize> {
         let _ = std::fs::remove_dir_all(out.join(probe));
         train(probe, &["--steps", "60"], extra)?;
-        let step_s = median_step_seconds(&out.join(probe).join("metrics.jsonl"), 4 * a.seq_len)?;
+        let step_s = median_step_seconds(
+            &out.join(probe).join("metrics.jsonl"),
+            BATCH_SIZE * a.seq_len,
+        )?;
         let _ = std::fs::remove_dir_all(out.join(probe));
         let steps = (seconds / step_s.max(1e-6)) as usize;
         println!(
