@@ -27,6 +27,17 @@ pub struct StoreRun {
     pub queries_per_s_batch64: f64,
     pub recall: f64,
     pub k: usize,
+    /// The process's peak resident memory (Linux `VmHWM`) when this store's half ended: the
+    /// peak so far, so a second half in the same process reports the larger of both.
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// The process's peak resident set in MiB, where `/proc/self/status` has it.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// What [`measure_queries`] found.
@@ -61,6 +72,7 @@ impl StoreRun {
             queries_per_s_batch64: m.queries_per_s_batch64,
             recall: m.recall,
             k,
+            peak_rss_mb: peak_rss_mb(),
         }
     }
 }
@@ -228,12 +240,21 @@ pub fn milvus_run(
 
 pub fn print_runs(runs: &[StoreRun]) {
     println!(
-        "{:<20} {:<36} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}",
-        "store", "index", "keys", "keys/s", "p50 ms", "p99 ms", "q/s b1", "q/s b64", "recall"
+        "{:<20} {:<36} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>12}",
+        "store",
+        "index",
+        "keys",
+        "keys/s",
+        "p50 ms",
+        "p99 ms",
+        "q/s b1",
+        "q/s b64",
+        "recall",
+        "peak RSS MB"
     );
     for r in runs {
         println!(
-            "{:<20} {:<36} {:>8} {:>10.0} {:>9.3} {:>9.3} {:>9.0} {:>10.0} {:>9.4}",
+            "{:<20} {:<36} {:>8} {:>10.0} {:>9.3} {:>9.3} {:>9.0} {:>10.0} {:>9.4} {:>12}",
             r.store,
             r.params,
             r.keys,
@@ -242,7 +263,8 @@ pub fn print_runs(runs: &[StoreRun]) {
             r.latency_ms_p99,
             r.queries_per_s_batch1,
             r.queries_per_s_batch64,
-            r.recall
+            r.recall,
+            r.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}"))
         );
     }
 }

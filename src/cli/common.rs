@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use retro_index::{Database, LmTokenizer};
-use retro_pipeline::{DatasetMeta, DistanceGate, Run};
+use retro_pipeline::{DatasetMeta, Gate, Run};
 use std::path::Path;
 
 /// A run's database (its own, or `--db`), K, the tokenizer the model reads, and the dataset it was
@@ -94,15 +94,22 @@ pub struct GateArgs {
     /// Read a chunk's neighbours only when the nearest is at most this far from it (the database's
     /// distance, as `index query` prints it); farther ones leave RETRO[OFF]'s prediction. Default:
     /// read every neighbour, as the paper does. docs/QUALITY.md measures the trade-off.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "min_overlap")]
     pub max_distance: Option<f32>,
+    /// Read a chunk's neighbours only when one of them (chunk + continuation) shares a run of at
+    /// least this fraction of chunk_len tokens with the chunk; otherwise RETRO[OFF]'s prediction.
+    #[arg(long)]
+    pub min_overlap: Option<f32>,
 }
 
 impl GateArgs {
     /// The gate to retrieve with: `None` reads every neighbour.
-    pub fn gate(&self) -> Result<Option<DistanceGate>> {
+    pub fn gate(&self) -> Result<Option<Gate>> {
+        if let Some(m) = self.min_overlap {
+            return Ok(Some(Gate::overlap(m).context("--min-overlap")?));
+        }
         self.max_distance
-            .map(|m| DistanceGate::new(m).context("--max-distance"))
+            .map(|m| Gate::distance(m).context("--max-distance"))
             .transpose()
     }
 }

@@ -59,6 +59,11 @@ pub struct BuildArgs {
     pub max_train_sequences: Option<usize>,
     #[arg(long)]
     pub max_valid_sequences: Option<usize>,
+    /// Give this fraction of the training sequences *novel* neighbours: each chunk's also kept out
+    /// of the document of its nearest neighbour (e.g. the other edition of its play), so CCA also
+    /// trains on neighbours that look alike but do not continue the text. 0, as in the paper.
+    #[arg(long, default_value_t = 0.0)]
+    pub novel_fraction: f64,
     #[arg(long)]
     pub out: PathBuf,
     /// Replace the dataset already at --out (never a folder that is not a dataset).
@@ -92,6 +97,7 @@ impl DatasetCmd {
                     valid_fraction: a.valid_fraction,
                     max_train_sequences: a.max_train_sequences,
                     max_valid_sequences: a.max_valid_sequences,
+                    novel_fraction: a.novel_fraction,
                 };
                 let bar = indicatif::ProgressBar::new(0).with_style(
                     indicatif::ProgressStyle::with_template(
@@ -208,8 +214,8 @@ fn print_info(ds: &Dataset) {
         m.seq_len, m.chunk_len, m.k, m.neighbor_len, m.filter, m.seed
     );
     println!(
-        "  train {} sequences ({} padded neighbours)",
-        m.train.sequences, m.train.padded_neighbours
+        "  train {} sequences ({} padded neighbours; {} with novel neighbours)",
+        m.train.sequences, m.train.padded_neighbours, m.train.novel_sequences
     );
     println!(
         "  valid {} sequences ({} padded neighbours)",

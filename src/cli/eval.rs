@@ -166,7 +166,7 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
         );
         row("RETRO (retrieval on)", Some(&c.on));
         if let Some(g) = &c.gated {
-            row("RETRO (on, distance gate)", Some(&g.on));
+            row("RETRO (on, gated)", Some(&g.on));
         }
         row("RETRO[OFF]", Some(&r.retrieval_off));
         if r.baseline.is_some() {
@@ -207,7 +207,7 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
         }
         if let Some(g) = &c.gated {
             println!(
-                "  distance gate: {}; {} of {} retrieved chunks kept",
+                "  gate: {}; {} of {} retrieved chunks kept",
                 g.gate, g.kept_chunks, g.chunks
             );
         }

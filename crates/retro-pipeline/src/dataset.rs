@@ -45,6 +45,11 @@ pub struct DatasetParams {
     pub valid_fraction: f64,
     pub max_train_sequences: Option<usize>,
     pub max_valid_sequences: Option<usize>,
+    /// This fraction of the training sequences (seeded) get *novel* neighbours: each chunk's are
+    /// also kept out of the document of its nearest neighbour
+    /// ([`Retriever::search_without_nearest_document`]). Neighbours that look alike without
+    /// continuing the text, so CCA learns to check a neighbour before copying it. 0 in the paper.
+    pub novel_fraction: f64,
 }
 
 impl Default for DatasetParams {
@@ -59,6 +64,7 @@ impl Default for DatasetParams {
             valid_fraction: 0.1,
             max_train_sequences: None,
             max_valid_sequences: None,
+            novel_fraction: 0.0,
         }
     }
 }
@@ -67,6 +73,10 @@ impl Default for DatasetParams {
 pub struct SplitInfo {
     pub sequences: usize,
     pub padded_neighbours: usize,
+    /// Sequences whose neighbours were retrieved without their chunks' nearest documents
+    /// ([`DatasetParams::novel_fraction`]).
+    #[serde(default)]
+    pub novel_sequences: usize,
 }
 
 /// `dataset.json`: what the dataset was built with and from.
@@ -86,6 +96,8 @@ pub struct DatasetMeta {
     pub neighbor_len: usize,
     pub filter: Filter,
     pub seed: u64,
+    #[serde(default)]
+    pub novel_fraction: f64,
     /// Indices and ids of the held-out (validation) documents.
     pub held_out_documents: Vec<(usize, String)>,
     /// Training documents too short for one sequence of `seq_len + 1` tokens.
@@ -355,6 +367,13 @@ impl Dataset {
                 ),
             ));
         }
+        if !(0.0..=1.0).contains(&params.novel_fraction) {
+            return Err(PipelineError::invalid(
+                "novel_fraction",
+                params.novel_fraction,
+                "must be a fraction of the training sequences in 0..=1",
+            ));
+        }
         if params.k > db.store().len() {
             return Err(PipelineError::invalid(
                 "k",
@@ -452,6 +471,8 @@ impl Dataset {
             (1, Some(from)) if held.is_empty() => retriever.clone().with_excluded_tail(0, from),
             _ => retriever.clone(),
         };
+        // The shuffled order is seeded, so its first sequences are a seeded sample.
+        let novel_train = (train.len() as f64 * params.novel_fraction).round() as usize;
         let staged = StagedDir::new(out_dir, "dataset.json", "dataset", overwrite)?;
         let out = staged.path();
         let total = train.len() + valid.len();
@@ -462,7 +483,12 @@ impl Dataset {
             let mut ids = Vec::with_capacity(origins.len() * c * params.k);
             let mut dists: Vec<f32> = Vec::with_capacity(origins.len() * c * params.k);
             let mut padded = 0;
-            for group in origins.chunks(64) {
+            let novel = if split == Split::Train {
+                novel_train
+            } else {
+                0
+            };
+            for (g, group) in origins.chunks(64).enumerate() {
                 let keys: Vec<Vec<f32>> = group
                     .iter()
                     .flat_map(|o| {
@@ -477,7 +503,29 @@ impl Dataset {
                 } else {
                     &retriever
                 };
-                let n = r.search(&keys, group.len(), c, Some(group), filter)?;
+                // Rows of this group below `novel` (in the split's order) get novel neighbours.
+                let novel_rows = novel.saturating_sub(g * 64).min(group.len());
+                let n = if novel_rows == group.len() {
+                    r.search_without_nearest_document(&keys, group.len(), c, Some(group), filter)?
+                } else if novel_rows == 0 {
+                    r.search(&keys, group.len(), c, Some(group), filter)?
+                } else {
+                    let head = r.search_without_nearest_document(
+                        &keys[..novel_rows * c],
+                        novel_rows,
+                        c,
+                        Some(&group[..novel_rows]),
+                        filter,
+                    )?;
+                    let tail = r.search(
+                        &keys[novel_rows * c..],
+                        group.len() - novel_rows,
+                        c,
+                        Some(&group[novel_rows..]),
+                        filter,
+                    )?;
+                    head.concat(tail)
+                };
                 ids.extend(
                     n.chunk_ids
                         .iter()
@@ -500,6 +548,7 @@ impl Dataset {
             infos.push(SplitInfo {
                 sequences: origins.len(),
                 padded_neighbours: padded,
+                novel_sequences: novel,
             });
         }
         let valid_info = infos.pop().expect("two splits");
@@ -516,12 +565,13 @@ impl Dataset {
             }
         }
         let id_src = format!(
-            "{}|{}|{}|{}|{filter}|{}|{}",
+            "{}|{}|{}|{}|{filter}|{}|{}|{}",
             db.id(),
             params.seq_len,
             params.k,
             cl,
             params.seed,
+            params.novel_fraction,
             files
                 .iter()
                 .map(|(k, v)| format!("{k}={}", v.sha256))
@@ -542,6 +592,7 @@ impl Dataset {
             neighbor_len: 2 * cl,
             filter,
             seed: params.seed,
+            novel_fraction: params.novel_fraction,
             held_out_documents,
             skipped_short_documents,
             train: train_info,

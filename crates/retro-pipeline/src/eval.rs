@@ -9,12 +9,12 @@
 //! paper's section 2.6 and Fig. 6): the longest common token substring between the chunk and any of
 //! those neighbours (chunk + continuation), as a fraction of `chunk_len`.
 //!
-//! When the retriever carries a distance gate ([`crate::gate`]), retrieval on is also scored through
-//! it: a chunk's neighbours are read only when the nearest is close enough to help.
+//! When the retriever carries a gate ([`crate::gate`]), retrieval on is also scored through
+//! it: a chunk's neighbours are read only where the gate keeps them.
 
 use crate::error::{PipelineError, Result};
 use crate::filter::Filter;
-use crate::gate::DistanceGate;
+use crate::gate::{longest_common_substring, Gate};
 use crate::retriever::Retriever;
 use candle_core::{DType, Tensor};
 use retro_index::{ChunkStore, Corpus, LmTokenizer};
@@ -61,7 +61,7 @@ pub struct OverlapBucket {
     pub tokens: usize,
     pub bytes: usize,
     pub on: Option<Scores>,
-    /// Retrieval on through the retriever's distance gate.
+    /// Retrieval on through the retriever's gate.
     pub on_gated: Option<Scores>,
     pub off: Option<Scores>,
     pub baseline: Option<Scores>,
@@ -83,7 +83,7 @@ pub struct ConditionReport {
     /// Database documents that never served as neighbours.
     pub excluded_documents: Vec<String>,
     pub on: Scores,
-    /// Retrieval on through the retriever's distance gate, when it has one.
+    /// Retrieval on through the retriever's gate, when it has one.
     pub gated: Option<GatedScores>,
     pub overlap: Vec<OverlapBucket>,
 }
@@ -91,7 +91,7 @@ pub struct ConditionReport {
 /// Scores with each chunk's neighbours read only when the gate keeps them.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GatedScores {
-    pub gate: DistanceGate,
+    pub gate: Gate,
     /// Retrieved chunks, and how many of them the gate kept.
     pub chunks: usize,
     pub kept_chunks: usize,
@@ -102,7 +102,7 @@ pub struct GatedScores {
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct BitsPerByte {
     pub on: Option<f64>,
-    /// Retrieval on through the distance gate (related condition).
+    /// Retrieval on through the gate (related condition).
     pub on_gated: Option<f64>,
     pub off: f64,
     pub baseline: Option<f64>,
@@ -185,21 +185,6 @@ fn scores(nll: f64, tokens: usize, bytes: usize) -> Scores {
         perplexity: loss.exp(),
         bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
     }
-}
-
-/// Longest common contiguous run of tokens of `a` and `b`.
-pub fn longest_common_substring(a: &[u32], b: &[u32]) -> usize {
-    let mut prev = vec![0usize; b.len() + 1];
-    let mut cur = vec![0usize; b.len() + 1];
-    let mut best = 0;
-    for &x in a {
-        for (j, &y) in b.iter().enumerate() {
-            cur[j + 1] = if x == y { prev[j] + 1 } else { 0 };
-            best = best.max(cur[j + 1]);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    best
 }
 
 /// Index into the buckets: 0 for no neighbours, then one per [`OVERLAP_BOUNDS`] entry.
@@ -463,14 +448,6 @@ fn max_tokens_reached(max: Option<usize>, tokens: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn longest_common_substring_finds_the_longest_run() {
-        assert_eq!(longest_common_substring(&[1, 2, 3, 4], &[9, 2, 3, 4, 1]), 3);
-        assert_eq!(longest_common_substring(&[1, 2], &[3, 4]), 0);
-        assert_eq!(longest_common_substring(&[], &[3, 4]), 0);
-        assert_eq!(longest_common_substring(&[5, 5, 5], &[5, 5]), 2);
-    }
 
     #[test]
     fn buckets_split_at_the_bounds() {

@@ -1,20 +1,33 @@
-//! The distance gate: a chunk's neighbours condition the model only when the nearest of them lies
-//! within `max_distance` of the chunk's key. Farther neighbours then leave RETRO[OFF]'s prediction
-//! for the rows they would condition ([`retro_model::RetroModel::forward_gated`]), so a database with
-//! nothing close to the text costs less. The paper has no gate: without one every neighbour is read.
+//! The gate: which chunks' neighbours condition the model. Where a chunk's neighbours are kept out,
+//! the rows they would condition get RETRO[OFF]'s prediction
+//! ([`retro_model::RetroModel::forward_gated`]), so a database with nothing worth reading costs
+//! less. The paper has no gate: without one every neighbour is read. Two rules:
+//!
+//! - **distance**: the nearest neighbour lies within `max` of the chunk's key;
+//! - **overlap**: some neighbour (chunk + continuation) shares a run of at least `min` x chunk_len
+//!   tokens with the chunk it was retrieved for. This sees what the key's distance cannot: a
+//!   16-character fragment of another text can share as many trigrams as another edition's
+//!   spelling of the same line, but not as long a run (docs/QUALITY.md).
 
 use crate::error::{PipelineError, Result};
 
 /// Which chunks' neighbours the model reads.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct DistanceGate {
-    max_distance: f32,
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum Gate {
+    /// Read when the nearest neighbour is at most `max_distance` away.
+    Distance { max_distance: f32 },
+    /// Read when some neighbour shares a token run of at least `min_overlap` x chunk_len with the
+    /// chunk it was retrieved for.
+    Overlap { min_overlap: f32 },
+    /// Read nothing: RETRO[OFF] through the retrieval path.
+    Closed,
 }
 
-impl DistanceGate {
+impl Gate {
     /// Reads a chunk's neighbours when the nearest is at most `max_distance` away (a finite
     /// distance of the database's metric, so at least 0).
-    pub fn new(max_distance: f32) -> Result<Self> {
+    pub fn distance(max_distance: f32) -> Result<Self> {
         if !(max_distance.is_finite() && max_distance >= 0.0) {
             return Err(PipelineError::invalid(
                 "max_distance",
@@ -22,24 +35,50 @@ impl DistanceGate {
                 "must be a finite distance >= 0",
             ));
         }
-        Ok(Self { max_distance })
+        Ok(Self::Distance { max_distance })
     }
 
-    /// Reads no neighbour: RETRO[OFF] through the retrieval path.
-    pub fn closed() -> Self {
-        Self {
-            max_distance: f32::NEG_INFINITY,
+    /// Reads a chunk's neighbours when one of them shares a run of at least `min_overlap` x
+    /// chunk_len tokens with the chunk (a fraction in 0..=1).
+    pub fn overlap(min_overlap: f32) -> Result<Self> {
+        if !(0.0..=1.0).contains(&min_overlap) {
+            return Err(PipelineError::invalid(
+                "min_overlap",
+                min_overlap,
+                "must be a fraction of the chunk in 0..=1",
+            ));
         }
+        Ok(Self::Overlap { min_overlap })
     }
 
-    pub fn max_distance(&self) -> f32 {
-        self.max_distance
+    pub fn closed() -> Self {
+        Self::Closed
     }
 
-    /// 1 where the nearest of a chunk's `distances` (padding is infinite) is within the threshold.
-    pub fn keep(&self, distances: &[f32]) -> f32 {
-        let nearest = distances.iter().copied().fold(f32::INFINITY, f32::min);
-        if nearest <= self.max_distance {
+    /// Whether this rule reads the chunk's tokens (and so needs them, not only its key).
+    pub fn needs_tokens(&self) -> bool {
+        matches!(self, Self::Overlap { .. })
+    }
+
+    /// 1 where a chunk's neighbours are read, else 0. `chunk` holds the chunk's tokens,
+    /// `neighbours` the values of its non-padded neighbours and `distances` all K distances
+    /// (padding is infinite).
+    pub fn keep(&self, chunk: &[u32], neighbours: &[&[u32]], distances: &[f32]) -> f32 {
+        let read = match *self {
+            Self::Distance { max_distance } => {
+                distances.iter().copied().fold(f32::INFINITY, f32::min) <= max_distance
+            }
+            Self::Overlap { min_overlap } => {
+                let need = (min_overlap * chunk.len() as f32).ceil() as usize;
+                let best = neighbours
+                    .iter()
+                    .map(|v| longest_common_substring(chunk, v))
+                    .max();
+                best.is_some_and(|b| b >= need.max(1))
+            }
+            Self::Closed => false,
+        };
+        if read {
             1.0
         } else {
             0.0
@@ -47,18 +86,35 @@ impl DistanceGate {
     }
 }
 
-impl std::fmt::Display for DistanceGate {
+impl std::fmt::Display for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.max_distance.is_finite() {
-            write!(
+        match self {
+            Self::Distance { max_distance } => write!(
                 f,
-                "neighbours read when the nearest is within {}",
-                self.max_distance
-            )
-        } else {
-            write!(f, "no neighbour read")
+                "neighbours read when the nearest is within {max_distance}"
+            ),
+            Self::Overlap { min_overlap } => write!(
+                f,
+                "neighbours read when one shares a run of {min_overlap} x chunk_len with the chunk"
+            ),
+            Self::Closed => write!(f, "no neighbour read"),
         }
     }
+}
+
+/// Longest common contiguous run of tokens of `a` and `b`.
+pub fn longest_common_substring(a: &[u32], b: &[u32]) -> usize {
+    let mut prev = vec![0usize; b.len() + 1];
+    let mut cur = vec![0usize; b.len() + 1];
+    let mut best = 0;
+    for &x in a {
+        for (j, &y) in b.iter().enumerate() {
+            cur[j + 1] = if x == y { prev[j] + 1 } else { 0 };
+            best = best.max(cur[j + 1]);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    best
 }
 
 #[cfg(test)]
@@ -66,24 +122,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keep_reads_the_nearest_neighbour() {
-        let g = DistanceGate::new(0.3).unwrap();
-        assert_eq!(g.keep(&[0.5, 0.2]), 1.0);
-        assert_eq!(g.keep(&[0.5, 0.3]), 1.0);
-        assert_eq!(g.keep(&[0.5, 0.4]), 0.0);
+    fn distance_reads_the_nearest_neighbour() {
+        let g = Gate::distance(0.3).unwrap();
+        let none: &[&[u32]] = &[];
+        assert_eq!(g.keep(&[], none, &[0.5, 0.2]), 1.0);
+        assert_eq!(g.keep(&[], none, &[0.5, 0.3]), 1.0);
+        assert_eq!(g.keep(&[], none, &[0.5, 0.4]), 0.0);
         assert_eq!(
-            g.keep(&[f32::INFINITY, f32::INFINITY]),
+            g.keep(&[], none, &[f32::INFINITY, f32::INFINITY]),
             0.0,
             "padding is never read"
         );
-        assert_eq!(DistanceGate::closed().keep(&[0.0]), 0.0);
+        assert_eq!(Gate::closed().keep(&[], none, &[0.0]), 0.0);
     }
 
     #[test]
-    fn thresholds_outside_the_metric_are_errors() {
+    fn overlap_reads_a_neighbour_with_a_long_enough_run() {
+        let chunk = [1, 2, 3, 4, 5, 6, 7, 8];
+        let g = Gate::overlap(0.5).unwrap();
+        // A run of 4 of 8: read; 3 of 8: not, however many scattered tokens it shares.
+        assert_eq!(g.keep(&chunk, &[&[9, 3, 4, 5, 6, 9]], &[0.9]), 1.0);
+        assert_eq!(g.keep(&chunk, &[&[1, 2, 3, 9, 5, 6, 7, 9]], &[0.0]), 0.0);
+        assert_eq!(
+            g.keep(&chunk, &[&[1, 2, 3, 9], &[9, 9, 5, 6, 7, 8]], &[0.1, 0.2]),
+            1.0,
+            "any neighbour may carry the run"
+        );
+        assert_eq!(
+            g.keep(&chunk, &[], &[f32::INFINITY]),
+            0.0,
+            "padding is never read"
+        );
+        assert_eq!(
+            Gate::overlap(0.0)
+                .unwrap()
+                .keep(&chunk, &[&[10, 11]], &[0.5]),
+            0.0,
+            "a threshold of 0 still needs one shared token"
+        );
+    }
+
+    #[test]
+    fn thresholds_outside_their_range_are_errors() {
         for bad in [-0.1, f32::NAN, f32::INFINITY] {
-            let e = DistanceGate::new(bad).unwrap_err().to_string();
+            let e = Gate::distance(bad).unwrap_err().to_string();
             assert!(e.contains("max_distance"), "{e}");
         }
+        for bad in [-0.1, 1.5, f32::NAN] {
+            let e = Gate::overlap(bad).unwrap_err().to_string();
+            assert!(e.contains("min_overlap"), "{e}");
+        }
+    }
+
+    #[test]
+    fn longest_common_substring_finds_the_longest_run() {
+        assert_eq!(longest_common_substring(&[1, 2, 3, 4], &[9, 2, 3, 4, 1]), 3);
+        assert_eq!(longest_common_substring(&[1, 2], &[3, 4]), 0);
+        assert_eq!(longest_common_substring(&[], &[3, 4]), 0);
+        assert_eq!(longest_common_substring(&[5, 5, 5], &[5, 5]), 2);
     }
 }

@@ -48,7 +48,7 @@ pub use eval::{
     Scores,
 };
 pub use filter::{Filter, Origin};
-pub use gate::DistanceGate;
+pub use gate::{longest_common_substring, Gate};
 pub use generate::{generate, Event, Sampling};
 pub use retriever::{Neighbours, Retriever, Timings};
 pub use schedule::Schedule;

@@ -4,7 +4,7 @@
 
 use crate::error::{PipelineError, Result};
 use crate::filter::{Excluded, Filter, Origin};
-use crate::gate::DistanceGate;
+use crate::gate::Gate;
 use candle_core::{Device, Tensor};
 use retro_index::{Database, Embedder, LmTokenizer};
 use std::collections::HashSet;
@@ -49,6 +49,42 @@ impl Neighbours {
         )?)
     }
 
+    /// These rows followed by `other`'s (same chunks, K and neighbour length).
+    pub fn concat(mut self, other: Neighbours) -> Neighbours {
+        debug_assert_eq!(
+            (self.chunks, self.k, self.neighbor_len),
+            (other.chunks, other.k, other.neighbor_len)
+        );
+        self.batch += other.batch;
+        self.chunk_ids.extend(other.chunk_ids);
+        self.distances.extend(other.distances);
+        self.tokens.extend(other.tokens);
+        self.padded += other.padded;
+        self.keep = match (self.keep, other.keep) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b);
+                Some(a)
+            }
+            _ => None,
+        };
+        self
+    }
+
+    /// `gate`'s keep for each of the `B * C` chunks, given their tokens in order.
+    fn gate<'t>(&self, gate: &Gate, chunks: impl Iterator<Item = &'t [u32]>) -> Vec<f32> {
+        let (k, n) = (self.k, self.neighbor_len);
+        chunks
+            .enumerate()
+            .map(|(i, chunk)| {
+                let values: Vec<&[u32]> = (0..k)
+                    .filter(|&j| self.chunk_ids[i * k + j].is_some())
+                    .map(|j| &self.tokens[(i * k + j) * n..(i * k + j + 1) * n])
+                    .collect();
+                gate.keep(chunk, &values, &self.distances[i * k..(i + 1) * k])
+            })
+            .collect()
+    }
+
     /// The gate `keep [B, C]` (f32) on `device`, when the retriever has one.
     pub fn keep_tensor(&self, device: &Device) -> Result<Option<Tensor>> {
         self.keep
@@ -74,7 +110,7 @@ pub struct Retriever<'a> {
     neighbor_len: usize,
     ef: Option<usize>,
     excluded: Excluded,
-    gate: Option<DistanceGate>,
+    gate: Option<Gate>,
 }
 
 impl<'a> Retriever<'a> {
@@ -127,13 +163,13 @@ impl<'a> Retriever<'a> {
         Ok(self)
     }
 
-    /// Gates each chunk's neighbours by distance ([`Neighbours::keep`]).
-    pub fn with_gate(mut self, gate: Option<DistanceGate>) -> Self {
+    /// Gates each chunk's neighbours ([`Neighbours::keep`]).
+    pub fn with_gate(mut self, gate: Option<Gate>) -> Self {
         self.gate = gate;
         self
     }
 
-    pub fn gate(&self) -> Option<DistanceGate> {
+    pub fn gate(&self) -> Option<Gate> {
         self.gate
     }
 
@@ -207,13 +243,20 @@ impl<'a> Retriever<'a> {
             embedder.embed(&refs)?
         };
         let embed = t0.elapsed();
-        let mut out = self.search(&keys, x.len(), c, origins, filter)?;
+        let mut out = self.search_keys(&keys, x.len(), c, origins, filter, &[])?;
         out.timings.embed = embed;
+        if let Some(g) = self.gate {
+            let chunks = x
+                .iter()
+                .flat_map(|row| (0..c).map(move |u| &row[u * cl..(u + 1) * cl]));
+            out.keep = Some(out.gate(&g, chunks));
+        }
         Ok(out)
     }
 
     /// Neighbours for precomputed keys `[B * C]` (row-major), e.g. the database's own keys of the
-    /// chunks of a training sequence.
+    /// chunks of a training sequence. A gate that reads the chunks' tokens needs
+    /// [`Retriever::retrieve`].
     pub fn search(
         &self,
         keys: &[Vec<f32>],
@@ -221,6 +264,58 @@ impl<'a> Retriever<'a> {
         chunks: usize,
         origins: Option<&[Origin]>,
         filter: Filter,
+    ) -> Result<Neighbours> {
+        let mut out = self.search_keys(keys, batch, chunks, origins, filter, &[])?;
+        if let Some(g) = self.gate {
+            if g.needs_tokens() {
+                return Err(PipelineError::invalid(
+                    "gate",
+                    g,
+                    "reads the chunks' tokens, which a search by keys does not have (use retrieve)",
+                ));
+            }
+            let none = std::iter::repeat_n(&[][..], out.batch * out.chunks);
+            out.keep = Some(out.gate(&g, none));
+        }
+        Ok(out)
+    }
+
+    /// As [`Retriever::search`], with each chunk's neighbours also kept out of the document of its
+    /// nearest neighbour under `filter`: what the chunk retrieves when the database lacks the text
+    /// it most resembles (e.g. the other edition of its play). That is evaluation's *novel*
+    /// condition, for training sequences: neighbours that look alike without continuing the text.
+    pub fn search_without_nearest_document(
+        &self,
+        keys: &[Vec<f32>],
+        batch: usize,
+        chunks: usize,
+        origins: Option<&[Origin]>,
+        filter: Filter,
+    ) -> Result<Neighbours> {
+        let first = self.search(keys, batch, chunks, origins, filter)?;
+        let store = self.db.store();
+        let nearest: Vec<Option<usize>> = first
+            .chunk_ids
+            .chunks(self.k)
+            .map(|ids| ids[0].map(|c| store.document_of(c)))
+            .collect();
+        let mut out = self.search_keys(keys, batch, chunks, origins, filter, &nearest)?;
+        out.keep = first.keep.map(|_| {
+            let none = std::iter::repeat_n(&[][..], out.batch * out.chunks);
+            out.gate(&self.gate.expect("a gate made the keep"), none)
+        });
+        Ok(out)
+    }
+
+    /// The search; `also_excluded[i]`, where given, is one more document query i may not use.
+    fn search_keys(
+        &self,
+        keys: &[Vec<f32>],
+        batch: usize,
+        chunks: usize,
+        origins: Option<&[Origin]>,
+        filter: Filter,
+        also_excluded: &[Option<usize>],
     ) -> Result<Neighbours> {
         if keys.len() != batch * chunks {
             return Err(PipelineError::invalid(
@@ -239,14 +334,19 @@ impl<'a> Retriever<'a> {
         let cl = self.db.chunk_len();
         let store = self.db.store();
         let t0 = Instant::now();
-        let hits = if filter == Filter::None && self.excluded.is_empty() {
+        let hits = if filter == Filter::None && self.excluded.is_empty() && also_excluded.is_empty()
+        {
             self.db.search_batch(keys, self.k, self.ef)?
         } else {
             let filters: Vec<_> = (0..keys.len())
                 .map(|i| {
                     let origin = origins.map(|o| o[i / chunks.max(1)]);
                     let query_start = origin.map_or(0, |o| o.start + (i % chunks.max(1)) * cl);
-                    filter.key_filter(cl, origin, query_start, &self.excluded)
+                    let mut f = filter.key_filter(cl, origin, query_start, &self.excluded);
+                    if let Some(&Some(d)) = also_excluded.get(i) {
+                        f.exclude.push(retro_index::Exclusion::document(d));
+                    }
+                    f
                 })
                 .collect();
             self.db.search_filtered(keys, self.k, self.ef, &filters)?
@@ -283,9 +383,6 @@ impl<'a> Retriever<'a> {
                 }
             }
         }
-        out.keep = self
-            .gate
-            .map(|g| out.distances.chunks(k).map(|d| g.keep(d)).collect());
         out.timings = Timings {
             embed: Duration::ZERO,
             search,

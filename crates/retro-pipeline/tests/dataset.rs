@@ -232,3 +232,68 @@ fn the_loader_yields_the_seeded_epochs_in_order_and_resumes_mid_run() {
     .unwrap();
     assert_eq!(tail, all[per_epoch - 1..per_epoch + 2].to_vec());
 }
+
+#[test]
+fn novel_neighbours_come_from_outside_each_chunks_nearest_document() {
+    let f = common::fixture(6, 4000, 16);
+    let store = f.db.store();
+    let params = |novel_fraction| DatasetParams {
+        seq_len: 64,
+        k: 2,
+        seed: 3,
+        held_out_ids: vec![store.documents()[5].id.clone()],
+        novel_fraction,
+        ..Default::default()
+    };
+    let dir = f.dir.path();
+    let plain = Dataset::build(&f.db, &params(0.0), &dir.join("plain"), &|_, _| {}).unwrap();
+    let novel = Dataset::build(&f.db, &params(0.5), &dir.join("novel"), &|_, _| {}).unwrap();
+    let n = plain.len(Split::Train);
+    let want = (n as f64 * 0.5).round() as usize;
+    assert_eq!(novel.meta().train.novel_sequences, want);
+    assert_eq!(plain.meta().train.novel_sequences, 0);
+    assert_eq!(
+        novel.meta().valid.novel_sequences,
+        0,
+        "validation stays as evaluation sees it"
+    );
+    assert_ne!(plain.meta().dataset_id, novel.meta().dataset_id);
+    for i in 0..n {
+        // The same seed cuts and orders the same sequences.
+        let o = plain.origin(Split::Train, i);
+        assert_eq!(novel.origin(Split::Train, i), o);
+        let (p, v) = (
+            plain.neighbours(Split::Train, i),
+            novel.neighbours(Split::Train, i),
+        );
+        if i >= want {
+            assert_eq!(p, v, "sequence {i} is not among the novel ones");
+            continue;
+        }
+        for (u, (pc, vc)) in p.chunks(2).zip(v.chunks(2)).enumerate() {
+            let nearest = store.document_of(pc[0].0.expect("enough documents"));
+            for (id, _) in vc {
+                let d = store.document_of(id.expect("enough documents"));
+                assert_ne!(
+                    d, nearest,
+                    "sequence {i} chunk {u} kept its nearest document"
+                );
+                assert_ne!(
+                    d, o.document,
+                    "sequence {i} chunk {u} retrieved its own document"
+                );
+                assert_ne!(d, 5, "a held-out document served as a neighbour");
+            }
+            // Without the nearest document the best remaining neighbour is no closer.
+            assert!(
+                vc[0].1 >= pc[0].1 - 1e-6,
+                "sequence {i} chunk {u}: {vc:?} vs {pc:?}"
+            );
+        }
+    }
+    let bad = Dataset::build(&f.db, &params(1.5), &dir.join("bad"), &|_, _| {})
+        .err()
+        .expect("a fraction above 1")
+        .to_string();
+    assert!(bad.contains("novel_fraction"), "{bad}");
+}

@@ -2,7 +2,8 @@
 
 mod common;
 
-use retro_pipeline::{DistanceGate, Filter, Origin, Retriever};
+use retro_index::Embedder;
+use retro_pipeline::{Filter, Gate, Origin, Retriever};
 
 #[test]
 fn neighbours_are_the_stored_chunk_plus_its_continuation_within_its_document() {
@@ -167,7 +168,7 @@ fn the_gate_keeps_exactly_the_chunks_whose_nearest_neighbour_is_close() {
     let mut nearest: Vec<f32> = out.distances.chunks(3).map(|d| d[0]).collect();
     nearest.sort_by(f32::total_cmp);
     let m = nearest[nearest.len() / 2];
-    let gated = plain.clone().with_gate(Some(DistanceGate::new(m).unwrap()));
+    let gated = plain.clone().with_gate(Some(Gate::distance(m).unwrap()));
     let out = gated.retrieve(&x, None, Filter::None).unwrap();
     let keep = out.keep.clone().unwrap();
     assert_eq!(keep.len(), out.chunks);
@@ -181,4 +182,64 @@ fn the_gate_keeps_exactly_the_chunks_whose_nearest_neighbour_is_close() {
     assert!(keep.contains(&1.0) && keep.contains(&0.0), "{keep:?}");
     let t = out.keep_tensor(&candle_core::Device::Cpu).unwrap().unwrap();
     assert_eq!(t.dims(), &[1, out.chunks]);
+}
+
+/// The longest run shared by `a` and `b`, by trying every window of `a` (the slow way).
+fn longest_shared_run(a: &[u32], b: &[u32]) -> usize {
+    (1..=a.len())
+        .rev()
+        .find(|&l| a.windows(l).any(|w| b.windows(l).any(|v| v == w)))
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_overlap_gate_keeps_exactly_the_chunks_a_neighbour_shares_a_long_run_with() {
+    let f = common::fixture(6, 3000, 16);
+    let doc = f.db.store().document_tokens(2).to_vec();
+    let x = vec![doc[..320].to_vec()];
+    // Other documents only: the chunk's own copy would always share all 16 tokens.
+    let origin = Origin {
+        document: 2,
+        start: 0,
+    };
+    let plain = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 3).unwrap();
+    let out = plain
+        .retrieve(&x, Some(&[origin]), Filter::SameDocument)
+        .unwrap();
+    let (k, n, cl) = (out.k, out.neighbor_len, 16);
+    let runs: Vec<usize> = (0..out.chunks)
+        .map(|u| {
+            (0..k)
+                .map(|j| {
+                    let v = &out.tokens[(u * k + j) * n..(u * k + j + 1) * n];
+                    longest_shared_run(&x[0][u * cl..(u + 1) * cl], v)
+                })
+                .max()
+                .unwrap()
+        })
+        .collect();
+    let mut sorted = runs.clone();
+    sorted.sort();
+    let need = sorted[sorted.len() / 2].max(1);
+    let gate = Gate::overlap(need as f32 / cl as f32).unwrap();
+    let gated = plain.clone().with_gate(Some(gate));
+    let out = gated
+        .retrieve(&x, Some(&[origin]), Filter::SameDocument)
+        .unwrap();
+    let keep = out.keep.clone().unwrap();
+    for (u, &r) in runs.iter().enumerate() {
+        assert_eq!(
+            keep[u],
+            if r >= need { 1.0 } else { 0.0 },
+            "chunk {u}: run {r}, need {need}"
+        );
+    }
+    assert!(keep.contains(&1.0) && keep.contains(&0.0), "{runs:?}");
+    // A search by keys has no chunk tokens to compare: an error, not a guess.
+    let keys = vec![vec![0.0f32; f.embedder.dim()]];
+    let e = gated
+        .search(&keys, 1, 1, None, Filter::None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gate"), "{e}");
 }
