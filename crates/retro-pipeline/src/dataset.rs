@@ -505,27 +505,14 @@ impl Dataset {
                 };
                 // Rows of this group below `novel` (in the split's order) get novel neighbours.
                 let novel_rows = novel.saturating_sub(g * 64).min(group.len());
-                let n = if novel_rows == group.len() {
-                    r.search_without_nearest_document(&keys, group.len(), c, Some(group), filter)?
-                } else if novel_rows == 0 {
-                    r.search(&keys, group.len(), c, Some(group), filter)?
-                } else {
-                    let head = r.search_without_nearest_document(
-                        &keys[..novel_rows * c],
-                        novel_rows,
-                        c,
-                        Some(&group[..novel_rows]),
-                        filter,
-                    )?;
-                    let tail = r.search(
-                        &keys[novel_rows * c..],
-                        group.len() - novel_rows,
-                        c,
-                        Some(&group[novel_rows..]),
-                        filter,
-                    )?;
-                    head.concat(tail)
-                };
+                let n = r.search_without_nearest_document(
+                    &keys,
+                    group.len(),
+                    c,
+                    Some(group),
+                    filter,
+                    novel_rows,
+                )?;
                 ids.extend(
                     n.chunk_ids
                         .iter()

@@ -325,14 +325,10 @@ pub fn evaluate(
                         return None;
                     }
                     let chunk = &ws[u * cl..((u + 1) * cl).min(ws.len())];
-                    let row = n.k * n.neighbor_len;
-                    let nbrs = &n.tokens[(u - 1) * row..u * row];
-                    let best = (0..n.k)
-                        .filter(|&j| n.chunk_ids[(u - 1) * n.k + j].is_some())
-                        .map(|j| {
-                            let v = &nbrs[j * n.neighbor_len..(j + 1) * n.neighbor_len];
-                            longest_common_substring(chunk, v)
-                        })
+                    let best = n
+                        .values(u - 1)
+                        .into_iter()
+                        .map(|v| longest_common_substring(chunk, v))
                         .max()?;
                     Some(best as f64 / cl as f64)
                 };

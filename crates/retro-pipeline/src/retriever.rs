@@ -49,38 +49,22 @@ impl Neighbours {
         )?)
     }
 
-    /// These rows followed by `other`'s (same chunks, K and neighbour length).
-    pub fn concat(mut self, other: Neighbours) -> Neighbours {
-        debug_assert_eq!(
-            (self.chunks, self.k, self.neighbor_len),
-            (other.chunks, other.k, other.neighbor_len)
-        );
-        self.batch += other.batch;
-        self.chunk_ids.extend(other.chunk_ids);
-        self.distances.extend(other.distances);
-        self.tokens.extend(other.tokens);
-        self.padded += other.padded;
-        self.keep = match (self.keep, other.keep) {
-            (Some(mut a), Some(b)) => {
-                a.extend(b);
-                Some(a)
-            }
-            _ => None,
-        };
-        self
+    /// The values (chunk + continuation) of the non-padded neighbours of chunk `i` (of `B * C`).
+    pub fn values(&self, i: usize) -> Vec<&[u32]> {
+        let (k, n) = (self.k, self.neighbor_len);
+        (0..k)
+            .filter(|&j| self.chunk_ids[i * k + j].is_some())
+            .map(|j| &self.tokens[(i * k + j) * n..(i * k + j + 1) * n])
+            .collect()
     }
 
     /// `gate`'s keep for each of the `B * C` chunks, given their tokens in order.
     fn gate<'t>(&self, gate: &Gate, chunks: impl Iterator<Item = &'t [u32]>) -> Vec<f32> {
-        let (k, n) = (self.k, self.neighbor_len);
+        let k = self.k;
         chunks
             .enumerate()
             .map(|(i, chunk)| {
-                let values: Vec<&[u32]> = (0..k)
-                    .filter(|&j| self.chunk_ids[i * k + j].is_some())
-                    .map(|j| &self.tokens[(i * k + j) * n..(i * k + j + 1) * n])
-                    .collect();
-                gate.keep(chunk, &values, &self.distances[i * k..(i + 1) * k])
+                gate.keep(chunk, &self.values(i), &self.distances[i * k..(i + 1) * k])
             })
             .collect()
     }
@@ -265,25 +249,14 @@ impl<'a> Retriever<'a> {
         origins: Option<&[Origin]>,
         filter: Filter,
     ) -> Result<Neighbours> {
-        let mut out = self.search_keys(keys, batch, chunks, origins, filter, &[])?;
-        if let Some(g) = self.gate {
-            if g.needs_tokens() {
-                return Err(PipelineError::invalid(
-                    "gate",
-                    g,
-                    "reads the chunks' tokens, which a search by keys does not have (use retrieve)",
-                ));
-            }
-            let none = std::iter::repeat_n(&[][..], out.batch * out.chunks);
-            out.keep = Some(out.gate(&g, none));
-        }
-        Ok(out)
+        self.search_without_nearest_document(keys, batch, chunks, origins, filter, 0)
     }
 
-    /// As [`Retriever::search`], with each chunk's neighbours also kept out of the document of its
-    /// nearest neighbour under `filter`: what the chunk retrieves when the database lacks the text
-    /// it most resembles (e.g. the other edition of its play). That is evaluation's *novel*
-    /// condition, for training sequences: neighbours that look alike without continuing the text.
+    /// As [`Retriever::search`], with the chunks of the first `rows` rows also kept out of the
+    /// document of their nearest neighbour under `filter`: what a chunk retrieves when the
+    /// database lacks the text it most resembles (e.g. the other edition of its play). That is
+    /// evaluation's *novel* condition, for training sequences: neighbours that look alike without
+    /// continuing the text.
     pub fn search_without_nearest_document(
         &self,
         keys: &[Vec<f32>],
@@ -291,19 +264,43 @@ impl<'a> Retriever<'a> {
         chunks: usize,
         origins: Option<&[Origin]>,
         filter: Filter,
+        rows: usize,
     ) -> Result<Neighbours> {
-        let first = self.search(keys, batch, chunks, origins, filter)?;
-        let store = self.db.store();
-        let nearest: Vec<Option<usize>> = first
-            .chunk_ids
-            .chunks(self.k)
-            .map(|ids| ids[0].map(|c| store.document_of(c)))
-            .collect();
-        let mut out = self.search_keys(keys, batch, chunks, origins, filter, &nearest)?;
-        out.keep = first.keep.map(|_| {
+        if let Some(g) = self.gate.filter(Gate::needs_tokens) {
+            return Err(PipelineError::invalid(
+                "gate",
+                g,
+                "reads the chunks' tokens, which a search by keys does not have (use retrieve)",
+            ));
+        }
+        let mut out = self.search_keys(keys, batch, chunks, origins, filter, &[])?;
+        let rows = rows.min(batch);
+        if rows > 0 {
+            let (k, n, h) = (self.k, self.neighbor_len, rows * chunks);
+            let store = self.db.store();
+            let nearest: Vec<Option<usize>> = out.chunk_ids[..h * k]
+                .chunks(k)
+                .map(|ids| ids[0].map(|c| store.document_of(c)))
+                .collect();
+            let head = self.search_keys(
+                &keys[..h],
+                rows,
+                chunks,
+                origins.map(|o| &o[..rows]),
+                filter,
+                &nearest,
+            )?;
+            out.chunk_ids[..h * k].copy_from_slice(&head.chunk_ids);
+            out.distances[..h * k].copy_from_slice(&head.distances);
+            out.tokens[..h * k * n].copy_from_slice(&head.tokens);
+            out.padded = out.chunk_ids.iter().filter(|c| c.is_none()).count();
+            out.timings.search += head.timings.search;
+            out.timings.gather += head.timings.gather;
+        }
+        if let Some(g) = self.gate {
             let none = std::iter::repeat_n(&[][..], out.batch * out.chunks);
-            out.gate(&self.gate.expect("a gate made the keep"), none)
-        });
+            out.keep = Some(out.gate(&g, none));
+        }
         Ok(out)
     }
 
