@@ -313,21 +313,45 @@ fn load_leaked(io: Box<HnswIo>) -> std::result::Result<Hnsw<'static, f32, DistUn
         .map_err(|e| e.to_string())
 }
 
-/// Exact `k` nearest rows of `vectors` (row-major, `dim` wide) to `query` by `1 - dot`.
+/// Exact `k` nearest rows of `vectors` (row-major, `dim` wide) to `query` by `1 - dot`, nearest
+/// first, ties by id.
+///
+/// Holds only the `k` best so far (a max-heap), so an answer costs `k` hits of memory, not a
+/// distance per row: collecting then truncating left each answer with a capacity of 16 bytes a
+/// row, and a benchmark's 1,000 exact answers over 1M keys with 16 GB.
 pub fn brute_force(vectors: &[f32], dim: usize, query: &[f32], k: usize) -> Vec<Hit> {
-    let mut all: Vec<Hit> = vectors
-        .chunks_exact(dim)
-        .enumerate()
-        .map(|(i, r)| (i, (1.0 - crate::distance::dot(r, query)).max(0.0)))
-        .collect();
-    let k = k.min(all.len());
-    if k == 0 {
+    #[derive(PartialEq)]
+    struct Worst(f32, usize);
+    impl Eq for Worst {}
+    impl PartialOrd for Worst {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl Ord for Worst {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+        }
+    }
+    if k == 0 || dim == 0 {
         return Vec::new();
     }
-    all.select_nth_unstable_by(k - 1, |a, b| a.1.total_cmp(&b.1));
-    all.truncate(k);
-    all.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-    all
+    let k = k.min(vectors.len() / dim);
+    let mut best = std::collections::BinaryHeap::with_capacity(k + 1);
+    for (i, r) in vectors.chunks_exact(dim).enumerate() {
+        let d = (1.0 - crate::distance::dot(r, query)).max(0.0);
+        let w = Worst(d, i);
+        if best.len() < k {
+            best.push(w);
+        } else if best.peek().is_some_and(|top| w < *top) {
+            best.pop();
+            best.push(w);
+        }
+    }
+    best.into_sorted_vec()
+        .into_iter()
+        .map(|Worst(d, i)| (i, d))
+        .collect()
 }
 
 /// Recall@k of `approx` against `exact`, robust to ties: an approximate hit counts when its

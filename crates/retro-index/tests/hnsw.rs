@@ -89,3 +89,32 @@ fn zero_and_nan_vectors_do_not_panic() {
     assert!(me[0].1 >= 0.0 && me[0].1 < 1e-5);
     assert!(idx.search(&v[..dim], 0, None).unwrap().is_empty());
 }
+
+#[test]
+fn brute_force_is_a_full_sort_truncated_and_holds_only_k() {
+    let (n, dim) = (2000, 16);
+    let mut v = random_unit(n, dim, 11);
+    // Duplicated rows give tied distances: ties go to the smaller id.
+    let copy = v[5 * dim..6 * dim].to_vec();
+    v[1500 * dim..1501 * dim].copy_from_slice(&copy);
+    for q in [v[5 * dim..6 * dim].to_vec(), random_unit(1, dim, 12)] {
+        let mut all: Vec<(usize, f32)> = v
+            .chunks_exact(dim)
+            .enumerate()
+            .map(|(i, r)| {
+                let dot: f32 = r.iter().zip(&q).map(|(a, b)| a * b).sum();
+                (i, (1.0 - dot).max(0.0))
+            })
+            .collect();
+        all.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        for k in [0, 1, 10, n, n + 5] {
+            let got = brute_force(&v, dim, &q, k);
+            assert_eq!(got.len(), k.min(n));
+            assert!(got.capacity() <= k.min(n) + 1, "k {k}: {}", got.capacity());
+            for (g, e) in got.iter().zip(&all) {
+                assert_eq!(g.0, e.0, "k {k}");
+                assert!((g.1 - e.1).abs() < 1e-5, "k {k}: {} vs {}", g.1, e.1);
+            }
+        }
+    }
+}
