@@ -247,8 +247,8 @@ fn every_bad_input_gets_a_clear_error() {
         })
     };
     let ds_cl0 = ds_field("ds-cl0", "chunk_len", 0.into());
-    let ds_nl = ds_field("ds-nl", "neighbor_len", 16.into());
-    let ds_nl_big = ds_field("ds-nl-big", "neighbor_len", 64.into());
+    let ds_nl = ds_field("ds-nl", "neighbour_len", 16.into());
+    let ds_nl_big = ds_field("ds-nl-big", "neighbour_len", 64.into());
     let ds_k = ds_field("ds-k", "k", 0.into());
     let ds_v1 = ds_field("ds-v1", "format_version", 1.into());
     let ds_flip = ds_copy("ds-flip", &flip("train.neighbours"));
@@ -668,11 +668,11 @@ fn every_bad_input_gets_a_clear_error() {
         ),
         (
             ["dataset", "info", &ds_nl].map(String::from).to_vec(),
-            vec!["neighbor_len = 16", "2 x chunk_len = 32"],
+            vec!["neighbour_len = 16", "2 x chunk_len = 32"],
         ),
         (
             ["dataset", "info", &ds_nl_big].map(String::from).to_vec(),
-            vec!["neighbor_len = 64"],
+            vec!["neighbour_len = 64"],
         ),
         (
             ["dataset", "info", &ds_k].map(String::from).to_vec(),

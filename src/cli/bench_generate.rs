@@ -53,7 +53,7 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
             r.prompt_len,
             r.new_tokens,
             r.neighbours,
-            r.neighbor_len
+            r.neighbour_len
         );
         println!(
             "cached     {:9.3} ms/token  {:9.1} tokens/s  ({:.2} s in all, measured)",

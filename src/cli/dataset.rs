@@ -210,8 +210,8 @@ fn print_info(ds: &Dataset) {
         m.database_dir.display()
     );
     println!(
-        "  seq_len {}  chunk_len {}  K {}  neighbor_len {}  filter {}  seed {}",
-        m.seq_len, m.chunk_len, m.k, m.neighbor_len, m.filter, m.seed
+        "  seq_len {}  chunk_len {}  K {}  neighbour_len {}  filter {}  seed {}",
+        m.seq_len, m.chunk_len, m.k, m.neighbour_len, m.filter, m.seed
     );
     println!(
         "  train {} sequences ({} padded neighbours; {} with novel neighbours)",

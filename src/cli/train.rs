@@ -250,11 +250,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         &run_dir,
         &model_cfg,
         &train_cfg,
-        &ds,
-        &db,
-        &device,
-        a.init.as_deref(),
-        resume,
+        retro_pipeline::TrainData {
+            dataset: &ds,
+            database: &db,
+            device: &device,
+        },
+        match (resume, a.init.as_deref()) {
+            (true, _) => retro_pipeline::Start::Resume,
+            (false, Some(init)) => retro_pipeline::Start::From(init),
+            (false, None) => retro_pipeline::Start::Fresh,
+        },
         &mut |m, _| {
             last_valid = m.valid_loss.or(last_valid);
             bar.set_position(m.step as u64);

@@ -21,6 +21,15 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// Version of the database layout this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 const HNSW_DIR: &str = "hnsw";
+/// The files every database has, wherever its keys are indexed: the chunk store, the keys and the
+/// LM tokenizer. The manifest lists them (and the graph's, when it is embedded).
+const DATA_FILES: [&str; 5] = [
+    TOKENS_FILE,
+    CHUNKS_FILE,
+    DOCUMENTS_FILE,
+    EMBEDDINGS_FILE,
+    TOKENIZER_FILE,
+];
 
 /// The LM tokenizer a database was built with.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -520,13 +529,7 @@ impl Database {
         // between builds. So a rebuilt database keeps its id and the datasets built on it.
         tokenizer.save(&tmp)?;
         let mut files = BTreeMap::new();
-        for name in [
-            TOKENS_FILE,
-            CHUNKS_FILE,
-            DOCUMENTS_FILE,
-            EMBEDDINGS_FILE,
-            TOKENIZER_FILE,
-        ] {
+        for name in DATA_FILES {
             files.insert(name.to_string(), FileInfo::of(&tmp.join(name))?);
         }
         let embedder_id = embedder.id();
@@ -655,15 +658,7 @@ impl Database {
         let manifest: Manifest =
             serde_json::from_value(raw).map_err(|e| IndexError::corrupt(&mpath, e.to_string()))?;
         manifest.validate(&mpath)?;
-        let mut required: Vec<String> = [
-            TOKENS_FILE,
-            CHUNKS_FILE,
-            DOCUMENTS_FILE,
-            EMBEDDINGS_FILE,
-            TOKENIZER_FILE,
-        ]
-        .map(String::from)
-        .into();
+        let mut required: Vec<String> = DATA_FILES.map(String::from).into();
         if manifest.vector_store.is_none() {
             for ext in ["graph", "data"] {
                 required.push(format!("{HNSW_DIR}/{}.hnsw.{ext}", manifest.hnsw_basename));

@@ -60,6 +60,8 @@ pub mod milvus_store;
 pub mod packed_bert;
 pub mod panic_guard;
 pub mod store;
+/// Locating `../shared` for this workspace's tests and benchmarks; not part of the API.
+#[doc(hidden)]
 pub mod testdata;
 pub mod tokenizer;
 pub mod vector_store;

@@ -15,7 +15,7 @@ pub struct ModelBenchSpec {
     pub batch: usize,
     pub seq_len: usize,
     pub neighbours: usize,
-    pub neighbor_len: usize,
+    pub neighbour_len: usize,
     pub warmup: usize,
     pub iters: usize,
 }
@@ -29,7 +29,7 @@ impl ModelBenchSpec {
             batch: 4,
             seq_len: 512,
             neighbours: 2,
-            neighbor_len: 32,
+            neighbour_len: 32,
             warmup: 2,
             iters: 10,
         }
@@ -52,8 +52,8 @@ impl ModelBenchSpec {
         let x = Tensor::from_vec(gen(b * t, 1), (b, t), device)?;
         let y = Tensor::from_vec(gen(b * t, 2), (b, t), device)?;
         let ret = Tensor::from_vec(
-            gen(b * c * self.neighbours * self.neighbor_len, 3),
-            (b, c, self.neighbours, self.neighbor_len),
+            gen(b * c * self.neighbours * self.neighbour_len, 3),
+            (b, c, self.neighbours, self.neighbour_len),
             device,
         )?;
         Ok((x, y, ret))

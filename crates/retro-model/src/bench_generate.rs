@@ -25,7 +25,7 @@ pub struct GenerateBenchSpec {
     pub prompt_len: usize,
     pub new_tokens: usize,
     pub neighbours: usize,
-    pub neighbor_len: usize,
+    pub neighbour_len: usize,
     /// Time the recompute forward at every `recompute_stride`-th new token.
     pub recompute_stride: usize,
     pub seed: u64,
@@ -40,7 +40,7 @@ impl GenerateBenchSpec {
             prompt_len: 16,
             new_tokens: 512,
             neighbours: 2,
-            neighbor_len: 32,
+            neighbour_len: 32,
             recompute_stride: 16,
             seed: 0,
         }
@@ -65,7 +65,7 @@ impl GenerateBenchSpec {
 
     /// The `[K * N]` neighbour ids "retrieved" for chunk `u`.
     fn chunk_neighbours(&self, u: usize) -> Vec<u32> {
-        let kn = (self.neighbours * self.neighbor_len) as u64;
+        let kn = (self.neighbours * self.neighbour_len) as u64;
         (0..kn).map(|i| self.id(2, u as u64 * kn + i)).collect()
     }
 
@@ -74,7 +74,7 @@ impl GenerateBenchSpec {
         let ids: Vec<u32> = (0..c).flat_map(|u| self.chunk_neighbours(u)).collect();
         Ok(Tensor::from_vec(
             ids,
-            (1, c, self.neighbours, self.neighbor_len),
+            (1, c, self.neighbours, self.neighbour_len),
             device,
         )?)
     }
@@ -98,7 +98,7 @@ pub struct GenerateBenchResult {
     pub prompt_len: usize,
     pub new_tokens: usize,
     pub neighbours: usize,
-    pub neighbor_len: usize,
+    pub neighbour_len: usize,
     /// Wall time of the cached generation (prefill of the prompt and every step), seconds.
     pub cached_s: f64,
     pub cached_ms_per_token: f64,
@@ -166,7 +166,7 @@ pub fn run(spec: &GenerateBenchSpec, device: &Device, dtype: DType) -> Result<Ge
         let neighbours = if t % cl == cl - 1 {
             Some(Tensor::from_vec(
                 spec.chunk_neighbours(t / cl),
-                (1, spec.neighbours, spec.neighbor_len),
+                (1, spec.neighbours, spec.neighbour_len),
                 device,
             )?)
         } else {
@@ -208,7 +208,7 @@ pub fn run(spec: &GenerateBenchSpec, device: &Device, dtype: DType) -> Result<Ge
         prompt_len: p,
         new_tokens: n,
         neighbours: spec.neighbours,
-        neighbor_len: spec.neighbor_len,
+        neighbour_len: spec.neighbour_len,
         cached_s,
         cached_ms_per_token: cached_s * 1e3 / n as f64,
         cached_tokens_per_s,

@@ -93,7 +93,10 @@ pub struct DatasetMeta {
     pub chunk_len: usize,
     pub seq_len: usize,
     pub k: usize,
-    pub neighbor_len: usize,
+    /// Tokens per neighbour: the chunk and its continuation. Sessions before 2026-12-03 wrote
+    /// the American spelling; such files still load.
+    #[serde(alias = "neighbor_len")]
+    pub neighbour_len: usize,
     pub filter: Filter,
     pub seed: u64,
     #[serde(default)]
@@ -147,10 +150,10 @@ impl DatasetMeta {
         if self.k == 0 || self.k > MAX_K {
             return Err(bad("k", self.k.to_string(), "must be between 1 and 64"));
         }
-        if self.neighbor_len != 2 * cl {
+        if self.neighbour_len != 2 * cl {
             return Err(bad(
-                "neighbor_len",
-                self.neighbor_len.to_string(),
+                "neighbour_len",
+                self.neighbour_len.to_string(),
                 &format!(
                     "a neighbour is a chunk and its continuation: 2 x chunk_len = {}",
                     2 * cl
@@ -246,7 +249,7 @@ pub struct Batch {
     pub seq_len: usize,
     pub chunks: usize,
     pub k: usize,
-    pub neighbor_len: usize,
+    pub neighbour_len: usize,
     pub x: Vec<u32>,
     pub y: Vec<u32>,
     pub ret: Vec<u32>,
@@ -262,7 +265,7 @@ impl Batch {
         if b < 2 || p <= 0.0 {
             return;
         }
-        let block = self.chunks * self.k * self.neighbor_len;
+        let block = self.chunks * self.k * self.neighbour_len;
         let original = self.ret.clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for i in 0..b {
@@ -289,7 +292,7 @@ impl Batch {
             Tensor::from_vec(self.y.clone(), (b, t), device)?,
             Tensor::from_vec(
                 self.ret.clone(),
-                (b, self.chunks, self.k, self.neighbor_len),
+                (b, self.chunks, self.k, self.neighbour_len),
                 device,
             )?,
         ))
@@ -576,7 +579,7 @@ impl Dataset {
             chunk_len: cl,
             seq_len: params.seq_len,
             k: params.k,
-            neighbor_len: 2 * cl,
+            neighbour_len: 2 * cl,
             filter,
             seed: params.seed,
             novel_fraction: params.novel_fraction,
@@ -650,8 +653,8 @@ impl Dataset {
         let load = |split: Split, info: &SplitInfo| -> Result<SplitData> {
             let name = split.name();
             let origins_path = dir.join(format!("{name}.origins"));
-            let raw = std::fs::read(&origins_path)
-                .map_err(|e| PipelineError::file(&origins_path, e.to_string()))?;
+            let raw =
+                std::fs::read(&origins_path).map_err(|e| PipelineError::io(&origins_path, e))?;
             if Some(raw.len()) != info.sequences.checked_mul(8) {
                 return Err(PipelineError::file(
                     &origins_path,
@@ -682,16 +685,12 @@ impl Dataset {
             }
             let map = |file: String, bytes_per: usize| -> Result<Option<Mmap>> {
                 let path = dir.join(file);
-                let f = std::fs::File::open(&path)
-                    .map_err(|e| PipelineError::file(&path, e.to_string()))?;
+                let f = std::fs::File::open(&path).map_err(|e| PipelineError::io(&path, e))?;
                 let want = info
                     .sequences
                     .saturating_mul(per_seq)
                     .saturating_mul(bytes_per);
-                let len = f
-                    .metadata()
-                    .map_err(|e| PipelineError::file(&path, e.to_string()))?
-                    .len() as usize;
+                let len = f.metadata().map_err(|e| PipelineError::io(&path, e))?.len() as usize;
                 if len != want {
                     return Err(PipelineError::file(
                         &path,
@@ -702,8 +701,7 @@ impl Dataset {
                     return Ok(None);
                 }
                 // SAFETY: the file is only read; the dataset's files are written once, atomically.
-                let m = unsafe { Mmap::map(&f) }
-                    .map_err(|e| PipelineError::file(&path, e.to_string()))?;
+                let m = unsafe { Mmap::map(&f) }.map_err(|e| PipelineError::io(&path, e))?;
                 Ok(Some(m))
             };
             let neighbours = map(format!("{name}.neighbours"), 4)?;
@@ -780,7 +778,7 @@ impl Dataset {
     /// Gathers the sequences `indices` of split `s` with their neighbours' tokens.
     pub fn batch(&self, db: &Database, s: Split, indices: &[usize]) -> Batch {
         let m = &self.meta;
-        let (t, cl, k, n) = (m.seq_len, m.chunk_len, m.k, m.neighbor_len);
+        let (t, cl, k, n) = (m.seq_len, m.chunk_len, m.k, m.neighbour_len);
         let c = t / cl;
         let store = db.store();
         let mut b = Batch {
@@ -788,7 +786,7 @@ impl Dataset {
             seq_len: t,
             chunks: c,
             k,
-            neighbor_len: n,
+            neighbour_len: n,
             x: Vec::with_capacity(indices.len() * t),
             y: Vec::with_capacity(indices.len() * t),
             ret: Vec::with_capacity(indices.len() * c * k * n),
@@ -901,7 +899,7 @@ mod tests {
             seq_len: 8,
             chunks: c,
             k,
-            neighbor_len: n,
+            neighbour_len: n,
             x: vec![0; b * 8],
             y: vec![0; b * 8],
             // Row i's neighbour tokens are all i.

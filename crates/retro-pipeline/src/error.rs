@@ -10,6 +10,13 @@ pub enum PipelineError {
     Model(#[from] retro_model::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A file could not be read or written; the OS error stays the source.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
     #[error("invalid {field} = {value}: {reason}")]
@@ -26,6 +33,12 @@ impl PipelineError {
             field,
             value: value.to_string(),
             reason: reason.into(),
+        }
+    }
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
         }
     }
     pub fn file(path: &std::path::Path, msg: impl Into<String>) -> Self {

@@ -1,7 +1,7 @@
 //! # retro-pipeline
 //!
 //! Composes `retro-index` and `retro-model`: for every chunk of an input it fetches the K nearest
-//! neighbour chunks and their continuations and returns the `[B, C, K, neighbor_len]` tensor the model
+//! neighbour chunks and their continuations and returns the `[B, C, K, neighbour_len]` tensor the model
 //! eats; precomputes neighbours for training sets; drives training, generation and evaluation.
 //!
 //! ```
@@ -36,6 +36,7 @@ pub mod eval;
 pub mod filter;
 pub mod gate;
 pub mod generate;
+pub mod metrics;
 pub mod plot;
 pub mod retriever;
 pub mod schedule;
@@ -50,6 +51,9 @@ pub use eval::{
 pub use filter::{Filter, Origin};
 pub use gate::{longest_common_substring, Gate};
 pub use generate::{generate, Event, Sampling};
-pub use retriever::{Neighbours, Retriever, Timings};
+pub use metrics::{MetricsLog, StepMetrics};
+pub use retriever::{KeysOnly, Neighbours, Retriever, Text, Timings};
 pub use schedule::Schedule;
-pub use trainer::{train, CheckpointMeta, ResumePoint, Run, RunState, StepMetrics, TrainConfig};
+pub use trainer::{
+    train, CheckpointMeta, ResumePoint, Run, RunState, Start, TrainConfig, TrainData,
+};

@@ -3,7 +3,7 @@
 
 use crate::error::{PipelineError, Result};
 use crate::eval::EvalReport;
-use crate::trainer::StepMetrics;
+use crate::metrics::StepMetrics;
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -32,7 +32,7 @@ fn write_png(out: &Path, what: &str, draw: impl FnOnce(&Path) -> DrawResult) -> 
     register_font()?;
     let tmp = out.with_extension("tmp.png");
     draw(&tmp).map_err(|e| PipelineError::file(out, format!("cannot draw the {what}: {e}")))?;
-    std::fs::rename(&tmp, out).map_err(|e| PipelineError::file(out, e.to_string()))
+    std::fs::rename(&tmp, out).map_err(|e| PipelineError::io(out, e))
 }
 
 /// Training loss (every step) and validation loss (every `eval_every` steps) against the step.

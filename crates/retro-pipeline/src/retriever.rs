@@ -1,4 +1,4 @@
-//! Input chunks in, the model's `ret [B, C, K, neighbor_len]` out: decode each complete chunk to text,
+//! Input chunks in, the model's `ret [B, C, K, neighbour_len]` out: decode each complete chunk to text,
 //! embed all of them in one batch, search the index (filtered, in parallel), gather each neighbour's
 //! chunk + continuation from the store.
 
@@ -16,12 +16,12 @@ pub struct Neighbours {
     pub batch: usize,
     pub chunks: usize,
     pub k: usize,
-    pub neighbor_len: usize,
+    pub neighbour_len: usize,
     /// `[B, C, K]` database chunk ids; `None` where the database could not supply K (padded).
     pub chunk_ids: Vec<Option<usize>>,
     /// `[B, C, K]` distances (`f32::INFINITY` for padding).
     pub distances: Vec<f32>,
-    /// `[B, C, K, neighbor_len]` token ids.
+    /// `[B, C, K, neighbour_len]` token ids.
     pub tokens: Vec<u32>,
     /// Neighbours that had to be padded.
     pub padded: usize,
@@ -40,18 +40,18 @@ pub struct Timings {
 }
 
 impl Neighbours {
-    /// The model's `ret` tensor `[B, C, K, neighbor_len]` (u32) on `device`.
+    /// The model's `ret` tensor `[B, C, K, neighbour_len]` (u32) on `device`.
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
         Ok(Tensor::from_vec(
             self.tokens.clone(),
-            (self.batch, self.chunks, self.k, self.neighbor_len),
+            (self.batch, self.chunks, self.k, self.neighbour_len),
             device,
         )?)
     }
 
     /// The values (chunk + continuation) of the non-padded neighbours of chunk `i` (of `B * C`).
     pub fn values(&self, i: usize) -> Vec<&[u32]> {
-        let (k, n) = (self.k, self.neighbor_len);
+        let (k, n) = (self.k, self.neighbour_len);
         (0..k)
             .filter(|&j| self.chunk_ids[i * k + j].is_some())
             .map(|j| &self.tokens[(i * k + j) * n..(i * k + j + 1) * n])
@@ -84,14 +84,26 @@ impl Neighbours {
     }
 }
 
+/// What a [`Retriever`] reads text with: the database's own embedder and LM tokenizer.
+#[derive(Clone, Copy)]
+pub struct Text<'a> {
+    embedder: &'a dyn Embedder,
+    tokenizer: &'a LmTokenizer,
+}
+
+/// A retriever over precomputed keys only ([`Retriever::for_keys`]): it searches keys, and has
+/// no [`Retriever::retrieve`], which needs text.
+#[derive(Clone, Copy, Debug)]
+pub struct KeysOnly;
+
 /// Fetches the K nearest neighbours (+ continuations) of every complete chunk of its input.
+/// `T` is [`Text`] (the default: it embeds chunks of text) or [`KeysOnly`].
 #[derive(Clone)]
-pub struct Retriever<'a> {
+pub struct Retriever<'a, T = Text<'a>> {
     db: &'a Database,
-    /// The database's own embedder and LM tokenizer; absent for a key-only retriever.
-    text: Option<(&'a dyn Embedder, &'a LmTokenizer)>,
+    text: T,
     k: usize,
-    neighbor_len: usize,
+    neighbour_len: usize,
     ef: Option<usize>,
     excluded: Excluded,
     gate: Option<Gate>,
@@ -107,11 +119,23 @@ impl<'a> Retriever<'a> {
     ) -> Result<Self> {
         db.check_embedder(embedder)?;
         db.check_compatible(tokenizer)?;
-        let mut r = Self::for_keys(db, k)?;
-        r.text = Some((embedder, tokenizer));
-        Ok(r)
+        let r = Retriever::for_keys(db, k)?;
+        Ok(Retriever {
+            db: r.db,
+            text: Text {
+                embedder,
+                tokenizer,
+            },
+            k: r.k,
+            neighbour_len: r.neighbour_len,
+            ef: r.ef,
+            excluded: r.excluded,
+            gate: r.gate,
+        })
     }
+}
 
+impl<'a> Retriever<'a, KeysOnly> {
     /// A retriever that only searches precomputed keys ([`Retriever::search`]), e.g. the database's
     /// own keys of training chunks.
     pub fn for_keys(db: &'a Database, k: usize) -> Result<Self> {
@@ -124,26 +148,28 @@ impl<'a> Retriever<'a> {
         }
         Ok(Self {
             db,
-            text: None,
+            text: KeysOnly,
             k,
-            neighbor_len: 2 * db.chunk_len(),
+            neighbour_len: 2 * db.chunk_len(),
             ef: None,
             excluded: Excluded::new(),
             gate: None,
         })
     }
+}
 
+impl<'a, T> Retriever<'a, T> {
     /// Neighbour length: the chunk and up to `chunk_len` tokens of continuation (default `2 * chunk_len`).
-    pub fn with_neighbor_len(mut self, n: usize) -> Result<Self> {
+    pub fn with_neighbour_len(mut self, n: usize) -> Result<Self> {
         let cl = self.db.chunk_len();
         if n == 0 || n > 2 * cl {
             return Err(PipelineError::invalid(
-                "neighbor_len",
+                "neighbour_len",
                 n,
                 format!("must be in 1..={}", 2 * cl),
             ));
         }
-        self.neighbor_len = n;
+        self.neighbour_len = n;
         Ok(self)
     }
 
@@ -179,63 +205,14 @@ impl<'a> Retriever<'a> {
     pub fn k(&self) -> usize {
         self.k
     }
-    pub fn neighbor_len(&self) -> usize {
-        self.neighbor_len
+    pub fn neighbour_len(&self) -> usize {
+        self.neighbour_len
     }
     pub fn chunk_len(&self) -> usize {
         self.db.chunk_len()
     }
     pub fn database(&self) -> &Database {
         self.db
-    }
-
-    /// Neighbours of the `C = T / chunk_len` complete chunks of each row of `x` (all rows of length T).
-    /// `origins` (one per row) are needed by the same-document and window filters.
-    pub fn retrieve(
-        &self,
-        x: &[Vec<u32>],
-        origins: Option<&[Origin]>,
-        filter: Filter,
-    ) -> Result<Neighbours> {
-        let Some((embedder, tokenizer)) = self.text else {
-            return Err(PipelineError::invalid(
-                "retriever",
-                "key-only",
-                "retrieving for text needs an embedder and tokenizer",
-            ));
-        };
-        let cl = self.db.chunk_len();
-        let t = x.first().map_or(0, |r| r.len());
-        if let Some(r) = x.iter().find(|r| r.len() != t) {
-            return Err(PipelineError::invalid(
-                "x",
-                format!("a row of length {}", r.len()),
-                format!("all rows must have length {t}"),
-            ));
-        }
-        let c = t / cl;
-        let t0 = Instant::now();
-        let texts = x
-            .iter()
-            .flat_map(|row| (0..c).map(move |u| &row[u * cl..(u + 1) * cl]))
-            .map(|chunk| tokenizer.decode(chunk))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let keys = if refs.is_empty() {
-            vec![]
-        } else {
-            embedder.embed(&refs)?
-        };
-        let embed = t0.elapsed();
-        let mut out = self.search_keys(&keys, x.len(), c, origins, filter, &[])?;
-        out.timings.embed = embed;
-        if let Some(g) = self.gate {
-            let chunks = x
-                .iter()
-                .flat_map(|row| (0..c).map(move |u| &row[u * cl..(u + 1) * cl]));
-            out.keep = Some(out.gate(&g, chunks));
-        }
-        Ok(out)
     }
 
     /// Neighbours for precomputed keys `[B * C]` (row-major), e.g. the database's own keys of the
@@ -276,7 +253,7 @@ impl<'a> Retriever<'a> {
         let mut out = self.search_keys(keys, batch, chunks, origins, filter, &[])?;
         let rows = rows.min(batch);
         if rows > 0 {
-            let (k, n, h) = (self.k, self.neighbor_len, rows * chunks);
+            let (k, n, h) = (self.k, self.neighbour_len, rows * chunks);
             let store = self.db.store();
             let nearest: Vec<Option<usize>> = out.chunk_ids[..h * k]
                 .chunks(k)
@@ -350,12 +327,12 @@ impl<'a> Retriever<'a> {
         };
         let search = t0.elapsed();
         let t1 = Instant::now();
-        let (k, n) = (self.k, self.neighbor_len);
+        let (k, n) = (self.k, self.neighbour_len);
         let mut out = Neighbours {
             batch,
             chunks,
             k,
-            neighbor_len: n,
+            neighbour_len: n,
             chunk_ids: Vec::with_capacity(keys.len() * k),
             distances: Vec::with_capacity(keys.len() * k),
             tokens: Vec::with_capacity(keys.len() * k * n),
@@ -385,6 +362,54 @@ impl<'a> Retriever<'a> {
             search,
             gather: t1.elapsed(),
         };
+        Ok(out)
+    }
+}
+
+impl Retriever<'_> {
+    /// Neighbours of the `C = T / chunk_len` complete chunks of each row of `x` (all rows of length T).
+    /// `origins` (one per row) are needed by the same-document and window filters.
+    pub fn retrieve(
+        &self,
+        x: &[Vec<u32>],
+        origins: Option<&[Origin]>,
+        filter: Filter,
+    ) -> Result<Neighbours> {
+        let Text {
+            embedder,
+            tokenizer,
+        } = self.text;
+        let cl = self.db.chunk_len();
+        let t = x.first().map_or(0, |r| r.len());
+        if let Some(r) = x.iter().find(|r| r.len() != t) {
+            return Err(PipelineError::invalid(
+                "x",
+                format!("a row of length {}", r.len()),
+                format!("all rows must have length {t}"),
+            ));
+        }
+        let c = t / cl;
+        let t0 = Instant::now();
+        let texts = x
+            .iter()
+            .flat_map(|row| (0..c).map(move |u| &row[u * cl..(u + 1) * cl]))
+            .map(|chunk| tokenizer.decode(chunk))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let keys = if refs.is_empty() {
+            vec![]
+        } else {
+            embedder.embed(&refs)?
+        };
+        let embed = t0.elapsed();
+        let mut out = self.search_keys(&keys, x.len(), c, origins, filter, &[])?;
+        out.timings.embed = embed;
+        if let Some(g) = self.gate {
+            let chunks = x
+                .iter()
+                .flat_map(|row| (0..c).map(move |u| &row[u * cl..(u + 1) * cl]));
+            out.keep = Some(out.gate(&g, chunks));
+        }
         Ok(out)
     }
 }

@@ -4,15 +4,16 @@
 
 use crate::dataset::{Dataset, Split};
 use crate::error::{PipelineError, Result};
+use crate::metrics::MetricsLog;
+use crate::metrics::StepMetrics;
 use crate::schedule::Schedule;
 use candle_core::{DType, Device, Tensor};
 use retro_index::database::FileInfo;
-use retro_index::fsutil::{read_json, write_atomic, write_json_atomic};
+use retro_index::fsutil::{read_json, write_json_atomic};
 use retro_index::Database;
 use retro_model::train::{clip_grad_norm, cross_entropy, loss_and_grads, AdamW, AdamWParams};
 use retro_model::{RetroConfig, RetroModel};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -143,18 +144,6 @@ fn verify_checkpoint(dir: &Path) -> std::result::Result<CheckpointMeta, String> 
     Ok(meta)
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct StepMetrics {
-    pub step: usize,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub tokens_per_s: f64,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub valid_loss: Option<f64>,
-}
-
 /// A training run directory: `config.json`, `train.json`, `state.json`, `checkpoint-STEP/`,
 /// `metrics.jsonl`, `loss.png`.
 pub struct Run {
@@ -225,7 +214,7 @@ impl Run {
             )
         })?;
         let mut names: Vec<(usize, String)> = std::fs::read_dir(&self.dir)
-            .map_err(|e| PipelineError::file(&self.dir, e.to_string()))?
+            .map_err(|e| PipelineError::io(&self.dir, e))?
             .flatten()
             .filter_map(|e| {
                 let n = e.file_name().to_string_lossy().into_owned();
@@ -365,20 +354,39 @@ pub fn validation_loss(
 /// What the caller (the CLI's progress bar) hears after each step.
 pub type OnStep<'a> = &'a mut dyn FnMut(&StepMetrics, usize);
 
-/// Creates `run_dir` (or resumes it when `resume` is set) and trains. `init` optionally starts from
-/// a checkpoint (e.g. a base model for `freeze_base`).
-#[allow(clippy::too_many_arguments)]
+/// How a run begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start<'a> {
+    /// A new run, weights from the seed.
+    Fresh,
+    /// A new run, weights from this `model.safetensors` (e.g. a base model for `freeze_base`).
+    From(&'a Path),
+    /// The run already in `run_dir`, from its newest intact checkpoint.
+    Resume,
+}
+
+/// What a run trains on, and where.
+#[derive(Clone, Copy)]
+pub struct TrainData<'a> {
+    pub dataset: &'a Dataset,
+    pub database: &'a Database,
+    pub device: &'a Device,
+}
+
+/// Creates `run_dir` (or resumes it) and trains.
 pub fn train(
     run_dir: &Path,
     model_config: &RetroConfig,
     cfg: &TrainConfig,
-    ds: &Dataset,
-    db: &Database,
-    device: &Device,
-    init: Option<&Path>,
-    resume: bool,
+    data: TrainData,
+    start: Start,
     on_step: OnStep,
 ) -> Result<RunState> {
+    let TrainData {
+        dataset: ds,
+        database: db,
+        device,
+    } = data;
     model_config.validate()?;
     if ds.meta().chunk_len != model_config.chunk_len {
         return Err(PipelineError::invalid(
@@ -427,7 +435,7 @@ pub fn train(
         train_config: cfg.clone(),
     };
     let mut resumed_notes = vec![];
-    if resume {
+    if start == Start::Resume {
         let prev = Run::open(run_dir)?;
         if prev.model_config != *model_config {
             return Err(PipelineError::file(
@@ -493,9 +501,8 @@ pub fn train(
                 "already holds a run (resume it, or choose another directory)",
             ));
         }
-        std::fs::create_dir_all(run_dir)
-            .map_err(|e| PipelineError::file(run_dir, e.to_string()))?;
-        if let Some(init) = init {
+        std::fs::create_dir_all(run_dir).map_err(|e| PipelineError::io(run_dir, e))?;
+        if let Start::From(init) = start {
             model.load_safetensors(init)?;
         }
         write_json_atomic(&run_dir.join("config.json"), model_config)?;
@@ -525,31 +532,12 @@ pub fn train(
     // Every step's metrics so far (a resumed run's too), for the loss curve. Steps past the
     // checkpoint (trained before a crash, or past a damaged checkpoint) are trained again: their
     // old lines go, so the file holds each step once.
-    let mut rows: Vec<StepMetrics> = match std::fs::read_to_string(run_dir.join("metrics.jsonl")) {
-        Ok(text) => text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok())
-            .filter(|m| m.step <= step)
-            .collect(),
-        Err(_) => vec![],
-    };
-    if resume {
-        write_atomic(&run_dir.join("metrics.jsonl"), |w| {
-            for m in &rows {
-                writeln!(
-                    w,
-                    "{}",
-                    serde_json::to_string(m).expect("metrics serialise")
-                )?;
-            }
-            Ok(())
-        })?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut rows = MetricsLog::read(&metrics_path, step);
+    if start == Start::Resume {
+        MetricsLog::rewrite(&metrics_path, &rows)?;
     }
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.join("metrics.jsonl"))
-        .map_err(|e| PipelineError::file(&run_dir.join("metrics.jsonl"), e.to_string()))?;
+    let mut metrics = MetricsLog::append_to(&metrics_path)?;
     let mut last_state = None;
     // The next batches are gathered on another thread while the model runs.
     ds.for_each_train_batch(
@@ -596,12 +584,7 @@ pub fn train(
                 m.valid_loss =
                     validation_loss(&model, ds, db, cfg.batch_size, cfg.eval_batches, retrieval)?;
             }
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::to_string(&m).expect("metrics serialise")
-            )
-            .map_err(|e| PipelineError::file(&run_dir.join("metrics.jsonl"), e.to_string()))?;
+            metrics.push(&m)?;
             on_step(&m, cfg.steps);
             rows.push(m.clone());
             if last || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
@@ -653,7 +636,7 @@ fn save_checkpoint(
     let name = format!("checkpoint-{step:07}");
     let tmp = run.dir.join(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| PipelineError::file(&tmp, e.to_string()))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| PipelineError::io(&tmp, e))?;
     model.save_safetensors(&tmp.join("model.safetensors"))?;
     let (moments, _) = opt.state_dict()?;
     let moments: std::collections::HashMap<String, Tensor> = moments
@@ -682,8 +665,7 @@ fn save_checkpoint(
     }
     let final_dir = run.dir.join(&name);
     let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir)
-        .map_err(|e| PipelineError::file(&final_dir, e.to_string()))?;
+    std::fs::rename(&tmp, &final_dir).map_err(|e| PipelineError::io(&final_dir, e))?;
     let state = RunState {
         format_version: RUN_FORMAT_VERSION,
         step,

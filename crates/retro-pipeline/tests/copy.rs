@@ -10,7 +10,7 @@ use retro_index::{BuildOptions, Corpus, Database, Document, LexicalEmbedder, LmT
 use retro_model::RetroConfig;
 use retro_pipeline::{
     evaluate, generate, train, Condition, Dataset, DatasetParams, EvalOptions, Filter, Gate,
-    Retriever, Run, Sampling, Schedule, TrainConfig,
+    Retriever, Run, Sampling, Schedule, Start, TrainConfig, TrainData,
 };
 use std::collections::HashSet;
 
@@ -106,11 +106,12 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
         &run_dir,
         &cfg,
         &tc,
-        &ds,
-        &db,
-        &dev,
-        None,
-        false,
+        TrainData {
+            dataset: &ds,
+            database: &db,
+            device: &dev,
+        },
+        Start::Fresh,
         &mut |_, _| {},
     )
     .unwrap();

@@ -8,7 +8,9 @@ use candle_core::Device;
 use retro_index::fsutil::sha256_bytes;
 use retro_index::testdata::mutate;
 use retro_model::RetroConfig;
-use retro_pipeline::{train, Dataset, DatasetMeta, DatasetParams, Run, Split, TrainConfig};
+use retro_pipeline::{
+    train, Dataset, DatasetMeta, DatasetParams, Run, Split, Start, TrainConfig, TrainData,
+};
 use std::path::Path;
 use std::time::Duration;
 
@@ -125,11 +127,12 @@ fn run_train(
         run,
         cfg,
         tc,
-        ds,
-        &f.db,
-        &Device::Cpu,
-        None,
-        resume,
+        TrainData {
+            dataset: ds,
+            database: &f.db,
+            device: &Device::Cpu,
+        },
+        if resume { Start::Resume } else { Start::Fresh },
         &mut |_, _| {},
     )
 }
@@ -306,8 +309,8 @@ fn dataset_json_fields_are_checked_against_the_database() {
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     for (field, value, expect) in [
         ("chunk_len", serde_json::json!(0), "chunk_len = 0"),
-        ("neighbor_len", serde_json::json!(8), "neighbor_len = 8"),
-        ("neighbor_len", serde_json::json!(64), "neighbor_len = 64"),
+        ("neighbour_len", serde_json::json!(8), "neighbour_len = 8"),
+        ("neighbour_len", serde_json::json!(64), "neighbour_len = 64"),
         ("k", serde_json::json!(0), "k = 0"),
         ("seq_len", serde_json::json!(4), "seq_len = 4"),
         ("format_version", serde_json::json!(1), "format_version 1"),
@@ -328,13 +331,29 @@ fn dataset_json_fields_are_checked_against_the_database() {
     }
     let mut v = original.clone();
     v["chunk_len"] = serde_json::json!(4);
-    v["neighbor_len"] = serde_json::json!(8);
+    v["neighbour_len"] = serde_json::json!(8);
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     let e = Dataset::open(&dir, &f.db)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(e.contains("chunk_len = 4, but the database's is 8"), "{e}");
+    // dataset.json files written before the field took the paper's spelling still open, and
+    // their value is still checked.
+    let mut v = original.clone();
+    let n = v.as_object_mut().unwrap().remove("neighbour_len").unwrap();
+    v["neighbor_len"] = n;
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let old = Dataset::open(&dir, &f.db).unwrap();
+    assert_eq!(old.meta().neighbour_len, 16);
+    drop(old);
+    v["neighbor_len"] = serde_json::json!(8);
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let e = Dataset::open(&dir, &f.db)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("neighbour_len = 8"), "{e}");
     std::fs::write(&path, serde_json::to_vec(&original).unwrap()).unwrap();
     // A damaged neighbour file is found on open.
     let n = dir.join("train.neighbours");

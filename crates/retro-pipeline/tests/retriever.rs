@@ -14,7 +14,7 @@ fn neighbours_are_the_stored_chunk_plus_its_continuation_within_its_document() {
     let x = vec![doc[..80].to_vec(), doc[40..120].to_vec()];
     let out = r.retrieve(&x, None, Filter::None).unwrap();
     assert_eq!(
-        (out.batch, out.chunks, out.k, out.neighbor_len),
+        (out.batch, out.chunks, out.k, out.neighbour_len),
         (2, 5, 3, 32)
     );
     for (i, id) in out.chunk_ids.iter().enumerate() {
@@ -206,7 +206,7 @@ fn the_overlap_gate_keeps_exactly_the_chunks_a_neighbour_shares_a_long_run_with(
     let out = plain
         .retrieve(&x, Some(&[origin]), Filter::SameDocument)
         .unwrap();
-    let (k, n, cl) = (out.k, out.neighbor_len, 16);
+    let (k, n, cl) = (out.k, out.neighbour_len, 16);
     let runs: Vec<usize> = (0..out.chunks)
         .map(|u| {
             (0..k)

@@ -6,7 +6,7 @@ mod common;
 use candle_core::Device;
 use retro_model::RetroConfig;
 use retro_pipeline::{
-    train, Dataset, DatasetParams, Run, Schedule, Split, StepMetrics, TrainConfig,
+    train, Dataset, DatasetParams, Run, Schedule, Split, Start, StepMetrics, TrainConfig, TrainData,
 };
 
 fn model_config(vocab: usize) -> RetroConfig {
@@ -65,11 +65,12 @@ fn loss_falls_checkpoints_reload_and_resume_continues_the_same_curve() {
         &full,
         &cfg,
         &tc,
-        &ds,
-        &f.db,
-        &dev,
-        None,
-        false,
+        TrainData {
+            dataset: &ds,
+            database: &f.db,
+            device: &dev,
+        },
+        Start::Fresh,
         &mut |_, _| {},
     )
     .unwrap();
@@ -91,11 +92,12 @@ fn loss_falls_checkpoints_reload_and_resume_continues_the_same_curve() {
         &half,
         &cfg,
         &tc_half,
-        &ds,
-        &f.db,
-        &dev,
-        None,
-        false,
+        TrainData {
+            dataset: &ds,
+            database: &f.db,
+            device: &dev,
+        },
+        Start::Fresh,
         &mut |_, _| {},
     )
     .unwrap();
@@ -104,11 +106,12 @@ fn loss_falls_checkpoints_reload_and_resume_continues_the_same_curve() {
         &half,
         &cfg,
         &tc,
-        &ds,
-        &f.db,
-        &dev,
-        None,
-        true,
+        TrainData {
+            dataset: &ds,
+            database: &f.db,
+            device: &dev,
+        },
+        Start::Resume,
         &mut |_, _| {},
     )
     .unwrap();
@@ -178,11 +181,12 @@ fn loss_falls_checkpoints_reload_and_resume_continues_the_same_curve() {
         &fit,
         &cfg,
         &tc_fit,
-        &ds,
-        &f.db,
-        &dev,
-        Some(&run.weights_path().unwrap()),
-        false,
+        TrainData {
+            dataset: &ds,
+            database: &f.db,
+            device: &dev,
+        },
+        Start::From(&run.weights_path().unwrap()),
         &mut |_, _| {},
     )
     .unwrap();
