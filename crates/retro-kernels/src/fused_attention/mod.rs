@@ -14,6 +14,8 @@
 //! `[b, h, s, d]` views of a `[b, s, h, d]` projection, and the output is written as `[b, s, h, d]`, the
 //! layout the output projection wants. [`attention_heads`] is that interface; [`attention`] is the plain
 //! `[n, s, d]` one. Other devices and dtypes use the matmul + softmax composition.
+//!
+//! [`CustomOp3`]: candle_core::CustomOp3
 
 use crate::kernels::Kernels;
 use candle_core::{DType, Device, Result, Tensor};
