@@ -5,10 +5,11 @@
 //! (four GEMMs, the ReLU mask, LayerNorm's backward). The block's six parameters travel as one
 //! concatenated tensor: candle's `cat` backward hands each `Var` its slice of the gradient.
 
-use crate::cpu_storage::{contiguous, cpu};
-use crate::fused_norm::{ln_fwd, pre_norm_bwd, Float};
+use crate::cpu_storage::{contiguous, cpu, dispatch, FloatKernel};
+use crate::float::Float;
+use crate::fused_norm::{ln_fwd, pre_norm_bwd};
 use crate::linear_op::{affine, linear_bwd};
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -143,20 +144,15 @@ impl CustomOp2 for FeedForwardOp {
         {
             candle_core::bail!("feed-forward: bad layouts {lh:?}, {lp:?}");
         }
-        macro_rules! go {
-            ($t:ty) => {{
-                let (h, p) = slices::<$t>([sh, sp], [lh, lp])?;
-                let (y, x, a) = self.fwd(h, p);
-                *self.saved.lock().unwrap() =
-                    Some((<$t>::to_cpu_storage_owned(x), <$t>::to_cpu_storage_owned(a)));
-                <$t>::to_cpu_storage_owned(y)
-            }};
-        }
-        let y = match sh {
-            CpuStorage::F32(_) => go!(f32),
-            CpuStorage::F64(_) => go!(f64),
-            _ => candle_core::bail!("feed-forward: f32 and f64 only"),
-        };
+        let y = dispatch(
+            "feed-forward",
+            sh,
+            Forward {
+                op: self,
+                h: (sh, lh),
+                p: (sp, lp),
+            },
+        )?;
         Ok((y, lh.shape().clone()))
     }
 
@@ -175,27 +171,67 @@ impl CustomOp2 for FeedForwardOp {
         let (sp, lp) = p.storage_and_layout();
         let (sg, lg) = dy.storage_and_layout();
         let (sh, sp, sg) = (cpu(&sh)?, cpu(&sp)?, cpu(&sg)?);
-        macro_rules! go {
-            ($t:ty) => {{
-                let (hv, pv) = slices::<$t>([sh, sp], [lh, lp])?;
-                let g = contiguous::<$t>(sg, lg)?;
-                let (xv, rv) = (
-                    <$t>::cpu_storage_as_slice(&x)?,
-                    <$t>::cpu_storage_as_slice(&r)?,
-                );
-                let (dh, dp) = self.bwd(hv, pv, xv, rv, g);
-                (
-                    Tensor::from_vec(dh, h.shape(), h.device())?,
-                    Tensor::from_vec(dp, p.shape(), p.device())?,
-                )
-            }};
-        }
-        let (dh, dp) = match sh {
-            CpuStorage::F32(_) => go!(f32),
-            CpuStorage::F64(_) => go!(f64),
-            _ => candle_core::bail!("feed-forward: f32 and f64 only"),
-        };
+        let (dh, dp) = dispatch(
+            "feed-forward",
+            sh,
+            Backward {
+                op: self,
+                h: (sh, lh),
+                p: (sp, lp),
+                dy: (sg, lg),
+                saved: (&x, &r),
+                like: (h, p),
+            },
+        )?;
         Ok((Some(dh), Some(dp)))
+    }
+}
+
+/// The forward at one dtype; keeps `LN(h)` and `relu(a)` for the backward.
+struct Forward<'a> {
+    op: &'a FeedForwardOp,
+    h: (&'a CpuStorage, &'a Layout),
+    p: (&'a CpuStorage, &'a Layout),
+}
+
+impl FloatKernel for Forward<'_> {
+    type Output = CpuStorage;
+    fn run<T: Float>(self) -> Result<CpuStorage> {
+        let (h, p) = slices::<T>([self.h.0, self.p.0], [self.h.1, self.p.1])?;
+        let (y, x, a) = self.op.fwd(h, p);
+        *self.op.saved.lock().unwrap() =
+            Some((T::to_cpu_storage_owned(x), T::to_cpu_storage_owned(a)));
+        Ok(T::to_cpu_storage_owned(y))
+    }
+}
+
+/// The backward at one dtype: `(dh, dpacked)` shaped as `h` and the packed parameters.
+struct Backward<'a> {
+    op: &'a FeedForwardOp,
+    h: (&'a CpuStorage, &'a Layout),
+    p: (&'a CpuStorage, &'a Layout),
+    dy: (&'a CpuStorage, &'a Layout),
+    /// `LN(h)` and `relu(a)` from the forward.
+    saved: (&'a CpuStorage, &'a CpuStorage),
+    /// `h` and the packed parameters: the gradients take their shapes and device.
+    like: (&'a Tensor, &'a Tensor),
+}
+
+impl FloatKernel for Backward<'_> {
+    type Output = (Tensor, Tensor);
+    fn run<T: Float>(self) -> Result<Self::Output> {
+        let (h, p) = self.like;
+        let (hv, pv) = slices::<T>([self.h.0, self.p.0], [self.h.1, self.p.1])?;
+        let g = contiguous::<T>(self.dy.0, self.dy.1)?;
+        let (xv, rv) = (
+            T::cpu_storage_as_slice(self.saved.0)?,
+            T::cpu_storage_as_slice(self.saved.1)?,
+        );
+        let (dh, dp) = self.op.bwd(hv, pv, xv, rv, g);
+        Ok((
+            Tensor::from_vec(dh, h.shape(), h.device())?,
+            Tensor::from_vec(dp, p.shape(), p.device())?,
+        ))
     }
 }
 

@@ -12,30 +12,10 @@
 //! RoPE (rotate-half) on `x [b, s, h, d]`: `y1 = x1 c - x2 s`, `y2 = x2 c + x1 s`; its backward is the
 //! inverse rotation (`-theta`).
 
-use crate::cpu_storage::{contiguous, cpu};
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, D,
-};
+use crate::cpu_storage::{contiguous, cpu, dispatch, FloatKernel};
+use crate::float::Float;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
-
-/// The element types the CPU kernels handle.
-pub(crate) trait Float: WithDType + Default {
-    fn sqrt_(self) -> Self;
-}
-
-impl Float for f64 {
-    #[inline(always)]
-    fn sqrt_(self) -> Self {
-        self.sqrt()
-    }
-}
-
-impl Float for f32 {
-    #[inline(always)]
-    fn sqrt_(self) -> Self {
-        self.sqrt()
-    }
-}
 
 /// The CPU kernels here handle `x` (f32 or f64 on the CPU).
 pub(crate) fn cpu_ok(x: &Tensor) -> bool {
@@ -197,24 +177,16 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = *l1.dims().last().unwrap_or(&1);
-        fn go<T: Float>(
-            s: [&CpuStorage; 3],
-            l: [&Layout; 3],
-            d: usize,
-            eps: f64,
-        ) -> Result<CpuStorage> {
-            let (x, w, b) = (
-                contiguous::<T>(s[0], l[0])?,
-                contiguous::<T>(s[1], l[1])?,
-                contiguous::<T>(s[2], l[2])?,
-            );
-            Ok(T::to_cpu_storage_owned(ln_fwd(x, w, b, d, eps)))
-        }
-        let out = match s1 {
-            CpuStorage::F32(_) => go::<f32>([s1, s2, s3], [l1, l2, l3], d, self.eps)?,
-            CpuStorage::F64(_) => go::<f64>([s1, s2, s3], [l1, l2, l3], d, self.eps)?,
-            _ => candle_core::bail!("fused-layer-norm: f32 and f64 only"),
-        };
+        let out = dispatch(
+            "fused-layer-norm",
+            s1,
+            LnForward {
+                s: [s1, s2, s3],
+                l: [l1, l2, l3],
+                d,
+                eps: self.eps,
+            },
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -232,34 +204,69 @@ impl CustomOp3 for LayerNormOp {
         let dev = x.device().clone();
         let (xs, ws) = (x.shape().clone(), w.shape().clone());
         let (dx, dw, db) = with_cpu3(x, w, &g, |s, l| {
-            fn go<T: Float>(
-                s: [&CpuStorage; 3],
-                l: [&Layout; 3],
-                d: usize,
-                eps: f64,
-                shapes: (&Shape, &Shape),
-                dev: &Device,
-            ) -> Result<(Tensor, Tensor, Tensor)> {
-                let (x, w, g) = (
-                    contiguous::<T>(s[0], l[0])?,
-                    contiguous::<T>(s[1], l[1])?,
-                    contiguous::<T>(s[2], l[2])?,
-                );
-                let (a, b, c) = ln_bwd(x, w, g, d, eps);
-                Ok((
-                    Tensor::from_vec(a, shapes.0, dev)?,
-                    Tensor::from_vec(b, shapes.1, dev)?,
-                    Tensor::from_vec(c, shapes.1, dev)?,
-                ))
-            }
-            match s[0] {
-                CpuStorage::F32(_) => go::<f32>(s, l, d, eps, (&xs, &ws), &dev),
-                CpuStorage::F64(_) => go::<f64>(s, l, d, eps, (&xs, &ws), &dev),
-                _ => candle_core::bail!("fused-layer-norm: f32 and f64 only"),
-            }
+            let shapes = (&xs, &ws);
+            let kernel = LnBackward {
+                s,
+                l,
+                d,
+                eps,
+                shapes,
+                dev: &dev,
+            };
+            dispatch("fused-layer-norm", s[0], kernel)
         })?;
         let _ = b;
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// LayerNorm's forward at one dtype: `y` for `x, w, b`.
+struct LnForward<'a> {
+    s: [&'a CpuStorage; 3],
+    l: [&'a Layout; 3],
+    d: usize,
+    eps: f64,
+}
+
+impl FloatKernel for LnForward<'_> {
+    type Output = CpuStorage;
+    fn run<T: Float>(self) -> Result<CpuStorage> {
+        let (s, l) = (self.s, self.l);
+        let (x, w, b) = (
+            contiguous::<T>(s[0], l[0])?,
+            contiguous::<T>(s[1], l[1])?,
+            contiguous::<T>(s[2], l[2])?,
+        );
+        Ok(T::to_cpu_storage_owned(ln_fwd(x, w, b, self.d, self.eps)))
+    }
+}
+
+/// LayerNorm's backward at one dtype: `(dx, dw, db)` for `x, w, g`.
+struct LnBackward<'a> {
+    s: [&'a CpuStorage; 3],
+    l: [&'a Layout; 3],
+    d: usize,
+    eps: f64,
+    /// `x`'s and `w`'s.
+    shapes: (&'a Shape, &'a Shape),
+    dev: &'a Device,
+}
+
+impl FloatKernel for LnBackward<'_> {
+    type Output = (Tensor, Tensor, Tensor);
+    fn run<T: Float>(self) -> Result<Self::Output> {
+        let (s, l, shapes, dev) = (self.s, self.l, self.shapes, self.dev);
+        let (x, w, g) = (
+            contiguous::<T>(s[0], l[0])?,
+            contiguous::<T>(s[1], l[1])?,
+            contiguous::<T>(s[2], l[2])?,
+        );
+        let (a, b, c) = ln_bwd(x, w, g, self.d, self.eps);
+        Ok((
+            Tensor::from_vec(a, shapes.0, dev)?,
+            Tensor::from_vec(b, shapes.1, dev)?,
+            Tensor::from_vec(c, shapes.1, dev)?,
+        ))
     }
 }
 
@@ -378,16 +385,15 @@ impl CustomOp3 for RopeOp {
         if l1.dims().len() != 4 || (l1.dims()[3] > 1 && l1.stride()[3] != 1) {
             candle_core::bail!("fused-rope: bad layout {l1:?}");
         }
-        fn go<T: Float>(s: [&CpuStorage; 3], l: [&Layout; 3], inverse: bool) -> Result<CpuStorage> {
-            let x = T::cpu_storage_as_slice(s[0])?;
-            let (c, sn) = (contiguous::<T>(s[1], l[1])?, contiguous::<T>(s[2], l[2])?);
-            Ok(T::to_cpu_storage_owned(rope_cpu(x, l[0], c, sn, inverse)))
-        }
-        let out = match s1 {
-            CpuStorage::F32(_) => go::<f32>([s1, s2, s3], [l1, l2, l3], self.inverse)?,
-            CpuStorage::F64(_) => go::<f64>([s1, s2, s3], [l1, l2, l3], self.inverse)?,
-            _ => candle_core::bail!("fused-rope: f32 and f64 only"),
-        };
+        let out = dispatch(
+            "fused-rope",
+            s1,
+            RopeForward {
+                s: [s1, s2, s3],
+                l: [l1, l2, l3],
+                inverse: self.inverse,
+            },
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -408,6 +414,29 @@ impl CustomOp3 for RopeOp {
             },
         )?;
         Ok((Some(dx), None, None))
+    }
+}
+
+/// The rotation at one dtype: `x` (strided `[b, s, h, d]`) by the tables `cos, sin`.
+struct RopeForward<'a> {
+    s: [&'a CpuStorage; 3],
+    l: [&'a Layout; 3],
+    inverse: bool,
+}
+
+impl FloatKernel for RopeForward<'_> {
+    type Output = CpuStorage;
+    fn run<T: Float>(self) -> Result<CpuStorage> {
+        let (s, l) = (self.s, self.l);
+        let x = T::cpu_storage_as_slice(s[0])?;
+        let (c, sn) = (contiguous::<T>(s[1], l[1])?, contiguous::<T>(s[2], l[2])?);
+        Ok(T::to_cpu_storage_owned(rope_cpu(
+            x,
+            l[0],
+            c,
+            sn,
+            self.inverse,
+        )))
     }
 }
 

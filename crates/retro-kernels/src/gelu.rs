@@ -60,8 +60,7 @@ fn gelu_block_dispatch(x: &[f32], y: &mut [f32]) {
         unsafe fn avx2(x: &[f32], y: &mut [f32]) {
             gelu_block(x, y)
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::isa::avx2_fma() {
             // SAFETY: the features were detected at run time.
             return unsafe { avx2(x, y) };
         }

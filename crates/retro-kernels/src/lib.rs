@@ -26,9 +26,11 @@
 pub mod attention_block_op;
 mod cpu_storage;
 pub mod feed_forward_op;
+mod float;
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod gelu;
+mod isa;
 pub mod kernels;
 pub mod linear_op;
 

@@ -6,7 +6,8 @@
 //! (reshape, transpose, matmul, broadcast add, reshape) of the composition, each of which costs
 //! candle a full-size gradient accumulation.
 
-use crate::cpu_storage::{contiguous, cpu};
+use crate::cpu_storage::{contiguous, cpu, dispatch, FloatKernel};
+use crate::float::Float;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -302,23 +303,6 @@ impl CustomOp3 for LinearOp {
         let mut out_dims = lx.dims().to_vec();
         *out_dims.last_mut().unwrap() = n;
         let res = self.residual.as_ref().map(|r| r.storage_and_layout());
-        fn go<T: WithDType + 'static>(
-            s: [&CpuStorage; 3],
-            l: [&Layout; 3],
-            res: Option<(&CpuStorage, &Layout)>,
-        ) -> Result<CpuStorage> {
-            let r = res.map(|(s, l)| slice::<T>(s, l)).transpose()?;
-            let (x, w, b) = (
-                slice::<T>(s[0], l[0])?,
-                slice::<T>(s[1], l[1])?,
-                slice::<T>(s[2], l[2])?,
-            );
-            let k = l[0].dims().last().copied().unwrap_or(0);
-            let rows = l[0].shape().elem_count() / k.max(1);
-            let (n, sw) = (l[1].dims()[0], l[1].stride());
-            let y = affine(x, (rows, k), w, (n, [sw[0], sw[1]]), b, r);
-            Ok(T::to_cpu_storage_owned(y))
-        }
         let res = match &res {
             Some((s, l)) => match &**s {
                 candle_core::Storage::Cpu(c) => Some((c, *l)),
@@ -326,11 +310,15 @@ impl CustomOp3 for LinearOp {
             },
             None => None,
         };
-        let out = match sx {
-            CpuStorage::F32(_) => go::<f32>([sx, sw, sb], [lx, lw, lb], res)?,
-            CpuStorage::F64(_) => go::<f64>([sx, sw, sb], [lx, lw, lb], res)?,
-            _ => candle_core::bail!("linear: f32 and f64 only"),
-        };
+        let out = dispatch(
+            "linear",
+            sx,
+            Forward {
+                s: [sx, sw, sb],
+                l: [lx, lw, lb],
+                res,
+            },
+        )?;
         Ok((out, Shape::from(out_dims)))
     }
 
@@ -350,30 +338,75 @@ impl CustomOp3 for LinearOp {
         let (sx, lx) = x.storage_and_layout();
         let (sw, lw) = w.storage_and_layout();
         let (sg, lg) = dy.storage_and_layout();
-        let dev = x.device();
+        let sx = cpu(&sx)?;
         // Fresh tensors from the slices: the gradients keep no graph (x's activations) alive.
-        macro_rules! go {
-            ($t:ty) => {{
-                let (xs, ws, g) = (
-                    contiguous::<$t>(cpu(&sx)?, lx)?,
-                    contiguous::<$t>(cpu(&sw)?, lw)?,
-                    contiguous::<$t>(cpu(&sg)?, lg)?,
-                );
-                let (mut dw, mut db) = (vec![<$t>::default(); n * k], vec![<$t>::default(); n]);
-                let dx = linear_bwd(g, xs, ws, (rows, n, k), &mut dw, &mut db);
-                (
-                    Tensor::from_vec(dx, x.shape(), dev)?,
-                    Tensor::from_vec(dw, (n, k), dev)?,
-                    Tensor::from_vec(db, n, dev)?,
-                )
-            }};
-        }
-        let (dx, dw, db) = match x.dtype() {
-            DType::F32 => go!(f32),
-            DType::F64 => go!(f64),
-            dt => candle_core::bail!("linear: f32 and f64 only, not {dt:?}"),
-        };
+        let (dx, dw, db) = dispatch(
+            "linear",
+            sx,
+            Backward {
+                x: (sx, lx),
+                w: (cpu(&sw)?, lw),
+                dy: (cpu(&sg)?, lg),
+                sizes: (rows, n, k),
+                like: x,
+            },
+        )?;
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The forward at one dtype: `x W^T + b (+ r)`, `w` strided.
+struct Forward<'a> {
+    s: [&'a CpuStorage; 3],
+    l: [&'a Layout; 3],
+    res: Option<(&'a CpuStorage, &'a Layout)>,
+}
+
+impl FloatKernel for Forward<'_> {
+    type Output = CpuStorage;
+    fn run<T: Float>(self) -> Result<CpuStorage> {
+        let (s, l) = (self.s, self.l);
+        let r = self.res.map(|(s, l)| slice::<T>(s, l)).transpose()?;
+        let (x, w, b) = (
+            slice::<T>(s[0], l[0])?,
+            slice::<T>(s[1], l[1])?,
+            slice::<T>(s[2], l[2])?,
+        );
+        let k = l[0].dims().last().copied().unwrap_or(0);
+        let rows = l[0].shape().elem_count() / k.max(1);
+        let (n, sw) = (l[1].dims()[0], l[1].stride());
+        let y = affine(x, (rows, k), w, (n, [sw[0], sw[1]]), b, r);
+        Ok(T::to_cpu_storage_owned(y))
+    }
+}
+
+/// The backward at one dtype: `(dx, dW, db)`.
+struct Backward<'a> {
+    x: (&'a CpuStorage, &'a Layout),
+    w: (&'a CpuStorage, &'a Layout),
+    dy: (&'a CpuStorage, &'a Layout),
+    /// `(rows, n, k)`.
+    sizes: (usize, usize, usize),
+    /// `x`: `dx` takes its shape, all three its device.
+    like: &'a Tensor,
+}
+
+impl FloatKernel for Backward<'_> {
+    type Output = (Tensor, Tensor, Tensor);
+    fn run<T: Float>(self) -> Result<Self::Output> {
+        let ((rows, n, k), x, dev) = (self.sizes, self.like, self.like.device());
+        let (xs, ws, g) = (
+            contiguous::<T>(self.x.0, self.x.1)?,
+            contiguous::<T>(self.w.0, self.w.1)?,
+            contiguous::<T>(self.dy.0, self.dy.1)?,
+        );
+        let (mut dw, mut db) = (vec![T::default(); n * k], vec![T::default(); n]);
+        let dx = linear_bwd(g, xs, ws, (rows, n, k), &mut dw, &mut db);
+        Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dw, (n, k), dev)?,
+            Tensor::from_vec(db, n, dev)?,
+        ))
     }
 }
 

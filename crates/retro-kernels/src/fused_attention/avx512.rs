@@ -2,18 +2,12 @@
 //!
 //! LLVM's auto-vectoriser keeps the generic tiles' accumulators in registers only when the code is
 //! just so (FMA contraction made it spill them); here each accumulator is one `zmm` register and
-//! every multiply-add one FMA. Same contracts as the generic tiles in `fused_attention.rs`; the
-//! caller checks [`available`] and the slice lengths (asserted below, outside the hot loops).
+//! every multiply-add one FMA. Same contracts as the generic tiles in `tile.rs`; the caller checks
+//! [`crate::isa::avx512f`] and the slice lengths (asserted below, outside the hot loops).
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use super::{L, R};
 use std::arch::x86_64::*;
-
-/// AVX-512F is present (cached by std after the first call).
-#[inline(always)]
-pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-}
 
 /// See `tile_scores`: `s[r][jb..] = q_r . kt[.., jb..]`, `R` rows, `ncols` a multiple of 16.
 #[target_feature(enable = "avx512f")]

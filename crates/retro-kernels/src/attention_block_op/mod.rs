@@ -10,13 +10,16 @@
 //! projection's gradient, the inverse rotation, the input projections' GEMMs, LayerNorm's backward.
 
 use crate::cpu_storage::{contiguous, cpu};
-use crate::fused_attention::{self as fa, backward_into, forward_cpu, Dims, View};
-use crate::fused_norm::{self as fnorm, ln_fwd, pre_norm_bwd, rope_in_place};
-use crate::linear_op::{affine, linear_bwd};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use crate::float::Float;
+use crate::fused_attention::{Dims, View};
+use crate::fused_norm::{self as fnorm, rope_in_place};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::any::Any;
 use std::sync::Mutex;
+
+mod backward;
+mod forward;
 
 /// The block's parameters, PyTorch layouts (`w* [out, in]`). The query's are unscaled: the op
 /// folds `1 / sqrt(d_k)` into them.
@@ -226,9 +229,6 @@ struct Saved<T> {
     lse: Vec<T>,
 }
 
-trait Float: fnorm::Float + fa::Float {}
-impl<T: fnorm::Float + fa::Float> Float for T {}
-
 /// Offsets of the packed parameters: norm w, norm b, `W_qkv [3 da, d]`, `b_qkv`, `W_o [d, da]`, `b_o`.
 fn offsets(d: usize, da: usize) -> [usize; 7] {
     let mut o = [0; 7];
@@ -338,162 +338,6 @@ impl AttentionBlockOp {
         out
     }
 
-    fn fwd<T: Float>(
-        &self,
-        x: &[T],
-        ctx: Option<&[T]>,
-        p: &[T],
-        trig: Option<(&[T], &[T])>,
-    ) -> (Vec<T>, Saved<T>) {
-        let (d, da) = (self.d, self.da);
-        let o_ = offsets(d, da);
-        let (w, bias) = (&p[o_[2]..o_[3]], &p[o_[3]..o_[4]]);
-        let rows_x = x.len() / d;
-        let (rows_q, rows_c) = self.rows(rows_x);
-        let xn = ln_fwd(x, &p[o_[0]..o_[1]], &p[o_[1]..o_[2]], d, self.eps);
-        let xq = match self.kind {
-            Kind::Chunked { .. } => self.gather(&xn, rows_q),
-            _ => xn,
-        };
-        let (proj, kv) = match (self.kind.is_self(), ctx) {
-            (true, _) => {
-                let mut qkv = affine(&xq, (rows_q, d), w, (3 * da, [d, 1]), bias, None);
-                if let Some(trig) = trig {
-                    self.rope(&mut qkv, trig, false);
-                }
-                (qkv, Vec::new())
-            }
-            (false, ctx) => {
-                let ctx = ctx.expect("cross-attention has a context");
-                let q = affine(
-                    &xq,
-                    (rows_q, d),
-                    &w[..da * d],
-                    (da, [d, 1]),
-                    &bias[..da],
-                    None,
-                );
-                let kv = affine(
-                    ctx,
-                    (rows_c, d),
-                    &w[da * d..],
-                    (2 * da, [d, 1]),
-                    &bias[da..],
-                    None,
-                );
-                (q, kv)
-            }
-        };
-        let plan = self.plan(rows_x);
-        let kv_src: &[T] = if self.kind.is_self() { &proj } else { &kv };
-        let (o, lse) = forward_cpu([&proj, kv_src, kv_src], plan.qkv, plan.dims, true);
-        let (wo, bo) = (&p[o_[4]..o_[5]], &p[o_[5]..o_[6]]);
-        let y = match self.kind {
-            Kind::Chunked { .. } => {
-                // y = x, plus the projected attention on the shifted rows.
-                let out = affine(&o, (rows_q, da), wo, (d, [da, 1]), bo, None);
-                let mut y = self.scatter(&out, rows_x);
-                y.par_iter_mut()
-                    .zip(x.par_iter())
-                    .for_each(|(a, &b)| *a += b);
-                y
-            }
-            _ => affine(&o, (rows_q, da), wo, (d, [da, 1]), bo, Some(x)),
-        };
-        let saved = Saved {
-            xq,
-            proj,
-            kv,
-            o,
-            lse,
-        };
-        (y, saved)
-    }
-
-    /// `(dx, dctx, dpacked)`.
-    #[allow(clippy::too_many_arguments)]
-    fn bwd<T: Float>(
-        &self,
-        x: &[T],
-        ctx: Option<&[T]>,
-        p: &[T],
-        trig: Option<(&[T], &[T])>,
-        s: Saved<T>,
-        dy: &[T],
-    ) -> (Vec<T>, Option<Vec<T>>, Vec<T>) {
-        let (d, da) = (self.d, self.da);
-        let o_ = offsets(d, da);
-        let w = &p[o_[2]..o_[3]];
-        let wo = &p[o_[4]..o_[5]];
-        let rows_x = x.len() / d;
-        let (rows_q, rows_c) = self.rows(rows_x);
-        let mut dp = vec![T::zero(); o_[6]];
-        // The gradient of the output projection's rows (CCA: gathered from the shifted rows).
-        let gathered;
-        let dout: &[T] = match self.kind {
-            Kind::Chunked { .. } => {
-                gathered = self.gather(dy, rows_q);
-                &gathered
-            }
-            _ => dy,
-        };
-        // The output projection's backward: do [rows_q, da].
-        let (dwo, dbo) = dp[o_[4]..].split_at_mut(d * da);
-        let d_o = linear_bwd(dout, &s.o, wo, (rows_q, d, da), dwo, dbo);
-        // The attention backward, straight into the projections' gradient.
-        let plan = self.plan(rows_x);
-        let kv_src: &[T] = if self.kind.is_self() { &s.proj } else { &s.kv };
-        let src = [&s.proj[..], kv_src, kv_src, &s.o, &d_o];
-        let views = [plan.qkv[0], plan.qkv[1], plan.qkv[2], plan.o, plan.o];
-        let dxq;
-        let mut dctx = None;
-        if self.kind.is_self() {
-            let mut dqkv = vec![T::zero(); rows_q * 3 * da];
-            // SAFETY: q, k and v of a row sit side by side in dqkv, each head's d_k columns once.
-            unsafe { backward_into(src, &s.lse, views, plan.dims, &mut dqkv, plan.qkv) };
-            if let Some(trig) = trig {
-                self.rope(&mut dqkv, trig, true);
-            }
-            let (dw, db) = dp[o_[2]..o_[4]].split_at_mut(3 * da * d);
-            dxq = linear_bwd(&dqkv, &s.xq, w, (rows_q, 3 * da, d), dw, db);
-        } else {
-            let ctx = ctx.expect("cross-attention has a context");
-            // dq [rows_q, da] then dk, dv interleaved as [rows_c, 2 da], in one buffer.
-            let mut buf = vec![T::zero(); rows_q * da + rows_c * 2 * da];
-            let dst = [
-                plan.qkv[0],
-                plan.qkv[1].shifted(rows_q * da),
-                plan.qkv[2].shifted(rows_q * da),
-            ];
-            // SAFETY: dq fills buf's first rows_q * da elements, dk and dv the halves of each row
-            // of the [rows_c, 2 da] rest.
-            unsafe { backward_into(src, &s.lse, views, plan.dims, &mut buf, dst) };
-            let (dq, dkv) = buf.split_at(rows_q * da);
-            let (dw, db) = dp[o_[2]..o_[4]].split_at_mut(3 * da * d);
-            let (dw_q, dw_kv) = dw.split_at_mut(da * d);
-            let (db_q, db_kv) = db.split_at_mut(da);
-            let (w_q, w_kv) = w.split_at(da * d);
-            dxq = linear_bwd(dq, &s.xq, w_q, (rows_q, da, d), dw_q, db_q);
-            dctx = Some(linear_bwd(
-                dkv,
-                ctx,
-                w_kv,
-                (rows_c, 2 * da, d),
-                dw_kv,
-                db_kv,
-            ));
-        }
-        // LayerNorm's backward (CCA: the query rows scattered back to x's rows), plus the residual.
-        let dxn = match self.kind {
-            Kind::Chunked { .. } => self.scatter(&dxq, rows_x),
-            _ => dxq,
-        };
-        let dx = pre_norm_bwd(x, &p[o_[0]..o_[1]], &dxn, dy, d, self.eps, &mut dp[..o_[2]]);
-        (dx, dctx, dp)
-    }
-}
-
-impl AttentionBlockOp {
     /// The rotary tables as slices, when this is self-attention.
     fn with_trig<T: Float, R>(
         &self,
@@ -515,80 +359,6 @@ impl AttentionBlockOp {
             candle_core::bail!("attention block: bad layouts {lx:?}, {lp:?}");
         }
         Ok(())
-    }
-
-    fn cpu_forward(
-        &self,
-        (sx, lx): (&CpuStorage, &Layout),
-        ctx: Option<(&CpuStorage, &Layout)>,
-        (sp, lp): (&CpuStorage, &Layout),
-    ) -> Result<(CpuStorage, Shape)> {
-        self.check(lx, lp)?;
-        macro_rules! go {
-            ($t:ty) => {{
-                let x = contiguous::<$t>(sx, lx)?;
-                let c = ctx.map(|(s, l)| contiguous::<$t>(s, l)).transpose()?;
-                let p = contiguous::<$t>(sp, lp)?;
-                let (y, saved) = self.with_trig::<$t, _>(|trig| Ok(self.fwd(x, c, p, trig)))?;
-                *self.saved.lock().unwrap() = Some(Box::new(saved));
-                <$t as candle_core::WithDType>::to_cpu_storage_owned(y)
-            }};
-        }
-        let y = match sx {
-            CpuStorage::F32(_) => go!(f32),
-            CpuStorage::F64(_) => go!(f64),
-            _ => candle_core::bail!("attention block: f32 and f64 only"),
-        };
-        Ok((y, lx.shape().clone()))
-    }
-
-    /// `(dx, dctx, dpacked)` as tensors.
-    fn backward(
-        &self,
-        x: &Tensor,
-        ctx: Option<&Tensor>,
-        p: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Tensor, Option<Tensor>, Tensor)> {
-        let saved = self.saved.lock().unwrap().take();
-        let Some(saved) = saved else {
-            candle_core::bail!("attention block: backward without a saved forward");
-        };
-        let dy = dy.contiguous()?;
-        let (sx, lx) = x.storage_and_layout();
-        let (sp, lp) = p.storage_and_layout();
-        let (sg, lg) = dy.storage_and_layout();
-        let sl_ctx = ctx.map(|c| c.storage_and_layout());
-        macro_rules! go {
-            ($t:ty) => {{
-                let Ok(saved) = saved.downcast::<Saved<$t>>() else {
-                    candle_core::bail!("attention block: saved forward of another dtype");
-                };
-                let xs = contiguous::<$t>(cpu(&sx)?, lx)?;
-                let ps = contiguous::<$t>(cpu(&sp)?, lp)?;
-                let g = contiguous::<$t>(cpu(&sg)?, lg)?;
-                let cs = match &sl_ctx {
-                    Some((s, l)) => Some(contiguous::<$t>(cpu(s)?, l)?),
-                    None => None,
-                };
-                let (dx, dc, dp) =
-                    self.with_trig::<$t, _>(|trig| Ok(self.bwd(xs, cs, ps, trig, *saved, g)))?;
-                let dc = match (dc, ctx) {
-                    (Some(v), Some(c)) => Some(Tensor::from_vec(v, c.shape(), c.device())?),
-                    _ => None,
-                };
-                (
-                    Tensor::from_vec(dx, x.shape(), x.device())?,
-                    dc,
-                    Tensor::from_vec(dp, p.shape(), p.device())?,
-                )
-            }};
-        }
-        Ok(match x.dtype() {
-            DType::F32 => go!(f32),
-            DType::F64 => go!(f64),
-            dt => candle_core::bail!("attention block: f32 and f64 only, not {dt:?}"),
-        })
     }
 }
 
@@ -653,7 +423,7 @@ impl CustomOp3 for AttentionBlockOp {
 mod tests {
     use super::*;
     use crate::testutil::max_diff;
-    use candle_core::{Device, Var, D};
+    use candle_core::{DType, Device, Var, D};
 
     fn rand(shape: &[usize], dt: DType) -> Var {
         let t = Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap();

@@ -1,0 +1,54 @@
+//! The element types the CPU kernels handle (f32 and f64), and the few operations they need.
+
+use candle_core::WithDType;
+
+/// f32 or f64: what every CPU kernel in this crate is generic over.
+pub(crate) trait Float: WithDType + Default {
+    const NEG_INF: Self;
+    fn exp_(self) -> Self;
+    fn ln_(self) -> Self;
+    fn sqrt_(self) -> Self;
+    /// The slice as `f32`, when `Self` is `f32` (for the hand-vectorised f32 tiles).
+    fn f32s(_x: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn f32s_mut(_x: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
+}
+
+impl Float for f64 {
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn exp_(self) -> Self {
+        self.exp()
+    }
+    fn ln_(self) -> Self {
+        self.ln()
+    }
+    #[inline(always)]
+    fn sqrt_(self) -> Self {
+        self.sqrt()
+    }
+}
+
+impl Float for f32 {
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    fn f32s(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
+    }
+    fn f32s_mut(x: &mut [Self]) -> Option<&mut [f32]> {
+        Some(x)
+    }
+    #[inline(always)]
+    fn exp_(self) -> Self {
+        crate::gelu::exp_f32(self)
+    }
+    fn ln_(self) -> Self {
+        self.ln()
+    }
+    #[inline(always)]
+    fn sqrt_(self) -> Self {
+        self.sqrt()
+    }
+}

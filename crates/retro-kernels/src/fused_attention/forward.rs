@@ -1,0 +1,124 @@
+//! The forward: per head and block of query rows, scores, softmax and `P V`, keeping the log-sum-exp.
+
+use super::layout::{round_up, Dims, SendPtr, View};
+use super::tile::{exp_row, load_rows, load_t, row_max, scratch, tile_pv, tile_scores, Scratch};
+use super::{L, R};
+use crate::float::Float;
+use crate::isa::isa;
+use rayon::prelude::*;
+
+struct FwdArgs<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    qv: View,
+    kv: View,
+    vv: View,
+    dims: Dims,
+    out: &'a SendPtr<T>,
+    /// Where the rows' log-sum-exp go, when the backward will need them.
+    lse: Option<&'a SendPtr<T>>,
+}
+
+/// One forward task: head `n`, query rows `r0..r1`.
+#[inline(always)]
+fn fwd_task<T: Float>(a: &FwdArgs<'_, T>, n: usize, r0: usize, r1: usize, sc: &mut Scratch<T>) {
+    let Dims { d, .. } = a.dims;
+    let ldd = round_up(d, L);
+    let nk = a.dims.lim(r1 - 1);
+    let ldk = round_up(nk.max(1), L);
+    let padded = ldd != d || ldk != nk;
+    let kt = scratch(&mut sc.a, d * ldk, padded);
+    load_t(a.k, &a.kv, n, nk, d, ldk, kt);
+    let vb = scratch(&mut sc.b, nk * ldd, padded);
+    load_rows(a.v, &a.vv, n, 0..nk, d, ldd, vb);
+    let qb = scratch(&mut sc.c, R * ldd, padded);
+    let s = scratch(&mut sc.d, R * ldk, padded);
+    let ob = scratch(&mut sc.e, R * ldd, padded);
+    let mut i0 = r0;
+    while i0 < r1 {
+        let rows = (r1 - i0).min(R);
+        if padded || rows < R {
+            qb.fill(T::zero());
+        }
+        load_rows(a.q, &a.qv, n, i0..i0 + rows, d, ldd, qb);
+        let lmax = a.dims.lim(i0 + rows - 1);
+        let ncols = round_up(lmax.max(1), L);
+        tile_scores(qb, ldd, d, kt, ldk, ncols, s);
+        let mut sums = [T::zero(); R];
+        for r in 0..R {
+            let lim = if r < rows { a.dims.lim(i0 + r) } else { 0 };
+            let row = &mut s[r * ldk..r * ldk + ncols];
+            let m = if lim > 0 {
+                row_max(&row[..lim])
+            } else {
+                T::zero()
+            };
+            sums[r] = exp_row(row, lim, ncols, m);
+            if let (true, Some(lse_out)) = (r < rows, a.lse) {
+                let lse = if sums[r] > T::zero() {
+                    m + sums[r].ln_()
+                } else {
+                    T::NEG_INF
+                };
+                // SAFETY: row (n, i0 + r) belongs to this task only.
+                unsafe { lse_out.slice(n * a.dims.sq + i0 + r, 1)[0] = lse };
+            }
+        }
+        tile_pv(s, ldk, lmax, vb, ldd, ob);
+        for r in 0..rows {
+            let inv = if sums[r] > T::zero() {
+                T::one() / sums[r]
+            } else {
+                T::zero()
+            };
+            // SAFETY: output row (n, i0 + r) belongs to this task only.
+            let dst = unsafe { a.out.slice(a.dims.out_row(n, i0 + r), d) };
+            for (o, &x) in dst.iter_mut().zip(&ob[r * ldd..r * ldd + d]) {
+                *o = x * inv;
+            }
+        }
+        i0 += rows;
+    }
+}
+
+/// The output as contiguous `[b, sq, h, d]` and, with `want_lse`, the rows' log-sum-exp `[b*h, sq]`.
+pub(crate) fn forward_cpu<T: Float>(
+    [q, k, v]: [&[T]; 3],
+    [qv, kv, vv]: [View; 3],
+    dims: Dims,
+    want_lse: bool,
+) -> (Vec<T>, Vec<T>) {
+    let mut out = vec![T::zero(); dims.nh * dims.sq * dims.d];
+    let mut lse = vec![T::NEG_INF; if want_lse { dims.nh * dims.sq } else { 0 }];
+    let (op, lp) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    let args = FwdArgs {
+        q,
+        k,
+        v,
+        qv,
+        kv,
+        vv,
+        dims,
+        out: &op,
+        lse: want_lse.then_some(&lp),
+    };
+    // Enough tasks to keep every thread busy even with a handful of heads.
+    let want = 8 * rayon::current_num_threads();
+    let per_head = want.div_ceil(dims.nh.max(1)).max(1);
+    let rb = round_up(dims.sq.div_ceil(per_head).max(16), R).min(dims.sq.max(1));
+    let blocks = dims.sq.div_ceil(rb);
+    let level = isa();
+    (0..dims.nh * blocks)
+        .into_par_iter()
+        .with_min_len(if blocks == 1 { 16 } else { 1 })
+        .for_each_init(Scratch::<T>::default, |sc, t| {
+            let (n, blk) = (t / blocks, t % blocks);
+            let r0 = blk * rb;
+            let r1 = (r0 + rb).min(dims.sq);
+            if r0 < r1 {
+                per_isa!(level, fwd_task::<FwdArgs>(&args, n, r0, r1, sc));
+            }
+        });
+    (out, lse)
+}
