@@ -379,7 +379,211 @@ fn no_milvus(loc: &MilvusLocation) -> IndexError {
     }
 }
 
-/// Removes a half-built directory unless disarmed.
+/// What `Database::build` checks before it writes anything: a corpus with documents, a chunk
+/// length in range, and an output folder that does not hold the corpus.
+fn check_build_inputs(corpus: &Corpus, opts: &BuildOptions, out_dir: &Path) -> Result<()> {
+    if corpus.documents.is_empty() {
+        return Err(IndexError::EmptyCorpus {
+            empty_skipped: corpus.empty_skipped,
+        });
+    }
+    if opts.chunk_len == 0 || opts.chunk_len > MAX_CHUNK_LEN {
+        return Err(IndexError::invalid(
+            "chunk_len",
+            opts.chunk_len,
+            format!("must be between 1 and {MAX_CHUNK_LEN} tokens (the paper uses 64)"),
+        ));
+    }
+    // Never write into the corpus: replacing the folder would delete the documents.
+    if let Ok(out_abs) = out_dir.canonicalize() {
+        if let Some(d) = corpus.documents.iter().find(|d| {
+            let src = d
+                .source
+                .rsplit_once(':')
+                .map_or(d.source.as_str(), |(p, l)| {
+                    if l.parse::<usize>().is_ok() {
+                        p
+                    } else {
+                        d.source.as_str()
+                    }
+                });
+            Path::new(src)
+                .canonicalize()
+                .is_ok_and(|p| p.starts_with(&out_abs))
+        }) {
+            return Err(IndexError::invalid(
+                "out_dir",
+                out_dir.display(),
+                format!(
+                    "holds the corpus itself ({}): the database must go elsewhere",
+                    d.source
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Build step 1: every document's token ids, in corpus order.
+fn tokenize(
+    corpus: &Corpus,
+    tokenizer: &LmTokenizer,
+    report: &(dyn Fn(Stage, usize, usize) + Sync),
+) -> Result<Vec<Vec<u32>>> {
+    let n_docs = corpus.documents.len();
+    let done = AtomicUsize::new(0);
+    report(Stage::Tokenizing, 0, n_docs);
+    let tokens: Vec<Vec<u32>> = corpus
+        .documents
+        .par_iter()
+        .map(|d| {
+            let t = tokenizer.encode(&d.text).map_err(|e| {
+                IndexError::Tokenizer(format!("document {:?} ({}): {e}", d.id, d.source))
+            });
+            let k = done.fetch_add(1, Ordering::Relaxed) + 1;
+            if k & 63 == 0 {
+                report(Stage::Tokenizing, k, n_docs);
+            }
+            t
+        })
+        .collect::<Result<_>>()?;
+    report(Stage::Tokenizing, n_docs, n_docs);
+    Ok(tokens)
+}
+
+/// Build step 3: the unit key of every chunk of `store`, row-major, embedded `batch_size` chunks
+/// at a time.
+fn embed_chunks(
+    store: &ChunkStore,
+    tokenizer: &LmTokenizer,
+    embedder: &dyn Embedder,
+    batch_size: usize,
+    report: &(dyn Fn(Stage, usize, usize) + Sync),
+) -> Result<Vec<f32>> {
+    let n = store.len();
+    let dim = embedder.dim();
+    let mut vectors = Vec::with_capacity(n * dim);
+    report(Stage::Embedding, 0, n);
+    let batch = batch_size.max(1);
+    for start in (0..n).step_by(batch) {
+        let end = (start + batch).min(n);
+        let texts: Vec<String> = (start..end)
+            .into_par_iter()
+            .map(|i| tokenizer.decode(store.chunk_tokens(i)))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let vs = embedder.embed(&refs)?;
+        if vs.len() != refs.len() {
+            return Err(IndexError::Embedder(format!(
+                "returned {} vectors for {} texts",
+                vs.len(),
+                refs.len()
+            )));
+        }
+        for (j, v) in vs.iter().enumerate() {
+            if v.len() != dim {
+                return Err(IndexError::Embedder(format!(
+                    "chunk {}: vector of {} floats, dim is {dim}",
+                    start + j,
+                    v.len()
+                )));
+            }
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(IndexError::Embedder(format!(
+                    "chunk {} ({:?}): the key has NaN or infinite components",
+                    start + j,
+                    refs[j]
+                )));
+            }
+            // The graph's distance assumes unit keys: normalise every key, whatever the model
+            // does (plain BERT has no Normalize module, and raw norms would decide the ranking).
+            let start_of = vectors.len();
+            vectors.extend_from_slice(v);
+            // (A zero key, e.g. the lexical embedder's for a chunk of punctuation, stays zero.)
+            l2_normalize(&mut vectors[start_of..]);
+        }
+        report(Stage::Embedding, end, n);
+    }
+    Ok(vectors)
+}
+
+/// Build step 4: the database id, a function of the inputs and the parameters (the chunks, keys
+/// and tokenizer, and the index's parameters), not of the graph's bytes, which parallel insertion
+/// varies between builds. So a rebuilt database keeps its id and the datasets built on it.
+fn database_id(
+    opts: &BuildOptions,
+    tokenizer_info: &TokenizerInfo,
+    embedder_id: &EmbedderId,
+    files: &BTreeMap<String, FileInfo>,
+) -> String {
+    let index_params = match &opts.vector_store {
+        None => format!("{:?}", opts.hnsw),
+        Some((_, p)) => format!("milvus {p:?}"),
+    };
+    let id_src = format!(
+        "{}|{}|{}|{}|{}",
+        opts.chunk_len,
+        tokenizer_info.fingerprint,
+        embedder_id.weights_hash,
+        index_params,
+        files
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.sha256))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    sha256_bytes(id_src.as_bytes())[..16].to_string()
+}
+
+/// Build step 5: the keys indexed, in the embedded graph (saved into `tmp`, its files added to
+/// `files`) or in a Milvus collection. Returns the graph's basename (empty for Milvus) and the
+/// store's record for the manifest.
+#[allow(clippy::too_many_arguments)]
+fn build_key_index(
+    vectors: Vec<f32>,
+    store: &ChunkStore,
+    dim: usize,
+    database_id: &str,
+    opts: &BuildOptions,
+    tmp: &Path,
+    files: &mut BTreeMap<String, FileInfo>,
+    report: &(dyn Fn(Stage, usize, usize) + Sync),
+) -> Result<(String, Option<VectorStoreRecord>)> {
+    let n = store.len();
+    report(Stage::Inserting, 0, n);
+    let progress = |d: usize, t: usize| report(Stage::Inserting, d, t);
+    Ok(match &opts.vector_store {
+        None => {
+            let index = HnswIndex::build(&vectors, dim, opts.hnsw, Some(&progress))?;
+            drop(vectors);
+            report(Stage::Writing, 0, 1);
+            let basename = index.save(&tmp.join(HNSW_DIR))?;
+            for name in [
+                format!("{HNSW_DIR}/{basename}.hnsw.graph"),
+                format!("{HNSW_DIR}/{basename}.hnsw.data"),
+            ] {
+                let info = FileInfo::of(&tmp.join(&name))?;
+                files.insert(name, info);
+            }
+            (basename, None)
+        }
+        Some((loc, params)) => {
+            let record = build_milvus(
+                &vectors,
+                store,
+                dim,
+                loc,
+                *params,
+                database_id,
+                opts,
+                &progress,
+            )?;
+            report(Stage::Writing, 0, 1);
+            (String::new(), Some(record))
+        }
+    })
+}
+
 impl Database {
     /// Tokenizes, chunks, embeds and indexes `corpus` into `out_dir`. Everything is written into a
     /// temporary directory beside `out_dir`, renamed into place at the end: an interrupted build
@@ -391,45 +595,7 @@ impl Database {
         opts: &BuildOptions,
         out_dir: &Path,
     ) -> Result<Database> {
-        if corpus.documents.is_empty() {
-            return Err(IndexError::EmptyCorpus {
-                empty_skipped: corpus.empty_skipped,
-            });
-        }
-        if opts.chunk_len == 0 || opts.chunk_len > MAX_CHUNK_LEN {
-            return Err(IndexError::invalid(
-                "chunk_len",
-                opts.chunk_len,
-                format!("must be between 1 and {MAX_CHUNK_LEN} tokens (the paper uses 64)"),
-            ));
-        }
-        // Never write into the corpus: replacing the folder would delete the documents.
-        if let Ok(out_abs) = out_dir.canonicalize() {
-            if let Some(d) = corpus.documents.iter().find(|d| {
-                let src = d
-                    .source
-                    .rsplit_once(':')
-                    .map_or(d.source.as_str(), |(p, l)| {
-                        if l.parse::<usize>().is_ok() {
-                            p
-                        } else {
-                            d.source.as_str()
-                        }
-                    });
-                Path::new(src)
-                    .canonicalize()
-                    .is_ok_and(|p| p.starts_with(&out_abs))
-            }) {
-                return Err(IndexError::invalid(
-                    "out_dir",
-                    out_dir.display(),
-                    format!(
-                        "holds the corpus itself ({}): the database must go elsewhere",
-                        d.source
-                    ),
-                ));
-            }
-        }
+        check_build_inputs(corpus, opts, out_dir)?;
         let staged = StagedDir::new(out_dir, MANIFEST_FILE, "retro database", opts.overwrite)?;
         let report = |s: Stage, d: usize, t: usize| {
             if let Some(p) = &opts.progress {
@@ -439,24 +605,7 @@ impl Database {
         let tmp = staged.path().to_owned();
 
         // 1. Tokenize (parallel over documents).
-        let n_docs = corpus.documents.len();
-        let done = AtomicUsize::new(0);
-        report(Stage::Tokenizing, 0, n_docs);
-        let tokens: Vec<Vec<u32>> = corpus
-            .documents
-            .par_iter()
-            .map(|d| {
-                let t = tokenizer.encode(&d.text).map_err(|e| {
-                    IndexError::Tokenizer(format!("document {:?} ({}): {e}", d.id, d.source))
-                });
-                let k = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if k & 63 == 0 {
-                    report(Stage::Tokenizing, k, n_docs);
-                }
-                t
-            })
-            .collect::<Result<_>>()?;
-        report(Stage::Tokenizing, n_docs, n_docs);
+        let tokens = tokenize(corpus, tokenizer, &report)?;
 
         // 2. Chunk store.
         let counts = ChunkStore::write(
@@ -478,55 +627,11 @@ impl Database {
         }
 
         // 3. Keys: decode each chunk, embed in batches.
-        let n = store.len();
         let dim = embedder.dim();
-        let mut vectors = Vec::with_capacity(n * dim);
-        report(Stage::Embedding, 0, n);
-        let batch = opts.batch_size.max(1);
-        for start in (0..n).step_by(batch) {
-            let end = (start + batch).min(n);
-            let texts: Vec<String> = (start..end)
-                .into_par_iter()
-                .map(|i| tokenizer.decode(store.chunk_tokens(i)))
-                .collect::<Result<_>>()?;
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let vs = embedder.embed(&refs)?;
-            if vs.len() != refs.len() {
-                return Err(IndexError::Embedder(format!(
-                    "returned {} vectors for {} texts",
-                    vs.len(),
-                    refs.len()
-                )));
-            }
-            for (j, v) in vs.iter().enumerate() {
-                if v.len() != dim {
-                    return Err(IndexError::Embedder(format!(
-                        "chunk {}: vector of {} floats, dim is {dim}",
-                        start + j,
-                        v.len()
-                    )));
-                }
-                if v.iter().any(|x| !x.is_finite()) {
-                    return Err(IndexError::Embedder(format!(
-                        "chunk {} ({:?}): the key has NaN or infinite components",
-                        start + j,
-                        refs[j]
-                    )));
-                }
-                // The graph's distance assumes unit keys: normalise every key, whatever the model
-                // does (plain BERT has no Normalize module, and raw norms would decide the ranking).
-                let start_of = vectors.len();
-                vectors.extend_from_slice(v);
-                // (A zero key, e.g. the lexical embedder's for a chunk of punctuation, stays zero.)
-                l2_normalize(&mut vectors[start_of..]);
-            }
-            report(Stage::Embedding, end, n);
-        }
+        let vectors = embed_chunks(&store, tokenizer, embedder, opts.batch_size, &report)?;
         Embeddings::write(&tmp.join(EMBEDDINGS_FILE), &vectors)?;
 
-        // 4. The id: a function of the inputs and the parameters (the chunks, keys and tokenizer
-        // and the index's parameters), not of the graph's bytes, which parallel insertion varies
-        // between builds. So a rebuilt database keeps its id and the datasets built on it.
+        // 4. The id, from the files written so far and the parameters.
         tokenizer.save(&tmp)?;
         let mut files = BTreeMap::new();
         for name in DATA_FILES {
@@ -539,57 +644,19 @@ impl Database {
             vocab_size: tokenizer.vocab_size(),
             pad_id: tokenizer.pad_id(),
         };
-        let index_params = match &opts.vector_store {
-            None => format!("{:?}", opts.hnsw),
-            Some((_, p)) => format!("milvus {p:?}"),
-        };
-        let id_src = format!(
-            "{}|{}|{}|{}|{}",
-            opts.chunk_len,
-            tokenizer_info.fingerprint,
-            embedder_id.weights_hash,
-            index_params,
-            files
-                .iter()
-                .map(|(k, v)| format!("{k}={}", v.sha256))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let database_id = sha256_bytes(id_src.as_bytes())[..16].to_string();
+        let database_id = database_id(opts, &tokenizer_info, &embedder_id, &files);
 
         // 5. The index: the embedded graph in the folder, or a Milvus collection.
-        report(Stage::Inserting, 0, n);
-        let progress = |d: usize, t: usize| report(Stage::Inserting, d, t);
-        let (basename, vector_store) = match &opts.vector_store {
-            None => {
-                let index = HnswIndex::build(&vectors, dim, opts.hnsw, Some(&progress))?;
-                drop(vectors);
-                report(Stage::Writing, 0, 1);
-                let basename = index.save(&tmp.join(HNSW_DIR))?;
-                for name in [
-                    format!("{HNSW_DIR}/{basename}.hnsw.graph"),
-                    format!("{HNSW_DIR}/{basename}.hnsw.data"),
-                ] {
-                    let info = FileInfo::of(&tmp.join(&name))?;
-                    files.insert(name, info);
-                }
-                (basename, None)
-            }
-            Some((loc, params)) => {
-                let record = build_milvus(
-                    &vectors,
-                    &store,
-                    dim,
-                    loc,
-                    *params,
-                    &database_id,
-                    opts,
-                    &progress,
-                )?;
-                report(Stage::Writing, 0, 1);
-                (String::new(), Some(record))
-            }
-        };
+        let (basename, vector_store) = build_key_index(
+            vectors,
+            &store,
+            dim,
+            &database_id,
+            opts,
+            &tmp,
+            &mut files,
+            &report,
+        )?;
 
         // 6. Manifest, last.
         let manifest = Manifest {
