@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use retro_model::bench::ModelBenchSpec;
+use retro_bench::model::ModelBenchSpec;
 use retro_model::train::{loss_and_grads, AdamW, AdamWParams};
 use retro_model::RetroModel;
 use std::time::Duration;

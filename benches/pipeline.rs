@@ -3,8 +3,8 @@
 //! `Retriever::search` (stored keys: search + gather) for one batch of 4 x 512 tokens, K = 2.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use retro_bench::pipeline::cut_batches;
 use retro_index::{BuildOptions, Corpus, Database, Document, LexicalEmbedder, LmTokenizer};
-use retro_pipeline::bench::cut_batches;
 use retro_pipeline::{Filter, Retriever};
 use std::hint::black_box;
 

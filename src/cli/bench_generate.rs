@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use retro_model::bench_generate::{self, GenerateBenchSpec};
+use retro_bench::generate::{self, GenerateBenchSpec};
 
 #[derive(Args, Debug)]
 pub struct BenchGenerateArgs {
@@ -40,7 +40,7 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
     spec.recompute_stride = args.recompute_stride;
     let device = retro_model::device_from_name(&args.device)?;
     let dtype = retro_model::dtype_from_name(&args.dtype)?;
-    let r = bench_generate::run(&spec, &device, dtype)?;
+    let r = generate::run(&spec, &device, dtype)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -1,16 +1,13 @@
 //! `retro bench index`: embedding chunks/s, HNSW inserts/s, queries/s and recall@k at several ef,
-//! on (a prefix of) the Python-docs corpus with MiniLM.
+//! on (a prefix of) the Python-docs corpus with MiniLM; with `--vector-store`, the embedded graph
+//! against that store on the same keys. The measurements are `retro_bench::{index, store}`.
 
 use super::index::{load_embedder, load_lm_tokenizer, rayon_threads, EmbedderArgs};
 use anyhow::Context;
 use clap::Args;
-use retro_index::{
-    brute_force, read_corpus, recall_at_k, BuildOptions, Corpus, CorpusOptions, Database,
-    HnswIndex, HnswParams, Stage,
-};
+use retro_bench::index::{self as ix, HnswBenchParams, HnswRun};
+use retro_index::{read_corpus, BuildOptions, Corpus, CorpusOptions, HnswParams};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 #[derive(Debug, Args)]
 pub struct BenchIndexArgs {
@@ -62,30 +59,16 @@ pub struct BenchIndexArgs {
     pub json: bool,
 }
 
-/// (stage, done, total, when)
-type StageEvent = (Stage, usize, usize, Instant);
-
-#[derive(Debug, serde::Serialize)]
-struct EfRow {
-    ef: usize,
-    recall: f64,
-    queries_per_s_parallel: f64,
-    queries_per_s_one_thread: f64,
-    /// hnsw_rs' own search on the same graph, one thread (the flat search is the default).
-    queries_per_s_one_thread_hnsw_rs: f64,
-    recall_hnsw_rs: f64,
-}
-
-#[derive(Debug, serde::Serialize)]
-struct HnswRun {
-    points: usize,
-    dim: usize,
-    m: usize,
-    ef_construction: usize,
-    build_s: f64,
-    inserts_per_s: f64,
-    k: usize,
-    per_ef: Vec<EfRow>,
+impl BenchIndexArgs {
+    fn params(&self) -> HnswBenchParams {
+        HnswBenchParams {
+            m: self.m,
+            ef_construction: self.ef_construction,
+            ef: self.ef.clone(),
+            k: self.k,
+            sample: self.sample,
+        }
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -100,91 +83,6 @@ struct Report {
     embed_chunks_per_s: f64,
     database: HnswRun,
     synthetic: Option<HnswRun>,
-}
-
-fn measure(
-    index: &HnswIndex,
-    vectors: &[f32],
-    dim: usize,
-    ids: &[usize],
-    k: usize,
-    efs: &[usize],
-) -> anyhow::Result<Vec<EfRow>> {
-    let queries: Vec<Vec<f32>> = ids
-        .iter()
-        .map(|&i| vectors[i * dim..(i + 1) * dim].to_vec())
-        .collect();
-    let exact: Vec<_> = queries
-        .iter()
-        .map(|q| brute_force(vectors, dim, q, k))
-        .collect();
-    let mut rows = Vec::new();
-    for &ef in efs {
-        let t = Instant::now();
-        let approx = index.search_batch(&queries, k, Some(ef))?;
-        let par = queries.len() as f64 / t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for q in &queries {
-            std::hint::black_box(index.search(q, k, Some(ef))?);
-        }
-        let one = queries.len() as f64 / t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let mut rs = Vec::with_capacity(queries.len());
-        for q in &queries {
-            rs.push(index.search_hnsw_rs(q, k, Some(ef))?);
-        }
-        let one_rs = queries.len() as f64 / t.elapsed().as_secs_f64();
-        let recall_hnsw_rs = exact
-            .iter()
-            .zip(&rs)
-            .map(|(e, a)| recall_at_k(e, a, k))
-            .sum::<f64>()
-            / queries.len().max(1) as f64;
-        let recall = exact
-            .iter()
-            .zip(&approx)
-            .map(|(e, a)| recall_at_k(e, a, k))
-            .sum::<f64>()
-            / queries.len().max(1) as f64;
-        rows.push(EfRow {
-            ef,
-            recall,
-            queries_per_s_parallel: par,
-            queries_per_s_one_thread: one,
-            queries_per_s_one_thread_hnsw_rs: one_rs,
-            recall_hnsw_rs,
-        });
-    }
-    Ok(rows)
-}
-
-fn sample_ids(n: usize, sample: usize) -> Vec<usize> {
-    let s = sample.min(n).max(1);
-    (0..s).map(|i| i * n / s).collect()
-}
-
-fn hnsw_run(v: &[f32], d: usize, a: &BenchIndexArgs) -> anyhow::Result<HnswRun> {
-    let params = HnswParams {
-        m: a.m,
-        ef_construction: a.ef_construction,
-        ef_search: HnswParams::default().ef_search,
-        deterministic: false,
-    };
-    let n = v.len() / d;
-    let t = Instant::now();
-    let index = HnswIndex::build(v, d, params, None)?;
-    let build_s = t.elapsed().as_secs_f64();
-    let per_ef = measure(&index, v, d, &sample_ids(n, a.sample), a.k, &a.ef)?;
-    Ok(HnswRun {
-        points: n,
-        dim: d,
-        m: a.m,
-        ef_construction: a.ef_construction,
-        build_s,
-        inserts_per_s: n as f64 / build_s,
-        k: a.k,
-        per_ef,
-    })
 }
 
 fn print_run(name: &str, r: &HnswRun) {
@@ -209,6 +107,38 @@ fn print_run(name: &str, r: &HnswRun) {
     }
 }
 
+#[cfg(feature = "milvus")]
+fn print_runs(runs: &[retro_bench::store::StoreRun]) {
+    println!(
+        "{:<20} {:<36} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>12}",
+        "store",
+        "index",
+        "keys",
+        "keys/s",
+        "p50 ms",
+        "p99 ms",
+        "q/s b1",
+        "q/s b64",
+        "recall",
+        "peak RSS MB"
+    );
+    for r in runs {
+        println!(
+            "{:<20} {:<36} {:>8} {:>10.0} {:>9.3} {:>9.3} {:>9.0} {:>10.0} {:>9.4} {:>12}",
+            r.store,
+            r.params,
+            r.keys,
+            r.keys_per_s,
+            r.latency_ms_p50,
+            r.latency_ms_p99,
+            r.queries_per_s_batch1,
+            r.queries_per_s_batch64,
+            r.recall,
+            r.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}"))
+        );
+    }
+}
+
 #[cfg(not(feature = "milvus"))]
 fn store_comparison(_: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
     anyhow::bail!("{url}: this build has no Milvus support: build with `--features milvus`")
@@ -217,8 +147,8 @@ fn store_comparison(_: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
 /// The embedded graph against `--vector-store` on the same keys, through the `KeyIndex` trait.
 #[cfg(feature = "milvus")]
 fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
-    use super::bench_store as bs;
-    let (mut keys, dim, source) = match &a.vectors {
+    use retro_bench::store as bs;
+    let (keys, dim, source) = match &a.vectors {
         Some(path) => {
             let (_, d, v) = retro_index::read_npy(path)?;
             (v, d, path.display().to_string())
@@ -235,24 +165,11 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
             anyhow::bail!("--vector-store compares stores on --vectors E.npy or --synthetic N keys")
         }
     };
-    for r in keys.chunks_exact_mut(dim) {
-        retro_index::l2_normalize(r);
-    }
     // The last `sample` keys are the queries, not indexed.
-    let n = keys.len() / dim;
-    let q = a.sample.min(n / 2).max(1);
-    let queries: Vec<Vec<f32>> = keys[(n - q) * dim..]
-        .chunks_exact(dim)
-        .map(<[f32]>::to_vec)
-        .collect();
-    keys.truncate((n - q) * dim);
+    let (keys, queries) = bs::hold_out_queries(keys, dim, a.sample);
+    let (n, q) = (keys.len() / dim + queries.len(), queries.len());
     let exact = bs::exact_top_k(&keys, dim, &queries, a.k);
-    let hnsw = HnswParams {
-        m: a.m,
-        ef_construction: a.ef_construction,
-        ef_search: HnswParams::default().ef_search,
-        deterministic: false,
-    };
+    let hnsw = a.params().hnsw();
     let (embedded, store) = match a.only.as_deref() {
         Some("embedded") => (true, false),
         Some(_) => (false, true),
@@ -304,7 +221,7 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
             rayon_threads(),
             a.k
         );
-        bs::print_runs(&runs);
+        print_runs(&runs);
     }
     Ok(())
 }
@@ -315,7 +232,7 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.vectors {
         let (_, d, v) = retro_index::read_npy(path)?;
-        let r = hnsw_run(&v, d, &a)?;
+        let r = ix::hnsw_run(&v, d, &a.params())?;
         if a.json {
             println!(
                 "{}",
@@ -356,23 +273,11 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
     }
     let (embedder, source) = load_embedder(&eargs, None)?;
 
-    let times: Arc<Mutex<Vec<StageEvent>>> = Arc::default();
-    let t2 = times.clone();
-    let params = HnswParams {
-        m: a.m,
-        ef_construction: a.ef_construction,
-        ef_search: HnswParams::default().ef_search,
-        deterministic: false,
-    };
+    let params = a.params();
     let opts = BuildOptions {
         chunk_len: a.chunk_len,
-        hnsw: params,
+        hnsw: params.hnsw(),
         batch_size: 256,
-        progress: Some(Arc::new(move |s, d, t| {
-            t2.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((s, d, t, Instant::now()))
-        })),
         overwrite: true,
         embedder_source: source,
         ..Default::default()
@@ -386,51 +291,14 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
             embedder.id()
         );
     }
-    let db = Database::build(&corpus, &tokenizer, embedder.as_ref(), &opts, &out)?;
-    let times = times.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let span = |stage: Stage| {
-        let v: Vec<_> = times.iter().filter(|x| x.0 == stage).collect();
-        match (v.first(), v.last()) {
-            (Some(a), Some(b)) => b.3.duration_since(a.3).as_secs_f64(),
-            _ => 0.0,
-        }
-    };
+    let (db, times) = ix::build_timed(&corpus, &tokenizer, embedder.as_ref(), opts, &out)?;
     let n = db.store().len();
-    let embed_s = span(Stage::Embedding);
-    let insert_s = span(Stage::Inserting);
-    let dim = db.embeddings().dim();
-    let vectors = db.embeddings().as_slice();
-    let ids = sample_ids(n, a.sample);
-    let graph = db
-        .hnsw()
-        .context("`bench index` measures the embedded hnsw_rs graph")?;
-    let per_ef = measure(graph, vectors, dim, &ids, a.k, &a.ef)?;
-    let database = HnswRun {
-        points: n,
-        dim,
-        m: a.m,
-        ef_construction: a.ef_construction,
-        build_s: insert_s,
-        inserts_per_s: n as f64 / insert_s.max(1e-9),
-        k: a.k,
-        per_ef,
-    };
+    let embed_s = times.embed_s;
+    let database = ix::database_run(&db, &params, times.insert_s)?;
 
     let synthetic = if a.synthetic > 0 {
-        let d = a.synthetic_dim;
-        let mut state = 0x9e3779b97f4a7c15u64;
-        let mut v: Vec<f32> = (0..a.synthetic * d)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect();
-        for r in v.chunks_exact_mut(d) {
-            retro_index::l2_normalize(r);
-        }
-        Some(hnsw_run(&v, d, &a)?)
+        let v = ix::uniform_unit_vectors(a.synthetic, a.synthetic_dim);
+        Some(ix::hnsw_run(&v, a.synthetic_dim, &params)?)
     } else {
         None
     };

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use retro_model::bench::{self, ModelBenchSpec};
+use retro_bench::model::{self, ModelBenchSpec};
 
 #[derive(Args, Debug)]
 pub struct BenchModelArgs {
@@ -31,7 +31,7 @@ pub fn run(args: BenchModelArgs) -> Result<()> {
     spec.warmup = args.warmup;
     let device = retro_model::device_from_name(&args.device)?;
     let dtype = retro_model::dtype_from_name(&args.dtype)?;
-    let r = bench::run(&spec, &device, dtype)?;
+    let r = model::run(&spec, &device, dtype)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -4,11 +4,11 @@
 use super::index::{load_embedder, load_lm_tokenizer, rayon_threads, EmbedderArgs};
 use anyhow::Context;
 use clap::Args;
-use retro_index::{read_corpus, BuildOptions, Corpus, CorpusOptions, Database};
-use retro_pipeline::bench::{
+use retro_bench::pipeline::{
     bench_embedder, bench_precompute, bench_retrieve, cut_batches, EmbedderReport,
     PipelineBenchParams, PrecomputeReport, RetrieveReport,
 };
+use retro_index::{read_corpus, BuildOptions, Corpus, CorpusOptions, Database};
 use retro_pipeline::Filter;
 use std::path::PathBuf;
 use std::time::Instant;

@@ -30,8 +30,6 @@
 //! ```
 
 pub mod attention;
-pub mod bench;
-pub mod bench_generate;
 pub mod cca;
 pub mod config;
 pub mod cross_attention;

@@ -1,11 +1,8 @@
-//! `retro bench index --vector-store milvus://HOST:PORT/COLLECTION`: the same keys in the embedded
-//! hnsw_rs graph and in Milvus, through the `KeyIndex` trait the pipeline uses: build
-//! throughput, query latency at batch 1 (p50, p99), queries/s at batch 1 and 64, recall@k
-//! against exact search. Keys come from `--vectors E.npy` (e.g. real MiniLM keys from `retro index
-//! export-embeddings`) or `--synthetic N` clustered unit vectors.
-
-// Without Milvus there is nothing to compare the embedded graph with.
-#![cfg_attr(not(feature = "milvus"), allow(dead_code))]
+//! The vector-store comparison behind `retro bench index --vector-store milvus://HOST:PORT/COLLECTION`:
+//! the same keys in the embedded hnsw_rs graph and in Milvus, through the `KeyIndex` trait the
+//! pipeline uses: build throughput, query latency at batch 1 (p50, p99), queries/s at batch 1 and
+//! 64, recall@k against exact search. Keys come from `--vectors E.npy` (e.g. real MiniLM keys from
+//! `retro index export-embeddings`) or `--synthetic N` clustered unit vectors.
 
 use retro_index::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
 use std::time::Instant;
@@ -106,6 +103,26 @@ pub fn clustered(n: usize, extra: usize, dim: usize, seed: u64) -> (Vec<f32>, Ve
         keys.extend(point(i.wrapping_mul(2654435761)));
     }
     let queries = (0..extra).map(|i| point(n + i * 7919)).collect();
+    (keys, queries)
+}
+
+/// Unit-normalises `keys` and holds out the last `sample` of them (at least one, at most half) as
+/// queries, which are then not indexed.
+pub fn hold_out_queries(
+    mut keys: Vec<f32>,
+    dim: usize,
+    sample: usize,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    for r in keys.chunks_exact_mut(dim) {
+        retro_index::l2_normalize(r);
+    }
+    let n = keys.len() / dim;
+    let q = sample.min(n / 2).max(1);
+    let queries = keys[(n - q) * dim..]
+        .chunks_exact(dim)
+        .map(<[f32]>::to_vec)
+        .collect();
+    keys.truncate((n - q) * dim);
     (keys, queries)
 }
 
@@ -238,37 +255,6 @@ pub fn milvus_run(
     ))
 }
 
-pub fn print_runs(runs: &[StoreRun]) {
-    println!(
-        "{:<20} {:<36} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>12}",
-        "store",
-        "index",
-        "keys",
-        "keys/s",
-        "p50 ms",
-        "p99 ms",
-        "q/s b1",
-        "q/s b64",
-        "recall",
-        "peak RSS MB"
-    );
-    for r in runs {
-        println!(
-            "{:<20} {:<36} {:>8} {:>10.0} {:>9.3} {:>9.3} {:>9.0} {:>10.0} {:>9.4} {:>12}",
-            r.store,
-            r.params,
-            r.keys,
-            r.keys_per_s,
-            r.latency_ms_p50,
-            r.latency_ms_p99,
-            r.queries_per_s_batch1,
-            r.queries_per_s_batch64,
-            r.recall,
-            r.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}"))
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +276,15 @@ mod tests {
         let mean = d.iter().sum::<f32>() / d.len() as f32;
         let min = d.iter().cloned().fold(f32::INFINITY, f32::min);
         assert!(min < 0.5 * mean, "min {min} mean {mean}");
+    }
+
+    #[test]
+    fn held_out_queries_are_the_last_keys_normalised() {
+        let keys: Vec<f32> = (1..=10).map(|i| i as f32).collect(); // 5 keys of dim 2
+        let (keys, queries) = hold_out_queries(keys, 2, 3); // at most half: 2 queries
+        assert_eq!((keys.len(), queries.len()), (3 * 2, 2));
+        let n = (9f32 * 9. + 10. * 10.).sqrt();
+        assert!((queries[1][0] - 9. / n).abs() < 1e-6 && (queries[1][1] - 10. / n).abs() < 1e-6);
     }
 
     #[test]

@@ -3,11 +3,10 @@
 //! embedding, search and gather; the dataset-precompute path (stored keys, search only); and the
 //! embedder's own throughput on the same chunk texts.
 
-use crate::dataset::{Dataset, DatasetParams, Split};
-use crate::error::{PipelineError, Result};
-use crate::filter::{Filter, Origin};
-use crate::retriever::{Retriever, Timings};
 use retro_index::{Database, Embedder, LmTokenizer};
+use retro_pipeline::{
+    Dataset, DatasetParams, Filter, Origin, PipelineError, Result, Retriever, Split, Timings,
+};
 use std::path::Path;
 use std::time::Instant;
 

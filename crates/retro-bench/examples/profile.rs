@@ -1,7 +1,8 @@
-//! Where the forward's time goes: `profile [full|train|kernels]` (default: all); `ITERS=n` train
-//! steps (3); `NO_ADAMW=1` leaves the optimizer step out of `train`.
+//! Where the forward's time goes: `profile [full|train|kernels]` (default: all), e.g.
+//! `cargo run --release -p retro-bench --example profile -- train`; `ITERS=n` train steps (3);
+//! `NO_ADAMW=1` leaves the optimizer step out of `train`.
 use candle_core::{DType, Device, Tensor};
-use retro_model::bench::ModelBenchSpec;
+use retro_bench::model::ModelBenchSpec;
 use retro_model::fused_attention::attention_heads;
 use retro_model::train::{cross_entropy, loss_and_grads, AdamW, AdamWParams};
 use retro_model::{Kernels, RetroModel};

@@ -11,11 +11,9 @@
 //! Both produce the logits of the same positions: their largest difference over the sampled positions is
 //! reported as a check.
 
-use crate::bench::median;
-use crate::error::{ModelError, Result};
-use crate::model::RetroModel;
-use crate::RetroConfig;
+use crate::model::median;
 use candle_core::{DType, Device, IndexOp, Tensor};
+use retro_model::{ModelError, Result, RetroConfig, RetroModel};
 use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]

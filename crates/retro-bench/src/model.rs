@@ -1,11 +1,10 @@
 //! Throughput of the forward and of a training step (forward, cross-entropy, backward, AdamW) on random
-//! ids, for `retro bench model` and the criterion bench. Medians over timed iterations after warm-up.
+//! ids, for `retro bench model`, the criterion bench and `examples/profile.rs`. Medians over timed
+//! iterations after warm-up.
 
-use crate::error::Result;
-use crate::model::RetroModel;
-use crate::train::{loss_and_grads, AdamW, AdamWParams};
-use crate::RetroConfig;
 use candle_core::{DType, Device, Tensor};
+use retro_model::train::{loss_and_grads, AdamW, AdamWParams};
+use retro_model::{Result, RetroConfig, RetroModel};
 use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -1,0 +1,238 @@
+//! The HNSW measurements behind `retro bench index`: embedding chunks/s and inserts/s while a
+//! database is built, then queries/s and recall@k at several ef, for our flat search and hnsw_rs' own.
+
+use anyhow::Context;
+use retro_index::{
+    brute_force, recall_at_k, BuildOptions, Corpus, Database, Embedder, HnswIndex, HnswParams,
+    LmTokenizer, Stage,
+};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// What to build and measure.
+#[derive(Debug, Clone)]
+pub struct HnswBenchParams {
+    pub m: usize,
+    pub ef_construction: usize,
+    /// The ef values to measure.
+    pub ef: Vec<usize>,
+    pub k: usize,
+    /// Queries per ef (stored keys spread over the index).
+    pub sample: usize,
+}
+
+impl HnswBenchParams {
+    /// The graph's parameters (default ef_search, not deterministic: the fast build).
+    pub fn hnsw(&self) -> HnswParams {
+        HnswParams {
+            m: self.m,
+            ef_construction: self.ef_construction,
+            ef_search: HnswParams::default().ef_search,
+            deterministic: false,
+        }
+    }
+}
+
+/// One ef's numbers.
+#[derive(Debug, serde::Serialize)]
+pub struct EfRow {
+    pub ef: usize,
+    pub recall: f64,
+    pub queries_per_s_parallel: f64,
+    pub queries_per_s_one_thread: f64,
+    /// hnsw_rs' own search on the same graph, one thread (the flat search is the default).
+    pub queries_per_s_one_thread_hnsw_rs: f64,
+    pub recall_hnsw_rs: f64,
+}
+
+/// One graph's build and per-ef numbers.
+#[derive(Debug, serde::Serialize)]
+pub struct HnswRun {
+    pub points: usize,
+    pub dim: usize,
+    pub m: usize,
+    pub ef_construction: usize,
+    pub build_s: f64,
+    pub inserts_per_s: f64,
+    pub k: usize,
+    pub per_ef: Vec<EfRow>,
+}
+
+/// Times `index` on the stored vectors `ids` as queries at each of `efs`, with recall against
+/// brute force over `vectors`.
+pub fn measure_ef(
+    index: &HnswIndex,
+    vectors: &[f32],
+    dim: usize,
+    ids: &[usize],
+    k: usize,
+    efs: &[usize],
+) -> anyhow::Result<Vec<EfRow>> {
+    let queries: Vec<Vec<f32>> = ids
+        .iter()
+        .map(|&i| vectors[i * dim..(i + 1) * dim].to_vec())
+        .collect();
+    let exact: Vec<_> = queries
+        .iter()
+        .map(|q| brute_force(vectors, dim, q, k))
+        .collect();
+    let mut rows = Vec::new();
+    for &ef in efs {
+        let t = Instant::now();
+        let approx = index.search_batch(&queries, k, Some(ef))?;
+        let par = queries.len() as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for q in &queries {
+            std::hint::black_box(index.search(q, k, Some(ef))?);
+        }
+        let one = queries.len() as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut rs = Vec::with_capacity(queries.len());
+        for q in &queries {
+            rs.push(index.search_hnsw_rs(q, k, Some(ef))?);
+        }
+        let one_rs = queries.len() as f64 / t.elapsed().as_secs_f64();
+        let recall_hnsw_rs = exact
+            .iter()
+            .zip(&rs)
+            .map(|(e, a)| recall_at_k(e, a, k))
+            .sum::<f64>()
+            / queries.len().max(1) as f64;
+        let recall = exact
+            .iter()
+            .zip(&approx)
+            .map(|(e, a)| recall_at_k(e, a, k))
+            .sum::<f64>()
+            / queries.len().max(1) as f64;
+        rows.push(EfRow {
+            ef,
+            recall,
+            queries_per_s_parallel: par,
+            queries_per_s_one_thread: one,
+            queries_per_s_one_thread_hnsw_rs: one_rs,
+            recall_hnsw_rs,
+        });
+    }
+    Ok(rows)
+}
+
+/// `sample` ids (at least one, at most `n`) spread evenly over `0..n`.
+pub fn sample_ids(n: usize, sample: usize) -> Vec<usize> {
+    let s = sample.min(n).max(1);
+    (0..s).map(|i| i * n / s).collect()
+}
+
+/// Builds a graph over `v` (`dim` wide rows) and measures it.
+pub fn hnsw_run(v: &[f32], dim: usize, p: &HnswBenchParams) -> anyhow::Result<HnswRun> {
+    let n = v.len() / dim;
+    let t = Instant::now();
+    let index = HnswIndex::build(v, dim, p.hnsw(), None)?;
+    let build_s = t.elapsed().as_secs_f64();
+    let per_ef = measure_ef(&index, v, dim, &sample_ids(n, p.sample), p.k, &p.ef)?;
+    Ok(HnswRun {
+        points: n,
+        dim,
+        m: p.m,
+        ef_construction: p.ef_construction,
+        build_s,
+        inserts_per_s: n as f64 / build_s,
+        k: p.k,
+        per_ef,
+    })
+}
+
+/// `n` unit vectors of `dim`, uniform in direction, from a fixed-seed xorshift.
+pub fn uniform_unit_vectors(n: usize, dim: usize) -> Vec<f32> {
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut v: Vec<f32> = (0..n * dim)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    for r in v.chunks_exact_mut(dim) {
+        retro_index::l2_normalize(r);
+    }
+    v
+}
+
+/// How long a database build spent embedding and inserting, seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildTimes {
+    pub embed_s: f64,
+    pub insert_s: f64,
+}
+
+/// `Database::build` with `opts.progress` replaced by a recorder of when each stage reported:
+/// a stage's time is from its first report to its last.
+pub fn build_timed(
+    corpus: &Corpus,
+    tokenizer: &LmTokenizer,
+    embedder: &dyn Embedder,
+    mut opts: BuildOptions,
+    out: &Path,
+) -> anyhow::Result<(Database, BuildTimes)> {
+    let times: Arc<Mutex<Vec<(Stage, Instant)>>> = Arc::default();
+    let t2 = times.clone();
+    opts.progress = Some(Arc::new(move |s, _, _| {
+        t2.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((s, Instant::now()))
+    }));
+    let db = Database::build(corpus, tokenizer, embedder, &opts, out)?;
+    let times = times.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let span = |stage: Stage| {
+        let v: Vec<_> = times.iter().filter(|x| x.0 == stage).collect();
+        match (v.first(), v.last()) {
+            (Some(a), Some(b)) => b.1.duration_since(a.1).as_secs_f64(),
+            _ => 0.0,
+        }
+    };
+    let times = BuildTimes {
+        embed_s: span(Stage::Embedding),
+        insert_s: span(Stage::Inserting),
+    };
+    Ok((db, times))
+}
+
+/// The database's own graph, measured on its stored keys; `insert_s` from [`build_timed`].
+pub fn database_run(db: &Database, p: &HnswBenchParams, insert_s: f64) -> anyhow::Result<HnswRun> {
+    let n = db.store().len();
+    let dim = db.embeddings().dim();
+    let graph = db
+        .hnsw()
+        .context("`bench index` measures the embedded hnsw_rs graph")?;
+    let per_ef = measure_ef(
+        graph,
+        db.embeddings().as_slice(),
+        dim,
+        &sample_ids(n, p.sample),
+        p.k,
+        &p.ef,
+    )?;
+    Ok(HnswRun {
+        points: n,
+        dim,
+        m: p.m,
+        ef_construction: p.ef_construction,
+        build_s: insert_s,
+        inserts_per_s: n as f64 / insert_s.max(1e-9),
+        k: p.k,
+        per_ef,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_ids_spread_and_stay_in_range() {
+        assert_eq!(sample_ids(10, 5), [0, 2, 4, 6, 8]);
+        assert_eq!(sample_ids(3, 10), [0, 1, 2]);
+        assert_eq!(sample_ids(0, 10), [0]);
+    }
+}
