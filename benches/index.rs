@@ -2,26 +2,11 @@
 //! the SIMD dot distance, HNSW build and search on random unit vectors, lexical embedding.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use retro_bench::index::uniform_unit_vectors as unit_vectors;
 use retro_index::{
     distance::dot, distance::dot_portable, Embedder, HnswIndex, HnswParams, LexicalEmbedder,
 };
 use std::hint::black_box;
-
-fn unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed | 1;
-    let mut v: Vec<f32> = (0..n * dim)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
-    for r in v.chunks_exact_mut(dim) {
-        retro_index::l2_normalize(r);
-    }
-    v
-}
 
 fn distance(c: &mut Criterion) {
     let v = unit_vectors(2, 384, 1);

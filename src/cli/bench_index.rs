@@ -297,7 +297,7 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
     let database = ix::database_run(&db, &params, times.insert_s)?;
 
     let synthetic = if a.synthetic > 0 {
-        let v = ix::uniform_unit_vectors(a.synthetic, a.synthetic_dim);
+        let v = ix::uniform_unit_vectors(a.synthetic, a.synthetic_dim, 0x9e3779b97f4a7c15);
         Some(ix::hnsw_run(&v, a.synthetic_dim, &params)?)
     } else {
         None

@@ -142,9 +142,9 @@ pub fn hnsw_run(v: &[f32], dim: usize, p: &HnswBenchParams) -> anyhow::Result<Hn
     })
 }
 
-/// `n` unit vectors of `dim`, uniform in direction, from a fixed-seed xorshift.
-pub fn uniform_unit_vectors(n: usize, dim: usize) -> Vec<f32> {
-    let mut state = 0x9e3779b97f4a7c15u64;
+/// `n` unit vectors of `dim`, uniform in direction, from a xorshift seeded with `seed`.
+pub fn uniform_unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed | 1;
     let mut v: Vec<f32> = (0..n * dim)
         .map(|_| {
             state ^= state << 13;
