@@ -168,7 +168,7 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
     // The last `sample` keys are the queries, not indexed.
     let (keys, queries) = bs::hold_out_queries(keys, dim, a.sample);
     let (n, q) = (keys.len() / dim + queries.len(), queries.len());
-    let exact = bs::exact_top_k(&keys, dim, &queries, a.k);
+    let exact = retro_index::brute_force_batch(&keys, dim, &queries, a.k);
     let hnsw = a.params().hnsw();
     let (embedded, store) = match a.only.as_deref() {
         Some("embedded") => (true, false),

@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use retro_index::{
-    brute_force, recall_at_k, BuildOptions, Corpus, Database, Embedder, HnswIndex, HnswParams,
-    LmTokenizer, Stage,
+    brute_force_batch, mean_recall_at_k, BuildOptions, Corpus, Database, Embedder, HnswIndex,
+    HnswParams, LmTokenizer, Stage,
 };
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -73,10 +73,7 @@ pub fn measure_ef(
         .iter()
         .map(|&i| vectors[i * dim..(i + 1) * dim].to_vec())
         .collect();
-    let exact: Vec<_> = queries
-        .iter()
-        .map(|q| brute_force(vectors, dim, q, k))
-        .collect();
+    let exact = brute_force_batch(vectors, dim, &queries, k);
     let mut rows = Vec::new();
     for &ef in efs {
         let t = Instant::now();
@@ -93,18 +90,8 @@ pub fn measure_ef(
             rs.push(index.search_hnsw_rs(q, k, Some(ef))?);
         }
         let one_rs = queries.len() as f64 / t.elapsed().as_secs_f64();
-        let recall_hnsw_rs = exact
-            .iter()
-            .zip(&rs)
-            .map(|(e, a)| recall_at_k(e, a, k))
-            .sum::<f64>()
-            / queries.len().max(1) as f64;
-        let recall = exact
-            .iter()
-            .zip(&approx)
-            .map(|(e, a)| recall_at_k(e, a, k))
-            .sum::<f64>()
-            / queries.len().max(1) as f64;
+        let recall_hnsw_rs = mean_recall_at_k(&exact, &rs, k);
+        let recall = mean_recall_at_k(&exact, &approx, k);
         rows.push(EfRow {
             ef,
             recall,

@@ -4,7 +4,7 @@
 //! 64, recall@k against exact search. Keys come from `--vectors E.npy` (e.g. real MiniLM keys from
 //! `retro index export-embeddings`) or `--synthetic N` clustered unit vectors.
 
-use retro_index::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
+use retro_index::{mean_recall_at_k, Hit, HnswIndex, HnswParams};
 use std::time::Instant;
 
 /// One store's numbers.
@@ -159,12 +159,7 @@ pub fn measure_queries(
     }
     let qps64 = queries.len() as f64 / t.elapsed().as_secs_f64();
     ms.sort_by(f64::total_cmp);
-    let recall = exact
-        .iter()
-        .zip(&found)
-        .map(|(e, a)| recall_at_k(e, a, k))
-        .sum::<f64>()
-        / queries.len().max(1) as f64;
+    let recall = mean_recall_at_k(exact, &found, k);
     Ok(Measured {
         latency_ms_p50: percentile(&ms, 0.5),
         latency_ms_p99: percentile(&ms, 0.99),
@@ -172,15 +167,6 @@ pub fn measure_queries(
         queries_per_s_batch64: qps64,
         recall,
     })
-}
-
-/// Exact top-k of each query over `keys`.
-pub fn exact_top_k(keys: &[f32], dim: usize, queries: &[Vec<f32>], k: usize) -> Vec<Vec<Hit>> {
-    use rayon::prelude::*;
-    queries
-        .par_iter()
-        .map(|q| brute_force(keys, dim, q, k))
-        .collect()
 }
 
 /// The embedded graph over `keys`.

@@ -6,7 +6,7 @@ use crate::embed::{l2_normalize, Embedder, EmbedderId};
 use crate::embeddings::{Embeddings, EMBEDDINGS_FILE};
 use crate::error::{IndexError, Result};
 use crate::fsutil::{is_hex, read_json, sha256_bytes, sha256_file, write_json_atomic, StagedDir};
-use crate::hnsw::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
+use crate::hnsw::{brute_force_batch, mean_recall_at_k, Hit, HnswIndex, HnswParams};
 use crate::key_index::{EmbeddedIndex, KeyFilter, KeyIndex};
 use crate::store::{ChunkStore, CHUNKS_FILE, DOCUMENTS_FILE, TOKENS_FILE};
 use crate::tokenizer::{LmTokenizer, TOKENIZER_FILE};
@@ -1001,17 +1001,9 @@ impl Database {
         let t = std::time::Instant::now();
         let dim = self.manifest.dim;
         let all = self.embeddings.as_slice();
-        let exact: Vec<Vec<Hit>> = queries
-            .par_iter()
-            .map(|q| brute_force(all, dim, q, k))
-            .collect();
+        let exact = brute_force_batch(all, dim, &queries, k);
         let bf_s = t.elapsed().as_secs_f64();
-        let recall = exact
-            .iter()
-            .zip(&approx)
-            .map(|(e, a)| recall_at_k(e, a, k))
-            .sum::<f64>()
-            / sample as f64;
+        let recall = mean_recall_at_k(&exact, &approx, k);
         Ok(RecallReport {
             sample,
             k,

@@ -354,6 +354,29 @@ pub fn brute_force(vectors: &[f32], dim: usize, query: &[f32], k: usize) -> Vec<
         .collect()
 }
 
+/// [`brute_force`] for each of `queries`, in parallel (rayon), in query order.
+pub fn brute_force_batch(
+    vectors: &[f32],
+    dim: usize,
+    queries: &[Vec<f32>],
+    k: usize,
+) -> Vec<Vec<Hit>> {
+    queries
+        .par_iter()
+        .map(|q| brute_force(vectors, dim, q, k))
+        .collect()
+}
+
+/// Mean [`recall_at_k`] over queries: `exact[i]` against `approx[i]` (0 queries: 0).
+pub fn mean_recall_at_k(exact: &[Vec<Hit>], approx: &[Vec<Hit>], k: usize) -> f64 {
+    exact
+        .iter()
+        .zip(approx)
+        .map(|(e, a)| recall_at_k(e, a, k))
+        .sum::<f64>()
+        / exact.len().max(1) as f64
+}
+
 /// Recall@k of `approx` against `exact`, robust to ties: an approximate hit counts when its
 /// distance is within the exact k-th distance (+1e-6).
 pub fn recall_at_k(exact: &[Hit], approx: &[Hit], k: usize) -> f64 {

@@ -75,7 +75,9 @@ pub use distance::DistUnitDot;
 pub use embed::{l2_normalize, Embedder, EmbedderId};
 pub use embeddings::{read_npy, write_npy, Embeddings};
 pub use error::{IndexError, Result};
-pub use hnsw::{brute_force, recall_at_k, Hit, HnswIndex, HnswParams};
+pub use hnsw::{
+    brute_force, brute_force_batch, mean_recall_at_k, recall_at_k, Hit, HnswIndex, HnswParams,
+};
 pub use key_index::{EmbeddedIndex, Exclusion, IndexDescription, KeyFilter, KeyIndex, KeyRef};
 pub use lexical::{LexicalEmbedder, LexicalFeatures};
 pub use store::{ChunkEntry, ChunkStore, DocumentEntry};

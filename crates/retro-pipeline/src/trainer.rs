@@ -4,8 +4,7 @@
 
 use crate::dataset::{Dataset, Split};
 use crate::error::{PipelineError, Result};
-use crate::metrics::MetricsLog;
-use crate::metrics::StepMetrics;
+use crate::metrics::{MetricsLog, StepMetrics};
 use crate::schedule::Schedule;
 use candle_core::{DType, Device, Tensor};
 use retro_index::database::FileInfo;
