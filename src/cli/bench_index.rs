@@ -51,8 +51,8 @@ pub struct BenchIndexArgs {
     /// `--synthetic` clustered vectors; `--sample` of them held out as queries).
     #[command(flatten)]
     pub store: super::index::VectorStoreArgs,
-    /// With `--vector-store`: measure only one half, `embedded` or `store`. At 1M keys the two
-    /// halves in one process did not fit a 23 GB machine; run each in its own process.
+    /// With `--vector-store`: measure only one half, `embedded` or `store`, so that each half's
+    /// peak RSS is its own (a second half in the same process reports the larger of both).
     #[arg(long, value_parser = ["embedded", "store"], requires = "vector_store")]
     pub only: Option<String>,
     #[arg(long)]
