@@ -238,7 +238,7 @@ impl FloatKernel for Backward<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::max_diff;
+    use crate::testutil::{randn, rel_diff, seed};
     use candle_core::Var;
 
     fn composed(h: &Tensor, p: &FeedForwardParams<'_>) -> Tensor {
@@ -258,17 +258,11 @@ mod tests {
 
     #[test]
     fn values_and_gradients_equal_the_composition() {
-        let dev = Device::Cpu;
+        seed(1);
         let (d, f) = (6, 10);
         for (dt, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
             let var = |shape: &[usize], mean: f64| {
-                Var::from_tensor(
-                    &Tensor::randn(mean, 1.0, shape, &dev)
-                        .unwrap()
-                        .to_dtype(dt)
-                        .unwrap(),
-                )
-                .unwrap()
+                Var::from_tensor(&(randn(shape, dt) + mean).unwrap()).unwrap()
             };
             let h = var(&[2, 7, d], 0.0);
             let (nw, nb, w1, b1, w2, b2) = (
@@ -290,11 +284,8 @@ mod tests {
             };
             let got = feed_forward(&h, &p).unwrap().unwrap();
             let want = composed(&h, &p);
-            assert!(max_diff(&got, &want) < tol, "{dt:?} values");
-            let up = Tensor::randn(0f64, 1.0, (2, 7, d), &dev)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap();
+            assert!(rel_diff(&got, &want) < tol, "{dt:?} values");
+            let up = randn(&[2, 7, d], dt);
             let g1 = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [
@@ -308,11 +299,8 @@ mod tests {
             ] {
                 let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
                 assert_eq!(a.dims(), v.dims(), "{name}");
-                assert!(
-                    max_diff(a, b) < tol,
-                    "{dt:?}: gradient of {name}: {}",
-                    max_diff(a, b)
-                );
+                let e = rel_diff(a, b);
+                assert!(e < tol, "{dt:?}: gradient of {name}: {e}");
             }
         }
     }

@@ -38,7 +38,41 @@ pub use kernels::Kernels;
 
 #[cfg(test)]
 pub(crate) mod testutil {
-    use candle_core::{DType, Tensor};
+    use candle_core::{DType, Device, Tensor};
+
+    /// Seeded standard-normal tensors, so that a failing comparison fails on every run with the
+    /// same inputs (candle's `Tensor::randn` on the CPU draws from an unseeded thread RNG).
+    struct Gaussian(u64);
+
+    impl Gaussian {
+        fn new(seed: u64) -> Self {
+            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+        }
+
+        /// splitmix64, as a uniform in (0, 1].
+        fn uniform(&mut self) -> f64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64 + f64::EPSILON
+        }
+
+        /// N(0, 1) entries by Box-Muller, in `dtype`.
+        fn tensor(&mut self, shape: &[usize], dtype: DType) -> Tensor {
+            let n = shape.iter().product::<usize>();
+            let v: Vec<f64> = (0..n)
+                .map(|_| {
+                    let (u, w) = (self.uniform(), self.uniform());
+                    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * w).cos()
+                })
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        }
+    }
 
     /// The largest absolute difference of two tensors of one shape, in f64.
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -52,5 +86,31 @@ pub(crate) mod testutil {
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
+    }
+
+    thread_local! {
+        static DRAWS: std::cell::RefCell<Option<Gaussian>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// Starts this test's draws of [`randn`] at `seed`.
+    pub fn seed(seed: u64) {
+        DRAWS.with(|d| *d.borrow_mut() = Some(Gaussian::new(seed)));
+    }
+
+    /// The next seeded N(0, 1) tensor of this test; a test that did not call [`seed`] panics,
+    /// so no comparison runs on inputs a rerun cannot reproduce.
+    pub fn randn(shape: &[usize], dtype: DType) -> Tensor {
+        DRAWS.with(|d| {
+            d.borrow_mut()
+                .as_mut()
+                .expect("call testutil::seed at the start of the test")
+                .tensor(shape, dtype)
+        })
+    }
+
+    /// `max_diff` over the reference's own largest magnitude (at least 1): a tolerance that
+    /// holds for a gradient of 1e3 as well as for one of 1e-3.
+    pub fn rel_diff(got: &Tensor, want: &Tensor) -> f64 {
+        max_diff(got, want) / max_diff(want, &want.zeros_like().unwrap()).max(1.0)
     }
 }

@@ -413,38 +413,17 @@ impl FloatKernel for Backward<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::max_diff;
+    use crate::testutil::{max_diff, randn, seed};
     use candle_core::Var;
 
     #[test]
     fn linear_values_and_gradients_equal_the_composition() {
-        let dev = Device::Cpu;
+        seed(1);
         for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-4)] {
-            let x = Var::from_tensor(
-                &Tensor::randn(0f64, 1.0, (2, 3, 5, 7), &dev)
-                    .unwrap()
-                    .to_dtype(dt)
-                    .unwrap(),
-            )
-            .unwrap();
-            let w = Var::from_tensor(
-                &Tensor::randn(0f64, 1.0, (4, 7), &dev)
-                    .unwrap()
-                    .to_dtype(dt)
-                    .unwrap(),
-            )
-            .unwrap();
-            let b = Var::from_tensor(
-                &Tensor::randn(0f64, 1.0, 4, &dev)
-                    .unwrap()
-                    .to_dtype(dt)
-                    .unwrap(),
-            )
-            .unwrap();
-            let up = Tensor::randn(0f64, 1.0, (2, 3, 5, 4), &dev)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap();
+            let x = Var::from_tensor(&randn(&[2, 3, 5, 7], dt)).unwrap();
+            let w = Var::from_tensor(&randn(&[4, 7], dt)).unwrap();
+            let b = Var::from_tensor(&randn(&[4], dt)).unwrap();
+            let up = randn(&[2, 3, 5, 4], dt);
             let got = linear(&x, &w, &b).unwrap();
             let want = x
                 .broadcast_matmul(&w.t().unwrap())
@@ -496,27 +475,13 @@ mod tests {
 
     #[test]
     fn equals_the_composition() {
-        let dev = Device::Cpu;
+        seed(2);
         for dt in [DType::F64, DType::F32] {
-            let x = Tensor::randn(0f64, 1.0, (2, 5, 7), &dev)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap();
+            let x = randn(&[2, 5, 7], dt);
             // A transposed view, as fused weights or `w.t()` give.
-            let w = Tensor::randn(0f64, 1.0, (7, 3), &dev)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap()
-                .t()
-                .unwrap();
-            let b = Tensor::randn(0f64, 1.0, 3, &dev)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap();
-            let r = Tensor::randn(0f64, 1.0, (2, 5, 3), &dev)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap();
+            let w = randn(&[7, 3], dt).t().unwrap();
+            let b = randn(&[3], dt);
+            let r = randn(&[2, 5, 3], dt);
             let want = (x
                 .broadcast_matmul(&w.t().unwrap())
                 .unwrap()
