@@ -11,53 +11,36 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 use retro_kernels::fused_attention::attention_heads;
 use retro_kernels::gelu::gelu_erf;
-use retro_kernels::linear_op::linear_inference;
+use retro_kernels::layers::{LayerNorm, Linear};
 use retro_kernels::Kernels;
 
-struct Dense {
-    w: Tensor,
-    b: Tensor,
+/// `{name}.weight [out, inp]` and `{name}.bias [out]`.
+fn dense(vb: &VarBuilder, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((out, inp), &format!("{name}.weight"))?,
+        vb.get(out, &format!("{name}.bias"))?,
+    ))
 }
 
-impl Dense {
-    fn load(vb: &VarBuilder, name: &str, out: usize, inp: usize) -> Result<Self> {
-        Ok(Self {
-            w: vb.get((out, inp), &format!("{name}.weight"))?,
-            b: vb.get(out, &format!("{name}.bias"))?,
-        })
-    }
-    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        linear_inference(x, &self.w, &self.b, residual)
-    }
+fn norm(vb: &VarBuilder, name: &str, h: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        vb.get(h, &format!("{name}.weight"))?,
+        vb.get(h, &format!("{name}.bias"))?,
+        eps,
+    ))
 }
 
-struct Norm {
-    w: Tensor,
-    b: Tensor,
-    eps: f32,
-}
-
-impl Norm {
-    fn load(vb: &VarBuilder, name: &str, h: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            w: vb.get(h, &format!("{name}.weight"))?,
-            b: vb.get(h, &format!("{name}.bias"))?,
-            eps: eps as f32,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.w, &self.b, self.eps)
-    }
-}
+/// Inference only: one GEMM with bias and residual accumulated in place.
+const KERN: Kernels = Kernels::Fused;
 
 struct Layer {
     /// Query (scaled by 1/sqrt(head_dim)), key and value projections as one.
-    qkv: Dense,
-    attn_out: Dense,
-    attn_norm: Norm,
-    inter: Dense,
-    out: Dense,
-    out_norm: Norm,
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    inter: Linear,
+    out: Linear,
+    out_norm: LayerNorm,
 }
 
 /// BERT's encoder stack with its embeddings; see the module docs.
@@ -66,7 +49,7 @@ pub struct PackedBert {
     position: Tensor,
     /// Token type 0's embedding, `[1, hidden]`.
     token_type: Tensor,
-    emb_norm: Norm,
+    emb_norm: LayerNorm,
     layers: Vec<Layer>,
     heads: usize,
     head_dim: usize,
@@ -93,18 +76,18 @@ impl PackedBert {
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
-                let part = |n: &str| Dense::load(&l, &format!("attention.self.{n}"), h, h);
+                let part = |n: &str| dense(&l, &format!("attention.self.{n}"), h, h);
                 let (q, k, v) = (part("query")?, part("key")?, part("value")?);
                 Ok(Layer {
-                    qkv: Dense {
-                        w: Tensor::cat(&[&(q.w * scale)?, &k.w, &v.w], 0)?,
-                        b: Tensor::cat(&[&(q.b * scale)?, &k.b, &v.b], 0)?,
-                    },
-                    attn_out: Dense::load(&l, "attention.output.dense", h, h)?,
-                    attn_norm: Norm::load(&l, "attention.output.LayerNorm", h, eps)?,
-                    inter: Dense::load(&l, "intermediate.dense", config.intermediate_size, h)?,
-                    out: Dense::load(&l, "output.dense", h, config.intermediate_size)?,
-                    out_norm: Norm::load(&l, "output.LayerNorm", h, eps)?,
+                    qkv: Linear::new(
+                        Tensor::cat(&[&(q.weight() * scale)?, k.weight(), v.weight()], 0)?,
+                        Tensor::cat(&[&(q.bias() * scale)?, k.bias(), v.bias()], 0)?,
+                    ),
+                    attn_out: dense(&l, "attention.output.dense", h, h)?,
+                    attn_norm: norm(&l, "attention.output.LayerNorm", h, eps)?,
+                    inter: dense(&l, "intermediate.dense", config.intermediate_size, h)?,
+                    out: dense(&l, "output.dense", h, config.intermediate_size)?,
+                    out_norm: norm(&l, "output.LayerNorm", h, eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -117,7 +100,7 @@ impl PackedBert {
             token_type: e
                 .get((config.type_vocab_size, h), "token_type_embeddings.weight")?
                 .narrow(0, 0, 1)?,
-            emb_norm: Norm::load(&e, "LayerNorm", h, eps)?,
+            emb_norm: norm(&e, "LayerNorm", h, eps)?,
             layers,
             heads,
             head_dim,
@@ -144,13 +127,13 @@ impl PackedBert {
         let positions = Tensor::from_vec(positions, total, dev)?;
         let x = (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
             .broadcast_add(&self.token_type)?;
-        let mut x = self.emb_norm.forward(&x)?;
+        let mut x = self.emb_norm.forward(&x, KERN)?;
         for layer in &self.layers {
-            let ctx = self.attention(&layer.qkv.forward(&x, None)?, &lens)?;
+            let ctx = self.attention(&layer.qkv.forward_k(&x, None, KERN)?, &lens)?;
             let a = layer
                 .attn_norm
-                .forward(&layer.attn_out.forward(&ctx, Some(&x))?)?;
-            let inter = layer.inter.forward(&a, None)?;
+                .forward(&layer.attn_out.forward_k(&ctx, Some(&x), KERN)?, KERN)?;
+            let inter = layer.inter.forward_k(&a, None, KERN)?;
             let inter = match self.act {
                 HiddenAct::Gelu => gelu_erf(&inter)?,
                 HiddenAct::GeluApproximate => inter.gelu()?,
@@ -158,7 +141,7 @@ impl PackedBert {
             };
             x = layer
                 .out_norm
-                .forward(&layer.out.forward(&inter, Some(&a))?)?;
+                .forward(&layer.out.forward_k(&inter, Some(&a), KERN)?, KERN)?;
         }
         let mut start = 0;
         let pooled = lens
@@ -182,8 +165,7 @@ impl PackedBert {
                 let t = qkv.narrow(0, start, l)?.reshape((1, l, 3, h, d))?;
                 start += l;
                 let part = |i: usize| t.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
-                attention_heads(&part(0)?, &part(1)?, &part(2)?, None, Kernels::Fused)?
-                    .reshape((l, h * d))
+                attention_heads(&part(0)?, &part(1)?, &part(2)?, None, KERN)?.reshape((l, h * d))
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&outs, 0)

@@ -32,6 +32,7 @@ pub mod fused_norm;
 pub mod gelu;
 mod isa;
 pub mod kernels;
+pub mod layers;
 pub mod linear_op;
 
 pub use kernels::Kernels;

@@ -1,22 +1,19 @@
 //! Multi-head self-attention with rotary embeddings: causal in the decoder, bidirectional in the
 //! neighbour encoder. Pre-norm, residual. An optional KV cache serves incremental decoding.
 
-use crate::attention_block_op::{attention_block, Attend};
+use crate::attention_block_op::Attend;
+use crate::attention_params::AttentionParams;
+use crate::config::RetroConfig;
 use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
-use crate::layers::{block_params, fused_linear, LayerNorm, Linear};
+use crate::layers::fused_linear;
+use crate::params::ParamBuilder;
 use crate::rope::RopeTables;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct SelfAttention {
-    pub(crate) norm: LayerNorm,
-    pub(crate) query: Linear,
-    pub(crate) key: Linear,
-    pub(crate) value: Linear,
-    pub(crate) output: Linear,
-    pub(crate) n_heads: usize,
-    pub(crate) d_k: usize,
+    pub(crate) params: AttentionParams,
     pub(crate) causal: bool,
 }
 
@@ -60,6 +57,19 @@ pub fn causal_mask(
 }
 
 impl SelfAttention {
+    /// `{name}.*`, causal in the decoder, bidirectional in the encoder.
+    pub(crate) fn new(
+        pb: &mut ParamBuilder,
+        name: &str,
+        c: &RetroConfig,
+        causal: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            params: AttentionParams::new(pb, name, c)?,
+            causal,
+        })
+    }
+
     /// `h [.., s, d_model]` (leading dims are sequences); `rope` covers the absolute positions of
     /// these s rows; `mask` is `[s, seen + s]` for causal attention (None when no query can see a
     /// future key, e.g. s == 1). The mask must be [`causal_mask`]`(s, seen)`: the fused kernel
@@ -73,16 +83,12 @@ impl SelfAttention {
         kern: Kernels,
     ) -> Result<Tensor> {
         if kern == Kernels::Differentiable && cache.is_none() {
-            // Training: the whole block as one autograd node (CPU, f32/f64).
             let attend = Attend::SelfAttention {
                 cos: &rope.cos,
                 sin: &rope.sin,
                 causal: self.causal && mask.is_some(),
             };
-            let parts = [&self.query, &self.key, &self.value, &self.output];
-            if let Some(y) =
-                attention_block(h, attend, &block_params(&self.norm, parts, self.n_heads))?
-            {
+            if let Some(y) = self.params.train_block(h, attend)? {
                 return Ok(y);
             }
         }
@@ -95,12 +101,13 @@ impl SelfAttention {
                 .reshape(h.dims());
         }
         let (b, s, _) = h.dims3()?;
-        let (nh, dk) = (self.n_heads, self.d_k);
-        let x = self.norm.forward(h, kern)?;
+        let p = &self.params;
+        let (nh, dk) = (p.n_heads, p.d_k);
+        let x = p.norm.forward(h, kern)?;
         let scale = 1.0 / (dk as f64).sqrt();
         // One GEMM for q, k, v; heads are views of it: [b, s, 3, h, dk].
         let qkv = fused_linear(
-            &[(&self.query, scale), (&self.key, 1.0), (&self.value, 1.0)],
+            &[(&p.query, scale), (&p.key, 1.0), (&p.value, 1.0)],
             &x,
             kern,
         )?
@@ -128,7 +135,7 @@ impl SelfAttention {
         let seen = k.dim(2)? - s;
         let causal = (self.causal && mask.is_some()).then_some(seen);
         let out = attention_heads(&q, &k, &v, causal, kern)?; // [b, s, h, dk]
-        self.output
+        p.output
             .forward_k(&out.reshape((b, s, nh * dk))?, Some(h), kern)
     }
 }

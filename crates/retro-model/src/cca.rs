@@ -2,28 +2,32 @@
 //! chunk before it. The shift is done here, as in the reference: drop the first `chunk_len - 1`
 //! positions, attend chunk-wise, shift back right by `chunk_len - 1` zero rows, truncate to T.
 
-use crate::attention_block_op::{attention_block, Attend};
+use crate::attention_block_op::Attend;
+use crate::attention_params::AttentionParams;
+use crate::config::RetroConfig;
 use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
-use crate::layers::{block_params, fused_linear, LayerNorm, Linear};
+use crate::layers::fused_linear;
+use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct ChunkedCrossAttention {
-    pub(crate) norm: LayerNorm,
-    pub(crate) query: Linear,
-    pub(crate) key: Linear,
-    pub(crate) value: Linear,
-    pub(crate) output: Linear,
-    pub(crate) n_heads: usize,
-    pub(crate) d_k: usize,
+    pub(crate) params: AttentionParams,
     pub(crate) chunk_len: usize,
 }
 
 impl ChunkedCrossAttention {
+    pub(crate) fn new(pb: &mut ParamBuilder, name: &str, c: &RetroConfig) -> Result<Self> {
+        Ok(Self {
+            params: AttentionParams::new(pb, name, c)?,
+            chunk_len: c.chunk_len,
+        })
+    }
+
     /// `h [b, t, d_model]`, `e [b, c, k, n, d_model]` encoded neighbours with `c == t / chunk_len`.
     /// `keep [b, c]` (0 or 1, the model's dtype) gates each chunk's neighbours: where it is 0 the
-    /// rows that chunk conditions get no CCA update, as in RETRO[OFF].
+    /// rows that chunk conditions get no CCA update, as in RETRO\[OFF\].
     pub fn forward(
         &self,
         h: &Tensor,
@@ -36,31 +40,28 @@ impl ChunkedCrossAttention {
             return Ok(h.clone());
         }
         if kern == Kernels::Differentiable && keep.is_none() {
-            // Training: the whole block as one autograd node (CPU, f32/f64).
             let attend = Attend::Chunked {
                 ctx: e,
                 chunk_len: self.chunk_len,
             };
-            let parts = [&self.query, &self.key, &self.value, &self.output];
-            if let Some(y) =
-                attention_block(h, attend, &block_params(&self.norm, parts, self.n_heads))?
-            {
+            if let Some(y) = self.params.train_block(h, attend)? {
                 return Ok(y);
             }
         }
         let (_, t, _) = h.dims3()?;
-        let (nh, dk, cl) = (self.n_heads, self.d_k, self.chunk_len);
+        let p = &self.params;
+        let (nh, dk, cl) = (p.n_heads, p.d_k, self.chunk_len);
         let scale = 1.0 / (dk as f64).sqrt();
         let kept = t - (cl - 1);
-        let x = self.norm.forward(&h.narrow(1, cl - 1, kept)?, kern)?;
+        let x = p.norm.forward(&h.narrow(1, cl - 1, kept)?, kern)?;
         // Zero rows after the norm so the queries split into c whole chunks (they land past T).
         let x = x.pad_with_zeros(1, 0, c * cl - kept)?;
         // [b*c, cl, h, dk] viewed as [b*c, h, cl, dk]
-        let q = fused_linear(&[(&self.query, scale)], &x, kern)?
+        let q = fused_linear(&[(&p.query, scale)], &x, kern)?
             .reshape((b * c, cl, nh, dk))?
             .transpose(1, 2)?;
         // Keys and values in one GEMM: [b*c, k*n, 2, h, dk].
-        let kv = fused_linear(&[(&self.key, 1.0), (&self.value, 1.0)], e, kern)?.reshape((
+        let kv = fused_linear(&[(&p.key, 1.0), (&p.value, 1.0)], e, kern)?.reshape((
             b * c,
             k * n,
             2,
@@ -71,9 +72,7 @@ impl ChunkedCrossAttention {
         // Softmax jointly over all k * n neighbour positions.
         let out = attention_heads(&q, &part(0)?, &part(1)?, None, kern)? // [b*c, cl, h, dk]
             .reshape((b, c * cl, nh * dk))?;
-        let out = self
-            .output
-            .forward_k(&out.narrow(1, 0, kept)?, None, kern)?;
+        let out = p.output.forward_k(&out.narrow(1, 0, kept)?, None, kern)?;
         let out = match keep {
             None => out,
             // After the output projection: its bias must not reach a gated row either.

@@ -82,7 +82,7 @@ impl DecodeState {
     pub fn position(&self) -> usize {
         self.t
     }
-    /// Whether retrieval is on (off: RETRO[OFF], CCA and the encoder skipped).
+    /// Whether retrieval is on (off: RETRO\[OFF\], CCA and the encoder skipped).
     pub fn retrieval(&self) -> bool {
         self.retrieval
     }
@@ -102,7 +102,7 @@ impl DecodeState {
 
 impl RetroModel {
     /// A fresh decoding state for `batch` sequences starting at position 0. With `retrieval` off the
-    /// steps compute RETRO[OFF] (what [`RetroModel::forward_without_retrieval`] computes).
+    /// steps compute RETRO\[OFF\] (what [`RetroModel::forward_without_retrieval`] computes).
     pub fn start_decoding(&self, batch: usize, retrieval: bool) -> DecodeState {
         DecodeState {
             batch,
@@ -156,74 +156,101 @@ impl RetroModel {
         if state.caches.len() != self.config.n_layers
             || state.cca_kv.len() != self.config.ca_layers.len()
         {
-            return Err(ModelError::Shape(format!(
-                "decode state at t = {t} was made for another model ({} decoder layers, {} CCA layers; \
-                 this model has {} and {})",
-                state.caches.len(),
-                state.cca_kv.len(),
-                self.config.n_layers,
-                self.config.ca_layers.len()
-            )));
+            return Err(ModelError::shape(
+                format!("step at t = {t}"),
+                "decode state",
+                format!(
+                    "must be made for this model ({} decoder layers, {} CCA layers)",
+                    self.config.n_layers,
+                    self.config.ca_layers.len()
+                ),
+                format!(
+                    "one for {} decoder layers and {} CCA layers",
+                    state.caches.len(),
+                    state.cca_kv.len()
+                ),
+            ));
         }
         match tokens.dims() {
             &[tb] if tb == b => {}
             d => {
-                return Err(ModelError::Shape(format!(
-                    "step at t = {t}: tokens must be [B] with B = {b}, got {d:?}"
-                )))
+                return Err(ModelError::shape(
+                    format!("step at t = {t}"),
+                    "tokens",
+                    format!("must be [B] with B = {b}"),
+                    format!("{d:?}"),
+                ))
             }
         }
         let chunk_end = t % cl == cl - 1;
         let neighbours = match (state.retrieval, chunk_end, neighbours) {
-            (false, _, Some(_)) => {
-                return Err(ModelError::Shape(format!(
-                    "step at t = {t}: neighbours passed but retrieval is off for this decode state"
-                )))
+            (false, _, Some(n)) => {
+                return Err(ModelError::shape(
+                    format!("step at t = {t}"),
+                    "neighbours",
+                    "must be absent: retrieval is off for this decode state",
+                    format!("{:?}", n.dims()),
+                ))
             }
             (true, false, Some(n)) => {
-                return Err(ModelError::Shape(format!(
-                    "step at t = {t}: neighbours {:?} passed, but t does not complete a chunk \
-                     (neighbours come with the last token of a chunk, t % chunk_len == {}; \
-                     chunk_len = {cl})",
-                    n.dims(),
+                return Err(ModelError::shape(
+                    format!("step at t = {t}"),
+                    "neighbours",
+                    format!(
+                    "come with the last token of a chunk (t % chunk_len == {}, chunk_len = {cl}); \
+                         t does not complete a chunk",
                     cl - 1
-                )))
+                ),
+                    format!("{:?}", n.dims()),
+                ))
             }
             (true, true, None) => {
-                return Err(ModelError::Shape(format!(
-                    "step at t = {t}: this token completes chunk {}; pass that chunk's neighbours \
-                     [B, K, N] with it (retrieval is on)",
-                    t / cl
-                )))
+                return Err(ModelError::shape(
+                    format!("step at t = {t}"),
+                    "neighbours",
+                    format!(
+                        "of chunk {}, which this token completes, must come with it as [B, K, N] \
+                         (retrieval is on)",
+                        t / cl
+                    ),
+                    "none",
+                ))
             }
             (true, true, Some(n)) => match n.dims() {
                 &[nb, k, nn] if nb == b && k > 0 && nn > 0 => {
                     Some(self.ids(n, "neighbours")?.reshape((b, 1, k, nn))?)
                 }
                 d => {
-                    return Err(ModelError::Shape(format!(
-                        "step at t = {t}: neighbours must be [B, K, N] with B = {b} and K, N > 0, \
-                         got {d:?}"
-                    )))
+                    return Err(ModelError::shape(
+                        format!("step at t = {t}"),
+                        "neighbours",
+                        format!("must be [B, K, N] with B = {b} and K, N > 0"),
+                        format!("{d:?}"),
+                    ))
                 }
             },
             _ => None,
         };
         let keep = match (keep, &neighbours) {
             (None, _) => None,
-            (Some(_), None) => {
-                return Err(ModelError::Shape(format!(
-                    "step at t = {t}: keep passed without neighbours (it gates them)"
-                )))
+            (Some(k), None) => {
+                return Err(ModelError::shape(
+                    format!("step at t = {t}"),
+                    "keep",
+                    "passed without neighbours must be absent (it gates them)",
+                    format!("{:?}", k.dims()),
+                ))
             }
             (Some(k), Some(_)) => {
                 if k.dims() != [b] {
-                    return Err(ModelError::Shape(format!(
-                        "step at t = {t}: keep must be [B] with B = {b}, got {:?}",
-                        k.dims()
-                    )));
+                    return Err(ModelError::shape(
+                        format!("step at t = {t}"),
+                        "keep",
+                        format!("must be [B] with B = {b}"),
+                        format!("{:?}", k.dims()),
+                    ));
                 }
-                let k = self.check_keep(&k.reshape((b, 1))?, b, 1)?;
+                let k = self.check_keep(&format!("step at t = {t}"), &k.reshape((b, 1))?, b, 1)?;
                 Some(k.reshape((b, 1, 1))?)
             }
         };
@@ -288,35 +315,47 @@ impl RetroModel {
         let (b, p) = match x.dims() {
             &[xb, p] if xb == state.batch => (xb, p),
             d => {
-                return Err(ModelError::Shape(format!(
-                    "prefill at t = {t0}: x must be [B, P] with B = {}, got {d:?}",
-                    state.batch
-                )))
+                return Err(ModelError::shape(
+                    format!("prefill at t = {t0}"),
+                    "x",
+                    format!("must be [B, P] with B = {}", state.batch),
+                    format!("{d:?}"),
+                ))
             }
         };
         let ends = (t0 + p) / cl - t0 / cl;
         let ret = match (state.retrieval, ret) {
-            (false, Some(_)) => {
-                return Err(ModelError::Shape(format!(
-                    "prefill at t = {t0}: ret passed but retrieval is off for this decode state"
-                )))
+            (false, Some(r)) => {
+                return Err(ModelError::shape(
+                    format!("prefill at t = {t0}"),
+                    "ret",
+                    "must be absent: retrieval is off for this decode state",
+                    format!("{:?}", r.dims()),
+                ))
             }
             (true, None) if ends > 0 => {
-                return Err(ModelError::Shape(format!(
-                    "prefill at t = {t0}: x completes {ends} chunk(s) but no ret was passed \
-                     (retrieval is on)"
-                )))
+                return Err(ModelError::shape(
+                    format!("prefill at t = {t0}"),
+                    "ret",
+                    format!("must come with x, which completes {ends} chunk(s) (retrieval is on)"),
+                    "none",
+                ))
             }
             (true, Some(r)) => match r.dims() {
                 &[rb, ru, k, n] if rb == b && ru == ends && (ends == 0 || (k > 0 && n > 0)) => {
                     Some(self.ids(r, "ret")?)
                 }
                 d => {
-                    return Err(ModelError::Shape(format!(
-                        "prefill at t = {t0}: ret must be [B, U, K, N] with B = {b} and U = {ends} \
-                         (the chunks completed by positions {t0}..{}), got {d:?}",
+                    return Err(ModelError::shape(
+                        format!("prefill at t = {t0}"),
+                        "ret",
+                        format!(
+                        "must be [B, U, K, N] with B = {b} and U = {ends} (the chunks completed \
+                             by positions {t0}..{})",
                         t0 + p
-                    )))
+                    ),
+                        format!("{d:?}"),
+                    ))
                 }
             },
             _ => None,
@@ -357,13 +396,14 @@ fn cca_step(
     h: &Tensor,
 ) -> Result<Tensor> {
     let (b, _, k, n, _) = e.dims5()?;
-    let (nh, dk) = (cca.n_heads, cca.d_k);
+    let p = &cca.params;
+    let (nh, dk) = (p.n_heads, p.d_k);
     if kv.as_ref().map(|c| c.u) != Some(u) {
         let split = |x: Tensor| -> candle_core::Result<Tensor> {
             x.reshape((b, k * n, nh, dk))?.transpose(1, 2)?.contiguous()
         };
-        let kk = split(cca.key.forward(e)?)?; // [B, nh, K*N, dk]
-        let v = split(cca.value.forward(e)?)?;
+        let kk = split(p.key.forward(e)?)?; // [B, nh, K*N, dk]
+        let v = split(p.value.forward(e)?)?;
         *kv = Some(CcaKv {
             u,
             k_t: kk.t()?.contiguous()?,
@@ -372,18 +412,13 @@ fn cca_step(
     }
     let CcaKv { k_t, v, .. } = kv.as_ref().expect("just set");
     let scale = 1.0 / (dk as f64).sqrt();
-    let x = cca.norm.forward(h, KERN)?;
+    let x = p.norm.forward(h, KERN)?;
     // [B, 1, nh*dk] -> [B, nh, 1, dk]: one row, so a reshape splits the heads.
-    let q = (cca.query.forward(&x)? * scale)?.reshape((b, nh, 1, dk))?;
+    let q = (p.query.forward(&x)? * scale)?.reshape((b, nh, 1, dk))?;
     let attn = KERN.softmax(&q.matmul(k_t)?)?;
     let out = attn.matmul(v)?.reshape((b, 1, nh * dk))?;
     Ok(match keep {
-        None => cca.output.forward_k(&out, Some(h), KERN)?,
-        Some(keep) => {
-            (cca.output
-                .forward_k(&out, None, KERN)?
-                .broadcast_mul(keep)?
-                + h)?
-        }
+        None => p.output.forward_k(&out, Some(h), KERN)?,
+        Some(keep) => (p.output.forward_k(&out, None, KERN)?.broadcast_mul(keep)? + h)?,
     })
 }

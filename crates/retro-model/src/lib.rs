@@ -30,6 +30,7 @@
 //! ```
 
 pub mod attention;
+mod attention_params;
 pub mod cca;
 pub mod config;
 pub mod cross_attention;
@@ -38,7 +39,6 @@ pub mod encoder;
 pub mod error;
 pub mod feed_forward;
 pub mod incremental;
-pub mod layers;
 pub mod model;
 mod params;
 pub mod rope;
@@ -47,7 +47,7 @@ pub mod weights;
 
 // The kernels live in retro-kernels (the index's BERT encoder uses them too).
 pub use retro_kernels::{
-    attention_block_op, feed_forward_op, fused_attention, fused_norm, kernels, linear_op,
+    attention_block_op, feed_forward_op, fused_attention, fused_norm, kernels, layers, linear_op,
 };
 
 pub use config::RetroConfig;

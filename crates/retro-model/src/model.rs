@@ -4,7 +4,6 @@
 use crate::attention::{causal_mask, SelfAttention};
 use crate::cca::ChunkedCrossAttention;
 use crate::config::RetroConfig;
-use crate::cross_attention::CrossAttention;
 use crate::encoder::NeighbourEncoder;
 use crate::error::{ModelError, Result};
 use crate::feed_forward::FeedForward;
@@ -14,15 +13,6 @@ use crate::params::ParamBuilder;
 use crate::rope::{self, RopeTables};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-
-/// The parameters every attention module has.
-struct AttentionParams {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    norm: LayerNorm,
-    output: Linear,
-}
 
 /// A RETRO model whose parameters live in a [`VarMap`] under the reference's `state_dict` names.
 pub struct RetroModel {
@@ -47,119 +37,29 @@ impl RetroModel {
         let c = config;
         let varmap = VarMap::new();
         let mut pb = ParamBuilder::new(&varmap, seed, dtype, device);
-        let eps = c.layer_norm_eps;
-        let (d, da) = (c.d_model, c.d_attn());
-        // Every attention module has the same parameters, created in the reference's order:
-        // query, key, value, norm, output.
-        let attention_params = |pb: &mut ParamBuilder, name: &str| -> Result<AttentionParams> {
-            Ok(AttentionParams {
-                query: pb.linear(&format!("{name}.query"), d, da)?,
-                key: pb.linear(&format!("{name}.key"), d, da)?,
-                value: pb.linear(&format!("{name}.value"), d, da)?,
-                norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
-                output: pb.linear(&format!("{name}.output"), da, d)?,
-            })
-        };
-        let self_attention =
-            |pb: &mut ParamBuilder, name: String, causal: bool| -> Result<SelfAttention> {
-                let AttentionParams {
-                    query,
-                    key,
-                    value,
-                    norm,
-                    output,
-                } = attention_params(pb, &name)?;
-                Ok(SelfAttention {
-                    query,
-                    key,
-                    value,
-                    norm,
-                    output,
-                    n_heads: c.n_heads,
-                    d_k: c.d_k,
-                    causal,
-                })
-            };
-        let ffw = |pb: &mut ParamBuilder, name: String| -> Result<FeedForward> {
-            Ok(FeedForward {
-                lin1: pb.linear(&format!("{name}.lin1"), d, c.d_ff)?,
-                lin2: pb.linear(&format!("{name}.lin2"), c.d_ff, d)?,
-                norm: pb.layer_norm(&format!("{name}.norm"), d, eps)?,
-            })
-        };
+        let (d, eps) = (c.d_model, c.layer_norm_eps);
         // Created in the reference's registration order, so a seed means the same thing everywhere.
-        let enc_ca = (0..c.enc_ca_layers.len())
-            .map(|i| {
-                let AttentionParams {
-                    query,
-                    key,
-                    value,
-                    norm,
-                    output,
-                } = attention_params(&mut pb, &format!("encoder.ca.{i}"))?;
-                Ok(CrossAttention {
-                    query,
-                    key,
-                    value,
-                    norm,
-                    output,
-                    n_heads: c.n_heads,
-                    d_k: c.d_k,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let enc_attn = (0..c.enc_n_layers)
-            .map(|p| self_attention(&mut pb, format!("encoder.attn.{p}"), false))
-            .collect::<Result<Vec<_>>>()?;
-        let enc_ffw = (0..c.enc_n_layers)
-            .map(|p| ffw(&mut pb, format!("encoder.ffw.{p}")))
-            .collect::<Result<Vec<_>>>()?;
-        let norm_h = pb.layer_norm("encoder.norm_h", d, eps)?;
+        let encoder = NeighbourEncoder::new(&mut pb, "encoder", c)?;
         let emb = pb.embedding("emb", c.n_vocab, d)?;
         let cca = (0..c.ca_layers.len())
-            .map(|i| {
-                let AttentionParams {
-                    query,
-                    key,
-                    value,
-                    norm,
-                    output,
-                } = attention_params(&mut pb, &format!("cca.{i}"))?;
-                Ok(ChunkedCrossAttention {
-                    query,
-                    key,
-                    value,
-                    norm,
-                    output,
-                    n_heads: c.n_heads,
-                    d_k: c.d_k,
-                    chunk_len: c.chunk_len,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .map(|i| ChunkedCrossAttention::new(&mut pb, &format!("cca.{i}"), c))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let attn = (0..c.n_layers)
-            .map(|p| self_attention(&mut pb, format!("attn.{p}"), true))
-            .collect::<Result<Vec<_>>>()?;
-        let ffw_layers = (0..c.n_layers)
-            .map(|p| ffw(&mut pb, format!("ffw.{p}")))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|p| SelfAttention::new(&mut pb, &format!("attn.{p}"), c, true))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let ffw = (0..c.n_layers)
+            .map(|p| FeedForward::new(&mut pb, &format!("ffw.{p}"), c))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let read = pb.linear("read", d, c.n_vocab)?;
         let norm_e = pb.layer_norm("norm_e", d, eps)?;
         Ok(Self {
             config: c.clone(),
-            encoder: NeighbourEncoder {
-                attn: enc_attn,
-                ca: enc_ca,
-                ffw: enc_ffw,
-                norm_h,
-                ca_layers: c.enc_ca_layers.clone(),
-                chunk_len: c.chunk_len,
-            },
+            encoder,
             varmap,
             emb,
             attn,
             cca,
-            ffw: ffw_layers,
+            ffw,
             read,
             norm_e,
             theta: rope::theta(c.d_k, c.rope_base),
@@ -194,13 +94,13 @@ impl RetroModel {
 
     /// [`RetroModel::forward`] with the neighbours of each chunk gated: `keep [B, C]` (0 or 1, any
     /// float dtype). Where it is 0, the positions chunk u's neighbours would condition get no CCA
-    /// update, as in RETRO[OFF]; all zeros computes RETRO[OFF], all ones [`RetroModel::forward`].
+    /// update, as in RETRO\[OFF\]; all zeros computes RETRO\[OFF\], all ones [`RetroModel::forward`].
     /// The pipeline gates neighbours that are too far from their chunk to help.
     pub fn forward_gated(&self, x: &Tensor, ret: &Tensor, keep: &Tensor) -> Result<Tensor> {
         self.forward_with(x, Some(ret), Some(keep), Kernels::Fused)
     }
 
-    /// RETRO[OFF]: the same decoder with the encoder and every CCA skipped.
+    /// RETRO\[OFF\]: the same decoder with the encoder and every CCA skipped.
     pub fn forward_without_retrieval(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_with(x, None, None, Kernels::Fused)
     }
@@ -211,18 +111,22 @@ impl RetroModel {
     }
 
     /// Checks `keep [B, C]` against `ret [B, C, K, N]` and returns it in the model's dtype.
-    pub(crate) fn check_keep(&self, keep: &Tensor, b: usize, c: usize) -> Result<Tensor> {
+    pub(crate) fn check_keep(&self, at: &str, keep: &Tensor, b: usize, c: usize) -> Result<Tensor> {
         if keep.dims() != [b, c] {
-            return Err(ModelError::Shape(format!(
-                "keep must be [B, C] = [{b}, {c}] (one gate per chunk), got {:?}",
-                keep.dims()
-            )));
+            return Err(ModelError::shape(
+                at,
+                "keep",
+                format!("must be [B, C] = [{b}, {c}] (one gate per chunk)"),
+                format!("{:?}", keep.dims()),
+            ));
         }
         if !keep.dtype().is_float() {
-            return Err(ModelError::Shape(format!(
-                "keep must hold floats 0 or 1, got dtype {:?}",
-                keep.dtype()
-            )));
+            return Err(ModelError::shape(
+                at,
+                "keep",
+                "must hold floats 0 or 1",
+                format!("dtype {:?}", keep.dtype()),
+            ));
         }
         Ok(keep.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
@@ -233,9 +137,9 @@ impl RetroModel {
         x: &Tensor,
         ret: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (b, t) = x
-            .dims2()
-            .map_err(|_| ModelError::Shape(format!("x must be [B, T], got {:?}", x.dims())))?;
+        let (b, t) = x.dims2().map_err(|_| {
+            ModelError::shape("forward", "x", "must be [B, T]", format!("{:?}", x.dims()))
+        })?;
         let x = self.ids(x, "x")?;
         let ret = match ret {
             None => None,
@@ -243,13 +147,15 @@ impl RetroModel {
                 let c = t / self.config.chunk_len;
                 let ok = matches!(ret.dims(), &[rb, rc, rk, rn] if rb == b && rc == c && (c == 0 || (rk > 0 && rn > 0)));
                 if !ok {
-                    return Err(ModelError::Shape(format!(
-                        "ret must be [B, C, K, N] with B = {b} and C = T / chunk_len = {t} / {} = {c}; \
-                         got ret {:?} for x {:?}",
-                        self.config.chunk_len,
-                        ret.dims(),
-                        x.dims()
-                    )));
+                    return Err(ModelError::shape(
+                        "forward",
+                        "ret",
+                        format!(
+                            "must be [B, C, K, N] with B = {b} and C = T / chunk_len = {t} / {} = {c}",
+                            self.config.chunk_len
+                        ),
+                        format!("{:?} for x {:?}", ret.dims(), x.dims()),
+                    ));
                 }
                 Some(self.ids(ret, "ret")?)
             }
@@ -334,7 +240,9 @@ impl RetroModel {
         let (x, ret) = self.check_inputs(x, ret)?;
         let (b, t) = x.dims2()?;
         let c = t / self.config.chunk_len;
-        let keep = keep.map(|k| self.check_keep(k, b, c)).transpose()?;
+        let keep = keep
+            .map(|k| self.check_keep("forward", k, b, c))
+            .transpose()?;
         // With no complete chunk there is nothing to attend to: CCA is the identity.
         let ret = ret.filter(|_| c > 0 && !self.config.ca_layers.is_empty());
         let mut h = self.embed(&x)?;

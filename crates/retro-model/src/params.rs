@@ -46,18 +46,18 @@ impl<'a> ParamBuilder<'a> {
         let bound = 1.0 / (d_in as f32).sqrt();
         let w = self.uniform(d_out * d_in, bound);
         let b = self.uniform(d_out, bound);
-        Ok(Linear {
-            weight: self.var(format!("{name}.weight"), &[d_out, d_in], w)?,
-            bias: self.var(format!("{name}.bias"), &[d_out], b)?,
-        })
+        Ok(Linear::new(
+            self.var(format!("{name}.weight"), &[d_out, d_in], w)?,
+            self.var(format!("{name}.bias"), &[d_out], b)?,
+        ))
     }
 
     pub fn layer_norm(&mut self, name: &str, d: usize, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: self.var(format!("{name}.weight"), &[d], vec![1.0; d])?,
-            bias: self.var(format!("{name}.bias"), &[d], vec![0.0; d])?,
+        Ok(LayerNorm::new(
+            self.var(format!("{name}.weight"), &[d], vec![1.0; d])?,
+            self.var(format!("{name}.bias"), &[d], vec![0.0; d])?,
             eps,
-        })
+        ))
     }
 
     pub fn embedding(&mut self, name: &str, n: usize, d: usize) -> Result<Tensor> {

@@ -16,7 +16,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// One batch's mean cross-entropy and its gradients: the training forward, the loss, the backward
-/// (on the CPU, all of it on a worker of rayon's pool). `ret = None` trains RETRO[OFF].
+/// (on the CPU, all of it on a worker of rayon's pool). `ret = None` trains RETRO\[OFF\].
 pub fn loss_and_grads(
     model: &RetroModel,
     x: &Tensor,

@@ -223,14 +223,15 @@ fn malformed_gates_are_errors() {
     let (x, ret) = inputs(c);
     let chunks = ret.dim(1).unwrap();
     let wrong = Tensor::ones((B, chunks + 1), DType::F32, &Device::Cpu).unwrap();
-    shape_err(m.forward_gated(&x, &ret, &wrong), "keep must be [B, C]");
+    shape_err(m.forward_gated(&x, &ret, &wrong), "keep", "must be [B, C]");
     let ints = Tensor::ones((B, chunks), DType::U32, &Device::Cpu).unwrap();
-    shape_err(m.forward_gated(&x, &ret, &ints), "floats");
+    shape_err(m.forward_gated(&x, &ret, &ints), "keep", "floats");
     let mut state = m.start_decoding(B, true);
     let one = Tensor::ones(B, DType::F32, &Device::Cpu).unwrap();
     shape_err(
         m.step_gated(&mut state, &x.i((.., 0)).unwrap(), None, Some(&one)),
-        "keep passed without neighbours",
+        "keep",
+        "without neighbours",
     );
     assert_eq!(
         state.position(),
@@ -319,13 +320,16 @@ fn prefill_then_step_equals_the_full_forward() {
     }
 }
 
-fn shape_err(r: retro_model::Result<Tensor>, needle: &str) {
+/// A shape error about `input` whose message holds `needle`.
+fn shape_err(r: retro_model::Result<Tensor>, input: &str, needle: &str) {
     match r {
-        Err(ModelError::Shape(msg)) => {
+        Err(e @ ModelError::Shape { input: got, .. }) => {
+            assert_eq!(got, input, "{e}");
+            let msg = e.to_string();
             assert!(msg.contains(needle), "error `{msg}` lacks `{needle}`")
         }
-        Err(e) => panic!("expected a shape error naming `{needle}`, got {e}"),
-        Ok(_) => panic!("expected a shape error naming `{needle}`, got Ok"),
+        Err(e) => panic!("expected a shape error of `{input}` naming `{needle}`, got {e}"),
+        Ok(_) => panic!("expected a shape error of `{input}` naming `{needle}`, got Ok"),
     }
 }
 
@@ -340,6 +344,7 @@ fn misplaced_or_missing_neighbours_are_errors() {
     // Neighbours at t = 0, which completes no chunk.
     shape_err(
         m.step(&mut state, &x.i((.., 0)).unwrap(), Some(&nb)),
+        "neighbours",
         "t = 0",
     );
     assert_eq!(
@@ -354,12 +359,14 @@ fn misplaced_or_missing_neighbours_are_errors() {
     let t = cl - 1;
     shape_err(
         m.step(&mut state, &x.i((.., t)).unwrap(), None),
+        "neighbours",
         &format!("t = {t}"),
     );
     // Wrong shapes: tokens [B+1], neighbours [B, K] or with another batch.
     shape_err(
         m.step(&mut state, &ids(&[B + 1], c.n_vocab, 3), Some(&nb)),
         "tokens",
+        "must be [B]",
     );
     shape_err(
         m.step(
@@ -368,6 +375,7 @@ fn misplaced_or_missing_neighbours_are_errors() {
             Some(&nb.i((.., .., 0)).unwrap()),
         ),
         "neighbours",
+        "[B, K, N]",
     );
     shape_err(
         m.step(
@@ -376,6 +384,7 @@ fn misplaced_or_missing_neighbours_are_errors() {
             Some(&nb.narrow(0, 0, 1).unwrap()),
         ),
         "neighbours",
+        "[B, K, N]",
     );
     // Out-of-range neighbour ids.
     let bad = (nb.to_dtype(DType::I64).unwrap() + c.n_vocab as f64).unwrap();
@@ -398,6 +407,7 @@ fn misplaced_or_missing_neighbours_are_errors() {
     }
     shape_err(
         m.step(&mut off, &x.i((.., cl - 1)).unwrap(), Some(&nb)),
+        "neighbours",
         "retrieval is off",
     );
 
@@ -405,6 +415,7 @@ fn misplaced_or_missing_neighbours_are_errors() {
     let xs = x.narrow(1, 0, 2 * cl).unwrap();
     shape_err(
         m.prefill(&mut m.start_decoding(B, true), &xs, None),
+        "ret",
         "t = 0",
     );
     shape_err(
@@ -413,6 +424,7 @@ fn misplaced_or_missing_neighbours_are_errors() {
             &xs,
             Some(&ret.narrow(1, 0, 1).unwrap()),
         ),
+        "ret",
         "U = 2",
     );
     shape_err(
@@ -421,6 +433,7 @@ fn misplaced_or_missing_neighbours_are_errors() {
             &xs,
             Some(&ret.narrow(1, 0, 2).unwrap()),
         ),
+        "ret",
         "retrieval is off",
     );
     // A prompt shorter than a chunk needs no ret.

@@ -1,18 +1,28 @@
-//! The two parameterised building blocks: a Linear with bias (weights `[out, in]`, PyTorch's layout)
-//! and a LayerNorm with affine weights.
+//! The two parameterised building blocks the RETRO model and the index's BERT share: a Linear with
+//! bias (weights `[out, in]`, PyTorch's layout) and a LayerNorm with affine weights.
 
-use crate::attention_block_op::AttentionBlockParams;
 use crate::kernels::Kernels;
 use crate::linear_op::{linear, linear_inference};
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
+    weight: Tensor,
+    bias: Tensor,
 }
 
 impl Linear {
+    /// `weight [out, in]`, `bias [out]`.
+    pub fn new(weight: Tensor, bias: Tensor) -> Self {
+        Self { weight, bias }
+    }
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
     /// `x [.., in] -> [.., out]`, differentiable: one 2-D GEMM over all leading dims (one big
     /// multi-threaded matmul instead of a batched one), one autograd node on the CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -50,45 +60,32 @@ pub fn fused_linear(parts: &[(&Linear, f64)], x: &Tensor, kern: Kernels) -> Resu
         .iter()
         .map(|(l, s)| scaled(&l.bias, *s))
         .collect::<Result<Vec<_>>>()?;
-    Linear {
-        weight: Tensor::cat(&w, 0)?,
-        bias: Tensor::cat(&b, 0)?,
-    }
-    .forward_k(x, None, kern)
+    Linear::new(Tensor::cat(&w, 0)?, Tensor::cat(&b, 0)?).forward_k(x, None, kern)
 }
 
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
-    pub(crate) eps: f64,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
 }
 
 impl LayerNorm {
+    /// `weight [d]`, `bias [d]`.
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     pub fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
         k.layer_norm(x, &self.weight, &self.bias, self.eps)
-    }
-}
-
-/// The parameters of a pre-norm attention block (self, cross or chunked) for the one-node
-/// training op.
-pub(crate) fn block_params<'a>(
-    norm: &'a LayerNorm,
-    [query, key, value, output]: [&'a Linear; 4],
-    n_heads: usize,
-) -> AttentionBlockParams<'a> {
-    AttentionBlockParams {
-        norm_w: &norm.weight,
-        norm_b: &norm.bias,
-        wq: &query.weight,
-        bq: &query.bias,
-        wk: &key.weight,
-        bk: &key.bias,
-        wv: &value.weight,
-        bv: &value.bias,
-        wo: &output.weight,
-        bo: &output.bias,
-        eps: norm.eps,
-        n_heads,
     }
 }
