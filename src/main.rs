@@ -1,5 +1,9 @@
 //! `retro`: build retrieval databases, train, generate and evaluate RETRO models.
 
+// The doc comments of `cli` are clap's help text, not rustdoc: `RETRO[OFF]` there is the paper's
+// name, not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 mod cli;
 
 use anyhow::Result;

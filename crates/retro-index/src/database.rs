@@ -7,6 +7,7 @@ use crate::embeddings::{Embeddings, EMBEDDINGS_FILE};
 use crate::error::{IndexError, Result};
 use crate::fsutil::{is_hex, read_json, sha256_bytes, sha256_file, write_json_atomic, StagedDir};
 use crate::hnsw::{brute_force_batch, mean_recall_at_k, Hit, HnswIndex, HnswParams};
+use crate::ids::DatabaseId;
 use crate::key_index::{EmbeddedIndex, KeyFilter, KeyIndex};
 use crate::store::{ChunkStore, CHUNKS_FILE, DOCUMENTS_FILE, TOKENS_FILE};
 use crate::tokenizer::{LmTokenizer, TOKENIZER_FILE};
@@ -91,7 +92,7 @@ impl FileInfo {
 pub struct Manifest {
     pub format_version: u32,
     /// Content id (hash of the files' checksums and parameters).
-    pub database_id: String,
+    pub database_id: DatabaseId,
     pub created_by: String,
     pub chunk_len: usize,
     pub tokenizer: TokenizerInfo,
@@ -128,7 +129,7 @@ impl Manifest {
     /// sizes are positive, names stay inside the database folder.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, why: String| IndexError::corrupt(path, format!("{field}: {why}"));
-        if !is_hex(&self.database_id, 16..=64) {
+        if !is_hex(self.database_id.as_str(), 16..=64) {
             return Err(bad(
                 "database_id",
                 format!("{:?} is not 16-64 hex digits", self.database_id),
@@ -175,7 +176,7 @@ impl Manifest {
                     ),
                 ));
             }
-            if v.database_id != self.database_id {
+            if v.database_id != self.database_id.as_str() {
                 return Err(bad(
                     "vector_store.database_id",
                     format!("{:?} is not this database's id", v.database_id),
@@ -515,24 +516,27 @@ fn database_id(
     tokenizer_info: &TokenizerInfo,
     embedder_id: &EmbedderId,
     files: &BTreeMap<String, FileInfo>,
-) -> String {
+) -> DatabaseId {
     let index_params = match &opts.vector_store {
         None => format!("{:?}", opts.hnsw),
         Some((_, p)) => format!("milvus {p:?}"),
     };
-    let id_src = format!(
-        "{}|{}|{}|{}|{}",
-        opts.chunk_len,
-        tokenizer_info.fingerprint,
-        embedder_id.weights_hash,
-        index_params,
-        files
-            .iter()
-            .map(|(k, v)| format!("{k}={}", v.sha256))
-            .collect::<Vec<_>>()
-            .join(",")
+    let params = format!(
+        "{}|{}|{}|{}",
+        opts.chunk_len, tokenizer_info.fingerprint, embedder_id.weights_hash, index_params,
     );
-    sha256_bytes(id_src.as_bytes())[..16].to_string()
+    DatabaseId::new(content_id(&params, files))
+}
+
+/// The id of a database or dataset: the first 16 hex digits of the SHA-256 of its parameters and
+/// of every file's name and checksum, so that the same inputs give the same id on every machine.
+pub fn content_id(params: &str, files: &BTreeMap<String, FileInfo>) -> String {
+    let digests = files
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.sha256))
+        .collect::<Vec<_>>()
+        .join(",");
+    sha256_bytes(format!("{params}|{digests}").as_bytes())[..16].to_string()
 }
 
 /// Build step 5: the keys indexed, in the embedded graph (saved into `tmp`, its files added to
@@ -543,7 +547,7 @@ fn build_key_index(
     vectors: Vec<f32>,
     store: &ChunkStore,
     dim: usize,
-    database_id: &str,
+    database_id: &DatabaseId,
     opts: &BuildOptions,
     tmp: &Path,
     files: &mut BTreeMap<String, FileInfo>,
@@ -574,7 +578,7 @@ fn build_key_index(
                 dim,
                 loc,
                 *params,
-                database_id,
+                database_id.as_str(),
                 opts,
                 &progress,
             )?;
@@ -866,7 +870,7 @@ impl Database {
         &self.manifest
     }
     /// The database's content id.
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &DatabaseId {
         &self.manifest.database_id
     }
     pub fn chunk_len(&self) -> usize {

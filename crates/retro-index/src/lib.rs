@@ -53,6 +53,7 @@ pub mod error;
 pub mod flat;
 pub mod fsutil;
 pub mod hnsw;
+pub mod ids;
 pub mod key_index;
 pub mod lexical;
 #[cfg(feature = "milvus")]
@@ -78,6 +79,7 @@ pub use error::{IndexError, Result};
 pub use hnsw::{
     brute_force, brute_force_batch, mean_recall_at_k, recall_at_k, Hit, HnswIndex, HnswParams,
 };
+pub use ids::DatabaseId;
 pub use key_index::{EmbeddedIndex, Exclusion, IndexDescription, KeyFilter, KeyIndex, KeyRef};
 pub use lexical::{LexicalEmbedder, LexicalFeatures};
 pub use store::{ChunkEntry, ChunkStore, DocumentEntry};

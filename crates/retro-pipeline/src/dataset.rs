@@ -6,15 +6,13 @@
 
 use crate::error::{PipelineError, Result};
 use crate::filter::{Filter, Origin};
-use crate::retriever::Retriever;
+use crate::retriever::{KeysOnly, Retriever};
 use memmap2::Mmap;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use retro_index::database::FileInfo;
-use retro_index::fsutil::{
-    is_hex, read_json, sha256_bytes, write_atomic, write_json_atomic, StagedDir,
-};
-use retro_index::Database;
+use retro_index::fsutil::{is_hex, read_json, write_atomic, write_json_atomic, StagedDir};
+use retro_index::{Database, DatabaseId};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -86,7 +84,7 @@ pub struct DatasetMeta {
     /// Content id: a hash of the parameters, the database id and the files' checksums. A run
     /// records it, and resuming on another dataset is refused.
     pub dataset_id: String,
-    pub database_id: String,
+    pub database_id: DatabaseId,
     /// Where the database was when the dataset was built (the id is what is checked).
     #[serde(default)]
     pub database_dir: PathBuf,
@@ -194,7 +192,7 @@ impl DatasetMeta {
 
     /// Checks against the database the dataset is opened with.
     fn check_against(&self, path: &Path, db: &Database) -> Result<()> {
-        if self.database_id != db.id() {
+        if self.database_id != *db.id() {
             return Err(PipelineError::file(
                 path,
                 format!(
@@ -354,195 +352,54 @@ impl Dataset {
         progress: &dyn Fn(usize, usize),
     ) -> Result<Dataset> {
         let cl = db.chunk_len();
-        if params.seq_len < cl {
-            return Err(PipelineError::invalid(
-                "seq_len",
-                params.seq_len,
-                format!("must be at least chunk_len = {cl}"),
-            ));
-        }
-        if params.k == 0 || params.k > MAX_K {
-            return Err(PipelineError::invalid(
-                "k",
-                params.k,
-                format!(
-                    "neighbours per chunk must be between 1 and {MAX_K} (the paper trains with 2)"
-                ),
-            ));
-        }
-        if !(0.0..=1.0).contains(&params.novel_fraction) {
-            return Err(PipelineError::invalid(
-                "novel_fraction",
-                params.novel_fraction,
-                "must be a fraction of the training sequences in 0..=1",
-            ));
-        }
-        if params.k > db.store().len() {
-            return Err(PipelineError::invalid(
-                "k",
-                params.k,
-                format!("the database has only {} chunks", db.store().len()),
-            ));
-        }
+        check_params(db, params)?;
         // The build reads the whole database: verify every file against its checksum first.
         db.verify()?;
-        let store = db.store();
-        let docs = store.documents();
+        let docs = db.store().documents();
         let n_docs = docs.len();
+        // One seeded generator, drawn from in this order: held-out documents, sequences, shuffles.
         let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
-        let mut held: HashSet<usize> = docs
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| {
-                params.held_out_ids.contains(&d.id)
-                    || params
-                        .held_out_matching
-                        .iter()
-                        .any(|m| d.id.contains(m.as_str()))
-            })
-            .map(|(i, _)| i)
-            .collect();
-        for m in &params.held_out_matching {
-            if !docs.iter().any(|d| d.id.contains(m.as_str())) {
-                return Err(PipelineError::invalid(
-                    "held_out_matching",
-                    m,
-                    "no document id of the database contains this text (nothing would be held \
-                     out by it)",
-                ));
-            }
-        }
-        for id in &params.held_out_ids {
-            if !docs.iter().any(|d| &d.id == id) {
-                return Err(PipelineError::invalid(
-                    "held_out_ids",
-                    id,
-                    "no document of the database has this id",
-                ));
-            }
-        }
-        if held.is_empty() && n_docs > 1 && params.valid_fraction > 0.0 {
-            let mut order: Vec<usize> = (0..n_docs).collect();
-            order.shuffle(&mut rng);
-            let n = ((n_docs as f64 * params.valid_fraction).round() as usize).clamp(1, n_docs - 1);
-            held.extend(order.into_iter().take(n));
-        }
-        if held.len() == n_docs && n_docs > 0 {
-            return Err(PipelineError::invalid(
-                "held_out",
-                held.len(),
-                "every document is held out: nothing left to train on",
-            ));
-        }
+        let held = held_out_documents(db, params, &mut rng)?;
         let filter = params.filter.unwrap_or(if n_docs == 1 {
             Filter::Sequence(params.seq_len)
         } else {
             Filter::SameDocument
         });
-        let train_docs: Vec<usize> = (0..n_docs).filter(|d| !held.contains(d)).collect();
-        let valid_docs: Vec<usize> = (0..n_docs).filter(|d| held.contains(d)).collect();
-        let mut train = cut_sequences(db, &train_docs, params.seq_len, &mut rng);
-        let mut valid = cut_sequences(db, &valid_docs, params.seq_len, &mut rng);
-        let skipped_short_documents = train_docs
-            .iter()
-            .filter(|&&d| store.document_tokens(d).len() < params.seq_len + 1)
-            .count();
-        if n_docs == 1 && valid.is_empty() && params.valid_fraction > 0.0 && train.len() > 1 {
-            // One document: its tail is the validation split.
-            let n = ((train.len() as f64 * params.valid_fraction).round() as usize)
-                .clamp(1, train.len() - 1);
-            valid = train.split_off(train.len() - n);
-        }
-        train.shuffle(&mut rng);
-        valid.shuffle(&mut rng);
-        if let Some(m) = params.max_train_sequences {
-            train.truncate(m);
-        }
-        if let Some(m) = params.max_valid_sequences {
-            valid.truncate(m);
-        }
-        if train.is_empty() {
-            return Err(PipelineError::invalid(
-                "seq_len",
-                params.seq_len,
-                "no training document is long enough for one sequence",
-            ));
-        }
+        let splits = split_sequences(db, params, &held, &mut rng)?;
         let retriever = Retriever::for_keys(db, params.k)?.with_excluded_documents(held.clone());
         // A one-document corpus' validation tail never feeds the training sequences' neighbours.
-        let train_retriever = match (n_docs, valid.iter().map(|o| o.start).min()) {
+        let train_retriever = match (n_docs, splits.valid.iter().map(|o| o.start).min()) {
             (1, Some(from)) if held.is_empty() => retriever.clone().with_excluded_tail(0, from),
             _ => retriever.clone(),
         };
         // The shuffled order is seeded, so its first sequences are a seeded sample.
-        let novel_train = (train.len() as f64 * params.novel_fraction).round() as usize;
+        let novel_train = (splits.train.len() as f64 * params.novel_fraction).round() as usize;
         let staged = StagedDir::new(out_dir, "dataset.json", "dataset", overwrite)?;
         let out = staged.path();
-        let total = train.len() + valid.len();
+        let total = splits.train.len() + splits.valid.len();
         let mut done = 0;
-        let mut infos = vec![];
-        for (split, origins) in [(Split::Train, &train), (Split::Valid, &valid)] {
-            let c = params.seq_len / cl;
-            let mut ids = Vec::with_capacity(origins.len() * c * params.k);
-            let mut dists: Vec<f32> = Vec::with_capacity(origins.len() * c * params.k);
-            let mut padded = 0;
-            let novel = if split == Split::Train {
-                novel_train
-            } else {
-                0
-            };
-            for (g, group) in origins.chunks(64).enumerate() {
-                let keys: Vec<Vec<f32>> = group
-                    .iter()
-                    .flat_map(|o| {
-                        let first =
-                            store.documents()[o.document].first_chunk as usize + o.start / cl;
-                        (0..c).map(move |u| first + u)
-                    })
-                    .map(|chunk| db.embeddings().row(chunk).to_vec())
-                    .collect();
-                let r = if split == Split::Train {
-                    &train_retriever
-                } else {
-                    &retriever
-                };
-                // Rows of this group below `novel` (in the split's order) get novel neighbours.
-                let novel_rows = novel.saturating_sub(g * 64).min(group.len());
-                let n = r.search_without_nearest_document(
-                    &keys,
-                    group.len(),
-                    c,
-                    Some(group),
-                    filter,
-                    novel_rows,
-                )?;
-                ids.extend(
-                    n.chunk_ids
-                        .iter()
-                        .map(|id| id.map_or(NO_CHUNK, |i| i as u32)),
-                );
-                dists.extend(&n.distances);
-                padded += n.padded;
-                done += group.len();
-                progress(done, total);
-            }
-            let name = split.name();
-            let flat: Vec<u32> = origins
-                .iter()
-                .flat_map(|o| [o.document as u32, o.start as u32])
-                .collect();
-            write_bytes(&out.join(format!("{name}.origins")), &u32_bytes(&flat))?;
-            write_bytes(&out.join(format!("{name}.neighbours")), &u32_bytes(&ids))?;
-            let db_bytes: Vec<u8> = dists.iter().flat_map(|x| x.to_le_bytes()).collect();
-            write_bytes(&out.join(format!("{name}.distances")), &db_bytes)?;
-            infos.push(SplitInfo {
-                sequences: origins.len(),
-                padded_neighbours: padded,
-                novel_sequences: novel,
-            });
-        }
-        let valid_info = infos.pop().expect("two splits");
-        let train_info = infos.pop().expect("two splits");
+        let mut step = |n: usize| {
+            done += n;
+            progress(done, total);
+        };
+        let train_info = write_split(
+            db,
+            &train_retriever,
+            Split::Train,
+            &splits.train,
+            (params.seq_len, filter, novel_train),
+            out,
+            &mut step,
+        )?;
+        let valid_info = write_split(
+            db,
+            &retriever,
+            Split::Valid,
+            &splits.valid,
+            (params.seq_len, filter, 0),
+            out,
+            &mut step,
+        )?;
         let mut held_out_documents: Vec<(usize, String)> =
             held.iter().map(|&d| (d, docs[d].id.clone())).collect();
         held_out_documents.sort();
@@ -554,24 +411,10 @@ impl Dataset {
                 files.insert(name, info);
             }
         }
-        let id_src = format!(
-            "{}|{}|{}|{}|{filter}|{}|{}|{}",
-            db.id(),
-            params.seq_len,
-            params.k,
-            cl,
-            params.seed,
-            params.novel_fraction,
-            files
-                .iter()
-                .map(|(k, v)| format!("{k}={}", v.sha256))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
         let meta = DatasetMeta {
             format_version: DATASET_FORMAT_VERSION,
-            dataset_id: sha256_bytes(id_src.as_bytes())[..16].to_string(),
-            database_id: db.id().to_string(),
+            dataset_id: dataset_id(db, params, filter, &files),
+            database_id: db.id().clone(),
             database_dir: db
                 .dir()
                 .canonicalize()
@@ -584,7 +427,7 @@ impl Dataset {
             seed: params.seed,
             novel_fraction: params.novel_fraction,
             held_out_documents,
-            skipped_short_documents,
+            skipped_short_documents: splits.skipped_short_documents,
             train: train_info,
             valid: valid_info,
             files,
@@ -882,6 +725,230 @@ impl Dataset {
             .map(|c| c.to_vec())
             .collect()
     }
+}
+
+/// Step 1 of a build: parameters the database can serve.
+fn check_params(db: &Database, params: &DatasetParams) -> Result<()> {
+    let cl = db.chunk_len();
+    if params.seq_len < cl {
+        return Err(PipelineError::invalid(
+            "seq_len",
+            params.seq_len,
+            format!("must be at least chunk_len = {cl}"),
+        ));
+    }
+    if params.k == 0 || params.k > MAX_K {
+        return Err(PipelineError::invalid(
+            "k",
+            params.k,
+            format!("neighbours per chunk must be between 1 and {MAX_K} (the paper trains with 2)"),
+        ));
+    }
+    if !(0.0..=1.0).contains(&params.novel_fraction) {
+        return Err(PipelineError::invalid(
+            "novel_fraction",
+            params.novel_fraction,
+            "must be a fraction of the training sequences in 0..=1",
+        ));
+    }
+    if params.k > db.store().len() {
+        return Err(PipelineError::invalid(
+            "k",
+            params.k,
+            format!("the database has only {} chunks", db.store().len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Step 2: the held-out documents, by id or id substring (each must match one), else a seeded
+/// `valid_fraction` of them; never all.
+fn held_out_documents(
+    db: &Database,
+    params: &DatasetParams,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<HashSet<usize>> {
+    let docs = db.store().documents();
+    let n_docs = docs.len();
+    let mut held: HashSet<usize> = docs
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| {
+            params.held_out_ids.contains(&d.id)
+                || params
+                    .held_out_matching
+                    .iter()
+                    .any(|m| d.id.contains(m.as_str()))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    for m in &params.held_out_matching {
+        if !docs.iter().any(|d| d.id.contains(m.as_str())) {
+            return Err(PipelineError::invalid(
+                "held_out_matching",
+                m,
+                "no document id of the database contains this text (nothing would be held \
+                 out by it)",
+            ));
+        }
+    }
+    for id in &params.held_out_ids {
+        if !docs.iter().any(|d| &d.id == id) {
+            return Err(PipelineError::invalid(
+                "held_out_ids",
+                id,
+                "no document of the database has this id",
+            ));
+        }
+    }
+    if held.is_empty() && n_docs > 1 && params.valid_fraction > 0.0 {
+        let mut order: Vec<usize> = (0..n_docs).collect();
+        order.shuffle(rng);
+        let n = ((n_docs as f64 * params.valid_fraction).round() as usize).clamp(1, n_docs - 1);
+        held.extend(order.into_iter().take(n));
+    }
+    if held.len() == n_docs && n_docs > 0 {
+        return Err(PipelineError::invalid(
+            "held_out",
+            held.len(),
+            "every document is held out: nothing left to train on",
+        ));
+    }
+    Ok(held)
+}
+
+/// The sequences of the two splits, shuffled and capped.
+struct Splits {
+    train: Vec<Origin>,
+    valid: Vec<Origin>,
+    skipped_short_documents: usize,
+}
+
+/// Step 3: cut the training and validation documents into sequences (a one-document corpus gives
+/// its tail to validation), shuffle and cap them.
+fn split_sequences(
+    db: &Database,
+    params: &DatasetParams,
+    held: &HashSet<usize>,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<Splits> {
+    let store = db.store();
+    let n_docs = store.documents().len();
+    let train_docs: Vec<usize> = (0..n_docs).filter(|d| !held.contains(d)).collect();
+    let valid_docs: Vec<usize> = (0..n_docs).filter(|d| held.contains(d)).collect();
+    let mut train = cut_sequences(db, &train_docs, params.seq_len, rng);
+    let mut valid = cut_sequences(db, &valid_docs, params.seq_len, rng);
+    let skipped_short_documents = train_docs
+        .iter()
+        .filter(|&&d| store.document_tokens(d).len() < params.seq_len + 1)
+        .count();
+    if n_docs == 1 && valid.is_empty() && params.valid_fraction > 0.0 && train.len() > 1 {
+        // One document: its tail is the validation split.
+        let n = ((train.len() as f64 * params.valid_fraction).round() as usize)
+            .clamp(1, train.len() - 1);
+        valid = train.split_off(train.len() - n);
+    }
+    train.shuffle(rng);
+    valid.shuffle(rng);
+    if let Some(m) = params.max_train_sequences {
+        train.truncate(m);
+    }
+    if let Some(m) = params.max_valid_sequences {
+        valid.truncate(m);
+    }
+    if train.is_empty() {
+        return Err(PipelineError::invalid(
+            "seq_len",
+            params.seq_len,
+            "no training document is long enough for one sequence",
+        ));
+    }
+    Ok(Splits {
+        train,
+        valid,
+        skipped_short_documents,
+    })
+}
+
+/// Step 4: the neighbours of every chunk of one split's sequences, from the database's own keys
+/// (64 sequences per search), written as `{split}.origins`, `.neighbours` and `.distances`. The
+/// first `novel` sequences get neighbours from outside each chunk's nearest document.
+fn write_split(
+    db: &Database,
+    retriever: &Retriever<'_, KeysOnly>,
+    split: Split,
+    origins: &[Origin],
+    (seq_len, filter, novel): (usize, Filter, usize),
+    out: &Path,
+    progress: &mut dyn FnMut(usize),
+) -> Result<SplitInfo> {
+    let store = db.store();
+    let (cl, k) = (db.chunk_len(), retriever.k());
+    let c = seq_len / cl;
+    let mut ids = Vec::with_capacity(origins.len() * c * k);
+    let mut dists: Vec<f32> = Vec::with_capacity(origins.len() * c * k);
+    let mut padded = 0;
+    for (g, group) in origins.chunks(64).enumerate() {
+        let keys: Vec<Vec<f32>> = group
+            .iter()
+            .flat_map(|o| {
+                let first = store.documents()[o.document].first_chunk as usize + o.start / cl;
+                (0..c).map(move |u| first + u)
+            })
+            .map(|chunk| db.embeddings().row(chunk).to_vec())
+            .collect();
+        // Rows of this group below `novel` (in the split's order) get novel neighbours.
+        let novel_rows = novel.saturating_sub(g * 64).min(group.len());
+        let n = retriever.search_without_nearest_document(
+            &keys,
+            group.len(),
+            c,
+            Some(group),
+            filter,
+            novel_rows,
+        )?;
+        ids.extend(
+            n.chunk_ids
+                .iter()
+                .map(|id| id.map_or(NO_CHUNK, |i| i as u32)),
+        );
+        dists.extend(&n.distances);
+        padded += n.padded;
+        progress(group.len());
+    }
+    let name = split.name();
+    let flat: Vec<u32> = origins
+        .iter()
+        .flat_map(|o| [o.document as u32, o.start as u32])
+        .collect();
+    write_bytes(&out.join(format!("{name}.origins")), &u32_bytes(&flat))?;
+    write_bytes(&out.join(format!("{name}.neighbours")), &u32_bytes(&ids))?;
+    let db_bytes: Vec<u8> = dists.iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_bytes(&out.join(format!("{name}.distances")), &db_bytes)?;
+    Ok(SplitInfo {
+        sequences: origins.len(),
+        padded_neighbours: padded,
+        novel_sequences: novel,
+    })
+}
+
+/// Step 5: the dataset's id, from the database, the parameters and every file's checksum.
+fn dataset_id(
+    db: &Database,
+    params: &DatasetParams,
+    filter: Filter,
+    files: &BTreeMap<String, FileInfo>,
+) -> String {
+    let params = format!(
+        "{}|{}|{}|{}|{filter}|{}|{}",
+        db.id(),
+        params.seq_len,
+        params.k,
+        db.chunk_len(),
+        params.seed,
+        params.novel_fraction,
+    );
+    retro_index::database::content_id(&params, files)
 }
 
 fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -9,7 +9,7 @@ use crate::schedule::Schedule;
 use candle_core::{DType, Device, Tensor};
 use retro_index::database::FileInfo;
 use retro_index::fsutil::{read_json, write_json_atomic};
-use retro_index::Database;
+use retro_index::{Database, DatabaseId};
 use retro_model::train::{clip_grad_norm, cross_entropy, loss_and_grads, AdamW, AdamWParams};
 use retro_model::{RetroConfig, RetroModel};
 use std::collections::BTreeMap;
@@ -75,7 +75,7 @@ pub struct RunState {
     pub step: usize,
     pub checkpoint: String,
     pub dataset: PathBuf,
-    pub database_id: String,
+    pub database_id: DatabaseId,
     pub tokens_seen: u64,
     /// Seconds spent in training steps (batches, forward, backward, optimizer), validation and
     /// checkpoints left out: the budget `max_seconds` counts, and what an equal-time comparison
@@ -453,7 +453,7 @@ pub fn train(
                 format!("the run is already at step {}", state.step),
             ));
         }
-        if state.database_id != db.id() {
+        if state.database_id != *db.id() {
             return Err(PipelineError::file(
                 &run_dir.join("state.json"),
                 format!(
@@ -670,7 +670,7 @@ fn save_checkpoint(
         step,
         checkpoint: name.clone(),
         dataset: ds.dir().to_owned(),
-        database_id: db.id().to_string(),
+        database_id: db.id().clone(),
         tokens_seen,
         train_seconds,
         dataset_id: ds.meta().dataset_id.clone(),

@@ -3,7 +3,7 @@
 //!
 //! The CPU kernel is a candle [`CustomOp3`] in plain Rust, parallelised with rayon over heads (and over
 //! row blocks when there are few heads). Per head it copies K transposed (`[d, sk]`) and V (`[sk, d]`),
-//! both zero-padded to multiples of [`L`], then works on tiles of [`R`] query rows: scores as an
+//! both zero-padded to multiples of `L`, then works on tiles of `R` query rows: scores as an
 //! `R x L` register tile, the softmax on the row (at most `sk` values: they stay in L1), and `P V` as an
 //! `R x L` tile over features. The row is the streaming unit: its max, sum and log-sum-exp are kept per
 //! row, and the log-sum-exp is saved for the backward, which recomputes `P` from it
