@@ -249,6 +249,40 @@ fn the_whole_loop_at_toy_size() {
         "{table}"
     );
     assert!(tmp.path().join("run/eval-overlap.png").is_file());
+    // Through the coherent gate: both scores, and what the gate read.
+    let eval_gated = |lookback: &str| {
+        vec![
+            "eval".to_string(),
+            "--run".into(),
+            d("run"),
+            "--data".into(),
+            d("heldout.jsonl"),
+            "--coherent".into(),
+            "2".into(),
+            "--coherent-lookback".into(),
+            lookback.into(),
+        ]
+    };
+    let gated = retro(
+        &eval_gated("8")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        gated.contains("RETRO (on, every neighbour read)")
+            && gated.contains("RETRO (on, gated)")
+            && gated.contains("gated: ON / OFF = ")
+            && gated.contains("follows a neighbour of the 8 chunk(s) before"),
+        "{gated}"
+    );
+    let refused = retro_fails(
+        &eval_gated("0")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(refused.contains("lookback"), "{refused}");
     // A training document is refused, unless asked for; the database's copy of it is found by its
     // content, whatever its file is called.
     let trained =

@@ -20,7 +20,7 @@ impl RunDatabase {
     pub fn is_training_database(&self) -> bool {
         self.dataset
             .as_ref()
-            .is_some_and(|m| m.database_id == self.db.id())
+            .is_some_and(|m| m.database_id == *self.db.id())
     }
 }
 
@@ -51,7 +51,7 @@ pub fn run_database(run: &Run, db: Option<&Path>, k: Option<usize>) -> Result<Ru
         Some(t) => t,
         None => match &dataset {
             // Runs written before the run kept its tokenizer: the training database's.
-            Some(m) if m.database_id == db.id() => db.load_tokenizer()?,
+            Some(m) if m.database_id == *db.id() => db.load_tokenizer()?,
             Some(m) => Database::open(&m.database_dir)
                 .and_then(|d| d.load_tokenizer())
                 .with_context(|| {
@@ -94,17 +94,31 @@ pub struct GateArgs {
     /// Read a chunk's neighbours only when the nearest is at most this far from it (the database's
     /// distance, as `index query` prints it); farther ones leave RETRO[OFF]'s prediction. Default:
     /// read every neighbour, as the paper does. docs/QUALITY.md measures the trade-off.
-    #[arg(long, conflicts_with = "min_overlap")]
+    #[arg(long, conflicts_with_all = ["min_overlap", "coherent"])]
     pub max_distance: Option<f32>,
     /// Read a chunk's neighbours only when one of them (chunk + continuation) shares a run of at
     /// least this fraction of chunk_len tokens with the chunk; otherwise RETRO[OFF]'s prediction.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "coherent")]
     pub min_overlap: Option<f32>,
+    /// Read a chunk's neighbours only when one of them lies in the same document as one of the
+    /// previous chunk's neighbours, at most this many chunks after it (the database follows the
+    /// text, as another edition of it does); otherwise RETRO[OFF]'s prediction.
+    #[arg(long, value_name = "MAX_STEP")]
+    pub coherent: Option<usize>,
+    /// With `--coherent`: how many chunks back a neighbour may be followed from (a neighbour of
+    /// chunk u - j, by at most j x MAX_STEP chunks).
+    #[arg(long, requires = "coherent", default_value_t = 1)]
+    pub coherent_lookback: usize,
 }
 
 impl GateArgs {
     /// The gate to retrieve with: `None` reads every neighbour.
     pub fn gate(&self) -> Result<Option<Gate>> {
+        if let Some(m) = self.coherent {
+            return Ok(Some(
+                Gate::coherent(m, self.coherent_lookback).context("--coherent-lookback")?,
+            ));
+        }
         if let Some(m) = self.min_overlap {
             return Ok(Some(Gate::overlap(m).context("--min-overlap")?));
         }

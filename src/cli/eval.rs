@@ -148,7 +148,7 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
         r.tokens,
         r.bytes,
         r.k.map_or("-".into(), |k| k.to_string()),
-        r.database_id.as_deref().unwrap_or("-")
+        r.database_id.as_ref().map_or("-", |d| d.as_str())
     );
     if let Some(b) = baseline {
         println!("{}", budget(run, b));
@@ -164,13 +164,28 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
             "  {:<34} {:>8} {:>11} {:>10}",
             "", "loss", "perplexity", "bits/byte"
         );
-        row("RETRO (retrieval on)", Some(&c.on));
-        if let Some(g) = &c.gated {
-            row("RETRO (on, gated)", Some(&g.on));
+        match &c.gated {
+            Some(g) => {
+                row("RETRO (on, every neighbour read)", Some(&c.on));
+                row("RETRO (on, gated)", Some(&g.on));
+            }
+            None => row("RETRO (retrieval on)", Some(&c.on)),
         }
         row("RETRO[OFF]", Some(&r.retrieval_off));
         if r.baseline.is_some() {
             row("baseline (no CCA)", r.baseline.as_ref());
+        }
+        let off = r.retrieval_off.bits_per_byte;
+        let against_off = |what: &str, on: &Scores| {
+            println!(
+                "  {what}: ON / OFF = {:.3}, ON - OFF = {:+.4} bits/byte",
+                on.bits_per_byte / off,
+                on.bits_per_byte - off
+            )
+        };
+        against_off("every neighbour read", &c.on);
+        if let Some(g) = &c.gated {
+            against_off("gated", &g.on);
         }
         println!(
             "  by overlap of each chunk with its neighbours (longest common token run / chunk_len):"

@@ -83,8 +83,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 tokens,
                 neighbours,
             } if show => {
+                let gate = match neighbours.keep.as_deref() {
+                    Some([k]) if *k == 0.0 => " (not read: the gate is closed)",
+                    Some(_) => " (read: the gate is open)",
+                    None => "",
+                };
                 println!(
-                    "\n[chunk {chunk} {:?} retrieved:",
+                    "\n[chunk {chunk} {:?} retrieved{gate}:",
                     tokenizer.decode(tokens).unwrap_or_default()
                 );
                 for (j, id) in neighbours.chunk_ids.iter().enumerate() {

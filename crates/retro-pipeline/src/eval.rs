@@ -1,5 +1,5 @@
 //! Evaluation on held-out documents: loss, perplexity and bits per byte with retrieval on, with
-//! retrieval off (CCA skipped: RETRO[OFF]) and for a baseline model without retrieval.
+//! retrieval off (CCA skipped: RETRO\[OFF\]) and for a baseline model without retrieval.
 //!
 //! Retrieval is scored under two conditions (what the database may supply):
 //! - *related*: anything but the scored document itself, matched by content (its tokens), never by id;
@@ -15,9 +15,9 @@
 use crate::error::{PipelineError, Result};
 use crate::filter::Filter;
 use crate::gate::{longest_common_substring, Gate};
-use crate::retriever::Retriever;
+use crate::retriever::{Neighbours, Retriever};
 use candle_core::{DType, Tensor};
-use retro_index::{ChunkStore, Corpus, LmTokenizer};
+use retro_index::{ChunkStore, Corpus, DatabaseId, LmTokenizer};
 use retro_model::RetroModel;
 use std::collections::HashSet;
 
@@ -116,7 +116,7 @@ pub struct EvalReport {
     pub bytes: usize,
     /// Neighbours per chunk at evaluation.
     pub k: Option<usize>,
-    pub database_id: Option<String>,
+    pub database_id: Option<DatabaseId>,
     pub bits_per_byte: BitsPerByte,
     pub retrieval_off: Scores,
     pub baseline: Option<Scores>,
@@ -288,6 +288,9 @@ pub fn evaluate(
     let mut base_buckets = vec![Sums::default(); conditions.len()];
     let (mut tokens, mut bytes) = (0usize, 0usize);
     'docs: for (ids, lens) in &docs {
+        // Per condition: the neighbours of the window before, in this document (the coherent gate
+        // reads them for a window's first chunk).
+        let mut before: Vec<Option<Neighbours>> = vec![None; retrievers.len()];
         for w in windows(ids.len(), seq_len) {
             if max_tokens_reached(opts.max_tokens, tokens) {
                 break 'docs;
@@ -305,7 +308,8 @@ pub fn evaluate(
                 base += v.iter().sum::<f64>();
             }
             for (ci, r) in retrievers.iter().enumerate() {
-                let n = r.retrieve(&[ws[..t].to_vec()], None, Filter::None)?;
+                let n =
+                    r.retrieve_after(&[ws[..t].to_vec()], None, Filter::None, before[ci].as_ref())?;
                 let ret = n.to_tensor(device)?;
                 let nll_on = nll(model, &x, &y, Some(&ret), None)?;
                 let keep = n.keep_tensor(device)?;
@@ -352,6 +356,7 @@ pub fn evaluate(
                         base_buckets[ci].nll[bucket] += v[j - 1];
                     }
                 }
+                before[ci] = Some(n);
             }
         }
     }
@@ -421,7 +426,7 @@ pub fn evaluate(
         tokens,
         bytes,
         k: retrieval.map(|r| r.k()),
-        database_id: retrieval.map(|r| r.database().id().to_string()),
+        database_id: retrieval.map(|r| r.database().id().clone()),
         bits_per_byte: BitsPerByte {
             on: reports.first().map(|r| r.on.bits_per_byte),
             on_gated: reports

@@ -1,5 +1,5 @@
 //! The gate: which chunks' neighbours condition the model. Where a chunk's neighbours are kept out,
-//! the rows they would condition get RETRO[OFF]'s prediction
+//! the rows they would condition get RETRO\[OFF\]'s prediction
 //! ([`retro_model::RetroModel::forward_gated`]), so a database with nothing worth reading costs
 //! less. The paper has no gate: without one every neighbour is read. Two rules:
 //!
@@ -7,7 +7,12 @@
 //! - **overlap**: some neighbour (chunk + continuation) shares a run of at least `min` x chunk_len
 //!   tokens with the chunk it was retrieved for. This sees what the key's distance cannot: a
 //!   16-character fragment of another text can share as many trigrams as another edition's
-//!   spelling of the same line, but not as long a run (docs/QUALITY.md).
+//!   spelling of the same line, but not as long a run (docs/QUALITY.md);
+//! - **coherent**: one of the chunk's neighbours lies in the same document as a neighbour of one of
+//!   the `lookback` chunks before it, at most `max_step` chunks on per chunk back. The database is
+//!   then following the text the input follows, as another edition of it does; fragments that
+//!   only look alike come from scattered places. It looks at chunks up to the current one only, so
+//!   it is causal.
 
 use crate::error::{PipelineError, Result};
 
@@ -20,7 +25,11 @@ pub enum Gate {
     /// Read when some neighbour shares a token run of at least `min_overlap` x chunk_len with the
     /// chunk it was retrieved for.
     Overlap { min_overlap: f32 },
-    /// Read nothing: RETRO[OFF] through the retrieval path.
+    /// Read when some neighbour lies in the same document as a neighbour of one of the
+    /// `lookback` chunks before (`lag` chunks back), 0..=`max_step * lag` chunks after it. A
+    /// text's first chunk has none before it and is not read.
+    Coherent { max_step: usize, lookback: usize },
+    /// Read nothing: RETRO\[OFF\] through the retrieval path.
     Closed,
 }
 
@@ -51,6 +60,20 @@ impl Gate {
         Ok(Self::Overlap { min_overlap })
     }
 
+    /// Reads a chunk's neighbours when one of them follows, in the same document, a neighbour of
+    /// one of the `lookback` (at least 1) chunks before it, by at most `max_step` chunks per chunk
+    /// back.
+    pub fn coherent(max_step: usize, lookback: usize) -> Result<Self> {
+        if lookback == 0 {
+            return Err(PipelineError::invalid(
+                "lookback",
+                lookback,
+                "must look at least 1 chunk back",
+            ));
+        }
+        Ok(Self::Coherent { max_step, lookback })
+    }
+
     pub fn closed() -> Self {
         Self::Closed
     }
@@ -62,8 +85,15 @@ impl Gate {
 
     /// 1 where a chunk's neighbours are read, else 0. `chunk` holds the chunk's tokens,
     /// `neighbours` the values of its non-padded neighbours and `distances` all K distances
-    /// (padding is infinite).
-    pub fn keep(&self, chunk: &[u32], neighbours: &[&[u32]], distances: &[f32]) -> f32 {
+    /// (padding is infinite); `follows` says whether one of its neighbours follows a neighbour of
+    /// a chunk before it as the coherent rule asks ([`crate::Neighbours::follows`]).
+    pub fn keep(
+        &self,
+        chunk: &[u32],
+        neighbours: &[&[u32]],
+        distances: &[f32],
+        follows: bool,
+    ) -> f32 {
         let read = match *self {
             Self::Distance { max_distance } => {
                 distances.iter().copied().fold(f32::INFINITY, f32::min) <= max_distance
@@ -76,6 +106,7 @@ impl Gate {
                     .max();
                 best.is_some_and(|b| b >= need.max(1))
             }
+            Self::Coherent { .. } => follows,
             Self::Closed => false,
         };
         if read {
@@ -96,6 +127,10 @@ impl std::fmt::Display for Gate {
             Self::Overlap { min_overlap } => write!(
                 f,
                 "neighbours read when one shares a run of {min_overlap} x chunk_len with the chunk"
+            ),
+            Self::Coherent { max_step, lookback } => write!(
+                f,
+                "neighbours read when one follows a neighbour of the {lookback} chunk(s) before by at most {max_step} chunk(s) per chunk back"
             ),
             Self::Closed => write!(f, "no neighbour read"),
         }
@@ -125,15 +160,15 @@ mod tests {
     fn distance_reads_the_nearest_neighbour() {
         let g = Gate::distance(0.3).unwrap();
         let none: &[&[u32]] = &[];
-        assert_eq!(g.keep(&[], none, &[0.5, 0.2]), 1.0);
-        assert_eq!(g.keep(&[], none, &[0.5, 0.3]), 1.0);
-        assert_eq!(g.keep(&[], none, &[0.5, 0.4]), 0.0);
+        assert_eq!(g.keep(&[], none, &[0.5, 0.2], false), 1.0);
+        assert_eq!(g.keep(&[], none, &[0.5, 0.3], false), 1.0);
+        assert_eq!(g.keep(&[], none, &[0.5, 0.4], false), 0.0);
         assert_eq!(
-            g.keep(&[], none, &[f32::INFINITY, f32::INFINITY]),
+            g.keep(&[], none, &[f32::INFINITY, f32::INFINITY], false),
             0.0,
             "padding is never read"
         );
-        assert_eq!(Gate::closed().keep(&[], none, &[0.0]), 0.0);
+        assert_eq!(Gate::closed().keep(&[], none, &[0.0], false), 0.0);
     }
 
     #[test]
@@ -141,25 +176,47 @@ mod tests {
         let chunk = [1, 2, 3, 4, 5, 6, 7, 8];
         let g = Gate::overlap(0.5).unwrap();
         // A run of 4 of 8: read; 3 of 8: not, however many scattered tokens it shares.
-        assert_eq!(g.keep(&chunk, &[&[9, 3, 4, 5, 6, 9]], &[0.9]), 1.0);
-        assert_eq!(g.keep(&chunk, &[&[1, 2, 3, 9, 5, 6, 7, 9]], &[0.0]), 0.0);
+        assert_eq!(g.keep(&chunk, &[&[9, 3, 4, 5, 6, 9]], &[0.9], false), 1.0);
         assert_eq!(
-            g.keep(&chunk, &[&[1, 2, 3, 9], &[9, 9, 5, 6, 7, 8]], &[0.1, 0.2]),
+            g.keep(&chunk, &[&[1, 2, 3, 9, 5, 6, 7, 9]], &[0.0], false),
+            0.0
+        );
+        assert_eq!(
+            g.keep(
+                &chunk,
+                &[&[1, 2, 3, 9], &[9, 9, 5, 6, 7, 8]],
+                &[0.1, 0.2],
+                false
+            ),
             1.0,
             "any neighbour may carry the run"
         );
         assert_eq!(
-            g.keep(&chunk, &[], &[f32::INFINITY]),
+            g.keep(&chunk, &[], &[f32::INFINITY], false),
             0.0,
             "padding is never read"
         );
         assert_eq!(
             Gate::overlap(0.0)
                 .unwrap()
-                .keep(&chunk, &[&[10, 11]], &[0.5]),
+                .keep(&chunk, &[&[10, 11]], &[0.5], false),
             0.0,
             "a threshold of 0 still needs one shared token"
         );
+    }
+
+    #[test]
+    fn coherent_reads_what_the_neighbours_say_and_needs_a_lookback() {
+        let g = Gate::coherent(2, 1).unwrap();
+        let none: &[&[u32]] = &[];
+        assert_eq!(
+            g.keep(&[], none, &[0.9], true),
+            1.0,
+            "whatever the distance"
+        );
+        assert_eq!(g.keep(&[], none, &[0.0], false), 0.0, "however close");
+        let e = Gate::coherent(1, 0).unwrap_err().to_string();
+        assert!(e.contains("lookback"), "{e}");
     }
 
     #[test]

@@ -153,7 +153,9 @@ pub fn generate(
     let mut state = model.start_decoding(1, retriever.is_some());
     // Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
     type Retrieved = (Option<Tensor>, Option<Tensor>);
-    let neighbours_at =
+    // The last chunk's neighbours: the coherent gate compares the next chunk's with them.
+    let mut before: Option<Neighbours> = None;
+    let mut neighbours_at =
         |tokens: &[u32], t: usize, on_event: &mut dyn FnMut(Event)| -> Result<Retrieved> {
             let Some(r) = retriever else {
                 return Ok((None, None));
@@ -162,14 +164,16 @@ pub fn generate(
                 return Ok((None, None));
             }
             let chunk = &tokens[t + 1 - cl..=t];
-            let n = r.retrieve(&[chunk.to_vec()], None, Filter::None)?;
+            let n = r.retrieve_after(&[chunk.to_vec()], None, Filter::None, before.as_ref())?;
             on_event(Event::Neighbours {
                 chunk: t / cl,
                 tokens: chunk,
                 neighbours: &n,
             });
             let keep = n.keep_tensor(&device)?.map(|k| k.reshape(1)).transpose()?;
-            Ok((Some(n.to_tensor(&device)?.squeeze(1)?), keep))
+            let ret = n.to_tensor(&device)?.squeeze(1)?;
+            before = Some(n);
+            Ok((Some(ret), keep))
         };
     let mut logits = None;
     for t in 0..tokens.len() {

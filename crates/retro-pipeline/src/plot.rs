@@ -2,7 +2,7 @@
 //! run, and evaluation bits per byte by neighbour overlap. Text is drawn with DejaVu Sans, embedded.
 
 use crate::error::{PipelineError, Result};
-use crate::eval::EvalReport;
+use crate::eval::{ConditionReport, EvalReport, OverlapBucket, Scores};
 use crate::metrics::StepMetrics;
 use plotters::prelude::*;
 use std::path::Path;
@@ -99,31 +99,37 @@ pub fn overlap_plot(r: &EvalReport, out: &Path) -> Result<()> {
         .collect();
     // (series name, colour, bpb per bucket)
     let mut series: Vec<(String, RGBColor, Vec<Option<f64>>)> = vec![];
-    let palette = [RGBColor(31, 119, 180), RGBColor(44, 160, 44)];
-    for (c, colour) in r.conditions.iter().zip(palette) {
-        let v = c
-            .overlap
+    // One bar per bucket: the bits per byte of one score of each bucket.
+    let bars = |c: &ConditionReport, score: fn(&OverlapBucket) -> Option<Scores>| {
+        c.overlap
             .iter()
-            .map(|b| b.on.map(|s| s.bits_per_byte))
-            .collect();
+            .map(|b| score(b).map(|s| s.bits_per_byte))
+            .collect::<Vec<_>>()
+    };
+    // (every neighbour read, gated) per condition: a dark and a light shade of one hue.
+    let palette = [
+        (RGBColor(31, 119, 180), RGBColor(158, 202, 225)),
+        (RGBColor(44, 160, 44), RGBColor(161, 217, 155)),
+    ];
+    for (c, (dark, light)) in r.conditions.iter().zip(palette) {
+        let name = c.condition.name();
         series.push((
-            format!("RETRO on, {} database", c.condition.name()),
-            colour,
-            v,
+            format!("RETRO on, {name} database"),
+            dark,
+            bars(c, |b| b.on),
         ));
+        if c.gated.is_some() {
+            let v = bars(c, |b| b.on_gated);
+            series.push((format!("RETRO on, gated, {name} database"), light, v));
+        }
     }
-    let off = first
-        .overlap
-        .iter()
-        .map(|b| b.off.map(|s| s.bits_per_byte))
-        .collect();
-    series.push(("RETRO[OFF]".into(), RGBColor(214, 39, 40), off));
+    series.push((
+        "RETRO[OFF]".into(),
+        RGBColor(214, 39, 40),
+        bars(first, |b| b.off),
+    ));
     if r.baseline.is_some() {
-        let v = first
-            .overlap
-            .iter()
-            .map(|b| b.baseline.map(|s| s.bits_per_byte))
-            .collect();
+        let v = bars(first, |b| b.baseline);
         series.push(("baseline (no CCA)".into(), RGBColor(127, 127, 127), v));
     }
     let hi = series

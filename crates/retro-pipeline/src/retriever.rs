@@ -6,7 +6,7 @@ use crate::error::{PipelineError, Result};
 use crate::filter::{Excluded, Filter, Origin};
 use crate::gate::Gate;
 use candle_core::{Device, Tensor};
-use retro_index::{Database, Embedder, LmTokenizer};
+use retro_index::{ChunkStore, Database, Embedder, LmTokenizer};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -58,13 +58,71 @@ impl Neighbours {
             .collect()
     }
 
+    /// Whether a neighbour of chunk `i` (of `B * C`) follows, in the same document, a neighbour
+    /// of one of the `lookback` chunks before it, by at most `max_step` chunks per chunk back.
+    /// Before a row's first chunks come the last chunks of the same row of `before` (the
+    /// neighbours of the text just before, when the caller has them).
+    pub fn follows(
+        &self,
+        i: usize,
+        store: &ChunkStore,
+        before: Option<&Neighbours>,
+        max_step: usize,
+        lookback: usize,
+    ) -> bool {
+        fn ids(n: &Neighbours, j: usize) -> impl Iterator<Item = usize> + '_ {
+            n.chunk_ids[j * n.k..(j + 1) * n.k]
+                .iter()
+                .flatten()
+                .copied()
+        }
+        let (row, u) = (i / self.chunks.max(1), i % self.chunks.max(1));
+        let before = before.filter(|p| p.batch == self.batch && p.chunks > 0);
+        (1..=lookback).any(|lag| {
+            let earlier: Vec<usize> = if u >= lag {
+                ids(self, i - lag).collect()
+            } else {
+                match before {
+                    Some(p) if p.chunks + u >= lag => {
+                        ids(p, row * p.chunks + p.chunks + u - lag).collect()
+                    }
+                    _ => return false,
+                }
+            };
+            ids(self, i).any(|a| {
+                earlier.iter().any(|&b| {
+                    a >= b
+                        && a - b <= max_step * lag
+                        && store.document_of(a) == store.document_of(b)
+                })
+            })
+        })
+    }
+
     /// `gate`'s keep for each of the `B * C` chunks, given their tokens in order.
-    fn gate<'t>(&self, gate: &Gate, chunks: impl Iterator<Item = &'t [u32]>) -> Vec<f32> {
+    fn gate<'t>(
+        &self,
+        gate: &Gate,
+        store: &ChunkStore,
+        chunks: impl Iterator<Item = &'t [u32]>,
+        before: Option<&Neighbours>,
+    ) -> Vec<f32> {
         let k = self.k;
         chunks
             .enumerate()
             .map(|(i, chunk)| {
-                gate.keep(chunk, &self.values(i), &self.distances[i * k..(i + 1) * k])
+                let follows = match *gate {
+                    Gate::Coherent { max_step, lookback } => {
+                        self.follows(i, store, before, max_step, lookback)
+                    }
+                    _ => false,
+                };
+                gate.keep(
+                    chunk,
+                    &self.values(i),
+                    &self.distances[i * k..(i + 1) * k],
+                    follows,
+                )
             })
             .collect()
     }
@@ -276,7 +334,7 @@ impl<'a, T> Retriever<'a, T> {
         }
         if let Some(g) = self.gate {
             let none = std::iter::repeat_n(&[][..], out.batch * out.chunks);
-            out.keep = Some(out.gate(&g, none));
+            out.keep = Some(out.gate(&g, self.db.store(), none, None));
         }
         Ok(out)
     }
@@ -375,6 +433,19 @@ impl Retriever<'_> {
         origins: Option<&[Origin]>,
         filter: Filter,
     ) -> Result<Neighbours> {
+        self.retrieve_after(x, origins, filter, None)
+    }
+
+    /// [`Retriever::retrieve`] for text that continues the text `before` was retrieved for (row by
+    /// row): a gate that looks at the chunk before (the coherent one) then also reads the first
+    /// chunk of each row.
+    pub fn retrieve_after(
+        &self,
+        x: &[Vec<u32>],
+        origins: Option<&[Origin]>,
+        filter: Filter,
+        before: Option<&Neighbours>,
+    ) -> Result<Neighbours> {
         let Text {
             embedder,
             tokenizer,
@@ -408,7 +479,7 @@ impl Retriever<'_> {
             let chunks = x
                 .iter()
                 .flat_map(|row| (0..c).map(move |u| &row[u * cl..(u + 1) * cl]));
-            out.keep = Some(out.gate(&g, chunks));
+            out.keep = Some(out.gate(&g, self.db.store(), chunks, before));
         }
         Ok(out)
     }

@@ -132,25 +132,25 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
     let gate = Gate::distance(nearest[nearest.len() * 9 / 10]).unwrap();
     let retriever = retriever.with_gate(Some(gate));
     let docs = db.store().documents();
-    let held: HashSet<usize> = (0..docs.len())
-        .filter(|&d| docs[d].id.ends_with("00"))
-        .collect();
-    let report = evaluate(
-        &model,
-        None,
-        Some(&retriever),
-        &tokenizer,
-        &scored,
-        &EvalOptions {
-            seq_len: 64,
-            held_out_set: held,
-            training_documents: (0..docs.len())
-                .filter(|&d| !docs[d].id.ends_with("00"))
-                .collect(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (held, trained): (HashSet<usize>, HashSet<usize>) =
+        (0..docs.len()).partition(|&d| docs[d].id.ends_with("00"));
+    let eval = |r: &Retriever| {
+        evaluate(
+            &model,
+            None,
+            Some(r),
+            &tokenizer,
+            &scored,
+            &EvalOptions {
+                seq_len: 64,
+                held_out_set: held.clone(),
+                training_documents: trained.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let report = eval(&retriever);
     let off = report.retrieval_off.bits_per_byte;
     let related = report.condition(Condition::Related).unwrap();
     let novel = report.condition(Condition::Novel).unwrap();
@@ -187,24 +187,7 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
     let by_overlap = retriever
         .clone()
         .with_gate(Some(Gate::overlap(0.5).unwrap()));
-    let report2 = evaluate(
-        &model,
-        None,
-        Some(&by_overlap),
-        &tokenizer,
-        &scored,
-        &EvalOptions {
-            seq_len: 64,
-            held_out_set: (0..docs.len())
-                .filter(|&d| docs[d].id.ends_with("00"))
-                .collect(),
-            training_documents: (0..docs.len())
-                .filter(|&d| !docs[d].id.ends_with("00"))
-                .collect(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let report2 = eval(&by_overlap);
     let (ro, no) = (
         report2
             .condition(Condition::Related)
@@ -228,6 +211,48 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
         (no.on.bits_per_byte - off).abs() < 0.1 * off,
         "{no:?} vs OFF {off}"
     );
+    // The coherent gate needs no threshold either: a twin's chunks follow one another as the
+    // scored text's do, strangers' chunks come from scattered places.
+    let coherent = retriever
+        .clone()
+        .with_gate(Some(Gate::coherent(2, 8).unwrap()));
+    let report3 = eval(&coherent);
+    let gated = |c| report3.condition(c).unwrap().gated.clone().unwrap();
+    let (rc, nc) = (gated(Condition::Related), gated(Condition::Novel));
+    assert!(rc.on.bits_per_byte < 0.5 * off, "{rc:?} vs OFF {off}");
+    assert!(rc.kept_chunks * 10 > rc.chunks * 8, "{rc:?}");
+    assert!(nc.kept_chunks * 20 < nc.chunks, "{nc:?}");
+    // A stranger's chunk that happens to follow another's (3 of 150 in one run) is copied wrongly,
+    // so novel comes near OFF, closer than reading every neighbour, not equal to it.
+    assert!(
+        (nc.on.bits_per_byte - off).abs() < 0.1 * off
+            && (nc.on.bits_per_byte - off).abs() < (novel.on.bits_per_byte - off).abs(),
+        "{nc:?} vs OFF {off} and every neighbour read {}",
+        novel.on.bits_per_byte
+    );
+    // Generating, the gate compares each chunk's neighbours with the last chunk's: a prompt from
+    // a stored document finds that document chunk after chunk, so only the first chunk is unread.
+    let mut kept = vec![];
+    let prompt = &corpus.documents[2].text[..5 * chunk_len];
+    generate(
+        &model,
+        Some(
+            &Retriever::new(&db, &embedder, &tokenizer, 2)
+                .unwrap()
+                .with_gate(Some(Gate::coherent(1, 1).unwrap())),
+        ),
+        &tokenizer,
+        prompt,
+        0,
+        &Sampling::default(),
+        &mut |e| {
+            if let retro_pipeline::Event::Neighbours { neighbours, .. } = e {
+                kept.push(neighbours.keep.clone().unwrap()[0]);
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(kept, [0.0, 1.0, 1.0, 1.0, 1.0]);
     // Generation through a gate that reads nothing is RETRO[OFF]'s; through one that reads all, the
     // ungated model's.
     let greedy = |r: Option<&Retriever>| {

@@ -243,3 +243,83 @@ fn the_overlap_gate_keeps_exactly_the_chunks_a_neighbour_shares_a_long_run_with(
         .to_string();
     assert!(e.contains("gate"), "{e}");
 }
+
+#[test]
+fn the_coherent_gate_keeps_chunks_whose_neighbour_follows_the_previous_chunks() {
+    let f = common::fixture(6, 3000, 16);
+    let store = f.db.store();
+    let cl = 16;
+    // K = 1 and no filter: a stored text's chunk retrieves itself, so a document's consecutive
+    // chunks retrieve consecutive chunks of it (step 1).
+    let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 1)
+        .unwrap()
+        .with_gate(Some(Gate::coherent(1, 1).unwrap()));
+    let doc = store.document_tokens(2).to_vec();
+    let first = r
+        .retrieve(&[doc[..10 * cl].to_vec()], None, Filter::None)
+        .unwrap();
+    let own = store.chunks_of_document(2).start;
+    let ids: Vec<usize> = first.chunk_ids.iter().map(|c| c.unwrap()).collect();
+    assert_eq!(
+        ids,
+        (own..own + 10).collect::<Vec<_>>(),
+        "the premise: each chunk finds itself"
+    );
+    let mut want = [1.0; 10];
+    want[0] = 0.0; // no chunk before the first
+    assert_eq!(first.keep.as_deref(), Some(&want[..]));
+    // The text that follows: its first chunk follows the last chunk of `first`.
+    let next = r
+        .retrieve_after(
+            &[doc[10 * cl..20 * cl].to_vec()],
+            None,
+            Filter::None,
+            Some(&first),
+        )
+        .unwrap();
+    assert_eq!(next.keep.as_deref(), Some(&[1.0; 10][..]));
+    // Chunks of two documents in turn: each neighbour is in the other document from the last.
+    let (a, b) = (store.document_tokens(1), store.document_tokens(3));
+    let mixed: Vec<u32> = (0..10)
+        .flat_map(|u| {
+            let d = if u % 2 == 0 { a } else { b };
+            d[u * cl..(u + 1) * cl].to_vec()
+        })
+        .collect();
+    let out = r.retrieve(&[mixed], None, Filter::None).unwrap();
+    assert_eq!(out.keep.as_deref(), Some(&[0.0; 10][..]));
+    // A step of 2 is too far for max_step 1, and near enough for 2.
+    let skip: Vec<u32> = (0..5)
+        .flat_map(|u| doc[2 * u * cl..(2 * u + 1) * cl].to_vec())
+        .collect();
+    let far = r.retrieve(std::slice::from_ref(&skip), None, Filter::None).unwrap();
+    assert_eq!(far.keep.as_deref(), Some(&[0.0; 5][..]));
+    let near = r
+        .clone()
+        .with_gate(Some(Gate::coherent(2, 1).unwrap()))
+        .retrieve(&[skip], None, Filter::None)
+        .unwrap();
+    assert_eq!(near.keep.as_deref(), Some(&[0.0, 1.0, 1.0, 1.0, 1.0][..]));
+    // Looking two chunks back: in chunks [0, 5, 2, 7, 4, 9] of the document, each chunk follows
+    // the one two back by 2 chunks (within 2 x 1) and none follows the one before.
+    let of_doc = |positions: &[usize]| -> Vec<u32> {
+        positions
+            .iter()
+            .flat_map(|&p| doc[p * cl..(p + 1) * cl].to_vec())
+            .collect()
+    };
+    let zigzag = of_doc(&[0, 5, 2, 7, 4, 9]);
+    let one_back = r.retrieve(std::slice::from_ref(&zigzag), None, Filter::None).unwrap();
+    assert_eq!(one_back.keep.as_deref(), Some(&[0.0; 6][..]));
+    let two_back = r.clone().with_gate(Some(Gate::coherent(1, 2).unwrap()));
+    let zz = two_back.retrieve(&[zigzag], None, Filter::None).unwrap();
+    assert_eq!(
+        zz.keep.as_deref(),
+        Some(&[0.0, 0.0, 1.0, 1.0, 1.0, 1.0][..])
+    );
+    // Across rows: chunks 6 and 11 look two back into `before` (chunks 4 and 9).
+    let cont = two_back
+        .retrieve_after(&[of_doc(&[6, 11])], None, Filter::None, Some(&zz))
+        .unwrap();
+    assert_eq!(cont.keep.as_deref(), Some(&[1.0, 1.0][..]));
+}
