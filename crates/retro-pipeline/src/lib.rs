@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use retro_index::{BuildOptions, Corpus, Database, Document, LexicalEmbedder, LmTokenizer};
-//! use retro_pipeline::{Filter, Origin, Retriever};
+//! use retro_pipeline::{Filter, Gate, Origin, Retriever};
 //!
 //! let corpus = Corpus::from_documents([
 //!     Document { id: "a".into(), source: "mem".into(), text: "The cat sat on the mat. ".repeat(8) },
@@ -26,6 +26,12 @@
 //! let origin = Origin { document: 0, start: 0 };
 //! let ret = retriever.retrieve(&x, Some(&[origin]), Filter::SameDocument)?;
 //! assert!(ret.chunk_ids.iter().flatten().all(|&c| db.store().document_of(c) != 0));
+//! // The coherent gate: read a chunk's neighbours only where they continue the neighbours of
+//! // the chunks before (another edition of the text does; look-alike fragments do not).
+//! let gated = retriever.clone().with_gate(Some(Gate::coherent(2, 8)?));
+//! let ret = gated.retrieve(&x, None, Filter::None)?;
+//! let keep = ret.keep.expect("a gate gives one 0/1 per chunk");
+//! assert_eq!((keep.len(), keep[0]), (3, 0.0)); // the first chunk has none before it
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

@@ -292,7 +292,9 @@ fn the_coherent_gate_keeps_chunks_whose_neighbour_follows_the_previous_chunks() 
     let skip: Vec<u32> = (0..5)
         .flat_map(|u| doc[2 * u * cl..(2 * u + 1) * cl].to_vec())
         .collect();
-    let far = r.retrieve(std::slice::from_ref(&skip), None, Filter::None).unwrap();
+    let far = r
+        .retrieve(std::slice::from_ref(&skip), None, Filter::None)
+        .unwrap();
     assert_eq!(far.keep.as_deref(), Some(&[0.0; 5][..]));
     let near = r
         .clone()
@@ -309,7 +311,9 @@ fn the_coherent_gate_keeps_chunks_whose_neighbour_follows_the_previous_chunks() 
             .collect()
     };
     let zigzag = of_doc(&[0, 5, 2, 7, 4, 9]);
-    let one_back = r.retrieve(std::slice::from_ref(&zigzag), None, Filter::None).unwrap();
+    let one_back = r
+        .retrieve(std::slice::from_ref(&zigzag), None, Filter::None)
+        .unwrap();
     assert_eq!(one_back.keep.as_deref(), Some(&[0.0; 6][..]));
     let two_back = r.clone().with_gate(Some(Gate::coherent(1, 2).unwrap()));
     let zz = two_back.retrieve(&[zigzag], None, Filter::None).unwrap();
