@@ -153,7 +153,12 @@ pub fn generate(
     let mut state = model.start_decoding(1, retriever.is_some());
     // Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
     type Retrieved = (Option<Tensor>, Option<Tensor>);
-    // The last chunk's neighbours: the coherent gate compares the next chunk's with them.
+    // The neighbours of the last chunks, as many as the coherent gate looks back over: it compares
+    // each new chunk's with them.
+    let lookback = match retriever.and_then(|r| r.gate()) {
+        Some(crate::gate::Gate::Coherent { lookback, .. }) => lookback,
+        _ => 1,
+    };
     let mut before: Option<Neighbours> = None;
     let mut neighbours_at =
         |tokens: &[u32], t: usize, on_event: &mut dyn FnMut(Event)| -> Result<Retrieved> {
@@ -172,7 +177,10 @@ pub fn generate(
             });
             let keep = n.keep_tensor(&device)?.map(|k| k.reshape(1)).transpose()?;
             let ret = n.to_tensor(&device)?.squeeze(1)?;
-            before = Some(n);
+            before = Some(match before.take() {
+                Some(b) => b.followed_by(&n, lookback)?,
+                None => n,
+            });
             Ok((Some(ret), keep))
         };
     let mut logits = None;

@@ -99,6 +99,77 @@ impl Neighbours {
         })
     }
 
+    /// These chunks' neighbours followed by `next`'s, row by row, keeping the last `keep` chunks
+    /// of each row: the history a gate that looks back reads (generation retrieves one chunk at a
+    /// time).
+    pub fn followed_by(&self, next: &Neighbours, keep: usize) -> Result<Neighbours> {
+        if (self.batch, self.k, self.neighbour_len) != (next.batch, next.k, next.neighbour_len) {
+            return Err(PipelineError::invalid(
+                "neighbours",
+                format!("[{}, _, {}, {}]", next.batch, next.k, next.neighbour_len),
+                format!(
+                    "must follow [{}, _, {}, {}] with the same B, K and neighbour_len",
+                    self.batch, self.k, self.neighbour_len
+                ),
+            ));
+        }
+        let chunks = (self.chunks + next.chunks).min(keep);
+        // Each row's last `chunks` chunks of `a` (`ca` a row) then `b` (`cb`), `per` values a chunk.
+        fn rows<T: Copy>(
+            (a, ca): (&[T], usize),
+            (b, cb): (&[T], usize),
+            batch: usize,
+            per: usize,
+            chunks: usize,
+        ) -> Vec<T> {
+            (0..batch)
+                .flat_map(|r| {
+                    let row: Vec<T> = a[r * ca * per..(r + 1) * ca * per]
+                        .iter()
+                        .chain(&b[r * cb * per..(r + 1) * cb * per])
+                        .copied()
+                        .collect();
+                    row[row.len() - chunks * per..].to_vec()
+                })
+                .collect()
+        }
+        let (ca, cb, b) = (self.chunks, next.chunks, self.batch);
+        let chunk_ids = rows(
+            (&self.chunk_ids, ca),
+            (&next.chunk_ids, cb),
+            b,
+            self.k,
+            chunks,
+        );
+        Ok(Neighbours {
+            batch: self.batch,
+            chunks,
+            k: self.k,
+            neighbour_len: self.neighbour_len,
+            padded: chunk_ids.iter().filter(|c| c.is_none()).count(),
+            chunk_ids,
+            distances: rows(
+                (&self.distances, ca),
+                (&next.distances, cb),
+                b,
+                self.k,
+                chunks,
+            ),
+            tokens: rows(
+                (&self.tokens, ca),
+                (&next.tokens, cb),
+                b,
+                self.k * self.neighbour_len,
+                chunks,
+            ),
+            keep: match (&self.keep, &next.keep) {
+                (Some(x), Some(y)) => Some(rows((x, ca), (y, cb), b, 1, chunks)),
+                _ => None,
+            },
+            timings: Timings::default(),
+        })
+    }
+
     /// `gate`'s keep for each of the `B * C` chunks, given their tokens in order.
     fn gate<'t>(
         &self,

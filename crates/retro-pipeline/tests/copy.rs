@@ -253,6 +253,33 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
     )
     .unwrap();
     assert_eq!(kept, [0.0, 1.0, 1.0, 1.0, 1.0]);
+    // And over as many chunks as it looks back: in chunks [0, 5, 2, 7, 4, 9] of the document each
+    // follows the one two back (by 2) and none the one before.
+    let text = &corpus.documents[2].text;
+    let zigzag: String = [0, 5, 2, 7, 4, 9]
+        .iter()
+        .map(|&p| &text[p * chunk_len..(p + 1) * chunk_len])
+        .collect();
+    let mut kept = vec![];
+    generate(
+        &model,
+        Some(
+            &Retriever::new(&db, &embedder, &tokenizer, 2)
+                .unwrap()
+                .with_gate(Some(Gate::coherent(1, 2).unwrap())),
+        ),
+        &tokenizer,
+        &zigzag,
+        0,
+        &Sampling::default(),
+        &mut |e| {
+            if let retro_pipeline::Event::Neighbours { neighbours, .. } = e {
+                kept.push(neighbours.keep.clone().unwrap()[0]);
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(kept, [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
     // Generation through a gate that reads nothing is RETRO[OFF]'s; through one that reads all, the
     // ungated model's.
     let greedy = |r: Option<&Retriever>| {

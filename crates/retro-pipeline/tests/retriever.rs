@@ -327,3 +327,44 @@ fn the_coherent_gate_keeps_chunks_whose_neighbour_follows_the_previous_chunks() 
         .unwrap();
     assert_eq!(cont.keep.as_deref(), Some(&[1.0, 1.0][..]));
 }
+
+#[test]
+fn followed_by_keeps_each_rows_last_chunks() {
+    let f = common::fixture(6, 3000, 16);
+    let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 2).unwrap();
+    let (a, b) = (
+        f.db.store().document_tokens(1).to_vec(),
+        f.db.store().document_tokens(2).to_vec(),
+    );
+    let first = r
+        .retrieve(&[a[..64].to_vec(), b[..64].to_vec()], None, Filter::None)
+        .unwrap();
+    let next = r
+        .retrieve(
+            &[a[64..96].to_vec(), b[64..96].to_vec()],
+            None,
+            Filter::None,
+        )
+        .unwrap();
+    let both = first.followed_by(&next, 3).unwrap();
+    assert_eq!((both.batch, both.chunks, both.k), (2, 3, 2));
+    let (k, n) = (2, both.neighbour_len);
+    for row in 0..2 {
+        // Row `row`: chunk 3 of `first`, then chunks 0 and 1 of `next`.
+        let want: Vec<_> = first.chunk_ids[(row * 4 + 3) * k..(row * 4 + 4) * k]
+            .iter()
+            .chain(&next.chunk_ids[row * 2 * k..(row + 1) * 2 * k])
+            .copied()
+            .collect();
+        assert_eq!(&both.chunk_ids[row * 3 * k..(row + 1) * 3 * k], &want[..]);
+        assert_eq!(
+            &both.tokens[(row * 3 + 1) * k * n..(row * 3 + 3) * k * n],
+            &next.tokens[row * 2 * k * n..(row + 1) * 2 * k * n]
+        );
+    }
+    let other = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 3).unwrap();
+    let three = other
+        .retrieve(&[a[..16].to_vec(), b[..16].to_vec()], None, Filter::None)
+        .unwrap();
+    assert!(first.followed_by(&three, 3).is_err(), "another K");
+}
