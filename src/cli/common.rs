@@ -100,9 +100,10 @@ pub struct GateArgs {
     /// least this fraction of chunk_len tokens with the chunk; otherwise RETRO[OFF]'s prediction.
     #[arg(long, conflicts_with = "coherent")]
     pub min_overlap: Option<f32>,
-    /// Read a chunk's neighbours only when one of them lies in the same document as one of the
-    /// previous chunk's neighbours, at most this many chunks after it (the database follows the
-    /// text, as another edition of it does); otherwise RETRO[OFF]'s prediction.
+    /// Read a chunk's neighbours only when one of them lies in the same document as a neighbour
+    /// of one of the `--coherent-lookback` chunks before it, at most this many chunks after it per
+    /// chunk back (the database follows the text, as another edition of it does); otherwise
+    /// RETRO[OFF]'s prediction. The demo uses 2 with a lookback of 8 (docs/QUALITY.md).
     #[arg(long, value_name = "MAX_STEP")]
     pub coherent: Option<usize>,
     /// With `--coherent`: how many chunks back a neighbour may be followed from (a neighbour of
