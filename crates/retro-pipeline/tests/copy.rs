@@ -230,56 +230,42 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
         "{nc:?} vs OFF {off} and every neighbour read {}",
         novel.on.bits_per_byte
     );
+    // The gate of each chunk a prompt completes, when generating through Gate::coherent(1, lookback).
+    let gates_of = |prompt: &str, lookback: usize| {
+        let gated = Retriever::new(&db, &embedder, &tokenizer, 2)
+            .unwrap()
+            .with_gate(Some(Gate::coherent(1, lookback).unwrap()));
+        let mut kept = vec![];
+        generate(
+            &model,
+            Some(&gated),
+            &tokenizer,
+            prompt,
+            0,
+            &Sampling::default(),
+            &mut |e| {
+                if let retro_pipeline::Event::Neighbours { neighbours, .. } = e {
+                    kept.push(neighbours.keep.clone().unwrap()[0]);
+                }
+            },
+        )
+        .unwrap();
+        kept
+    };
     // Generating, the gate compares each chunk's neighbours with the last chunk's: a prompt from
     // a stored document finds that document chunk after chunk, so only the first chunk is unread.
-    let mut kept = vec![];
-    let prompt = &corpus.documents[2].text[..5 * chunk_len];
-    generate(
-        &model,
-        Some(
-            &Retriever::new(&db, &embedder, &tokenizer, 2)
-                .unwrap()
-                .with_gate(Some(Gate::coherent(1, 1).unwrap())),
-        ),
-        &tokenizer,
-        prompt,
-        0,
-        &Sampling::default(),
-        &mut |e| {
-            if let retro_pipeline::Event::Neighbours { neighbours, .. } = e {
-                kept.push(neighbours.keep.clone().unwrap()[0]);
-            }
-        },
-    )
-    .unwrap();
-    assert_eq!(kept, [0.0, 1.0, 1.0, 1.0, 1.0]);
+    let text = &corpus.documents[2].text;
+    assert_eq!(
+        gates_of(&text[..5 * chunk_len], 1),
+        [0.0, 1.0, 1.0, 1.0, 1.0]
+    );
     // And over as many chunks as it looks back: in chunks [0, 5, 2, 7, 4, 9] of the document each
     // follows the one two back (by 2) and none the one before.
-    let text = &corpus.documents[2].text;
     let zigzag: String = [0, 5, 2, 7, 4, 9]
         .iter()
         .map(|&p| &text[p * chunk_len..(p + 1) * chunk_len])
         .collect();
-    let mut kept = vec![];
-    generate(
-        &model,
-        Some(
-            &Retriever::new(&db, &embedder, &tokenizer, 2)
-                .unwrap()
-                .with_gate(Some(Gate::coherent(1, 2).unwrap())),
-        ),
-        &tokenizer,
-        &zigzag,
-        0,
-        &Sampling::default(),
-        &mut |e| {
-            if let retro_pipeline::Event::Neighbours { neighbours, .. } = e {
-                kept.push(neighbours.keep.clone().unwrap()[0]);
-            }
-        },
-    )
-    .unwrap();
-    assert_eq!(kept, [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+    assert_eq!(gates_of(&zigzag, 2), [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
     // Generation through a gate that reads nothing is RETRO[OFF]'s; through one that reads all, the
     // ungated model's.
     let greedy = |r: Option<&Retriever>| {
