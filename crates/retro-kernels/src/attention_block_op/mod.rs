@@ -422,7 +422,7 @@ impl CustomOp3 for AttentionBlockOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{max_diff, randn, seed};
+    use crate::testutil::{max_diff, randn, rel_diff, seed};
     use candle_core::{DType, Device, Var, D};
 
     fn rand(shape: &[usize], dt: DType) -> Var {
@@ -535,14 +535,7 @@ mod tests {
             let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
             assert_eq!(a.dims(), v.dims());
             // Relative to the gradient's scale: random unit weights make some gradients large.
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap();
-            let diff = max_diff(a, b) / scale.to_scalar::<f64>().unwrap().max(1.0);
+            let diff = rel_diff(a, b);
             assert!(diff < tol, "{what}: gradient {i} {:?}: {diff}", v.dims());
         }
     }
