@@ -78,6 +78,15 @@ impl Gate {
         Self::Closed
     }
 
+    /// How many chunks before a chunk this rule reads the neighbours of (0: none), so that a
+    /// caller retrieving one chunk at a time keeps that many ([`crate::Neighbours::followed_by`]).
+    pub fn lookback(&self) -> usize {
+        match *self {
+            Self::Coherent { lookback, .. } => lookback,
+            _ => 0,
+        }
+    }
+
     /// Whether this rule reads the chunk's tokens (and so needs them, not only its key).
     pub fn needs_tokens(&self) -> bool {
         matches!(self, Self::Overlap { .. })

@@ -155,10 +155,9 @@ pub fn generate(
     type Retrieved = (Option<Tensor>, Option<Tensor>);
     // The neighbours of the last chunks, as many as the coherent gate looks back over: it compares
     // each new chunk's with them.
-    let lookback = match retriever.and_then(|r| r.gate()) {
-        Some(crate::gate::Gate::Coherent { lookback, .. }) => lookback,
-        _ => 1,
-    };
+    let lookback = retriever
+        .and_then(|r| r.gate())
+        .map_or(1, |g| g.lookback().max(1));
     let mut before: Option<Neighbours> = None;
     let mut neighbours_at =
         |tokens: &[u32], t: usize, on_event: &mut dyn FnMut(Event)| -> Result<Retrieved> {
