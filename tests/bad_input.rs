@@ -98,6 +98,7 @@ fn every_bad_input_gets_a_clear_error() {
         &t.join("corpus-dir/a.txt"),
         b"some text of the corpus folder",
     );
+    let args = |a: &[&str]| -> Vec<String> { a.iter().map(|s| s.to_string()).collect() };
     let build = |corpus: &str, out: &str, extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
             "index",
@@ -305,6 +306,22 @@ fn every_bad_input_gets_a_clear_error() {
     let held = p("held.txt");
     // (args, words the error must contain)
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        // bench generate: a reference script that is not there, a batch size of 0
+        (
+            args(&[
+                "bench",
+                "generate",
+                "--reference-python",
+                "python3",
+                "--reference-script",
+                &p("no-bench.py"),
+            ]),
+            vec!["no-bench.py", "does not exist"],
+        ),
+        (
+            args(&["bench", "generate", "--batch", "1,0"]),
+            vec!["--batch", "> 0"],
+        ),
         // index build
         (
             build(&p("nope.jsonl"), &p("o1"), &[]),

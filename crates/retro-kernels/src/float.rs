@@ -2,8 +2,9 @@
 
 use candle_core::WithDType;
 
-/// f32 or f64: what every CPU kernel in this crate is generic over.
-pub(crate) trait Float: WithDType + Default {
+/// f32 or f64: what every CPU kernel in this crate is generic over. Sealed: implemented for those
+/// two only.
+pub trait Float: WithDType + Default + sealed::Sealed {
     const NEG_INF: Self;
     fn exp_(self) -> Self;
     fn ln_(self) -> Self;
@@ -15,6 +16,12 @@ pub(crate) trait Float: WithDType + Default {
     fn f32s_mut(_x: &mut [Self]) -> Option<&mut [f32]> {
         None
     }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
 }
 
 impl Float for f64 {

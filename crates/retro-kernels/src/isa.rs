@@ -38,3 +38,33 @@ pub(crate) fn avx512f() -> bool {
 pub(crate) fn avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
+
+/// `fn $name<T: Float>(args)` that runs `$body(args)` compiled for the widest instruction set the
+/// CPU has: `$body` is `#[inline(always)]`, so each version is its loops vectorised for AVX-512,
+/// AVX2 + FMA, or the baseline.
+macro_rules! multiversioned {
+    ($(#[$m:meta])* $vis:vis fn $name:ident<T: Float>($($a:ident: $t:ty),* $(,)?) => $body:ident) => {
+        $(#[$m])*
+        $vis fn $name<T: $crate::float::Float>($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512<T: $crate::float::Float>($($a: $t),*) {
+                    $body($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2<T: $crate::float::Float>($($a: $t),*) {
+                    $body($($a),*)
+                }
+                match $crate::isa::isa() {
+                    // SAFETY: the CPU has the features each version is compiled for.
+                    $crate::isa::Isa::Avx512 => return unsafe { avx512($($a),*) },
+                    $crate::isa::Isa::Avx2 => return unsafe { avx2($($a),*) },
+                    $crate::isa::Isa::Base => {}
+                }
+            }
+            $body($($a),*)
+        }
+    };
+}
+pub(crate) use multiversioned;

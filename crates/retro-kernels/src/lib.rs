@@ -25,6 +25,7 @@
 
 pub mod attention_block_op;
 mod cpu_storage;
+pub mod decode;
 pub mod feed_forward_op;
 mod float;
 pub mod fused_attention;
@@ -35,6 +36,7 @@ pub mod kernels;
 pub mod layers;
 pub mod linear_op;
 
+pub use float::Float;
 pub use kernels::Kernels;
 
 #[cfg(test)]

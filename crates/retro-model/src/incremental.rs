@@ -37,10 +37,11 @@
 
 use crate::attention::KvCache;
 use crate::cca::ChunkedCrossAttention;
+use crate::decode_rows::{ChunkEnd, RowDecode};
 use crate::error::{ModelError, Result};
 use crate::kernels::Kernels;
 use crate::model::RetroModel;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 const KERN: Kernels = Kernels::Fused;
 
@@ -53,20 +54,43 @@ struct CcaKv {
     v: Tensor,
 }
 
-/// The decoding state of a batch of B sequences, all at the same position.
+/// Which implementation a decoding state runs; both compute the same logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeEngine {
+    /// The decoder over plain rows (`decode_rows`): CPU, f32 and f64. The default there.
+    Rows,
+    /// The decoder as tensor ops, on any device and dtype.
+    Tensors,
+}
+
+/// The decoding state of a batch of B sequences, all at the same position. It reads the model's
+/// weights as they were when decoding started.
 #[derive(Debug, Clone)]
 pub struct DecodeState {
     batch: usize,
     /// Position of the next token.
     t: usize,
     retrieval: bool,
+    /// `[B, 1, K, N, d_model]` encoded neighbours (after `norm_e`) of each completed chunk.
+    e: Vec<Tensor>,
+    engine: Engine,
+}
+
+#[derive(Debug, Clone)]
+enum Engine {
+    Tensors(TensorDecode),
+    RowsF32(RowDecode<f32>),
+    RowsF64(RowDecode<f64>),
+}
+
+/// The tensor decoder's caches.
+#[derive(Debug, Clone)]
+struct TensorDecode {
     /// One self-attention cache per decoder layer.
     caches: Vec<KvCache>,
     /// `[B, 1, d_model]` hidden rows (after the self-attention of the first CCA layer) of the chunk in
     /// progress.
     chunk_h: Vec<Tensor>,
-    /// `[B, 1, K, N, d_model]` encoded neighbours (after `norm_e`) of each completed chunk.
-    e: Vec<Tensor>,
     /// `[B, 1, 1]` gate of each completed chunk's neighbours (`None`: all kept).
     keep: Vec<Option<Tensor>>,
     /// Per CCA layer, the projected keys and values of the chunk last attended to.
@@ -86,6 +110,13 @@ impl DecodeState {
     pub fn retrieval(&self) -> bool {
         self.retrieval
     }
+    /// The implementation this state runs.
+    pub fn engine(&self) -> DecodeEngine {
+        match self.engine {
+            Engine::Tensors(_) => DecodeEngine::Tensors,
+            _ => DecodeEngine::Rows,
+        }
+    }
     /// Number of completed chunks whose neighbours are encoded.
     pub fn completed_chunks(&self) -> usize {
         self.e.len()
@@ -94,26 +125,67 @@ impl DecodeState {
     pub fn encoded_neighbours(&self, u: usize) -> Option<Tensor> {
         self.e.get(u).and_then(|e| e.squeeze(1).ok())
     }
-    /// The self-attention cache of decoder layer `p`.
-    pub fn kv_cache(&self, p: usize) -> Option<&KvCache> {
-        self.caches.get(p)
+    /// Numbers of decoder and CCA layers the state was made for.
+    fn layout(&self) -> (usize, usize) {
+        match &self.engine {
+            Engine::Tensors(s) => (s.caches.len(), s.cca_kv.len()),
+            Engine::RowsF32(r) => r.layout(),
+            Engine::RowsF64(r) => r.layout(),
+        }
+    }
+    /// Positions held by the self-attention cache of decoder layer `p`.
+    pub fn cached_positions(&self, p: usize) -> Option<usize> {
+        match &self.engine {
+            Engine::Tensors(s) => s.caches.get(p).map(KvCache::len),
+            Engine::RowsF32(r) => r.cached(p),
+            Engine::RowsF64(r) => r.cached(p),
+        }
     }
 }
 
 impl RetroModel {
     /// A fresh decoding state for `batch` sequences starting at position 0. With `retrieval` off the
-    /// steps compute RETRO\[OFF\] (what [`RetroModel::forward_without_retrieval`] computes).
+    /// steps compute RETRO\[OFF\] (what [`RetroModel::forward_without_retrieval`] computes). On the
+    /// CPU in f32 or f64 it runs [`DecodeEngine::Rows`], elsewhere [`DecodeEngine::Tensors`].
     pub fn start_decoding(&self, batch: usize, retrieval: bool) -> DecodeState {
-        DecodeState {
+        self.start_decoding_with(batch, retrieval, DecodeEngine::Rows)
+            .or_else(|_| self.start_decoding_with(batch, retrieval, DecodeEngine::Tensors))
+            .expect("the tensor engine starts on every device")
+    }
+
+    /// [`RetroModel::start_decoding`] with the engine chosen: `Rows` off the CPU or in another
+    /// dtype than f32 and f64 is an error.
+    pub fn start_decoding_with(
+        &self,
+        batch: usize,
+        retrieval: bool,
+        engine: DecodeEngine,
+    ) -> Result<DecodeState> {
+        let engine = match (engine, self.device.is_cpu(), self.dtype) {
+            (DecodeEngine::Tensors, ..) => Engine::Tensors(TensorDecode {
+                caches: vec![KvCache::default(); self.config.n_layers],
+                chunk_h: Vec::with_capacity(self.config.chunk_len),
+                keep: Vec::new(),
+                cca_kv: vec![None; self.config.ca_layers.len()],
+            }),
+            (DecodeEngine::Rows, true, DType::F32) => Engine::RowsF32(RowDecode::new(self, batch)?),
+            (DecodeEngine::Rows, true, DType::F64) => Engine::RowsF64(RowDecode::new(self, batch)?),
+            (DecodeEngine::Rows, ..) => {
+                return Err(ModelError::shape(
+                    "start_decoding",
+                    "engine",
+                    "Rows runs on the CPU in f32 or f64",
+                    format!("{:?} on {:?}", self.dtype, self.device),
+                ))
+            }
+        };
+        Ok(DecodeState {
             batch,
             t: 0,
             retrieval,
-            caches: vec![KvCache::default(); self.config.n_layers],
-            chunk_h: Vec::with_capacity(self.config.chunk_len),
             e: Vec::new(),
-            keep: Vec::new(),
-            cca_kv: vec![None; self.config.ca_layers.len()],
-        }
+            engine,
+        })
     }
 
     /// Feeds `tokens [B]` at position `state.position()` and returns that position's logits
@@ -153,9 +225,8 @@ impl RetroModel {
         let cl = self.config.chunk_len;
         let t = state.t;
         let b = state.batch;
-        if state.caches.len() != self.config.n_layers
-            || state.cca_kv.len() != self.config.ca_layers.len()
-        {
+        let (layers, cca_layers) = state.layout();
+        if layers != self.config.n_layers || cca_layers != self.config.ca_layers.len() {
             return Err(ModelError::shape(
                 format!("step at t = {t}"),
                 "decode state",
@@ -166,8 +237,7 @@ impl RetroModel {
                 ),
                 format!(
                     "one for {} decoder layers and {} CCA layers",
-                    state.caches.len(),
-                    state.cca_kv.len()
+                    layers, cca_layers
                 ),
             ));
         }
@@ -255,8 +325,51 @@ impl RetroModel {
             }
         };
         let tokens = self.ids(tokens, "tokens")?;
+        let logits = match &mut state.engine {
+            Engine::Tensors(st) => self.tensor_step(
+                st,
+                &mut state.e,
+                state.retrieval,
+                t,
+                &tokens,
+                neighbours,
+                keep,
+            )?,
+            Engine::RowsF32(rd) => rd.feed(
+                self,
+                state.retrieval,
+                &mut state.e,
+                t,
+                &tokens.to_vec1()?,
+                &ends(neighbours, keep),
+            )?,
+            Engine::RowsF64(rd) => rd.feed(
+                self,
+                state.retrieval,
+                &mut state.e,
+                t,
+                &tokens.to_vec1()?,
+                &ends(neighbours, keep),
+            )?,
+        };
+        state.t += 1;
+        Ok(logits.reshape((b, self.config.n_vocab))?)
+    }
 
-        let use_cca = state.retrieval && !self.config.ca_layers.is_empty();
+    /// One step of the tensor engine: `tokens [B]` at position t.
+    #[allow(clippy::too_many_arguments)]
+    fn tensor_step(
+        &self,
+        state: &mut TensorDecode,
+        e: &mut Vec<Tensor>,
+        retrieval: bool,
+        t: usize,
+        tokens: &Tensor,
+        neighbours: Option<Tensor>,
+        keep: Option<Tensor>,
+    ) -> Result<Tensor> {
+        let (b, cl) = (tokens.dim(0)?, self.config.chunk_len);
+        let use_cca = retrieval && !self.config.ca_layers.is_empty();
         let first_cca = self.config.ca_layers.first().copied();
         let mut h = self.embed(&tokens.reshape((b, 1))?)?;
         let rope = self.rope(t, 1)?;
@@ -271,7 +384,7 @@ impl RetroModel {
                     if let Some(ret) = &neighbours {
                         let h_chunk = Tensor::cat(&state.chunk_h, 1)?; // [B, cl, d]
                         state.chunk_h.clear();
-                        state.e.push(self.encode_neighbours(ret, &h_chunk, KERN)?);
+                        e.push(self.encode_neighbours(ret, &h_chunk, KERN)?);
                         state.keep.push(keep.clone());
                     }
                 }
@@ -281,7 +394,7 @@ impl RetroModel {
                     h = cca_step(
                         &self.cca[i_ca],
                         &mut state.cca_kv[i_ca],
-                        &state.e[u],
+                        &e[u],
                         state.keep[u].as_ref(),
                         u,
                         &h,
@@ -293,11 +406,7 @@ impl RetroModel {
             }
             h = self.ffw[p].forward(&h, KERN)?;
         }
-        state.t += 1;
-        Ok(self
-            .read
-            .forward_k(&h, None, KERN)?
-            .reshape((b, self.config.n_vocab))?)
+        Ok(self.read.forward_k(&h, None, KERN)?)
     }
 
     /// Feeds `x [B, P]` (positions `t0 .. t0 + P` with `t0 = state.position()`) one step at a time and
@@ -361,28 +470,73 @@ impl RetroModel {
             _ => None,
         };
         let x = self.ids(x, "x")?;
-        let mut logits = Vec::with_capacity(p);
-        let mut j = 0;
-        for i in 0..p {
-            let neighbours = match &ret {
-                Some(r) if (t0 + i) % cl == cl - 1 => {
-                    j += 1;
-                    Some(r.narrow(1, j - 1, 1)?.squeeze(1)?)
-                }
-                _ => None,
-            };
-            let tokens = x.narrow(1, i, 1)?.squeeze(1)?;
-            logits.push(self.step(state, &tokens, neighbours.as_ref())?);
-        }
-        if logits.is_empty() {
+        if p == 0 {
             return Ok(Tensor::zeros(
                 (b, 0, self.config.n_vocab),
                 self.dtype,
                 &self.device,
             )?);
         }
-        Ok(Tensor::stack(&logits, 1)?)
+        // The rows engine feeds the whole prompt at once; the tensor engine one step at a time.
+        let chunk_ends = || -> Result<Vec<ChunkEnd>> {
+            match &ret {
+                Some(r) => (0..ends)
+                    .map(|j| {
+                        Ok(ChunkEnd {
+                            ret: r.narrow(1, j, 1)?,
+                            keep: None,
+                        })
+                    })
+                    .collect(),
+                None => Ok(Vec::new()),
+            }
+        };
+        let retrieval = state.retrieval;
+        let logits = match &mut state.engine {
+            Engine::RowsF32(rd) => rd.feed(
+                self,
+                retrieval,
+                &mut state.e,
+                t0,
+                &x.flatten_all()?.to_vec1()?,
+                &chunk_ends()?,
+            )?,
+            Engine::RowsF64(rd) => rd.feed(
+                self,
+                retrieval,
+                &mut state.e,
+                t0,
+                &x.flatten_all()?.to_vec1()?,
+                &chunk_ends()?,
+            )?,
+            Engine::Tensors(_) => {
+                let mut logits = Vec::with_capacity(p);
+                let mut j = 0;
+                for i in 0..p {
+                    let neighbours = match &ret {
+                        Some(r) if (t0 + i) % cl == cl - 1 => {
+                            j += 1;
+                            Some(r.narrow(1, j - 1, 1)?.squeeze(1)?)
+                        }
+                        _ => None,
+                    };
+                    let tokens = x.narrow(1, i, 1)?.squeeze(1)?;
+                    logits.push(self.step(state, &tokens, neighbours.as_ref())?);
+                }
+                return Ok(Tensor::stack(&logits, 1)?);
+            }
+        };
+        state.t += p;
+        Ok(logits)
     }
+}
+
+/// The chunk end a step's neighbours `[B, 1, K, N]` and gate `[B, 1, 1]` make (none without them).
+fn ends(neighbours: Option<Tensor>, keep: Option<Tensor>) -> Vec<ChunkEnd> {
+    neighbours
+        .map(|ret| ChunkEnd { ret, keep })
+        .into_iter()
+        .collect()
 }
 
 /// CCA for the one new row `h [B, 1, d]`: queries from `cca.norm(h)`, keys and values from the encoded

@@ -34,6 +34,7 @@ mod attention_params;
 pub mod cca;
 pub mod config;
 pub mod cross_attention;
+mod decode_rows;
 pub mod device;
 pub mod encoder;
 pub mod error;
@@ -53,6 +54,6 @@ pub use retro_kernels::{
 pub use config::RetroConfig;
 pub use device::{device_from_name, dtype_from_name};
 pub use error::{ModelError, Result};
-pub use incremental::DecodeState;
+pub use incremental::{DecodeEngine, DecodeState};
 pub use kernels::Kernels;
 pub use model::RetroModel;

@@ -3,7 +3,7 @@
 //! `forward_without_retrieval` (off); prefill then step likewise; the error cases; one PyTorch fixture.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use retro_model::{DecodeState, ModelError, RetroConfig, RetroModel};
+use retro_model::{DecodeEngine, DecodeState, ModelError, RetroConfig, RetroModel};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -131,23 +131,74 @@ fn step_all(
     }
 }
 
+/// Both implementations of decoding, each checked against the full forward.
+const ENGINES: [DecodeEngine; 2] = [DecodeEngine::Rows, DecodeEngine::Tensors];
+
+fn start(m: &RetroModel, retrieval: bool, engine: DecodeEngine) -> DecodeState {
+    let state = m.start_decoding_with(B, retrieval, engine).unwrap();
+    assert_eq!(state.engine(), engine);
+    state
+}
+
 #[test]
 fn every_step_equals_the_full_forward() {
     for (ci, c) in configs().iter().enumerate() {
-        for dtype in [DType::F32, DType::F64] {
+        for (dtype, engine) in [DType::F32, DType::F64]
+            .into_iter()
+            .flat_map(|d| ENGINES.map(|e| (d, e)))
+        {
             let m = RetroModel::new(c, 7 + ci as u64, dtype, &Device::Cpu).unwrap();
             let (x, ret) = inputs(c);
             // Retrieval on: crosses at least 4 chunk boundaries.
-            let mut state = m.start_decoding(B, true);
+            let mut state = start(&m, true, engine);
             step_all(&m, &mut state, &x, Some(&ret), 0);
             assert_eq!(state.completed_chunks(), ret.dim(1).unwrap());
             assert!(state.completed_chunks() >= 4);
-            assert_eq!(state.kv_cache(0).unwrap().len(), x.dim(1).unwrap());
+            assert_eq!(state.cached_positions(0).unwrap(), x.dim(1).unwrap());
             // Retrieval off (RETRO[OFF]).
-            let mut state = m.start_decoding(B, false);
+            let mut state = start(&m, false, engine);
             step_all(&m, &mut state, &x, None, 0);
             assert_eq!(state.completed_chunks(), 0);
         }
+    }
+}
+
+/// The default engine on the CPU is the rows one, and it is an error elsewhere than f32 and f64.
+#[test]
+fn the_rows_engine_runs_on_the_cpu_in_f32_and_f64() {
+    let c = &configs()[0];
+    for dtype in [DType::F32, DType::F64] {
+        let m = RetroModel::new(c, 1, dtype, &Device::Cpu).unwrap();
+        assert_eq!(m.start_decoding(B, true).engine(), DecodeEngine::Rows);
+    }
+    let m = RetroModel::new(c, 1, DType::BF16, &Device::Cpu).unwrap();
+    assert!(m.start_decoding_with(B, true, DecodeEngine::Rows).is_err());
+    assert_eq!(m.start_decoding(B, true).engine(), DecodeEngine::Tensors);
+}
+
+/// 150 positions: each layer's cache grows past its first allocation (64 positions) and twice
+/// more, and the logits still equal the full forward's.
+#[test]
+fn long_decoding_equals_the_full_forward_across_cache_growth() {
+    let c = &configs()[0];
+    let m = RetroModel::new(c, 5, DType::F64, &Device::Cpu).unwrap();
+    let t = 150;
+    let (x, ret) = (
+        ids(&[B, t], c.n_vocab, 3),
+        ids(&[B, t / c.chunk_len, 2, 6], c.n_vocab, 4),
+    );
+    let mut state = m.start_decoding(B, true);
+    let all = m.forward(&x, &ret).unwrap();
+    for p in 0..t {
+        let nb = neighbours_at(&ret, p, c.chunk_len);
+        let got = m
+            .step(&mut state, &x.i((.., p)).unwrap(), nb.as_ref())
+            .unwrap();
+        let d = max_abs(&got, &all.i((.., p)).unwrap());
+        assert!(
+            d < 1e-9,
+            "t = {p}: the step differs from the full forward by {d}"
+        );
     }
 }
 
@@ -199,18 +250,20 @@ fn gated_neighbours_compute_retro_off_where_gated() {
             assert!(max_abs(&head(&mixed), &head(&off)) == 0.0);
             assert!(max_abs(&mixed, &on) > 1e-3 && max_abs(&mixed, &off) > 1e-3);
             // Step by step with the same gates: the gated full forward at every position.
-            let mut state = m.start_decoding(B, true);
-            for t in 0..x.dim(1).unwrap() {
-                let nb = neighbours_at(&ret, t, cl);
-                let k = nb.as_ref().map(|_| keep.i((.., t / cl)).unwrap());
-                let got = m
-                    .step_gated(&mut state, &x.i((.., t)).unwrap(), nb.as_ref(), k.as_ref())
-                    .unwrap();
-                let d = max_abs(&got, &mixed.i((.., t)).unwrap());
-                assert!(
-                    d < tol(dtype),
-                    "{dtype:?}: gated step at t = {t} differs by {d}"
-                );
+            for engine in ENGINES {
+                let mut state = start(&m, true, engine);
+                for t in 0..x.dim(1).unwrap() {
+                    let nb = neighbours_at(&ret, t, cl);
+                    let k = nb.as_ref().map(|_| keep.i((.., t / cl)).unwrap());
+                    let got = m
+                        .step_gated(&mut state, &x.i((.., t)).unwrap(), nb.as_ref(), k.as_ref())
+                        .unwrap();
+                    let d = max_abs(&got, &mixed.i((.., t)).unwrap());
+                    assert!(
+                        d < tol(dtype),
+                        "{dtype:?} {engine:?}: gated step at t = {t} differs by {d}"
+                    );
+                }
             }
         }
     }
@@ -269,7 +322,10 @@ fn retrieval_changes_the_logits_after_the_first_chunk() {
 #[test]
 fn prefill_then_step_equals_the_full_forward() {
     for (ci, c) in configs().iter().enumerate() {
-        for dtype in [DType::F32, DType::F64] {
+        for (dtype, engine) in [DType::F32, DType::F64]
+            .into_iter()
+            .flat_map(|d| ENGINES.map(|e| (d, e)))
+        {
             let m = RetroModel::new(c, 11 + ci as u64, dtype, &Device::Cpu).unwrap();
             let cl = c.chunk_len;
             let (x, ret) = inputs(c);
@@ -277,7 +333,7 @@ fn prefill_then_step_equals_the_full_forward() {
                 let r = retrieval.then_some(&ret);
                 // A prompt that ends mid-chunk, then the rest step by step.
                 let p = 2 * cl + 1;
-                let mut state = m.start_decoding(B, retrieval);
+                let mut state = start(&m, retrieval, engine);
                 let got = m
                     .prefill(
                         &mut state,
@@ -296,7 +352,7 @@ fn prefill_then_step_equals_the_full_forward() {
                 step_all(&m, &mut state, &x, r, p);
 
                 // Two prefills: the second starts mid-chunk, its ret holds the chunks it completes.
-                let mut state = m.start_decoding(B, retrieval);
+                let mut state = start(&m, retrieval, engine);
                 let (p1, p2) = (cl + 2, 2 * cl);
                 m.prefill(
                     &mut state,
