@@ -9,6 +9,9 @@ pub trait Float: WithDType + Default + sealed::Sealed {
     fn exp_(self) -> Self;
     fn ln_(self) -> Self;
     fn sqrt_(self) -> Self;
+    /// `self * a + b` with one rounding: one instruction where the caller is compiled with FMA
+    /// (the decode kernels' AVX2 and AVX-512 versions).
+    fn mul_add_(self, a: Self, b: Self) -> Self;
     /// The slice as `f32`, when `Self` is `f32` (for the hand-vectorised f32 tiles).
     fn f32s(_x: &[Self]) -> Option<&[f32]> {
         None
@@ -37,6 +40,10 @@ impl Float for f64 {
     fn sqrt_(self) -> Self {
         self.sqrt()
     }
+    #[inline(always)]
+    fn mul_add_(self, a: Self, b: Self) -> Self {
+        self.mul_add(a, b)
+    }
 }
 
 impl Float for f32 {
@@ -57,5 +64,9 @@ impl Float for f32 {
     #[inline(always)]
     fn sqrt_(self) -> Self {
         self.sqrt()
+    }
+    #[inline(always)]
+    fn mul_add_(self, a: Self, b: Self) -> Self {
+        self.mul_add(a, b)
     }
 }

@@ -1,14 +1,16 @@
 //! Cached decoding on the CPU over plain rows: what [`RetroModel::step`] and
 //! [`RetroModel::prefill`] compute, with the decoder's per-token work in a few
 //! [`retro_kernels::decode`] kernels instead of a hundred small tensor ops. The neighbour encoder,
-//! run once per completed chunk, stays on tensors.
+//! run once per completed chunk over its B x K x N rows, stays on tensors (GEMMs).
 //!
 //! A feed of `P` rows (one step, or a whole prompt) goes layer by layer over all of them: the
 //! self-attention keys and values are appended to a preallocated [`KvCache`] and each row attends
 //! causally; at the first CCA layer every chunk the rows complete is encoded before any row's
 //! CCA reads it.
 
+use crate::attention_params::AttentionParams;
 use crate::error::Result;
+use crate::feed_forward::FeedForward;
 use crate::kernels::Kernels;
 use crate::model::RetroModel;
 use candle_core::{Device, Tensor};
@@ -16,33 +18,193 @@ use retro_kernels::decode::{rotate, values, KvCache, RowLinear, RowNorm};
 use retro_kernels::Float;
 use std::sync::Arc;
 
-/// The decoder's weights, copied once per decoding state into the rows' layout.
-#[derive(Debug)]
-struct Weights<T> {
-    emb: Vec<T>,
-    layers: Vec<Layer<T>>,
-    cca: Vec<Cca<T>>,
-    read: RowLinear<T>,
+/// cos and sin of `position * theta_i` for `p` consecutive positions, each `[p, d_k / 2]`, with
+/// the angle in f64 as [`crate::rope::RopeTables`] computes it.
+struct Rope<T> {
+    cos: Vec<T>,
+    sin: Vec<T>,
+    half: usize,
 }
 
+impl<T: Float> Rope<T> {
+    fn new(theta: &[f32], t0: usize, p: usize) -> Self {
+        let (mut cos, mut sin) = (Vec::with_capacity(p * theta.len()), Vec::new());
+        for pos in t0..t0 + p {
+            for &t in theta {
+                let a = pos as f64 * t as f64;
+                cos.push(T::from_f64(a.cos()));
+                sin.push(T::from_f64(a.sin()));
+            }
+        }
+        Self {
+            cos,
+            sin,
+            half: theta.len(),
+        }
+    }
+
+    /// The tables of the i-th position.
+    fn at(&self, i: usize) -> (&[T], &[T]) {
+        let h = self.half;
+        (&self.cos[i * h..][..h], &self.sin[i * h..][..h])
+    }
+}
+
+/// A pre-norm self-attention block over rows: `h += output(attend(rope(q), rope(k), v))`.
 #[derive(Debug)]
-struct Layer<T> {
+struct SelfBlock<T> {
     norm: RowNorm<T>,
     /// query (scaled by 1/sqrt(d_k)), key and value as one projection.
     qkv: RowLinear<T>,
     output: RowLinear<T>,
-    ff_norm: RowNorm<T>,
+    d_k: usize,
+}
+
+impl<T: Float> SelfBlock<T> {
+    fn new(p: &AttentionParams) -> Result<Self> {
+        let scale = 1.0 / (p.d_k as f64).sqrt();
+        Ok(Self {
+            norm: RowNorm::new(&p.norm)?,
+            qkv: RowLinear::fused(&[(&p.query, scale), (&p.key, 1.0), (&p.value, 1.0)])?,
+            output: RowLinear::new(&p.output)?,
+            d_k: p.d_k,
+        })
+    }
+
+    /// `h [S, P, d]`: S sequences of P new rows, row i rotated by `rope.at(i)`. Their keys and values
+    /// are appended to `cache` (of S sequences), and each row attends to the cached positions up to
+    /// its own (`causal`) or to all of them.
+    fn forward(&self, h: &mut [T], p: usize, rope: &Rope<T>, cache: &mut KvCache<T>, causal: bool) {
+        let (d, hd, dk) = (self.qkv.n_in(), self.output.n_in(), self.d_k);
+        let rows = h.len() / d;
+        let mut x = vec![T::zero(); rows * d];
+        self.norm.forward(h, &mut x);
+        let mut qkv = vec![T::zero(); rows * 3 * hd];
+        self.qkv.forward(&x, &mut qkv);
+        let (mut q, mut k, mut v) = (
+            Vec::with_capacity(rows * hd),
+            Vec::with_capacity(rows * hd),
+            Vec::with_capacity(rows * hd),
+        );
+        for (r, row) in qkv.chunks_exact_mut(3 * hd).enumerate() {
+            let (cos, sin) = rope.at(r % p);
+            for head in row[..2 * hd].chunks_exact_mut(dk) {
+                rotate(head, cos, sin);
+            }
+            q.extend_from_slice(&row[..hd]);
+            k.extend_from_slice(&row[hd..2 * hd]);
+            v.extend_from_slice(&row[2 * hd..]);
+        }
+        cache.append(&k, &v, p);
+        let mut att = k; // reused: the keys are cached
+        if causal {
+            cache.attend_causal(&q, p, &mut att);
+        } else {
+            cache.attend_all(&q, p, &mut att);
+        }
+        self.output.forward_add(&att, h);
+    }
+}
+
+/// A pre-norm cross-attention block: queries from rows, keys and values from a context's rows.
+#[derive(Debug)]
+struct CrossBlock<T> {
+    norm: RowNorm<T>,
+    query: RowLinear<T>,
+    /// key and value as one projection.
+    kv: RowLinear<T>,
+    output: RowLinear<T>,
+    n_heads: usize,
+    d_k: usize,
+}
+
+impl<T: Float> CrossBlock<T> {
+    fn new(p: &AttentionParams) -> Result<Self> {
+        let scale = 1.0 / (p.d_k as f64).sqrt();
+        Ok(Self {
+            norm: RowNorm::new(&p.norm)?,
+            query: RowLinear::fused(&[(&p.query, scale)])?,
+            kv: RowLinear::fused(&[(&p.key, 1.0), (&p.value, 1.0)])?,
+            output: RowLinear::new(&p.output)?,
+            n_heads: p.n_heads,
+            d_k: p.d_k,
+        })
+    }
+
+    /// The keys and values of `ctx [S, n, d]` (S sequences of n rows), as a cache of n positions.
+    fn context(&self, ctx: &[T], s: usize) -> KvCache<T> {
+        let (d, hd) = (self.kv.n_in(), self.output.n_in());
+        let n = ctx.len() / (d * s).max(1);
+        let mut kv = vec![T::zero(); s * n * 2 * hd];
+        self.kv.forward(ctx, &mut kv);
+        let (mut k, mut v) = (
+            Vec::with_capacity(s * n * hd),
+            Vec::with_capacity(s * n * hd),
+        );
+        for row in kv.chunks_exact(2 * hd) {
+            k.extend_from_slice(&row[..hd]);
+            v.extend_from_slice(&row[hd..]);
+        }
+        let mut cache = KvCache::new(s, self.n_heads, self.d_k);
+        cache.append(&k, &v, n);
+        cache
+    }
+
+    /// `output(attend(query(norm(h)), ctx))` for `h [S, P, d]`, each sequence reading its context.
+    fn forward(&self, h: &[T], p: usize, ctx: &KvCache<T>) -> Vec<T> {
+        let (d, hd) = (self.kv.n_in(), self.output.n_in());
+        let rows = h.len() / d;
+        let mut x = vec![T::zero(); rows * d];
+        self.norm.forward(h, &mut x);
+        let mut q = vec![T::zero(); rows * hd];
+        self.query.forward(&x, &mut q);
+        let mut att = vec![T::zero(); rows * hd];
+        ctx.attend_all(&q, p, &mut att);
+        self.output.forward(&att, &mut x);
+        x
+    }
+}
+
+/// Feed-forward over rows: `h += lin2(relu(lin1(norm(h))))`.
+#[derive(Debug)]
+struct FfBlock<T> {
+    norm: RowNorm<T>,
     lin1: RowLinear<T>,
     lin2: RowLinear<T>,
 }
 
+impl<T: Float> FfBlock<T> {
+    fn new(f: &FeedForward) -> Result<Self> {
+        Ok(Self {
+            norm: RowNorm::new(&f.norm)?,
+            lin1: RowLinear::new(&f.lin1)?,
+            lin2: RowLinear::new(&f.lin2)?,
+        })
+    }
+
+    fn forward(&self, h: &mut [T]) {
+        let rows = h.len() / self.lin1.n_in();
+        let mut x = vec![T::zero(); h.len()];
+        self.norm.forward(h, &mut x);
+        let mut hidden = vec![T::zero(); rows * self.lin1.n_out()];
+        self.lin1.forward(&x, &mut hidden);
+        hidden.iter_mut().for_each(|z| {
+            if *z < T::zero() {
+                *z = T::zero()
+            }
+        });
+        self.lin2.forward_add(&hidden, h);
+    }
+}
+
+/// The model's weights, copied once per decoding state into the rows' layout.
 #[derive(Debug)]
-struct Cca<T> {
-    norm: RowNorm<T>,
-    query: RowLinear<T>,
-    /// key and value of the encoded neighbours, as one projection.
-    kv: RowLinear<T>,
-    output: RowLinear<T>,
+struct Weights<T> {
+    emb: Vec<T>,
+    attn: Vec<SelfBlock<T>>,
+    ffw: Vec<FfBlock<T>>,
+    cca: Vec<CrossBlock<T>>,
+    read: RowLinear<T>,
 }
 
 /// The row decoder's state for a batch of B sequences.
@@ -54,10 +216,11 @@ pub(crate) struct RowDecode<T> {
     /// Per sequence, the hidden rows `[rows, d]` (after the first CCA layer's self-attention) of
     /// the chunk in progress.
     chunk_h: Vec<Vec<T>>,
+    /// Per completed chunk, its encoded neighbours `[B, K * N, d]`.
+    e: Vec<Vec<T>>,
     /// Per completed chunk, its gate `[B]` (`None`: kept).
     keep: Vec<Option<Vec<T>>>,
-    /// Per CCA layer, the chunk last attended to and its projected neighbours as a cache of K*N
-    /// positions.
+    /// Per CCA layer, the chunk last attended to and its neighbours' keys and values.
     cca_kv: Vec<Option<(usize, KvCache<T>)>>,
 }
 
@@ -70,40 +233,19 @@ pub(crate) struct ChunkEnd {
 impl<T: Float> RowDecode<T> {
     pub(crate) fn new(m: &RetroModel, batch: usize) -> Result<Self> {
         let c = &m.config;
-        let scale = 1.0 / (c.d_k as f64).sqrt();
-        let layers = m
-            .attn
-            .iter()
-            .zip(&m.ffw)
-            .map(|(a, f)| {
-                let p = &a.params;
-                Ok(Layer {
-                    norm: RowNorm::new(&p.norm)?,
-                    qkv: RowLinear::fused(&[(&p.query, scale), (&p.key, 1.0), (&p.value, 1.0)])?,
-                    output: RowLinear::new(&p.output)?,
-                    ff_norm: RowNorm::new(&f.norm)?,
-                    lin1: RowLinear::new(&f.lin1)?,
-                    lin2: RowLinear::new(&f.lin2)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let cca = m
-            .cca
-            .iter()
-            .map(|a| {
-                let p = &a.params;
-                Ok(Cca {
-                    norm: RowNorm::new(&p.norm)?,
-                    query: RowLinear::fused(&[(&p.query, scale)])?,
-                    kv: RowLinear::fused(&[(&p.key, 1.0), (&p.value, 1.0)])?,
-                    output: RowLinear::new(&p.output)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
         let w = Weights {
             emb: values(&m.emb)?,
-            layers,
-            cca,
+            attn: m
+                .attn
+                .iter()
+                .map(|a| SelfBlock::new(&a.params))
+                .collect::<Result<_>>()?,
+            ffw: m.ffw.iter().map(FfBlock::new).collect::<Result<_>>()?,
+            cca: m
+                .cca
+                .iter()
+                .map(|a| CrossBlock::new(&a.params))
+                .collect::<Result<_>>()?,
             read: RowLinear::new(&m.read)?,
         };
         Ok(Self {
@@ -112,6 +254,7 @@ impl<T: Float> RowDecode<T> {
                 .map(|_| KvCache::new(batch, c.n_heads, c.d_k))
                 .collect(),
             chunk_h: vec![Vec::new(); batch],
+            e: Vec::new(),
             keep: Vec::new(),
             cca_kv: vec![None; c.ca_layers.len()],
         })
@@ -129,8 +272,7 @@ impl<T: Float> RowDecode<T> {
 
     /// Feeds `tokens [B, P]` (row-major) at positions `t0 .. t0 + P` and returns the logits
     /// `[B, P, n_vocab]`. `ends` holds, in order, one entry per chunk these positions complete
-    /// (empty with retrieval off); `e` collects their encoded neighbours.
-    #[allow(clippy::too_many_arguments)]
+    /// (empty with retrieval off); `e` collects their encoded neighbours as tensors.
     pub(crate) fn feed(
         &mut self,
         m: &RetroModel,
@@ -143,63 +285,29 @@ impl<T: Float> RowDecode<T> {
         let c = &m.config;
         let (b, d) = (self.chunk_h.len(), c.d_model);
         let p = tokens.len() / b;
-        let (nh, dk) = (c.n_heads, c.d_k);
-        let hd = nh * dk;
         let w = Arc::clone(&self.w);
         let mut h = Vec::with_capacity(b * p * d);
         for &tok in tokens {
             h.extend_from_slice(&w.emb[tok as usize * d..][..d]);
         }
-        let (cos, sin) = rope_rows::<T>(&m.theta, t0, p);
-        let half = dk / 2;
+        let rope = Rope::new(&m.theta, t0, p);
         let use_cca = retrieval && !c.ca_layers.is_empty();
         let first_cca = c.ca_layers.first().copied();
-        let mut x = vec![T::zero(); b * p * d];
-        let mut qkv = vec![T::zero(); b * p * 3 * hd];
-        let rows = || vec![T::zero(); b * p * hd];
-        let (mut q, mut k, mut v, mut att) = (rows(), rows(), rows(), rows());
-        let mut hidden = vec![T::zero(); b * p * c.d_ff];
         let mut i_ca = 0;
-        for (l, layer) in w.layers.iter().enumerate() {
-            // Self-attention: norm, one projection, RoPE on q and k, append, attend, residual.
-            layer.norm.forward(&h, &mut x);
-            layer.qkv.forward(&x, &mut qkv);
-            for r in 0..b * p {
-                let i = r % p;
-                let row = &qkv[r * 3 * hd..][..3 * hd];
-                q[r * hd..][..hd].copy_from_slice(&row[..hd]);
-                k[r * hd..][..hd].copy_from_slice(&row[hd..2 * hd]);
-                v[r * hd..][..hd].copy_from_slice(&row[2 * hd..]);
-                let (cs, sn) = (&cos[i * half..][..half], &sin[i * half..][..half]);
-                for head in 0..nh {
-                    rotate(&mut q[r * hd + head * dk..][..dk], cs, sn);
-                    rotate(&mut k[r * hd + head * dk..][..dk], cs, sn);
-                }
-            }
-            self.caches[l].append(&k, &v, p);
-            self.caches[l].attend_causal(&q, p, &mut att);
-            layer.output.forward_add(&att, &mut h);
-
+        for (l, (attn, ffw)) in w.attn.iter().zip(&w.ffw).enumerate() {
+            attn.forward(&mut h, p, &rope, &mut self.caches[l], true);
             if use_cca {
                 if Some(l) == first_cca {
                     self.encode_chunks(m, e, &h, t0, p, ends)?;
                 }
                 if c.ca_layers.contains(&l) {
-                    self.cca(m, e, i_ca, &mut h, t0, p)?;
+                    self.cca(m, i_ca, &mut h, t0, p);
                 }
             }
             if c.ca_layers.contains(&l) {
                 i_ca += 1;
             }
-            // Feed-forward: norm, lin1, ReLU, lin2, residual.
-            layer.ff_norm.forward(&h, &mut x);
-            layer.lin1.forward(&x, &mut hidden);
-            hidden.iter_mut().for_each(|z| {
-                if *z < T::zero() {
-                    *z = T::zero()
-                }
-            });
-            layer.lin2.forward_add(&hidden, &mut h);
+            ffw.forward(&mut h);
         }
         let mut logits = vec![T::zero(); b * p * c.n_vocab];
         w.read.forward(&h, &mut logits);
@@ -227,9 +335,12 @@ impl<T: Float> RowDecode<T> {
                 let end = ends
                     .next()
                     .expect("the caller passes one entry per completed chunk");
+                // The encoder stays on tensors: its B x K x N rows a chunk are GEMM-sized.
                 let rows: Vec<T> = self.chunk_h.iter_mut().flat_map(std::mem::take).collect();
                 let h_chunk = Tensor::from_vec(rows, (b, cl, d), &Device::Cpu)?;
-                e.push(m.encode_neighbours(&end.ret, &h_chunk, Kernels::Fused)?);
+                let encoded = m.encode_neighbours(&end.ret, &h_chunk, Kernels::Fused)?;
+                self.e.push(values(&encoded)?);
+                e.push(encoded);
                 self.keep
                     .push(end.keep.as_ref().map(values::<T>).transpose()?);
             }
@@ -239,19 +350,8 @@ impl<T: Float> RowDecode<T> {
 
     /// CCA layer `i_ca` for the rows at positions `t0 .. t0 + P`: position t reads the neighbours
     /// of chunk `(t + 1 - cl) / cl` (none before `cl - 1`), through its gate.
-    fn cca(
-        &mut self,
-        m: &RetroModel,
-        e: &[Tensor],
-        i_ca: usize,
-        h: &mut [T],
-        t0: usize,
-        p: usize,
-    ) -> Result<()> {
-        let c = &m.config;
-        let (b, d, cl) = (self.chunk_h.len(), c.d_model, c.chunk_len);
-        let (nh, dk) = (c.n_heads, c.d_k);
-        let hd = nh * dk;
+    fn cca(&mut self, m: &RetroModel, i_ca: usize, h: &mut [T], t0: usize, p: usize) {
+        let (b, d, cl) = (self.chunk_h.len(), m.config.d_model, m.config.chunk_len);
         let w = &self.w.cca[i_ca];
         // Rows of one chunk's neighbours go together: i0 .. i1 read chunk u.
         let mut i0 = (cl - 1).saturating_sub(t0).min(p);
@@ -260,63 +360,25 @@ impl<T: Float> RowDecode<T> {
             let i1 = ((u + 2) * cl - 1 - t0).min(p);
             let g = i1 - i0;
             if self.cca_kv[i_ca].as_ref().map(|(cu, _)| *cu) != Some(u) {
-                let (_, _, kk, n, _) = e[u].dims5()?;
-                let s = kk * n;
-                let en = values::<T>(&e[u])?; // [B, S, d]
-                let mut kv = vec![T::zero(); b * s * 2 * hd];
-                w.kv.forward(&en, &mut kv);
-                let (mut ks, mut vs) = (
-                    Vec::with_capacity(b * s * hd),
-                    Vec::with_capacity(b * s * hd),
-                );
-                for row in kv.chunks(2 * hd) {
-                    ks.extend_from_slice(&row[..hd]);
-                    vs.extend_from_slice(&row[hd..]);
-                }
-                let mut cache = KvCache::new(b, nh, dk);
-                cache.append(&ks, &vs, s);
-                self.cca_kv[i_ca] = Some((u, cache));
+                self.cca_kv[i_ca] = Some((u, w.context(&self.e[u], b)));
             }
-            let (_, cache) = self.cca_kv[i_ca].as_ref().expect("just set");
-            let mut x = vec![T::zero(); b * g * d];
+            let (_, ctx) = self.cca_kv[i_ca].as_ref().expect("just set");
+            let mut x = Vec::with_capacity(b * g * d);
             for s in 0..b {
-                w.norm.forward(
-                    &h[(s * p + i0) * d..][..g * d],
-                    &mut x[s * g * d..][..g * d],
-                );
+                x.extend_from_slice(&h[(s * p + i0) * d..][..g * d]);
             }
-            let mut q = vec![T::zero(); b * g * hd];
-            w.query.forward(&x, &mut q);
-            let mut att = vec![T::zero(); b * g * hd];
-            cache.attend_all(&q, g, &mut att);
-            w.output.forward(&att, &mut x);
+            let y = w.forward(&x, g, ctx);
             let keep = self.keep[u].as_ref();
             for s in 0..b {
                 let gate = keep.map_or(T::one(), |k| k[s]);
-                let rows = &mut h[(s * p + i0) * d..][..g * d];
                 if gate != T::zero() {
-                    for (hv, y) in rows.iter_mut().zip(&x[s * g * d..][..g * d]) {
+                    let rows = &mut h[(s * p + i0) * d..][..g * d];
+                    for (hv, y) in rows.iter_mut().zip(&y[s * g * d..][..g * d]) {
                         *hv += gate * *y;
                     }
                 }
             }
             i0 = i1;
         }
-        Ok(())
     }
-}
-
-/// cos and sin of `position * theta_i` for positions `t0 .. t0 + p`, each `[p, d_k / 2]`, with the
-/// angle in f64 as [`crate::rope::RopeTables`] computes it.
-fn rope_rows<T: Float>(theta: &[f32], t0: usize, p: usize) -> (Vec<T>, Vec<T>) {
-    let mut cos = Vec::with_capacity(p * theta.len());
-    let mut sin = Vec::with_capacity(p * theta.len());
-    for pos in t0..t0 + p {
-        for &t in theta {
-            let a = pos as f64 * t as f64;
-            cos.push(T::from_f64(a.cos()));
-            sin.push(T::from_f64(a.sin()));
-        }
-    }
-    (cos, sin)
 }

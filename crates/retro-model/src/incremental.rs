@@ -332,8 +332,7 @@ impl RetroModel {
                 state.retrieval,
                 t,
                 &tokens,
-                neighbours,
-                keep,
+                ends(neighbours, keep).pop(),
             )?,
             Engine::RowsF32(rd) => rd.feed(
                 self,
@@ -356,8 +355,7 @@ impl RetroModel {
         Ok(logits.reshape((b, self.config.n_vocab))?)
     }
 
-    /// One step of the tensor engine: `tokens [B]` at position t.
-    #[allow(clippy::too_many_arguments)]
+    /// One step of the tensor engine: `tokens [B]` at position t, with the chunk it completes.
     fn tensor_step(
         &self,
         state: &mut TensorDecode,
@@ -365,8 +363,7 @@ impl RetroModel {
         retrieval: bool,
         t: usize,
         tokens: &Tensor,
-        neighbours: Option<Tensor>,
-        keep: Option<Tensor>,
+        end: Option<ChunkEnd>,
     ) -> Result<Tensor> {
         let (b, cl) = (tokens.dim(0)?, self.config.chunk_len);
         let use_cca = retrieval && !self.config.ca_layers.is_empty();
@@ -381,11 +378,11 @@ impl RetroModel {
             if use_cca {
                 if Some(p) == first_cca {
                     state.chunk_h.push(h.clone());
-                    if let Some(ret) = &neighbours {
+                    if let Some(end) = &end {
                         let h_chunk = Tensor::cat(&state.chunk_h, 1)?; // [B, cl, d]
                         state.chunk_h.clear();
-                        e.push(self.encode_neighbours(ret, &h_chunk, KERN)?);
-                        state.keep.push(keep.clone());
+                        e.push(self.encode_neighbours(&end.ret, &h_chunk, KERN)?);
+                        state.keep.push(end.keep.clone());
                     }
                 }
                 // Chunk u's neighbours condition positions u*cl + cl - 1 ..= u*cl + 2*cl - 2.

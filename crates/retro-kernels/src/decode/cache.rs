@@ -169,28 +169,17 @@ fn attend_head_body<T: Float>(
     out: &mut [T],
 ) {
     let n = scores.len();
-    // Scores BLOCKS x 16 positions at a time, summed over d_k in registers: independent chains,
-    // so the adds do not wait on each other.
+    // Scores BLOCKS x 16 positions at a time, summed over d_k in registers (independent chains,
+    // so the adds do not wait on each other), then 16 at a time, then one by one.
     let wide = n / (BLOCKS * LANES) * (BLOCKS * LANES);
     for j0 in (0..wide).step_by(BLOCKS * LANES) {
-        let mut acc = [[T::zero(); LANES]; BLOCKS];
-        for (c, &qc) in q.iter().enumerate() {
-            let row = &k_t[c * capacity + j0..][..BLOCKS * LANES];
-            for (a, k) in acc.iter_mut().zip(row.chunks_exact(LANES)) {
-                let k: &[T; LANES] = k.try_into().expect("a block");
-                for l in 0..LANES {
-                    a[l] += qc * k[l];
-                }
-            }
-        }
-        for (s, a) in scores[j0..j0 + BLOCKS * LANES]
-            .chunks_exact_mut(LANES)
-            .zip(&acc)
-        {
-            s.copy_from_slice(a);
-        }
+        score_block::<T, { BLOCKS * LANES }>(q, k_t, capacity, j0, scores);
     }
-    for (j, s) in scores.iter_mut().enumerate().skip(wide) {
+    let narrow = n / LANES * LANES;
+    for j0 in (wide..narrow).step_by(LANES) {
+        score_block::<T, LANES>(q, k_t, capacity, j0, scores);
+    }
+    for (j, s) in scores.iter_mut().enumerate().skip(narrow) {
         *s = q
             .iter()
             .enumerate()
@@ -205,27 +194,54 @@ fn attend_head_body<T: Float>(
     }
 }
 
+/// The scores of positions `j0 .. j0 + W`: `q . k_j` summed over d_k in W registers' lanes.
+#[inline(always)]
+fn score_block<T: Float, const W: usize>(
+    q: &[T],
+    k_t: &[T],
+    capacity: usize,
+    j0: usize,
+    scores: &mut [T],
+) {
+    let mut acc = [T::zero(); W];
+    for (c, &qc) in q.iter().enumerate() {
+        let k: &[T; W] = k_t[c * capacity + j0..][..W].try_into().expect("a block");
+        for l in 0..W {
+            acc[l] = qc.mul_add_(k[l], acc[l]);
+        }
+    }
+    scores[j0..j0 + W].copy_from_slice(&acc);
+}
+
 /// Positions a score block covers, and lanes of the reductions: one AVX-512 register of f32.
 const LANES: usize = 16;
 /// Independent accumulators of LANES each: enough to hide the latency of an add.
 const BLOCKS: usize = 4;
 
-/// `sum a_j b_j` in BLOCKS x LANES independent lanes.
+/// `sum a_j b_j` in BLOCKS x LANES independent lanes, then LANES, then one by one.
 #[inline(always)]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     const W: usize = BLOCKS * LANES;
+    let n = a.len().min(b.len());
+    let (wide, narrow) = (n / W * W, n / LANES * LANES);
     let mut acc = [T::zero(); W];
-    let (ca, cb) = (a.chunks_exact(W), b.chunks_exact(W));
-    let tail = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .fold(T::zero(), |s, (&x, &y)| s + x * y);
-    for (x, y) in ca.zip(cb) {
+    for (x, y) in a[..wide].chunks_exact(W).zip(b[..wide].chunks_exact(W)) {
         for l in 0..W {
-            acc[l] += x[l] * y[l];
+            acc[l] = x[l].mul_add_(y[l], acc[l]);
         }
     }
+    for (x, y) in a[wide..narrow]
+        .chunks_exact(LANES)
+        .zip(b[wide..narrow].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] = x[l].mul_add_(y[l], acc[l]);
+        }
+    }
+    let tail = a[narrow..n]
+        .iter()
+        .zip(&b[narrow..n])
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
     acc.iter().fold(tail, |s, &x| s + x)
 }
 

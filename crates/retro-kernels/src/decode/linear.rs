@@ -112,7 +112,7 @@ fn linear_group_body<T: Float>(w_t: &[T], b: &[T], x: &[T], y: &mut [T], accumul
             for (r, a) in acc.iter_mut().enumerate() {
                 let xi = x[r * n_in + i];
                 for k in 0..BLOCK {
-                    a[k] += xi * w[k];
+                    a[k] = xi.mul_add_(w[k], a[k]);
                 }
             }
         }
@@ -146,7 +146,7 @@ fn linear_row_body<T: Float>(w_t: &[T], b: &[T], x: &[T], y: &mut [T], accumulat
                     let w: &[T; BLOCK] =
                         w_t[i * n_out + j0..][..BLOCK].try_into().expect("a block");
                     for k in 0..BLOCK {
-                        p[k] += xi * w[k];
+                        p[k] = xi.mul_add_(w[k], p[k]);
                     }
                     i += 1;
                 }
@@ -154,7 +154,7 @@ fn linear_row_body<T: Float>(w_t: &[T], b: &[T], x: &[T], y: &mut [T], accumulat
             for &xi in xs.remainder() {
                 let w = &w_t[i * n_out + j0..][..BLOCK];
                 for k in 0..BLOCK {
-                    acc[k] += xi * w[k];
+                    acc[k] = xi.mul_add_(w[k], acc[k]);
                 }
                 i += 1;
             }
@@ -167,7 +167,7 @@ fn linear_row_body<T: Float>(w_t: &[T], b: &[T], x: &[T], y: &mut [T], accumulat
             for (i, &xi) in x.iter().enumerate() {
                 let w = &w_t[i * n_out + j0..][..width];
                 for k in 0..width {
-                    acc[k] += xi * w[k];
+                    acc[k] = xi.mul_add_(w[k], acc[k]);
                 }
             }
         }
