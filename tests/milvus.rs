@@ -5,8 +5,8 @@
 #![cfg(feature = "milvus")]
 
 use retro_index::{
-    testdata, BuildOptions, Corpus, Database, Document, Exclusion, Hit, KeyFilter, LexicalEmbedder,
-    LmTokenizer, MilvusIndexParams, MilvusLocation, OpenOptions,
+    testdata, BuildOptions, ChunkId, Corpus, Database, Document, DocumentId, Exclusion, Hit,
+    KeyFilter, LexicalEmbedder, LmTokenizer, MilvusIndexParams, MilvusLocation, OpenOptions,
 };
 use retro_pipeline::{Dataset, DatasetParams, Split};
 use std::path::{Path, PathBuf};
@@ -91,12 +91,12 @@ fn pair(url: &str, name: &str) -> (tempfile::TempDir, Database, Database, String
     (dir, embedded, milvus, store)
 }
 
-fn sample_keys(db: &Database, n: usize) -> (Vec<usize>, Vec<Vec<f32>>) {
+fn sample_keys(db: &Database, n: usize) -> (Vec<ChunkId>, Vec<Vec<f32>>) {
     let total = db.store().len();
-    let ids: Vec<usize> = (0..n).map(|i| i * total / n).collect();
+    let ids: Vec<ChunkId> = (0..n).map(|i| ChunkId(i * total / n)).collect();
     let keys = ids
         .iter()
-        .map(|&i| db.embeddings().row(i).to_vec())
+        .map(|&i| db.embeddings().row(i.0).to_vec())
         .collect();
     (ids, keys)
 }
@@ -163,9 +163,10 @@ fn the_same_document_filter_runs_inside_milvus_and_returns_exactly_k() {
     // A filter that leaves two documents: over-fetching the nearest and dropping would come
     // back short; Milvus filters inside the search.
     let n_docs = store.documents().len();
-    let keep = [n_docs - 2, n_docs - 1];
+    let keep = [DocumentId(n_docs - 2), DocumentId(n_docs - 1)];
     let two = KeyFilter {
         exclude: (0..n_docs)
+            .map(DocumentId)
             .filter(|d| !keep.contains(d))
             .map(Exclusion::document)
             .collect(),
@@ -230,7 +231,7 @@ fn a_dataset_built_on_milvus_passes_the_filter_audit() {
                 let id = id.expect("k neighbours exist");
                 let d = store.document_of(id);
                 assert_ne!(d, o.document, "{split:?} {i}: its own document");
-                assert_ne!(d, 3, "{split:?} {i}: a held-out document");
+                assert_ne!(d, DocumentId(3), "{split:?} {i}: a held-out document");
                 same += usize::from(Some(id) == other);
                 all += 1;
             }

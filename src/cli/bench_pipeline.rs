@@ -134,7 +134,7 @@ pub fn run(a: BenchPipelineArgs) -> anyhow::Result<()> {
     };
     let batches = cut_batches(&db, a.batch, a.seq_len, a.warmup + a.iters.max(1))?;
     let retrieve = bench_retrieve(&db, embedder.as_ref(), &tokenizer, &params, &batches)?;
-    let ids: Vec<usize> = batches[a.warmup.min(batches.len() - 1)..]
+    let ids: Vec<retro_index::ChunkId> = batches[a.warmup.min(batches.len() - 1)..]
         .iter()
         .flat_map(|b| b.chunk_ids.iter().copied())
         .collect();

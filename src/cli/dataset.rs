@@ -151,7 +151,7 @@ impl DatasetCmd {
                         .map(|(id, dist)| match id {
                             Some(id) => serde_json::json!({
                                 "chunk_id": id,
-                                "document_id": store.documents()[store.document_of(*id)].id,
+                                "document_id": store.document(store.document_of(*id)).id,
                                 "distance": dist,
                                 "text": tok.decode(&store.neighbour(*id)).unwrap_or_default(),
                             }),
@@ -162,7 +162,7 @@ impl DatasetCmd {
                 }
                 let out = serde_json::json!({
                     "sample": sample,
-                    "document_id": store.documents()[o.document].id,
+                    "document_id": store.document(o.document).id,
                     "start": o.start,
                     "filter": m.filter.to_string(),
                     "chunks": chunks,

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use retro_index::{read_corpus, CorpusOptions};
+use retro_index::{read_corpus, CorpusOptions, DocumentId};
 use retro_pipeline::{evaluate, EvalOptions, EvalReport, Retriever, Run, Scores};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -71,11 +71,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .flat_map(|m| m.held_out_documents.iter().map(|(_, id)| id.as_str()))
         .collect();
     let docs = db.store().documents();
-    let held_out_set: HashSet<usize> = (0..docs.len())
+    let held_out_set: HashSet<DocumentId> = (0..docs.len())
         .filter(|&d| held_ids.contains(docs[d].id.as_str()))
+        .map(DocumentId)
         .collect();
     let training_documents = if rdb.is_training_database() {
         (0..docs.len())
+            .map(DocumentId)
             .filter(|d| !held_out_set.contains(d))
             .collect()
     } else {

@@ -96,7 +96,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     match id {
                         Some(id) => println!(
                             "   #{j} chunk {id} of {} d={:.3}: {:?}",
-                            store.documents()[store.document_of(*id)].id,
+                            store.document(store.document_of(*id)).id,
                             neighbours.distances[j],
                             tokenizer.decode(&store.neighbour(*id)).unwrap_or_default()
                         ),

@@ -417,7 +417,7 @@ fn query(a: QueryArgs) -> anyhow::Result<()> {
         }
         for (rank, &(chunk, dist)) in hits.iter().enumerate() {
             let d = store.document_of(chunk);
-            let doc = &store.documents()[d];
+            let doc = store.document(d);
             let chunk_text = tokenizer.decode(store.chunk_tokens(chunk))?;
             let cont_text = tokenizer.decode(store.continuation(chunk))?;
             if a.json {

@@ -3,7 +3,7 @@
 //! embedding, search and gather; the dataset-precompute path (stored keys, search only); and the
 //! embedder's own throughput on the same chunk texts.
 
-use retro_index::{Database, Embedder, LmTokenizer};
+use retro_index::{ChunkId, Database, DocumentId, Embedder, LmTokenizer};
 use retro_pipeline::{
     Dataset, DatasetParams, Filter, Origin, PipelineError, Result, Retriever, Split, Timings,
 };
@@ -46,7 +46,7 @@ impl Default for PipelineBenchParams {
 pub struct BenchBatch {
     pub x: Vec<Vec<u32>>,
     pub origins: Vec<Origin>,
-    pub chunk_ids: Vec<usize>,
+    pub chunk_ids: Vec<ChunkId>,
 }
 
 /// Cuts `n` batches of `batch` sequences of `seq_len` tokens at chunk-aligned, non-overlapping
@@ -69,7 +69,7 @@ pub fn cut_batches(
     let store = db.store();
     let step = seq_len.div_ceil(cl) * cl;
     let mut seqs = vec![];
-    for d in 0..store.documents().len() {
+    for d in (0..store.documents().len()).map(DocumentId) {
         let len = store.document_tokens(d).len();
         let mut start = 0;
         while start + seq_len <= len {
@@ -97,8 +97,8 @@ pub fn cut_batches(
             let chunk_ids = origins
                 .iter()
                 .flat_map(|o| {
-                    let first = store.documents()[o.document].first_chunk as usize + o.start / cl;
-                    first..first + c
+                    let first = store.document(o.document).first_chunk as usize + o.start / cl;
+                    (first..first + c).map(ChunkId)
                 })
                 .collect();
             BenchBatch {
@@ -174,7 +174,7 @@ pub fn bench_retrieve(
         let keys: Vec<Vec<f32>> = b
             .chunk_ids
             .iter()
-            .map(|&id| db.embeddings().row(id).to_vec())
+            .map(|&id| db.embeddings().row(id.0).to_vec())
             .collect();
         let u = retriever.search(&keys, b.x.len(), c, Some(&b.origins), Filter::None)?;
         let s = retriever.search(&keys, b.x.len(), c, Some(&b.origins), params.filter)?;
@@ -271,7 +271,7 @@ pub fn bench_embedder(
     db: &Database,
     embedder: &dyn Embedder,
     tokenizer: &LmTokenizer,
-    chunk_ids: &[usize],
+    chunk_ids: &[ChunkId],
 ) -> Result<EmbedderReport> {
     let texts = chunk_ids
         .iter()

@@ -4,7 +4,7 @@
 //! 64, recall@k against exact search. Keys come from `--vectors E.npy` (e.g. real MiniLM keys from
 //! `retro index export-embeddings`) or `--synthetic N` clustered unit vectors.
 
-use retro_index::{mean_recall_at_k, Hit, HnswIndex, HnswParams};
+use retro_index::{mean_recall_at_k, ChunkId, DocumentId, Hit, HnswIndex, HnswParams};
 use std::time::Instant;
 
 /// One store's numbers.
@@ -217,8 +217,8 @@ pub fn milvus_run(
     // One document per 1,000 keys, as if chunked from documents; `add` sends them in batches.
     let refs: Vec<KeyRef> = (0..n)
         .map(|c| KeyRef {
-            chunk: c,
-            document: c / 1000,
+            chunk: ChunkId(c),
+            document: DocumentId(c / 1000),
             start: c % 1000,
         })
         .collect();

@@ -7,7 +7,7 @@ use crate::embeddings::{Embeddings, EMBEDDINGS_FILE};
 use crate::error::{IndexError, Result};
 use crate::fsutil::{is_hex, read_json, sha256_bytes, sha256_file, write_json_atomic, StagedDir};
 use crate::hnsw::{brute_force_batch, mean_recall_at_k, Hit, HnswIndex, HnswParams};
-use crate::ids::DatabaseId;
+use crate::ids::{ChunkId, DatabaseId};
 use crate::key_index::{EmbeddedIndex, KeyFilter, KeyIndex};
 use crate::store::{ChunkStore, CHUNKS_FILE, DOCUMENTS_FILE, TOKENS_FILE};
 use crate::tokenizer::{LmTokenizer, TOKENIZER_FILE};
@@ -344,9 +344,9 @@ fn build_milvus(
         let last = (first + step).min(n);
         let refs: Vec<KeyRef> = (first..last)
             .map(|c| KeyRef {
-                chunk: c,
-                document: store.document_of(c),
-                start: store.chunk_start(c),
+                chunk: ChunkId(c),
+                document: store.document_of(ChunkId(c)),
+                start: store.chunk_start(ChunkId(c)),
             })
             .collect();
         b.add(&vectors[first * dim..last * dim], &refs)?;
@@ -470,7 +470,7 @@ fn embed_chunks(
         let end = (start + batch).min(n);
         let texts: Vec<String> = (start..end)
             .into_par_iter()
-            .map(|i| tokenizer.decode(store.chunk_tokens(i)))
+            .map(|i| tokenizer.decode(store.chunk_tokens(ChunkId(i))))
             .collect::<Result<_>>()?;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let vs = embedder.embed(&refs)?;

@@ -4,6 +4,7 @@
 use crate::distance::DistUnitDot;
 use crate::error::{IndexError, Result};
 use crate::flat::FlatGraph;
+use crate::ids::ChunkId;
 use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
 use rayon::prelude::*;
 use std::path::Path;
@@ -49,7 +50,7 @@ const MAX_LAYER: usize = 16;
 const INSERT_BLOCK: usize = 2048;
 
 /// A search hit: chunk id and distance `1 - cosine` (0 = identical direction).
-pub type Hit = (usize, f32);
+pub type Hit = (ChunkId, f32);
 
 /// The HNSW graph over chunk keys.
 pub struct HnswIndex {
@@ -170,13 +171,17 @@ impl HnswIndex {
         }
         let ef = ef.max(k);
         if let (None, Some(flat)) = (filter, &self.flat) {
-            return flat.search(q, k, ef);
+            return flat
+                .search(q, k, ef)
+                .into_iter()
+                .map(|(c, d)| (ChunkId(c), d))
+                .collect();
         }
         let mut hits: Vec<Hit> = self
             .hnsw
             .search_filter(q, k, ef, filter)
             .into_iter()
-            .map(|n| (n.d_id, n.distance))
+            .map(|n| (ChunkId(n.d_id), n.distance))
             .collect();
         hits.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
         hits
@@ -213,10 +218,10 @@ impl HnswIndex {
         query: &[f32],
         k: usize,
         ef: Option<usize>,
-        keep: &(dyn Fn(usize) -> bool + Sync),
+        keep: &(dyn Fn(ChunkId) -> bool + Sync),
     ) -> Result<Vec<Hit>> {
         check_vector(query, self.dim, "query")?;
-        let f = |id: &usize| keep(*id);
+        let f = |id: &usize| keep(ChunkId(*id));
         let mut ef = ef.unwrap_or(self.params.ef_search).max(k);
         loop {
             let hits = self.hits(query, k, ef, Some(&f));
@@ -300,7 +305,7 @@ impl HnswIndex {
             .hnsw
             .search(query, k, ef)
             .into_iter()
-            .map(|n| (n.d_id, n.distance))
+            .map(|n| (ChunkId(n.d_id), n.distance))
             .collect();
         hits.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
         Ok(hits)
@@ -350,7 +355,7 @@ pub fn brute_force(vectors: &[f32], dim: usize, query: &[f32], k: usize) -> Vec<
     }
     best.into_sorted_vec()
         .into_iter()
-        .map(|Worst(d, i)| (i, d))
+        .map(|Worst(d, i)| (ChunkId(i), d))
         .collect()
 }
 

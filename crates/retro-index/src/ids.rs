@@ -24,3 +24,32 @@ impl fmt::Display for DatabaseId {
         f.write_str(&self.0)
     }
 }
+
+/// A chunk of a database's store: its index, `0 .. chunks`, in document order. Hits, neighbours
+/// and filters name chunks by it. Serialised as the bare number.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct ChunkId(pub usize);
+
+/// A document of a database's corpus: its index, `0 .. documents`, in corpus order (its name is
+/// in `documents.json`). Serialised as the bare number.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct DocumentId(pub usize);
+
+// Displayed as the bare index, as the files and Milvus' filter expressions hold it.
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Display for DocumentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}

@@ -5,6 +5,7 @@
 
 use crate::error::Result;
 use crate::hnsw::{Hit, HnswIndex};
+use crate::ids::{ChunkId, DocumentId};
 use crate::store::ChunkStore;
 use std::ops::Range;
 use std::sync::Arc;
@@ -12,13 +13,13 @@ use std::sync::Arc;
 /// Chunks that must not be returned: those of `document` whose start token lies in `starts`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exclusion {
-    pub document: usize,
+    pub document: DocumentId,
     pub starts: Range<usize>,
 }
 
 impl Exclusion {
     /// Every chunk of `document`.
-    pub fn document(document: usize) -> Self {
+    pub fn document(document: DocumentId) -> Self {
         Self {
             document,
             starts: 0..usize::MAX,
@@ -40,7 +41,7 @@ impl KeyFilter {
     }
 
     /// Whether a chunk of `document` starting at token `start` may be returned.
-    pub fn keeps(&self, document: usize, start: usize) -> bool {
+    pub fn keeps(&self, document: DocumentId, start: usize) -> bool {
         !self
             .exclude
             .iter()
@@ -66,8 +67,8 @@ pub struct IndexDescription {
 /// A chunk's key with what a filter needs to know of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyRef {
-    pub chunk: usize,
-    pub document: usize,
+    pub chunk: ChunkId,
+    pub document: DocumentId,
     pub start: usize,
 }
 
@@ -185,7 +186,7 @@ impl KeyIndex for EmbeddedIndex {
                 if f.is_empty() {
                     return self.hnsw.search(q, k, ef);
                 }
-                let keep = |c: usize| f.keeps(store.document_of(c), store.chunk_start(c));
+                let keep = |c: ChunkId| f.keeps(store.document_of(c), store.chunk_start(c));
                 // Over-fetch from the fast unfiltered search first; fall back to the graph's
                 // filtered walk only when too few candidates survive.
                 let over = (8 * k).max(32);
@@ -209,16 +210,21 @@ mod tests {
     fn filter_keeps_what_no_exclusion_covers() {
         let f = KeyFilter {
             exclude: vec![
-                Exclusion::document(3),
+                Exclusion::document(DocumentId(3)),
                 Exclusion {
-                    document: 1,
+                    document: DocumentId(1),
                     starts: 10..20,
                 },
             ],
         };
-        assert!(!f.keeps(3, 0) && !f.keeps(3, usize::MAX - 1));
-        assert!(f.keeps(1, 9) && !f.keeps(1, 10) && !f.keeps(1, 19) && f.keeps(1, 20));
-        assert!(f.keeps(0, 15));
-        assert!(KeyFilter::default().keeps(3, 0));
+        assert!(!f.keeps(DocumentId(3), 0) && !f.keeps(DocumentId(3), usize::MAX - 1));
+        assert!(
+            f.keeps(DocumentId(1), 9)
+                && !f.keeps(DocumentId(1), 10)
+                && !f.keeps(DocumentId(1), 19)
+                && f.keeps(DocumentId(1), 20)
+        );
+        assert!(f.keeps(DocumentId(0), 15));
+        assert!(KeyFilter::default().keeps(DocumentId(3), 0));
     }
 }

@@ -15,7 +15,7 @@
 //! - [`database`]: [`Database::build`] (atomic) and [`Database::open`] (validated).
 //!
 //! ```
-//! use retro_index::{BuildOptions, Corpus, Database, Document, HnswParams, LexicalEmbedder, LmTokenizer};
+//! use retro_index::{BuildOptions, Corpus, Database, Document, DocumentId, HnswParams, LexicalEmbedder, LmTokenizer};
 //!
 //! let corpus = Corpus::from_documents([
 //!     Document { id: "a".into(), source: "mem".into(), text: "The cat sat on the mat. ".repeat(8) },
@@ -31,12 +31,12 @@
 //! db.check_compatible(&tokenizer)?;
 //! let hits = db.search_texts(&embedder, &["quantum fields"], 3, None)?;
 //! let (chunk, _distance) = hits[0][0];
-//! assert_eq!(db.store().documents()[db.store().document_of(chunk)].id, "b");
+//! assert_eq!(db.store().document(db.store().document_of(chunk)).id, "b");
 //! // The same-document filter: nothing from document 1 ("b").
-//! let key = db.embeddings().row(chunk).to_vec();
-//! let no_b = retro_index::KeyFilter { exclude: vec![retro_index::Exclusion::document(1)] };
+//! let key = db.embeddings().row(chunk.0).to_vec(); // a ChunkId's index is its key's row
+//! let no_b = retro_index::KeyFilter { exclude: vec![retro_index::Exclusion::document(DocumentId(1))] };
 //! let other = db.search_filtered(&[key], 3, None, &[no_b])?;
-//! assert!(other[0].iter().all(|&(c, _)| db.store().document_of(c) == 0));
+//! assert!(other[0].iter().all(|&(c, _)| db.store().document_of(c) == DocumentId(0)));
 //! let value = db.store().neighbour(chunk); // chunk + continuation, 2 * chunk_len tokens
 //! assert_eq!(value.len(), 32);
 //! println!("{}", tokenizer.decode(&value)?);
@@ -79,7 +79,7 @@ pub use error::{IndexError, Result};
 pub use hnsw::{
     brute_force, brute_force_batch, mean_recall_at_k, recall_at_k, Hit, HnswIndex, HnswParams,
 };
-pub use ids::DatabaseId;
+pub use ids::{ChunkId, DatabaseId, DocumentId};
 pub use key_index::{EmbeddedIndex, Exclusion, IndexDescription, KeyFilter, KeyIndex, KeyRef};
 pub use lexical::{LexicalEmbedder, LexicalFeatures};
 pub use store::{ChunkEntry, ChunkStore, DocumentEntry};

@@ -10,6 +10,7 @@
 
 use crate::error::{IndexError, Result};
 use crate::hnsw::Hit;
+use crate::ids::ChunkId;
 use crate::key_index::{
     check_filters, IndexDescription, KeyFilter, KeyIndex, KeyIndexBuilder, KeyRef,
 };
@@ -247,8 +248,8 @@ impl KeyIndexBuilder for MilvusBuilder {
                     part.iter().map(|r| f(r) as i64).collect()
                 };
                 Ok(vec![
-                    FieldColumn::new(self.field(CHUNK)?, ints(|r| r.chunk)),
-                    FieldColumn::new(self.field(DOCUMENT)?, ints(|r| r.document)),
+                    FieldColumn::new(self.field(CHUNK)?, ints(|r| r.chunk.0)),
+                    FieldColumn::new(self.field(DOCUMENT)?, ints(|r| r.document.0)),
                     FieldColumn::new(self.field(START)?, ints(|r| r.start)),
                     FieldColumn::new(self.field(KEY)?, rows.to_vec()),
                 ])
@@ -372,7 +373,7 @@ pub fn filter_expression(f: &KeyFilter) -> String {
     f.exclude
         .iter()
         .map(|e| {
-            let d = e.document;
+            let d = e.document.0;
             let (lo, hi) = (e.starts.start, e.starts.end);
             match (lo, hi) {
                 (0, usize::MAX) => format!("{DOCUMENT} != {d}"),
@@ -528,7 +529,7 @@ impl MilvusIndex {
                     .zip(&r.score)
                     .map(|(id, &score)| match id {
                         Value::Long(c) if *c >= 0 && (*c as usize) < self.record.count => {
-                            Ok((*c as usize, 1.0 - score))
+                            Ok((ChunkId(*c as usize), 1.0 - score))
                         }
                         v => Err(store_error(
                             &conn.loc,
@@ -604,19 +605,20 @@ impl KeyIndex for MilvusIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::DocumentId;
     use crate::key_index::Exclusion;
 
     #[test]
     fn expressions_say_what_the_filter_says() {
         let f = KeyFilter {
             exclude: vec![
-                Exclusion::document(3),
+                Exclusion::document(DocumentId(3)),
                 Exclusion {
-                    document: 1,
+                    document: DocumentId(1),
                     starts: 5..usize::MAX,
                 },
                 Exclusion {
-                    document: 2,
+                    document: DocumentId(2),
                     starts: 0..40,
                 },
             ],

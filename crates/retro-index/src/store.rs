@@ -3,6 +3,7 @@
 
 use crate::error::{IndexError, Result};
 use crate::fsutil::{check_header, header, map_file, read_json, write_atomic, write_json_atomic};
+use crate::ids::{ChunkId, DocumentId};
 use std::ops::Range;
 use std::path::Path;
 
@@ -248,22 +249,22 @@ impl ChunkStore {
         self.all_tokens().len()
     }
     /// The chunk table row of chunk `i`. Panics if `i >= len()`.
-    pub fn chunk(&self, i: usize) -> ChunkEntry {
-        self.entries()[i]
+    pub fn chunk(&self, i: ChunkId) -> ChunkEntry {
+        self.entries()[i.0]
     }
     /// The real (unpadded) tokens of chunk `i`: `chunk_len` of them except for a document's last chunk.
-    pub fn chunk_tokens(&self, i: usize) -> &[u32] {
+    pub fn chunk_tokens(&self, i: ChunkId) -> &[u32] {
         let c = self.chunk(i);
         &self.all_tokens()[c.offset as usize..c.offset as usize + c.len as usize]
     }
     /// Chunk `i` padded with the pad id to exactly `chunk_len` tokens.
-    pub fn chunk_padded(&self, i: usize) -> Vec<u32> {
+    pub fn chunk_padded(&self, i: ChunkId) -> Vec<u32> {
         let mut v = self.chunk_tokens(i).to_vec();
         v.resize(self.chunk_len, self.pad_id);
         v
     }
     /// The continuation of chunk `i`: the next `chunk_len` tokens of the same document (fewer at its end).
-    pub fn continuation(&self, i: usize) -> &[u32] {
+    pub fn continuation(&self, i: ChunkId) -> &[u32] {
         let c = self.chunk(i);
         let doc = &self.documents[c.doc as usize];
         let start = c.offset + c.len as u64;
@@ -272,7 +273,7 @@ impl ChunkStore {
     }
     /// The RETRO neighbour value: chunk `i` followed by its continuation, padded to exactly `2 * chunk_len`.
     /// Never contains tokens of another document.
-    pub fn neighbour(&self, i: usize) -> Vec<u32> {
+    pub fn neighbour(&self, i: ChunkId) -> Vec<u32> {
         let mut v = Vec::with_capacity(2 * self.chunk_len);
         v.extend_from_slice(self.chunk_tokens(i));
         v.resize(self.chunk_len, self.pad_id);
@@ -280,26 +281,30 @@ impl ChunkStore {
         v.resize(2 * self.chunk_len, self.pad_id);
         v
     }
-    /// Index of the document chunk `i` belongs to.
-    pub fn document_of(&self, i: usize) -> usize {
-        self.chunk(i).doc as usize
+    /// The document chunk `i` belongs to.
+    pub fn document_of(&self, i: ChunkId) -> DocumentId {
+        DocumentId(self.chunk(i).doc as usize)
     }
     /// Token position of chunk `i` within its document (for window filters).
-    pub fn chunk_start(&self, i: usize) -> usize {
+    pub fn chunk_start(&self, i: ChunkId) -> usize {
         let c = self.chunk(i);
         (c.offset - self.documents[c.doc as usize].token_offset) as usize
     }
     pub fn documents(&self) -> &[DocumentEntry] {
         &self.documents
     }
-    /// The chunks of document `d`.
-    pub fn chunks_of_document(&self, d: usize) -> Range<usize> {
-        let doc = &self.documents[d];
+    /// The document table row of document `d`. Panics if `d` is not one of the store's.
+    pub fn document(&self, d: DocumentId) -> &DocumentEntry {
+        &self.documents[d.0]
+    }
+    /// The chunks of document `d`: `ChunkId(i)` for each `i` of the range.
+    pub fn chunks_of_document(&self, d: DocumentId) -> Range<usize> {
+        let doc = &self.documents[d.0];
         doc.first_chunk as usize..(doc.first_chunk + doc.chunk_count) as usize
     }
     /// All tokens of document `d`.
-    pub fn document_tokens(&self, d: usize) -> &[u32] {
-        let doc = &self.documents[d];
+    pub fn document_tokens(&self, d: DocumentId) -> &[u32] {
+        let doc = &self.documents[d.0];
         &self.all_tokens()[doc.token_offset as usize..(doc.token_offset + doc.token_count) as usize]
     }
 }

@@ -1,7 +1,7 @@
 //! Building, reopening and refusing broken or mismatched databases.
 
 use retro_index::{
-    BuildOptions, Corpus, Database, Document, Embedder, Exclusion, IndexError, KeyFilter,
+    BuildOptions, ChunkId, Corpus, Database, Document, Embedder, Exclusion, IndexError, KeyFilter,
     LexicalEmbedder, LmTokenizer, OpenOptions,
 };
 use std::path::Path;
@@ -78,7 +78,7 @@ fn build_open_search_and_counts() {
     let own = db.search(db.embeddings().row(10), 1).unwrap();
     assert!(own[0].1 < 1e-5);
     // self-retrieval filter
-    let d = db.store().document_of(10);
+    let d = db.store().document_of(ChunkId(10));
     let other = db
         .search_filtered(
             &[db.embeddings().row(10).to_vec()],

@@ -12,8 +12,8 @@ use retro_index::database::{Manifest, MANIFEST_FILE};
 use retro_index::fsutil::sha256_bytes;
 use retro_index::testdata::mutate;
 use retro_index::{
-    read_npy, write_npy, BuildOptions, Corpus, Database, Document, Exclusion, KeyFilter,
-    LexicalEmbedder, LmTokenizer,
+    read_npy, write_npy, BuildOptions, ChunkId, Corpus, Database, Document, DocumentId, Exclusion,
+    KeyFilter, LexicalEmbedder, LmTokenizer,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -47,16 +47,16 @@ fn exercise(db: &Database) {
         3,
         None,
         &[KeyFilter {
-            exclude: vec![Exclusion::document(0)],
+            exclude: vec![Exclusion::document(DocumentId(0))],
         }],
     );
     let tok = db.tokenizer();
     let store = db.store();
     for i in [0, store.len() / 2, store.len().saturating_sub(1)] {
         if i < store.len() {
-            let _ = tok.decode(store.chunk_tokens(i));
-            let _ = tok.decode(&store.neighbour(i));
-            let _ = store.document_of(i);
+            let _ = tok.decode(store.chunk_tokens(ChunkId(i)));
+            let _ = tok.decode(&store.neighbour(ChunkId(i)));
+            let _ = store.document_of(ChunkId(i));
         }
     }
     let _ = db.recall(4, 2, None);

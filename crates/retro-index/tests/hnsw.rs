@@ -61,10 +61,10 @@ fn recall_at_10_and_reload() {
 
     // filtered search: only even ids
     let even = idx
-        .search_filtered(&queries[1], 10, None, &|id| id % 2 == 0)
+        .search_filtered(&queries[1], 10, None, &|id| id.0 % 2 == 0)
         .unwrap();
     assert_eq!(even.len(), 10);
-    assert!(even.iter().all(|(id, _)| id % 2 == 0));
+    assert!(even.iter().all(|(id, _)| id.0 % 2 == 0));
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn zero_and_nan_vectors_do_not_panic() {
     assert!(HnswIndex::build(&bad, dim, HnswParams::default(), None).is_err());
     // a vector already in the index finds itself at distance ~0
     let me = idx.search(&v[7 * dim..8 * dim], 1, None).unwrap();
-    assert_eq!(me[0].0, 7);
+    assert_eq!(me[0].0 .0, 7);
     assert!(me[0].1 >= 0.0 && me[0].1 < 1e-5);
     assert!(idx.search(&v[..dim], 0, None).unwrap().is_empty());
 }
@@ -112,7 +112,7 @@ fn brute_force_is_a_full_sort_truncated_and_holds_only_k() {
             assert_eq!(got.len(), k.min(n));
             assert!(got.capacity() <= k.min(n) + 1, "k {k}: {}", got.capacity());
             for (g, e) in got.iter().zip(&all) {
-                assert_eq!(g.0, e.0, "k {k}");
+                assert_eq!(g.0 .0, e.0, "k {k}");
                 assert!((g.1 - e.1).abs() < 1e-5, "k {k}: {} vs {}", g.1, e.1);
             }
         }

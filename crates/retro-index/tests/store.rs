@@ -1,6 +1,6 @@
 //! Chunking, padding, neighbours and the memory-mapped round trip.
 
-use retro_index::ChunkStore;
+use retro_index::{ChunkId, ChunkStore, DocumentId};
 
 #[test]
 fn chunks_never_cross_documents_and_pad() {
@@ -34,34 +34,43 @@ fn chunks_never_cross_documents_and_pad() {
     assert_eq!(s.pad_id(), pad);
     // every chunk lies inside its document
     for i in 0..s.len() {
-        let d = s.document_of(i);
+        let d = s.document_of(ChunkId(i));
         let doc = s.document_tokens(d);
-        let start = s.chunk_start(i);
-        assert_eq!(s.chunk_tokens(i), &doc[start..(start + 4).min(doc.len())]);
+        let start = s.chunk_start(ChunkId(i));
+        assert_eq!(
+            s.chunk_tokens(ChunkId(i)),
+            &doc[start..(start + 4).min(doc.len())]
+        );
         assert!(s.chunks_of_document(d).contains(&i));
-        assert_eq!(s.chunk_padded(i).len(), 4);
-        let nb = s.neighbour(i);
+        assert_eq!(s.chunk_padded(ChunkId(i)).len(), 4);
+        let nb = s.neighbour(ChunkId(i));
         assert_eq!(nb.len(), 8);
         // chunk + continuation = the document's tokens from start, then padding; never another document
         let real: Vec<u32> = doc[start..(start + 8).min(doc.len())].to_vec();
-        let mut expect = s.chunk_tokens(i).to_vec();
+        let mut expect = s.chunk_tokens(ChunkId(i)).to_vec();
         expect.resize(4, pad);
-        expect.extend_from_slice(&real[s.chunk_tokens(i).len()..]);
+        expect.extend_from_slice(&real[s.chunk_tokens(ChunkId(i)).len()..]);
         expect.resize(8, pad);
         assert_eq!(nb, expect, "chunk {i}");
     }
     // spot checks
-    assert_eq!(s.chunk_tokens(2), &[8, 9]);
-    assert_eq!(s.chunk_padded(2), vec![8, 9, pad, pad]);
-    assert_eq!(s.neighbour(0), vec![0, 1, 2, 3, 4, 5, 6, 7]);
-    assert_eq!(s.neighbour(1), vec![4, 5, 6, 7, 8, 9, pad, pad]);
-    assert_eq!(s.neighbour(2), vec![8, 9, pad, pad, pad, pad, pad, pad]);
-    assert_eq!(s.neighbour(3), vec![100, 101, 102, 103, pad, pad, pad, pad]); // not 200..
-    assert_eq!(s.chunks_of_document(2), 4..4);
-    assert_eq!(s.document_of(4), 3);
-    assert_eq!(s.chunk_start(5), 4);
+    assert_eq!(s.chunk_tokens(ChunkId(2)), &[8, 9]);
+    assert_eq!(s.chunk_padded(ChunkId(2)), vec![8, 9, pad, pad]);
+    assert_eq!(s.neighbour(ChunkId(0)), vec![0, 1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(s.neighbour(ChunkId(1)), vec![4, 5, 6, 7, 8, 9, pad, pad]);
+    assert_eq!(
+        s.neighbour(ChunkId(2)),
+        vec![8, 9, pad, pad, pad, pad, pad, pad]
+    );
+    assert_eq!(
+        s.neighbour(ChunkId(3)),
+        vec![100, 101, 102, 103, pad, pad, pad, pad]
+    ); // not 200..
+    assert_eq!(s.chunks_of_document(DocumentId(2)), 4..4);
+    assert_eq!(s.document_of(ChunkId(4)), DocumentId(3));
+    assert_eq!(s.chunk_start(ChunkId(5)), 4);
     assert_eq!(s.documents()[3].id, "c");
-    assert_eq!(s.document_tokens(4), &[300, 301, 302, 303, 304]);
+    assert_eq!(s.document_tokens(DocumentId(4)), &[300, 301, 302, 303, 304]);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use retro_index::database::FileInfo;
 use retro_index::fsutil::{is_hex, read_json, write_atomic, write_json_atomic, StagedDir};
-use retro_index::{Database, DatabaseId};
+use retro_index::{ChunkId, Database, DatabaseId, DocumentId};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -100,7 +100,7 @@ pub struct DatasetMeta {
     #[serde(default)]
     pub novel_fraction: f64,
     /// Indices and ids of the held-out (validation) documents.
-    pub held_out_documents: Vec<(usize, String)>,
+    pub held_out_documents: Vec<(DocumentId, String)>,
     /// Training documents too short for one sequence of `seq_len + 1` tokens.
     pub skipped_short_documents: usize,
     pub train: SplitInfo,
@@ -215,10 +215,13 @@ impl DatasetMeta {
         }
         let docs = db.store().documents();
         for (i, id) in &self.held_out_documents {
-            if docs.get(*i).is_none_or(|d| &d.id != id) {
+            if docs.get(i.0).is_none_or(|d| &d.id != id) {
                 return Err(PipelineError::file(
                     path,
-                    format!("held_out_documents: ({i}, {id:?}) is not a document of the database"),
+                    format!(
+                        "held_out_documents: ({}, {id:?}) is not a document of the database",
+                        i.0
+                    ),
                 ));
             }
         }
@@ -305,7 +308,7 @@ fn u32_bytes(v: &[u32]) -> Vec<u8> {
 /// tokens give none.
 fn cut_sequences(
     db: &Database,
-    docs: &[usize],
+    docs: &[DocumentId],
     seq_len: usize,
     rng: &mut rand::rngs::StdRng,
 ) -> Vec<Origin> {
@@ -369,7 +372,9 @@ impl Dataset {
         let retriever = Retriever::for_keys(db, params.k)?.with_excluded_documents(held.clone());
         // A one-document corpus' validation tail never feeds the training sequences' neighbours.
         let train_retriever = match (n_docs, splits.valid.iter().map(|o| o.start).min()) {
-            (1, Some(from)) if held.is_empty() => retriever.clone().with_excluded_tail(0, from),
+            (1, Some(from)) if held.is_empty() => {
+                retriever.clone().with_excluded_tail(DocumentId(0), from)
+            }
             _ => retriever.clone(),
         };
         // The shuffled order is seeded, so its first sequences are a seeded sample.
@@ -400,8 +405,8 @@ impl Dataset {
             out,
             &mut step,
         )?;
-        let mut held_out_documents: Vec<(usize, String)> =
-            held.iter().map(|&d| (d, docs[d].id.clone())).collect();
+        let mut held_out_documents: Vec<(DocumentId, String)> =
+            held.iter().map(|&d| (d, docs[d.0].id.clone())).collect();
         held_out_documents.sort();
         let mut files = BTreeMap::new();
         for split in [Split::Train, Split::Valid] {
@@ -512,12 +517,12 @@ impl Dataset {
             let origins = raw
                 .chunks_exact(8)
                 .map(|b| Origin {
-                    document: u32::from_le_bytes(b[..4].try_into().unwrap()) as usize,
+                    document: DocumentId(u32::from_le_bytes(b[..4].try_into().unwrap()) as usize),
                     start: u32::from_le_bytes(b[4..].try_into().unwrap()) as usize,
                 })
                 .collect::<Vec<_>>();
             for o in &origins {
-                if o.document >= db.store().documents().len()
+                if o.document.0 >= db.store().documents().len()
                     || o.start + meta.seq_len + 1 > db.store().document_tokens(o.document).len()
                 {
                     return Err(PipelineError::file(
@@ -599,7 +604,7 @@ impl Dataset {
     }
 
     /// Neighbour chunk ids (`None`: padded) and distances of sequence `i`, `[C][K]` row-major.
-    pub fn neighbours(&self, s: Split, i: usize) -> Vec<(Option<usize>, f32)> {
+    pub fn neighbours(&self, s: Split, i: usize) -> Vec<(Option<ChunkId>, f32)> {
         let per = (self.meta.seq_len / self.meta.chunk_len) * self.meta.k;
         let d = self.split(s);
         let (Some(ids), Some(dists)) = (&d.neighbours, &d.distances) else {
@@ -611,7 +616,7 @@ impl Dataset {
             .zip(dists.chunks_exact(4))
             .map(|(&id, b)| {
                 (
-                    (id != NO_CHUNK).then_some(id as usize),
+                    (id != NO_CHUNK).then_some(ChunkId(id as usize)),
                     f32::from_le_bytes(b.try_into().unwrap()),
                 )
             })
@@ -767,10 +772,10 @@ fn held_out_documents(
     db: &Database,
     params: &DatasetParams,
     rng: &mut rand::rngs::StdRng,
-) -> Result<HashSet<usize>> {
+) -> Result<HashSet<DocumentId>> {
     let docs = db.store().documents();
     let n_docs = docs.len();
-    let mut held: HashSet<usize> = docs
+    let mut held: HashSet<DocumentId> = docs
         .iter()
         .enumerate()
         .filter(|(_, d)| {
@@ -780,7 +785,7 @@ fn held_out_documents(
                     .iter()
                     .any(|m| d.id.contains(m.as_str()))
         })
-        .map(|(i, _)| i)
+        .map(|(i, _)| DocumentId(i))
         .collect();
     for m in &params.held_out_matching {
         if !docs.iter().any(|d| d.id.contains(m.as_str())) {
@@ -805,7 +810,7 @@ fn held_out_documents(
         let mut order: Vec<usize> = (0..n_docs).collect();
         order.shuffle(rng);
         let n = ((n_docs as f64 * params.valid_fraction).round() as usize).clamp(1, n_docs - 1);
-        held.extend(order.into_iter().take(n));
+        held.extend(order.into_iter().take(n).map(DocumentId));
     }
     if held.len() == n_docs && n_docs > 0 {
         return Err(PipelineError::invalid(
@@ -829,13 +834,19 @@ struct Splits {
 fn split_sequences(
     db: &Database,
     params: &DatasetParams,
-    held: &HashSet<usize>,
+    held: &HashSet<DocumentId>,
     rng: &mut rand::rngs::StdRng,
 ) -> Result<Splits> {
     let store = db.store();
     let n_docs = store.documents().len();
-    let train_docs: Vec<usize> = (0..n_docs).filter(|d| !held.contains(d)).collect();
-    let valid_docs: Vec<usize> = (0..n_docs).filter(|d| held.contains(d)).collect();
+    let train_docs: Vec<DocumentId> = (0..n_docs)
+        .map(DocumentId)
+        .filter(|d| !held.contains(d))
+        .collect();
+    let valid_docs: Vec<DocumentId> = (0..n_docs)
+        .map(DocumentId)
+        .filter(|d| held.contains(d))
+        .collect();
     let mut train = cut_sequences(db, &train_docs, params.seq_len, rng);
     let mut valid = cut_sequences(db, &valid_docs, params.seq_len, rng);
     let skipped_short_documents = train_docs
@@ -892,7 +903,7 @@ fn write_split(
         let keys: Vec<Vec<f32>> = group
             .iter()
             .flat_map(|o| {
-                let first = store.documents()[o.document].first_chunk as usize + o.start / cl;
+                let first = store.document(o.document).first_chunk as usize + o.start / cl;
                 (0..c).map(move |u| first + u)
             })
             .map(|chunk| db.embeddings().row(chunk).to_vec())
@@ -910,7 +921,7 @@ fn write_split(
         ids.extend(
             n.chunk_ids
                 .iter()
-                .map(|id| id.map_or(NO_CHUNK, |i| i as u32)),
+                .map(|id| id.map_or(NO_CHUNK, |i| i.0 as u32)),
         );
         dists.extend(&n.distances);
         padded += n.padded;
@@ -919,7 +930,7 @@ fn write_split(
     let name = split.name();
     let flat: Vec<u32> = origins
         .iter()
-        .flat_map(|o| [o.document as u32, o.start as u32])
+        .flat_map(|o| [o.document.0 as u32, o.start as u32])
         .collect();
     write_bytes(&out.join(format!("{name}.origins")), &u32_bytes(&flat))?;
     write_bytes(&out.join(format!("{name}.neighbours")), &u32_bytes(&ids))?;

@@ -17,7 +17,7 @@ use crate::filter::Filter;
 use crate::gate::{longest_common_substring, Gate};
 use crate::retriever::{Neighbours, Retriever};
 use candle_core::{DType, Tensor};
-use retro_index::{ChunkStore, Corpus, DatabaseId, LmTokenizer};
+use retro_index::{ChunkStore, Corpus, DatabaseId, DocumentId, LmTokenizer};
 use retro_model::RetroModel;
 use std::collections::HashSet;
 
@@ -138,9 +138,9 @@ pub struct EvalOptions {
     pub max_tokens: Option<usize>,
     /// Database documents of the held-out set (e.g. the dataset's held-out documents): excluded in the
     /// novel condition.
-    pub held_out_set: HashSet<usize>,
+    pub held_out_set: HashSet<DocumentId>,
     /// Database documents the model was trained on: scoring one is an error unless allowed.
-    pub training_documents: HashSet<usize>,
+    pub training_documents: HashSet<DocumentId>,
     pub allow_training_documents: bool,
 }
 
@@ -202,8 +202,9 @@ struct Sums {
 }
 
 /// Database documents whose tokens equal `tokens`.
-fn same_content(store: &ChunkStore, tokens: &[u32]) -> Vec<usize> {
+fn same_content(store: &ChunkStore, tokens: &[u32]) -> Vec<DocumentId> {
     (0..store.documents().len())
+        .map(DocumentId)
         .filter(|&d| store.document_tokens(d) == tokens)
         .collect()
 }
@@ -247,7 +248,7 @@ pub fn evaluate(
                             "its text is the database document {:?}, which the model was trained \
                              on; scoring it measures memorisation (pass --allow-training-documents \
                              to do it anyway)",
-                            store.documents()[d].id
+                            store.document(d).id
                         ),
                     ));
                 }
@@ -255,7 +256,7 @@ pub fn evaluate(
             }
         }
     }
-    let conditions: Vec<(Condition, HashSet<usize>)> = match retrieval {
+    let conditions: Vec<(Condition, HashSet<DocumentId>)> = match retrieval {
         None => vec![],
         Some(_) => vec![
             (Condition::Related, itself.clone()),
@@ -368,10 +369,10 @@ pub fn evaluate(
         ));
     }
     let store = retriever.map(|r| r.database().store());
-    let names = |ex: &HashSet<usize>| -> Vec<String> {
+    let names = |ex: &HashSet<DocumentId>| -> Vec<String> {
         let mut v: Vec<String> = ex
             .iter()
-            .filter_map(|&d| store.map(|s| s.documents()[d].id.clone()))
+            .filter_map(|&d| store.map(|s| s.document(d).id.clone()))
             .collect();
         v.sort();
         v

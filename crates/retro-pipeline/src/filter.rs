@@ -1,16 +1,16 @@
 //! The self-retrieval filters: which database chunks may serve as neighbours of a query chunk.
 
-use retro_index::{ChunkStore, Exclusion, KeyFilter};
+use retro_index::{ChunkId, ChunkStore, DocumentId, Exclusion, KeyFilter};
 use std::collections::HashMap;
 
 /// Database regions that never serve as neighbours: per document, the token position from which
 /// a candidate whose value (chunk + continuation) reaches it is dropped; 0 drops the whole document.
-pub type Excluded = HashMap<usize, usize>;
+pub type Excluded = HashMap<DocumentId, usize>;
 
 /// Where a sequence comes from in the database: its document and the token position of its start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
-    pub document: usize,
+    pub document: DocumentId,
     pub start: usize,
 }
 
@@ -110,7 +110,7 @@ impl Filter {
     pub fn keeps(
         &self,
         store: &ChunkStore,
-        cand: usize,
+        cand: ChunkId,
         origin: Option<Origin>,
         query_start: usize,
         excluded: &Excluded,
@@ -128,7 +128,7 @@ mod tests {
     fn keeps_by_definition(
         f: Filter,
         cl: usize,
-        doc: usize,
+        doc: DocumentId,
         start: usize,
         origin: Option<Origin>,
         query_start: usize,
@@ -152,7 +152,9 @@ mod tests {
     #[test]
     fn key_filter_matches_the_definitions() {
         let cl = 4;
-        let excluded: Excluded = [(2, 0), (1, 37)].into_iter().collect();
+        let excluded: Excluded = [(DocumentId(2), 0), (DocumentId(1), 37)]
+            .into_iter()
+            .collect();
         for f in [
             Filter::None,
             Filter::SameDocument,
@@ -162,13 +164,13 @@ mod tests {
         ] {
             for o_start in [0, 3, 8, 40] {
                 let origin = Origin {
-                    document: 1,
+                    document: DocumentId(1),
                     start: o_start,
                 };
                 for q in [o_start, o_start + 4, o_start + 12] {
                     for origin in [Some(origin), None] {
                         let kf = f.key_filter(cl, origin, q, &excluded);
-                        for doc in 0..3 {
+                        for doc in (0..3).map(DocumentId) {
                             for start in 0..80 {
                                 assert_eq!(
                                     kf.keeps(doc, start),

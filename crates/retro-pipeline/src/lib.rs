@@ -5,7 +5,7 @@
 //! eats; precomputes neighbours for training sets; drives training, generation and evaluation.
 //!
 //! ```
-//! use retro_index::{BuildOptions, Corpus, Database, Document, LexicalEmbedder, LmTokenizer};
+//! use retro_index::{BuildOptions, Corpus, Database, Document, DocumentId, LexicalEmbedder, LmTokenizer};
 //! use retro_pipeline::{Filter, Gate, Origin, Retriever};
 //!
 //! let corpus = Corpus::from_documents([
@@ -23,9 +23,9 @@
 //! let ret = retriever.retrieve(&x, None, Filter::None)?;
 //! assert_eq!(ret.to_tensor(&candle_core::Device::Cpu)?.dims(), &[1, 3, 2, 16]);
 //! // Training: never a neighbour from the sequence's own document.
-//! let origin = Origin { document: 0, start: 0 };
+//! let origin = Origin { document: DocumentId(0), start: 0 };
 //! let ret = retriever.retrieve(&x, Some(&[origin]), Filter::SameDocument)?;
-//! assert!(ret.chunk_ids.iter().flatten().all(|&c| db.store().document_of(c) != 0));
+//! assert!(ret.chunk_ids.iter().flatten().all(|&c| db.store().document_of(c) != DocumentId(0)));
 //! // The coherent gate: read a chunk's neighbours only where they continue the neighbours of
 //! // the chunks before (another edition of the text does; look-alike fragments do not).
 //! let gated = retriever.clone().with_gate(Some(Gate::coherent(2, 8)?));

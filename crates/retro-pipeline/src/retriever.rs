@@ -6,7 +6,7 @@ use crate::error::{PipelineError, Result};
 use crate::filter::{Excluded, Filter, Origin};
 use crate::gate::Gate;
 use candle_core::{Device, Tensor};
-use retro_index::{ChunkStore, Database, Embedder, LmTokenizer};
+use retro_index::{ChunkId, ChunkStore, Database, DocumentId, Embedder, LmTokenizer};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ pub struct Neighbours {
     pub k: usize,
     pub neighbour_len: usize,
     /// `[B, C, K]` database chunk ids; `None` where the database could not supply K (padded).
-    pub chunk_ids: Vec<Option<usize>>,
+    pub chunk_ids: Vec<Option<ChunkId>>,
     /// `[B, C, K]` distances (`f32::INFINITY` for padding).
     pub distances: Vec<f32>,
     /// `[B, C, K, neighbour_len]` token ids.
@@ -70,7 +70,7 @@ impl Neighbours {
         max_step: usize,
         lookback: usize,
     ) -> bool {
-        fn ids(n: &Neighbours, j: usize) -> impl Iterator<Item = usize> + '_ {
+        fn ids(n: &Neighbours, j: usize) -> impl Iterator<Item = ChunkId> + '_ {
             n.chunk_ids[j * n.k..(j + 1) * n.k]
                 .iter()
                 .flatten()
@@ -79,7 +79,7 @@ impl Neighbours {
         let (row, u) = (i / self.chunks.max(1), i % self.chunks.max(1));
         let before = before.filter(|p| p.batch == self.batch && p.chunks > 0);
         (1..=lookback).any(|lag| {
-            let earlier: Vec<usize> = if u >= lag {
+            let earlier: Vec<ChunkId> = if u >= lag {
                 ids(self, i - lag).collect()
             } else {
                 match before {
@@ -92,7 +92,7 @@ impl Neighbours {
             ids(self, i).any(|a| {
                 earlier.iter().any(|&b| {
                     a >= b
-                        && a - b <= max_step * lag
+                        && a.0 - b.0 <= max_step * lag
                         && store.document_of(a) == store.document_of(b)
                 })
             })
@@ -318,14 +318,14 @@ impl<'a, T> Retriever<'a, T> {
     }
 
     /// Documents that never serve as neighbours (held-out evaluation documents).
-    pub fn with_excluded_documents(mut self, docs: HashSet<usize>) -> Self {
+    pub fn with_excluded_documents(mut self, docs: HashSet<DocumentId>) -> Self {
         self.excluded = docs.into_iter().map(|d| (d, 0)).collect();
         self
     }
 
     /// Also never a neighbour whose value reaches token `from` of document `doc` (a one-document
     /// corpus's validation tail).
-    pub fn with_excluded_tail(mut self, doc: usize, from: usize) -> Self {
+    pub fn with_excluded_tail(mut self, doc: DocumentId, from: usize) -> Self {
         let e = self.excluded.entry(doc).or_insert(from);
         *e = (*e).min(from);
         self
@@ -384,7 +384,7 @@ impl<'a, T> Retriever<'a, T> {
         if rows > 0 {
             let (k, n, h) = (self.k, self.neighbour_len, rows * chunks);
             let store = self.db.store();
-            let nearest: Vec<Option<usize>> = out.chunk_ids[..h * k]
+            let nearest: Vec<Option<DocumentId>> = out.chunk_ids[..h * k]
                 .chunks(k)
                 .map(|ids| ids[0].map(|c| store.document_of(c)))
                 .collect();
@@ -418,7 +418,7 @@ impl<'a, T> Retriever<'a, T> {
         chunks: usize,
         origins: Option<&[Origin]>,
         filter: Filter,
-        also_excluded: &[Option<usize>],
+        also_excluded: &[Option<DocumentId>],
     ) -> Result<Neighbours> {
         if keys.len() != batch * chunks {
             return Err(PipelineError::invalid(

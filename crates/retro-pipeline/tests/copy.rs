@@ -6,7 +6,9 @@
 
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
-use retro_index::{BuildOptions, Corpus, Database, Document, LexicalEmbedder, LmTokenizer};
+use retro_index::{
+    BuildOptions, Corpus, Database, Document, DocumentId, LexicalEmbedder, LmTokenizer,
+};
 use retro_model::RetroConfig;
 use retro_pipeline::{
     evaluate, generate, train, Condition, Dataset, DatasetParams, EvalOptions, Filter, Gate,
@@ -122,7 +124,7 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
     // a training document's chunks (their twins are in the database) is below most strangers'.
     let probe = retriever
         .retrieve(
-            &[db.store().document_tokens(2)[..512].to_vec()],
+            &[db.store().document_tokens(DocumentId(2))[..512].to_vec()],
             None,
             Filter::None,
         )
@@ -132,8 +134,9 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
     let gate = Gate::distance(nearest[nearest.len() * 9 / 10]).unwrap();
     let retriever = retriever.with_gate(Some(gate));
     let docs = db.store().documents();
-    let (held, trained): (HashSet<usize>, HashSet<usize>) =
-        (0..docs.len()).partition(|&d| docs[d].id.ends_with("00"));
+    let (held, trained): (HashSet<DocumentId>, HashSet<DocumentId>) = (0..docs.len())
+        .map(DocumentId)
+        .partition(|&d| docs[d.0].id.ends_with("00"));
     let eval = |r: &Retriever| {
         evaluate(
             &model,

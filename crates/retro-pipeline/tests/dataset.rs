@@ -2,6 +2,7 @@
 
 mod common;
 
+use retro_index::DocumentId;
 use retro_pipeline::{Dataset, DatasetParams, Filter, Split};
 
 #[test]
@@ -20,13 +21,13 @@ fn dataset_neighbours_obey_the_filters_and_batches_hold_the_right_tokens() {
     let ds = Dataset::build(&f.db, &params, &out, &|_, _| {}).unwrap();
     let m = ds.meta();
     assert_eq!(m.filter, Filter::SameDocument);
-    assert_eq!(m.held_out_documents, vec![(4, held)]);
+    assert_eq!(m.held_out_documents, vec![(DocumentId(4), held)]);
     assert!(ds.len(Split::Train) > 10 && ds.len(Split::Valid) > 0);
     for split in [Split::Train, Split::Valid] {
         for i in 0..ds.len(split) {
             let o = ds.origin(split, i);
             assert_eq!(o.start % 16, 0);
-            assert_eq!(o.document == 4, split == Split::Valid);
+            assert_eq!(o.document == DocumentId(4), split == Split::Valid);
             let nb = ds.neighbours(split, i);
             assert_eq!(nb.len(), 4 * 2);
             for (id, _) in nb {
@@ -35,7 +36,11 @@ fn dataset_neighbours_obey_the_filters_and_batches_hold_the_right_tokens() {
                     d, o.document,
                     "{split:?} sequence {i} retrieved its own document"
                 );
-                assert_ne!(d, 4, "a held-out document served as a neighbour");
+                assert_ne!(
+                    d,
+                    DocumentId(4),
+                    "a held-out document served as a neighbour"
+                );
             }
         }
     }
@@ -282,7 +287,11 @@ fn novel_neighbours_come_from_outside_each_chunks_nearest_document() {
                     d, o.document,
                     "sequence {i} chunk {u} retrieved its own document"
                 );
-                assert_ne!(d, 5, "a held-out document served as a neighbour");
+                assert_ne!(
+                    d,
+                    DocumentId(5),
+                    "a held-out document served as a neighbour"
+                );
             }
             // Without the nearest document the best remaining neighbour is no closer.
             assert!(

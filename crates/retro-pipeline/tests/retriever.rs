@@ -2,7 +2,7 @@
 
 mod common;
 
-use retro_index::Embedder;
+use retro_index::{ChunkId, DocumentId, Embedder};
 use retro_pipeline::{Filter, Gate, Origin, Retriever};
 
 #[test]
@@ -10,7 +10,7 @@ fn neighbours_are_the_stored_chunk_plus_its_continuation_within_its_document() {
     let f = common::fixture(6, 3000, 16);
     let store = f.db.store();
     let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 3).unwrap();
-    let doc = store.document_tokens(1);
+    let doc = store.document_tokens(DocumentId(1));
     let x = vec![doc[..80].to_vec(), doc[40..120].to_vec()];
     let out = r.retrieve(&x, None, Filter::None).unwrap();
     assert_eq!(
@@ -41,8 +41,8 @@ fn neighbours_are_the_stored_chunk_plus_its_continuation_within_its_document() {
 fn the_last_chunks_of_a_document_are_padded_not_continued_into_the_next() {
     let f = common::fixture(4, 1000, 16);
     let store = f.db.store();
-    for d in 0..store.documents().len() {
-        let last = store.chunks_of_document(d).end - 1;
+    for d in (0..store.documents().len()).map(DocumentId) {
+        let last = ChunkId(store.chunks_of_document(d).end - 1);
         let v = store.neighbour(last);
         let len = store.document_tokens(d).len();
         let start = store.chunk_start(last);
@@ -58,7 +58,7 @@ fn same_document_filter_never_returns_the_sequences_document_over_every_chunk() 
     let f = common::fixture(5, 2000, 16);
     let store = f.db.store();
     let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 2).unwrap();
-    for d in 0..store.documents().len() {
+    for d in (0..store.documents().len()).map(DocumentId) {
         let tokens = store.document_tokens(d);
         let t = tokens.len() / 16 * 16;
         let out = r
@@ -77,7 +77,7 @@ fn same_document_filter_never_returns_the_sequences_document_over_every_chunk() 
         }
     }
     // Without the filter, a chunk finds itself.
-    let tokens = store.document_tokens(2);
+    let tokens = store.document_tokens(DocumentId(2));
     let out = r
         .retrieve(&[tokens[..64].to_vec()], None, Filter::None)
         .unwrap();
@@ -85,7 +85,7 @@ fn same_document_filter_never_returns_the_sequences_document_over_every_chunk() 
         .chunk_ids
         .iter()
         .flatten()
-        .any(|&id| store.document_of(id) == 2));
+        .any(|&id| store.document_of(id) == DocumentId(2)));
 }
 
 #[test]
@@ -93,13 +93,16 @@ fn window_filter_never_returns_a_chunk_inside_the_window() {
     let f = common::fixture(1, 6000, 16);
     let store = f.db.store();
     let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 4).unwrap();
-    let tokens = store.document_tokens(0);
+    let tokens = store.document_tokens(DocumentId(0));
     for start in [0usize, 160, 1000] {
         let x = vec![tokens[start..start + 128].to_vec()];
         let out = r
             .retrieve(
                 &x,
-                Some(&[Origin { document: 0, start }]),
+                Some(&[Origin {
+                    document: DocumentId(0),
+                    start,
+                }]),
                 Filter::Window(32),
             )
             .unwrap();
@@ -119,7 +122,7 @@ fn shapes_for_partial_and_short_inputs_and_padding_when_k_cannot_be_met() {
     let f = common::fixture(2, 200, 16);
     let store = f.db.store();
     let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 2).unwrap();
-    let tokens = store.document_tokens(0).to_vec();
+    let tokens = store.document_tokens(DocumentId(0)).to_vec();
     let out = r
         .retrieve(&[tokens[..37].to_vec()], None, Filter::None)
         .unwrap();
@@ -137,12 +140,12 @@ fn shapes_for_partial_and_short_inputs_and_padding_when_k_cannot_be_met() {
     // Excluding every other document leaves nothing for the same-document filter: pad and count.
     let big = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 2)
         .unwrap()
-        .with_excluded_documents([1].into());
+        .with_excluded_documents([DocumentId(1)].into());
     let out = big
         .retrieve(
             &[tokens[..32].to_vec()],
             Some(&[Origin {
-                document: 0,
+                document: DocumentId(0),
                 start: 0,
             }]),
             Filter::SameDocument,
@@ -159,7 +162,7 @@ fn shapes_for_partial_and_short_inputs_and_padding_when_k_cannot_be_met() {
 #[test]
 fn the_gate_keeps_exactly_the_chunks_whose_nearest_neighbour_is_close() {
     let f = common::fixture(6, 3000, 16);
-    let doc = f.db.store().document_tokens(2).to_vec();
+    let doc = f.db.store().document_tokens(DocumentId(2)).to_vec();
     let x = vec![doc[..160].to_vec()];
     let plain = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 3).unwrap();
     let out = plain.retrieve(&x, None, Filter::None).unwrap();
@@ -195,11 +198,11 @@ fn longest_shared_run(a: &[u32], b: &[u32]) -> usize {
 #[test]
 fn the_overlap_gate_keeps_exactly_the_chunks_a_neighbour_shares_a_long_run_with() {
     let f = common::fixture(6, 3000, 16);
-    let doc = f.db.store().document_tokens(2).to_vec();
+    let doc = f.db.store().document_tokens(DocumentId(2)).to_vec();
     let x = vec![doc[..320].to_vec()];
     // Other documents only: the chunk's own copy would always share all 16 tokens.
     let origin = Origin {
-        document: 2,
+        document: DocumentId(2),
         start: 0,
     };
     let plain = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 3).unwrap();
@@ -254,15 +257,15 @@ fn the_coherent_gate_keeps_chunks_whose_neighbour_follows_the_previous_chunks() 
     let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 1)
         .unwrap()
         .with_gate(Some(Gate::coherent(1, 1).unwrap()));
-    let doc = store.document_tokens(2).to_vec();
+    let doc = store.document_tokens(DocumentId(2)).to_vec();
     let first = r
         .retrieve(&[doc[..10 * cl].to_vec()], None, Filter::None)
         .unwrap();
-    let own = store.chunks_of_document(2).start;
-    let ids: Vec<usize> = first.chunk_ids.iter().map(|c| c.unwrap()).collect();
+    let own = store.chunks_of_document(DocumentId(2)).start;
+    let ids: Vec<ChunkId> = first.chunk_ids.iter().map(|c| c.unwrap()).collect();
     assert_eq!(
         ids,
-        (own..own + 10).collect::<Vec<_>>(),
+        (own..own + 10).map(ChunkId).collect::<Vec<_>>(),
         "the premise: each chunk finds itself"
     );
     let mut want = [1.0; 10];
@@ -279,7 +282,10 @@ fn the_coherent_gate_keeps_chunks_whose_neighbour_follows_the_previous_chunks() 
         .unwrap();
     assert_eq!(next.keep.as_deref(), Some(&[1.0; 10][..]));
     // Chunks of two documents in turn: each neighbour is in the other document from the last.
-    let (a, b) = (store.document_tokens(1), store.document_tokens(3));
+    let (a, b) = (
+        store.document_tokens(DocumentId(1)),
+        store.document_tokens(DocumentId(3)),
+    );
     let mixed: Vec<u32> = (0..10)
         .flat_map(|u| {
             let d = if u % 2 == 0 { a } else { b };
@@ -333,8 +339,8 @@ fn followed_by_keeps_each_rows_last_chunks() {
     let f = common::fixture(6, 3000, 16);
     let r = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 2).unwrap();
     let (a, b) = (
-        f.db.store().document_tokens(1).to_vec(),
-        f.db.store().document_tokens(2).to_vec(),
+        f.db.store().document_tokens(DocumentId(1)).to_vec(),
+        f.db.store().document_tokens(DocumentId(2)).to_vec(),
     );
     let first = r
         .retrieve(&[a[..64].to_vec(), b[..64].to_vec()], None, Filter::None)
