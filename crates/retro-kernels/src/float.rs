@@ -4,7 +4,7 @@ use candle_core::WithDType;
 
 /// f32 or f64: what every CPU kernel in this crate is generic over. Sealed: implemented for those
 /// two only.
-pub trait Float: WithDType + Default + sealed::Sealed {
+pub trait Float: WithDType + Default + std::fmt::Debug + sealed::Sealed {
     const NEG_INF: Self;
     fn exp_(self) -> Self;
     fn ln_(self) -> Self;

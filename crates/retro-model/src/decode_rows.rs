@@ -50,75 +50,19 @@ impl<T: Float> Rope<T> {
     }
 }
 
-/// A pre-norm self-attention block over rows: `h += output(attend(rope(q), rope(k), v))`.
+/// A pre-norm attention block over rows (self-attention, or CCA's cross-attention): the norm,
+/// the query (scaled by 1/sqrt(d_k)), key and value (one projection), and the output.
 #[derive(Debug)]
-struct SelfBlock<T> {
-    norm: RowNorm<T>,
-    /// query (scaled by 1/sqrt(d_k)), key and value as one projection.
-    qkv: RowLinear<T>,
-    output: RowLinear<T>,
-    d_k: usize,
-}
-
-impl<T: Float> SelfBlock<T> {
-    fn new(p: &AttentionParams) -> Result<Self> {
-        let scale = 1.0 / (p.d_k as f64).sqrt();
-        Ok(Self {
-            norm: RowNorm::new(&p.norm)?,
-            qkv: RowLinear::fused(&[(&p.query, scale), (&p.key, 1.0), (&p.value, 1.0)])?,
-            output: RowLinear::new(&p.output)?,
-            d_k: p.d_k,
-        })
-    }
-
-    /// `h [S, P, d]`: S sequences of P new rows, row i rotated by `rope.at(i)`. Their keys and values
-    /// are appended to `cache` (of S sequences), and each row attends to the cached positions up to
-    /// its own (`causal`) or to all of them.
-    fn forward(&self, h: &mut [T], p: usize, rope: &Rope<T>, cache: &mut KvCache<T>, causal: bool) {
-        let (d, hd, dk) = (self.qkv.n_in(), self.output.n_in(), self.d_k);
-        let rows = h.len() / d;
-        let mut x = vec![T::zero(); rows * d];
-        self.norm.forward(h, &mut x);
-        let mut qkv = vec![T::zero(); rows * 3 * hd];
-        self.qkv.forward(&x, &mut qkv);
-        let (mut q, mut k, mut v) = (
-            Vec::with_capacity(rows * hd),
-            Vec::with_capacity(rows * hd),
-            Vec::with_capacity(rows * hd),
-        );
-        for (r, row) in qkv.chunks_exact_mut(3 * hd).enumerate() {
-            let (cos, sin) = rope.at(r % p);
-            for head in row[..2 * hd].chunks_exact_mut(dk) {
-                rotate(head, cos, sin);
-            }
-            q.extend_from_slice(&row[..hd]);
-            k.extend_from_slice(&row[hd..2 * hd]);
-            v.extend_from_slice(&row[2 * hd..]);
-        }
-        cache.append(&k, &v, p);
-        let mut att = k; // reused: the keys are cached
-        if causal {
-            cache.attend_causal(&q, p, &mut att);
-        } else {
-            cache.attend_all(&q, p, &mut att);
-        }
-        self.output.forward_add(&att, h);
-    }
-}
-
-/// A pre-norm cross-attention block: queries from rows, keys and values from a context's rows.
-#[derive(Debug)]
-struct CrossBlock<T> {
+struct AttnBlock<T> {
     norm: RowNorm<T>,
     query: RowLinear<T>,
-    /// key and value as one projection.
     kv: RowLinear<T>,
     output: RowLinear<T>,
     n_heads: usize,
     d_k: usize,
 }
 
-impl<T: Float> CrossBlock<T> {
+impl<T: Float> AttnBlock<T> {
     fn new(p: &AttentionParams) -> Result<Self> {
         let scale = 1.0 / (p.d_k as f64).sqrt();
         Ok(Self {
@@ -131,33 +75,67 @@ impl<T: Float> CrossBlock<T> {
         })
     }
 
+    /// `rows` rows of `x` projected by `lin`.
+    fn project(lin: &RowLinear<T>, x: &[T], rows: usize) -> Vec<T> {
+        let mut y = vec![T::zero(); rows * lin.n_out()];
+        lin.forward(x, &mut y);
+        y
+    }
+
+    /// Self-attention: `h [S, P, d]` is S sequences of P new rows, row i rotated by `rope.at(i)`.
+    /// Their keys and values are appended to `cache` (of S sequences); each row attends to the
+    /// cached positions up to its own (`causal`) or to all of them; `h` gets the output added.
+    fn self_attend(
+        &self,
+        h: &mut [T],
+        p: usize,
+        rope: &Rope<T>,
+        cache: &mut KvCache<T>,
+        causal: bool,
+    ) {
+        let (d, hd, dk) = (self.kv.n_in(), self.output.n_in(), self.d_k);
+        let rows = h.len() / d;
+        let mut x = vec![T::zero(); rows * d];
+        self.norm.forward(h, &mut x);
+        let mut q = Self::project(&self.query, &x, rows);
+        let mut kv = Self::project(&self.kv, &x, rows);
+        for (r, (q, kv)) in q
+            .chunks_exact_mut(hd)
+            .zip(kv.chunks_exact_mut(2 * hd))
+            .enumerate()
+        {
+            let (cos, sin) = rope.at(r % p);
+            for head in q.chunks_exact_mut(dk).chain(kv[..hd].chunks_exact_mut(dk)) {
+                rotate(head, cos, sin);
+            }
+        }
+        cache.append_packed(&kv, 2 * hd, 0, hd, p);
+        let mut att = vec![T::zero(); rows * hd];
+        if causal {
+            cache.attend_causal(&q, p, &mut att);
+        } else {
+            cache.attend_all(&q, p, &mut att);
+        }
+        self.output.forward_add(&att, h);
+    }
+
     /// The keys and values of `ctx [S, n, d]` (S sequences of n rows), as a cache of n positions.
     fn context(&self, ctx: &[T], s: usize) -> KvCache<T> {
         let (d, hd) = (self.kv.n_in(), self.output.n_in());
         let n = ctx.len() / (d * s).max(1);
-        let mut kv = vec![T::zero(); s * n * 2 * hd];
-        self.kv.forward(ctx, &mut kv);
-        let (mut k, mut v) = (
-            Vec::with_capacity(s * n * hd),
-            Vec::with_capacity(s * n * hd),
-        );
-        for row in kv.chunks_exact(2 * hd) {
-            k.extend_from_slice(&row[..hd]);
-            v.extend_from_slice(&row[hd..]);
-        }
         let mut cache = KvCache::new(s, self.n_heads, self.d_k);
-        cache.append(&k, &v, n);
+        cache.append_packed(&Self::project(&self.kv, ctx, s * n), 2 * hd, 0, hd, n);
         cache
     }
 
-    /// `output(attend(query(norm(h)), ctx))` for `h [S, P, d]`, each sequence reading its context.
-    fn forward(&self, h: &[T], p: usize, ctx: &KvCache<T>) -> Vec<T> {
+    /// Cross-attention: `output(attend(query(norm(h)), ctx))` for `h [S, P, d]`, each sequence
+    /// reading its context.
+    fn cross(&self, h: &[T], p: usize, ctx: &KvCache<T>) -> Vec<T> {
         let (d, hd) = (self.kv.n_in(), self.output.n_in());
         let rows = h.len() / d;
         let mut x = vec![T::zero(); rows * d];
         self.norm.forward(h, &mut x);
-        let mut q = vec![T::zero(); rows * hd];
-        self.query.forward(&x, &mut q);
+        let q = Self::project(&self.query, &x, rows);
         let mut att = vec![T::zero(); rows * hd];
         ctx.attend_all(&q, p, &mut att);
         self.output.forward(&att, &mut x);
@@ -201,9 +179,9 @@ impl<T: Float> FfBlock<T> {
 #[derive(Debug)]
 struct Weights<T> {
     emb: Vec<T>,
-    attn: Vec<SelfBlock<T>>,
+    attn: Vec<AttnBlock<T>>,
     ffw: Vec<FfBlock<T>>,
-    cca: Vec<CrossBlock<T>>,
+    cca: Vec<AttnBlock<T>>,
     read: RowLinear<T>,
 }
 
@@ -230,6 +208,56 @@ pub(crate) struct ChunkEnd {
     pub keep: Option<Tensor>,
 }
 
+/// The rows engine whatever its element type: what a decoding state holds.
+pub(crate) trait RowsEngine: std::fmt::Debug + Send + Sync {
+    /// Feeds `tokens [B, P]` (row-major) at positions `t0 .. t0 + P` and returns the logits
+    /// `[B, P, n_vocab]`. `ends` holds, in order, one entry per chunk these positions complete
+    /// (empty with retrieval off); `e` collects their encoded neighbours as tensors.
+    fn feed(
+        &mut self,
+        m: &RetroModel,
+        retrieval: bool,
+        e: &mut Vec<Tensor>,
+        t0: usize,
+        tokens: &[u32],
+        ends: &[ChunkEnd],
+    ) -> Result<Tensor>;
+    /// Numbers of decoder and CCA layers this state was made for.
+    fn layout(&self) -> (usize, usize);
+    /// Positions cached by decoder layer `p`.
+    fn cached(&self, p: usize) -> Option<usize>;
+    fn clone_box(&self) -> Box<dyn RowsEngine>;
+}
+
+impl Clone for Box<dyn RowsEngine> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+impl<T: Float> RowsEngine for RowDecode<T> {
+    fn feed(
+        &mut self,
+        m: &RetroModel,
+        retrieval: bool,
+        e: &mut Vec<Tensor>,
+        t0: usize,
+        tokens: &[u32],
+        ends: &[ChunkEnd],
+    ) -> Result<Tensor> {
+        self.feed_rows(m, retrieval, e, t0, tokens, ends)
+    }
+    fn layout(&self) -> (usize, usize) {
+        (self.caches.len(), self.cca_kv.len())
+    }
+    fn cached(&self, p: usize) -> Option<usize> {
+        self.caches.get(p).map(KvCache::len)
+    }
+    fn clone_box(&self) -> Box<dyn RowsEngine> {
+        Box::new(self.clone())
+    }
+}
+
 impl<T: Float> RowDecode<T> {
     pub(crate) fn new(m: &RetroModel, batch: usize) -> Result<Self> {
         let c = &m.config;
@@ -238,13 +266,13 @@ impl<T: Float> RowDecode<T> {
             attn: m
                 .attn
                 .iter()
-                .map(|a| SelfBlock::new(&a.params))
+                .map(|a| AttnBlock::new(&a.params))
                 .collect::<Result<_>>()?,
             ffw: m.ffw.iter().map(FfBlock::new).collect::<Result<_>>()?,
             cca: m
                 .cca
                 .iter()
-                .map(|a| CrossBlock::new(&a.params))
+                .map(|a| AttnBlock::new(&a.params))
                 .collect::<Result<_>>()?,
             read: RowLinear::new(&m.read)?,
         };
@@ -260,20 +288,8 @@ impl<T: Float> RowDecode<T> {
         })
     }
 
-    /// Numbers of decoder and CCA layers this state was made for.
-    pub(crate) fn layout(&self) -> (usize, usize) {
-        (self.caches.len(), self.cca_kv.len())
-    }
-
-    /// Positions cached by decoder layer `p`.
-    pub(crate) fn cached(&self, p: usize) -> Option<usize> {
-        self.caches.get(p).map(KvCache::len)
-    }
-
-    /// Feeds `tokens [B, P]` (row-major) at positions `t0 .. t0 + P` and returns the logits
-    /// `[B, P, n_vocab]`. `ends` holds, in order, one entry per chunk these positions complete
-    /// (empty with retrieval off); `e` collects their encoded neighbours as tensors.
-    pub(crate) fn feed(
+    /// [`RowsEngine::feed`].
+    fn feed_rows(
         &mut self,
         m: &RetroModel,
         retrieval: bool,
@@ -295,7 +311,7 @@ impl<T: Float> RowDecode<T> {
         let first_cca = c.ca_layers.first().copied();
         let mut i_ca = 0;
         for (l, (attn, ffw)) in w.attn.iter().zip(&w.ffw).enumerate() {
-            attn.forward(&mut h, p, &rope, &mut self.caches[l], true);
+            attn.self_attend(&mut h, p, &rope, &mut self.caches[l], true);
             if use_cca {
                 if Some(l) == first_cca {
                     self.encode_chunks(m, e, &h, t0, p, ends)?;
@@ -367,7 +383,7 @@ impl<T: Float> RowDecode<T> {
             for s in 0..b {
                 x.extend_from_slice(&h[(s * p + i0) * d..][..g * d]);
             }
-            let y = w.forward(&x, g, ctx);
+            let y = w.cross(&x, g, ctx);
             let keep = self.keep[u].as_ref();
             for s in 0..b {
                 let gate = keep.map_or(T::one(), |k| k[s]);

@@ -37,7 +37,7 @@
 
 use crate::attention::KvCache;
 use crate::cca::ChunkedCrossAttention;
-use crate::decode_rows::{ChunkEnd, RowDecode};
+use crate::decode_rows::{ChunkEnd, RowDecode, RowsEngine};
 use crate::error::{ModelError, Result};
 use crate::kernels::Kernels;
 use crate::model::RetroModel;
@@ -79,8 +79,8 @@ pub struct DecodeState {
 #[derive(Debug, Clone)]
 enum Engine {
     Tensors(TensorDecode),
-    RowsF32(RowDecode<f32>),
-    RowsF64(RowDecode<f64>),
+    /// f32 or f64, behind one interface.
+    Rows(Box<dyn RowsEngine>),
 }
 
 /// The tensor decoder's caches.
@@ -129,16 +129,14 @@ impl DecodeState {
     fn layout(&self) -> (usize, usize) {
         match &self.engine {
             Engine::Tensors(s) => (s.caches.len(), s.cca_kv.len()),
-            Engine::RowsF32(r) => r.layout(),
-            Engine::RowsF64(r) => r.layout(),
+            Engine::Rows(r) => r.layout(),
         }
     }
     /// Positions held by the self-attention cache of decoder layer `p`.
     pub fn cached_positions(&self, p: usize) -> Option<usize> {
         match &self.engine {
             Engine::Tensors(s) => s.caches.get(p).map(KvCache::len),
-            Engine::RowsF32(r) => r.cached(p),
-            Engine::RowsF64(r) => r.cached(p),
+            Engine::Rows(r) => r.cached(p),
         }
     }
 }
@@ -168,8 +166,12 @@ impl RetroModel {
                 keep: Vec::new(),
                 cca_kv: vec![None; self.config.ca_layers.len()],
             }),
-            (DecodeEngine::Rows, true, DType::F32) => Engine::RowsF32(RowDecode::new(self, batch)?),
-            (DecodeEngine::Rows, true, DType::F64) => Engine::RowsF64(RowDecode::new(self, batch)?),
+            (DecodeEngine::Rows, true, DType::F32) => {
+                Engine::Rows(Box::new(RowDecode::<f32>::new(self, batch)?))
+            }
+            (DecodeEngine::Rows, true, DType::F64) => {
+                Engine::Rows(Box::new(RowDecode::<f64>::new(self, batch)?))
+            }
             (DecodeEngine::Rows, ..) => {
                 return Err(ModelError::shape(
                     "start_decoding",
@@ -334,15 +336,7 @@ impl RetroModel {
                 &tokens,
                 ends(neighbours, keep).pop(),
             )?,
-            Engine::RowsF32(rd) => rd.feed(
-                self,
-                state.retrieval,
-                &mut state.e,
-                t,
-                &tokens.to_vec1()?,
-                &ends(neighbours, keep),
-            )?,
-            Engine::RowsF64(rd) => rd.feed(
+            Engine::Rows(rd) => rd.feed(
                 self,
                 state.retrieval,
                 &mut state.e,
@@ -490,15 +484,7 @@ impl RetroModel {
         };
         let retrieval = state.retrieval;
         let logits = match &mut state.engine {
-            Engine::RowsF32(rd) => rd.feed(
-                self,
-                retrieval,
-                &mut state.e,
-                t0,
-                &x.flatten_all()?.to_vec1()?,
-                &chunk_ends()?,
-            )?,
-            Engine::RowsF64(rd) => rd.feed(
+            Engine::Rows(rd) => rd.feed(
                 self,
                 retrieval,
                 &mut state.e,

@@ -50,24 +50,58 @@ impl<T: Float> KvCache<T> {
 
     /// Appends `p` positions to every sequence: `k` and `v` are `[batch, p, heads * d_k]`.
     pub fn append(&mut self, k: &[T], v: &[T], p: usize) {
-        let (hd, dk) = (self.heads * self.d_k, self.d_k);
+        let hd = self.heads * self.d_k;
         assert_eq!(
             k.len(),
             self.batch * p * hd,
             "keys are not [batch, p, heads * d_k]"
         );
         assert_eq!(v.len(), k.len(), "values are not [batch, p, heads * d_k]");
+        self.append_with(p, |r| &k[r * hd..][..hd], |r| &v[r * hd..][..hd]);
+    }
+
+    /// Appends `p` positions to every sequence from `rows [batch, p, width]`, the output of a fused
+    /// projection: each row holds its keys at `k_at .. k_at + heads * d_k` and its values at
+    /// `v_at ..`. They are read in place.
+    pub fn append_packed(&mut self, rows: &[T], width: usize, k_at: usize, v_at: usize, p: usize) {
+        let hd = self.heads * self.d_k;
+        assert_eq!(
+            rows.len(),
+            self.batch * p * width,
+            "rows are not [batch, p, width]"
+        );
+        assert!(
+            k_at.max(v_at) + hd <= width,
+            "keys or values lie outside the rows"
+        );
+        self.append_with(
+            p,
+            |r| &rows[r * width + k_at..][..hd],
+            |r| &rows[r * width + v_at..][..hd],
+        );
+    }
+
+    /// Appends `p` positions, row `r = b * p + i` reading its keys and values from the closures.
+    fn append_with<'a>(
+        &mut self,
+        p: usize,
+        keys: impl Fn(usize) -> &'a [T],
+        values: impl Fn(usize) -> &'a [T],
+    ) where
+        T: 'a,
+    {
+        let dk = self.d_k;
         self.reserve(p);
         let cap = self.capacity;
         for b in 0..self.batch {
             for i in 0..p {
                 let pos = self.len + i;
-                let row = (b * p + i) * hd;
+                let (k, v) = (keys(b * p + i), values(b * p + i));
                 for h in 0..self.heads {
                     let at = ((b * self.heads + h) * dk) * cap + pos;
                     for c in 0..dk {
-                        self.k_t[at + c * cap] = k[row + h * dk + c];
-                        self.v_t[at + c * cap] = v[row + h * dk + c];
+                        self.k_t[at + c * cap] = k[h * dk + c];
+                        self.v_t[at + c * cap] = v[h * dk + c];
                     }
                 }
             }
