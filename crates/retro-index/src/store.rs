@@ -299,12 +299,12 @@ impl ChunkStore {
     }
     /// The chunks of document `d`: `ChunkId(i)` for each `i` of the range.
     pub fn chunks_of_document(&self, d: DocumentId) -> Range<usize> {
-        let doc = &self.documents[d.0];
+        let doc = self.document(d);
         doc.first_chunk as usize..(doc.first_chunk + doc.chunk_count) as usize
     }
     /// All tokens of document `d`.
     pub fn document_tokens(&self, d: DocumentId) -> &[u32] {
-        let doc = &self.documents[d.0];
+        let doc = self.document(d);
         &self.all_tokens()[doc.token_offset as usize..(doc.token_offset + doc.token_count) as usize]
     }
 }

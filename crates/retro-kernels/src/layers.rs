@@ -23,6 +23,21 @@ impl Linear {
         &self.bias
     }
 
+    /// Several Linears of the same input as one: `[sum of outs, in]` weights, the i-th part's
+    /// weights and bias scaled by its factor, in the i-th slot.
+    pub fn fuse(parts: &[(&Linear, f64)]) -> Result<Linear> {
+        let scaled = |t: &Tensor, s: f64| if s == 1.0 { Ok(t.clone()) } else { t * s };
+        let w = parts
+            .iter()
+            .map(|(l, s)| scaled(&l.weight, *s))
+            .collect::<Result<Vec<_>>>()?;
+        let b = parts
+            .iter()
+            .map(|(l, s)| scaled(&l.bias, *s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Linear::new(Tensor::cat(&w, 0)?, Tensor::cat(&b, 0)?))
+    }
+
     /// `x [.., in] -> [.., out]`, differentiable: one 2-D GEMM over all leading dims (one big
     /// multi-threaded matmul instead of a batched one), one autograd node on the CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -51,16 +66,7 @@ impl Linear {
 /// output (scaled by its factor, folded into its weights) in the i-th slot. Differentiable: the
 /// weights are concatenated per call (they are small next to the activations).
 pub fn fused_linear(parts: &[(&Linear, f64)], x: &Tensor, kern: Kernels) -> Result<Tensor> {
-    let scaled = |t: &Tensor, s: f64| if s == 1.0 { Ok(t.clone()) } else { t * s };
-    let w = parts
-        .iter()
-        .map(|(l, s)| scaled(&l.weight, *s))
-        .collect::<Result<Vec<_>>>()?;
-    let b = parts
-        .iter()
-        .map(|(l, s)| scaled(&l.bias, *s))
-        .collect::<Result<Vec<_>>>()?;
-    Linear::new(Tensor::cat(&w, 0)?, Tensor::cat(&b, 0)?).forward_k(x, None, kern)
+    Linear::fuse(parts)?.forward_k(x, None, kern)
 }
 
 #[derive(Debug, Clone)]

@@ -194,8 +194,6 @@ pub(crate) struct RowDecode<T> {
     /// Per sequence, the hidden rows `[rows, d]` (after the first CCA layer's self-attention) of
     /// the chunk in progress.
     chunk_h: Vec<Vec<T>>,
-    /// Per completed chunk, its encoded neighbours `[B, K * N, d]`.
-    e: Vec<Vec<T>>,
     /// Per completed chunk, its gate `[B]` (`None`: kept).
     keep: Vec<Option<Vec<T>>>,
     /// Per CCA layer, the chunk last attended to and its neighbours' keys and values.
@@ -245,7 +243,37 @@ impl<T: Float> RowsEngine for RowDecode<T> {
         tokens: &[u32],
         ends: &[ChunkEnd],
     ) -> Result<Tensor> {
-        self.feed_rows(m, retrieval, e, t0, tokens, ends)
+        let c = &m.config;
+        let (b, d) = (self.chunk_h.len(), c.d_model);
+        let p = tokens.len() / b;
+        let w = Arc::clone(&self.w);
+        let mut h = Vec::with_capacity(b * p * d);
+        for &tok in tokens {
+            h.extend_from_slice(&w.emb[tok as usize * d..][..d]);
+        }
+        let rope = Rope::new(&m.theta, t0, p);
+        let use_cca = retrieval && !c.ca_layers.is_empty();
+        let first_cca = c.ca_layers.first().copied();
+        let mut i_ca = 0;
+        for (l, (attn, ffw)) in w.attn.iter().zip(&w.ffw).enumerate() {
+            attn.self_attend(&mut h, p, &rope, &mut self.caches[l], true);
+            let is_ca = c.ca_layers.contains(&l);
+            if use_cca {
+                if Some(l) == first_cca {
+                    self.encode_chunks(m, e, &h, t0, p, ends)?;
+                }
+                if is_ca {
+                    self.cca(m, e, i_ca, &mut h, t0, p)?;
+                }
+            }
+            if is_ca {
+                i_ca += 1;
+            }
+            ffw.forward(&mut h);
+        }
+        let mut logits = vec![T::zero(); b * p * c.n_vocab];
+        w.read.forward(&h, &mut logits);
+        Ok(Tensor::from_vec(logits, (b, p, c.n_vocab), &Device::Cpu)?)
     }
     fn layout(&self) -> (usize, usize) {
         (self.caches.len(), self.cca_kv.len())
@@ -282,52 +310,9 @@ impl<T: Float> RowDecode<T> {
                 .map(|_| KvCache::new(batch, c.n_heads, c.d_k))
                 .collect(),
             chunk_h: vec![Vec::new(); batch],
-            e: Vec::new(),
             keep: Vec::new(),
             cca_kv: vec![None; c.ca_layers.len()],
         })
-    }
-
-    /// [`RowsEngine::feed`].
-    fn feed_rows(
-        &mut self,
-        m: &RetroModel,
-        retrieval: bool,
-        e: &mut Vec<Tensor>,
-        t0: usize,
-        tokens: &[u32],
-        ends: &[ChunkEnd],
-    ) -> Result<Tensor> {
-        let c = &m.config;
-        let (b, d) = (self.chunk_h.len(), c.d_model);
-        let p = tokens.len() / b;
-        let w = Arc::clone(&self.w);
-        let mut h = Vec::with_capacity(b * p * d);
-        for &tok in tokens {
-            h.extend_from_slice(&w.emb[tok as usize * d..][..d]);
-        }
-        let rope = Rope::new(&m.theta, t0, p);
-        let use_cca = retrieval && !c.ca_layers.is_empty();
-        let first_cca = c.ca_layers.first().copied();
-        let mut i_ca = 0;
-        for (l, (attn, ffw)) in w.attn.iter().zip(&w.ffw).enumerate() {
-            attn.self_attend(&mut h, p, &rope, &mut self.caches[l], true);
-            if use_cca {
-                if Some(l) == first_cca {
-                    self.encode_chunks(m, e, &h, t0, p, ends)?;
-                }
-                if c.ca_layers.contains(&l) {
-                    self.cca(m, i_ca, &mut h, t0, p);
-                }
-            }
-            if c.ca_layers.contains(&l) {
-                i_ca += 1;
-            }
-            ffw.forward(&mut h);
-        }
-        let mut logits = vec![T::zero(); b * p * c.n_vocab];
-        w.read.forward(&h, &mut logits);
-        Ok(Tensor::from_vec(logits, (b, p, c.n_vocab), &Device::Cpu)?)
     }
 
     /// Collects the rows `h [B, P, d]` of the chunk in progress; every chunk they complete is
@@ -354,9 +339,7 @@ impl<T: Float> RowDecode<T> {
                 // The encoder stays on tensors: its B x K x N rows a chunk are GEMM-sized.
                 let rows: Vec<T> = self.chunk_h.iter_mut().flat_map(std::mem::take).collect();
                 let h_chunk = Tensor::from_vec(rows, (b, cl, d), &Device::Cpu)?;
-                let encoded = m.encode_neighbours(&end.ret, &h_chunk, Kernels::Fused)?;
-                self.e.push(values(&encoded)?);
-                e.push(encoded);
+                e.push(m.encode_neighbours(&end.ret, &h_chunk, Kernels::Fused)?);
                 self.keep
                     .push(end.keep.as_ref().map(values::<T>).transpose()?);
             }
@@ -365,8 +348,16 @@ impl<T: Float> RowDecode<T> {
     }
 
     /// CCA layer `i_ca` for the rows at positions `t0 .. t0 + P`: position t reads the neighbours
-    /// of chunk `(t + 1 - cl) / cl` (none before `cl - 1`), through its gate.
-    fn cca(&mut self, m: &RetroModel, i_ca: usize, h: &mut [T], t0: usize, p: usize) {
+    /// `e[u]` of chunk `u = (t + 1 - cl) / cl` (none before `cl - 1`), through its gate.
+    fn cca(
+        &mut self,
+        m: &RetroModel,
+        e: &[Tensor],
+        i_ca: usize,
+        h: &mut [T],
+        t0: usize,
+        p: usize,
+    ) -> Result<()> {
         let (b, d, cl) = (self.chunk_h.len(), m.config.d_model, m.config.chunk_len);
         let w = &self.w.cca[i_ca];
         // Rows of one chunk's neighbours go together: i0 .. i1 read chunk u.
@@ -376,7 +367,7 @@ impl<T: Float> RowDecode<T> {
             let i1 = ((u + 2) * cl - 1 - t0).min(p);
             let g = i1 - i0;
             if self.cca_kv[i_ca].as_ref().map(|(cu, _)| *cu) != Some(u) {
-                self.cca_kv[i_ca] = Some((u, w.context(&self.e[u], b)));
+                self.cca_kv[i_ca] = Some((u, w.context(&values(&e[u])?, b)));
             }
             let (_, ctx) = self.cca_kv[i_ca].as_ref().expect("just set");
             let mut x = Vec::with_capacity(b * g * d);
@@ -396,5 +387,6 @@ impl<T: Float> RowDecode<T> {
             }
             i0 = i1;
         }
+        Ok(())
     }
 }

@@ -327,22 +327,19 @@ impl RetroModel {
             }
         };
         let tokens = self.ids(tokens, "tokens")?;
+        // The chunk this token completes, with its gate.
+        let end = neighbours.map(|ret| ChunkEnd { ret, keep });
         let logits = match &mut state.engine {
-            Engine::Tensors(st) => self.tensor_step(
-                st,
-                &mut state.e,
-                state.retrieval,
-                t,
-                &tokens,
-                ends(neighbours, keep).pop(),
-            )?,
+            Engine::Tensors(st) => {
+                self.tensor_step(st, &mut state.e, state.retrieval, t, &tokens, end)?
+            }
             Engine::Rows(rd) => rd.feed(
                 self,
                 state.retrieval,
                 &mut state.e,
                 t,
                 &tokens.to_vec1()?,
-                &ends(neighbours, keep),
+                end.as_slice(),
             )?,
         };
         state.t += 1;
@@ -512,14 +509,6 @@ impl RetroModel {
         state.t += p;
         Ok(logits)
     }
-}
-
-/// The chunk end a step's neighbours `[B, 1, K, N]` and gate `[B, 1, 1]` make (none without them).
-fn ends(neighbours: Option<Tensor>, keep: Option<Tensor>) -> Vec<ChunkEnd> {
-    neighbours
-        .map(|ret| ChunkEnd { ret, keep })
-        .into_iter()
-        .collect()
 }
 
 /// CCA for the one new row `h [B, 1, d]`: queries from `cca.norm(h)`, keys and values from the encoded

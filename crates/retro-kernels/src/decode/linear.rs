@@ -5,7 +5,7 @@ use super::{values, MIN_ROWS_PER_TASK};
 use crate::float::Float;
 use crate::isa::multiversioned;
 use crate::layers::{LayerNorm, Linear};
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 use rayon::prelude::*;
 
 /// Outputs accumulated in registers at once: 32 f32 are two AVX-512 or four AVX2 registers.
@@ -31,20 +31,11 @@ impl<T: Float> RowLinear<T> {
     /// Several Linears of one input as one, each part's outputs scaled by its factor, side by side
     /// in the order given (what [`fused_linear`](crate::layers::fused_linear) computes).
     pub fn fused(parts: &[(&Linear, f64)]) -> Result<Self> {
-        let scaled = |t: &Tensor, s: f64| if s == 1.0 { Ok(t.clone()) } else { t * s };
-        let w = parts
-            .iter()
-            .map(|(l, s)| scaled(l.weight(), *s))
-            .collect::<Result<Vec<_>>>()?;
-        let b = parts
-            .iter()
-            .map(|(l, s)| scaled(l.bias(), *s))
-            .collect::<Result<Vec<_>>>()?;
-        let w = Tensor::cat(&w, 0)?; // [out, in]
+        let fused = Linear::fuse(parts)?;
         Ok(Self {
-            n_in: w.dim(1)?,
-            w_t: values(&w.t()?.contiguous()?)?,
-            b: values(&Tensor::cat(&b, 0)?)?,
+            n_in: fused.weight().dim(1)?,
+            w_t: values(&fused.weight().t()?.contiguous()?)?,
+            b: values(fused.bias())?,
         })
     }
 
@@ -223,7 +214,7 @@ mod tests {
     use crate::kernels::Kernels;
     use crate::layers::fused_linear;
     use crate::testutil::{max_diff, randn, seed};
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Tensor};
 
     fn check<T: Float>(dtype: DType, tol: f64) {
         seed(3);
