@@ -226,7 +226,7 @@ fn every_bad_input_gets_a_clear_error() {
     let tokens_flip = damaged("db-tokens-flip", &flip("tokens.bin"));
     let keys_flip = damaged("db-keys-flip", &flip("embeddings.bin"));
     let docs_flip = damaged("db-docs-flip", &flip("documents.json"));
-    let graph_flip = damaged("db-graph-flip", &flip("hnsw/graph.hnsw.graph"));
+    let graph_flip = damaged("db-graph-flip", &flip("hnsw/graph.links"));
     let truncated = damaged("db-truncated", &|d| {
         let p = d.join("tokens.bin");
         let b = std::fs::read(&p).unwrap();
@@ -516,7 +516,7 @@ fn every_bad_input_gets_a_clear_error() {
         ),
         (
             ["index", "info", &graph_flip].map(String::from).to_vec(),
-            vec!["graph.hnsw.graph", "SHA-256"],
+            vec!["graph.links", "SHA-256"],
         ),
         (
             ["index", "info", &keys_flip, "--verify"]

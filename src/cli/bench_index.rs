@@ -91,18 +91,13 @@ fn print_run(name: &str, r: &HnswRun) {
         r.points, r.dim, r.m, r.ef_construction, r.inserts_per_s, r.build_s
     );
     println!(
-        "  {:>5} {:>10} {:>14} {:>14} {:>16} {:>16}",
-        "ef", "recall@k", "q/s parallel", "q/s 1 thread", "hnsw_rs recall", "hnsw_rs q/s 1t"
+        "  {:>5} {:>10} {:>14} {:>14}",
+        "ef", "recall@k", "q/s parallel", "q/s 1 thread"
     );
     for e in &r.per_ef {
         println!(
-            "  {:>5} {:>10.4} {:>14.0} {:>14.0} {:>16.4} {:>16.0}",
-            e.ef,
-            e.recall,
-            e.queries_per_s_parallel,
-            e.queries_per_s_one_thread,
-            e.recall_hnsw_rs,
-            e.queries_per_s_one_thread_hnsw_rs
+            "  {:>5} {:>10.4} {:>14.0} {:>14.0}",
+            e.ef, e.recall, e.queries_per_s_parallel, e.queries_per_s_one_thread
         );
     }
 }
@@ -242,7 +237,7 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
             );
         } else {
             println!("threads {}; vectors {}", rayon_threads(), path.display());
-            print_run("hnsw_rs", &r);
+            print_run("graph", &r);
         }
         return Ok(());
     }

@@ -1,5 +1,5 @@
 //! The HNSW measurements behind `retro bench index`: embedding chunks/s and inserts/s while a
-//! database is built, then queries/s and recall@k at several ef, for our flat search and hnsw_rs' own.
+//! database is built, then queries/s and recall@k at several ef.
 
 use anyhow::Context;
 use retro_index::{
@@ -41,9 +41,6 @@ pub struct EfRow {
     pub recall: f64,
     pub queries_per_s_parallel: f64,
     pub queries_per_s_one_thread: f64,
-    /// hnsw_rs' own search on the same graph, one thread (the flat search is the default).
-    pub queries_per_s_one_thread_hnsw_rs: f64,
-    pub recall_hnsw_rs: f64,
 }
 
 /// One graph's build and per-ef numbers.
@@ -84,21 +81,12 @@ pub fn measure_ef(
             std::hint::black_box(index.search(q, k, Some(ef))?);
         }
         let one = queries.len() as f64 / t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let mut rs = Vec::with_capacity(queries.len());
-        for q in &queries {
-            rs.push(index.search_hnsw_rs(q, k, Some(ef))?);
-        }
-        let one_rs = queries.len() as f64 / t.elapsed().as_secs_f64();
-        let recall_hnsw_rs = mean_recall_at_k(&exact, &rs, k);
         let recall = mean_recall_at_k(&exact, &approx, k);
         rows.push(EfRow {
             ef,
             recall,
             queries_per_s_parallel: par,
             queries_per_s_one_thread: one,
-            queries_per_s_one_thread_hnsw_rs: one_rs,
-            recall_hnsw_rs,
         });
     }
     Ok(rows)

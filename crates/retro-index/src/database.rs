@@ -111,7 +111,7 @@ pub struct Manifest {
     /// normalised: those stored a model's raw vectors when it had no Normalize module.
     #[serde(default)]
     pub key_metric: Option<String>,
-    /// Where the keys are searched: absent for the embedded hnsw_rs graph in `hnsw/`, or a
+    /// Where the keys are searched: absent for the embedded graph in `hnsw/`, or a
     /// Milvus collection (then there is no graph in the folder).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vector_store: Option<VectorStoreRecord>,
@@ -558,14 +558,12 @@ fn build_key_index(
     let progress = |d: usize, t: usize| report(Stage::Inserting, d, t);
     Ok(match &opts.vector_store {
         None => {
-            let index = HnswIndex::build(&vectors, dim, opts.hnsw, Some(&progress))?;
-            drop(vectors);
+            let keys = Embeddings::from_vec(vectors, dim)?;
+            let index = HnswIndex::build_keys(keys, opts.hnsw, Some(&progress))?;
             report(Stage::Writing, 0, 1);
             let basename = index.save(&tmp.join(HNSW_DIR))?;
-            for name in [
-                format!("{HNSW_DIR}/{basename}.hnsw.graph"),
-                format!("{HNSW_DIR}/{basename}.hnsw.data"),
-            ] {
+            for name in HnswIndex::file_names(&basename) {
+                let name = format!("{HNSW_DIR}/{name}");
                 let info = FileInfo::of(&tmp.join(&name))?;
                 files.insert(name, info);
             }
@@ -731,9 +729,22 @@ impl Database {
         manifest.validate(&mpath)?;
         let mut required: Vec<String> = DATA_FILES.map(String::from).into();
         if manifest.vector_store.is_none() {
-            for ext in ["graph", "data"] {
-                required.push(format!("{HNSW_DIR}/{}.hnsw.{ext}", manifest.hnsw_basename));
-            }
+            // The graph's file, or the hnsw_rs dump of a database built before it.
+            let base = &manifest.hnsw_basename;
+            let in_dir = |names: Vec<String>| -> Vec<String> {
+                names
+                    .into_iter()
+                    .map(|f| format!("{HNSW_DIR}/{f}"))
+                    .collect()
+            };
+            let native = in_dir(HnswIndex::file_names(base));
+            let legacy = in_dir(HnswIndex::legacy_file_names(base));
+            let listed = |names: &[String]| names.iter().all(|f| manifest.files.contains_key(f));
+            required.extend(if !listed(&native) && listed(&legacy) {
+                legacy
+            } else {
+                native
+            });
         }
         for required in &required {
             if !manifest.files.contains_key(required) {
@@ -756,8 +767,9 @@ impl Database {
                 ));
             }
             // Small files are always checked: it costs milliseconds.
-            // The graph files too, whatever their size: hnsw_rs' loader exits the process or
-            // reads out of bounds on a malformed dump, so it must only ever see the bytes we wrote.
+            // The graph files too, whatever their size: hnsw_rs' loader (older databases) exits
+            // the process or reads out of bounds on a malformed dump, so it must only ever see the
+            // bytes we wrote; and a graph that passes is one the walk can trust.
             let graph_file = name.starts_with(&format!("{HNSW_DIR}/"));
             if opts.verify_checksums || info.bytes <= SMALL_FILE_BYTES || graph_file {
                 info.check_sha256(&p, "the manifest", REBUILD)?;
@@ -829,9 +841,8 @@ impl Database {
                 let hnsw = HnswIndex::load(
                     &graph_dir,
                     &manifest.hnsw_basename,
-                    manifest.dim,
+                    embeddings.clone(),
                     manifest.hnsw,
-                    c.chunks,
                 )?;
                 Box::new(EmbeddedIndex::new(
                     hnsw,

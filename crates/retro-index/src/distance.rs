@@ -1,5 +1,6 @@
-//! `1 - dot` on L2-normalised vectors, clamped at 0, with an AVX2/FMA kernel chosen at run time.
-//! Unlike anndists' `DistDot` it never asserts and never returns NaN (hnsw_rs panics on NaN).
+//! `1 - dot` on L2-normalised vectors, clamped at 0, with AVX-512 and AVX2/FMA kernels chosen at
+//! run time. Unlike anndists' `DistDot` it never asserts and never returns NaN (hnsw_rs, which reads
+//! the graphs of older databases, panics on NaN).
 
 use hnsw_rs::prelude::Distance;
 
@@ -22,17 +23,87 @@ impl Distance<f32> for DistUnitDot {
 /// Dot product, SIMD where the CPU allows.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    dot_fn()(a, b)
+}
+
+/// A dot product over the first `min(a.len(), b.len())` components.
+pub type DotFn = fn(&[f32], &[f32]) -> f32;
+
+/// The fastest dot product this CPU runs, chosen once: the graph's walks call it through this
+/// pointer instead of detecting the CPU at every distance.
+pub fn dot_fn() -> DotFn {
+    static CHOSEN: std::sync::OnceLock<DotFn> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return unsafe { dot_avx2(a, b) };
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return dot_avx512_checked;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return dot_avx2_checked;
+            }
         }
+        dot_portable_checked
+    })
+}
+
+fn dot_portable_checked(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    dot_portable(&a[..n], &b[..n])
+}
+
+// Only handed out by `dot_fn` after it detected AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+fn dot_avx2_checked(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    // SAFETY: `dot_fn` returns this only when the CPU has AVX2 and FMA.
+    unsafe { dot_avx2(&a[..n], &b[..n]) }
+}
+
+// Only handed out by `dot_fn` after it detected AVX-512F.
+#[cfg(target_arch = "x86_64")]
+fn dot_avx512_checked(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    // SAFETY: `dot_fn` returns this only when the CPU has AVX-512F.
+    unsafe { dot_avx512(&a[..n], &b[..n]) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let o = i + 16 * j;
+            *acc = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
+        }
+        i += 64;
     }
-    dot_portable(a, b)
+    while i + 16 <= n {
+        acc[0] = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i)),
+            _mm512_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 16;
+    }
+    if i < n {
+        // The tail, masked: lanes past the end read nothing.
+        let mask: __mmask16 = (1u16 << (n - i)) - 1;
+        acc[1] = _mm512_fmadd_ps(
+            _mm512_maskz_loadu_ps(mask, pa.add(i)),
+            _mm512_maskz_loadu_ps(mask, pb.add(i)),
+            acc[1],
+        );
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(s)
 }
 
 /// Portable dot with 8 independent accumulators (vectorises on any SIMD width).
@@ -106,12 +177,24 @@ mod tests {
     use super::*;
     #[test]
     fn simd_matches_scalar_and_never_nan() {
-        for n in [0, 1, 7, 8, 31, 32, 33, 384, 385] {
+        for n in [0, 1, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 384, 385] {
             let a: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
             let b: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 10.0).collect();
             let s: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((dot(&a, &b) - s).abs() < 1e-4, "n={n}");
             assert!((dot_portable(&a, &b) - s).abs() < 1e-4, "n={n}");
+            assert!((dot_portable_checked(&a, &b) - s).abs() < 1e-4, "n={n}");
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    assert!((dot_avx512_checked(&a, &b) - s).abs() < 1e-4, "n={n}");
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    assert!((dot_avx2_checked(&a, &b) - s).abs() < 1e-4, "n={n}");
+                }
+            }
         }
         let nan = vec![f32::NAN; 16];
         assert_eq!(DistUnitDot.eval(&nan, &nan), 0.0);

@@ -1,17 +1,27 @@
-//! The stored keys: `n x dim` little-endian f32, memory-mapped.
+//! The keys: `n x dim` f32, row-major, memory-mapped from `embeddings.bin` or held in memory.
+//! Cloning shares the rows, so the graph and the database read one copy.
 
 use crate::error::{IndexError, Result};
 use crate::fsutil::{check_header, header, map_file, write_atomic};
 use std::path::Path;
+use std::sync::Arc;
 
 pub const EMBEDDINGS_FILE: &str = "embeddings.bin";
 const MAGIC: &[u8; 8] = b"RETROEMB";
 const FORMAT_VERSION: u32 = 1;
 
-/// Memory-mapped key matrix (row i = chunk i).
+/// The key matrix (row i = chunk i).
+#[derive(Clone)]
 pub struct Embeddings {
-    map: memmap2::Mmap,
+    rows: Rows,
     dim: usize,
+}
+
+#[derive(Clone)]
+enum Rows {
+    /// `embeddings.bin`, header included.
+    Mapped(Arc<memmap2::Mmap>),
+    Owned(Arc<Vec<f32>>),
 }
 
 impl Embeddings {
@@ -33,7 +43,25 @@ impl Embeddings {
                 format!("{} bytes, expected {n} x {dim} f32", payload.len()),
             ));
         }
-        Ok(Self { map, dim })
+        Ok(Self {
+            rows: Rows::Mapped(Arc::new(map)),
+            dim,
+        })
+    }
+
+    /// Keys held in memory: `vectors` is `n * dim` row-major.
+    pub fn from_vec(vectors: Vec<f32>, dim: usize) -> Result<Self> {
+        if dim == 0 || vectors.len() % dim != 0 {
+            return Err(IndexError::invalid(
+                "dim",
+                dim,
+                format!("{} floats are not whole rows", vectors.len()),
+            ));
+        }
+        Ok(Self {
+            rows: Rows::Owned(Arc::new(vectors)),
+            dim,
+        })
     }
 
     pub fn dim(&self) -> usize {
@@ -47,7 +75,10 @@ impl Embeddings {
     }
     /// All rows, row-major.
     pub fn as_slice(&self) -> &[f32] {
-        bytemuck::cast_slice(&self.map[crate::fsutil::HEADER_LEN..])
+        match &self.rows {
+            Rows::Mapped(map) => bytemuck::cast_slice(&map[crate::fsutil::HEADER_LEN..]),
+            Rows::Owned(v) => v,
+        }
     }
     /// Row `i`. Panics if out of range.
     pub fn row(&self, i: usize) -> &[f32] {

@@ -1,11 +1,13 @@
-//! Approximate nearest-neighbour index over L2-normalised keys: hnsw_rs with [`DistUnitDot`],
-//! parallel insertion, persistence and reload without rebuilding, plain, batched and filtered search.
+//! Approximate nearest-neighbour index over L2-normalised keys: the HNSW graph of [`crate::graph`]
+//! (built in parallel, walked in place over the keys), persistence and reload without rebuilding,
+//! plain, batched and filtered search.
 
 use crate::distance::DistUnitDot;
+use crate::embeddings::Embeddings;
 use crate::error::{IndexError, Result};
-use crate::flat::FlatGraph;
+use crate::graph::{self, Graph};
 use crate::ids::ChunkId;
-use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
+use hnsw_rs::prelude::HnswIo;
 use rayon::prelude::*;
 use std::path::Path;
 
@@ -44,22 +46,16 @@ impl std::fmt::Display for HnswParams {
     }
 }
 
-/// Basename of the graph files inside the index directory.
+/// Basename of the graph file inside the index directory (`graph.links`).
 pub const HNSW_BASENAME: &str = "graph";
-const MAX_LAYER: usize = 16;
-const INSERT_BLOCK: usize = 2048;
 
 /// A search hit: chunk id and distance `1 - cosine` (0 = identical direction).
 pub type Hit = (ChunkId, f32);
 
-/// The HNSW graph over chunk keys.
+/// The HNSW graph over chunk keys, and the keys it links.
 pub struct HnswIndex {
-    // Reloaded graphs borrow their `HnswIo`, which is leaked (a few hundred bytes, no vector data:
-    // reload copies the vectors into the graph) so that the index can be `'static`.
-    hnsw: Hnsw<'static, f32, DistUnitDot>,
-    /// Fast read-only copy used by unfiltered searches (see [`crate::flat`]).
-    flat: Option<FlatGraph>,
-    dim: usize,
+    graph: Graph,
+    keys: Embeddings,
     params: HnswParams,
 }
 
@@ -84,21 +80,28 @@ fn check_vector(v: &[f32], dim: usize, what: &str) -> Result<()> {
 
 impl HnswIndex {
     /// Builds the graph from `n * dim` row-major vectors (row i gets id i), inserting in parallel.
-    /// `progress(done, total)` is called after each block. NaN or infinite components are an error;
-    /// zero vectors are accepted (distance 1 to everything).
+    /// The vectors are copied; [`HnswIndex::build_keys`] takes them without a copy.
     pub fn build(
         vectors: &[f32],
         dim: usize,
         params: HnswParams,
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<Self> {
-        if dim == 0 || vectors.len() / dim * dim != vectors.len() {
-            return Err(IndexError::invalid(
-                "dim",
-                dim,
-                format!("{} floats are not whole rows", vectors.len()),
-            ));
-        }
+        Self::build_keys(
+            Embeddings::from_vec(vectors.to_vec(), dim)?,
+            params,
+            progress,
+        )
+    }
+
+    /// Builds the graph over `keys` (row i gets id i), inserting in parallel unless
+    /// `params.deterministic`. `progress(done, total)` is called after each block. NaN or infinite
+    /// components are an error; zero vectors are accepted (distance 1 to everything).
+    pub fn build_keys(
+        keys: Embeddings,
+        params: HnswParams,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+    ) -> Result<Self> {
         if params.m < 2 || params.m > 255 || params.ef_construction == 0 {
             return Err(IndexError::invalid(
                 "hnsw m / ef_construction",
@@ -106,90 +109,65 @@ impl HnswIndex {
                 "m must be in 2..=255, ef_construction > 0",
             ));
         }
-        let n = vectors.len() / dim;
-        for (i, row) in vectors.chunks_exact(dim).enumerate() {
+        let (n, dim) = (keys.len(), keys.dim());
+        if n > u32::MAX as usize {
+            return Err(IndexError::invalid("keys", n, "at most 2^32 - 1 keys"));
+        }
+        for (i, row) in keys.as_slice().chunks_exact(dim).enumerate() {
             check_vector(row, dim, &format!("vector {i}"))?;
         }
-        let mut hnsw = Hnsw::new(
+        let graph = graph::build(
+            &graph::Keys::new(keys.as_slice(), dim),
+            n,
             params.m,
-            n.max(1),
-            MAX_LAYER,
             params.ef_construction,
-            DistUnitDot,
+            params.deterministic,
+            progress,
         );
-        let rows: Vec<(&[f32], usize)> = vectors
-            .chunks_exact(dim)
-            .enumerate()
-            .map(|(i, r)| (r, i))
-            .collect();
-        let mut done = 0;
-        for block in rows.chunks(INSERT_BLOCK) {
-            if params.deterministic {
-                for &(r, i) in block {
-                    hnsw.insert_slice((r, i));
-                }
-            } else {
-                hnsw.parallel_insert_slice(&block.to_vec());
-            }
-            done += block.len();
-            if let Some(p) = progress {
-                p(done, n);
-            }
-        }
-        hnsw.set_searching_mode(true);
-        let flat = FlatGraph::from_hnsw(&hnsw, dim);
         Ok(Self {
-            hnsw,
-            flat,
-            dim,
+            graph,
+            keys,
             params,
         })
     }
 
     pub fn len(&self) -> usize {
-        self.hnsw.get_nb_point()
+        self.graph.len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
     pub fn dim(&self) -> usize {
-        self.dim
+        self.keys.dim()
     }
     pub fn params(&self) -> HnswParams {
         self.params
     }
+    /// The keys the graph links (row i = id i).
+    pub fn keys(&self) -> &Embeddings {
+        &self.keys
+    }
+    /// Links on all layers.
+    pub fn link_count(&self) -> usize {
+        self.graph.link_count()
+    }
+    /// Bytes of memory the graph's links take (the keys not included).
+    pub fn graph_bytes(&self) -> usize {
+        self.graph.memory_bytes()
+    }
 
-    fn hits(
-        &self,
-        q: &[f32],
-        k: usize,
-        ef: usize,
-        filter: Option<&dyn hnsw_rs::prelude::FilterT>,
-    ) -> Vec<Hit> {
-        if k == 0 || self.is_empty() {
-            return Vec::new();
-        }
-        let ef = ef.max(k);
-        if let (None, Some(flat)) = (filter, &self.flat) {
-            return flat
-                .search(q, k, ef)
-                .into_iter()
-                .map(|(c, d)| (ChunkId(c), d))
-                .collect();
-        }
-        let mut hits: Vec<Hit> = self
-            .hnsw
-            .search_filter(q, k, ef, filter)
+    fn hits(&self, q: &[f32], k: usize, ef: usize, keep: Option<&dyn Fn(u32) -> bool>) -> Vec<Hit> {
+        let keys = graph::Keys::new(self.keys.as_slice(), self.dim());
+        self.graph
+            .search(&keys, q, k, ef, keep)
             .into_iter()
-            .map(|n| (ChunkId(n.d_id), n.distance))
-            .collect();
-        hits.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-        hits
+            .map(|(c, d)| (ChunkId(c as usize), d))
+            .collect()
     }
 
     /// The `k` nearest ids with distances, nearest first. `ef = None` uses `params().ef_search`.
     pub fn search(&self, query: &[f32], k: usize, ef: Option<usize>) -> Result<Vec<Hit>> {
-        check_vector(query, self.dim, "query")?;
+        check_vector(query, self.dim(), "query")?;
         Ok(self.hits(query, k, ef.unwrap_or(self.params.ef_search), None))
     }
 
@@ -201,7 +179,7 @@ impl HnswIndex {
         ef: Option<usize>,
     ) -> Result<Vec<Vec<Hit>>> {
         for (i, q) in queries.iter().enumerate() {
-            check_vector(q, self.dim, &format!("query {i}"))?;
+            check_vector(q, self.dim(), &format!("query {i}"))?;
         }
         let ef = ef.unwrap_or(self.params.ef_search);
         Ok(queries
@@ -211,8 +189,9 @@ impl HnswIndex {
     }
 
     /// The `k` nearest ids for which `keep(id)` is true (e.g. not from the query's own document).
-    /// hnsw_rs filters during the graph walk; if it returns fewer than `k`, this retries with a larger
-    /// ef and finally scans exhaustively among kept ids, so `k` are returned whenever `k` exist.
+    /// The walk goes through filtered-out nodes but answers only with kept ones; if the graph
+    /// yields fewer than `k`, the kept keys are scanned exhaustively, so `k` are returned whenever
+    /// `k` exist.
     pub fn search_filtered(
         &self,
         query: &[f32],
@@ -220,43 +199,68 @@ impl HnswIndex {
         ef: Option<usize>,
         keep: &(dyn Fn(ChunkId) -> bool + Sync),
     ) -> Result<Vec<Hit>> {
-        check_vector(query, self.dim, "query")?;
-        let f = |id: &usize| keep(ChunkId(*id));
-        let mut ef = ef.unwrap_or(self.params.ef_search).max(k);
-        loop {
-            let hits = self.hits(query, k, ef, Some(&f));
-            if hits.len() >= k.min(self.len()) || ef >= self.len() {
-                return Ok(hits);
-            }
-            if ef >= 4 * self.params.ef_search.max(k) {
-                return Ok(hits);
-            }
-            ef *= 2;
+        check_vector(query, self.dim(), "query")?;
+        let f = |id: u32| keep(ChunkId(id as usize));
+        let ef = ef.unwrap_or(self.params.ef_search);
+        let hits = self.hits(query, k, ef, Some(&f));
+        if hits.len() >= k.min(self.len()) {
+            return Ok(hits);
         }
+        Ok(brute_force_kept(
+            self.keys.as_slice(),
+            self.dim(),
+            query,
+            k,
+            &|i| keep(ChunkId(i)),
+        ))
     }
 
-    /// Writes `graph.hnsw.graph` and `graph.hnsw.data` into `dir`, which must be empty
-    /// (hnsw_rs would silently choose another name otherwise). Returns the basename used.
+    /// Writes `graph.links` into `dir` (created if needed). Returns the basename used.
     pub fn save(&self, dir: &Path) -> Result<String> {
         std::fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
-        let base = self
-            .hnsw
-            .file_dump(dir, HNSW_BASENAME)
-            .map_err(|e| IndexError::Index(format!("{}: dump failed: {e}", dir.display())))?;
-        Ok(base)
+        let path = dir.join(format!("{HNSW_BASENAME}.{}", graph::LINKS_EXTENSION));
+        graph::write(&self.graph, &path)?;
+        Ok(HNSW_BASENAME.to_string())
     }
 
-    /// Reloads a graph written by [`HnswIndex::save`] without rebuilding it. Corrupt files are reported
-    /// as errors (hnsw_rs asserts on them; the panic is caught here).
-    pub fn load(
+    /// The files [`HnswIndex::save`] writes under `basename`, relative to its directory.
+    pub fn file_names(basename: &str) -> Vec<String> {
+        vec![format!("{basename}.{}", graph::LINKS_EXTENSION)]
+    }
+
+    /// The files of a graph written by hnsw_rs (databases built before `graph.links`).
+    pub fn legacy_file_names(basename: &str) -> Vec<String> {
+        ["hnsw.graph", "hnsw.data"]
+            .iter()
+            .map(|ext| format!("{basename}.{ext}"))
+            .collect()
+    }
+
+    /// Reloads a graph written by [`HnswIndex::save`] over `keys`, without rebuilding it; or the
+    /// hnsw_rs dump of an older database, read into the same layout. Damaged files are errors
+    /// (hnsw_rs asserts on some; the panic is caught here).
+    pub fn load(dir: &Path, basename: &str, keys: Embeddings, params: HnswParams) -> Result<Self> {
+        let links = dir.join(format!("{basename}.{}", graph::LINKS_EXTENSION));
+        let graph = if links.is_file() {
+            graph::read(&links, keys.len(), params.m)?
+        } else {
+            Self::load_legacy(dir, basename, &keys, params)?
+        };
+        Ok(Self {
+            graph,
+            keys,
+            params,
+        })
+    }
+
+    fn load_legacy(
         dir: &Path,
         basename: &str,
-        dim: usize,
+        keys: &Embeddings,
         params: HnswParams,
-        expected_len: usize,
-    ) -> Result<Self> {
-        for ext in ["hnsw.graph", "hnsw.data"] {
-            let p = dir.join(format!("{basename}.{ext}"));
+    ) -> Result<Graph> {
+        for name in Self::legacy_file_names(basename) {
+            let p = dir.join(name);
             if !p.is_file() {
                 return Err(IndexError::missing(
                     p,
@@ -264,58 +268,33 @@ impl HnswIndex {
                 ));
             }
         }
-        let graph = dir.join(format!("{basename}.hnsw.graph"));
-        let io = Box::new(HnswIo::new(dir, basename));
-        let mut hnsw = match crate::panic_guard::catch(move || load_leaked(io)) {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => return Err(IndexError::corrupt(&graph, e)),
-            Err(why) => {
-                return Err(IndexError::corrupt(
-                    &graph,
-                    format!("hnsw_rs could not read the graph ({why})"),
-                ))
-            }
-        };
-        if hnsw.get_nb_point() != expected_len
-            || (expected_len > 0 && hnsw.get_point_indexation().get_data_dimension() != dim)
-        {
-            return Err(IndexError::corrupt(
-                &graph,
-                format!(
-                    "graph has {} points, expected {expected_len} of dimension {dim}",
+        let path = dir.join(format!("{basename}.hnsw.graph"));
+        let (n, dim) = (keys.len(), keys.dim());
+        let (d, b) = (dir.to_path_buf(), basename.to_string());
+        let read = move || {
+            let mut io = HnswIo::new(&d, &b);
+            let hnsw = io
+                .load_hnsw::<f32, DistUnitDot>()
+                .map_err(|e| e.to_string())?;
+            if hnsw.get_nb_point() != n
+                || (n > 0 && hnsw.get_point_indexation().get_data_dimension() != dim)
+            {
+                return Err(format!(
+                    "graph has {} points, expected {n} of dimension {dim}",
                     hnsw.get_nb_point()
-                ),
-            ));
+                ));
+            }
+            graph::from_hnsw_rs(&hnsw, params.m)
+        };
+        match crate::panic_guard::catch(read) {
+            Ok(Ok(g)) => Ok(g),
+            Ok(Err(e)) => Err(IndexError::corrupt(&path, e)),
+            Err(why) => Err(IndexError::corrupt(
+                &path,
+                format!("hnsw_rs could not read the graph ({why})"),
+            )),
         }
-        hnsw.set_searching_mode(true);
-        let flat = FlatGraph::from_hnsw(&hnsw, dim);
-        Ok(Self {
-            hnsw,
-            flat,
-            dim,
-            params,
-        })
     }
-
-    /// Searches with hnsw_rs' own code path (for comparison with the flat search).
-    pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: Option<usize>) -> Result<Vec<Hit>> {
-        check_vector(query, self.dim, "query")?;
-        let ef = ef.unwrap_or(self.params.ef_search).max(k);
-        let mut hits: Vec<Hit> = self
-            .hnsw
-            .search(query, k, ef)
-            .into_iter()
-            .map(|n| (ChunkId(n.d_id), n.distance))
-            .collect();
-        hits.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-        Ok(hits)
-    }
-}
-
-fn load_leaked(io: Box<HnswIo>) -> std::result::Result<Hnsw<'static, f32, DistUnitDot>, String> {
-    Box::leak(io)
-        .load_hnsw::<f32, DistUnitDot>()
-        .map_err(|e| e.to_string())
 }
 
 /// Exact `k` nearest rows of `vectors` (row-major, `dim` wide) to `query` by `1 - dot`, nearest
@@ -325,6 +304,17 @@ fn load_leaked(io: Box<HnswIo>) -> std::result::Result<Hnsw<'static, f32, DistUn
 /// distance per row: collecting then truncating left each answer with a capacity of 16 bytes a
 /// row, and a benchmark's 1,000 exact answers over 1M keys with 16 GB.
 pub fn brute_force(vectors: &[f32], dim: usize, query: &[f32], k: usize) -> Vec<Hit> {
+    brute_force_kept(vectors, dim, query, k, &|_| true)
+}
+
+/// [`brute_force`] among the rows `keep` accepts.
+fn brute_force_kept(
+    vectors: &[f32],
+    dim: usize,
+    query: &[f32],
+    k: usize,
+    keep: &dyn Fn(usize) -> bool,
+) -> Vec<Hit> {
     #[derive(PartialEq)]
     struct Worst(f32, usize);
     impl Eq for Worst {}
@@ -343,8 +333,12 @@ pub fn brute_force(vectors: &[f32], dim: usize, query: &[f32], k: usize) -> Vec<
     }
     let k = k.min(vectors.len() / dim);
     let mut best = std::collections::BinaryHeap::with_capacity(k + 1);
+    let dot = crate::distance::dot_fn();
     for (i, r) in vectors.chunks_exact(dim).enumerate() {
-        let d = (1.0 - crate::distance::dot(r, query)).max(0.0);
+        if !keep(i) {
+            continue;
+        }
+        let d = (1.0 - dot(r, query)).max(0.0);
         let w = Worst(d, i);
         if best.len() < k {
             best.push(w);

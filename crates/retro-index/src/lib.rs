@@ -8,7 +8,8 @@
 //! - [`store`]: [`ChunkStore`], memory-mapped tokens; `neighbour(i)` = chunk + continuation.
 //! - [`embed`], [`bert`], [`lexical`]: the [`Embedder`] trait, [`BertEmbedder`] (candle) and the
 //!   weight-free [`LexicalEmbedder`].
-//! - [`hnsw`], [`distance`]: [`HnswIndex`] over hnsw_rs with a SIMD `1 - dot` distance.
+//! - [`hnsw`], [`distance`]: [`HnswIndex`], an HNSW graph built in parallel over the keys, with a
+//!   SIMD `1 - dot` distance (hnsw_rs reads the graphs of older databases).
 //! - [`key_index`], [`vector_store`]: the [`KeyIndex`] trait the searches go through, with the
 //!   embedded graph ([`EmbeddedIndex`]) or, with the `milvus` feature, a Milvus collection
 //!   (`milvus_store`); filters ([`KeyFilter`]) are data, evaluated next to the keys.
@@ -50,8 +51,8 @@ pub mod distance;
 pub mod embed;
 pub mod embeddings;
 pub mod error;
-pub mod flat;
 pub mod fsutil;
+mod graph;
 pub mod hnsw;
 pub mod ids;
 pub mod key_index;

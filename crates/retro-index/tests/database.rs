@@ -197,13 +197,13 @@ fn mismatches_and_corruption_are_clear_errors() {
     let d = copy("no-graph");
     for f in std::fs::read_dir(d.join("hnsw")).unwrap() {
         let p = f.unwrap().path();
-        if p.to_string_lossy().ends_with(".hnsw.graph") {
+        if p.to_string_lossy().ends_with("graph.links") {
             std::fs::remove_file(p).unwrap();
         }
     }
     let e = Database::open(&d).unwrap_err();
     assert!(
-        matches!(e, IndexError::Missing { .. }) && e.to_string().contains("hnsw.graph"),
+        matches!(e, IndexError::Missing { .. }) && e.to_string().contains("graph.links"),
         "{e}"
     );
 

@@ -1,7 +1,10 @@
-//! HNSW recall against brute force, reload, and degenerate vectors.
+//! HNSW recall against brute force, reload, damaged files, older databases' hnsw_rs dumps, and
+//! degenerate vectors.
 
 use rand::{Rng, SeedableRng};
-use retro_index::{brute_force, recall_at_k, HnswIndex, HnswParams};
+use retro_index::{
+    brute_force, recall_at_k, ChunkId, DistUnitDot, Embeddings, Hit, HnswIndex, HnswParams,
+};
 
 fn random_unit(n: usize, dim: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -14,6 +17,22 @@ fn random_unit(n: usize, dim: usize, seed: u64) -> Vec<f32> {
     v
 }
 
+fn mean_recall(v: &[f32], dim: usize, queries: &[Vec<f32>], approx: &[Vec<Hit>]) -> f64 {
+    queries
+        .iter()
+        .zip(approx)
+        .map(|(q, a)| recall_at_k(&brute_force(v, dim, q, 10), a, 10))
+        .sum::<f64>()
+        / queries.len() as f64
+}
+
+fn queries(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    random_unit(n, dim, seed)
+        .chunks_exact(dim)
+        .map(|q| q.to_vec())
+        .collect()
+}
+
 #[test]
 fn recall_at_10_and_reload() {
     let (n, dim) = (3000, 32);
@@ -21,43 +40,30 @@ fn recall_at_10_and_reload() {
     let params = HnswParams::default();
     let idx = HnswIndex::build(&v, dim, params, None).unwrap();
     assert_eq!(idx.len(), n);
-    let queries: Vec<Vec<f32>> = random_unit(200, dim, 8)
-        .chunks_exact(dim)
-        .map(|q| q.to_vec())
-        .collect();
+    let queries = queries(200, dim, 8);
     let approx = idx.search_batch(&queries, 10, None).unwrap();
-    let recall: f64 = queries
-        .iter()
-        .zip(&approx)
-        .map(|(q, a)| recall_at_k(&brute_force(&v, dim, q, 10), a, 10))
-        .sum::<f64>()
-        / queries.len() as f64;
+    let recall = mean_recall(&v, dim, &queries, &approx);
     assert!(recall >= 0.95, "recall@10 = {recall}");
-
-    // the flat search walks the same graph as hnsw_rs' own search: recall at least as good
-    let rs: f64 = queries
-        .iter()
-        .map(|q| {
-            recall_at_k(
-                &brute_force(&v, dim, q, 10),
-                &idx.search_hnsw_rs(q, 10, None).unwrap(),
-                10,
-            )
-        })
-        .sum::<f64>()
-        / queries.len() as f64;
-    assert!(recall >= rs - 0.01, "flat {recall} vs hnsw_rs {rs}");
+    // Every node has links, and no list is over its capacity (2M on layer 0).
+    assert!(idx.link_count() >= n, "{} links", idx.link_count());
 
     // single search = batch search
     assert_eq!(idx.search(&queries[0], 10, None).unwrap(), approx[0]);
 
     let dir = tempfile::tempdir().unwrap();
-    let base = idx.save(&dir.path().join("g")).unwrap();
-    let re = HnswIndex::load(&dir.path().join("g"), &base, dim, params, n).unwrap();
+    let g = dir.path().join("g");
+    let base = idx.save(&g).unwrap();
+    let keys = || Embeddings::from_vec(v.clone(), dim).unwrap();
+    let re = HnswIndex::load(&g, &base, keys(), params).unwrap();
     assert_eq!(re.search_batch(&queries, 10, None).unwrap(), approx);
+    assert_eq!(re.link_count(), idx.link_count());
     // wrong expectations are errors, not panics
-    assert!(HnswIndex::load(&dir.path().join("g"), &base, dim, params, n + 1).is_err());
-    assert!(HnswIndex::load(&dir.path().join("g"), "nope", dim, params, n).is_err());
+    let fewer = Embeddings::from_vec(v[..(n - 1) * dim].to_vec(), dim).unwrap();
+    let e = HnswIndex::load(&g, &base, fewer, params).err().unwrap();
+    assert!(e.to_string().contains("expected 2999 nodes"), "{e}");
+    let other_m = HnswParams { m: 8, ..params };
+    assert!(HnswIndex::load(&g, &base, keys(), other_m).is_err());
+    assert!(HnswIndex::load(&g, "nope", keys(), params).is_err());
 
     // filtered search: only even ids
     let even = idx
@@ -65,6 +71,131 @@ fn recall_at_10_and_reload() {
         .unwrap();
     assert_eq!(even.len(), 10);
     assert!(even.iter().all(|(id, _)| id.0 % 2 == 0));
+    // The filtered answer is the exact one among even ids, as the unfiltered answer is overall.
+    let exact_even: Vec<Hit> = brute_force(&v, dim, &queries[1], n)
+        .into_iter()
+        .filter(|h| h.0 .0 % 2 == 0)
+        .take(10)
+        .collect();
+    assert!(recall_at_k(&exact_even, &even, 10) >= 0.9);
+    // Only 3 kept keys: all 3 are found, nearest first, even with a narrow beam.
+    let few = idx
+        .search_filtered(&queries[2], 10, Some(4), &|id| id.0 % 1000 == 1)
+        .unwrap();
+    let ids: Vec<usize> = few.iter().map(|h| h.0 .0).collect();
+    let mut want: Vec<(usize, f32)> = [1, 1001, 2001]
+        .iter()
+        .map(|&i| (i, few.iter().find(|h| h.0 .0 == i).expect("all three").1))
+        .collect();
+    want.sort_by(|a, b| a.1.total_cmp(&b.1));
+    assert_eq!(ids, want.iter().map(|w| w.0).collect::<Vec<_>>());
+}
+
+#[test]
+fn parallel_and_deterministic_builds_agree_in_quality() {
+    let (n, dim) = (4000, 24);
+    let v = random_unit(n, dim, 21);
+    let queries = queries(200, dim, 22);
+    let det = HnswParams {
+        deterministic: true,
+        ..HnswParams::default()
+    };
+    let a = HnswIndex::build(&v, dim, det, None).unwrap();
+    let b = HnswIndex::build(&v, dim, det, None).unwrap();
+    let answers = a.search_batch(&queries, 10, None).unwrap();
+    // One key at a time in id order: the same graph, so the same answers and the same file.
+    assert_eq!(answers, b.search_batch(&queries, 10, None).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    a.save(&dir.path().join("a")).unwrap();
+    b.save(&dir.path().join("b")).unwrap();
+    let bytes = |d: &str| std::fs::read(dir.path().join(d).join("graph.links")).unwrap();
+    assert_eq!(bytes("a"), bytes("b"));
+    let par = HnswIndex::build(&v, dim, HnswParams::default(), None).unwrap();
+    let (r_det, r_par) = (
+        mean_recall(&v, dim, &queries, &answers),
+        mean_recall(
+            &v,
+            dim,
+            &queries,
+            &par.search_batch(&queries, 10, None).unwrap(),
+        ),
+    );
+    assert!(r_det >= 0.95 && r_par >= 0.95, "{r_det} {r_par}");
+    assert!((r_det - r_par).abs() < 0.03, "{r_det} {r_par}");
+}
+
+#[test]
+fn a_damaged_graph_file_is_an_error_naming_it() {
+    let (n, dim) = (500, 16);
+    let v = random_unit(n, dim, 31);
+    let params = HnswParams::default();
+    let idx = HnswIndex::build(&v, dim, params, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = idx.save(dir.path()).unwrap();
+    let path = dir.path().join("graph.links");
+    let good = std::fs::read(&path).unwrap();
+    let keys = || Embeddings::from_vec(v.clone(), dim).unwrap();
+    let load = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        HnswIndex::load(dir.path(), &base, keys(), params)
+            .err()
+            .map(|e| e.to_string())
+    };
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    let e = load(&flipped).expect("a flipped byte is caught");
+    assert!(e.contains("graph.links") && e.contains("checksum"), "{e}");
+    let e = load(&good[..good.len() - 4]).expect("a truncated file is caught");
+    assert!(e.contains("graph.links"), "{e}");
+    let mut version = good.clone();
+    version[8] = 9;
+    let e = load(&version).expect("another format version is caught");
+    assert!(e.contains("version"), "{e}");
+    let e = load(b"not a graph").expect("garbage is caught");
+    assert!(e.contains("graph.links"), "{e}");
+    assert!(load(&good).is_none(), "the good file loads again");
+}
+
+#[test]
+fn an_hnsw_rs_dump_of_an_older_database_loads_and_answers() {
+    use hnsw_rs::prelude::{AnnT, Hnsw};
+    let (n, dim) = (2000, 16);
+    let v = random_unit(n, dim, 41);
+    let params = HnswParams::default();
+    let mut old = Hnsw::new(params.m, n, 16, params.ef_construction, DistUnitDot);
+    for (i, r) in v.chunks_exact(dim).enumerate() {
+        old.insert_slice((r, i));
+    }
+    old.set_searching_mode(true);
+    let dir = tempfile::tempdir().unwrap();
+    let base = old.file_dump(dir.path(), "graph").unwrap();
+    let keys = Embeddings::from_vec(v.clone(), dim).unwrap();
+    let idx = HnswIndex::load(dir.path(), &base, keys, params).unwrap();
+    assert_eq!(idx.len(), n);
+    let queries = queries(100, dim, 42);
+    let ours = mean_recall(
+        &v,
+        dim,
+        &queries,
+        &idx.search_batch(&queries, 10, None).unwrap(),
+    );
+    let theirs: Vec<Vec<Hit>> = queries
+        .iter()
+        .map(|q| {
+            old.search(q, 10, params.ef_search)
+                .into_iter()
+                .map(|nb| (ChunkId(nb.d_id), nb.distance))
+                .collect()
+        })
+        .collect();
+    let theirs = mean_recall(&v, dim, &queries, &theirs);
+    // The same links walked: recall within noise of hnsw_rs' own walk.
+    assert!(ours >= theirs - 0.01 && ours >= 0.95, "{ours} vs {theirs}");
+    // A missing half of the dump is an error, not a panic.
+    std::fs::remove_file(dir.path().join(format!("{base}.hnsw.data"))).unwrap();
+    let keys = Embeddings::from_vec(v, dim).unwrap();
+    assert!(HnswIndex::load(dir.path(), &base, keys, params).is_err());
 }
 
 #[test]

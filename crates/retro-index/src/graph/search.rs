@@ -1,0 +1,214 @@
+//! The layered walk: a greedy descent through the upper layers, then a beam of width `ef` on the
+//! layer below. The build runs the same walk for every node it inserts.
+
+use super::Graph;
+use crate::distance::DotFn;
+use std::cell::RefCell;
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+
+/// A node and its distance to the query, ordered by distance, then id.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) struct Cand(pub f32, pub u32);
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+    }
+}
+
+/// The keys the graph links, row-major, with the dot product chosen for this CPU.
+#[derive(Clone, Copy)]
+pub(crate) struct Keys<'a> {
+    rows: &'a [f32],
+    dim: usize,
+    dot: DotFn,
+}
+
+impl<'a> Keys<'a> {
+    pub(crate) fn new(rows: &'a [f32], dim: usize) -> Self {
+        Self {
+            rows,
+            dim,
+            dot: crate::distance::dot_fn(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn row(&self, id: u32) -> &'a [f32] {
+        let s = id as usize * self.dim;
+        &self.rows[s..s + self.dim]
+    }
+
+    /// `1 - a·b`, not clamped: the walk orders by it; hits are clamped at 0 when returned.
+    #[inline]
+    pub(crate) fn dist(&self, q: &[f32], id: u32) -> f32 {
+        1.0 - (self.dot)(q, self.row(id))
+    }
+
+    /// Between two nodes.
+    #[inline]
+    pub(crate) fn between(&self, a: u32, b: u32) -> f32 {
+        1.0 - (self.dot)(self.row(a), self.row(b))
+    }
+
+    /// Asks for a row's cache lines, so that the walk's next distances do not each
+    /// wait for memory (at 1M keys the rows are far outside the caches).
+    #[inline]
+    fn prefetch(&self, id: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let row = self.row(id);
+            for line in (0..row.len()).step_by(16) {
+                // SAFETY: prefetching is a hint; the address is inside `row`.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        row.as_ptr().add(line) as *const i8,
+                    )
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = id;
+    }
+}
+
+/// Per thread: one visited byte per node, valid when it equals the walk's generation, so a walk
+/// starts without clearing `n` bytes (they are cleared once every 255 walks).
+struct Visited {
+    marks: Vec<u8>,
+    generation: u8,
+}
+
+thread_local! {
+    static VISITED: RefCell<Visited> = const { RefCell::new(Visited { marks: Vec::new(), generation: 0 }) };
+}
+
+fn with_visited<R>(n: usize, f: impl FnOnce(&mut [u8], u8) -> R) -> R {
+    VISITED.with(|cell| {
+        let mut v = cell.borrow_mut();
+        if v.marks.len() < n {
+            v.marks = vec![0; n];
+            v.generation = 0;
+        }
+        v.generation = v.generation.wrapping_add(1);
+        if v.generation == 0 {
+            v.marks.fill(0);
+            v.generation = 1;
+        }
+        let g = v.generation;
+        f(&mut v.marks[..n], g)
+    })
+}
+
+impl Graph {
+    /// Greedy descent on `level` from `start`: moves to the nearest neighbour while it is nearer.
+    pub(crate) fn greedy(&self, keys: &Keys, q: &[f32], start: Cand, level: usize) -> Cand {
+        let mut cur = start;
+        let mut links = Vec::with_capacity(self.m + 1);
+        loop {
+            self.links_into(cur.1, level, &mut links);
+            let mut moved = false;
+            for &nb in &links {
+                let d = keys.dist(q, nb);
+                if d < cur.0 {
+                    cur = Cand(d, nb);
+                    moved = true;
+                }
+            }
+            if !moved {
+                return cur;
+            }
+        }
+    }
+
+    /// The beam search of width `ef` on `level` from `entries`: the `ef` nearest nodes found, nearest
+    /// first. With `keep`, the walk still goes through every node, but only kept nodes are
+    /// answers; it stops once `ef` kept nodes are nearer than the rest, or the graph is exhausted.
+    pub(crate) fn search_layer(
+        &self,
+        keys: &Keys,
+        q: &[f32],
+        entries: &[Cand],
+        ef: usize,
+        level: usize,
+        keep: Option<&dyn Fn(u32) -> bool>,
+    ) -> Vec<Cand> {
+        with_visited(self.n, |marks, g| {
+            let mut candidates: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(4 * ef);
+            let mut results: BinaryHeap<Cand> = BinaryHeap::with_capacity(ef + 1);
+            let kept = |id: u32| keep.is_none_or(|f| f(id));
+            for &e in entries {
+                if marks[e.1 as usize] == g {
+                    continue;
+                }
+                marks[e.1 as usize] = g;
+                candidates.push(Reverse(e));
+                if kept(e.1) {
+                    results.push(e);
+                    if results.len() > ef {
+                        results.pop();
+                    }
+                }
+            }
+            let mut links = Vec::with_capacity(self.capacity(level));
+            let mut fresh = Vec::with_capacity(self.capacity(level));
+            while let Some(Reverse(c)) = candidates.pop() {
+                let worst = |r: &BinaryHeap<Cand>| r.peek().map_or(f32::INFINITY, |w| w.0);
+                if results.len() >= ef && c.0 > worst(&results) {
+                    break;
+                }
+                self.links_into(c.1, level, &mut links);
+                fresh.clear();
+                for &nb in &links {
+                    if marks[nb as usize] != g {
+                        marks[nb as usize] = g;
+                        keys.prefetch(nb);
+                        fresh.push(nb);
+                    }
+                }
+                for &nb in &fresh {
+                    let d = keys.dist(q, nb);
+                    if results.len() < ef || d < worst(&results) {
+                        candidates.push(Reverse(Cand(d, nb)));
+                        if kept(nb) {
+                            results.push(Cand(d, nb));
+                            if results.len() > ef {
+                                results.pop();
+                            }
+                        }
+                    }
+                }
+            }
+            results.into_sorted_vec()
+        })
+    }
+
+    /// The `k` nearest nodes to `q` with breadth `ef` (raised to `k`, capped at the graph's size),
+    /// nearest first, as `(node, 1 - cosine clamped at 0)`.
+    pub(crate) fn search(
+        &self,
+        keys: &Keys,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        keep: Option<&dyn Fn(u32) -> bool>,
+    ) -> Vec<(u32, f32)> {
+        if k == 0 || self.n == 0 {
+            return Vec::new();
+        }
+        let ef = ef.max(k).min(self.n);
+        let mut ep = Cand(keys.dist(q, self.entry), self.entry);
+        for level in (1..=self.top).rev() {
+            ep = self.greedy(keys, q, ep, level);
+        }
+        let mut found = self.search_layer(keys, q, &[ep], ef, 0, keep);
+        found.truncate(k);
+        found.into_iter().map(|c| (c.1, c.0.max(0.0))).collect()
+    }
+}
