@@ -72,6 +72,9 @@ enum BenchCmd {
     Generate(cli::bench_generate::BenchGenerateArgs),
     /// Chunks retrieved per second (embed / search / gather), dataset precompute, embedder alone.
     Pipeline(cli::bench_pipeline::BenchPipelineArgs),
+    /// The embedded graph's build time, peak memory, bytes on disk, latency and recall at
+    /// several sizes (one process each), as a table and a PNG.
+    Scale(cli::bench_scale::BenchScaleArgs),
 }
 
 /// Output piped into `head` and closed early: end quietly, as Unix tools do, instead of Rust's
@@ -99,5 +102,6 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Index(a)) => cli::bench_index::run(a),
         Cmd::Bench(BenchCmd::Generate(a)) => cli::bench_generate::run(a),
         Cmd::Bench(BenchCmd::Pipeline(a)) => cli::bench_pipeline::run(a),
+        Cmd::Bench(BenchCmd::Scale(a)) => cli::bench_scale::run(a),
     }
 }

@@ -53,7 +53,9 @@ pub struct BenchIndexArgs {
     pub store: super::index::VectorStoreArgs,
     /// With `--vector-store`: measure only one half, `embedded` or `store`, so that each half's
     /// peak RSS is its own (a second half in the same process reports the larger of both).
-    #[arg(long, value_parser = ["embedded", "store"], requires = "vector_store")]
+    /// `embedded` alone: the embedded graph on held-out `--vectors` or `--synthetic` keys, with
+    /// its peak RSS and bytes on disk (a point of `retro bench scale`).
+    #[arg(long, value_parser = ["embedded", "store"])]
     pub only: Option<String>,
     #[arg(long)]
     pub json: bool,
@@ -134,14 +136,16 @@ fn print_runs(runs: &[retro_bench::store::StoreRun]) {
     }
 }
 
-#[cfg(not(feature = "milvus"))]
-fn store_comparison(_: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
-    anyhow::bail!("{url}: this build has no Milvus support: build with `--features milvus`")
+/// The keys of a store comparison or a scale point: `--vectors E.npy` or `--synthetic N`
+/// clustered keys, the last `--sample` held out as queries, with their exact answers.
+struct HeldOut {
+    keys: retro_index::Embeddings,
+    queries: Vec<Vec<f32>>,
+    exact: Vec<Vec<retro_index::Hit>>,
+    source: String,
 }
 
-/// The embedded graph against `--vector-store` on the same keys, through the `KeyIndex` trait.
-#[cfg(feature = "milvus")]
-fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
+fn held_out(a: &BenchIndexArgs) -> anyhow::Result<HeldOut> {
     use retro_bench::store as bs;
     let (keys, dim, source) = match &a.vectors {
         Some(path) => {
@@ -156,14 +160,54 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
                 format!("{} clustered synthetic", a.synthetic),
             )
         }
-        None => {
-            anyhow::bail!("--vector-store compares stores on --vectors E.npy or --synthetic N keys")
-        }
+        None => anyhow::bail!(
+            "--vector-store and --only embedded measure --vectors E.npy or --synthetic N keys"
+        ),
     };
     // The last `sample` keys are the queries, not indexed.
     let (keys, queries) = bs::hold_out_queries(keys, dim, a.sample);
-    let (n, q) = (keys.len() / dim + queries.len(), queries.len());
     let exact = retro_index::brute_force_batch(&keys, dim, &queries, a.k);
+    Ok(HeldOut {
+        keys: retro_index::Embeddings::from_vec(keys, dim)?,
+        queries,
+        exact,
+        source,
+    })
+}
+
+/// `--only embedded` without a store: the embedded graph alone (a point of the scale curve).
+fn embedded_only(a: &BenchIndexArgs) -> anyhow::Result<()> {
+    let h = held_out(a)?;
+    let n = h.keys.len();
+    if !a.json {
+        eprintln!("{n} keys ({}), {} queries ...", h.source, h.queries.len());
+    }
+    let run =
+        retro_bench::store::embedded_run(h.keys, a.params().hnsw(), &h.queries, &h.exact, a.k)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "threads": rayon_threads(), "keys": h.source, "queries": h.queries.len(), "runs": [run]
+            }))?
+        );
+    } else {
+        println!("{}", serde_json::to_string_pretty(&run)?);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "milvus"))]
+fn store_comparison(_: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
+    anyhow::bail!("{url}: this build has no Milvus support: build with `--features milvus`")
+}
+
+/// The embedded graph against `--vector-store` on the same keys, through the `KeyIndex` trait.
+#[cfg(feature = "milvus")]
+fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
+    let h = held_out(a)?;
+    let (dim, source) = (h.keys.dim(), &h.source);
+    let (n, q) = (h.keys.len() + h.queries.len(), h.queries.len());
     let hnsw = a.params().hnsw();
     let (embedded, store) = match a.only.as_deref() {
         Some("embedded") => (true, false),
@@ -174,12 +218,15 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
         eprintln!(
             "{} keys of dim {dim} ({source}), {q} queries{}",
             n - q,
-            if embedded { "; hnsw_rs ..." } else { "" }
+            if embedded { "; embedded graph ..." } else { "" }
         );
     }
     let mut runs = vec![];
     if embedded {
-        runs.push(bs::embedded_run(&keys, dim, hnsw, &queries, &exact, a.k)?);
+        let keys = h.keys.clone();
+        runs.push(retro_bench::store::embedded_run(
+            keys, hnsw, &h.queries, &h.exact, a.k,
+        )?);
         if !a.json {
             // Now, so that a failure in the store's half does not lose the embedded half's numbers.
             eprintln!("{}", serde_json::to_string(&runs[0])?);
@@ -192,14 +239,14 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
         if !a.json {
             eprintln!("{url} ...");
         }
-        runs.push(bs::milvus_run(
-            &keys,
+        runs.push(retro_bench::store::milvus_run(
+            h.keys.as_slice(),
             dim,
             url,
             index,
             a.store.options(),
-            &queries,
-            &exact,
+            &h.queries,
+            &h.exact,
             a.k,
         )?);
     }
@@ -224,6 +271,11 @@ fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
 pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
     if let Some(url) = &a.store.vector_store {
         return store_comparison(&a, url);
+    }
+    match a.only.as_deref() {
+        Some("embedded") => return embedded_only(&a),
+        Some(_) => anyhow::bail!("--only store measures a --vector-store: none was given"),
+        None => {}
     }
     if let Some(path) = &a.vectors {
         let (_, d, v) = retro_index::read_npy(path)?;

@@ -192,7 +192,7 @@ pub struct BuildArgs {
     pub quiet: bool,
 }
 
-/// Where the keys go: the embedded hnsw_rs graph (default) or a Milvus collection.
+/// Where the keys go: the embedded HNSW graph (default) or a Milvus collection.
 #[derive(Debug, Args, Clone)]
 pub struct VectorStoreArgs {
     /// `milvus://HOST:PORT/COLLECTION`: put the keys into Milvus (needs a build with

@@ -179,7 +179,7 @@ pub fn database_run(db: &Database, p: &HnswBenchParams, insert_s: f64) -> anyhow
     let dim = db.embeddings().dim();
     let graph = db
         .hnsw()
-        .context("`bench index` measures the embedded hnsw_rs graph")?;
+        .context("`bench index` measures the embedded HNSW graph")?;
     let per_ef = measure_ef(
         graph,
         db.embeddings().as_slice(),

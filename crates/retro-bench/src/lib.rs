@@ -3,7 +3,7 @@
 //! The measurements behind `retro bench` and `docs/PERF.md`: model forward and train-step
 //! throughput ([`model`]), cached against recomputed generation ([`generate`]), the retrieval
 //! pipeline ([`pipeline`]), the HNSW index ([`index`]) and the embedded graph against a vector
-//! store ([`store`]). The `retro` binary parses arguments and prints; the criterion benches in
+//! store ([`store`]), and that graph's scale curve ([`scale`]). The `retro` binary parses arguments and prints; the criterion benches in
 //! `benches/` and `examples/profile.rs` reuse the same inputs.
 //!
 //! This is not a library API: it is not published, and it changes with the benchmarks.
@@ -20,4 +20,5 @@ pub mod generate;
 pub mod index;
 pub mod model;
 pub mod pipeline;
+pub mod scale;
 pub mod store;

@@ -1,14 +1,17 @@
 //! The vector-store comparison behind `retro bench index --vector-store milvus://HOST:PORT/COLLECTION`:
-//! the same keys in the embedded hnsw_rs graph and in Milvus, through the `KeyIndex` trait the
+//! the same keys in the embedded graph and in Milvus, through the `KeyIndex` trait the
 //! pipeline uses: build throughput, query latency at batch 1 (p50, p99), queries/s at batch 1 and
 //! 64, recall@k against exact search. Keys come from `--vectors E.npy` (e.g. real MiniLM keys from
-//! `retro index export-embeddings`) or `--synthetic N` clustered unit vectors.
+//! `retro index export-embeddings`) or `--synthetic N` clustered unit vectors. The embedded half
+//! alone, at several sizes, is the scale curve ([`crate::scale`]).
 
-use retro_index::{mean_recall_at_k, ChunkId, DocumentId, Hit, HnswIndex, HnswParams};
+use retro_index::{mean_recall_at_k, Embeddings, Hit, HnswIndex, HnswParams};
+#[cfg(feature = "milvus")]
+use retro_index::{ChunkId, DocumentId};
 use std::time::Instant;
 
 /// One store's numbers.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StoreRun {
     pub store: String,
     pub params: String,
@@ -27,6 +30,24 @@ pub struct StoreRun {
     /// The process's peak resident memory (Linux `VmHWM`) when this store's half ended: the
     /// peak so far, so a second half in the same process reports the larger of both.
     pub peak_rss_mb: Option<f64>,
+    /// The embedded graph's footprint (absent for a vector store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub footprint: Option<Footprint>,
+}
+
+/// What the embedded graph holds, in memory and on disk.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Footprint {
+    /// Links on all layers.
+    pub links: usize,
+    /// The graph's link lists in memory (their fixed slots, used or not).
+    pub graph_memory_mb: f64,
+    /// The raw keys: `keys * dim * 4` bytes.
+    pub keys_mb: f64,
+    /// `graph.links` as written by `HnswIndex::save`.
+    pub graph_file_bytes: u64,
+    /// What a database stores for the keys (`embeddings.bin`: the keys and a 16-byte header).
+    pub keys_file_bytes: u64,
 }
 
 /// The process's peak resident set in MiB, where `/proc/self/status` has it.
@@ -70,6 +91,7 @@ impl StoreRun {
             recall: m.recall,
             k,
             peak_rss_mb: peak_rss_mb(),
+            footprint: None,
         }
     }
 }
@@ -169,30 +191,36 @@ pub fn measure_queries(
     })
 }
 
-/// The embedded graph over `keys`.
+/// The embedded graph over `keys` (shared, not copied), saved once to measure its file.
 pub fn embedded_run(
-    keys: &[f32],
-    dim: usize,
+    keys: Embeddings,
     params: HnswParams,
     queries: &[Vec<f32>],
     exact: &[Vec<Hit>],
     k: usize,
 ) -> anyhow::Result<StoreRun> {
-    let n = keys.len() / dim;
+    let (n, dim) = (keys.len(), keys.dim());
     let t = Instant::now();
-    let index = HnswIndex::build(keys, dim, params, None)?;
+    let index = HnswIndex::build_keys(keys, params, None)?;
     let build_s = t.elapsed().as_secs_f64();
     let search = |q: &[Vec<f32>]| Ok(index.search_batch(q, k, None)?);
     let m = measure_queries(queries, exact, k, &search)?;
-    Ok(StoreRun::new(
-        "hnsw_rs (embedded)",
-        params.to_string(),
-        n,
-        dim,
-        build_s,
-        m,
-        k,
-    ))
+    let mut run = StoreRun::new("embedded graph", params.to_string(), n, dim, build_s, m, k);
+    let tmp = tempfile::tempdir()?;
+    let base = index.save(tmp.path())?;
+    let graph_file_bytes = HnswIndex::file_names(&base)
+        .iter()
+        .map(|f| std::fs::metadata(tmp.path().join(f)).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()?;
+    let mb = |b: usize| b as f64 / (1024.0 * 1024.0);
+    run.footprint = Some(Footprint {
+        links: index.link_count(),
+        graph_memory_mb: mb(index.graph_bytes()),
+        keys_mb: mb(n * dim * 4),
+        graph_file_bytes,
+        keys_file_bytes: (n * dim * 4 + retro_index::fsutil::HEADER_LEN) as u64,
+    });
+    Ok(run)
 }
 
 /// The same keys in a Milvus collection (dropped afterwards).

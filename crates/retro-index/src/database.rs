@@ -893,7 +893,7 @@ impl Database {
     pub fn embeddings(&self) -> &Embeddings {
         &self.embeddings
     }
-    /// The embedded hnsw_rs graph, when the keys live in the folder (not in a vector store).
+    /// The embedded HNSW graph, when the keys live in the folder (not in a vector store).
     pub fn hnsw(&self) -> Option<&HnswIndex> {
         self.index.as_hnsw()
     }

@@ -1,5 +1,5 @@
 //! The key index: where a database's chunk keys live and how the k nearest are found. Two stores
-//! sit behind one trait: the embedded hnsw_rs graph ([`EmbeddedIndex`], the default) and Milvus
+//! sit behind one trait: the embedded HNSW graph ([`EmbeddedIndex`], the default) and Milvus
 //! (`crate::milvus_store`, feature `milvus`). The retriever, dataset builder, eval and generate see only
 //! [`KeyIndex`].
 
@@ -52,7 +52,7 @@ impl KeyFilter {
 /// What an index is, for `index info` and the checks on open.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IndexDescription {
-    /// `hnsw_rs` (embedded) or `milvus`.
+    /// `hnsw` (the embedded graph) or `milvus`.
     pub store: String,
     /// Where it lives: the graph's folder, or `milvus://HOST:PORT/COLLECTION`.
     pub location: String,
@@ -96,7 +96,7 @@ pub trait KeyIndex: Send + Sync {
     /// Deletes the index: the Milvus collection, or the embedded graph's files (the database
     /// folder then no longer opens).
     fn drop_index(&self) -> Result<()>;
-    /// The embedded graph, for benchmarks that measure hnsw_rs itself.
+    /// The embedded graph, for benchmarks that measure it alone.
     fn as_hnsw(&self) -> Option<&HnswIndex> {
         None
     }
@@ -121,7 +121,7 @@ pub trait KeyIndexBuilder {
     fn finish(self: Box<Self>) -> Result<IndexDescription>;
 }
 
-/// The embedded hnsw_rs graph, stored in the database folder.
+/// The embedded HNSW graph, stored in the database folder.
 pub struct EmbeddedIndex {
     hnsw: HnswIndex,
     store: Arc<ChunkStore>,
@@ -145,7 +145,7 @@ impl EmbeddedIndex {
 impl KeyIndex for EmbeddedIndex {
     fn describe(&self) -> IndexDescription {
         IndexDescription {
-            store: "hnsw_rs".into(),
+            store: "hnsw".into(),
             location: self.location.clone(),
             metric: crate::database::KEY_METRIC.into(),
             dim: self.hnsw.dim(),

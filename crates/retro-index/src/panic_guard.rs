@@ -1,4 +1,4 @@
-//! Third-party parsers (hnsw_rs' graph loader, tokenizers' JSON) panic on some malformed files.
+//! Third-party parsers (hnsw_rs' loader of older databases' graphs, tokenizers' JSON) panic on some malformed files.
 //! [`catch`] turns such a panic into an error, without the panic message on stderr, and without
 //! touching other threads' panic reports (the process-wide hook is wrapped once, and only the
 //! thread inside `catch` is silenced).

@@ -1,4 +1,4 @@
-//! Where a database's keys live, as the manifest records it: in the folder (the embedded hnsw_rs
+//! Where a database's keys live, as the manifest records it: in the folder (the embedded HNSW
 //! graph, the default) or in Milvus. These types are compiled without the `milvus` feature too,
 //! so that such a build can say what a database needs instead of failing to read its manifest.
 

@@ -198,3 +198,105 @@ pub fn overlap_plot(r: &EvalReport, out: &Path) -> Result<()> {
         Ok(())
     })
 }
+
+/// One line of a [`Panel`]: its legend, its points, and whether it is a reference (dashed grey).
+pub struct Line {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    pub reference: bool,
+}
+
+/// One chart of a [`panels`] figure, log-log: measurements scale by decades.
+pub struct Panel {
+    pub title: String,
+    pub x_desc: String,
+    pub y_desc: String,
+    pub lines: Vec<Line>,
+}
+
+/// Charts side by side in a grid of `columns`, each with log axes, its own legend and title.
+/// Lines with fewer than one point with positive coordinates are left out.
+pub fn panels(title: &str, charts: &[Panel], columns: usize, out: &Path) -> Result<()> {
+    let columns = columns.max(1);
+    let rows = charts.len().div_ceil(columns).max(1);
+    let colours = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+    ];
+    write_png(out, "figure", |tmp| {
+        let root = BitMapBackend::new(tmp, (520 * columns as u32, 400 * rows as u32 + 40))
+            .into_drawing_area();
+        root.fill(&WHITE)?;
+        let (top, body) = root.split_vertically(40);
+        top.titled(title, (FONT, 22))?;
+        for (panel, area) in charts.iter().zip(body.split_evenly((rows, columns))) {
+            let points = || {
+                panel
+                    .lines
+                    .iter()
+                    .flat_map(|l| &l.points)
+                    .filter(|p| p.0 > 0.0 && p.1 > 0.0)
+            };
+            let (x0, x1) =
+                points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+            let (y0, y1) =
+                points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            if x0 > x1 || y0 > y1 {
+                continue;
+            }
+            let mut chart = ChartBuilder::on(&area)
+                .caption(&panel.title, (FONT, 17))
+                .margin(12)
+                .x_label_area_size(42)
+                .y_label_area_size(62)
+                .build_cartesian_2d(
+                    (x0 / 1.5..x1 * 1.5).log_scale(),
+                    (y0 / 1.5..y1 * 1.5).log_scale(),
+                )?;
+            chart
+                .configure_mesh()
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .x_desc(panel.x_desc.as_str())
+                .y_desc(panel.y_desc.as_str())
+                .label_style((FONT, 13))
+                .draw()?;
+            let mut measured = 0;
+            for line in &panel.lines {
+                let pts: Vec<(f64, f64)> = line
+                    .points
+                    .iter()
+                    .copied()
+                    .filter(|p| p.0 > 0.0 && p.1 > 0.0)
+                    .collect();
+                if pts.is_empty() {
+                    continue;
+                }
+                let style = if line.reference {
+                    RGBColor(128, 128, 128).stroke_width(1)
+                } else {
+                    measured += 1;
+                    colours[(measured - 1) % colours.len()].stroke_width(2)
+                };
+                let series = if line.reference {
+                    chart.draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style))?
+                } else {
+                    chart.draw_series(LineSeries::new(pts.clone(), style))?;
+                    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, style.filled())))?
+                };
+                series
+                    .label(line.label.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .label_font((FONT, 13))
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        }
+        root.present()?;
+        Ok(())
+    })
+}

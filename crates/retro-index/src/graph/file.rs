@@ -14,11 +14,19 @@ pub(crate) const LINKS_EXTENSION: &str = "links";
 const MAGIC: &[u8; 8] = b"RETROHNS";
 const FORMAT_VERSION: u32 = 1;
 
-fn u32s(slots: &[AtomicU32]) -> Vec<u8> {
-    slots
-        .iter()
-        .flat_map(|s| s.load(Relaxed).to_le_bytes())
-        .collect()
+/// Calls `f` on the little-endian bytes of `slots`, a block at a time: a 1M-node graph is not
+/// copied whole to be written.
+fn each_block(
+    slots: &[AtomicU32],
+    mut f: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(4 * 16384);
+    for block in slots.chunks(16384) {
+        buf.clear();
+        buf.extend(block.iter().flat_map(|s| s.load(Relaxed).to_le_bytes()));
+        f(&buf)?;
+    }
+    Ok(())
 }
 
 /// Writes `graph` to `path` atomically.
@@ -35,18 +43,24 @@ pub(crate) fn write(graph: &Graph, path: &Path) -> Result<()> {
     }
     let mut levels = graph.levels.clone();
     levels.resize(graph.n.div_ceil(4) * 4, 0);
-    let layer0 = u32s(&graph.layer0);
-    let upper = u32s(&graph.upper);
     let mut crc = crc32fast::Hasher::new();
-    for part in [&fields, &levels, &layer0, &upper] {
-        crc.update(part);
+    crc.update(&fields);
+    crc.update(&levels);
+    for slots in [&graph.layer0, &graph.upper] {
+        each_block(slots, |b| {
+            crc.update(b);
+            Ok(())
+        })
+        .expect("hashing does not fail");
     }
     let mut head = header(MAGIC, FORMAT_VERSION);
     head[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
     write_atomic(path, |w| {
         w.write_all(&head)?;
-        for part in [&fields, &levels, &layer0, &upper] {
-            w.write_all(part)?;
+        w.write_all(&fields)?;
+        w.write_all(&levels)?;
+        for slots in [&graph.layer0, &graph.upper] {
+            each_block(slots, |b| w.write_all(b))?;
         }
         Ok(())
     })

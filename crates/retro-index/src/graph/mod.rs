@@ -106,6 +106,25 @@ impl Graph {
         }
     }
 
+    /// Asks for the cache lines of `node`'s list at `level` ahead of [`Graph::links_into`].
+    #[inline]
+    fn prefetch_links(&self, node: u32, level: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let slots = self.slots(node, level);
+            for i in (0..slots.len()).step_by(16) {
+                // SAFETY: prefetching is a hint; the address is inside `slots`.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        slots[i].as_ptr() as *const i8,
+                    )
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (node, level);
+    }
+
     /// `node`'s neighbours at `level`, copied into `out` (cleared first).
     fn links_into(&self, node: u32, level: usize, out: &mut Vec<u32>) {
         out.clear();

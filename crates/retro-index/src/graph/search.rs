@@ -163,14 +163,26 @@ impl Graph {
                 if results.len() >= ef && c.0 > worst(&results) {
                     break;
                 }
+                // The next node to expand is most often the nearest candidate now: its list is
+                // fetched while this one's neighbours are measured.
+                if let Some(Reverse(next)) = candidates.peek() {
+                    self.prefetch_links(next.1, level);
+                }
                 self.links_into(c.1, level, &mut links);
+                // Without a branch per neighbour: visited or not is a coin flip the predictor
+                // misses, and each miss would wait for its mark's cache line in turn.
                 fresh.clear();
+                fresh.resize(links.len(), 0);
+                let mut len = 0;
                 for &nb in &links {
-                    if marks[nb as usize] != g {
-                        marks[nb as usize] = g;
-                        keys.prefetch(nb);
-                        fresh.push(nb);
-                    }
+                    let mark = &mut marks[nb as usize];
+                    fresh[len] = nb;
+                    len += (*mark != g) as usize;
+                    *mark = g;
+                }
+                fresh.truncate(len);
+                for &nb in &fresh {
+                    keys.prefetch(nb);
                 }
                 for &nb in &fresh {
                     let d = keys.dist(q, nb);
