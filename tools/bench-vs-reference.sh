@@ -71,12 +71,22 @@ runs = [(hnsw(json.load(open(f"{d}/rust-{i}.json"))), json.load(open(f"{d}/faiss
 ours, ref = [r["inserts_per_s"] for r, _ in runs], [f["inserts_per_s"] for _, f in runs]
 print(f"build, {runs[0][0]['points']} keys of {runs[0][0]['dim']}: ours median {st.median(ours):.0f} inserts/s ({min(ours):.0f}-{max(ours):.0f}), "
       f"{runs[0][1]['library']} median {st.median(ref):.0f} ({min(ref):.0f}-{max(ref):.0f}); ratio {st.median(ours) / st.median(ref):.2f}x")
-for j, row in enumerate(runs[0][0]["per_ef"]):
-    q = [r["per_ef"][j]["queries_per_s_parallel"] for r, _ in runs]
-    fq = [f["per_ef"][j]["queries_per_s_parallel"] for _, f in runs]
-    print(f"ef {row['ef']:>3}: ours recall {row['recall']:.3f}, median {st.median(q):.0f} q/s ({min(q):.0f}-{max(q):.0f}); "
-          f"faiss recall {runs[0][1]['per_ef'][j]['recall']:.3f}, median {st.median(fq):.0f} q/s ({min(fq):.0f}-{max(fq):.0f}); "
-          f"ratio {st.median(q) / st.median(fq):.2f}x")
+# Queries/s on 2 threads (batched), then on 1; our default walk (8-bit codes, exact re-measure)
+# and our walk over the f32 keys, each against faiss HNSWFlat at the same ef.
+for mode in ["queries_per_s_parallel", "queries_per_s_one_thread"]:
+    print(f"{mode}:")
+    for j, row in enumerate(runs[0][0]["per_ef"]):
+        fq = [f["per_ef"][j][mode] for _, f in runs]
+        fr = runs[0][1]["per_ef"][j]["recall"]
+        line = f"  ef {row['ef']:>3}: faiss recall {fr:.3f}, median {st.median(fq):.0f} q/s ({min(fq):.0f}-{max(fq):.0f})"
+        for name, get in [("codes walk", lambda r: r["per_ef"][j]), ("f32 walk", lambda r: r["per_ef"][j].get("exact_walk"))]:
+            rows = [get(r) for r, _ in runs]
+            if any(x is None for x in rows):
+                continue
+            q = [x[mode] for x in rows]
+            line += (f"; ours {name} recall {rows[0]['recall']:.3f}, median {st.median(q):.0f} "
+                     f"({min(q):.0f}-{max(q):.0f}), {st.median(q) / st.median(fq):.2f}x")
+        print(line)
 EOF
     ;;
 *)

@@ -93,13 +93,16 @@ fn print_run(name: &str, r: &HnswRun) {
         r.points, r.dim, r.m, r.ef_construction, r.inserts_per_s, r.build_s
     );
     println!(
-        "  {:>5} {:>10} {:>14} {:>14}",
-        "ef", "recall@k", "q/s parallel", "q/s 1 thread"
+        "  {:>5} {:>10} {:>14} {:>14} {:>16} {:>16}",
+        "ef", "recall@k", "q/s parallel", "q/s 1 thread", "f32 walk recall", "f32 walk q/s 1t"
     );
     for e in &r.per_ef {
+        let (recall, one) = e.exact_walk.as_ref().map_or((f64::NAN, f64::NAN), |w| {
+            (w.recall, w.queries_per_s_one_thread)
+        });
         println!(
-            "  {:>5} {:>10.4} {:>14.0} {:>14.0}",
-            e.ef, e.recall, e.queries_per_s_parallel, e.queries_per_s_one_thread
+            "  {:>5} {:>10.4} {:>14.0} {:>14.0} {:>16.4} {:>16.0}",
+            e.ef, e.recall, e.queries_per_s_parallel, e.queries_per_s_one_thread, recall, one
         );
     }
 }

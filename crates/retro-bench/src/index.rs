@@ -4,7 +4,7 @@
 use anyhow::Context;
 use retro_index::{
     brute_force_batch, mean_recall_at_k, BuildOptions, Corpus, Database, Embedder, HnswIndex,
-    HnswParams, LmTokenizer, Stage,
+    HnswParams, LmTokenizer, Stage, Walk,
 };
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -34,10 +34,20 @@ impl HnswBenchParams {
     }
 }
 
-/// One ef's numbers.
+/// One ef's numbers, for the default walk (over 8-bit codes, exact distances re-measured).
 #[derive(Debug, serde::Serialize)]
 pub struct EfRow {
     pub ef: usize,
+    pub recall: f64,
+    pub queries_per_s_parallel: f64,
+    pub queries_per_s_one_thread: f64,
+    /// The same searches walking the f32 keys (`Walk::Exact`), where the bench owns the graph.
+    pub exact_walk: Option<WalkRow>,
+}
+
+/// Recall and queries/s of one walk.
+#[derive(Debug, serde::Serialize)]
+pub struct WalkRow {
     pub recall: f64,
     pub queries_per_s_parallel: f64,
     pub queries_per_s_one_thread: f64,
@@ -73,23 +83,39 @@ pub fn measure_ef(
     let exact = brute_force_batch(vectors, dim, &queries, k);
     let mut rows = Vec::new();
     for &ef in efs {
-        let t = Instant::now();
-        let approx = index.search_batch(&queries, k, Some(ef))?;
-        let par = queries.len() as f64 / t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for q in &queries {
-            std::hint::black_box(index.search(q, k, Some(ef))?);
-        }
-        let one = queries.len() as f64 / t.elapsed().as_secs_f64();
-        let recall = mean_recall_at_k(&exact, &approx, k);
+        let w = measure_walk(index, &queries, &exact, k, ef)?;
         rows.push(EfRow {
             ef,
-            recall,
-            queries_per_s_parallel: par,
-            queries_per_s_one_thread: one,
+            recall: w.recall,
+            queries_per_s_parallel: w.queries_per_s_parallel,
+            queries_per_s_one_thread: w.queries_per_s_one_thread,
+            exact_walk: None,
         });
     }
     Ok(rows)
+}
+
+/// Recall and queries/s (batched in parallel, then one by one) of `index`'s walk at `ef`.
+fn measure_walk(
+    index: &HnswIndex,
+    queries: &[Vec<f32>],
+    exact: &[Vec<retro_index::Hit>],
+    k: usize,
+    ef: usize,
+) -> anyhow::Result<WalkRow> {
+    let t = Instant::now();
+    let approx = index.search_batch(queries, k, Some(ef))?;
+    let par = queries.len() as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for q in queries {
+        std::hint::black_box(index.search(q, k, Some(ef))?);
+    }
+    let one = queries.len() as f64 / t.elapsed().as_secs_f64();
+    Ok(WalkRow {
+        recall: mean_recall_at_k(exact, &approx, k),
+        queries_per_s_parallel: par,
+        queries_per_s_one_thread: one,
+    })
 }
 
 /// `sample` ids (at least one, at most `n`) spread evenly over `0..n`.
@@ -102,9 +128,19 @@ pub fn sample_ids(n: usize, sample: usize) -> Vec<usize> {
 pub fn hnsw_run(v: &[f32], dim: usize, p: &HnswBenchParams) -> anyhow::Result<HnswRun> {
     let n = v.len() / dim;
     let t = Instant::now();
-    let index = HnswIndex::build(v, dim, p.hnsw(), None)?;
+    let mut index = HnswIndex::build(v, dim, p.hnsw(), None)?;
     let build_s = t.elapsed().as_secs_f64();
-    let per_ef = measure_ef(&index, v, dim, &sample_ids(n, p.sample), p.k, &p.ef)?;
+    let ids = sample_ids(n, p.sample);
+    let mut per_ef = measure_ef(&index, v, dim, &ids, p.k, &p.ef)?;
+    index.set_walk(Walk::Exact);
+    let queries: Vec<Vec<f32>> = ids
+        .iter()
+        .map(|&i| v[i * dim..(i + 1) * dim].to_vec())
+        .collect();
+    let exact = brute_force_batch(v, dim, &queries, p.k);
+    for row in &mut per_ef {
+        row.exact_walk = Some(measure_walk(&index, &queries, &exact, p.k, row.ef)?);
+    }
     Ok(HnswRun {
         points: n,
         dim,

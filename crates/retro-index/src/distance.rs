@@ -49,6 +49,114 @@ pub fn dot_fn() -> DotFn {
     })
 }
 
+/// `q · c` for a query in f32 and a key's 8-bit codes, over the shorter length.
+pub type DotU8Fn = fn(&[f32], &[u8]) -> f32;
+
+/// The fastest [`DotU8Fn`] this CPU runs, chosen once.
+pub fn dot_u8_fn() -> DotU8Fn {
+    static CHOSEN: std::sync::OnceLock<DotU8Fn> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return dot_u8_avx512_checked;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return dot_u8_avx2_checked;
+            }
+        }
+        dot_u8_portable
+    })
+}
+
+/// [`DotU8Fn`] without SIMD intrinsics.
+pub fn dot_u8_portable(q: &[f32], c: &[u8]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (cq, cc) = (q.chunks_exact(8), c.chunks_exact(8));
+    let (rq, rc) = (cq.remainder(), cc.remainder());
+    for (x, y) in cq.zip(cc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k] as f32;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, &y) in rq.iter().zip(rc) {
+        s += x * y as f32;
+    }
+    s
+}
+
+// Only handed out by `dot_u8_fn` after it detected AVX-512F.
+#[cfg(target_arch = "x86_64")]
+fn dot_u8_avx512_checked(q: &[f32], c: &[u8]) -> f32 {
+    let n = q.len().min(c.len());
+    // SAFETY: `dot_u8_fn` returns this only when the CPU has AVX-512F.
+    unsafe { dot_u8_avx512(&q[..n], &c[..n]) }
+}
+
+// Only handed out by `dot_u8_fn` after it detected AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+fn dot_u8_avx2_checked(q: &[f32], c: &[u8]) -> f32 {
+    let n = q.len().min(c.len());
+    // SAFETY: `dot_u8_fn` returns this only when the CPU has AVX2 and FMA.
+    unsafe { dot_u8_avx2(&q[..n], &c[..n]) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_u8_avx512(q: &[f32], c: &[u8]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = q.len();
+    let (pq, pc) = (q.as_ptr(), c.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let o = i + 16 * j;
+            let bytes = _mm_loadu_si128(pc.add(o) as *const __m128i);
+            let codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+            *acc = _mm512_fmadd_ps(codes, _mm512_loadu_ps(pq.add(o)), *acc);
+        }
+        i += 32;
+    }
+    let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    while i < n {
+        s += *pq.add(i) * *pc.add(i) as f32;
+        i += 1;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_u8_avx2(q: &[f32], c: &[u8]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = q.len();
+    let (pq, pc) = (q.as_ptr(), c.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let o = i + 8 * j;
+            let bytes = _mm_loadl_epi64(pc.add(o) as *const __m128i);
+            let codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+            *acc = _mm256_fmadd_ps(codes, _mm256_loadu_ps(pq.add(o)), *acc);
+        }
+        i += 16;
+    }
+    let v = _mm256_add_ps(acc[0], acc[1]);
+    let s4 = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    while i < n {
+        s += *pq.add(i) * *pc.add(i) as f32;
+        i += 1;
+    }
+    s
+}
+
 fn dot_portable_checked(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     dot_portable(&a[..n], &b[..n])
@@ -193,6 +301,25 @@ mod tests {
                     && std::arch::is_x86_feature_detected!("fma")
                 {
                     assert!((dot_avx2_checked(&a, &b) - s).abs() < 1e-4, "n={n}");
+                }
+            }
+        }
+        for n in [0, 1, 7, 8, 15, 16, 17, 31, 32, 33, 384, 385] {
+            let q: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
+            let c: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
+            let s: f32 = q.iter().zip(&c).map(|(x, &y)| x * y as f32).sum();
+            let tol = 1e-4 * s.abs().max(1.0);
+            assert!((dot_u8_portable(&q, &c) - s).abs() < tol, "n={n}");
+            assert!((dot_u8_fn()(&q, &c) - s).abs() < tol, "n={n}");
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    assert!((dot_u8_avx512_checked(&q, &c) - s).abs() < tol, "n={n}");
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    assert!((dot_u8_avx2_checked(&q, &c) - s).abs() < tol, "n={n}");
                 }
             }
         }

@@ -52,11 +52,24 @@ pub const HNSW_BASENAME: &str = "graph";
 /// A search hit: chunk id and distance `1 - cosine` (0 = identical direction).
 pub type Hit = (ChunkId, f32);
 
+/// What a search walks the graph over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Walk {
+    /// 8-bit codes of the keys (a quarter of the bytes per hop: the walk waits on memory), then the
+    /// nodes found measured again on the f32 keys, so hits carry exact distances.
+    #[default]
+    Quantized,
+    /// The f32 keys.
+    Exact,
+}
+
 /// The HNSW graph over chunk keys, and the keys it links.
 pub struct HnswIndex {
     graph: Graph,
     keys: Embeddings,
+    codes: graph::Codes,
     params: HnswParams,
+    walk: Walk,
 }
 
 /// Checks a query: right width, finite values.
@@ -124,11 +137,25 @@ impl HnswIndex {
             params.deterministic,
             progress,
         );
-        Ok(Self {
+        Ok(Self::new(graph, keys, params))
+    }
+
+    fn new(graph: Graph, keys: Embeddings, params: HnswParams) -> Self {
+        Self {
             graph,
+            codes: graph::Codes::new(keys.as_slice(), keys.dim()),
             keys,
             params,
-        })
+            walk: Walk::default(),
+        }
+    }
+
+    /// Searches walk over `walk` from now on.
+    pub fn set_walk(&mut self, walk: Walk) {
+        self.walk = walk;
+    }
+    pub fn walk(&self) -> Walk {
+        self.walk
     }
 
     pub fn len(&self) -> usize {
@@ -151,15 +178,20 @@ impl HnswIndex {
     pub fn link_count(&self) -> usize {
         self.graph.link_count()
     }
-    /// Bytes of memory the graph's links take (the keys not included).
+    /// Bytes of memory the graph's links and the keys' codes take (the keys not included).
     pub fn graph_bytes(&self) -> usize {
-        self.graph.memory_bytes()
+        self.graph.memory_bytes() + self.codes.memory_bytes()
     }
 
     fn hits(&self, q: &[f32], k: usize, ef: usize, keep: Option<&dyn Fn(u32) -> bool>) -> Vec<Hit> {
-        let keys = graph::Keys::new(self.keys.as_slice(), self.dim());
-        self.graph
-            .search(&keys, q, k, ef, keep)
+        let exact = graph::Keys::new(self.keys.as_slice(), self.dim()).exact(q);
+        let found = match self.walk {
+            Walk::Quantized => self
+                .graph
+                .search(&self.codes.metric(q), Some(&exact), k, ef, keep),
+            Walk::Exact => self.graph.search(&exact, None, k, ef, keep),
+        };
+        found
             .into_iter()
             .map(|(c, d)| (ChunkId(c as usize), d))
             .collect()
@@ -246,11 +278,7 @@ impl HnswIndex {
         } else {
             Self::load_legacy(dir, basename, &keys, params)?
         };
-        Ok(Self {
-            graph,
-            keys,
-            params,
-        })
+        Ok(Self::new(graph, keys, params))
     }
 
     fn load_legacy(

@@ -78,7 +78,7 @@ pub use embed::{l2_normalize, Embedder, EmbedderId};
 pub use embeddings::{read_npy, write_npy, Embeddings};
 pub use error::{IndexError, Result};
 pub use hnsw::{
-    brute_force, brute_force_batch, mean_recall_at_k, recall_at_k, Hit, HnswIndex, HnswParams,
+    brute_force, brute_force_batch, mean_recall_at_k, recall_at_k, Hit, HnswIndex, HnswParams, Walk,
 };
 pub use ids::{ChunkId, DatabaseId, DocumentId};
 pub use key_index::{EmbeddedIndex, Exclusion, IndexDescription, KeyFilter, KeyIndex, KeyRef};

@@ -3,7 +3,7 @@
 
 use rand::{Rng, SeedableRng};
 use retro_index::{
-    brute_force, recall_at_k, ChunkId, DistUnitDot, Embeddings, Hit, HnswIndex, HnswParams,
+    brute_force, recall_at_k, ChunkId, DistUnitDot, Embeddings, Hit, HnswIndex, HnswParams, Walk,
 };
 
 fn random_unit(n: usize, dim: usize, seed: u64) -> Vec<f32> {
@@ -46,6 +46,28 @@ fn recall_at_10_and_reload() {
     assert!(recall >= 0.95, "recall@10 = {recall}");
     // Every node has links, and no list is over its capacity (2M on layer 0).
     assert!(idx.link_count() >= n, "{} links", idx.link_count());
+
+    // The default walk goes over 8-bit codes, but its hits carry the exact f32 distances.
+    for (q, hits) in queries.iter().zip(&approx) {
+        for &(id, d) in hits {
+            let row = &v[id.0 * dim..(id.0 + 1) * dim];
+            let exact = (1.0 - row.iter().zip(q).map(|(a, b)| a * b).sum::<f32>()).max(0.0);
+            assert!((d - exact).abs() < 1e-5, "{id}: {d} vs {exact}");
+        }
+    }
+    // The walk over the f32 keys finds as much.
+    let mut over_f32 = HnswIndex::build(&v, dim, params, None).unwrap();
+    over_f32.set_walk(Walk::Exact);
+    let r32 = mean_recall(
+        &v,
+        dim,
+        &queries,
+        &over_f32.search_batch(&queries, 10, None).unwrap(),
+    );
+    assert!(
+        r32 >= 0.95 && (recall - r32).abs() < 0.02,
+        "codes {recall}, f32 {r32}"
+    );
 
     // single search = batch search
     assert_eq!(idx.search(&queries[0], 10, None).unwrap(), approx[0]);

@@ -4,7 +4,7 @@
 //! insertion; with `deterministic`, nodes go in one at a time in id order and the graph is the same
 //! on every build.
 
-use super::search::{Cand, Keys};
+use super::search::{Cand, Keys, Metric};
 use super::{Graph, MAX_LEVEL};
 use rayon::prelude::*;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -73,13 +73,13 @@ impl Builder<'_> {
         // A node that rises above the top keeps the entry locked while it links, as in hnswlib:
         // no other node may enter through it before it has links.
         let hold = (level > top).then_some(guard);
-        let qv = self.keys.row(q);
-        let mut cur = Cand(self.keys.dist(qv, ep), ep);
+        let metric = self.keys.exact(self.keys.row(q));
+        let mut cur = Cand(metric.dist(ep), ep);
         for l in (level + 1..=top).rev() {
-            cur = g.greedy(&self.keys, qv, cur, l);
+            cur = g.greedy(&metric, cur, l);
         }
         for l in (0..=level.min(top)).rev() {
-            let mut found = g.search_layer(&self.keys, qv, &[cur], self.ef_construction, l, None);
+            let mut found = g.search_layer(&metric, &[cur], self.ef_construction, l, None);
             found.retain(|c| c.1 != q);
             if let Some(&nearest) = found.first() {
                 cur = nearest;

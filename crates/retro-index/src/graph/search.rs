@@ -57,25 +57,60 @@ impl<'a> Keys<'a> {
         1.0 - (self.dot)(self.row(a), self.row(b))
     }
 
-    /// Asks for a row's cache lines, so that the walk's next distances do not each
-    /// wait for memory (at 1M keys the rows are far outside the caches).
+    /// Asks for a row's cache lines, so that the walk's next distances do not each wait for
+    /// memory (at 1M keys the rows are far outside the caches).
     #[inline]
     fn prefetch(&self, id: u32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let row = self.row(id);
-            for line in (0..row.len()).step_by(16) {
-                // SAFETY: prefetching is a hint; the address is inside `row`.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                        row.as_ptr().add(line) as *const i8,
-                    )
-                }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = id;
+        let row = self.row(id);
+        prefetch(row.as_ptr() as *const u8, 4 * row.len())
     }
+
+    /// The exact metric for query `q`.
+    pub(crate) fn exact(self, q: &'a [f32]) -> Exact<'a> {
+        Exact { keys: self, q }
+    }
+}
+
+/// A query's distance to the graph's nodes: what the walk measures.
+pub(crate) trait Metric {
+    fn dist(&self, id: u32) -> f32;
+    /// Asks for what `dist(id)` will read.
+    fn prefetch(&self, id: u32);
+}
+
+/// `1 - q·key` over the f32 keys.
+pub(crate) struct Exact<'a> {
+    keys: Keys<'a>,
+    q: &'a [f32],
+}
+
+impl Metric for Exact<'_> {
+    #[inline]
+    fn dist(&self, id: u32) -> f32 {
+        self.keys.dist(self.q, id)
+    }
+    #[inline]
+    fn prefetch(&self, id: u32) {
+        self.keys.prefetch(id)
+    }
+}
+
+/// Asks for the cache lines of the `len` bytes at `start`: a hint, nothing is read, and no address
+/// faults.
+#[inline]
+pub(crate) fn prefetch(start: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..len).step_by(64) {
+        // SAFETY: prefetching never faults, whatever the address; `wrapping_add` keeps the
+        // pointer arithmetic defined.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                start.wrapping_add(line) as *const i8,
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, len);
 }
 
 /// Per thread: one visited byte per node, valid when it equals the walk's generation, so a walk
@@ -108,14 +143,14 @@ fn with_visited<R>(n: usize, f: impl FnOnce(&mut [u8], u8) -> R) -> R {
 
 impl Graph {
     /// Greedy descent on `level` from `start`: moves to the nearest neighbour while it is nearer.
-    pub(crate) fn greedy(&self, keys: &Keys, q: &[f32], start: Cand, level: usize) -> Cand {
+    pub(crate) fn greedy(&self, metric: &impl Metric, start: Cand, level: usize) -> Cand {
         let mut cur = start;
         let mut links = Vec::with_capacity(self.m + 1);
         loop {
             self.links_into(cur.1, level, &mut links);
             let mut moved = false;
             for &nb in &links {
-                let d = keys.dist(q, nb);
+                let d = metric.dist(nb);
                 if d < cur.0 {
                     cur = Cand(d, nb);
                     moved = true;
@@ -132,8 +167,7 @@ impl Graph {
     /// answers; it stops once `ef` kept nodes are nearer than the rest, or the graph is exhausted.
     pub(crate) fn search_layer(
         &self,
-        keys: &Keys,
-        q: &[f32],
+        metric: &impl Metric,
         entries: &[Cand],
         ef: usize,
         level: usize,
@@ -182,10 +216,10 @@ impl Graph {
                 }
                 fresh.truncate(len);
                 for &nb in &fresh {
-                    keys.prefetch(nb);
+                    metric.prefetch(nb);
                 }
                 for &nb in &fresh {
-                    let d = keys.dist(q, nb);
+                    let d = metric.dist(nb);
                     if results.len() < ef || d < worst(&results) {
                         candidates.push(Reverse(Cand(d, nb)));
                         if kept(nb) {
@@ -201,12 +235,14 @@ impl Graph {
         })
     }
 
-    /// The `k` nearest nodes to `q` with breadth `ef` (raised to `k`, capped at the graph's size),
-    /// nearest first, as `(node, 1 - cosine clamped at 0)`.
+    /// The `k` nearest nodes with breadth `ef` (raised to `k`, capped at the graph's size),
+    /// nearest first, as `(node, 1 - cosine clamped at 0)`. The walk measures with `metric`; with
+    /// `rerank`, the `ef` nodes it found are measured again with that one and the best `k` kept
+    /// (a walk over 8-bit codes answers with exact distances).
     pub(crate) fn search(
         &self,
-        keys: &Keys,
-        q: &[f32],
+        metric: &impl Metric,
+        rerank: Option<&Exact>,
         k: usize,
         ef: usize,
         keep: Option<&dyn Fn(u32) -> bool>,
@@ -215,11 +251,20 @@ impl Graph {
             return Vec::new();
         }
         let ef = ef.max(k).min(self.n);
-        let mut ep = Cand(keys.dist(q, self.entry), self.entry);
+        let mut ep = Cand(metric.dist(self.entry), self.entry);
         for level in (1..=self.top).rev() {
-            ep = self.greedy(keys, q, ep, level);
+            ep = self.greedy(metric, ep, level);
         }
-        let mut found = self.search_layer(keys, q, &[ep], ef, 0, keep);
+        let mut found = self.search_layer(metric, &[ep], ef, 0, keep);
+        if let Some(exact) = rerank {
+            for c in &mut found {
+                exact.prefetch(c.1);
+            }
+            for c in &mut found {
+                c.0 = exact.dist(c.1);
+            }
+            found.sort();
+        }
         found.truncate(k);
         found.into_iter().map(|c| (c.1, c.0.max(0.0))).collect()
     }
