@@ -33,20 +33,26 @@ pub type DotFn = fn(&[f32], &[f32]) -> f32;
 /// pointer instead of detecting the CPU at every distance.
 pub fn dot_fn() -> DotFn {
     static CHOSEN: std::sync::OnceLock<DotFn> = std::sync::OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return dot_avx512_checked;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return dot_avx2_checked;
-            }
-        }
-        dot_portable_checked
-    })
+    #[cfg(target_arch = "x86_64")]
+    return *CHOSEN.get_or_init(|| {
+        widest::<DotFn>(dot_avx512_checked, dot_avx2_checked, dot_portable_checked)
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    *CHOSEN.get_or_init(|| dot_portable_checked)
+}
+
+/// The kernel for the widest instruction set this CPU has: AVX-512F, AVX2 with FMA, or none.
+#[cfg(target_arch = "x86_64")]
+fn widest<F>(avx512: F, avx2: F, portable: F) -> F {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        avx512
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        avx2
+    } else {
+        portable
+    }
 }
 
 /// `q · c` for a query in f32 and a key's 8-bit codes, over the shorter length.
@@ -55,20 +61,12 @@ pub type DotU8Fn = fn(&[f32], &[u8]) -> f32;
 /// The fastest [`DotU8Fn`] this CPU runs, chosen once.
 pub fn dot_u8_fn() -> DotU8Fn {
     static CHOSEN: std::sync::OnceLock<DotU8Fn> = std::sync::OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return dot_u8_avx512_checked;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return dot_u8_avx2_checked;
-            }
-        }
-        dot_u8_portable
-    })
+    #[cfg(target_arch = "x86_64")]
+    return *CHOSEN.get_or_init(|| {
+        widest::<DotU8Fn>(dot_u8_avx512_checked, dot_u8_avx2_checked, dot_u8_portable)
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    *CHOSEN.get_or_init(|| dot_u8_portable)
 }
 
 /// [`DotU8Fn`] without SIMD intrinsics.

@@ -6,7 +6,7 @@
 
 use super::{Graph, MAX_LEVEL};
 use crate::error::{IndexError, Result};
-use crate::fsutil::{header, map_file, write_atomic, HEADER_LEN};
+use crate::fsutil::{check_header, header, map_file, write_atomic, HEADER_LEN};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
@@ -70,24 +70,17 @@ pub(crate) fn write(graph: &Graph, path: &Path) -> Result<()> {
 pub(crate) fn read(path: &Path, n: usize, m: usize) -> Result<Graph> {
     let map = map_file(path)?;
     let bad = |what: String| IndexError::corrupt(path, what);
-    if map.len() < HEADER_LEN + 40 || &map[..8] != MAGIC {
-        return Err(bad(format!(
-            "not a graph file (expected magic {:?})",
-            String::from_utf8_lossy(MAGIC)
-        )));
-    }
-    let version = u32::from_le_bytes(map[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
-        return Err(IndexError::Version {
-            path: path.to_path_buf(),
-            found: version,
-            expected: FORMAT_VERSION,
-        });
-    }
-    let stored_crc = u32::from_le_bytes(map[12..16].try_into().expect("4 bytes"));
-    let payload = &map[HEADER_LEN..];
+    let payload = check_header(path, &map, MAGIC, FORMAT_VERSION)?;
+    // The header's last 4 bytes hold the payload's CRC-32.
+    let stored_crc = u32::from_le_bytes(map[12..HEADER_LEN].try_into().expect("4 bytes"));
     if crc32fast::hash(payload) != stored_crc {
         return Err(bad("checksum mismatch: the file is damaged".into()));
+    }
+    if payload.len() < 40 {
+        return Err(bad(format!(
+            "{} payload bytes: no graph fields",
+            payload.len()
+        )));
     }
     let field = |i: usize| u64::from_le_bytes(payload[8 * i..8 * i + 8].try_into().expect("8"));
     let (file_n, file_m, entry, top, upper_len) =
