@@ -51,7 +51,7 @@ impl Embeddings {
 
     /// Keys held in memory: `vectors` is `n * dim` row-major.
     pub fn from_vec(vectors: Vec<f32>, dim: usize) -> Result<Self> {
-        if dim == 0 || vectors.len() % dim != 0 {
+        if dim == 0 || !vectors.len().is_multiple_of(dim) {
             return Err(IndexError::invalid(
                 "dim",
                 dim,

@@ -1,6 +1,6 @@
-//! Approximate nearest-neighbour index over L2-normalised keys: the HNSW graph of [`crate::graph`]
-//! (built in parallel, walked in place over the keys), persistence and reload without rebuilding,
-//! plain, batched and filtered search.
+//! Approximate nearest-neighbour index over L2-normalised keys: this crate's HNSW graph
+//! (`src/graph/`: built in parallel, walked in place over the keys), persistence and reload
+//! without rebuilding, plain, batched and filtered search.
 
 use crate::distance::DistUnitDot;
 use crate::embeddings::Embeddings;

@@ -27,46 +27,43 @@ mod sealed {
     impl Sealed for f64 {}
 }
 
+/// The methods f32 and f64 both take from std.
+macro_rules! std_ops {
+    ($t:ty) => {
+        const NEG_INF: Self = <$t>::NEG_INFINITY;
+        fn ln_(self) -> Self {
+            self.ln()
+        }
+        #[inline(always)]
+        fn sqrt_(self) -> Self {
+            self.sqrt()
+        }
+        #[inline(always)]
+        fn mul_add_(self, a: Self, b: Self) -> Self {
+            self.mul_add(a, b)
+        }
+    };
+}
+
 impl Float for f64 {
-    const NEG_INF: Self = f64::NEG_INFINITY;
+    std_ops!(f64);
     #[inline(always)]
     fn exp_(self) -> Self {
         self.exp()
     }
-    fn ln_(self) -> Self {
-        self.ln()
-    }
-    #[inline(always)]
-    fn sqrt_(self) -> Self {
-        self.sqrt()
-    }
-    #[inline(always)]
-    fn mul_add_(self, a: Self, b: Self) -> Self {
-        self.mul_add(a, b)
-    }
 }
 
 impl Float for f32 {
-    const NEG_INF: Self = f32::NEG_INFINITY;
+    std_ops!(f32);
     fn f32s(x: &[Self]) -> Option<&[f32]> {
         Some(x)
     }
     fn f32s_mut(x: &mut [Self]) -> Option<&mut [f32]> {
         Some(x)
     }
+    /// The kernels' own exp (`gelu.rs`), vectorisable where std's is a call.
     #[inline(always)]
     fn exp_(self) -> Self {
         crate::gelu::exp_f32(self)
-    }
-    fn ln_(self) -> Self {
-        self.ln()
-    }
-    #[inline(always)]
-    fn sqrt_(self) -> Self {
-        self.sqrt()
-    }
-    #[inline(always)]
-    fn mul_add_(self, a: Self, b: Self) -> Self {
-        self.mul_add(a, b)
     }
 }

@@ -46,10 +46,8 @@ impl Codes {
             .reduce(
                 || (vec![f32::INFINITY; dim], vec![f32::NEG_INFINITY; dim]),
                 |(mut lo, mut hi), (l2, h2)| {
-                    for i in 0..dim {
-                        lo[i] = lo[i].min(l2[i]);
-                        hi[i] = hi[i].max(h2[i]);
-                    }
+                    lo.iter_mut().zip(l2).for_each(|(a, b)| *a = a.min(b));
+                    hi.iter_mut().zip(h2).for_each(|(a, b)| *a = a.max(b));
                     (lo, hi)
                 },
             );
@@ -135,10 +133,10 @@ mod tests {
             .collect();
         let c = Codes::new(&rows, dim);
         for (i, r) in rows.chunks_exact(dim).enumerate() {
-            for d in 0..dim {
+            for (d, &want) in r.iter().enumerate() {
                 let x = c.low[d] + c.step[d] * c.row(i as u32)[d] as f32;
                 assert!(
-                    (x - r[d]).abs() <= c.step[d] / 2.0 + 1e-6,
+                    (x - want).abs() <= c.step[d] / 2.0 + 1e-6,
                     "row {i} dim {d}"
                 );
             }
