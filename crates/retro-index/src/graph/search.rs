@@ -113,53 +113,63 @@ pub(crate) fn prefetch(start: *const u8, len: usize) {
     let _ = (start, len);
 }
 
-/// Per thread: one visited byte per node, valid when it equals the walk's generation, so a walk
-/// starts without clearing `n` bytes (they are cleared once every 255 walks).
-struct Visited {
+/// Per thread, what a walk needs and would otherwise allocate each time: one visited byte per
+/// node, valid when it equals the walk's generation (so a walk starts without clearing `n` bytes;
+/// they are cleared once every 255 walks), the two heaps and the neighbour lists.
+#[derive(Default)]
+struct Scratch {
     marks: Vec<u8>,
     generation: u8,
+    candidates: BinaryHeap<Reverse<Cand>>,
+    results: BinaryHeap<Cand>,
+    links: Vec<u32>,
+    fresh: Vec<u32>,
 }
 
 thread_local! {
-    static VISITED: RefCell<Visited> = const { RefCell::new(Visited { marks: Vec::new(), generation: 0 }) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-fn with_visited<R>(n: usize, f: impl FnOnce(&mut [u8], u8) -> R) -> R {
-    VISITED.with(|cell| {
-        let mut v = cell.borrow_mut();
-        if v.marks.len() < n {
-            v.marks = vec![0; n];
-            v.generation = 0;
+/// Runs `f` with this thread's scratch, its marks sized for `n` nodes, and the walk's generation.
+fn with_scratch<R>(n: usize, f: impl FnOnce(&mut Scratch, u8) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut s = cell.borrow_mut();
+        if s.marks.len() < n {
+            s.marks = vec![0; n];
+            s.generation = 0;
         }
-        v.generation = v.generation.wrapping_add(1);
-        if v.generation == 0 {
-            v.marks.fill(0);
-            v.generation = 1;
+        s.generation = s.generation.wrapping_add(1);
+        if s.generation == 0 {
+            s.marks.fill(0);
+            s.generation = 1;
         }
-        let g = v.generation;
-        f(&mut v.marks[..n], g)
+        let g = s.generation;
+        f(&mut s, g)
     })
 }
 
 impl Graph {
     /// Greedy descent on `level` from `start`: moves to the nearest neighbour while it is nearer.
     pub(crate) fn greedy(&self, metric: &impl Metric, start: Cand, level: usize) -> Cand {
-        let mut cur = start;
-        let mut links = Vec::with_capacity(self.m + 1);
-        loop {
-            self.links_into(cur.1, level, &mut links);
-            let mut moved = false;
-            for &nb in &links {
-                let d = metric.dist(nb);
-                if d < cur.0 {
-                    cur = Cand(d, nb);
-                    moved = true;
+        // Only the neighbour list: no generation is used up.
+        SCRATCH.with(|cell| {
+            let s = &mut *cell.borrow_mut();
+            let mut cur = start;
+            loop {
+                self.links_into(cur.1, level, &mut s.links);
+                let mut moved = false;
+                for &nb in &s.links {
+                    let d = metric.dist(nb);
+                    if d < cur.0 {
+                        cur = Cand(d, nb);
+                        moved = true;
+                    }
+                }
+                if !moved {
+                    return cur;
                 }
             }
-            if !moved {
-                return cur;
-            }
-        }
+        })
     }
 
     /// The beam search of width `ef` on `level` from `entries`: the `ef` nearest nodes found, nearest
@@ -173,9 +183,17 @@ impl Graph {
         level: usize,
         keep: Option<&dyn Fn(u32) -> bool>,
     ) -> Vec<Cand> {
-        with_visited(self.n, |marks, g| {
-            let mut candidates: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(4 * ef);
-            let mut results: BinaryHeap<Cand> = BinaryHeap::with_capacity(ef + 1);
+        with_scratch(self.n, |s, g| {
+            let Scratch {
+                marks,
+                candidates,
+                results,
+                links,
+                fresh,
+                ..
+            } = s;
+            candidates.clear();
+            results.clear();
             let kept = |id: u32| keep.is_none_or(|f| f(id));
             for &e in entries {
                 if marks[e.1 as usize] == g {
@@ -190,11 +208,9 @@ impl Graph {
                     }
                 }
             }
-            let mut links = Vec::with_capacity(self.capacity(level));
-            let mut fresh = Vec::with_capacity(self.capacity(level));
             while let Some(Reverse(c)) = candidates.pop() {
                 let worst = |r: &BinaryHeap<Cand>| r.peek().map_or(f32::INFINITY, |w| w.0);
-                if results.len() >= ef && c.0 > worst(&results) {
+                if results.len() >= ef && c.0 > worst(results) {
                     break;
                 }
                 // The next node to expand is most often the nearest candidate now: its list is
@@ -202,25 +218,25 @@ impl Graph {
                 if let Some(Reverse(next)) = candidates.peek() {
                     self.prefetch_links(next.1, level);
                 }
-                self.links_into(c.1, level, &mut links);
+                self.links_into(c.1, level, links);
                 // Without a branch per neighbour: visited or not is a coin flip the predictor
                 // misses, and each miss would wait for its mark's cache line in turn.
                 fresh.clear();
                 fresh.resize(links.len(), 0);
                 let mut len = 0;
-                for &nb in &links {
+                for &nb in links.iter() {
                     let mark = &mut marks[nb as usize];
                     fresh[len] = nb;
                     len += (*mark != g) as usize;
                     *mark = g;
                 }
                 fresh.truncate(len);
-                for &nb in &fresh {
+                for &nb in fresh.iter() {
                     metric.prefetch(nb);
                 }
-                for &nb in &fresh {
+                for &nb in fresh.iter() {
                     let d = metric.dist(nb);
-                    if results.len() < ef || d < worst(&results) {
+                    if results.len() < ef || d < worst(results) {
                         candidates.push(Reverse(Cand(d, nb)));
                         if kept(nb) {
                             results.push(Cand(d, nb));
@@ -231,7 +247,9 @@ impl Graph {
                     }
                 }
             }
-            results.into_sorted_vec()
+            let mut found: Vec<Cand> = results.drain().collect();
+            found.sort();
+            found
         })
     }
 
