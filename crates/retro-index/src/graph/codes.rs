@@ -4,7 +4,8 @@
 //! hits carry exact distances and are ranked by them. Codes are derived from the keys, never stored.
 //!
 //! Each dimension `d` gets its own range over the keys: `x ≈ low[d] + step[d] * code`, so
-//! `q · x ≈ q · low + (q ⊙ step) · code`.
+//! `q · x ≈ q · low + (q ⊙ step) · code`. Where the CPU has AVX-512 VNNI, `q ⊙ step` is quantised
+//! to i8 as well and one instruction multiplies 64 dimensions; elsewhere it stays f32.
 
 use super::search::{prefetch, Metric};
 use crate::distance::{dot_u8_fn, dot_u8_i8_fn, DotU8Fn, DotU8I8Fn};
