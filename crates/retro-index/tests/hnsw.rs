@@ -100,6 +100,13 @@ fn recall_at_10_and_reload() {
         .take(10)
         .collect();
     assert!(recall_at_k(&exact_even, &even, 10) >= 0.9);
+    // A filter may itself search the index (the walk inside gets its own scratch).
+    let nested = idx
+        .search_filtered(&queries[1], 10, None, &|id| {
+            id.0 % 2 == 0 && !idx.search(&queries[3], 1, None).unwrap().is_empty()
+        })
+        .unwrap();
+    assert_eq!(nested, even);
     // Only 3 kept keys: all 3 are found, nearest first, even with a narrow beam.
     let few = idx
         .search_filtered(&queries[2], 10, Some(4), &|id| id.0 % 1000 == 1)

@@ -130,10 +130,18 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Runs `f` with this thread's scratch, its marks sized for `n` nodes, and the walk's generation.
+/// Runs `f` with this thread's scratch; with a fresh one when it is in use, as when a filtered
+/// search's `keep` searches again.
+fn scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
+/// Runs `f` with the scratch, its marks sized for `n` nodes, and the walk's generation.
 fn with_scratch<R>(n: usize, f: impl FnOnce(&mut Scratch, u8) -> R) -> R {
-    SCRATCH.with(|cell| {
-        let mut s = cell.borrow_mut();
+    scratch(|s| {
         if s.marks.len() < n {
             s.marks = vec![0; n];
             s.generation = 0;
@@ -144,7 +152,7 @@ fn with_scratch<R>(n: usize, f: impl FnOnce(&mut Scratch, u8) -> R) -> R {
             s.generation = 1;
         }
         let g = s.generation;
-        f(&mut s, g)
+        f(s, g)
     })
 }
 
@@ -152,8 +160,7 @@ impl Graph {
     /// Greedy descent on `level` from `start`: moves to the nearest neighbour while it is nearer.
     pub(crate) fn greedy(&self, metric: &impl Metric, start: Cand, level: usize) -> Cand {
         // Only the neighbour list: no generation is used up.
-        SCRATCH.with(|cell| {
-            let s = &mut *cell.borrow_mut();
+        scratch(|s| {
             let mut cur = start;
             loop {
                 self.links_into(cur.1, level, &mut s.links);
