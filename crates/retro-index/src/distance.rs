@@ -378,7 +378,7 @@ mod tests {
                 }
             }
         }
-        for n in [0, 1, 63, 64, 65, 127, 384, 385] {
+        for n in [0usize, 1, 63, 64, 65, 127, 384, 385] {
             let c: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
             let q: Vec<i8> = (0..n)
                 .map(|i| ((i * 53 % 256) as i32 - 128) as i8)
