@@ -20,6 +20,27 @@ impl Distance<f32> for DistUnitDot {
     }
 }
 
+/// `$name(a, b)`: the `unsafe` kernel `$kernel` over the two slices' common length, made safe to
+/// call because the choosers (`dot_fn`, `dot_u8_fn`, `dot_u8_i8_fn`) hand it out only after they
+/// detected the instruction sets it is compiled for.
+macro_rules! checked {
+    ($name:ident => $kernel:ident(&[$a:ty], &[$b:ty]) -> $r:ty) => {
+        #[cfg(target_arch = "x86_64")]
+        fn $name(a: &[$a], b: &[$b]) -> $r {
+            let n = a.len().min(b.len());
+            // SAFETY: only the choosers return this, and only when the CPU has what `$kernel` is
+            // compiled for.
+            unsafe { $kernel(&a[..n], &b[..n]) }
+        }
+    };
+}
+
+checked!(dot_avx512_checked => dot_avx512(&[f32], &[f32]) -> f32);
+checked!(dot_avx2_checked => dot_avx2(&[f32], &[f32]) -> f32);
+checked!(dot_u8_avx512_checked => dot_u8_avx512(&[f32], &[u8]) -> f32);
+checked!(dot_u8_avx2_checked => dot_u8_avx2(&[f32], &[u8]) -> f32);
+checked!(dot_u8_i8_vnni_checked => dot_u8_i8_vnni(&[u8], &[i8]) -> i32);
+
 /// Dot product, SIMD where the CPU allows.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -93,14 +114,6 @@ pub fn dot_u8_i8_portable(c: &[u8], q: &[i8]) -> i32 {
     c.iter().zip(q).map(|(&a, &b)| a as i32 * b as i32).sum()
 }
 
-// Only handed out by `dot_u8_i8_fn` after it detected AVX-512F, BW and VNNI.
-#[cfg(target_arch = "x86_64")]
-fn dot_u8_i8_vnni_checked(c: &[u8], q: &[i8]) -> i32 {
-    let n = c.len().min(q.len());
-    // SAFETY: `dot_u8_i8_fn` returns this only when the CPU has AVX-512F, BW and VNNI.
-    unsafe { dot_u8_i8_vnni(&c[..n], &q[..n]) }
-}
-
 /// Sums of 4 products per lane in i32: at most 255 x 128 x 4 a lane and instruction, so no
 /// overflow below 2^31 / 130,560 = 16,000 instructions (a million dimensions).
 #[cfg(target_arch = "x86_64")]
@@ -141,22 +154,6 @@ pub fn dot_u8_portable(q: &[f32], c: &[u8]) -> f32 {
         s += x * y as f32;
     }
     s
-}
-
-// Only handed out by `dot_u8_fn` after it detected AVX-512F.
-#[cfg(target_arch = "x86_64")]
-fn dot_u8_avx512_checked(q: &[f32], c: &[u8]) -> f32 {
-    let n = q.len().min(c.len());
-    // SAFETY: `dot_u8_fn` returns this only when the CPU has AVX-512F.
-    unsafe { dot_u8_avx512(&q[..n], &c[..n]) }
-}
-
-// Only handed out by `dot_u8_fn` after it detected AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-fn dot_u8_avx2_checked(q: &[f32], c: &[u8]) -> f32 {
-    let n = q.len().min(c.len());
-    // SAFETY: `dot_u8_fn` returns this only when the CPU has AVX2 and FMA.
-    unsafe { dot_u8_avx2(&q[..n], &c[..n]) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -215,22 +212,6 @@ unsafe fn dot_u8_avx2(q: &[f32], c: &[u8]) -> f32 {
 fn dot_portable_checked(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     dot_portable(&a[..n], &b[..n])
-}
-
-// Only handed out by `dot_fn` after it detected AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-fn dot_avx2_checked(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    // SAFETY: `dot_fn` returns this only when the CPU has AVX2 and FMA.
-    unsafe { dot_avx2(&a[..n], &b[..n]) }
-}
-
-// Only handed out by `dot_fn` after it detected AVX-512F.
-#[cfg(target_arch = "x86_64")]
-fn dot_avx512_checked(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    // SAFETY: `dot_fn` returns this only when the CPU has AVX-512F.
-    unsafe { dot_avx512(&a[..n], &b[..n]) }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -154,6 +154,42 @@ fn parallel_and_deterministic_builds_agree_in_quality() {
 }
 
 #[test]
+fn stored_keys_find_themselves_among_many_repeated_keys() {
+    // Repeated text gives identical keys: 2 keys repeated 150 times each among 3,000 distinct
+    // ones. Copies that fill each other's lists would trap every walk that enters them.
+    let dim = 32;
+    let distinct = random_unit(3000, dim, 51);
+    let repeated = random_unit(2, dim, 52);
+    let mut v = Vec::new();
+    for i in 0..3300 {
+        match i % 11 {
+            0 => v.extend_from_slice(&repeated[..dim]),
+            1 => v.extend_from_slice(&repeated[dim..]),
+            _ => {}
+        }
+        if i < 3000 {
+            v.extend_from_slice(&distinct[i * dim..(i + 1) * dim]);
+        }
+    }
+    let n = v.len() / dim;
+    let params = HnswParams {
+        deterministic: true,
+        ..HnswParams::default()
+    };
+    let idx = HnswIndex::build(&v, dim, params, None).unwrap();
+    let missed = (0..n)
+        .filter(|&i| {
+            let hits = idx.search(&v[i * dim..(i + 1) * dim], 1, None).unwrap();
+            hits[0].1 > 1e-5
+        })
+        .count();
+    assert!(
+        missed <= n / 1000,
+        "{missed} of {n} keys did not find a copy of themselves"
+    );
+}
+
+#[test]
 fn a_damaged_graph_file_is_an_error_naming_it() {
     let (n, dim) = (500, 16);
     let v = random_unit(n, dim, 31);

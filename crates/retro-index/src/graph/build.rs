@@ -30,19 +30,28 @@ fn level_of(id: usize, m: usize) -> u8 {
     (level as usize).min(MAX_LEVEL) as u8
 }
 
+/// Two keys this close (`1 - cosine`) are the same key: repeated text gives identical keys.
+const DUPLICATE: f32 = 1e-6;
+
 /// The heuristic of the paper's algorithm 4 (hnswlib's `getNeighborsByHeuristic2`): from
 /// candidates sorted nearest first, keep one only if it is nearer to the base than to every node
 /// kept so far, up to `cap`. Fewer than `cap` candidates are all kept.
+///
+/// In both cases a candidate equal to a node already kept is dropped too: it points nowhere new. Without that,
+/// a key repeated more than `cap` times (boilerplate chunks) fills its copies' lists with each
+/// other, and a walk that enters them cannot leave: 2% of a lexical database's chunks were not
+/// found by their own keys.
 fn select(keys: &Keys, candidates: &[Cand], cap: usize) -> Vec<Cand> {
-    if candidates.len() <= cap {
-        return candidates.to_vec();
-    }
-    let mut kept: Vec<Cand> = Vec::with_capacity(cap);
+    let all = candidates.len() <= cap;
+    let mut kept: Vec<Cand> = Vec::with_capacity(cap.min(candidates.len()));
     for &c in candidates {
         if kept.len() >= cap {
             break;
         }
-        if kept.iter().all(|r| keys.between(c.1, r.1) >= c.0) {
+        if kept.iter().all(|r| {
+            let between = keys.between(c.1, r.1);
+            between > DUPLICATE && (all || between >= c.0)
+        }) {
             kept.push(c);
         }
     }
@@ -124,6 +133,50 @@ impl Builder<'_> {
     }
 }
 
+/// Gives every layer-0 node that no list points to (its in-links were pruned away as nearer nodes
+/// arrived, as happens to some early nodes) a link from its nearest neighbour. A full list gives
+/// up its farthest link whose target has another in-link. Without this, about 1 in 1,600 keys of
+/// a lexical database could not be found even by itself.
+fn link_orphans(graph: &Graph, keys: &Keys, entry: u32) {
+    let n = graph.len();
+    let mut indegree = vec![0u32; n];
+    let mut links = Vec::with_capacity(graph.capacity(0));
+    for i in 0..n as u32 {
+        graph.links_into(i, 0, &mut links);
+        for &x in &links {
+            indegree[x as usize] += 1;
+        }
+    }
+    let mut theirs = Vec::with_capacity(graph.capacity(0) + 1);
+    for q in 0..n as u32 {
+        if indegree[q as usize] > 0 || q == entry {
+            continue;
+        }
+        graph.links_into(q, 0, &mut links);
+        let mut near: Vec<Cand> = links.iter().map(|&e| Cand(keys.between(q, e), e)).collect();
+        near.sort();
+        for Cand(_, e) in near {
+            graph.links_into(e, 0, &mut theirs);
+            if theirs.len() < graph.capacity(0) {
+                theirs.push(q);
+            } else {
+                let far = theirs
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &x)| indegree[x as usize] > 1)
+                    .map(|(j, &x)| (keys.between(e, x), j))
+                    .max_by(|a, b| a.0.total_cmp(&b.0));
+                let Some((_, j)) = far else { continue };
+                indegree[theirs[j] as usize] -= 1;
+                theirs[j] = q;
+            }
+            indegree[q as usize] += 1;
+            graph.set_links(e, 0, theirs.iter().copied());
+            break;
+        }
+    }
+}
+
 /// Builds the graph over `keys`' rows (node i = row i). `progress(done, total)` follows each block.
 pub(crate) fn build(
     keys: &Keys,
@@ -161,6 +214,7 @@ pub(crate) fn build(
         }
     }
     let (entry, top) = *lock(&builder.entry);
+    link_orphans(&graph, keys, entry);
     drop(builder);
     graph.entry = entry;
     graph.top = top;
