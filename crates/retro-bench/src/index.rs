@@ -66,24 +66,33 @@ pub struct HnswRun {
     pub per_ef: Vec<EfRow>,
 }
 
-/// Times `index` on the stored vectors `ids` as queries at each of `efs`, with recall against
-/// brute force over `vectors`.
+/// The stored vectors `ids` as queries, with their exact answers (brute force over `vectors`).
+pub struct EfQueries {
+    pub queries: Vec<Vec<f32>>,
+    pub exact: Vec<Vec<retro_index::Hit>>,
+}
+
+impl EfQueries {
+    pub fn new(vectors: &[f32], dim: usize, ids: &[usize], k: usize) -> Self {
+        let queries: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|&i| vectors[i * dim..(i + 1) * dim].to_vec())
+            .collect();
+        let exact = brute_force_batch(vectors, dim, &queries, k);
+        Self { queries, exact }
+    }
+}
+
+/// Times `index` on `q` at each of `efs`, with recall@`k` against their exact answers.
 pub fn measure_ef(
     index: &HnswIndex,
-    vectors: &[f32],
-    dim: usize,
-    ids: &[usize],
+    q: &EfQueries,
     k: usize,
     efs: &[usize],
 ) -> anyhow::Result<Vec<EfRow>> {
-    let queries: Vec<Vec<f32>> = ids
-        .iter()
-        .map(|&i| vectors[i * dim..(i + 1) * dim].to_vec())
-        .collect();
-    let exact = brute_force_batch(vectors, dim, &queries, k);
     let mut rows = Vec::new();
     for &ef in efs {
-        let w = measure_walk(index, &queries, &exact, k, ef)?;
+        let w = measure_walk(index, q, k, ef)?;
         rows.push(EfRow {
             ef,
             recall: w.recall,
@@ -96,13 +105,8 @@ pub fn measure_ef(
 }
 
 /// Recall and queries/s (batched in parallel, then one by one) of `index`'s walk at `ef`.
-fn measure_walk(
-    index: &HnswIndex,
-    queries: &[Vec<f32>],
-    exact: &[Vec<retro_index::Hit>],
-    k: usize,
-    ef: usize,
-) -> anyhow::Result<WalkRow> {
+fn measure_walk(index: &HnswIndex, q: &EfQueries, k: usize, ef: usize) -> anyhow::Result<WalkRow> {
+    let (queries, exact) = (&q.queries, &q.exact);
     let t = Instant::now();
     let approx = index.search_batch(queries, k, Some(ef))?;
     let par = queries.len() as f64 / t.elapsed().as_secs_f64();
@@ -130,16 +134,11 @@ pub fn hnsw_run(v: &[f32], dim: usize, p: &HnswBenchParams) -> anyhow::Result<Hn
     let t = Instant::now();
     let mut index = HnswIndex::build(v, dim, p.hnsw(), None)?;
     let build_s = t.elapsed().as_secs_f64();
-    let ids = sample_ids(n, p.sample);
-    let mut per_ef = measure_ef(&index, v, dim, &ids, p.k, &p.ef)?;
+    let q = EfQueries::new(v, dim, &sample_ids(n, p.sample), p.k);
+    let mut per_ef = measure_ef(&index, &q, p.k, &p.ef)?;
     index.set_walk(Walk::Exact);
-    let queries: Vec<Vec<f32>> = ids
-        .iter()
-        .map(|&i| v[i * dim..(i + 1) * dim].to_vec())
-        .collect();
-    let exact = brute_force_batch(v, dim, &queries, p.k);
     for row in &mut per_ef {
-        row.exact_walk = Some(measure_walk(&index, &queries, &exact, p.k, row.ef)?);
+        row.exact_walk = Some(measure_walk(&index, &q, p.k, row.ef)?);
     }
     Ok(HnswRun {
         points: n,
@@ -216,14 +215,13 @@ pub fn database_run(db: &Database, p: &HnswBenchParams, insert_s: f64) -> anyhow
     let graph = db
         .hnsw()
         .context("`bench index` measures the embedded HNSW graph")?;
-    let per_ef = measure_ef(
-        graph,
+    let q = EfQueries::new(
         db.embeddings().as_slice(),
         dim,
         &sample_ids(n, p.sample),
         p.k,
-        &p.ef,
-    )?;
+    );
+    let per_ef = measure_ef(graph, &q, p.k, &p.ef)?;
     Ok(HnswRun {
         points: n,
         dim,

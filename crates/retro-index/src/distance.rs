@@ -62,17 +62,15 @@ pub fn dot_fn() -> DotFn {
     *CHOSEN.get_or_init(|| dot_portable_checked)
 }
 
-/// The kernel for the widest instruction set this CPU has: AVX-512F, AVX2 with FMA, or none.
+/// The kernel for the widest instruction set this CPU has (`retro_kernels::isa`, where the
+/// kernels detect theirs): AVX-512F, AVX2 with FMA, or none.
 #[cfg(target_arch = "x86_64")]
 fn widest<F>(avx512: F, avx2: F, portable: F) -> F {
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        avx512
-    } else if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        avx2
-    } else {
-        portable
+    use retro_kernels::isa::{isa, Isa};
+    match isa() {
+        Isa::Avx512 => avx512,
+        Isa::Avx2 => avx2,
+        Isa::Base => portable,
     }
 }
 

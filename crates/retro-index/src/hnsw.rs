@@ -131,7 +131,6 @@ impl HnswIndex {
         }
         let graph = graph::build(
             &graph::Keys::new(keys.as_slice(), dim),
-            n,
             params.m,
             params.ef_construction,
             params.deterministic,
@@ -250,14 +249,13 @@ impl HnswIndex {
     /// Writes `graph.links` into `dir` (created if needed). Returns the basename used.
     pub fn save(&self, dir: &Path) -> Result<String> {
         std::fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
-        let path = dir.join(format!("{HNSW_BASENAME}.{}", graph::LINKS_EXTENSION));
-        graph::write(&self.graph, &path)?;
+        graph::write(&self.graph, &dir.join(links_name(HNSW_BASENAME)))?;
         Ok(HNSW_BASENAME.to_string())
     }
 
     /// The files [`HnswIndex::save`] writes under `basename`, relative to its directory.
     pub fn file_names(basename: &str) -> Vec<String> {
-        vec![format!("{basename}.{}", graph::LINKS_EXTENSION)]
+        vec![links_name(basename)]
     }
 
     /// The files of a graph written by hnsw_rs (databases built before `graph.links`).
@@ -272,7 +270,7 @@ impl HnswIndex {
     /// hnsw_rs dump of an older database, read into the same layout. Damaged files are errors
     /// (hnsw_rs asserts on some; the panic is caught here).
     pub fn load(dir: &Path, basename: &str, keys: Embeddings, params: HnswParams) -> Result<Self> {
-        let links = dir.join(format!("{basename}.{}", graph::LINKS_EXTENSION));
+        let links = dir.join(links_name(basename));
         let graph = if links.is_file() {
             graph::read(&links, keys.len(), params.m)?
         } else {
@@ -287,16 +285,17 @@ impl HnswIndex {
         keys: &Embeddings,
         params: HnswParams,
     ) -> Result<Graph> {
-        for name in Self::legacy_file_names(basename) {
-            let p = dir.join(name);
-            if !p.is_file() {
-                return Err(IndexError::missing(
-                    p,
-                    "the database's HNSW graph is incomplete",
-                ));
-            }
+        let files: Vec<_> = Self::legacy_file_names(basename)
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect();
+        if let Some(p) = files.iter().find(|p| !p.is_file()) {
+            return Err(IndexError::missing(
+                p,
+                "the database's HNSW graph is incomplete",
+            ));
         }
-        let path = dir.join(format!("{basename}.hnsw.graph"));
+        let path = &files[0];
         let (n, dim) = (keys.len(), keys.dim());
         let (d, b) = (dir.to_path_buf(), basename.to_string());
         let read = move || {
@@ -316,13 +315,18 @@ impl HnswIndex {
         };
         match crate::panic_guard::catch(read) {
             Ok(Ok(g)) => Ok(g),
-            Ok(Err(e)) => Err(IndexError::corrupt(&path, e)),
+            Ok(Err(e)) => Err(IndexError::corrupt(path, e)),
             Err(why) => Err(IndexError::corrupt(
-                &path,
+                path,
                 format!("hnsw_rs could not read the graph ({why})"),
             )),
         }
     }
+}
+
+/// The graph's file under `basename`: `graph.links`.
+fn links_name(basename: &str) -> String {
+    format!("{basename}.{}", graph::LINKS_EXTENSION)
 }
 
 /// Exact `k` nearest rows of `vectors` (row-major, `dim` wide) to `query` by `1 - dot`, nearest

@@ -1,18 +1,21 @@
 //! Which x86 SIMD extensions the CPU has, detected at run time (std caches each answer after the
 //! first call), so the kernels can pick their AVX-512 or AVX2 versions.
 
-/// The instruction sets the attention kernel is compiled for.
+/// The instruction sets the kernels are compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Isa {
+pub enum Isa {
+    /// What the target compiles for by default.
     Base,
+    /// AVX2 with FMA.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX-512F.
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
 
 /// The widest instruction set the CPU supports.
-pub(crate) fn isa() -> Isa {
+pub fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if avx512f() {

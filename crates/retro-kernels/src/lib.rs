@@ -5,7 +5,8 @@
 //! LayerNorm and rotary embeddings with backward (`fused_norm`), `x W^T + b (+ r)` as one GEMM
 //! (`linear_op`), exact GELU (`gelu`), the training blocks as single autograd nodes with written-out
 //! backwards (`attention_block_op`: pre-norm self-, cross- and chunked cross-attention;
-//! `feed_forward_op`), and the switch between inference and differentiable versions (`Kernels`).
+//! `feed_forward_op`), the switch between inference and differentiable versions (`Kernels`), and
+//! the CPU's instruction sets, detected once for every kernel that picks a version (`isa`).
 //! f32 and f64 on the CPU; other devices and dtypes fall back to candle's ops.
 //!
 //! ```
@@ -31,7 +32,7 @@ mod float;
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod gelu;
-mod isa;
+pub mod isa;
 pub mod kernels;
 pub mod layers;
 pub mod linear_op;

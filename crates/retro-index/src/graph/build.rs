@@ -37,10 +37,10 @@ const DUPLICATE: f32 = 1e-6;
 /// candidates sorted nearest first, keep one only if it is nearer to the base than to every node
 /// kept so far, up to `cap`. Fewer than `cap` candidates are all kept.
 ///
-/// In both cases a candidate equal to a node already kept is dropped too: it points nowhere new. Without that,
-/// a key repeated more than `cap` times (boilerplate chunks) fills its copies' lists with each
-/// other, and a walk that enters them cannot leave: 2% of a lexical database's chunks were not
-/// found by their own keys.
+/// In both cases a candidate equal to a node already kept is dropped too: it points nowhere new.
+/// Without that, a key repeated more than `cap` times (boilerplate chunks) fills its copies' lists
+/// with each other, and a walk that enters them cannot leave: 2% of a lexical database's chunks
+/// were not found by their own keys.
 fn select(keys: &Keys, candidates: &[Cand], cap: usize) -> Vec<Cand> {
     let all = candidates.len() <= cap;
     let mut kept: Vec<Cand> = Vec::with_capacity(cap.min(candidates.len()));
@@ -88,7 +88,7 @@ impl Builder<'_> {
             cur = g.greedy(&metric, cur, l);
         }
         for l in (0..=level.min(top)).rev() {
-            let mut found = g.search_layer(&metric, &[cur], self.ef_construction, l, None);
+            let mut found = g.search_layer(&metric, cur, self.ef_construction, l, None);
             found.retain(|c| c.1 != q);
             if let Some(&nearest) = found.first() {
                 cur = nearest;
@@ -180,12 +180,12 @@ fn link_orphans(graph: &Graph, keys: &Keys, entry: u32) {
 /// Builds the graph over `keys`' rows (node i = row i). `progress(done, total)` follows each block.
 pub(crate) fn build(
     keys: &Keys,
-    n: usize,
     m: usize,
     ef_construction: usize,
     deterministic: bool,
     progress: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> Graph {
+    let n = keys.len();
     let levels: Vec<u8> = (0..n).map(|i| level_of(i, m)).collect();
     let mut graph = Graph::empty(m, levels);
     if n == 0 {

@@ -21,14 +21,17 @@ pub(crate) struct Codes {
 /// A query against the codes.
 pub(crate) struct Quantized<'a> {
     codes: &'a Codes,
-    /// `q ⊙ step`
-    scaled: Vec<f32>,
     /// `q · low`
     offset: f32,
-    dot: DotU8Fn,
-    /// Where the CPU multiplies bytes (AVX-512 VNNI): `q ⊙ step` quantised to i8, its scale, and
-    /// the kernel. The walk then costs one instruction per 64 dimensions.
-    bytes: Option<(Vec<i8>, f32, DotU8I8Fn)>,
+    scaled: Scaled,
+}
+
+/// `q ⊙ step`, in the form the CPU multiplies against bytes fastest.
+enum Scaled {
+    F32(Vec<f32>, DotU8Fn),
+    /// Where the CPU multiplies bytes (AVX-512 VNNI): quantised to i8, with its scale. The walk
+    /// then costs one instruction per 64 dimensions.
+    I8(Vec<i8>, f32, DotU8I8Fn),
 }
 
 impl Codes {
@@ -105,18 +108,19 @@ impl Codes {
     /// The walk's metric for query `q`.
     pub(crate) fn metric(&self, q: &[f32]) -> Quantized<'_> {
         let scaled: Vec<f32> = q.iter().zip(&self.step).map(|(a, b)| a * b).collect();
-        let bytes = dot_u8_i8_fn().map(|f| {
-            let top = scaled.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let scale = if top > 0.0 { top / 127.0 } else { 1.0 };
-            let qi = scaled.iter().map(|x| (x / scale).round() as i8).collect();
-            (qi, scale, f)
-        });
+        let scaled = match dot_u8_i8_fn() {
+            Some(f) => {
+                let top = scaled.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let scale = if top > 0.0 { top / 127.0 } else { 1.0 };
+                let qi = scaled.iter().map(|x| (x / scale).round() as i8).collect();
+                Scaled::I8(qi, scale, f)
+            }
+            None => Scaled::F32(scaled, dot_u8_fn()),
+        };
         Quantized {
             codes: self,
             offset: q.iter().zip(&self.low).map(|(a, b)| a * b).sum(),
             scaled,
-            dot: dot_u8_fn(),
-            bytes,
         }
     }
 }
@@ -125,9 +129,9 @@ impl Metric for Quantized<'_> {
     #[inline]
     fn dist(&self, id: u32) -> f32 {
         let row = self.codes.row(id);
-        let dot = match &self.bytes {
-            Some((qi, scale, f)) => scale * f(row, qi) as f32,
-            None => (self.dot)(&self.scaled, row),
+        let dot = match &self.scaled {
+            Scaled::I8(qi, scale, f) => scale * f(row, qi) as f32,
+            Scaled::F32(scaled, f) => f(scaled, row),
         };
         1.0 - (self.offset + dot)
     }
@@ -166,10 +170,10 @@ mod tests {
             let exact = 1.0 - q.iter().zip(r).map(|(a, b)| a * b).sum::<f32>();
             // The codes' rounding, plus the i8 query's where the bytes kernel runs: half its step
             // on each dimension, times a code of at most 255.
-            let bytes = m
-                .bytes
-                .as_ref()
-                .map_or(0.0, |b| b.1 / 2.0 * 255.0 * dim as f32);
+            let bytes = match &m.scaled {
+                Scaled::I8(_, scale, _) => scale / 2.0 * 255.0 * dim as f32,
+                Scaled::F32(..) => 0.0,
+            };
             let bound: f32 = q
                 .iter()
                 .zip(&c.step)

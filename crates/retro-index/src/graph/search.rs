@@ -39,6 +39,11 @@ impl<'a> Keys<'a> {
         }
     }
 
+    /// Rows (nodes).
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len() / self.dim.max(1)
+    }
+
     #[inline]
     pub(crate) fn row(&self, id: u32) -> &'a [f32] {
         let s = id as usize * self.dim;
@@ -179,13 +184,13 @@ impl Graph {
         })
     }
 
-    /// The beam search of width `ef` on `level` from `entries`: the `ef` nearest nodes found, nearest
+    /// The beam search of width `ef` on `level` from `entry`: the `ef` nearest nodes found, nearest
     /// first. With `keep`, the walk still goes through every node, but only kept nodes are
     /// answers; it stops once `ef` kept nodes are nearer than the rest, or the graph is exhausted.
     pub(crate) fn search_layer(
         &self,
         metric: &impl Metric,
-        entries: &[Cand],
+        entry: Cand,
         ef: usize,
         level: usize,
         keep: Option<&dyn Fn(u32) -> bool>,
@@ -202,18 +207,10 @@ impl Graph {
             candidates.clear();
             results.clear();
             let kept = |id: u32| keep.is_none_or(|f| f(id));
-            for &e in entries {
-                if marks[e.1 as usize] == g {
-                    continue;
-                }
-                marks[e.1 as usize] = g;
-                candidates.push(Reverse(e));
-                if kept(e.1) {
-                    results.push(e);
-                    if results.len() > ef {
-                        results.pop();
-                    }
-                }
+            marks[entry.1 as usize] = g;
+            candidates.push(Reverse(entry));
+            if kept(entry.1) {
+                results.push(entry);
             }
             while let Some(Reverse(c)) = candidates.pop() {
                 let worst = |r: &BinaryHeap<Cand>| r.peek().map_or(f32::INFINITY, |w| w.0);
@@ -280,9 +277,9 @@ impl Graph {
         for level in (1..=self.top).rev() {
             ep = self.greedy(metric, ep, level);
         }
-        let mut found = self.search_layer(metric, &[ep], ef, 0, keep);
+        let mut found = self.search_layer(metric, ep, ef, 0, keep);
         if let Some(exact) = rerank {
-            for c in &mut found {
+            for c in &found {
                 exact.prefetch(c.1);
             }
             for c in &mut found {
