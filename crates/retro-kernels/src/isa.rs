@@ -42,6 +42,24 @@ pub(crate) fn avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
+/// Asks for the cache lines of the `len` bytes at `start`: a hint, nothing is read, and no address
+/// faults.
+#[inline]
+pub fn prefetch(start: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..len).step_by(64) {
+        // SAFETY: prefetching never faults, whatever the address; `wrapping_add` keeps the
+        // pointer arithmetic defined.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                start.wrapping_add(line) as *const i8,
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, len);
+}
+
 /// `fn $name<T: Float>(args)` that runs `$body(args)` compiled for the widest instruction set the
 /// CPU has: `$body` is `#[inline(always)]`, so each version is its loops vectorised for AVX-512,
 /// AVX2 + FMA, or the baseline.

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod attention_block_op;
+mod avx2;
 mod cpu_storage;
 pub mod decode;
 pub mod feed_forward_op;

@@ -37,10 +37,10 @@
 
 use crate::attention::KvCache;
 use crate::cca::ChunkedCrossAttention;
-use crate::decode_rows::{ChunkEnd, RowDecode, RowsEngine};
 use crate::error::{ModelError, Result};
 use crate::kernels::Kernels;
 use crate::model::RetroModel;
+use crate::rows::{ChunkEnd, RowDecode, RowsEngine};
 use candle_core::{DType, Tensor};
 
 const KERN: Kernels = Kernels::Fused;
@@ -57,7 +57,7 @@ struct CcaKv {
 /// Which implementation a decoding state runs; both compute the same logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeEngine {
-    /// The decoder over plain rows (`decode_rows`): CPU, f32 and f64. The default there.
+    /// The decoder over plain rows (`rows`): CPU, f32 and f64. The default there.
     Rows,
     /// The decoder as tensor ops, on any device and dtype.
     Tensors,

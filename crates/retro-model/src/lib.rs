@@ -34,7 +34,6 @@ mod attention_params;
 pub mod cca;
 pub mod config;
 pub mod cross_attention;
-mod decode_rows;
 pub mod device;
 pub mod encoder;
 pub mod error;
@@ -43,6 +42,7 @@ pub mod incremental;
 pub mod model;
 mod params;
 pub mod rope;
+mod rows;
 pub mod train;
 pub mod weights;
 

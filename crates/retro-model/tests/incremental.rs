@@ -550,3 +550,60 @@ fn cached_decoding_matches_the_pytorch_fixture() {
         }
     }
 }
+
+/// A config at the widths the rows engine's compiled kernels take (d_k 16, 32-wide panels of
+/// outputs), at batch 1 (one row: each block's outputs and heads split across the cores) and
+/// batch 3 (three-row GEMM tiles), with K 2 neighbours of N 8 (16 encoder rows a sequence): the
+/// prompt prefilled, then every step, equal to the full forward.
+#[test]
+fn the_compiled_kernel_widths_equal_the_full_forward() {
+    let c = RetroConfig {
+        n_vocab: 17,
+        d_model: 32,
+        n_layers: 3,
+        ca_layers: [1, 2].into(),
+        chunk_len: 4,
+        n_heads: 4,
+        d_k: 16,
+        d_ff: 96,
+        enc_n_layers: 2,
+        enc_ca_layers: [1].into(),
+        layer_norm_eps: 1e-5,
+        rope_base: 10_000.0,
+    };
+    let m = RetroModel::new(&c, 11, DType::F32, &Device::Cpu).unwrap();
+    for b in [1, 3] {
+        let t = 7 * c.chunk_len + 1;
+        let (x, ret) = (
+            ids(&[b, t], c.n_vocab, 5),
+            ids(&[b, t / c.chunk_len, 2, 8], c.n_vocab, 6),
+        );
+        let all = m.forward(&x, &ret).unwrap();
+        let mut state = m.start_decoding(b, true);
+        assert_eq!(state.engine(), DecodeEngine::Rows);
+        let p = 2 * c.chunk_len + 1;
+        let got = m
+            .prefill(
+                &mut state,
+                &x.narrow(1, 0, p).unwrap(),
+                Some(&ret.narrow(1, 0, 2).unwrap()),
+            )
+            .unwrap();
+        let d = max_abs(&got, &all.narrow(1, 0, p).unwrap());
+        assert!(
+            d < 1e-4,
+            "batch {b}: prefill differs from the full forward by {d}"
+        );
+        for s in p..t {
+            let nb = neighbours_at(&ret, s, c.chunk_len);
+            let got = m
+                .step(&mut state, &x.i((.., s)).unwrap(), nb.as_ref())
+                .unwrap();
+            let d = max_abs(&got, &all.i((.., s)).unwrap());
+            assert!(
+                d < 1e-4,
+                "batch {b}, t = {s}: the step differs from the full forward by {d}"
+            );
+        }
+    }
+}

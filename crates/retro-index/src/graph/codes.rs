@@ -7,9 +7,10 @@
 //! `q · x ≈ q · low + (q ⊙ step) · code`. Where the CPU has AVX-512 VNNI, `q ⊙ step` is quantised
 //! to i8 as well and one instruction multiplies 64 dimensions; elsewhere it stays f32.
 
-use super::search::{prefetch, Metric};
+use super::search::Metric;
 use crate::distance::{dot_u8_fn, dot_u8_i8_fn, DotU8Fn, DotU8I8Fn};
 use rayon::prelude::*;
+use retro_kernels::isa::prefetch;
 
 pub(crate) struct Codes {
     dim: usize,

@@ -114,7 +114,7 @@ impl Graph {
     #[inline]
     fn prefetch_links(&self, node: u32, level: usize) {
         let slots = self.slots(node, level);
-        search::prefetch(slots.as_ptr() as *const u8, 4 * slots.len());
+        retro_kernels::isa::prefetch(slots.as_ptr() as *const u8, 4 * slots.len());
     }
 
     /// `node`'s neighbours at `level`, copied into `out` (cleared first).

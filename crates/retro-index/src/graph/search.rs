@@ -67,7 +67,7 @@ impl<'a> Keys<'a> {
     #[inline]
     fn prefetch(&self, id: u32) {
         let row = self.row(id);
-        prefetch(row.as_ptr() as *const u8, 4 * row.len())
+        retro_kernels::isa::prefetch(row.as_ptr() as *const u8, 4 * row.len())
     }
 
     /// The exact metric for query `q`.
@@ -98,24 +98,6 @@ impl Metric for Exact<'_> {
     fn prefetch(&self, id: u32) {
         self.keys.prefetch(id)
     }
-}
-
-/// Asks for the cache lines of the `len` bytes at `start`: a hint, nothing is read, and no address
-/// faults.
-#[inline]
-pub(crate) fn prefetch(start: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for line in (0..len).step_by(64) {
-        // SAFETY: prefetching never faults, whatever the address; `wrapping_add` keeps the
-        // pointer arithmetic defined.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                start.wrapping_add(line) as *const i8,
-            )
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (start, len);
 }
 
 /// Per thread, what a walk needs and would otherwise allocate each time: one visited byte per

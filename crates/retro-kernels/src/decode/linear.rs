@@ -9,17 +9,20 @@ use candle_core::Result;
 use rayon::prelude::*;
 
 /// Outputs accumulated in registers at once: 32 f32 are two AVX-512 or four AVX2 registers.
-const BLOCK: usize = 32;
+pub(super) const BLOCK: usize = 32;
 /// Partial sums per block, over interleaved inputs.
 const PARTIALS: usize = 4;
 
-/// A Linear `[out, in]` with bias, held transposed (`[in, out]`) so that each input scales one
-/// contiguous row of weights.
+/// A Linear `[out, in]` with bias, held as column panels `[out / BLOCK, in, BLOCK]` (the last
+/// padded with zero weights): a block of BLOCK outputs reads its weights as one contiguous stream,
+/// where a transposed `[in, out]` matrix would be read BLOCK columns at a stride of `out`.
 #[derive(Debug, Clone)]
 pub struct RowLinear<T> {
-    w_t: Vec<T>,
+    panels: Vec<T>,
+    /// `[out]` padded to whole panels.
     b: Vec<T>,
     n_in: usize,
+    n_out: usize,
 }
 
 impl<T: Float> RowLinear<T> {
@@ -32,10 +35,23 @@ impl<T: Float> RowLinear<T> {
     /// in the order given (what [`fused_linear`](crate::layers::fused_linear) computes).
     pub fn fused(parts: &[(&Linear, f64)]) -> Result<Self> {
         let fused = Linear::fuse(parts)?;
+        let (n_out, n_in) = fused.weight().dims2()?;
+        let w = values::<T>(fused.weight())?;
+        let padded = n_out.next_multiple_of(BLOCK);
+        let mut panels = vec![T::zero(); padded * n_in];
+        for o in 0..n_out {
+            let (p, k) = (o / BLOCK, o % BLOCK);
+            for i in 0..n_in {
+                panels[(p * n_in + i) * BLOCK + k] = w[o * n_in + i];
+            }
+        }
+        let mut b = values::<T>(fused.bias())?;
+        b.resize(padded, T::zero());
         Ok(Self {
-            n_in: fused.weight().dim(1)?,
-            w_t: values(&fused.weight().t()?.contiguous()?)?,
-            b: values(fused.bias())?,
+            panels,
+            b,
+            n_in,
+            n_out,
         })
     }
 
@@ -43,7 +59,7 @@ impl<T: Float> RowLinear<T> {
         self.n_in
     }
     pub fn n_out(&self) -> usize {
-        self.b.len()
+        self.n_out
     }
 
     /// `y[r] = x[r] W^T + b` for every row `r` of `x [rows, in]`; `y` is `[rows, out]`.
@@ -57,119 +73,148 @@ impl<T: Float> RowLinear<T> {
     }
 
     fn rows(&self, x: &[T], y: &mut [T], accumulate: bool) {
-        let (n_in, n_out) = (self.n_in, self.n_out());
+        let (n_in, n_out) = (self.n_in, self.n_out);
         assert_eq!(x.len() % n_in.max(1), 0, "x is not [rows, {n_in}]");
-        assert_eq!(
-            x.len() / n_in.max(1) * n_out,
-            y.len(),
-            "y is not [rows, {n_out}]"
-        );
-        // Groups of GROUP rows share each load of the weights.
-        let one = |(x, y): (&[T], &mut [T])| linear_group(&self.w_t, &self.b, x, y, accumulate);
-        let (gx, gy) = (GROUP * n_in.max(1), GROUP * n_out);
-        if y.len() <= gy {
+        let rows = x.len() / n_in.max(1);
+        assert_eq!(rows * n_out, y.len(), "y is not [rows, {n_out}]");
+        // A task takes up to TASK_GROUPS groups of GROUP rows: each panel, once loaded, serves
+        // all of them before the next.
+        let groups = rows.div_ceil(GROUP);
+        let per_task = (groups / (2 * rayon::current_num_threads())).clamp(1, TASK_GROUPS);
+        // On AVX2 (not AVX-512, where the generic block fits the registers) f32 rows go through
+        // the six-row micro-kernel.
+        #[cfg(target_arch = "x86_64")]
+        let six = crate::isa::isa() == crate::isa::Isa::Avx2 && T::f32s(x).is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let six = false;
+        let one = |(x, y): (&[T], &mut [T])| {
+            linear_rows(&self.panels, &self.b, n_in, n_out, x, y, accumulate, six)
+        };
+        let (tx, ty) = (per_task * GROUP * n_in.max(1), per_task * GROUP * n_out);
+        let panels = self.b.len() / BLOCK;
+        if rows == 1 && panels >= 2 && rayon::current_num_threads() > 1 {
+            // One row: each core takes half of the panels (half of the outputs).
+            let half = panels / 2;
+            let (w0, w1) = self.panels.split_at(half * n_in * BLOCK);
+            let (b0, b1) = self.b.split_at(half * BLOCK);
+            let (y0, y1) = y.split_at_mut(half * BLOCK);
+            rayon::join(
+                || linear_rows(w0, b0, n_in, half * BLOCK, x, y0, accumulate, six),
+                || linear_rows(w1, b1, n_in, n_out - half * BLOCK, x, y1, accumulate, six),
+            );
+        } else if groups <= per_task || rows < MIN_ROWS_PER_TASK * 2 {
             one((x, y));
         } else {
-            x.par_chunks(gx)
-                .zip(y.par_chunks_mut(gy))
-                .with_min_len(MIN_ROWS_PER_TASK.div_ceil(GROUP))
-                .for_each(one);
+            x.par_chunks(tx).zip(y.par_chunks_mut(ty)).for_each(one);
         }
     }
 }
 
-/// Rows computed together, each weight block loaded once for all of them.
+/// Rows computed together, each panel row loaded once for all of them.
 const GROUP: usize = 4;
+/// Groups of rows one task takes at most.
+const TASK_GROUPS: usize = 4;
 
-multiversioned!(fn linear_group<T: Float>(w_t: &[T], b: &[T], x: &[T], y: &mut [T], accumulate: bool) => linear_group_body);
+multiversioned!(fn linear_rows<T: Float>(panels: &[T], b: &[T], n_in: usize, n_out: usize, x: &[T], y: &mut [T], accumulate: bool, six: bool) => linear_rows_body);
 
-/// Up to GROUP rows of `x` (all of them at once when there are GROUP), each as
-/// [`linear_row_body`] would.
+/// Every row of `x`, panel by panel: up to six rows at a time by the AVX2 micro-kernel (`six`),
+/// or GROUP rows at a time; then one by one.
 #[inline(always)]
-fn linear_group_body<T: Float>(w_t: &[T], b: &[T], x: &[T], y: &mut [T], accumulate: bool) {
-    let (n_out, n_in) = (b.len(), w_t.len() / b.len().max(1));
+fn linear_rows_body<T: Float>(
+    panels: &[T],
+    b: &[T],
+    n_in: usize,
+    n_out: usize,
+    x: &[T],
+    y: &mut [T],
+    accumulate: bool,
+    six: bool,
+) {
     let rows = y.len() / n_out.max(1);
-    if rows != GROUP || n_out % BLOCK != 0 {
-        for (x, y) in x.chunks(n_in.max(1)).zip(y.chunks_mut(n_out.max(1))) {
-            linear_row_body(w_t, b, x, y, accumulate);
+    for (p, (panel, bias)) in panels
+        .chunks_exact(n_in * BLOCK)
+        .zip(b.chunks_exact(BLOCK))
+        .enumerate()
+    {
+        let bias: &[T; BLOCK] = bias.try_into().expect("a block");
+        let (j0, width) = (p * BLOCK, BLOCK.min(n_out - p * BLOCK));
+        let mut put = |r: usize, acc: &[T; BLOCK]| {
+            let out = &mut y[r * n_out + j0..][..width];
+            if accumulate {
+                out.iter_mut().zip(acc).for_each(|(o, v)| *o += *v);
+            } else {
+                out.copy_from_slice(&acc[..width]);
+            }
+        };
+        let mut r0 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if let (true, Some(panel), Some(bias), Some(x)) =
+            (six, T::f32s(panel), T::f32s(bias), T::f32s(x))
+        {
+            use super::linear_avx2::{panel_rows, ROWS};
+            let bias: &[f32; BLOCK] = bias.try_into().expect("a block");
+            let mut out = [[0f32; BLOCK]; ROWS];
+            while rows - r0 >= 2 {
+                let r = (rows - r0).min(ROWS);
+                // SAFETY: `six` is set only where the CPU has AVX2 and FMA; the kernel checks
+                // the slices' lengths.
+                unsafe { panel_rows(r, panel, bias, n_in, &x[r0 * n_in..], &mut out) };
+                for (i, o) in out[..r].iter().enumerate() {
+                    let o: [T; BLOCK] = std::array::from_fn(|k| T::from_f64(o[k] as f64));
+                    put(r0 + i, &o);
+                }
+                r0 += r;
+            }
         }
-        return;
-    }
-    for j0 in (0..n_out).step_by(BLOCK) {
-        let bias: &[T; BLOCK] = b[j0..j0 + BLOCK].try_into().expect("a block");
-        let mut acc = [*bias; GROUP];
-        for i in 0..n_in {
-            let w: &[T; BLOCK] = w_t[i * n_out + j0..][..BLOCK].try_into().expect("a block");
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xi = x[r * n_in + i];
-                for k in 0..BLOCK {
-                    a[k] = xi.mul_add_(w[k], a[k]);
+        let full = r0 + (rows - r0) / GROUP * GROUP;
+        for r0 in (r0..full).step_by(GROUP) {
+            let mut acc = [*bias; GROUP];
+            for (i, w) in panel.chunks_exact(BLOCK).enumerate() {
+                let w: &[T; BLOCK] = w.try_into().expect("a block");
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xi = x[(r0 + r) * n_in + i];
+                    for k in 0..BLOCK {
+                        a[k] = xi.mul_add_(w[k], a[k]);
+                    }
                 }
             }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            let out = &mut y[r * n_out + j0..][..BLOCK];
-            if accumulate {
-                out.iter_mut().zip(a).for_each(|(o, v)| *o += *v);
-            } else {
-                out.copy_from_slice(a);
+            for (r, a) in acc.iter().enumerate() {
+                put(r0 + r, a);
             }
+        }
+        for r in full..rows {
+            put(r, &panel_row(panel, bias, &x[r * n_in..][..n_in]));
         }
     }
 }
 
+/// One row's BLOCK outputs of one panel: PARTIALS sums over interleaved inputs keep that many
+/// add chains in flight.
 #[inline(always)]
-fn linear_row_body<T: Float>(w_t: &[T], b: &[T], x: &[T], y: &mut [T], accumulate: bool) {
-    let n_out = b.len();
-    let mut j0 = 0;
-    while j0 < n_out {
-        let width = BLOCK.min(n_out - j0);
-        let mut acc = [T::zero(); BLOCK];
-        acc[..width].copy_from_slice(&b[j0..j0 + width]);
-        if width == BLOCK {
-            // A fixed trip count keeps the block in registers across all inputs; PARTIALS sums
-            // over interleaved inputs keep that many add chains in flight.
-            let mut part = [[T::zero(); BLOCK]; PARTIALS];
-            let mut xs = x.chunks_exact(PARTIALS);
-            let mut i = 0;
-            for xc in &mut xs {
-                for (p, &xi) in part.iter_mut().zip(xc) {
-                    let w: &[T; BLOCK] =
-                        w_t[i * n_out + j0..][..BLOCK].try_into().expect("a block");
-                    for k in 0..BLOCK {
-                        p[k] = xi.mul_add_(w[k], p[k]);
-                    }
-                    i += 1;
-                }
-            }
-            for &xi in xs.remainder() {
-                let w = &w_t[i * n_out + j0..][..BLOCK];
-                for k in 0..BLOCK {
-                    acc[k] = xi.mul_add_(w[k], acc[k]);
-                }
-                i += 1;
-            }
-            for p in &part {
-                for k in 0..BLOCK {
-                    acc[k] += p[k];
-                }
-            }
-        } else {
-            for (i, &xi) in x.iter().enumerate() {
-                let w = &w_t[i * n_out + j0..][..width];
-                for k in 0..width {
-                    acc[k] = xi.mul_add_(w[k], acc[k]);
-                }
+fn panel_row<T: Float>(panel: &[T], bias: &[T; BLOCK], x: &[T]) -> [T; BLOCK] {
+    let mut part = [[T::zero(); BLOCK]; PARTIALS];
+    let mut ws = panel.chunks_exact(PARTIALS * BLOCK);
+    let mut xs = x.chunks_exact(PARTIALS);
+    for (w, xc) in (&mut ws).zip(&mut xs) {
+        for (t, p) in part.iter_mut().enumerate() {
+            let (xi, w) = (xc[t], &w[t * BLOCK..][..BLOCK]);
+            for k in 0..BLOCK {
+                p[k] = xi.mul_add_(w[k], p[k]);
             }
         }
-        let out = &mut y[j0..j0 + width];
-        if accumulate {
-            out.iter_mut().zip(&acc).for_each(|(o, a)| *o += *a);
-        } else {
-            out.copy_from_slice(&acc[..width]);
-        }
-        j0 += width;
     }
+    let mut acc = *bias;
+    for (w, &xi) in ws.remainder().chunks_exact(BLOCK).zip(xs.remainder()) {
+        for k in 0..BLOCK {
+            acc[k] = xi.mul_add_(w[k], acc[k]);
+        }
+    }
+    for p in &part {
+        for k in 0..BLOCK {
+            acc[k] += p[k];
+        }
+    }
+    acc
 }
 
 /// LayerNorm over the last dimension with affine weights, as a copy of a [`LayerNorm`]'s.
@@ -227,8 +272,9 @@ mod tests {
             assert_eq!((rows.n_in(), rows.n_out()), (n_in, n_out));
             let norm = LayerNorm::new(randn(&[n_in], dtype), randn(&[n_in], dtype), 1e-5);
             let row_norm = RowNorm::<T>::new(&norm).unwrap();
-            // One row, a group of four, and eleven (parallel groups and a partial one).
-            for r in [1, 4, 11] {
+            // One row, two, a group of four, six (one AVX2 tile), eleven (parallel groups and a
+            // partial one) and 64 (tasks of several groups, tiles of six and a remainder).
+            for r in [1, 2, 4, 6, 11, 64] {
                 let x = randn(&[r, n_in], dtype);
                 let xv = x.flatten_all().unwrap().to_vec1::<T>().unwrap();
                 let want =

@@ -26,7 +26,9 @@
 use crate::float::Float;
 
 mod cache;
+mod head_avx2;
 mod linear;
+mod linear_avx2;
 
 pub use cache::KvCache;
 pub use linear::{RowLinear, RowNorm};

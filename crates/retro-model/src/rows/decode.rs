@@ -1,179 +1,18 @@
-//! Cached decoding on the CPU over plain rows: what [`RetroModel::step`] and
-//! [`RetroModel::prefill`] compute, with the decoder's per-token work in a few
-//! [`retro_kernels::decode`] kernels instead of a hundred small tensor ops. The neighbour encoder,
-//! run once per completed chunk over its B x K x N rows, stays on tensors (GEMMs).
+//! The decoder over rows: what [`RetroModel::step`] and [`RetroModel::prefill`] compute.
 //!
 //! A feed of `P` rows (one step, or a whole prompt) goes layer by layer over all of them: the
 //! self-attention keys and values are appended to a preallocated [`KvCache`] and each row attends
 //! causally; at the first CCA layer every chunk the rows complete is encoded before any row's
 //! CCA reads it.
 
-use crate::attention_params::AttentionParams;
+use super::blocks::{AttnBlock, FfBlock, Rope};
+use super::encode::RowEncoder;
 use crate::error::Result;
-use crate::feed_forward::FeedForward;
-use crate::kernels::Kernels;
 use crate::model::RetroModel;
 use candle_core::{Device, Tensor};
-use retro_kernels::decode::{rotate, values, KvCache, RowLinear, RowNorm};
+use retro_kernels::decode::{values, KvCache, RowLinear};
 use retro_kernels::Float;
 use std::sync::Arc;
-
-/// cos and sin of `position * theta_i` for `p` consecutive positions, each `[p, d_k / 2]`, with
-/// the angle in f64 as [`crate::rope::RopeTables`] computes it.
-struct Rope<T> {
-    cos: Vec<T>,
-    sin: Vec<T>,
-    half: usize,
-}
-
-impl<T: Float> Rope<T> {
-    fn new(theta: &[f32], t0: usize, p: usize) -> Self {
-        let (mut cos, mut sin) = (Vec::with_capacity(p * theta.len()), Vec::new());
-        for pos in t0..t0 + p {
-            for &t in theta {
-                let a = pos as f64 * t as f64;
-                cos.push(T::from_f64(a.cos()));
-                sin.push(T::from_f64(a.sin()));
-            }
-        }
-        Self {
-            cos,
-            sin,
-            half: theta.len(),
-        }
-    }
-
-    /// The tables of the i-th position.
-    fn at(&self, i: usize) -> (&[T], &[T]) {
-        let h = self.half;
-        (&self.cos[i * h..][..h], &self.sin[i * h..][..h])
-    }
-}
-
-/// A pre-norm attention block over rows (self-attention, or CCA's cross-attention): the norm,
-/// the query (scaled by 1/sqrt(d_k)), key and value (one projection), and the output.
-#[derive(Debug)]
-struct AttnBlock<T> {
-    norm: RowNorm<T>,
-    query: RowLinear<T>,
-    kv: RowLinear<T>,
-    output: RowLinear<T>,
-    n_heads: usize,
-    d_k: usize,
-}
-
-impl<T: Float> AttnBlock<T> {
-    fn new(p: &AttentionParams) -> Result<Self> {
-        let scale = 1.0 / (p.d_k as f64).sqrt();
-        Ok(Self {
-            norm: RowNorm::new(&p.norm)?,
-            query: RowLinear::fused(&[(&p.query, scale)])?,
-            kv: RowLinear::fused(&[(&p.key, 1.0), (&p.value, 1.0)])?,
-            output: RowLinear::new(&p.output)?,
-            n_heads: p.n_heads,
-            d_k: p.d_k,
-        })
-    }
-
-    /// `rows` rows of `x` projected by `lin`.
-    fn project(lin: &RowLinear<T>, x: &[T], rows: usize) -> Vec<T> {
-        let mut y = vec![T::zero(); rows * lin.n_out()];
-        lin.forward(x, &mut y);
-        y
-    }
-
-    /// Self-attention: `h [S, P, d]` is S sequences of P new rows, row i rotated by `rope.at(i)`.
-    /// Their keys and values are appended to `cache` (of S sequences); each row attends to the
-    /// cached positions up to its own (`causal`) or to all of them; `h` gets the output added.
-    fn self_attend(
-        &self,
-        h: &mut [T],
-        p: usize,
-        rope: &Rope<T>,
-        cache: &mut KvCache<T>,
-        causal: bool,
-    ) {
-        let (d, hd, dk) = (self.kv.n_in(), self.output.n_in(), self.d_k);
-        let rows = h.len() / d;
-        let mut x = vec![T::zero(); rows * d];
-        self.norm.forward(h, &mut x);
-        let mut q = Self::project(&self.query, &x, rows);
-        let mut kv = Self::project(&self.kv, &x, rows);
-        for (r, (q, kv)) in q
-            .chunks_exact_mut(hd)
-            .zip(kv.chunks_exact_mut(2 * hd))
-            .enumerate()
-        {
-            let (cos, sin) = rope.at(r % p);
-            for head in q.chunks_exact_mut(dk).chain(kv[..hd].chunks_exact_mut(dk)) {
-                rotate(head, cos, sin);
-            }
-        }
-        cache.append_packed(&kv, 2 * hd, 0, hd, p);
-        let mut att = vec![T::zero(); rows * hd];
-        if causal {
-            cache.attend_causal(&q, p, &mut att);
-        } else {
-            cache.attend_all(&q, p, &mut att);
-        }
-        self.output.forward_add(&att, h);
-    }
-
-    /// The keys and values of `ctx [S, n, d]` (S sequences of n rows), as a cache of n positions.
-    fn context(&self, ctx: &[T], s: usize) -> KvCache<T> {
-        let (d, hd) = (self.kv.n_in(), self.output.n_in());
-        let n = ctx.len() / (d * s).max(1);
-        let mut cache = KvCache::new(s, self.n_heads, self.d_k);
-        cache.append_packed(&Self::project(&self.kv, ctx, s * n), 2 * hd, 0, hd, n);
-        cache
-    }
-
-    /// Cross-attention: `output(attend(query(norm(h)), ctx))` for `h [S, P, d]`, each sequence
-    /// reading its context.
-    fn cross(&self, h: &[T], p: usize, ctx: &KvCache<T>) -> Vec<T> {
-        let (d, hd) = (self.kv.n_in(), self.output.n_in());
-        let rows = h.len() / d;
-        let mut x = vec![T::zero(); rows * d];
-        self.norm.forward(h, &mut x);
-        let q = Self::project(&self.query, &x, rows);
-        let mut att = vec![T::zero(); rows * hd];
-        ctx.attend_all(&q, p, &mut att);
-        self.output.forward(&att, &mut x);
-        x
-    }
-}
-
-/// Feed-forward over rows: `h += lin2(relu(lin1(norm(h))))`.
-#[derive(Debug)]
-struct FfBlock<T> {
-    norm: RowNorm<T>,
-    lin1: RowLinear<T>,
-    lin2: RowLinear<T>,
-}
-
-impl<T: Float> FfBlock<T> {
-    fn new(f: &FeedForward) -> Result<Self> {
-        Ok(Self {
-            norm: RowNorm::new(&f.norm)?,
-            lin1: RowLinear::new(&f.lin1)?,
-            lin2: RowLinear::new(&f.lin2)?,
-        })
-    }
-
-    fn forward(&self, h: &mut [T]) {
-        let rows = h.len() / self.lin1.n_in();
-        let mut x = vec![T::zero(); h.len()];
-        self.norm.forward(h, &mut x);
-        let mut hidden = vec![T::zero(); rows * self.lin1.n_out()];
-        self.lin1.forward(&x, &mut hidden);
-        hidden.iter_mut().for_each(|z| {
-            if *z < T::zero() {
-                *z = T::zero()
-            }
-        });
-        self.lin2.forward_add(&hidden, h);
-    }
-}
 
 /// The model's weights, copied once per decoding state into the rows' layout.
 #[derive(Debug)]
@@ -183,6 +22,7 @@ struct Weights<T> {
     ffw: Vec<FfBlock<T>>,
     cca: Vec<AttnBlock<T>>,
     read: RowLinear<T>,
+    enc: RowEncoder<T>,
 }
 
 /// The row decoder's state for a batch of B sequences.
@@ -303,6 +143,7 @@ impl<T: Float> RowDecode<T> {
                 .map(|a| AttnBlock::new(&a.params))
                 .collect::<Result<_>>()?,
             read: RowLinear::new(&m.read)?,
+            enc: RowEncoder::new(m)?,
         };
         Ok(Self {
             w: Arc::new(w),
@@ -336,10 +177,15 @@ impl<T: Float> RowDecode<T> {
                 let end = ends
                     .next()
                     .expect("the caller passes one entry per completed chunk");
-                // The encoder stays on tensors: its B x K x N rows a chunk are GEMM-sized.
                 let rows: Vec<T> = self.chunk_h.iter_mut().flat_map(std::mem::take).collect();
-                let h_chunk = Tensor::from_vec(rows, (b, cl, d), &Device::Cpu)?;
-                e.push(m.encode_neighbours(&end.ret, &h_chunk, Kernels::Fused)?);
+                let (_, _, k, n) = end.ret.dims4()?;
+                let mut emb = Vec::with_capacity(b * k * n * d);
+                for id in end.ret.flatten_all()?.to_vec1::<u32>()? {
+                    emb.extend_from_slice(&self.w.emb[id as usize * d..][..d]);
+                }
+                let rope = Rope::new(&m.theta, 0, n);
+                let encoded = self.w.enc.forward(emb, &rows, (k, n, d), &rope);
+                e.push(Tensor::from_vec(encoded, (b, 1, k, n, d), &Device::Cpu)?);
                 self.keep
                     .push(end.keep.as_ref().map(values::<T>).transpose()?);
             }
