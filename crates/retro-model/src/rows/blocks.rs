@@ -40,19 +40,85 @@ impl<T: Float> Rope<T> {
     }
 }
 
-/// A pre-norm attention block over rows (self-attention, or CCA's cross-attention): the norm,
-/// the query (scaled by 1/sqrt(d_k)), key and value (one projection), and the output.
+/// A pre-norm self-attention block over rows: the norm, the query (scaled by 1/sqrt(d_k)), key
+/// and value in one projection, and the output.
 #[derive(Debug)]
-pub(super) struct AttnBlock<T> {
+pub(super) struct SelfBlock<T> {
     norm: RowNorm<T>,
-    query: RowLinear<T>,
-    kv: RowLinear<T>,
+    qkv: RowLinear<T>,
     output: RowLinear<T>,
     pub(super) n_heads: usize,
     pub(super) d_k: usize,
 }
 
-impl<T: Float> AttnBlock<T> {
+/// `rows` rows of `x` projected by `lin`.
+fn project<T: Float>(lin: &RowLinear<T>, x: &[T], rows: usize) -> Vec<T> {
+    let mut y = vec![T::zero(); rows * lin.n_out()];
+    lin.forward(x, &mut y);
+    y
+}
+
+impl<T: Float> SelfBlock<T> {
+    pub(super) fn new(p: &AttentionParams) -> Result<Self> {
+        let scale = 1.0 / (p.d_k as f64).sqrt();
+        Ok(Self {
+            norm: RowNorm::new(&p.norm)?,
+            qkv: RowLinear::fused(&[(&p.query, scale), (&p.key, 1.0), (&p.value, 1.0)])?,
+            output: RowLinear::new(&p.output)?,
+            n_heads: p.n_heads,
+            d_k: p.d_k,
+        })
+    }
+
+    /// Self-attention: `h [S, P, d]` is S sequences of P new rows, row i rotated by `rope.at(i)`.
+    /// Their keys and values are appended to `cache` (of S sequences); each row attends to the
+    /// cached positions up to its own (`causal`) or to all of them; `h` gets the output added.
+    pub(super) fn forward(
+        &self,
+        h: &mut [T],
+        p: usize,
+        rope: &Rope<T>,
+        cache: &mut KvCache<T>,
+        causal: bool,
+    ) {
+        let (d, hd, dk) = (self.qkv.n_in(), self.output.n_in(), self.d_k);
+        let rows = h.len() / d;
+        let mut x = vec![T::zero(); rows * d];
+        self.norm.forward(h, &mut x);
+        let mut qkv = project(&self.qkv, &x, rows);
+        let mut q = Vec::with_capacity(rows * hd);
+        for (r, row) in qkv.chunks_exact_mut(3 * hd).enumerate() {
+            let (cos, sin) = rope.at(r % p);
+            for head in row[..2 * hd].chunks_exact_mut(dk) {
+                rotate(head, cos, sin);
+            }
+            q.extend_from_slice(&row[..hd]);
+        }
+        cache.append_packed(&qkv, 3 * hd, hd, 2 * hd, p);
+        let mut att = vec![T::zero(); rows * hd];
+        if causal {
+            cache.attend_causal(&q, p, &mut att);
+        } else {
+            cache.attend_all(&q, p, &mut att);
+        }
+        self.output.forward_add(&att, h);
+    }
+}
+
+/// A pre-norm cross-attention block over rows (CCA, and the encoder's attention to its chunk):
+/// the norm and the query (scaled by 1/sqrt(d_k)) of the rows, the key and value (one
+/// projection) of the context, and the output.
+#[derive(Debug)]
+pub(super) struct CrossBlock<T> {
+    norm: RowNorm<T>,
+    query: RowLinear<T>,
+    kv: RowLinear<T>,
+    output: RowLinear<T>,
+    n_heads: usize,
+    d_k: usize,
+}
+
+impl<T: Float> CrossBlock<T> {
     pub(super) fn new(p: &AttentionParams) -> Result<Self> {
         let scale = 1.0 / (p.d_k as f64).sqrt();
         Ok(Self {
@@ -65,67 +131,23 @@ impl<T: Float> AttnBlock<T> {
         })
     }
 
-    /// `rows` rows of `x` projected by `lin`.
-    fn project(lin: &RowLinear<T>, x: &[T], rows: usize) -> Vec<T> {
-        let mut y = vec![T::zero(); rows * lin.n_out()];
-        lin.forward(x, &mut y);
-        y
-    }
-
-    /// Self-attention: `h [S, P, d]` is S sequences of P new rows, row i rotated by `rope.at(i)`.
-    /// Their keys and values are appended to `cache` (of S sequences); each row attends to the
-    /// cached positions up to its own (`causal`) or to all of them; `h` gets the output added.
-    pub(super) fn self_attend(
-        &self,
-        h: &mut [T],
-        p: usize,
-        rope: &Rope<T>,
-        cache: &mut KvCache<T>,
-        causal: bool,
-    ) {
-        let (d, hd, dk) = (self.kv.n_in(), self.output.n_in(), self.d_k);
-        let rows = h.len() / d;
-        let mut x = vec![T::zero(); rows * d];
-        self.norm.forward(h, &mut x);
-        let mut q = Self::project(&self.query, &x, rows);
-        let mut kv = Self::project(&self.kv, &x, rows);
-        for (r, (q, kv)) in q
-            .chunks_exact_mut(hd)
-            .zip(kv.chunks_exact_mut(2 * hd))
-            .enumerate()
-        {
-            let (cos, sin) = rope.at(r % p);
-            for head in q.chunks_exact_mut(dk).chain(kv[..hd].chunks_exact_mut(dk)) {
-                rotate(head, cos, sin);
-            }
-        }
-        cache.append_packed(&kv, 2 * hd, 0, hd, p);
-        let mut att = vec![T::zero(); rows * hd];
-        if causal {
-            cache.attend_causal(&q, p, &mut att);
-        } else {
-            cache.attend_all(&q, p, &mut att);
-        }
-        self.output.forward_add(&att, h);
-    }
-
     /// The keys and values of `ctx [S, n, d]` (S sequences of n rows), as a cache of n positions.
     pub(super) fn context(&self, ctx: &[T], s: usize) -> KvCache<T> {
         let (d, hd) = (self.kv.n_in(), self.output.n_in());
         let n = ctx.len() / (d * s).max(1);
         let mut cache = KvCache::new(s, self.n_heads, self.d_k);
-        cache.append_packed(&Self::project(&self.kv, ctx, s * n), 2 * hd, 0, hd, n);
+        cache.append_packed(&project(&self.kv, ctx, s * n), 2 * hd, 0, hd, n);
         cache
     }
 
-    /// Cross-attention: `output(attend(query(norm(h)), ctx))` for `h [S, P, d]`, each sequence
-    /// reading its context.
-    pub(super) fn cross(&self, h: &[T], p: usize, ctx: &KvCache<T>) -> Vec<T> {
+    /// `output(attend(query(norm(h)), ctx))` for `h [S, P, d]`, each sequence reading its
+    /// context.
+    pub(super) fn forward(&self, h: &[T], p: usize, ctx: &KvCache<T>) -> Vec<T> {
         let (d, hd) = (self.kv.n_in(), self.output.n_in());
         let rows = h.len() / d;
         let mut x = vec![T::zero(); rows * d];
         self.norm.forward(h, &mut x);
-        let q = Self::project(&self.query, &x, rows);
+        let q = project(&self.query, &x, rows);
         let mut att = vec![T::zero(); rows * hd];
         ctx.attend_all(&q, p, &mut att);
         self.output.forward(&att, &mut x);

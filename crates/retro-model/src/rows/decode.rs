@@ -5,7 +5,7 @@
 //! causally; at the first CCA layer every chunk the rows complete is encoded before any row's
 //! CCA reads it.
 
-use super::blocks::{AttnBlock, FfBlock, Rope};
+use super::blocks::{CrossBlock, FfBlock, Rope, SelfBlock};
 use super::encode::RowEncoder;
 use crate::error::Result;
 use crate::model::RetroModel;
@@ -18,9 +18,9 @@ use std::sync::Arc;
 #[derive(Debug)]
 struct Weights<T> {
     emb: Vec<T>,
-    attn: Vec<AttnBlock<T>>,
+    attn: Vec<SelfBlock<T>>,
     ffw: Vec<FfBlock<T>>,
-    cca: Vec<AttnBlock<T>>,
+    cca: Vec<CrossBlock<T>>,
     read: RowLinear<T>,
     enc: RowEncoder<T>,
 }
@@ -96,7 +96,7 @@ impl<T: Float> RowsEngine for RowDecode<T> {
         let first_cca = c.ca_layers.first().copied();
         let mut i_ca = 0;
         for (l, (attn, ffw)) in w.attn.iter().zip(&w.ffw).enumerate() {
-            attn.self_attend(&mut h, p, &rope, &mut self.caches[l], true);
+            attn.forward(&mut h, p, &rope, &mut self.caches[l], true);
             let is_ca = c.ca_layers.contains(&l);
             if use_cca {
                 if Some(l) == first_cca {
@@ -134,13 +134,13 @@ impl<T: Float> RowDecode<T> {
             attn: m
                 .attn
                 .iter()
-                .map(|a| AttnBlock::new(&a.params))
+                .map(|a| SelfBlock::new(&a.params))
                 .collect::<Result<_>>()?,
             ffw: m.ffw.iter().map(FfBlock::new).collect::<Result<_>>()?,
             cca: m
                 .cca
                 .iter()
-                .map(|a| AttnBlock::new(&a.params))
+                .map(|a| CrossBlock::new(&a.params))
                 .collect::<Result<_>>()?,
             read: RowLinear::new(&m.read)?,
             enc: RowEncoder::new(m)?,
@@ -220,7 +220,7 @@ impl<T: Float> RowDecode<T> {
             for s in 0..b {
                 x.extend_from_slice(&h[(s * p + i0) * d..][..g * d]);
             }
-            let y = w.cross(&x, g, ctx);
+            let y = w.forward(&x, g, ctx);
             let keep = self.keep[u].as_ref();
             for s in 0..b {
                 let gate = keep.map_or(T::one(), |k| k[s]);

@@ -6,7 +6,7 @@
 //!
 //! [`NeighbourEncoder::forward`]: crate::encoder::NeighbourEncoder::forward
 
-use super::blocks::{AttnBlock, FfBlock, Rope};
+use super::blocks::{CrossBlock, FfBlock, Rope, SelfBlock};
 use crate::error::Result;
 use crate::model::RetroModel;
 use retro_kernels::decode::{KvCache, RowNorm};
@@ -16,10 +16,10 @@ use std::collections::BTreeSet;
 /// The encoder's weights in the rows' layout.
 #[derive(Debug)]
 pub(super) struct RowEncoder<T> {
-    attn: Vec<AttnBlock<T>>,
+    attn: Vec<SelfBlock<T>>,
     ffw: Vec<FfBlock<T>>,
     /// One per layer in `ca_layers`, in order.
-    ca: Vec<AttnBlock<T>>,
+    ca: Vec<CrossBlock<T>>,
     ca_layers: BTreeSet<usize>,
     norm_h: RowNorm<T>,
     norm_e: RowNorm<T>,
@@ -32,13 +32,13 @@ impl<T: Float> RowEncoder<T> {
             attn: e
                 .attn
                 .iter()
-                .map(|a| AttnBlock::new(&a.params))
+                .map(|a| SelfBlock::new(&a.params))
                 .collect::<Result<_>>()?,
             ffw: e.ffw.iter().map(FfBlock::new).collect::<Result<_>>()?,
             ca: e
                 .ca
                 .iter()
-                .map(|a| AttnBlock::new(&a.params))
+                .map(|a| CrossBlock::new(&a.params))
                 .collect::<Result<_>>()?,
             ca_layers: e.ca_layers.clone(),
             norm_h: RowNorm::new(&e.norm_h)?,
@@ -62,11 +62,11 @@ impl<T: Float> RowEncoder<T> {
         for (p, (attn, ffw)) in self.attn.iter().zip(&self.ffw).enumerate() {
             // Each neighbour is a sequence of N rows, attending to all of them.
             let mut cache = KvCache::new(b * k, attn.n_heads, attn.d_k);
-            attn.self_attend(&mut e, n, rope, &mut cache, false);
+            attn.forward(&mut e, n, rope, &mut cache, false);
             if self.ca_layers.contains(&p) {
                 // All K neighbours of a sequence query its chunk's rows.
                 let ca = &self.ca[i_ca];
-                let y = ca.cross(&e, k * n, &ca.context(&h_normed, b));
+                let y = ca.forward(&e, k * n, &ca.context(&h_normed, b));
                 e.iter_mut().zip(&y).for_each(|(e, y)| *e += *y);
                 i_ca += 1;
             }

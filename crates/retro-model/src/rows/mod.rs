@@ -11,4 +11,3 @@ mod decode;
 mod encode;
 
 pub(crate) use decode::{ChunkEnd, RowDecode, RowsEngine};
-
