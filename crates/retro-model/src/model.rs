@@ -165,6 +165,19 @@ impl RetroModel {
 
     pub(crate) fn ids(&self, t: &Tensor, input: &'static str) -> Result<Tensor> {
         let t = t.to_device(&self.device)?;
+        if t.dtype() == DType::U32 && t.device().is_cpu() {
+            // The common case (every decoding step): one pass over the ids, no tensor ops.
+            if let Some(&hi) = t.flatten_all()?.to_vec1::<u32>()?.iter().max() {
+                if hi as usize >= self.config.n_vocab {
+                    return Err(ModelError::TokenOutOfRange {
+                        input,
+                        id: hi as u64,
+                        n_vocab: self.config.n_vocab,
+                    });
+                }
+            }
+            return Ok(t);
+        }
         if t.elem_count() > 0 {
             let flat = t.flatten_all()?.to_dtype(DType::I64)?;
             let (lo, hi) = (

@@ -449,6 +449,19 @@ fn misplaced_or_missing_neighbours_are_errors() {
         Err(ModelError::TokenOutOfRange { .. })
     ));
     assert_eq!(state.position(), t);
+    // Out-of-range token ids as u32, the dtype the step checks without tensor ops.
+    let bad = (x.i((.., t)).unwrap().to_dtype(DType::I64).unwrap() + c.n_vocab as f64)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap();
+    assert!(matches!(
+        m.step(&mut state, &bad, Some(&nb)),
+        Err(ModelError::TokenOutOfRange {
+            input: "tokens",
+            ..
+        })
+    ));
+    assert_eq!(state.position(), t);
     // Still usable after the errors: the state is exactly as before them.
     let got = m
         .step(&mut state, &x.i((.., t)).unwrap(), Some(&nb))
