@@ -9,7 +9,7 @@ use rayon::prelude::*;
 const FIRST_CAPACITY: usize = 64;
 
 /// The keys and values of `batch` sequences, `heads` heads of `d_k`, at every position so far.
-/// Each head's keys are held in tiles of [`TILE`] positions, `[capacity / TILE, d_k, TILE]`, so a
+/// Each head's keys are held in tiles of 16 positions, `[capacity / 16, d_k, 16]`, so a
 /// query's scores for a tile are `d_k` vertical multiply-adds over one contiguous kilobyte; its
 /// values are held by position, `[capacity, d_k]`, so the output accumulates `p_j v_j` row by row
 /// with no horizontal sums. Both are read as streams: no stride of a power of two thrashes one
@@ -268,7 +268,7 @@ fn attend_head_body<T: Float>(
                     *o = s.mul_add_(x, *o);
                 }
             }
-            out.iter_mut().for_each(|o| *o = *o * inv);
+            out.iter_mut().for_each(|o| *o *= inv);
         }
     }
 }

@@ -88,7 +88,7 @@ impl<T: Float> RowLinear<T> {
         #[cfg(not(target_arch = "x86_64"))]
         let six = false;
         let one = |(x, y): (&[T], &mut [T])| {
-            linear_rows(&self.panels, &self.b, n_in, n_out, x, y, accumulate, six)
+            linear_rows(&self.panels, &self.b, (n_in, n_out), x, y, accumulate, six)
         };
         let (tx, ty) = (per_task * GROUP * n_in.max(1), per_task * GROUP * n_out);
         let panels = self.b.len() / BLOCK;
@@ -99,8 +99,8 @@ impl<T: Float> RowLinear<T> {
             let (b0, b1) = self.b.split_at(half * BLOCK);
             let (y0, y1) = y.split_at_mut(half * BLOCK);
             rayon::join(
-                || linear_rows(w0, b0, n_in, half * BLOCK, x, y0, accumulate, six),
-                || linear_rows(w1, b1, n_in, n_out - half * BLOCK, x, y1, accumulate, six),
+                || linear_rows(w0, b0, (n_in, half * BLOCK), x, y0, accumulate, six),
+                || linear_rows(w1, b1, (n_in, n_out - half * BLOCK), x, y1, accumulate, six),
             );
         } else if groups <= per_task || rows < MIN_ROWS_PER_TASK * 2 {
             one((x, y));
@@ -115,16 +115,15 @@ const GROUP: usize = 4;
 /// Groups of rows one task takes at most.
 const TASK_GROUPS: usize = 4;
 
-multiversioned!(fn linear_rows<T: Float>(panels: &[T], b: &[T], n_in: usize, n_out: usize, x: &[T], y: &mut [T], accumulate: bool, six: bool) => linear_rows_body);
+multiversioned!(fn linear_rows<T: Float>(panels: &[T], b: &[T], dims: (usize, usize), x: &[T], y: &mut [T], accumulate: bool, six: bool) => linear_rows_body);
 
 /// Every row of `x`, panel by panel: up to six rows at a time by the AVX2 micro-kernel (`six`),
-/// or GROUP rows at a time; then one by one.
+/// or GROUP rows at a time; then one by one. `dims` is `(n_in, n_out)`.
 #[inline(always)]
 fn linear_rows_body<T: Float>(
     panels: &[T],
     b: &[T],
-    n_in: usize,
-    n_out: usize,
+    (n_in, n_out): (usize, usize),
     x: &[T],
     y: &mut [T],
     accumulate: bool,
