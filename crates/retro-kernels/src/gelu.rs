@@ -16,6 +16,17 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Cephes' `expf` polynomial in `r = x - n ln 2`, highest power first: `exp(x) = 2^n (1 + r + r^2
+/// p(r))`. The AVX2 and AVX-512 versions evaluate the same one.
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// Cephes' `expf` (about 1 ulp), branch-free so loops over it vectorise. Arguments outside
 /// `[-87, 88]` are clamped (the result flushes towards 0 below).
 #[inline(always)]
@@ -23,12 +34,10 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
