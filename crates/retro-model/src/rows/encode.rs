@@ -46,7 +46,7 @@ impl<T: Float> RowEncoder<T> {
         })
     }
 
-    /// The encoded neighbours `[B, K, N, d]` of `emb` (their token embeddings, `[B, K, N, d]`),
+    /// The encoded neighbours `[B, K, N, d]` of `e` (their token embeddings, `[B, K, N, d]`),
     /// each sequence's K neighbours cross-attending to its chunk's rows `h [B, chunk_len, d]`.
     pub(super) fn forward(
         &self,
