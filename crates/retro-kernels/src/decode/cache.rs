@@ -352,7 +352,7 @@ fn score_tiles<T: Float>(q: &[T], k: &[T], n: usize, scores: &mut [T]) {
 /// Asks for `x[at .. at + len]` (what lies past the end is not asked for): the cache is read
 /// as a stream that crosses a page every few tiles, where the hardware's prefetchers start over.
 #[inline(always)]
-fn ahead<T>(x: &[T], at: usize, len: usize) {
+pub(super) fn ahead<T>(x: &[T], at: usize, len: usize) {
     if at < x.len() {
         let len = len.min(x.len() - at);
         crate::isa::prefetch(
@@ -363,7 +363,7 @@ fn ahead<T>(x: &[T], at: usize, len: usize) {
 }
 
 /// Positions of values asked for ahead of the one being read.
-const AHEAD: usize = 32;
+pub(super) const AHEAD: usize = 32;
 
 /// `scores <- exp(scores - max)`; returns `1 / sum`.
 #[inline(always)]
@@ -373,8 +373,8 @@ fn softmax_in_place<T: Float>(scores: &mut [T]) -> T {
     T::one() / lanes(scores, T::zero(), |a, b| a + b)
 }
 
-/// Key tiles scored at once.
-const BLOCK: usize = 4;
+/// Key tiles scored at once: their sums are independent chains.
+pub(super) const BLOCK: usize = 4;
 /// Interleaved partial sums of the output.
 const PARTS: usize = 4;
 /// Lanes of the reductions: BLOCK tiles' worth, enough to hide the latency of an add.

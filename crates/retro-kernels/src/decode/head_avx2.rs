@@ -4,13 +4,10 @@
 
 #![cfg(target_arch = "x86_64")]
 
-use super::cache::TILE;
+use super::cache::{ahead, AHEAD, BLOCK, TILE};
 use crate::avx2::{exp8, hmax, hsum};
 use crate::gelu::exp_f32;
 use std::arch::x86_64::*;
-
-/// Positions of values asked for ahead of the one being read.
-const AHEAD: usize = 32;
 
 /// `out = softmax(q K^T) V` over the first `n` positions, for `d_k = 8 C`; `k` holds the head's
 /// key tiles `[.., d_k, TILE]` and `v` its values `[.., d_k]`. `P` partial sums of the output
@@ -39,7 +36,7 @@ pub(super) unsafe fn attend_head<const C: usize, const P: usize>(
         "k or v is short"
     );
     score_tiles::<C>(q, k, tiles, scores);
-    crate::isa::prefetch(v.as_ptr() as *const u8, 4 * (AHEAD * dk).min(v.len()));
+    ahead(v, 0, AHEAD * dk);
 
     let s = &mut scores[..n];
     let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -65,9 +62,7 @@ pub(super) unsafe fn attend_head<const C: usize, const P: usize>(
     let mut acc = [[_mm256_setzero_ps(); C]; P];
     let mut j = 0;
     while j + P <= n {
-        if (j + AHEAD) * dk < v.len() {
-            crate::isa::prefetch(vp.add((j + AHEAD) * dk) as *const u8, 4 * P * dk);
-        }
+        ahead(v, (j + AHEAD) * dk, P * dk);
         for (t, a) in acc.iter_mut().enumerate() {
             let p = _mm256_set1_ps(s[j + t]);
             for (c, a) in a.iter_mut().enumerate() {
@@ -91,9 +86,6 @@ pub(super) unsafe fn attend_head<const C: usize, const P: usize>(
     }
 }
 
-/// Key tiles scored at once: their sums are independent chains.
-const BLOCK: usize = 4;
-
 /// `scores[j] = q . k_j` for every position of the first `tiles` tiles.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -101,12 +93,10 @@ unsafe fn score_tiles<const C: usize>(q: &[f32], k: &[f32], tiles: usize, scores
     let dk = 8 * C;
     let (kp, sp) = (k.as_ptr(), scores.as_mut_ptr());
     let block = BLOCK * dk * TILE;
-    crate::isa::prefetch(kp as *const u8, 4 * (2 * block).min(k.len()));
+    ahead(k, 0, 2 * block);
     let mut t = 0;
     while t + BLOCK <= tiles {
-        if (t + 2 * BLOCK) * dk * TILE < k.len() {
-            crate::isa::prefetch(kp.add((t + 2 * BLOCK) * dk * TILE) as *const u8, 4 * block);
-        }
+        ahead(k, (t + 2 * BLOCK) * dk * TILE, block);
         let mut acc = [[_mm256_setzero_ps(); 2]; BLOCK];
         for (c, &qc) in q.iter().enumerate() {
             let qc = _mm256_set1_ps(qc);

@@ -25,6 +25,17 @@ struct Weights<T> {
     enc: RowEncoder<T>,
 }
 
+impl<T: Float> Weights<T> {
+    /// The embedding rows `[ids, d]` of token ids (checked against the vocabulary by the caller).
+    fn embed(&self, ids: &[u32], d: usize) -> Vec<T> {
+        let mut rows = Vec::with_capacity(ids.len() * d);
+        for &id in ids {
+            rows.extend_from_slice(&self.emb[id as usize * d..][..d]);
+        }
+        rows
+    }
+}
+
 /// The row decoder's state for a batch of B sequences.
 #[derive(Debug, Clone)]
 pub(crate) struct RowDecode<T> {
@@ -87,10 +98,7 @@ impl<T: Float> RowsEngine for RowDecode<T> {
         let (b, d) = (self.chunk_h.len(), c.d_model);
         let p = tokens.len() / b;
         let w = Arc::clone(&self.w);
-        let mut h = Vec::with_capacity(b * p * d);
-        for &tok in tokens {
-            h.extend_from_slice(&w.emb[tok as usize * d..][..d]);
-        }
+        let mut h = w.embed(tokens, d);
         let rope = Rope::new(&m.theta, t0, p);
         let use_cca = retrieval && !c.ca_layers.is_empty();
         let first_cca = c.ca_layers.first().copied();
@@ -179,10 +187,7 @@ impl<T: Float> RowDecode<T> {
                     .expect("the caller passes one entry per completed chunk");
                 let rows: Vec<T> = self.chunk_h.iter_mut().flat_map(std::mem::take).collect();
                 let (_, _, k, n) = end.ret.dims4()?;
-                let mut emb = Vec::with_capacity(b * k * n * d);
-                for id in end.ret.flatten_all()?.to_vec1::<u32>()? {
-                    emb.extend_from_slice(&self.w.emb[id as usize * d..][..d]);
-                }
+                let emb = self.w.embed(&end.ret.flatten_all()?.to_vec1::<u32>()?, d);
                 let rope = Rope::new(&m.theta, 0, n);
                 let encoded = self.w.enc.forward(emb, &rows, (k, n, d), &rope);
                 e.push(Tensor::from_vec(encoded, (b, 1, k, n, d), &Device::Cpu)?);
