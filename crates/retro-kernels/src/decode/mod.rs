@@ -8,7 +8,9 @@
 //!   place (capacity doubles when full, so appending is amortised O(1) and never copies the whole
 //!   cache per step), read by causal attention for the newest rows or by full attention.
 //!
-//! f32 and f64; the loops are compiled for AVX-512 and AVX2 + FMA as well and picked at run time.
+//! f32 and f64; the loops are compiled for AVX-512 and AVX2 + FMA as well and picked at run time,
+//! and on AVX2 the f32 attention of one head and the two-to-six-row GEMM tile are written with its
+//! intrinsics.
 //!
 //! ```
 //! use retro_kernels::decode::KvCache;
