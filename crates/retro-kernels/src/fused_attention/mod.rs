@@ -63,6 +63,8 @@ macro_rules! per_isa {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod backward;
 mod forward;
@@ -224,7 +226,7 @@ mod tests {
     #[test]
     fn matches_the_tensor_formula_f32() {
         seed(2);
-        // On AVX-512 machines these run the hand-vectorised tiles: odd widths, odd key counts
+        // On AVX-512 and AVX2 machines these run the hand-vectorised tiles: odd widths, odd key counts
         // and rows that end inside a 16-lane block included.
         for &(n, sq, sk, d) in &[(3, 7, 7, 5), (2, 33, 33, 16), (1, 1, 9, 8), (70, 4, 3, 17)] {
             check(n, sq, sk, d, None, DType::F32, 1e-5);

@@ -6,17 +6,21 @@ use super::{L, R};
 use crate::float::Float;
 
 #[cfg(target_arch = "x86_64")]
-use super::avx512;
+use super::{avx2, avx512};
 
-/// Runs `$simd` (an `avx512` tile, on f32 slices) instead of the generic body when the CPU has
-/// AVX-512 and every slice named is f32.
+/// Runs `$simd` (the `avx512` or `avx2` tile, on f32 slices) instead of the generic body when the
+/// CPU has that instruction set and every slice named is f32.
 macro_rules! simd_f32 {
     ($simd:ident($($a:ident),*; $($m:ident),*; $($x:expr),*)) => {
         #[cfg(target_arch = "x86_64")]
-        if crate::isa::avx512f() {
-            if let ($(Some($a),)* $(Some($m),)*) = ($(T::f32s($a),)* $(T::f32s_mut($m),)*) {
+        if let ($(Some($a),)* $(Some($m),)*) = ($(T::f32s($a),)* $(T::f32s_mut($m),)*) {
+            if crate::isa::avx512f() {
                 // SAFETY: AVX-512F was detected; the tile asserts the slice bounds it relies on.
                 return unsafe { avx512::$simd($($x),*) };
+            }
+            if crate::isa::avx2_fma() {
+                // SAFETY: AVX2 and FMA were detected; the tile asserts its slice bounds.
+                return unsafe { avx2::$simd($($x),*) };
             }
         }
     };
@@ -127,10 +131,14 @@ pub(super) fn dot<T: Float>(x: &[T], y: &[T]) -> T {
 #[inline(always)]
 pub(super) fn row_max<T: Float>(s: &[T]) -> T {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::avx512f() {
-        if let Some(x) = T::f32s(s) {
+    if let Some(x) = T::f32s(s) {
+        if crate::isa::avx512f() {
             // SAFETY: AVX-512F was detected.
             return T::from_f64(unsafe { avx512::row_max(x) } as f64);
+        }
+        if crate::isa::avx2_fma() {
+            // SAFETY: AVX2 and FMA were detected.
+            return T::from_f64(unsafe { avx2::row_max(x) } as f64);
         }
     }
     let mut m = [T::NEG_INF; L];
@@ -154,11 +162,15 @@ pub(super) fn row_max<T: Float>(s: &[T]) -> T {
 #[inline(always)]
 pub(super) fn exp_row<T: Float>(s: &mut [T], lim: usize, end: usize, shift: T) -> T {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::avx512f() {
-        if let Some(x) = T::f32s_mut(s) {
+    if let Some(x) = T::f32s_mut(s) {
+        let shift = shift.to_f64() as f32;
+        if crate::isa::avx512f() {
             // SAFETY: AVX-512F was detected; the tile asserts its bounds.
-            let sum = unsafe { avx512::exp_row(x, lim, end, shift.to_f64() as f32) };
-            return T::from_f64(sum as f64);
+            return T::from_f64(unsafe { avx512::exp_row(x, lim, end, shift) } as f64);
+        }
+        if crate::isa::avx2_fma() {
+            // SAFETY: AVX2 and FMA were detected; the tile asserts its bounds.
+            return T::from_f64(unsafe { avx2::exp_row(x, lim, end, shift) } as f64);
         }
     }
     for x in s[..lim].iter_mut() {
