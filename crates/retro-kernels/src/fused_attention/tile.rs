@@ -26,8 +26,9 @@ macro_rules! simd_f32 {
     };
 }
 
-/// `s[r][jb..] = q_r . kt[.., jb..]` for the `R` rows of `qb [R, ldd]` and `ncols` (multiple of L)
-/// columns of `kt [d, ldk]`.
+/// `s[r][jb..] = q_r . k[jb..]` for the `R` rows of `qb [R, ldd]` and `ncols` (multiple of L) keys
+/// of `kt`, the keys transposed in blocks of `L` (`[ldk / L, d, L]`, as [`load_t`] writes them);
+/// `s` is `[R, ldk]`.
 #[inline(always)]
 pub(super) fn tile_scores<T: Float>(
     qb: &[T],
@@ -42,8 +43,9 @@ pub(super) fn tile_scores<T: Float>(
     let qb = &qb[..R * ldd];
     for jb in (0..ncols).step_by(L) {
         let mut acc = [[T::zero(); L]; R];
+        let block = &kt[jb * d..][..d * L];
         for c in 0..d {
-            let k: &[T; L] = kt[c * ldk + jb..][..L].try_into().unwrap();
+            let k: &[T; L] = block[c * L..][..L].try_into().unwrap();
             for r in 0..R {
                 let qv = qb[r * ldd + c];
                 for l in 0..L {
@@ -243,7 +245,10 @@ pub(super) fn load_rows<T: Float>(
     }
 }
 
-/// Copies keys `0..nk` of head `n` transposed into `dst [d, ldk]` (zero padded).
+/// Copies keys `0..nk` of head `n` transposed in blocks of `L` keys into `dst [ldk / L, d, L]` (zero
+/// padded): a score tile reads one contiguous block. (Transposed whole, as `[d, ldk]`, the 16 rows
+/// a tile reads sat `4 * ldk` bytes apart, a multiple of 4 KB on the decoder's 512 keys: all in two
+/// L1 sets.)
 #[inline(always)]
 pub(super) fn load_t<T: Float>(
     x: &[T],
@@ -254,10 +259,12 @@ pub(super) fn load_t<T: Float>(
     ldk: usize,
     dst: &mut [T],
 ) {
+    assert!(dst.len() >= d * ldk && nk <= ldk);
     for j in 0..nk {
         let at = vw.row(n, j);
+        let block = &mut dst[(j / L) * d * L + j % L..];
         for (c, &val) in x[at..at + d].iter().enumerate() {
-            dst[c * ldk + j] = val;
+            block[c * L] = val;
         }
     }
 }
