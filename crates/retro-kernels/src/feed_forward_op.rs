@@ -6,11 +6,11 @@
 //! concatenated tensor: candle's `cat` backward hands each `Var` its slice of the gradient.
 
 use crate::cpu_storage::{contiguous, cpu, dispatch, FloatKernel};
+use crate::elementwise::{relu_in_place, relu_mask};
 use crate::float::Float;
 use crate::fused_norm::{ln_fwd, pre_norm_bwd};
 use crate::linear_op::{affine, linear_bwd};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// The block's parameters (PyTorch layouts: `w1 [d_ff, d]`, `w2 [d, d_ff]`).
@@ -89,11 +89,7 @@ impl FeedForwardOp {
         );
         // w1 [f, d] and w2 [d, f] are row-major.
         let mut a = affine(&x, (rows, d), w1, (f, [d, 1]), b1, None);
-        a.par_iter_mut().for_each(|v| {
-            if *v <= T::zero() {
-                *v = T::zero();
-            }
-        });
+        relu_in_place(&mut a);
         let y = affine(&a, (rows, f), w2, (d, [f, 1]), b2, Some(h));
         (y, x, a)
     }
@@ -110,11 +106,7 @@ impl FeedForwardOp {
         let (dw2, db2) = rest.split_at_mut(d * f);
         // lin2's backward from dy, then the ReLU mask: da [rows, f].
         let mut da = linear_bwd(dy, r, w2, (rows, d, f), dw2, db2);
-        da.par_iter_mut().zip(r.par_iter()).for_each(|(g, &rv)| {
-            if rv <= T::zero() {
-                *g = T::zero();
-            }
-        });
+        relu_mask(&mut da, r);
         // lin1's backward: dx [rows, d].
         let dx = linear_bwd(&da, x, w1, (rows, f, d), dw1, db1);
         let dh = pre_norm_bwd(h, &p[o[0]..o[1]], &dx, dy, d, self.eps, &mut dp[..o[2]]);

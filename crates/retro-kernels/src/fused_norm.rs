@@ -13,6 +13,7 @@
 //! inverse rotation (`-theta`).
 
 use crate::cpu_storage::{contiguous, cpu, dispatch, FloatKernel};
+use crate::elementwise::add_in_place;
 use crate::float::Float;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -143,9 +144,7 @@ pub(crate) fn pre_norm_bwd<T: Float>(
     let (mut dx, dw, db) = ln_bwd(x, w, g, d, eps);
     dnorm[..d].copy_from_slice(&dw);
     dnorm[d..2 * d].copy_from_slice(&db);
-    dx.par_iter_mut()
-        .zip(dy.par_iter())
-        .for_each(|(a, &b)| *a += b);
+    add_in_place(&mut dx, dy);
     dx
 }
 

@@ -28,6 +28,7 @@ pub mod attention_block_op;
 mod avx2;
 mod cpu_storage;
 pub mod decode;
+mod elementwise;
 pub mod feed_forward_op;
 mod float;
 pub mod fused_attention;

@@ -3,12 +3,12 @@
 
 use super::{offsets, AttentionBlockOp, Kind, Saved};
 use crate::cpu_storage::{contiguous, dispatch, FloatKernel};
+use crate::elementwise::add_in_place;
 use crate::float::Float;
 use crate::fused_attention::forward_cpu;
 use crate::fused_norm::ln_fwd;
 use crate::linear_op::affine;
 use candle_core::{CpuStorage, Layout, Result, Shape};
-use rayon::prelude::*;
 
 impl AttentionBlockOp {
     fn fwd<T: Float>(
@@ -66,9 +66,7 @@ impl AttentionBlockOp {
                 // y = x, plus the projected attention on the shifted rows.
                 let out = affine(&o, (rows_q, da), wo, (d, [da, 1]), bo, None);
                 let mut y = self.scatter(&out, rows_x);
-                y.par_iter_mut()
-                    .zip(x.par_iter())
-                    .for_each(|(a, &b)| *a += b);
+                add_in_place(&mut y, x);
                 y
             }
             _ => affine(&o, (rows_q, da), wo, (d, [da, 1]), bo, Some(x)),
