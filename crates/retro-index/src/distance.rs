@@ -97,10 +97,7 @@ pub fn dot_u8_i8_fn() -> Option<DotU8I8Fn> {
     static CHOSEN: std::sync::OnceLock<Option<DotU8I8Fn>> = std::sync::OnceLock::new();
     *CHOSEN.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-        {
+        if retro_kernels::isa::avx512_vnni() {
             return Some(dot_u8_i8_vnni_checked as DotU8I8Fn);
         }
         None
@@ -328,12 +325,10 @@ mod tests {
             assert!((dot_portable_checked(&a, &b) - s).abs() < 1e-4, "n={n}");
             #[cfg(target_arch = "x86_64")]
             {
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                if retro_kernels::isa::avx512f() {
                     assert!((dot_avx512_checked(&a, &b) - s).abs() < 1e-4, "n={n}");
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if retro_kernels::isa::avx2_fma() {
                     assert!((dot_avx2_checked(&a, &b) - s).abs() < 1e-4, "n={n}");
                 }
             }
@@ -347,12 +342,10 @@ mod tests {
             assert!((dot_u8_fn()(&q, &c) - s).abs() < tol, "n={n}");
             #[cfg(target_arch = "x86_64")]
             {
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                if retro_kernels::isa::avx512f() {
                     assert!((dot_u8_avx512_checked(&q, &c) - s).abs() < tol, "n={n}");
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if retro_kernels::isa::avx2_fma() {
                     assert!((dot_u8_avx2_checked(&q, &c) - s).abs() < tol, "n={n}");
                 }
             }

@@ -4,6 +4,7 @@
 //! 2 cores); this is a branch-free f32 erf (Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7)
 //! that the compiler vectorises. No backward.
 
+use crate::cpu_storage::contiguous;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -55,27 +56,17 @@ fn gelu(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn gelu_block(x: &[f32], y: &mut [f32]) {
+fn gelu_block_body(x: &[f32], y: &mut [f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o = gelu(v);
     }
 }
 
-/// The block loop compiled for AVX2 + FMA where the CPU has them.
-fn gelu_block_dispatch(x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(x: &[f32], y: &mut [f32]) {
-            gelu_block(x, y)
-        }
-        if crate::isa::avx2_fma() {
-            // SAFETY: the features were detected at run time.
-            return unsafe { avx2(x, y) };
-        }
-    }
-    gelu_block(x, y)
-}
+crate::isa::multiversioned!(
+    /// The block loop compiled for the widest instruction set the CPU has (no FMA contraction:
+    /// every version computes the same values).
+    fn gelu_block(x: &[f32], y: &mut [f32]) => gelu_block_body
+);
 
 struct GeluErf;
 
@@ -85,15 +76,12 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = match s {
-            CpuStorage::F32(v) => &v[l.start_offset()..l.start_offset() + l.shape().elem_count()],
-            _ => candle_core::bail!("gelu-erf: f32 only"),
-        };
+        let x = contiguous::<f32>(s, l)?;
         let mut y = vec![0f32; x.len()];
         const BLOCK: usize = 4096;
         y.par_chunks_mut(BLOCK)
             .zip(x.par_chunks(BLOCK))
-            .for_each(|(yb, xb)| gelu_block_dispatch(xb, yb));
+            .for_each(|(yb, xb)| gelu_block(xb, yb));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 }

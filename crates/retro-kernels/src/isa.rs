@@ -1,5 +1,6 @@
 //! Which x86 SIMD extensions the CPU has, detected at run time (std caches each answer after the
-//! first call), so the kernels can pick their AVX-512 or AVX2 versions.
+//! first call), so the kernels can pick their AVX-512 or AVX2 versions. The one place the
+//! workspace asks the CPU (the index's distance kernels ask here too).
 
 /// The instruction sets the kernels are compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,15 +32,24 @@ pub fn isa() -> Isa {
 /// AVX-512F is present.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) fn avx512f() -> bool {
+pub fn avx512f() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
 }
 
 /// AVX2 and FMA are both present.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) fn avx2_fma() -> bool {
+pub fn avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// AVX-512F, BW and VNNI are all present: what the index's 8-bit integer dot product needs.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn avx512_vnni() -> bool {
+    avx512f()
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
 /// Asks for the cache lines of the `len` bytes at `start`: a hint, nothing is read, and no address
@@ -60,21 +70,24 @@ pub fn prefetch(start: *const u8, len: usize) {
     let _ = (start, len);
 }
 
-/// `fn $name<T: Float>(args)` that runs `$body(args)` compiled for the widest instruction set the
-/// CPU has: `$body` is `#[inline(always)]`, so each version is its loops vectorised for AVX-512,
-/// AVX2 + FMA, or the baseline.
+/// `fn $name(args)` (optionally generic, `fn $name<T: Float>(args)`) that runs `$body(args)`
+/// compiled for the widest instruction set the CPU has: `$body` is `#[inline(always)]`, so each
+/// version is its loops vectorised for AVX-512, AVX2 + FMA, or the baseline. The crate's one
+/// dispatch on the instruction set for generic loops (the hand-written tiles check `avx512f` and
+/// `avx2_fma` themselves). `$body` returns nothing: results go through the arguments.
 macro_rules! multiversioned {
-    ($(#[$m:meta])* $vis:vis fn $name:ident<T: Float>($($a:ident: $t:ty),* $(,)?) => $body:ident) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident $(<$T:ident: Float>)? ($($a:ident: $t:ty),* $(,)?) => $body:ident) => {
         $(#[$m])*
-        $vis fn $name<T: $crate::float::Float>($($a: $t),*) {
+        $vis fn $name $(<$T: $crate::float::Float>)? ($($a: $t),*) {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512<T: $crate::float::Float>($($a: $t),*) {
+                // avx512f implies avx2 and fma; named so that no version loses them.
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512 $(<$T: $crate::float::Float>)? ($($a: $t),*) {
                     $body($($a),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2<T: $crate::float::Float>($($a: $t),*) {
+                unsafe fn avx2 $(<$T: $crate::float::Float>)? ($($a: $t),*) {
                     $body($($a),*)
                 }
                 match $crate::isa::isa() {

@@ -4,7 +4,9 @@
 
 use crate::attention_block_op::{attention_block, Attend, AttentionBlockParams};
 use crate::config::RetroConfig;
-use crate::layers::{LayerNorm, Linear};
+use crate::fused_attention::attention_heads;
+use crate::kernels::Kernels;
+use crate::layers::{fused_linear, LayerNorm, Linear};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
 
@@ -32,6 +34,30 @@ impl AttentionParams {
             n_heads: c.n_heads,
             d_k: c.d_k,
         })
+    }
+
+    /// The unmasked attention of the cross-attentions (the encoder's and CCA) as tensor ops: `x`'s
+    /// rows (already normed) as `groups` groups of `sq`, each attending to its group of `sk` rows
+    /// of `ctx`. The query projection carries `1 / sqrt(d_k)`; keys and values come from one GEMM.
+    /// Returns `[groups, sq, n_heads, d_k]`: the heads merge with a reshape.
+    pub(crate) fn attend(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        (groups, sq, sk): (usize, usize, usize),
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        let (nh, dk) = (self.n_heads, self.d_k);
+        let scale = 1.0 / (dk as f64).sqrt();
+        // [groups, sq, h, dk] viewed as [groups, h, sq, dk].
+        let q = fused_linear(&[(&self.query, scale)], x, kern)?
+            .reshape((groups, sq, nh, dk))?
+            .transpose(1, 2)?;
+        // Keys and values in one GEMM: [groups, sk, 2, h, dk].
+        let kv = fused_linear(&[(&self.key, 1.0), (&self.value, 1.0)], ctx, kern)?
+            .reshape((groups, sk, 2, nh, dk))?;
+        let part = |i: usize| kv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        attention_heads(&q, &part(0)?, &part(1)?, None, kern)
     }
 
     /// Training: the whole block (norm, projections, attention, output, residual) as one autograd

@@ -5,9 +5,7 @@
 use crate::attention_block_op::Attend;
 use crate::attention_params::AttentionParams;
 use crate::config::RetroConfig;
-use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
-use crate::layers::fused_linear;
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
 
@@ -50,28 +48,15 @@ impl ChunkedCrossAttention {
         }
         let (_, t, _) = h.dims3()?;
         let p = &self.params;
-        let (nh, dk, cl) = (p.n_heads, p.d_k, self.chunk_len);
-        let scale = 1.0 / (dk as f64).sqrt();
+        let cl = self.chunk_len;
         let kept = t - (cl - 1);
         let x = p.norm.forward(&h.narrow(1, cl - 1, kept)?, kern)?;
         // Zero rows after the norm so the queries split into c whole chunks (they land past T).
         let x = x.pad_with_zeros(1, 0, c * cl - kept)?;
-        // [b*c, cl, h, dk] viewed as [b*c, h, cl, dk]
-        let q = fused_linear(&[(&p.query, scale)], &x, kern)?
-            .reshape((b * c, cl, nh, dk))?
-            .transpose(1, 2)?;
-        // Keys and values in one GEMM: [b*c, k*n, 2, h, dk].
-        let kv = fused_linear(&[(&p.key, 1.0), (&p.value, 1.0)], e, kern)?.reshape((
-            b * c,
-            k * n,
-            2,
-            nh,
-            dk,
-        ))?;
-        let part = |i: usize| kv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         // Softmax jointly over all k * n neighbour positions.
-        let out = attention_heads(&q, &part(0)?, &part(1)?, None, kern)? // [b*c, cl, h, dk]
-            .reshape((b, c * cl, nh * dk))?;
+        let out = p
+            .attend(&x, e, (b * c, cl, k * n), kern)? // [b*c, cl, h, dk]
+            .reshape((b, c * cl, p.n_heads * p.d_k))?;
         let out = p.output.forward_k(&out.narrow(1, 0, kept)?, None, kern)?;
         let out = match keep {
             None => out,

@@ -2,7 +2,8 @@
 //! straight into the projections' gradient, the inverse rotation, the input projections' GEMMs and
 //! LayerNorm's.
 
-use super::{offsets, AttentionBlockOp, Kind, Saved};
+use super::op::{AttentionBlockOp, Saved};
+use super::plan::{offsets, Kind};
 use crate::cpu_storage::{contiguous, cpu, dispatch, FloatKernel};
 use crate::float::Float;
 use crate::fused_attention::backward_into;
@@ -13,7 +14,6 @@ use std::any::Any;
 
 impl AttentionBlockOp {
     /// `(dx, dctx, dpacked)`.
-    #[allow(clippy::too_many_arguments)]
     fn bwd<T: Float>(
         &self,
         x: &[T],

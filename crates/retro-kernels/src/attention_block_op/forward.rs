@@ -1,7 +1,8 @@
 //! The block's forward: LayerNorm, the projections (rotated for self-attention), the attention,
 //! the output projection and the residual; what the backward needs is kept.
 
-use super::{offsets, AttentionBlockOp, Kind, Saved};
+use super::op::{AttentionBlockOp, Saved};
+use super::plan::{offsets, Kind};
 use crate::cpu_storage::{contiguous, dispatch, FloatKernel};
 use crate::elementwise::add_in_place;
 use crate::float::Float;

@@ -5,10 +5,11 @@
 //! `ymm` registers) spill, so LLVM's AVX2 version of them ran at a third of these. A 16-lane block
 //! is two `ymm` registers here, and each tile works on half of the `R` rows at a time so that its
 //! accumulators, operands and broadcast fit the 16 registers. Same contracts as the generic tiles
-//! in `tile.rs`; the caller checks [`crate::isa::avx2_fma`], and the slice lengths are asserted
-//! below, outside the hot loops.
+//! in `tile.rs`; the caller checks [`crate::isa::avx2_fma`], and each tile asserts the slice
+//! lengths with `tile.rs`'s `check_*` (shared with the AVX-512 tiles), outside the hot loops.
 #![allow(unsafe_op_in_unsafe_fn)]
 
+use super::tile::{check_exp_row, check_outer, check_pv, check_scores};
 use super::{L, R};
 use crate::avx2::{exp8, hmax, hsum};
 use std::arch::x86_64::*;
@@ -30,8 +31,7 @@ pub(super) unsafe fn tile_scores(
     ncols: usize,
     s: &mut [f32],
 ) {
-    assert!(qb.len() >= (R - 1) * ldd + d && ncols <= ldk && ncols.is_multiple_of(L));
-    assert!(kt.len() >= d * ncols && s.len() >= (R - 1) * ldk + ncols);
+    check_scores(qb, ldd, d, kt, ldk, ncols, s);
     let (k, out) = (kt.as_ptr(), s.as_mut_ptr());
     for half in 0..2 {
         let q = qb.as_ptr().add(half * H * ldd);
@@ -66,8 +66,7 @@ pub(super) unsafe fn tile_pv(
     ldd: usize,
     out: &mut [f32],
 ) {
-    assert!(ldd.is_multiple_of(L) && nk <= ldk && p.len() >= R * ldk);
-    assert!(v.len() >= nk * ldd && out.len() >= R * ldd);
+    check_pv(p, ldk, nk, v, ldd, out);
     let vp = v.as_ptr();
     for half in 0..2 {
         let pp = p.as_ptr().add(half * H * ldk);
@@ -101,8 +100,7 @@ pub(super) unsafe fn tile_outer(
     ldd: usize,
     acc: &mut [f32],
 ) {
-    assert!(ldd.is_multiple_of(L) && nk <= ldk && w.len() >= R * ldk);
-    assert!(x.len() >= R * ldd && acc.len() >= nk * ldd);
+    check_outer(w, ldk, nk, x, ldd, acc);
     let ap = acc.as_mut_ptr();
     for half in 0..2 {
         let wp = w.as_ptr().add(half * H * ldk);
@@ -168,7 +166,7 @@ pub(super) unsafe fn row_max(s: &[f32]) -> f32 {
 /// returns the sum.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn exp_row(s: &mut [f32], lim: usize, end: usize, shift: f32) -> f32 {
-    assert!(lim <= end && end <= s.len() && end.is_multiple_of(L));
+    check_exp_row(s, lim, end);
     let p = s.as_mut_ptr();
     let sh = _mm256_set1_ps(shift);
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

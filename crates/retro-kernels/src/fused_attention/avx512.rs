@@ -3,9 +3,11 @@
 //! LLVM's auto-vectoriser keeps the generic tiles' accumulators in registers only when the code is
 //! just so (FMA contraction made it spill them); here each accumulator is one `zmm` register and
 //! every multiply-add one FMA. Same contracts as the generic tiles in `tile.rs`; the caller checks
-//! [`crate::isa::avx512f`] and the slice lengths (asserted below, outside the hot loops).
+//! [`crate::isa::avx512f`], and each tile asserts the slice lengths with `tile.rs`'s `check_*`
+//! (shared with the AVX2 tiles), outside the hot loops.
 #![allow(unsafe_op_in_unsafe_fn)]
 
+use super::tile::{check_exp_row, check_outer, check_pv, check_scores};
 use super::{L, R};
 use std::arch::x86_64::*;
 
@@ -21,8 +23,7 @@ pub(super) unsafe fn tile_scores(
     ncols: usize,
     s: &mut [f32],
 ) {
-    assert!(qb.len() >= (R - 1) * ldd + d && ncols <= ldk && ncols.is_multiple_of(L));
-    assert!(kt.len() >= d * ncols && s.len() >= (R - 1) * ldk + ncols);
+    check_scores(qb, ldd, d, kt, ldk, ncols, s);
     let (q, k, out) = (qb.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
     let mut jb = 0;
     // Two column blocks: 2 R independent FMA chains.
@@ -67,8 +68,7 @@ pub(super) unsafe fn tile_pv(
     ldd: usize,
     out: &mut [f32],
 ) {
-    assert!(ldd.is_multiple_of(L) && nk <= ldk && p.len() >= R * ldk);
-    assert!(v.len() >= nk * ldd && out.len() >= R * ldd);
+    check_pv(p, ldk, nk, v, ldd, out);
     let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
     for cb in (0..ldd).step_by(L) {
         // Even and odd keys in separate accumulators: 2 R independent FMA chains.
@@ -111,8 +111,7 @@ pub(super) unsafe fn tile_outer(
     ldd: usize,
     acc: &mut [f32],
 ) {
-    assert!(ldd.is_multiple_of(L) && nk <= ldk && w.len() >= R * ldk);
-    assert!(x.len() >= R * ldd && acc.len() >= nk * ldd);
+    check_outer(w, ldk, nk, x, ldd, acc);
     let (wp, xp, ap) = (w.as_ptr(), x.as_ptr(), acc.as_mut_ptr());
     for cb in (0..ldd).step_by(L) {
         let mut xs = [_mm512_setzero_ps(); R];
@@ -198,7 +197,7 @@ unsafe fn exp16(x: __m512) -> __m512 {
 /// returns the sum.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn exp_row(s: &mut [f32], lim: usize, end: usize, shift: f32) -> f32 {
-    assert!(lim <= end && end <= s.len() && end.is_multiple_of(L));
+    check_exp_row(s, lim, end);
     let p = s.as_mut_ptr();
     let sh = _mm512_set1_ps(shift);
     let mut sum = _mm512_setzero_ps();

@@ -6,7 +6,7 @@ use super::tile::{
 };
 use super::{L, R};
 use crate::float::Float;
-use crate::isa::isa;
+use crate::isa::multiversioned;
 use rayon::prelude::*;
 
 struct BwdArgs<'a, T> {
@@ -29,9 +29,9 @@ struct BwdArgs<'a, T> {
     dst: [View; 3],
 }
 
-/// Backward of head `n`, all rows. `_r0, _r1` keep the dispatch signature.
+/// Backward of head `n`, all rows.
 #[inline(always)]
-fn bwd_task<T: Float>(a: &BwdArgs<'_, T>, n: usize, _r0: usize, _r1: usize, sc: &mut Scratch<T>) {
+fn bwd_task_body<T: Float>(a: &BwdArgs<'_, T>, n: usize, sc: &mut Scratch<T>) {
     let Dims { d, sq, .. } = a.dims;
     let ldd = round_up(d, L);
     let nk = a.dims.lim(sq.max(1) - 1).min(a.dims.sk);
@@ -107,6 +107,11 @@ fn bwd_task<T: Float>(a: &BwdArgs<'_, T>, n: usize, _r0: usize, _r1: usize, sc: 
     }
 }
 
+multiversioned!(
+    /// [`bwd_task_body`] compiled for the widest instruction set the CPU has.
+    fn bwd_task<T: Float>(a: &BwdArgs<'_, T>, n: usize, sc: &mut Scratch<T>) => bwd_task_body
+);
+
 pub(super) type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
 
 /// The backward into `dq, dk, dv` at the rows `dst` gives.
@@ -114,7 +119,6 @@ pub(super) type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
 /// # Safety
 /// `dq`, `dk`, `dv` must be valid for writes at every row `dst` addresses for `dims`, and no two
 /// rows may overlap.
-#[allow(clippy::too_many_arguments)]
 unsafe fn backward_raw<T: Float>(
     [q, k, v, o, go]: [&[T]; 5],
     lse: &[T],
@@ -141,13 +145,12 @@ unsafe fn backward_raw<T: Float>(
         dv: &dv,
         dst,
     };
-    let level = isa();
     (0..dims.nh)
         .into_par_iter()
         .with_min_len(16)
         .for_each_init(Scratch::<T>::default, |sc, n| {
             if dims.sq > 0 {
-                per_isa!(level, bwd_task::<BwdArgs>(&args, n, 0, dims.sq, sc));
+                bwd_task(&args, n, sc);
             }
         });
 }

@@ -4,7 +4,7 @@ use super::layout::{round_up, Dims, SendPtr, View};
 use super::tile::{exp_row, load_rows, load_t, row_max, scratch, tile_pv, tile_scores, Scratch};
 use super::{L, R};
 use crate::float::Float;
-use crate::isa::isa;
+use crate::isa::multiversioned;
 use rayon::prelude::*;
 
 struct FwdArgs<'a, T> {
@@ -22,7 +22,13 @@ struct FwdArgs<'a, T> {
 
 /// One forward task: head `n`, query rows `r0..r1`.
 #[inline(always)]
-fn fwd_task<T: Float>(a: &FwdArgs<'_, T>, n: usize, r0: usize, r1: usize, sc: &mut Scratch<T>) {
+fn fwd_task_body<T: Float>(
+    a: &FwdArgs<'_, T>,
+    n: usize,
+    r0: usize,
+    r1: usize,
+    sc: &mut Scratch<T>,
+) {
     let Dims { d, .. } = a.dims;
     let ldd = round_up(d, L);
     let nk = a.dims.lim(r1 - 1);
@@ -82,6 +88,11 @@ fn fwd_task<T: Float>(a: &FwdArgs<'_, T>, n: usize, r0: usize, r1: usize, sc: &m
     }
 }
 
+multiversioned!(
+    /// [`fwd_task_body`] compiled for the widest instruction set the CPU has.
+    fn fwd_task<T: Float>(a: &FwdArgs<'_, T>, n: usize, r0: usize, r1: usize, sc: &mut Scratch<T>) => fwd_task_body
+);
+
 /// The output as contiguous `[b, sq, h, d]` and, with `want_lse`, the rows' log-sum-exp `[b*h, sq]`.
 pub(crate) fn forward_cpu<T: Float>(
     [q, k, v]: [&[T]; 3],
@@ -108,7 +119,6 @@ pub(crate) fn forward_cpu<T: Float>(
     let per_head = want.div_ceil(dims.nh.max(1)).max(1);
     let rb = round_up(dims.sq.div_ceil(per_head).max(16), R).min(dims.sq.max(1));
     let blocks = dims.sq.div_ceil(rb);
-    let level = isa();
     (0..dims.nh * blocks)
         .into_par_iter()
         .with_min_len(if blocks == 1 { 16 } else { 1 })
@@ -117,7 +127,7 @@ pub(crate) fn forward_cpu<T: Float>(
             let r0 = blk * rb;
             let r1 = (r0 + rb).min(dims.sq);
             if r0 < r1 {
-                per_isa!(level, fwd_task::<FwdArgs>(&args, n, r0, r1, sc));
+                fwd_task(&args, n, r0, r1, sc);
             }
         });
     (out, lse)

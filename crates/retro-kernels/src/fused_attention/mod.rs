@@ -32,36 +32,6 @@ const R: usize = 8;
 /// Lanes per micro-tile: keys in the score tile, features in the `P V` tile. Buffers are padded to it.
 const L: usize = 16;
 
-/// Compiles `$body` (a call of an `#[inline(always)]` generic) once per instruction set and runs the
-/// version the CPU supports.
-// Defined before the `mod`s below: a macro is visible only in modules declared after it.
-macro_rules! per_isa {
-    ($isa:expr, $f:ident::<$args:ident>($($arg:expr),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx2,fma")]
-            unsafe fn v512<T: Float>(a: &$args<'_, T>, n: usize, r0: usize, r1: usize, sc: &mut Scratch<T>) {
-                $f(a, n, r0, r1, sc)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn v256<T: Float>(a: &$args<'_, T>, n: usize, r0: usize, r1: usize, sc: &mut Scratch<T>) {
-                $f(a, n, r0, r1, sc)
-            }
-            match $isa {
-                // SAFETY: the features were detected at run time.
-                $crate::isa::Isa::Avx512 => unsafe { v512($($arg),*) },
-                $crate::isa::Isa::Avx2 => unsafe { v256($($arg),*) },
-                $crate::isa::Isa::Base => $f($($arg),*),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = $isa;
-            $f($($arg),*)
-        }
-    }};
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]

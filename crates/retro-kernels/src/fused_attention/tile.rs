@@ -26,6 +26,46 @@ macro_rules! simd_f32 {
     };
 }
 
+/// The slice bounds the SIMD versions of [`tile_scores`] rely on: they read and write through raw
+/// pointers. Checked once per call, outside the hot loops, by both the AVX-512 and AVX2 tiles.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn check_scores<T>(
+    qb: &[T],
+    ldd: usize,
+    d: usize,
+    kt: &[T],
+    ldk: usize,
+    ncols: usize,
+    s: &[T],
+) {
+    assert!(qb.len() >= (R - 1) * ldd + d && ncols <= ldk && ncols.is_multiple_of(L));
+    assert!(kt.len() >= d * ncols && s.len() >= (R - 1) * ldk + ncols);
+}
+
+/// The slice bounds the SIMD versions of [`tile_pv`] rely on.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn check_pv<T>(p: &[T], ldk: usize, nk: usize, v: &[T], ldd: usize, out: &[T]) {
+    assert!(ldd.is_multiple_of(L) && nk <= ldk && p.len() >= R * ldk);
+    assert!(v.len() >= nk * ldd && out.len() >= R * ldd);
+}
+
+/// The slice bounds the SIMD versions of [`tile_outer`] rely on.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn check_outer<T>(w: &[T], ldk: usize, nk: usize, x: &[T], ldd: usize, acc: &[T]) {
+    assert!(ldd.is_multiple_of(L) && nk <= ldk && w.len() >= R * ldk);
+    assert!(x.len() >= R * ldd && acc.len() >= nk * ldd);
+}
+
+/// The slice bounds the SIMD versions of [`exp_row`] rely on.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn check_exp_row<T>(s: &[T], lim: usize, end: usize) {
+    assert!(lim <= end && end <= s.len() && end.is_multiple_of(L));
+}
+
 /// `s[r][jb..] = q_r . k[jb..]` for the `R` rows of `qb [R, ldd]` and `ncols` (multiple of L) keys
 /// of `kt`, the keys transposed in blocks of `L` (`[ldk / L, d, L]`, as [`load_t`] writes them);
 /// `s` is `[R, ldk]`.

@@ -2,6 +2,7 @@
 //! cross) and feed-forward, with their weights copied once into [`retro_kernels::decode`]'s
 //! layouts, and the rotary tables of a run of positions.
 
+use crate::attention::SelfAttention;
 use crate::attention_params::AttentionParams;
 use crate::error::Result;
 use crate::feed_forward::FeedForward;
@@ -38,6 +39,29 @@ impl<T: Float> Rope<T> {
         let h = self.half;
         (&self.cos[i * h..][..h], &self.sin[i * h..][..h])
     }
+}
+
+/// A stack's blocks in the rows' layout: self-attention and feed-forward per layer, and the
+/// cross-attentions of the layers that have one.
+pub(super) type Layers<T> = (Vec<SelfBlock<T>>, Vec<FfBlock<T>>, Vec<CrossBlock<T>>);
+
+/// Copies a stack's weights (the decoder's, or the neighbour encoder's) into the rows' layout, once:
+/// `cross` are CCA's parameters in the decoder, the attention to the chunk in the encoder.
+pub(super) fn layers<'a, T: Float>(
+    attn: &[SelfAttention],
+    ffw: &[FeedForward],
+    cross: impl IntoIterator<Item = &'a AttentionParams>,
+) -> Result<Layers<T>> {
+    Ok((
+        attn.iter()
+            .map(|a| SelfBlock::new(&a.params))
+            .collect::<Result<_>>()?,
+        ffw.iter().map(FfBlock::new).collect::<Result<_>>()?,
+        cross
+            .into_iter()
+            .map(CrossBlock::new)
+            .collect::<Result<_>>()?,
+    ))
 }
 
 /// A pre-norm self-attention block over rows: the norm, the query (scaled by 1/sqrt(d_k)), key

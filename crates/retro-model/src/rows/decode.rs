@@ -5,7 +5,7 @@
 //! causally; at the first CCA layer every chunk the rows complete is encoded before any row's
 //! CCA reads it.
 
-use super::blocks::{CrossBlock, FfBlock, Rope, SelfBlock};
+use super::blocks::{layers, CrossBlock, FfBlock, Rope, SelfBlock};
 use super::encode::RowEncoder;
 use crate::error::Result;
 use crate::model::RetroModel;
@@ -137,19 +137,12 @@ impl<T: Float> RowsEngine for RowDecode<T> {
 impl<T: Float> RowDecode<T> {
     pub(crate) fn new(m: &RetroModel, batch: usize) -> Result<Self> {
         let c = &m.config;
+        let (attn, ffw, cca) = layers(&m.attn, &m.ffw, m.cca.iter().map(|a| &a.params))?;
         let w = Weights {
             emb: values(&m.emb)?,
-            attn: m
-                .attn
-                .iter()
-                .map(|a| SelfBlock::new(&a.params))
-                .collect::<Result<_>>()?,
-            ffw: m.ffw.iter().map(FfBlock::new).collect::<Result<_>>()?,
-            cca: m
-                .cca
-                .iter()
-                .map(|a| CrossBlock::new(&a.params))
-                .collect::<Result<_>>()?,
+            attn,
+            ffw,
+            cca,
             read: RowLinear::new(&m.read)?,
             enc: RowEncoder::new(m)?,
         };

@@ -6,7 +6,7 @@
 //!
 //! [`NeighbourEncoder::forward`]: crate::encoder::NeighbourEncoder::forward
 
-use super::blocks::{CrossBlock, FfBlock, Rope, SelfBlock};
+use super::blocks::{layers, CrossBlock, FfBlock, Rope, SelfBlock};
 use crate::error::Result;
 use crate::model::RetroModel;
 use retro_kernels::decode::{KvCache, RowNorm};
@@ -28,18 +28,11 @@ pub(super) struct RowEncoder<T> {
 impl<T: Float> RowEncoder<T> {
     pub(super) fn new(m: &RetroModel) -> Result<Self> {
         let e = &m.encoder;
+        let (attn, ffw, ca) = layers(&e.attn, &e.ffw, e.ca.iter().map(|a| &a.params))?;
         Ok(Self {
-            attn: e
-                .attn
-                .iter()
-                .map(|a| SelfBlock::new(&a.params))
-                .collect::<Result<_>>()?,
-            ffw: e.ffw.iter().map(FfBlock::new).collect::<Result<_>>()?,
-            ca: e
-                .ca
-                .iter()
-                .map(|a| CrossBlock::new(&a.params))
-                .collect::<Result<_>>()?,
+            attn,
+            ffw,
+            ca,
             ca_layers: e.ca_layers.clone(),
             norm_h: RowNorm::new(&e.norm_h)?,
             norm_e: RowNorm::new(&m.norm_e)?,
