@@ -89,7 +89,10 @@ fn exit_quietly_on_broken_pipe() {
 fn main() -> Result<()> {
     exit_quietly_on_broken_pipe();
     keep_freed_memory();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    // A cap the kernels do not know would otherwise be ignored without a word.
+    retro_kernels::isa::cap().map_err(anyhow::Error::msg)?;
+    match cli.cmd {
         Cmd::Index(c) => c.run(),
         Cmd::Tokenizer(c) => c.run(),
         Cmd::Dataset(c) => c.run(),

@@ -1031,3 +1031,18 @@ fn every_bad_input_gets_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn an_instruction_set_cap_the_kernels_do_not_know_is_refused_by_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_retro"))
+        .args(["index", "info", "no-such-db"])
+        .env("RETRO_ISA", "avx3")
+        .output()
+        .expect("run retro");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("RETRO_ISA") && err.contains("avx3") && !err.contains("no-such-db"),
+        "{err}"
+    );
+}

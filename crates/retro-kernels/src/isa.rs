@@ -15,7 +15,8 @@ pub enum Isa {
     Avx512,
 }
 
-/// The widest instruction set the CPU supports.
+/// The widest instruction set the kernels may use: the CPU's, capped by `RETRO_ISA` (see
+/// [`cap`]).
 pub fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
@@ -29,18 +30,64 @@ pub fn isa() -> Isa {
     Isa::Base
 }
 
-/// AVX-512F is present.
+/// The environment variable that caps the instruction set: `avx512` (no cap), `avx2` or `base`.
+/// It lets the AVX2 and baseline versions be tested and measured on a CPU that has AVX-512.
+pub const ISA_VAR: &str = "RETRO_ISA";
+
+/// The cap `RETRO_ISA` sets, read once; `Err` names the variable and the value it does not know.
+/// Unset or empty is no cap.
+pub fn cap() -> Result<Option<Isa>, String> {
+    cap_read().clone()
+}
+
+fn cap_read() -> &'static Result<Option<Isa>, String> {
+    static CAP: std::sync::OnceLock<Result<Option<Isa>, String>> = std::sync::OnceLock::new();
+    CAP.get_or_init(|| {
+        let v = std::env::var(ISA_VAR).unwrap_or_default();
+        match v.trim().to_ascii_lowercase().as_str() {
+            "" => Ok(None),
+            "base" => Ok(Some(Isa::Base)),
+            #[cfg(target_arch = "x86_64")]
+            "avx2" => Ok(Some(Isa::Avx2)),
+            #[cfg(target_arch = "x86_64")]
+            "avx512" => Ok(Some(Isa::Avx512)),
+            _ => Err(format!(
+                "{ISA_VAR}={v:?} is not an instruction set the kernels know: use avx512, avx2 or base"
+            )),
+        }
+    })
+}
+
+/// Whether the cap allows `level`. A value `cap` rejects caps nothing here (a library cannot
+/// report it); the `retro` binary checks [`cap`] at start and refuses to run.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn allowed(level: Isa) -> bool {
+    let rank = |i: Isa| match i {
+        Isa::Base => 0,
+        Isa::Avx2 => 1,
+        Isa::Avx512 => 2,
+    };
+    match cap_read() {
+        Ok(Some(c)) => rank(level) <= rank(*c),
+        _ => true,
+    }
+}
+
+/// AVX-512F is present (and not capped off).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub fn avx512f() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    std::arch::is_x86_feature_detected!("avx512f") && allowed(Isa::Avx512)
 }
 
-/// AVX2 and FMA are both present.
+/// AVX2 and FMA are both present (and not capped off).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub fn avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && allowed(Isa::Avx2)
 }
 
 /// AVX-512F, BW and VNNI are all present: what the index's 8-bit integer dot product needs.
@@ -102,3 +149,49 @@ macro_rules! multiversioned {
     };
 }
 pub(crate) use multiversioned;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This test binary's tests again, in a child process with the instruction set capped at AVX2
+    /// and at the baseline (the cap is read once per process). On a CPU with AVX-512 the other
+    /// versions of every kernel would otherwise never run in the tests.
+    #[test]
+    fn the_kernel_tests_pass_with_the_instruction_set_capped() {
+        if std::env::var_os(ISA_VAR).is_some() {
+            return; // the child
+        }
+        for cap in ["avx2", "base"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .env(ISA_VAR, cap)
+                .args(["--test-threads", "2"])
+                .output()
+                .expect("rerun the test binary");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("test result: ok"),
+                "with {ISA_VAR}={cap}:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn retro_isa_caps_what_the_kernels_use() {
+        match cap() {
+            Ok(None) => {}
+            #[cfg(target_arch = "x86_64")]
+            Ok(Some(Isa::Avx2)) => {
+                assert!(!avx512f() && !avx512_vnni() && isa() != Isa::Avx512);
+            }
+            Ok(Some(Isa::Base)) => {
+                #[cfg(target_arch = "x86_64")]
+                assert!(!avx512f() && !avx2_fma());
+                assert_eq!(isa(), Isa::Base);
+            }
+            Ok(Some(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

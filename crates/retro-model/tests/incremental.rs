@@ -2,6 +2,8 @@
 //! `forward(x[:, :t+1], ret[:, :(t+1)/chunk_len])` at position t (retrieval on), and of
 //! `forward_without_retrieval` (off); prefill then step likewise; the error cases; one PyTorch fixture.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use retro_model::{DecodeEngine, DecodeState, ModelError, RetroConfig, RetroModel};
 use std::collections::HashMap;
@@ -619,4 +621,11 @@ fn the_compiled_kernel_widths_equal_the_full_forward() {
             );
         }
     }
+}
+
+#[test]
+fn these_tests_pass_with_the_avx2_and_baseline_kernels() {
+    common::rerun_with_the_instruction_set_capped(
+        "these_tests_pass_with_the_avx2_and_baseline_kernels",
+    );
 }

@@ -1,6 +1,8 @@
 //! The model against the PyTorch reference (`tools/reference/make_fixtures.py`): logits of every
 //! fixture case within 1e-4 of the float64 reference, RETRO[OFF] likewise, and the gradients.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use retro_model::{RetroConfig, RetroModel};
 use std::collections::HashMap;
@@ -125,4 +127,11 @@ fn loss_and_gradients_match_the_reference() {
             );
         }
     }
+}
+
+#[test]
+fn these_tests_pass_with_the_avx2_and_baseline_kernels() {
+    common::rerun_with_the_instruction_set_capped(
+        "these_tests_pass_with_the_avx2_and_baseline_kernels",
+    );
 }
