@@ -470,7 +470,10 @@ impl Dataset {
             ));
         }
         let meta: DatasetMeta =
-            serde_json::from_value(raw).map_err(|e| PipelineError::file(&path, e.to_string()))?;
+            serde_json::from_value(raw).map_err(|source| PipelineError::Json {
+                path: path.clone(),
+                source,
+            })?;
         meta.validate(&path)?;
         Ok(meta)
     }
@@ -483,7 +486,7 @@ impl Dataset {
         for (name, info) in &meta.files {
             let p = dir.join(name);
             let len = std::fs::metadata(&p)
-                .map_err(|e| PipelineError::file(&p, format!("{e} (listed in dataset.json)")))?
+                .map_err(|e| PipelineError::io(&p, e))?
                 .len();
             if len != info.bytes {
                 return Err(PipelineError::file(

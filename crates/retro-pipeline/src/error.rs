@@ -17,6 +17,23 @@ pub enum PipelineError {
         #[source]
         source: std::io::Error,
     },
+    /// A JSON file that does not parse as what it should hold; serde's error stays the source.
+    #[error("{path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A tensor file (safetensors) candle could not read; candle's error stays the source.
+    #[error("{path}: {source}")]
+    Tensors {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+    /// A checkpoint that its `checkpoint.json` (at `path`) does not describe: resuming skips it.
+    #[error("{path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
     #[error("invalid {field} = {value}: {reason}")]

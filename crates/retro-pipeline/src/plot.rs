@@ -35,6 +35,26 @@ fn write_png(out: &Path, what: &str, draw: impl FnOnce(&Path) -> DrawResult) -> 
     std::fs::rename(&tmp, out).map_err(|e| PipelineError::io(out, e))
 }
 
+/// Every chart's legend, at `position` (plotters' default is `MiddleRight`): labels in `font_size`
+/// on translucent white, so the lines behind stay visible, inside a black border.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+    font_size: i32,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FONT, font_size))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 /// Training loss (every step) and validation loss (every `eval_every` steps) against the step.
 pub fn loss_curve(rows: &[StepMetrics], title: &str, out: &Path) -> Result<()> {
     if rows.is_empty() {
@@ -73,12 +93,7 @@ pub fn loss_curve(rows: &[StepMetrics], title: &str, out: &Path) -> Result<()> {
             .draw_series(LineSeries::new(valid.clone(), RED.stroke_width(2)))?
             .label("validation loss")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart, SeriesLabelPosition::MiddleRight, 14)?;
         root.present()?;
         Ok(())
     })
@@ -187,13 +202,7 @@ pub fn overlap_plot(r: &EvalReport, out: &Path) -> Result<()> {
                     Rectangle::new([(x, y - 5), (x + 15, y + 5)], colour.filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight, 14)?;
         root.present()?;
         Ok(())
     })
@@ -288,13 +297,7 @@ pub fn panels(title: &str, charts: &[Panel], columns: usize, out: &Path) -> Resu
                     .label(line.label.as_str())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .label_font((FONT, 13))
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperLeft, 13)?;
         }
         root.present()?;
         Ok(())

@@ -112,33 +112,32 @@ pub struct ResumePoint {
 }
 
 /// Checks a checkpoint directory against its `checkpoint.json`.
-fn verify_checkpoint(dir: &Path) -> std::result::Result<CheckpointMeta, String> {
-    let meta: CheckpointMeta =
-        read_json(&dir.join("checkpoint.json")).map_err(|e| e.to_string())?;
+fn verify_checkpoint(dir: &Path) -> Result<CheckpointMeta> {
+    let meta_path = dir.join("checkpoint.json");
+    let meta: CheckpointMeta = read_json(&meta_path)?;
+    let damaged = |reason: String| PipelineError::Checkpoint {
+        path: meta_path.clone(),
+        reason,
+    };
     if meta.format_version != RUN_FORMAT_VERSION {
-        return Err(format!(
-            "checkpoint.json: format_version {}",
-            meta.format_version
-        ));
+        return Err(damaged(format!("format_version {}", meta.format_version)));
     }
     for f in CHECKPOINT_FILES {
         let info = meta
             .files
             .get(f)
-            .ok_or_else(|| format!("checkpoint.json lists no {f}"))?;
+            .ok_or_else(|| damaged(format!("lists no {f}")))?;
         let p = dir.join(f);
         let len = std::fs::metadata(&p)
-            .map_err(|e| format!("{}: {e}", p.display()))?
+            .map_err(|e| PipelineError::io(&p, e))?
             .len();
         if len != info.bytes {
-            return Err(format!(
-                "{}: {len} bytes, checkpoint.json says {}",
-                p.display(),
-                info.bytes
+            return Err(PipelineError::file(
+                &p,
+                format!("{len} bytes, checkpoint.json says {}", info.bytes),
             ));
         }
-        info.check_sha256(&p, "checkpoint.json", "its weights cannot be trusted")
-            .map_err(|e| e.to_string())?;
+        info.check_sha256(&p, "checkpoint.json", "its weights cannot be trusted")?;
     }
     Ok(meta)
 }
@@ -487,8 +486,12 @@ pub fn train(
         let ck = run_dir.join(&state.checkpoint);
         model.load_safetensors(&ck.join("model.safetensors"))?;
         let opt_path = ck.join("optimizer.safetensors");
-        let st = candle_core::safetensors::load(&opt_path, device)
-            .map_err(|e| PipelineError::file(&opt_path, e.to_string()))?;
+        let st = candle_core::safetensors::load(&opt_path, device).map_err(|source| {
+            PipelineError::Tensors {
+                path: opt_path.clone(),
+                source,
+            }
+        })?;
         opt.load_state_dict(&st, state.step)?;
         step = state.step;
         tokens_seen = state.tokens_seen;
