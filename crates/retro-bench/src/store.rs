@@ -7,7 +7,7 @@
 
 use retro_index::{mean_recall_at_k, Embeddings, Hit, HnswIndex, HnswParams};
 #[cfg(feature = "milvus")]
-use retro_index::{ChunkId, DocumentId};
+use retro_index::{ChunkId, DatabaseId, DocumentId};
 use std::time::Instant;
 
 /// One store's numbers.
@@ -241,7 +241,7 @@ pub fn milvus_run(
     let loc = retro_index::MilvusLocation::parse(url)?;
     let n = keys.len() / dim;
     let t = Instant::now();
-    let mut b = MilvusBuilder::create(&loc, dim, index, "0000000000000000", true, opts)?;
+    let mut b = MilvusBuilder::create(&loc, dim, index, &DatabaseId::placeholder(), true, opts)?;
     // One document per 1,000 keys, as if chunked from documents; `add` sends them in batches.
     let refs: Vec<KeyRef> = (0..n)
         .map(|c| KeyRef {

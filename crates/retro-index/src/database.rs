@@ -176,10 +176,10 @@ impl Manifest {
                     ),
                 ));
             }
-            if v.database_id != self.database_id.as_str() {
+            if v.database_id != self.database_id {
                 return Err(bad(
                     "vector_store.database_id",
-                    format!("{:?} is not this database's id", v.database_id),
+                    format!("{:?} is not this database's id", v.database_id.as_str()),
                 ));
             }
             v.index.validate()?;
@@ -322,21 +322,26 @@ fn normalized(queries: &[Vec<f32>]) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// What build step 5 indexes: the keys (`n x dim`, row-major) and the chunks they belong to.
+struct Keys<'a> {
+    vectors: Vec<f32>,
+    dim: usize,
+    store: &'a ChunkStore,
+}
+
 /// Puts the keys into a new Milvus collection, in batches, with their chunk, document and start.
 #[cfg(feature = "milvus")]
-#[allow(clippy::too_many_arguments)]
 fn build_milvus(
-    vectors: &[f32],
-    store: &ChunkStore,
-    dim: usize,
+    keys: &Keys,
+    database_id: &DatabaseId,
     loc: &MilvusLocation,
     params: MilvusIndexParams,
-    database_id: &str,
     opts: &BuildOptions,
     progress: &dyn Fn(usize, usize),
 ) -> Result<VectorStoreRecord> {
     use crate::key_index::{KeyIndexBuilder, KeyRef};
     use crate::milvus_store::MilvusBuilder;
+    let (dim, store) = (keys.dim, keys.store);
     let mut b = MilvusBuilder::create(loc, dim, params, database_id, opts.overwrite, opts.milvus)?;
     let n = store.len();
     let step = b.batch_size();
@@ -349,7 +354,7 @@ fn build_milvus(
                 start: store.chunk_start(ChunkId(c)),
             })
             .collect();
-        b.add(&vectors[first * dim..last * dim], &refs)?;
+        b.add(&keys.vectors[first * dim..last * dim], &refs)?;
         progress(last, n);
     }
     let record = b.record(n);
@@ -358,14 +363,11 @@ fn build_milvus(
 }
 
 #[cfg(not(feature = "milvus"))]
-#[allow(clippy::too_many_arguments)]
 fn build_milvus(
-    _: &[f32],
-    _: &ChunkStore,
-    _: usize,
+    _: &Keys,
+    _: &DatabaseId,
     loc: &MilvusLocation,
     _: MilvusIndexParams,
-    _: &str,
     _: &BuildOptions,
     _: &dyn Fn(usize, usize),
 ) -> Result<VectorStoreRecord> {
@@ -508,7 +510,108 @@ fn embed_chunks(
     Ok(vectors)
 }
 
-/// Build step 4: the database id, a function of the inputs and the parameters (the chunks, keys
+/// Build step 2: the chunk store of the tokenized documents, written into `tmp` and opened, with
+/// its counts. A corpus whose documents give no chunk is refused here.
+fn write_chunk_store(
+    tmp: &Path,
+    corpus: &Corpus,
+    tokens: Vec<Vec<u32>>,
+    tokenizer: &LmTokenizer,
+    chunk_len: usize,
+) -> Result<(ChunkStore, Counts)> {
+    let counts = ChunkStore::write(
+        tmp,
+        corpus
+            .documents
+            .iter()
+            .zip(&tokens)
+            .map(|(d, t)| (d.id.as_str(), d.source.as_str(), t.as_slice())),
+        chunk_len,
+        tokenizer.pad_id(),
+    )?;
+    // The tokens are in the store now: free them before the keys are embedded.
+    drop(tokens);
+    let store = ChunkStore::open(tmp)?;
+    if store.is_empty() {
+        return Err(IndexError::EmptyCorpus {
+            empty_skipped: corpus.empty_skipped,
+        });
+    }
+    let counts = Counts {
+        documents: counts.documents,
+        empty_skipped: corpus.empty_skipped,
+        chunks: counts.chunks,
+        tokens: counts.tokens,
+    };
+    Ok((store, counts))
+}
+
+/// Build step 4's result: the files written so far and what the database is built with, under
+/// the id they give.
+struct Identity {
+    files: BTreeMap<String, FileInfo>,
+    tokenizer: TokenizerInfo,
+    embedder: EmbedderId,
+    database_id: DatabaseId,
+}
+
+/// Build step 4: saves the tokenizer beside the store and the keys in `tmp`, records every data
+/// file's size and checksum, and derives the id from them and the parameters.
+fn identify(
+    tmp: &Path,
+    tokenizer: &LmTokenizer,
+    embedder: &dyn Embedder,
+    opts: &BuildOptions,
+) -> Result<Identity> {
+    tokenizer.save(tmp)?;
+    let mut files = BTreeMap::new();
+    for name in DATA_FILES {
+        files.insert(name.to_string(), FileInfo::of(&tmp.join(name))?);
+    }
+    let embedder = embedder.id();
+    let tokenizer = TokenizerInfo {
+        kind: tokenizer.kind().into(),
+        fingerprint: tokenizer.fingerprint(),
+        vocab_size: tokenizer.vocab_size(),
+        pad_id: tokenizer.pad_id(),
+    };
+    let database_id = database_id(opts, &tokenizer, &embedder, &files);
+    Ok(Identity {
+        files,
+        tokenizer,
+        embedder,
+        database_id,
+    })
+}
+
+/// Build step 6: the manifest of a database with this identity (its files now including the
+/// graph's), counts and index (the graph's basename, or the store's record).
+fn manifest(
+    identity: Identity,
+    opts: &BuildOptions,
+    dim: usize,
+    counts: Counts,
+    (hnsw_basename, vector_store): (String, Option<VectorStoreRecord>),
+) -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        database_id: identity.database_id,
+        created_by: format!("retro-index {}", env!("CARGO_PKG_VERSION")),
+        chunk_len: opts.chunk_len,
+        tokenizer: identity.tokenizer,
+        dim,
+        embedder: identity.embedder,
+        embedder_source: opts.embedder_source.clone(),
+        counts,
+        hnsw: opts.hnsw,
+        hnsw_basename,
+        files: identity.files,
+        key_metric: Some(KEY_METRIC.into()),
+        vector_store,
+    }
+}
+
+/// Build step 4's id: a function of the inputs and the parameters (the chunks, keys
 /// and tokenizer, and the index's parameters), not of the graph's bytes, which parallel insertion
 /// varies between builds. So a rebuilt database keeps its id and the datasets built on it.
 fn database_id(
@@ -542,23 +645,20 @@ pub fn content_id(params: &str, files: &BTreeMap<String, FileInfo>) -> String {
 /// Build step 5: the keys indexed, in the embedded graph (saved into `tmp`, its files added to
 /// `files`) or in a Milvus collection. Returns the graph's basename (empty for Milvus) and the
 /// store's record for the manifest.
-#[allow(clippy::too_many_arguments)]
 fn build_key_index(
-    vectors: Vec<f32>,
-    store: &ChunkStore,
-    dim: usize,
+    keys: Keys,
     database_id: &DatabaseId,
     opts: &BuildOptions,
     tmp: &Path,
     files: &mut BTreeMap<String, FileInfo>,
     report: &(dyn Fn(Stage, usize, usize) + Sync),
 ) -> Result<(String, Option<VectorStoreRecord>)> {
-    let n = store.len();
+    let n = keys.store.len();
     report(Stage::Inserting, 0, n);
     let progress = |d: usize, t: usize| report(Stage::Inserting, d, t);
     Ok(match &opts.vector_store {
         None => {
-            let keys = Embeddings::from_vec(vectors, dim)?;
+            let keys = Embeddings::from_vec(keys.vectors, keys.dim)?;
             let index = HnswIndex::build_keys(keys, opts.hnsw, Some(&progress))?;
             report(Stage::Writing, 0, 1);
             let basename = index.save(&tmp.join(HNSW_DIR))?;
@@ -570,20 +670,171 @@ fn build_key_index(
             (basename, None)
         }
         Some((loc, params)) => {
-            let record = build_milvus(
-                &vectors,
-                store,
-                dim,
-                loc,
-                *params,
-                database_id.as_str(),
-                opts,
-                &progress,
-            )?;
+            let record = build_milvus(&keys, database_id, loc, *params, opts, &progress)?;
             report(Stage::Writing, 0, 1);
             (String::new(), Some(record))
         }
     })
+}
+
+/// Opening step 1: the manifest at `mpath`, of this format version and valid; a folder without one
+/// is told apart from a dataset, a run or nothing at all.
+fn read_manifest(dir: &Path, mpath: &Path) -> Result<Manifest> {
+    if !mpath.is_file() {
+        let what = if dir.join("dataset.json").is_file() {
+            "this folder is a retro dataset, not a database (give the database it was built from)"
+        } else if dir.join("state.json").is_file() || dir.join("train.json").is_file() {
+            "this folder is a training run, not a database"
+        } else if !dir.exists() {
+            "no database here (build one with `retro index build`)"
+        } else {
+            "not a retro database (every database has a manifest.json, written last)"
+        };
+        return Err(IndexError::missing(mpath, what));
+    }
+    let raw: serde_json::Value = read_json(mpath)?;
+    let found = raw
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| IndexError::corrupt(mpath, "no format_version"))?;
+    if found != FORMAT_VERSION as u64 {
+        return Err(IndexError::Version {
+            path: mpath.to_path_buf(),
+            found: found as u32,
+            expected: FORMAT_VERSION,
+        });
+    }
+    let manifest: Manifest =
+        serde_json::from_value(raw).map_err(|e| IndexError::corrupt(mpath, e.to_string()))?;
+    manifest.validate(mpath)?;
+    Ok(manifest)
+}
+
+/// Opening step 2: the manifest lists every file a database needs, and each is there with its
+/// recorded size; small files and the graph's are checksummed too (all of them with `verify`).
+fn check_files(dir: &Path, mpath: &Path, manifest: &Manifest, verify: bool) -> Result<()> {
+    let mut required: Vec<String> = DATA_FILES.map(String::from).into();
+    if manifest.vector_store.is_none() {
+        // The graph's file, or the hnsw_rs dump of a database built before it.
+        let base = &manifest.hnsw_basename;
+        let in_dir = |names: Vec<String>| -> Vec<String> {
+            names
+                .into_iter()
+                .map(|f| format!("{HNSW_DIR}/{f}"))
+                .collect()
+        };
+        let native = in_dir(HnswIndex::file_names(base));
+        let legacy = in_dir(HnswIndex::legacy_file_names(base));
+        let listed = |names: &[String]| names.iter().all(|f| manifest.files.contains_key(f));
+        required.extend(if !listed(&native) && listed(&legacy) {
+            legacy
+        } else {
+            native
+        });
+    }
+    for required in &required {
+        if !manifest.files.contains_key(required) {
+            return Err(IndexError::corrupt(mpath, format!("lists no {required}")));
+        }
+    }
+    for (name, info) in &manifest.files {
+        let p = dir.join(name);
+        let meta = std::fs::metadata(&p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                IndexError::missing(&p, "listed in the manifest: the database is incomplete")
+            } else {
+                IndexError::io(&p, e)
+            }
+        })?;
+        if meta.len() != info.bytes {
+            return Err(IndexError::corrupt(
+                &p,
+                format!("{} bytes, the manifest says {}", meta.len(), info.bytes),
+            ));
+        }
+        // Small files are always checked: it costs milliseconds.
+        // The graph files too, whatever their size: hnsw_rs' loader (older databases) exits
+        // the process or reads out of bounds on a malformed dump, so it must only ever see the
+        // bytes we wrote; and a graph that passes is one the walk can trust.
+        let graph_file = name.starts_with(&format!("{HNSW_DIR}/"));
+        if verify || info.bytes <= SMALL_FILE_BYTES || graph_file {
+            info.check_sha256(&p, "the manifest", REBUILD)?;
+        }
+    }
+    Ok(())
+}
+
+/// Opening step 3: the chunk store, whose counts and chunk_len must be the manifest's.
+fn open_store(dir: &Path, manifest: &Manifest) -> Result<ChunkStore> {
+    let store = ChunkStore::open(dir)?;
+    let c = &manifest.counts;
+    if store.len() != c.chunks
+        || store.documents().len() != c.documents
+        || store.total_tokens() != c.tokens
+        || store.chunk_len() != manifest.chunk_len
+    {
+        return Err(IndexError::corrupt(
+            dir.join(DOCUMENTS_FILE),
+            "the store's counts or chunk_len disagree with the manifest",
+        ));
+    }
+    Ok(store)
+}
+
+/// Opening step 4: the stored tokenizer, which must be the one the manifest describes (ids,
+/// padding, vocabulary) and pad as the store does.
+fn load_tokenizer(
+    dir: &Path,
+    mpath: &Path,
+    manifest: &Manifest,
+    store: &ChunkStore,
+) -> Result<LmTokenizer> {
+    let tokenizer = LmTokenizer::load(dir)?;
+    let t = &manifest.tokenizer;
+    let tpath = dir.join(TOKENIZER_FILE);
+    for (field, recorded, actual) in [
+        (
+            "tokenizer.kind",
+            t.kind.clone(),
+            tokenizer.kind().to_string(),
+        ),
+        (
+            "tokenizer.fingerprint",
+            t.fingerprint.clone(),
+            tokenizer.fingerprint(),
+        ),
+        (
+            "tokenizer.vocab_size",
+            t.vocab_size.to_string(),
+            tokenizer.vocab_size().to_string(),
+        ),
+        (
+            "tokenizer.pad_id",
+            t.pad_id.to_string(),
+            tokenizer.pad_id().to_string(),
+        ),
+    ] {
+        if recorded != actual {
+            return Err(IndexError::corrupt(
+                mpath,
+                format!(
+                    "{field} is {recorded}, but {} gives {actual}",
+                    tpath.display()
+                ),
+            ));
+        }
+    }
+    if store.pad_id() != t.pad_id {
+        return Err(IndexError::corrupt(
+            dir.join(CHUNKS_FILE),
+            format!(
+                "pads with id {}, the manifest's pad_id is {}",
+                store.pad_id(),
+                t.pad_id
+            ),
+        ));
+    }
+    Ok(tokenizer)
 }
 
 impl Database {
@@ -610,23 +861,7 @@ impl Database {
         let tokens = tokenize(corpus, tokenizer, &report)?;
 
         // 2. Chunk store.
-        let counts = ChunkStore::write(
-            &tmp,
-            corpus
-                .documents
-                .iter()
-                .zip(&tokens)
-                .map(|(d, t)| (d.id.as_str(), d.source.as_str(), t.as_slice())),
-            opts.chunk_len,
-            tokenizer.pad_id(),
-        )?;
-        drop(tokens);
-        let store = ChunkStore::open(&tmp)?;
-        if store.is_empty() {
-            return Err(IndexError::EmptyCorpus {
-                empty_skipped: corpus.empty_skipped,
-            });
-        }
+        let (store, counts) = write_chunk_store(&tmp, corpus, tokens, tokenizer, opts.chunk_len)?;
 
         // 3. Keys: decode each chunk, embed in batches.
         let dim = embedder.dim();
@@ -634,54 +869,19 @@ impl Database {
         Embeddings::write(&tmp.join(EMBEDDINGS_FILE), &vectors)?;
 
         // 4. The id, from the files written so far and the parameters.
-        tokenizer.save(&tmp)?;
-        let mut files = BTreeMap::new();
-        for name in DATA_FILES {
-            files.insert(name.to_string(), FileInfo::of(&tmp.join(name))?);
-        }
-        let embedder_id = embedder.id();
-        let tokenizer_info = TokenizerInfo {
-            kind: tokenizer.kind().into(),
-            fingerprint: tokenizer.fingerprint(),
-            vocab_size: tokenizer.vocab_size(),
-            pad_id: tokenizer.pad_id(),
-        };
-        let database_id = database_id(opts, &tokenizer_info, &embedder_id, &files);
+        let mut identity = identify(&tmp, tokenizer, embedder, opts)?;
 
         // 5. The index: the embedded graph in the folder, or a Milvus collection.
-        let (basename, vector_store) = build_key_index(
+        let keys = Keys {
             vectors,
-            &store,
             dim,
-            &database_id,
-            opts,
-            &tmp,
-            &mut files,
-            &report,
-        )?;
+            store: &store,
+        };
+        let id = &identity.database_id;
+        let index = build_key_index(keys, id, opts, &tmp, &mut identity.files, &report)?;
 
         // 6. Manifest, last.
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            database_id,
-            created_by: format!("retro-index {}", env!("CARGO_PKG_VERSION")),
-            chunk_len: opts.chunk_len,
-            tokenizer: tokenizer_info,
-            dim,
-            embedder: embedder_id,
-            embedder_source: opts.embedder_source.clone(),
-            counts: Counts {
-                documents: counts.documents,
-                empty_skipped: corpus.empty_skipped,
-                chunks: counts.chunks,
-                tokens: counts.tokens,
-            },
-            hnsw: opts.hnsw,
-            hnsw_basename: basename,
-            files,
-            key_metric: Some(KEY_METRIC.into()),
-            vector_store,
-        };
+        let manifest = manifest(identity, opts, dim, counts, index);
         write_json_atomic(&tmp.join(MANIFEST_FILE), &manifest)?;
         drop(store);
 
@@ -698,141 +898,14 @@ impl Database {
         Self::open_with(dir, OpenOptions::default())
     }
 
+    /// [`Database::open`] with options: every checksum verified, Milvus' request sizes.
     pub fn open_with(dir: &Path, opts: OpenOptions) -> Result<Database> {
         let mpath = dir.join(MANIFEST_FILE);
-        if !mpath.is_file() {
-            let what = if dir.join("dataset.json").is_file() {
-                "this folder is a retro dataset, not a database (give the database it was built from)"
-            } else if dir.join("state.json").is_file() || dir.join("train.json").is_file() {
-                "this folder is a training run, not a database"
-            } else if !dir.exists() {
-                "no database here (build one with `retro index build`)"
-            } else {
-                "not a retro database (every database has a manifest.json, written last)"
-            };
-            return Err(IndexError::missing(&mpath, what));
-        }
-        let raw: serde_json::Value = read_json(&mpath)?;
-        let found = raw
-            .get("format_version")
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| IndexError::corrupt(&mpath, "no format_version"))?;
-        if found != FORMAT_VERSION as u64 {
-            return Err(IndexError::Version {
-                path: mpath,
-                found: found as u32,
-                expected: FORMAT_VERSION,
-            });
-        }
-        let manifest: Manifest =
-            serde_json::from_value(raw).map_err(|e| IndexError::corrupt(&mpath, e.to_string()))?;
-        manifest.validate(&mpath)?;
-        let mut required: Vec<String> = DATA_FILES.map(String::from).into();
-        if manifest.vector_store.is_none() {
-            // The graph's file, or the hnsw_rs dump of a database built before it.
-            let base = &manifest.hnsw_basename;
-            let in_dir = |names: Vec<String>| -> Vec<String> {
-                names
-                    .into_iter()
-                    .map(|f| format!("{HNSW_DIR}/{f}"))
-                    .collect()
-            };
-            let native = in_dir(HnswIndex::file_names(base));
-            let legacy = in_dir(HnswIndex::legacy_file_names(base));
-            let listed = |names: &[String]| names.iter().all(|f| manifest.files.contains_key(f));
-            required.extend(if !listed(&native) && listed(&legacy) {
-                legacy
-            } else {
-                native
-            });
-        }
-        for required in &required {
-            if !manifest.files.contains_key(required) {
-                return Err(IndexError::corrupt(&mpath, format!("lists no {required}")));
-            }
-        }
-        for (name, info) in &manifest.files {
-            let p = dir.join(name);
-            let meta = std::fs::metadata(&p).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    IndexError::missing(&p, "listed in the manifest: the database is incomplete")
-                } else {
-                    IndexError::io(&p, e)
-                }
-            })?;
-            if meta.len() != info.bytes {
-                return Err(IndexError::corrupt(
-                    &p,
-                    format!("{} bytes, the manifest says {}", meta.len(), info.bytes),
-                ));
-            }
-            // Small files are always checked: it costs milliseconds.
-            // The graph files too, whatever their size: hnsw_rs' loader (older databases) exits
-            // the process or reads out of bounds on a malformed dump, so it must only ever see the
-            // bytes we wrote; and a graph that passes is one the walk can trust.
-            let graph_file = name.starts_with(&format!("{HNSW_DIR}/"));
-            if opts.verify_checksums || info.bytes <= SMALL_FILE_BYTES || graph_file {
-                info.check_sha256(&p, "the manifest", REBUILD)?;
-            }
-        }
-        let store = ChunkStore::open(dir)?;
+        let manifest = read_manifest(dir, &mpath)?;
+        check_files(dir, &mpath, &manifest, opts.verify_checksums)?;
+        let store = open_store(dir, &manifest)?;
+        let tokenizer = load_tokenizer(dir, &mpath, &manifest, &store)?;
         let c = &manifest.counts;
-        if store.len() != c.chunks
-            || store.documents().len() != c.documents
-            || store.total_tokens() != c.tokens
-            || store.chunk_len() != manifest.chunk_len
-        {
-            return Err(IndexError::corrupt(
-                dir.join(DOCUMENTS_FILE),
-                "the store's counts or chunk_len disagree with the manifest",
-            ));
-        }
-        // The stored tokenizer must be the one the manifest describes (ids, padding, vocabulary).
-        let tokenizer = LmTokenizer::load(dir)?;
-        let t = &manifest.tokenizer;
-        let tpath = dir.join(TOKENIZER_FILE);
-        for (field, recorded, actual) in [
-            (
-                "tokenizer.kind",
-                t.kind.clone(),
-                tokenizer.kind().to_string(),
-            ),
-            (
-                "tokenizer.fingerprint",
-                t.fingerprint.clone(),
-                tokenizer.fingerprint(),
-            ),
-            (
-                "tokenizer.vocab_size",
-                t.vocab_size.to_string(),
-                tokenizer.vocab_size().to_string(),
-            ),
-            (
-                "tokenizer.pad_id",
-                t.pad_id.to_string(),
-                tokenizer.pad_id().to_string(),
-            ),
-        ] {
-            if recorded != actual {
-                return Err(IndexError::corrupt(
-                    &mpath,
-                    format!(
-                        "{field} is {recorded}, but {} gives {actual}",
-                        tpath.display()
-                    ),
-                ));
-            }
-        }
-        if store.pad_id() != t.pad_id {
-            return Err(IndexError::corrupt(
-                dir.join(CHUNKS_FILE),
-                format!(
-                    "pads with id {}, the manifest's pad_id is {}",
-                    store.pad_id(),
-                    t.pad_id
-                ),
-            ));
-        }
         let embeddings = Embeddings::open(&dir.join(EMBEDDINGS_FILE), c.chunks, manifest.dim)?;
         let store = Arc::new(store);
         let index: Box<dyn KeyIndex> = match &manifest.vector_store {

@@ -14,6 +14,12 @@ impl DatabaseId {
         Self(id)
     }
 
+    /// Sixteen zeros: the id of keys indexed outside any database (a benchmark's Milvus
+    /// collection), which names no built database.
+    pub fn placeholder() -> Self {
+        Self("0".repeat(16))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

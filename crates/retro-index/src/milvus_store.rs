@@ -10,7 +10,7 @@
 
 use crate::error::{IndexError, Result};
 use crate::hnsw::Hit;
-use crate::ids::ChunkId;
+use crate::ids::{ChunkId, DatabaseId};
 use crate::key_index::{
     check_filters, IndexDescription, KeyFilter, KeyIndex, KeyIndexBuilder, KeyRef,
 };
@@ -158,7 +158,7 @@ impl Connection {
     }
 }
 
-fn schema(name: &str, dim: usize, database_id: &str) -> Result<CollectionSchema> {
+fn schema(name: &str, dim: usize, database_id: &DatabaseId) -> Result<CollectionSchema> {
     CollectionSchemaBuilder::new(name, &collection_description(database_id))
         .add_field(FieldSchema::new_primary_int64(CHUNK, "chunk id", false))
         .add_field(FieldSchema::new_int64(DOCUMENT, "document index"))
@@ -178,7 +178,7 @@ pub struct MilvusBuilder {
     schema: CollectionSchema,
     index: MilvusIndexParams,
     dim: usize,
-    database_id: String,
+    database_id: DatabaseId,
     added: usize,
 }
 
@@ -188,7 +188,7 @@ impl MilvusBuilder {
         loc: &MilvusLocation,
         dim: usize,
         index: MilvusIndexParams,
-        database_id: &str,
+        database_id: &DatabaseId,
         overwrite: bool,
         opts: MilvusOptions,
     ) -> Result<Self> {
@@ -215,7 +215,7 @@ impl MilvusBuilder {
             schema,
             index,
             dim,
-            database_id: database_id.to_string(),
+            database_id: database_id.clone(),
             added: 0,
         })
     }

@@ -4,6 +4,7 @@
 
 use crate::error::{IndexError, Result};
 use crate::hnsw::HnswParams;
+use crate::ids::DatabaseId;
 
 /// A Milvus collection: `milvus://HOST:PORT/COLLECTION`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -155,8 +156,9 @@ pub struct VectorStoreRecord {
     pub count: usize,
     pub dim: usize,
     /// The database the collection was built for, also written into the collection's
-    /// description, so a collection rebuilt for another database is refused.
-    pub database_id: String,
+    /// description, so a collection rebuilt for another database is refused. The manifest holds
+    /// the bare string (`DatabaseId` serializes transparently).
+    pub database_id: DatabaseId,
 }
 
 /// Options for a Milvus store: how many keys or queries per request, how many attempts.
@@ -178,7 +180,7 @@ impl Default for MilvusOptions {
 }
 
 /// The description written into a collection built for database `id`.
-pub fn collection_description(id: &str) -> String {
+pub fn collection_description(id: &DatabaseId) -> String {
     format!("retro-rs keys of database {id}")
 }
 
