@@ -2,11 +2,13 @@
 //! on (a prefix of) the Python-docs corpus with MiniLM; with `--vector-store`, the embedded graph
 //! against that store on the same keys. The measurements are `retro_bench::{index, store}`.
 
-use super::index::{load_embedder, load_lm_tokenizer, rayon_threads, EmbedderArgs};
-use anyhow::Context;
+use super::common::{
+    load_embedder, load_lm_tokenizer, rayon_threads, EmbedderArgs, VectorStoreArgs,
+};
 use clap::Args;
-use retro_bench::index::{self as ix, HnswBenchParams, HnswRun};
-use retro_index::{read_corpus, BuildOptions, Corpus, CorpusOptions, HnswParams};
+use retro_bench::index::{self as ix, CorpusBench, HnswBenchParams, HnswRun};
+use retro_bench::store::{self as bs, Compared, Comparison, KeySource, MilvusTarget, Progress};
+use retro_index::HnswParams;
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
@@ -50,7 +52,7 @@ pub struct BenchIndexArgs {
     /// Compare the embedded graph with this vector store on the same keys (`--vectors` or
     /// `--synthetic` clustered vectors; `--sample` of them held out as queries).
     #[command(flatten)]
-    pub store: super::index::VectorStoreArgs,
+    pub store: VectorStoreArgs,
     /// With `--vector-store`: measure only one half, `embedded` or `store`, so that each half's
     /// peak RSS is its own (a second half in the same process reports the larger of both).
     /// `embedded` alone: the embedded graph on held-out `--vectors` or `--synthetic` keys, with
@@ -71,20 +73,20 @@ impl BenchIndexArgs {
             sample: self.sample,
         }
     }
-}
 
-#[derive(Debug, serde::Serialize)]
-struct Report {
-    threads: usize,
-    documents: usize,
-    chunks: usize,
-    tokens: usize,
-    chunk_len: usize,
-    embedder: String,
-    embed_s: f64,
-    embed_chunks_per_s: f64,
-    database: HnswRun,
-    synthetic: Option<HnswRun>,
+    /// The keys of a store comparison or a scale point: `--vectors E.npy` or `--synthetic N`.
+    fn key_source(&self) -> anyhow::Result<KeySource> {
+        match &self.vectors {
+            Some(path) => Ok(KeySource::Vectors(path.clone())),
+            None if self.synthetic > 0 => Ok(KeySource::Synthetic {
+                n: self.synthetic,
+                dim: self.synthetic_dim,
+            }),
+            None => anyhow::bail!(
+                "--vector-store and --only embedded measure --vectors E.npy or --synthetic N keys"
+            ),
+        }
+    }
 }
 
 fn print_run(name: &str, r: &HnswRun) {
@@ -107,7 +109,6 @@ fn print_run(name: &str, r: &HnswRun) {
     }
 }
 
-#[cfg(feature = "milvus")]
 fn print_runs(runs: &[retro_bench::store::StoreRun]) {
     println!(
         "{:<20} {:<36} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>12}",
@@ -139,146 +140,94 @@ fn print_runs(runs: &[retro_bench::store::StoreRun]) {
     }
 }
 
-/// The keys of a store comparison or a scale point: `--vectors E.npy` or `--synthetic N`
-/// clustered keys, the last `--sample` held out as queries, with their exact answers.
-struct HeldOut {
-    keys: retro_index::Embeddings,
-    queries: Vec<Vec<f32>>,
-    exact: Vec<Vec<retro_index::Hit>>,
-    source: String,
-}
-
-fn held_out(a: &BenchIndexArgs) -> anyhow::Result<HeldOut> {
-    use retro_bench::store as bs;
-    let (keys, dim, source) = match &a.vectors {
-        Some(path) => {
-            let (_, d, v) = retro_index::read_npy(path)?;
-            (v, d, path.display().to_string())
-        }
-        None if a.synthetic > 0 => {
-            let (k, _) = bs::clustered(a.synthetic + a.sample, 0, a.synthetic_dim, 42);
-            (
-                k,
-                a.synthetic_dim,
-                format!("{} clustered synthetic", a.synthetic),
-            )
-        }
-        None => anyhow::bail!(
-            "--vector-store and --only embedded measure --vectors E.npy or --synthetic N keys"
-        ),
-    };
-    // The last `sample` keys are the queries, not indexed.
-    let (keys, queries) = bs::hold_out_queries(keys, dim, a.sample);
-    let exact = retro_index::brute_force_batch(&keys, dim, &queries, a.k);
-    Ok(HeldOut {
-        keys: retro_index::Embeddings::from_vec(keys, dim)?,
-        queries,
-        exact,
-        source,
-    })
-}
-
-/// `--only embedded` without a store: the embedded graph alone (a point of the scale curve).
-fn embedded_only(a: &BenchIndexArgs) -> anyhow::Result<()> {
-    let h = held_out(a)?;
-    let n = h.keys.len();
-    if !a.json {
-        eprintln!("{n} keys ({}), {} queries ...", h.source, h.queries.len());
+/// `--vector-store` or `--only`: the embedded graph, the store or both on the same held-out keys.
+fn store_comparison(a: &BenchIndexArgs) -> anyhow::Result<()> {
+    if let Some(url) = &a.store.vector_store {
+        bs::milvus_supported(url)?;
     }
-    let run =
-        retro_bench::store::embedded_run(h.keys, a.params().hnsw(), &h.queries, &h.exact, a.k)?;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "threads": rayon_threads(), "keys": h.source, "queries": h.queries.len(), "runs": [run]
-            }))?
-        );
-    } else {
-        println!("{}", serde_json::to_string_pretty(&run)?);
-    }
-    Ok(())
-}
-
-#[cfg(not(feature = "milvus"))]
-fn store_comparison(_: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
-    anyhow::bail!("{url}: this build has no Milvus support: build with `--features milvus`")
-}
-
-/// The embedded graph against `--vector-store` on the same keys, through the `KeyIndex` trait.
-#[cfg(feature = "milvus")]
-fn store_comparison(a: &BenchIndexArgs, url: &str) -> anyhow::Result<()> {
-    let h = held_out(a)?;
-    let (dim, source) = (h.keys.dim(), &h.source);
-    let (n, q) = (h.keys.len() + h.queries.len(), h.queries.len());
     let hnsw = a.params().hnsw();
-    let (embedded, store) = match a.only.as_deref() {
-        Some("embedded") => (true, false),
-        Some(_) => (false, true),
-        None => (true, true),
-    };
-    if !a.json {
-        eprintln!(
-            "{} keys of dim {dim} ({source}), {q} queries{}",
-            n - q,
-            if embedded { "; embedded graph ..." } else { "" }
-        );
-    }
-    let mut runs = vec![];
-    if embedded {
-        let keys = h.keys.clone();
-        runs.push(retro_bench::store::embedded_run(
-            keys, hnsw, &h.queries, &h.exact, a.k,
-        )?);
-        if !a.json {
-            // Now, so that a failure in the store's half does not lose the embedded half's numbers.
-            eprintln!("{}", serde_json::to_string(&runs[0])?);
-        }
-    }
-    if store {
-        let Some((_, index)) = a.store.resolve(hnsw)? else {
-            unreachable!("a vector store was given")
-        };
-        if !a.json {
-            eprintln!("{url} ...");
-        }
-        runs.push(retro_bench::store::milvus_run(
-            h.keys.as_slice(),
-            dim,
-            url,
+    let store = match (&a.store.vector_store, a.store.resolve(hnsw)?) {
+        (Some(url), Some((_, index))) => Some(MilvusTarget {
+            url: url.clone(),
             index,
-            a.store.options(),
-            &h.queries,
-            &h.exact,
-            a.k,
-        )?);
+            opts: a.store.options(),
+        }),
+        _ => None,
+    };
+    let only = a.only.as_deref();
+    if store.is_none() && only == Some("store") {
+        anyhow::bail!("--only store measures a --vector-store: none was given");
     }
+    let c = Comparison {
+        keys: a.key_source()?,
+        sample: a.sample,
+        k: a.k,
+        hnsw,
+        embedded: only != Some("store"),
+        store: store.filter(|_| only != Some("embedded")),
+    };
+    let compared_with_store = a.store.vector_store.is_some();
+    let r = bs::compare(&c, &mut |p| {
+        if a.json {
+            return;
+        }
+        match p {
+            Progress::Loaded(h) if compared_with_store => eprintln!(
+                "{} keys of dim {} ({}), {} queries{}",
+                h.keys.len(),
+                h.keys.dim(),
+                h.source,
+                h.queries.len(),
+                if c.embedded {
+                    "; embedded graph ..."
+                } else {
+                    ""
+                }
+            ),
+            Progress::Loaded(h) => eprintln!(
+                "{} keys ({}), {} queries ...",
+                h.keys.len(),
+                h.source,
+                h.queries.len()
+            ),
+            Progress::Embedded(run) if compared_with_store => {
+                eprintln!("{}", serde_json::to_string(run).unwrap_or_default())
+            }
+            Progress::Embedded(_) => {}
+            Progress::Store(url) => eprintln!("{url} ..."),
+        }
+    })?;
+    print_compared(a, &r, compared_with_store)
+}
+
+fn print_compared(a: &BenchIndexArgs, r: &Compared, with_store: bool) -> anyhow::Result<()> {
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "threads": rayon_threads(), "keys": source, "queries": q, "runs": runs
+                "threads": rayon_threads(), "keys": r.source, "queries": r.queries, "runs": r.runs
             }))?
         );
-    } else {
+    } else if with_store {
         println!(
-            "threads {}; keys {source}; {q} held-out queries, k {}",
+            "threads {}; keys {}; {} held-out queries, k {}",
             rayon_threads(),
+            r.source,
+            r.queries,
             a.k
         );
-        print_runs(&runs);
+        print_runs(&r.runs);
+    } else {
+        for run in &r.runs {
+            println!("{}", serde_json::to_string_pretty(run)?);
+        }
     }
     Ok(())
 }
 
 pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
-    if let Some(url) = &a.store.vector_store {
-        return store_comparison(&a, url);
-    }
-    match a.only.as_deref() {
-        Some("embedded") => return embedded_only(&a),
-        Some(_) => anyhow::bail!("--only store measures a --vector-store: none was given"),
-        None => {}
+    if a.store.vector_store.is_some() || a.only.is_some() {
+        return store_comparison(&a);
     }
     if let Some(path) = &a.vectors {
         let (_, d, v) = retro_index::read_npy(path)?;
@@ -297,17 +246,7 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let shared = retro_index::testdata::shared_dir();
-    let corpus_path = a
-        .corpus
-        .clone()
-        .unwrap_or_else(|| shared.join("data/python-3.11-docs.jsonl"));
-    let mut corpus = read_corpus(&corpus_path, &CorpusOptions::default())
-        .with_context(|| format!("reading {}", corpus_path.display()))?;
-    corpus.documents.truncate(a.docs);
-    let corpus = Corpus {
-        documents: corpus.documents,
-        empty_skipped: corpus.empty_skipped,
-    };
+    let corpus = retro_bench::corpus::first_documents(a.corpus.as_deref(), a.docs)?;
     let tok_spec = a.tokenizer.clone().unwrap_or_else(|| {
         let p = shared.join("models/gpt2-tokenizer/tokenizer.json");
         if p.exists() {
@@ -322,16 +261,6 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
         eargs.embedder = Some(shared.join("models/all-MiniLM-L6-v2"));
     }
     let (embedder, source) = load_embedder(&eargs, None)?;
-
-    let params = a.params();
-    let opts = BuildOptions {
-        chunk_len: a.chunk_len,
-        hnsw: params.hnsw(),
-        batch_size: 256,
-        overwrite: true,
-        embedder_source: source,
-        ..Default::default()
-    };
     let tmp = tempfile::tempdir()?;
     let out = a.keep.clone().unwrap_or_else(|| tmp.path().join("db"));
     if !a.json {
@@ -341,31 +270,19 @@ pub fn run(a: BenchIndexArgs) -> anyhow::Result<()> {
             embedder.id()
         );
     }
-    let (db, times) = ix::build_timed(&corpus, &tokenizer, embedder.as_ref(), opts, &out)?;
-    let n = db.store().len();
-    let embed_s = times.embed_s;
-    let database = ix::database_run(&db, &params, times.insert_s)?;
-
-    let synthetic = if a.synthetic > 0 {
-        let v = ix::uniform_unit_vectors(a.synthetic, a.synthetic_dim, 0x9e3779b97f4a7c15);
-        Some(ix::hnsw_run(&v, a.synthetic_dim, &params)?)
-    } else {
-        None
-    };
-
-    let c = db.manifest().counts;
-    let report = Report {
-        threads: rayon_threads(),
-        documents: c.documents,
-        chunks: c.chunks,
-        tokens: c.tokens,
-        chunk_len: a.chunk_len,
-        embedder: embedder.id().to_string(),
-        embed_s,
-        embed_chunks_per_s: n as f64 / embed_s.max(1e-9),
-        database,
-        synthetic,
-    };
+    let report = ix::corpus_run(
+        &CorpusBench {
+            corpus: &corpus,
+            tokenizer: &tokenizer,
+            embedder: embedder.as_ref(),
+            embedder_source: source,
+            chunk_len: a.chunk_len,
+            params: a.params(),
+            synthetic: (a.synthetic > 0).then_some((a.synthetic, a.synthetic_dim)),
+            threads: rayon_threads(),
+        },
+        &out,
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

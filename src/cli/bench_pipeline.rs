@@ -1,14 +1,14 @@
 //! `retro bench pipeline`: chunks retrieved per second for batches of sequences, split into
 //! embedding, search and gather; the dataset-precompute path; the embedder's own throughput.
 
-use super::index::{load_embedder, load_lm_tokenizer, rayon_threads, EmbedderArgs};
+use super::common::{load_embedder, load_lm_tokenizer, rayon_threads, EmbedderArgs};
 use anyhow::Context;
 use clap::Args;
 use retro_bench::pipeline::{
     bench_embedder, bench_precompute, bench_retrieve, cut_batches, EmbedderReport,
     PipelineBenchParams, PrecomputeReport, RetrieveReport,
 };
-use retro_index::{read_corpus, BuildOptions, Corpus, CorpusOptions, Database};
+use retro_index::{BuildOptions, Database};
 use retro_pipeline::Filter;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -83,18 +83,7 @@ pub fn run(a: BenchPipelineArgs) -> anyhow::Result<()> {
             None,
         ),
         None => {
-            let shared = retro_index::testdata::shared_dir();
-            let path = a
-                .corpus
-                .clone()
-                .unwrap_or_else(|| shared.join("data/python-3.11-docs.jsonl"));
-            let mut corpus = read_corpus(&path, &CorpusOptions::default())
-                .with_context(|| format!("reading {}", path.display()))?;
-            corpus.documents.truncate(a.docs);
-            let corpus = Corpus {
-                documents: corpus.documents,
-                empty_skipped: corpus.empty_skipped,
-            };
+            let corpus = retro_bench::corpus::first_documents(a.corpus.as_deref(), a.docs)?;
             let tokenizer = load_lm_tokenizer(&a.tokenizer, &corpus)?;
             let (embedder, source) = load_embedder(&a.embedder, None)?;
             let opts = BuildOptions {

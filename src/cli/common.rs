@@ -1,10 +1,16 @@
-//! What several subcommands share: opening a run's retrieval database with the checks that make a
-//! swapped database safe (same tokenizer and chunk_len as the run was trained with).
+//! What several subcommands share, so that no subcommand imports from another: the embedder and
+//! vector-store arguments, opening a dataset with its database, and opening a run's retrieval
+//! database with the checks that make a swapped database safe (same tokenizer and chunk_len as the
+//! run was trained with).
 
 use anyhow::{bail, Context, Result};
-use retro_index::{Database, LmTokenizer};
-use retro_pipeline::{DatasetMeta, Gate, Run};
-use std::path::Path;
+use clap::Args;
+use retro_index::{
+    BertEmbedder, BertOptions, Database, Embedder, HnswParams, LexicalEmbedder, LexicalFeatures,
+    LmTokenizer, MilvusIndexParams, MilvusLocation, MilvusOptions,
+};
+use retro_pipeline::{Dataset, DatasetMeta, Gate, Run};
+use std::path::{Path, PathBuf};
 
 /// A run's database (its own, or `--db`), K, the tokenizer the model reads, and the dataset it was
 /// trained on (when its `dataset.json` is still there).
@@ -127,4 +133,166 @@ impl GateArgs {
             .map(|m| Gate::distance(m).context("--max-distance"))
             .transpose()
     }
+}
+
+/// Which embedder to use: a model directory, or the weight-free lexical one (never implicit).
+#[derive(Debug, Args, Clone)]
+pub struct EmbedderArgs {
+    /// A Hugging Face BERT-family model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, conflicts_with = "lexical_embedder")]
+    pub embedder: Option<PathBuf>,
+    /// Use the lexical (hashed n-gram) embedder of this width instead of a model.
+    #[arg(long, value_name = "DIM")]
+    pub lexical_embedder: Option<usize>,
+    /// The lexical embedder's features: `words` (words, word bigrams, character trigrams) or
+    /// `chars` (character trigrams only, robust to spelling variants and short chunks).
+    #[arg(long, default_value = "words", value_parser = ["words", "chars"], requires = "lexical_embedder")]
+    pub lexical_features: String,
+    /// Texts per forward pass of the model.
+    #[arg(long, default_value_t = 32)]
+    pub embed_batch: usize,
+    /// Truncate model inputs to this many tokens (default: the model's max_seq_length).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// cpu or cuda[:N] (cuda needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Run candle-transformers' BERT (padded batches) on the CPU too, instead of the packed encoder.
+    #[arg(long)]
+    pub candle_transformers: bool,
+}
+
+/// Loads the embedder named by the arguments; with none given, the one the database records.
+pub fn load_embedder(
+    a: &EmbedderArgs,
+    db: Option<&Database>,
+) -> anyhow::Result<(Box<dyn Embedder>, Option<String>)> {
+    if let Some(dim) = a.lexical_embedder {
+        let features = match a.lexical_features.as_str() {
+            "chars" => LexicalFeatures::CharTrigrams,
+            _ => LexicalFeatures::Words,
+        };
+        return Ok((
+            Box::new(LexicalEmbedder::with_features(dim, features)?),
+            None,
+        ));
+    }
+    let dir = match (&a.embedder, db) {
+        (Some(d), _) => d.clone(),
+        (None, Some(db)) => {
+            let m = db.manifest();
+            if let Some(features) = LexicalFeatures::from_name(&m.embedder.name) {
+                return Ok((
+                    Box::new(LexicalEmbedder::with_features(m.dim, features)?),
+                    None,
+                ));
+            }
+            match &m.embedder_source {
+                Some(s) => PathBuf::from(s),
+                None => bail!(
+                    "the database was built with {}: pass --embedder DIR",
+                    m.embedder
+                ),
+            }
+        }
+        (None, None) => bail!("choose an embedder: --embedder MODEL_DIR or --lexical-embedder DIM"),
+    };
+    let device = retro_model::device_from_name(&a.device)?;
+    let e = BertEmbedder::load_with(
+        &dir,
+        &device,
+        BertOptions {
+            batch_size: a.embed_batch,
+            max_len: a.max_len,
+            candle_transformers: a.candle_transformers,
+        },
+    )
+    .with_context(|| format!("loading embedder {}", dir.display()))?;
+    let source = dir.canonicalize().unwrap_or(dir).display().to_string();
+    Ok((Box::new(e), Some(source)))
+}
+
+/// Loads the LM tokenizer: `char` (built from the corpus) or a tokenizer.json path.
+pub fn load_lm_tokenizer(spec: &str, corpus: &retro_index::Corpus) -> anyhow::Result<LmTokenizer> {
+    if spec == "char" {
+        Ok(LmTokenizer::char_from_corpus(corpus))
+    } else {
+        Ok(LmTokenizer::from_file(Path::new(spec))?)
+    }
+}
+
+/// Where the keys go: the embedded HNSW graph (default) or a Milvus collection.
+#[derive(Debug, Args, Clone)]
+pub struct VectorStoreArgs {
+    /// `milvus://HOST:PORT/COLLECTION`: put the keys into Milvus (needs a build with
+    /// `--features milvus`); chunk tokens and documents stay in the folder. Default: the
+    /// embedded graph. A collection that exists needs --overwrite.
+    #[arg(long, value_name = "URL")]
+    pub vector_store: Option<String>,
+    /// Milvus' index over the keys: `hnsw` (--m, --ef-construction, --ef-search), `ivf-flat`
+    /// (--nlist, --nprobe) or `flat` (exact).
+    #[arg(long, default_value = "hnsw", value_parser = ["hnsw", "ivf-flat", "flat"], requires = "vector_store")]
+    pub milvus_index: String,
+    #[arg(long, default_value_t = 1024, requires = "vector_store")]
+    pub nlist: usize,
+    #[arg(long, default_value_t = 16, requires = "vector_store")]
+    pub nprobe: usize,
+    /// Keys per insert and queries per search request.
+    #[arg(long, default_value_t = MilvusOptions::default().batch_size, requires = "vector_store")]
+    pub milvus_batch: usize,
+}
+
+impl VectorStoreArgs {
+    /// The store and its index, or `None` for the embedded graph.
+    pub fn resolve(
+        &self,
+        hnsw: HnswParams,
+    ) -> anyhow::Result<Option<(MilvusLocation, MilvusIndexParams)>> {
+        let Some(url) = &self.vector_store else {
+            return Ok(None);
+        };
+        let loc = MilvusLocation::parse(url)?;
+        let index = match self.milvus_index.as_str() {
+            "ivf-flat" => MilvusIndexParams::IvfFlat {
+                nlist: self.nlist,
+                nprobe: self.nprobe,
+            },
+            "flat" => MilvusIndexParams::Flat,
+            _ => MilvusIndexParams::hnsw(hnsw),
+        };
+        index.validate()?;
+        if self.milvus_batch == 0 {
+            bail!("--milvus-batch must be positive");
+        }
+        Ok(Some((loc, index)))
+    }
+
+    pub fn options(&self) -> MilvusOptions {
+        MilvusOptions {
+            batch_size: self.milvus_batch,
+            ..Default::default()
+        }
+    }
+}
+
+/// Threads rayon runs on: `RAYON_NUM_THREADS`, else the available parallelism (benchmarks report it).
+pub fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+/// Opens the database a dataset names (or the one given) and the dataset.
+pub fn open_dataset(dataset: &Path, db: Option<&Path>) -> Result<(Database, Dataset)> {
+    let meta = Dataset::read_meta(dataset)?;
+    let db_dir = db.map(Path::to_path_buf).unwrap_or(meta.database_dir);
+    let db = Database::open(&db_dir)
+        .with_context(|| format!("opening database {}", db_dir.display()))?;
+    let ds = Dataset::open(dataset, &db)?;
+    Ok((db, ds))
 }

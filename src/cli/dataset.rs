@@ -1,10 +1,11 @@
 //! `retro dataset build | info | show`: training sequences with precomputed neighbours.
 
+use super::common::open_dataset;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use retro_index::Database;
 use retro_pipeline::{Dataset, DatasetParams, Filter, Split};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetCmd {
@@ -71,16 +72,6 @@ pub struct BuildArgs {
     pub overwrite: bool,
 }
 
-/// Opens the database a dataset names (or the one given) and the dataset.
-pub fn open(dataset: &Path, db: Option<&Path>) -> Result<(Database, Dataset)> {
-    let meta = Dataset::read_meta(dataset)?;
-    let db_dir = db.map(Path::to_path_buf).unwrap_or(meta.database_dir);
-    let db = Database::open(&db_dir)
-        .with_context(|| format!("opening database {}", db_dir.display()))?;
-    let ds = Dataset::open(dataset, &db)?;
-    Ok((db, ds))
-}
-
 impl DatasetCmd {
     pub fn run(self) -> Result<()> {
         match self {
@@ -120,7 +111,9 @@ impl DatasetCmd {
                     a.out.display()
                 );
             }
-            DatasetCmd::Info { dataset, db } => print_info(&open(&dataset, db.as_deref())?.1),
+            DatasetCmd::Info { dataset, db } => {
+                print_info(&open_dataset(&dataset, db.as_deref())?.1)
+            }
             DatasetCmd::Show {
                 dataset,
                 db,
@@ -128,7 +121,7 @@ impl DatasetCmd {
                 split,
                 json,
             } => {
-                let (db, ds) = open(&dataset, db.as_deref())?;
+                let (db, ds) = open_dataset(&dataset, db.as_deref())?;
                 let split = if split == "train" {
                     Split::Train
                 } else {

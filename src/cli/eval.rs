@@ -42,7 +42,7 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub gate: super::common::GateArgs,
     #[command(flatten)]
-    pub embedder: super::index::EmbedderArgs,
+    pub embedder: super::common::EmbedderArgs,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -60,7 +60,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .seq_len
         .or(rdb.dataset.as_ref().map(|m| m.seq_len))
         .unwrap_or(512);
-    let (embedder, _) = super::index::load_embedder(&a.embedder, Some(db))?;
+    let (embedder, _) = super::common::load_embedder(&a.embedder, Some(db))?;
     let retriever =
         Retriever::new(db, embedder.as_ref(), &rdb.tokenizer, rdb.k)?.with_gate(a.gate.gate()?);
     let corpus = read_corpus(&a.data, &CorpusOptions::default())?;

@@ -37,7 +37,7 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub gate: super::common::GateArgs,
     #[command(flatten)]
-    pub embedder: super::index::EmbedderArgs,
+    pub embedder: super::common::EmbedderArgs,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -46,7 +46,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let model = run.load_model(&device)?;
     let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
     let (db, k, tokenizer) = (&rdb.db, rdb.k, &rdb.tokenizer);
-    let (embedder, _) = super::index::load_embedder(&a.embedder, Some(db))?;
+    let (embedder, _) = super::common::load_embedder(&a.embedder, Some(db))?;
     let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?.with_gate(a.gate.gate()?);
     let sampling = Sampling {
         temperature: a.temperature,

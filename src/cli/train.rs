@@ -174,7 +174,7 @@ pub fn preset(name: &str, n_vocab: usize) -> Result<RetroConfig> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let (db, ds) = super::dataset::open(&a.dataset, a.db.as_deref())?;
+    let (db, ds) = super::common::open_dataset(&a.dataset, a.db.as_deref())?;
     let device = retro_model::device_from_name(&a.device)?;
     let vocab = db.load_tokenizer()?.vocab_size();
     let (run_dir, resume, mut model_cfg, train_cfg) = if let Some(dir) = &a.resume {

@@ -234,6 +234,73 @@ pub fn database_run(db: &Database, p: &HnswBenchParams, insert_s: f64) -> anyhow
     })
 }
 
+/// `retro bench index` on a corpus: what to build, and what else to measure.
+pub struct CorpusBench<'a> {
+    pub corpus: &'a Corpus,
+    pub tokenizer: &'a LmTokenizer,
+    pub embedder: &'a dyn Embedder,
+    /// Where the embedder was loaded from, for the manifest.
+    pub embedder_source: Option<String>,
+    pub chunk_len: usize,
+    pub params: HnswBenchParams,
+    /// Also measure HNSW alone on this many random unit vectors of this width.
+    pub synthetic: Option<(usize, usize)>,
+    /// The threads the report names.
+    pub threads: usize,
+}
+
+/// What [`corpus_run`] measured.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub threads: usize,
+    pub documents: usize,
+    pub chunks: usize,
+    pub tokens: usize,
+    pub chunk_len: usize,
+    pub embedder: String,
+    pub embed_s: f64,
+    pub embed_chunks_per_s: f64,
+    pub database: HnswRun,
+    pub synthetic: Option<HnswRun>,
+}
+
+/// Builds a database of `b.corpus` at `out` (embedding chunks/s and inserts/s), then measures its
+/// graph at each ef, and HNSW alone on synthetic vectors if asked.
+pub fn corpus_run(b: &CorpusBench, out: &Path) -> anyhow::Result<Report> {
+    let opts = BuildOptions {
+        chunk_len: b.chunk_len,
+        hnsw: b.params.hnsw(),
+        batch_size: 256,
+        overwrite: true,
+        embedder_source: b.embedder_source.clone(),
+        ..Default::default()
+    };
+    let (db, times) = build_timed(b.corpus, b.tokenizer, b.embedder, opts, out)?;
+    let n = db.store().len();
+    let embed_s = times.embed_s;
+    let database = database_run(&db, &b.params, times.insert_s)?;
+    let synthetic = match b.synthetic {
+        Some((count, dim)) => {
+            let v = uniform_unit_vectors(count, dim, 0x9e3779b97f4a7c15);
+            Some(hnsw_run(&v, dim, &b.params)?)
+        }
+        None => None,
+    };
+    let c = db.manifest().counts;
+    Ok(Report {
+        threads: b.threads,
+        documents: c.documents,
+        chunks: c.chunks,
+        tokens: c.tokens,
+        chunk_len: b.chunk_len,
+        embedder: b.embedder.id().to_string(),
+        embed_s,
+        embed_chunks_per_s: n as f64 / embed_s.max(1e-9),
+        database,
+        synthetic,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

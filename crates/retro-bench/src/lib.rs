@@ -3,8 +3,9 @@
 //! The measurements behind `retro bench` and `docs/PERF.md`: model forward and train-step
 //! throughput ([`model`]), cached against recomputed generation ([`generate`]), the retrieval
 //! pipeline ([`pipeline`]), the HNSW index ([`index`]) and the embedded graph against a vector
-//! store ([`store`]), and that graph's scale curve ([`scale`]). The `retro` binary parses arguments and prints; the criterion benches in
-//! `benches/` and `examples/profile.rs` reuse the same inputs.
+//! store ([`store`]), that graph's scale curve ([`scale`]), and the corpus prefix the index and
+//! pipeline benchmarks build from ([`corpus`]). The `retro` binary parses arguments and prints;
+//! the criterion benches in `benches/` and `examples/profile.rs` reuse the same inputs.
 //!
 //! This is not a library API: it is not published, and it changes with the benchmarks.
 //!
@@ -16,6 +17,7 @@
 //! assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0); // what every timing reports
 //! ```
 
+pub mod corpus;
 pub mod generate;
 pub mod index;
 pub mod model;

@@ -8,6 +8,7 @@
 use retro_index::{mean_recall_at_k, Embeddings, Hit, HnswIndex, HnswParams};
 #[cfg(feature = "milvus")]
 use retro_index::{ChunkId, DatabaseId, DocumentId};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// One store's numbers.
@@ -223,21 +224,23 @@ pub fn embedded_run(
     Ok(run)
 }
 
+/// A Milvus collection to compare against, with its index and request options.
+#[derive(Debug, Clone)]
+pub struct MilvusTarget {
+    /// `milvus://HOST:PORT/COLLECTION`.
+    pub url: String,
+    pub index: retro_index::MilvusIndexParams,
+    pub opts: retro_index::MilvusOptions,
+}
+
 /// The same keys in a Milvus collection (dropped afterwards).
 #[cfg(feature = "milvus")]
-#[allow(clippy::too_many_arguments)]
-pub fn milvus_run(
-    keys: &[f32],
-    dim: usize,
-    url: &str,
-    index: retro_index::MilvusIndexParams,
-    opts: retro_index::MilvusOptions,
-    queries: &[Vec<f32>],
-    exact: &[Vec<Hit>],
-    k: usize,
-) -> anyhow::Result<StoreRun> {
+pub fn milvus_run(h: &HeldOut, target: &MilvusTarget) -> anyhow::Result<StoreRun> {
     use retro_index::key_index::{KeyIndex, KeyIndexBuilder, KeyRef};
     use retro_index::milvus_store::{MilvusBuilder, MilvusIndex};
+    let (keys, dim, k) = (h.keys.as_slice(), h.keys.dim(), h.k);
+    let MilvusTarget { url, index, opts } = target;
+    let (index, opts) = (*index, *opts);
     let loc = retro_index::MilvusLocation::parse(url)?;
     let n = keys.len() / dim;
     let t = Instant::now();
@@ -256,7 +259,7 @@ pub fn milvus_run(
     let build_s = t.elapsed().as_secs_f64();
     let store = MilvusIndex::open(&record, opts)?;
     let search = |q: &[Vec<f32>]| Ok(store.search(q, k, None)?);
-    let m = measure_queries(queries, exact, k, &search)?;
+    let m = measure_queries(&h.queries, &h.exact, k, &search)?;
     store.drop_index()?;
     Ok(StoreRun::new(
         "milvus",
@@ -267,6 +270,132 @@ pub fn milvus_run(
         m,
         k,
     ))
+}
+
+/// Refuses `url` in a build without the `milvus` feature, before any work is done.
+pub fn milvus_supported(url: &str) -> anyhow::Result<()> {
+    if cfg!(feature = "milvus") {
+        Ok(())
+    } else {
+        anyhow::bail!("{url}: this build has no Milvus support: build with `--features milvus`")
+    }
+}
+
+/// Where the keys of a comparison (or a scale point) come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// An `n x dim` float32 `.npy` file (e.g. real MiniLM keys from `retro index export-embeddings`).
+    Vectors(PathBuf),
+    /// `n` clustered unit vectors of `dim` ([`clustered`]), plus the held-out queries.
+    Synthetic { n: usize, dim: usize },
+}
+
+/// The keys of a comparison, the last `sample` held out as queries, with their exact answers.
+pub struct HeldOut {
+    pub keys: Embeddings,
+    pub queries: Vec<Vec<f32>>,
+    /// The exact `k` nearest keys of each query.
+    pub exact: Vec<Vec<Hit>>,
+    pub k: usize,
+    /// What the keys are, for the report.
+    pub source: String,
+}
+
+impl HeldOut {
+    /// Loads or makes the keys and holds out `sample` of them (see [`hold_out_queries`]).
+    pub fn load(source: &KeySource, sample: usize, k: usize) -> anyhow::Result<Self> {
+        let (keys, dim, name) = match source {
+            KeySource::Vectors(path) => {
+                let (_, d, v) = retro_index::read_npy(path)?;
+                (v, d, path.display().to_string())
+            }
+            KeySource::Synthetic { n, dim } => {
+                let (keys, _) = clustered(n + sample, 0, *dim, 42);
+                (keys, *dim, format!("{n} clustered synthetic"))
+            }
+        };
+        // The last `sample` keys are the queries, not indexed.
+        let (keys, queries) = hold_out_queries(keys, dim, sample);
+        let exact = retro_index::brute_force_batch(&keys, dim, &queries, k);
+        Ok(Self {
+            keys: Embeddings::from_vec(keys, dim)?,
+            queries,
+            exact,
+            k,
+            source: name,
+        })
+    }
+
+    /// The embedded graph over these keys (shared, not copied).
+    pub fn embedded_run(&self, params: HnswParams) -> anyhow::Result<StoreRun> {
+        embedded_run(
+            self.keys.clone(),
+            params,
+            &self.queries,
+            &self.exact,
+            self.k,
+        )
+    }
+}
+
+/// What to compare on the same held-out keys: the embedded graph, a store, or both.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub keys: KeySource,
+    /// Keys held out as queries.
+    pub sample: usize,
+    pub k: usize,
+    /// The embedded graph's parameters.
+    pub hnsw: HnswParams,
+    /// Measure the embedded graph.
+    pub embedded: bool,
+    /// Measure this store (needs the `milvus` feature).
+    pub store: Option<MilvusTarget>,
+}
+
+/// What [`compare`] has done so far, for the caller to print.
+pub enum Progress<'a> {
+    /// The keys are ready; the halves come next.
+    Loaded(&'a HeldOut),
+    /// The store's half starts (its URL).
+    Store(&'a str),
+    /// The embedded half is measured: reported at once, so that a failure in the store's half
+    /// does not lose its numbers.
+    Embedded(&'a StoreRun),
+}
+
+/// What [`compare`] measured.
+#[derive(Debug)]
+pub struct Compared {
+    /// What the keys are.
+    pub source: String,
+    pub queries: usize,
+    pub runs: Vec<StoreRun>,
+}
+
+/// Measures `c`'s halves on the same held-out keys, through the `KeyIndex` trait; a store without
+/// Milvus support is refused before any key is loaded.
+pub fn compare(c: &Comparison, progress: &mut dyn FnMut(Progress)) -> anyhow::Result<Compared> {
+    if let Some(t) = &c.store {
+        milvus_supported(&t.url)?;
+    }
+    let h = HeldOut::load(&c.keys, c.sample, c.k)?;
+    progress(Progress::Loaded(&h));
+    let mut runs = vec![];
+    if c.embedded {
+        runs.push(h.embedded_run(c.hnsw)?);
+        progress(Progress::Embedded(&runs[0]));
+    }
+    #[cfg(feature = "milvus")]
+    if let Some(target) = &c.store {
+        progress(Progress::Store(&target.url));
+        runs.push(milvus_run(&h, target)?);
+    }
+    Ok(Compared {
+        source: h.source,
+        queries: h.queries.len(),
+        runs,
+    })
 }
 
 #[cfg(test)]
