@@ -106,13 +106,10 @@ const BATCH_SIZE: usize = 4;
 /// from a run's `metrics.jsonl`: the whole probe's mean overestimated the step time by 8% (RETRO) and
 /// 33% (baseline), so the baseline got less time than RETRO (2026-12-02).
 fn median_step_seconds(metrics: &Path, tokens_per_step: usize) -> Result<f64> {
-    let text = std::fs::read_to_string(metrics)
-        .with_context(|| format!("reading {}", metrics.display()))?;
-    let mut secs: Vec<f64> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["step"].as_u64().is_some_and(|s| s > 10))
-        .filter_map(|v| v["tokens_per_s"].as_f64())
+    let mut secs: Vec<f64> = retro_pipeline::MetricsLog::read(metrics, usize::MAX)?
+        .iter()
+        .filter(|m| m.step > 10)
+        .map(|m| m.tokens_per_s)
         .filter(|&t| t > 0.0)
         .map(|t| tokens_per_step as f64 / t)
         .collect();

@@ -535,7 +535,7 @@ pub fn train(
     // checkpoint (trained before a crash, or past a damaged checkpoint) are trained again: their
     // old lines go, so the file holds each step once.
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut rows = MetricsLog::read(&metrics_path, step);
+    let mut rows = MetricsLog::read(&metrics_path, step)?;
     if start == Start::Resume {
         MetricsLog::rewrite(&metrics_path, &rows)?;
     }
