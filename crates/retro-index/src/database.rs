@@ -69,6 +69,31 @@ impl FileInfo {
         })
     }
 
+    /// Errors unless the file at `path` has the recorded size: the cheap check, before any
+    /// SHA-256. `recorded_in` names the file that recorded it. A missing file is
+    /// [`IndexError::Missing`].
+    pub fn check_size(&self, path: &Path, recorded_in: &str) -> Result<()> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    IndexError::missing(
+                        path,
+                        format!("listed in {recorded_in}: the folder is incomplete"),
+                    )
+                } else {
+                    IndexError::io(path, e)
+                }
+            })?
+            .len();
+        if len != self.bytes {
+            return Err(IndexError::corrupt(
+                path,
+                format!("{len} bytes, {recorded_in} says {}", self.bytes),
+            ));
+        }
+        Ok(())
+    }
+
     /// Errors unless the file at `path` has this SHA-256. `recorded_in` names the file that
     /// recorded it ("the manifest", "dataset.json"); `remedy` says what to do about a mismatch.
     pub fn check_sha256(&self, path: &Path, recorded_in: &str, remedy: &str) -> Result<()> {
@@ -739,19 +764,7 @@ fn check_files(dir: &Path, mpath: &Path, manifest: &Manifest, verify: bool) -> R
     }
     for (name, info) in &manifest.files {
         let p = dir.join(name);
-        let meta = std::fs::metadata(&p).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                IndexError::missing(&p, "listed in the manifest: the database is incomplete")
-            } else {
-                IndexError::io(&p, e)
-            }
-        })?;
-        if meta.len() != info.bytes {
-            return Err(IndexError::corrupt(
-                &p,
-                format!("{} bytes, the manifest says {}", meta.len(), info.bytes),
-            ));
-        }
+        info.check_size(&p, "the manifest")?;
         // Small files are always checked: it costs milliseconds.
         // The graph files too, whatever their size: hnsw_rs' loader (older databases) exits
         // the process or reads out of bounds on a malformed dump, so it must only ever see the

@@ -485,15 +485,7 @@ impl Dataset {
         meta.check_against(&meta_path, db)?;
         for (name, info) in &meta.files {
             let p = dir.join(name);
-            let len = std::fs::metadata(&p)
-                .map_err(|e| PipelineError::io(&p, e))?
-                .len();
-            if len != info.bytes {
-                return Err(PipelineError::file(
-                    &p,
-                    format!("{len} bytes, dataset.json says {}", info.bytes),
-                ));
-            }
+            info.check_size(&p, "dataset.json")?;
             info.check_sha256(
                 &p,
                 "dataset.json",

@@ -128,15 +128,7 @@ fn verify_checkpoint(dir: &Path) -> Result<CheckpointMeta> {
             .get(f)
             .ok_or_else(|| damaged(format!("lists no {f}")))?;
         let p = dir.join(f);
-        let len = std::fs::metadata(&p)
-            .map_err(|e| PipelineError::io(&p, e))?
-            .len();
-        if len != info.bytes {
-            return Err(PipelineError::file(
-                &p,
-                format!("{len} bytes, checkpoint.json says {}", info.bytes),
-            ));
-        }
+        info.check_size(&p, "checkpoint.json")?;
         info.check_sha256(&p, "checkpoint.json", "its weights cannot be trusted")?;
     }
     Ok(meta)
