@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 RETRO=${RETRO:-target/release/retro}
 PYTHON=${PYTHON:-/work/venv-ref/bin/python}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 what=${1:?usage: tools/bench-vs-reference.sh generate|model|index KEYS.npy [N]}
 shift
 [ -x "$RETRO" ] || { echo "no $RETRO: run cargo build --release first" >&2; exit 2; }

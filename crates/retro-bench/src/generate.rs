@@ -182,11 +182,26 @@ fn cached_run(
     samples: &[usize],
     device: &Device,
 ) -> Result<(f64, Vec<u32>, Vec<Tensor>)> {
+    let t0 = Instant::now();
+    // On one of rayon's workers, as `retro_pipeline::generate` runs its loop.
+    let (tokens, sampled) =
+        retro_model::device::on_pool(device, || cached_steps(spec, model, b, samples, device))?;
+    device.synchronize()?;
+    Ok((t0.elapsed().as_secs_f64(), tokens, sampled))
+}
+
+/// [`cached_run`]'s prefill and steps: the tokens of sequence 0 and the sampled logits.
+fn cached_steps(
+    spec: &GenerateBenchSpec,
+    model: &RetroModel,
+    b: usize,
+    samples: &[usize],
+    device: &Device,
+) -> Result<(Vec<u32>, Vec<Tensor>)> {
     let (cl, p, n) = (spec.config.chunk_len, spec.prompt_len, spec.new_tokens);
     let prompts: Vec<u32> = (0..b).flat_map(|row| spec.prompt(row)).collect();
     let mut tokens = spec.prompt(0);
     let mut sampled = Vec::with_capacity(samples.len());
-    let t0 = Instant::now();
     let mut state = model.start_decoding(b, true);
     let x = Tensor::from_vec(prompts, (b, p), device)?;
     let mut last = model
@@ -217,8 +232,7 @@ fn cached_run(
         let tok = Tensor::from_vec(next, b, device)?;
         last = model.step(&mut state, &tok, neighbours.as_ref())?;
     }
-    device.synchronize()?;
-    Ok((t0.elapsed().as_secs_f64(), tokens, sampled))
+    Ok((tokens, sampled))
 }
 
 /// One run of labml's sampler in PyTorch on the same work: its tokens/s and its description.

@@ -43,7 +43,14 @@ pub fn dtype_from_name(name: &str) -> Result<DType> {
 /// Runs `f` on a worker of rayon's global pool when `device` is the CPU. The CPU kernels' parallel
 /// loops then fork inside the pool instead of waking it from outside for every op: a labml-small
 /// train step makes 6x fewer context switches and takes ~10% less CPU time.
-pub(crate) fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+///
+/// Public so that a loop of many small calls (generation: one [`RetroModel::step`] a token) can
+/// run whole on one worker, instead of handing each call to the pool: 6-12% more tokens/s at
+/// batch 1 on a 2-core Intel Xeon (2026-12-05, `retro bench generate`, three alternated pairs).
+/// Calls nested inside it run in place.
+///
+/// [`RetroModel::step`]: crate::RetroModel::step
+pub fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     if device.is_cpu() {
         rayon::scope(|_| f())
     } else {

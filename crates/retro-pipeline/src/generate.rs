@@ -126,7 +126,25 @@ pub fn generate(
     prompt: &str,
     max_tokens: usize,
     sampling: &Sampling,
-    on_event: &mut dyn FnMut(Event),
+    on_event: &mut (dyn FnMut(Event) + Send),
+) -> Result<Vec<u32>> {
+    // The whole loop on one of rayon's workers: each step's kernels fork from there, instead of
+    // every step being handed to the pool from outside (see `on_pool`).
+    retro_model::device::on_pool(model.device(), || {
+        generate_on(
+            model, retriever, tokenizer, prompt, max_tokens, sampling, on_event,
+        )
+    })
+}
+
+fn generate_on(
+    model: &RetroModel,
+    retriever: Option<&Retriever>,
+    tokenizer: &LmTokenizer,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: &Sampling,
+    on_event: &mut (dyn FnMut(Event) + Send),
 ) -> Result<Vec<u32>> {
     sampling.validate()?;
     let cl = model.config().chunk_len;
