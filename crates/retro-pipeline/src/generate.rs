@@ -131,99 +131,85 @@ pub fn generate(
     // The whole loop on one of rayon's workers: each step's kernels fork from there, instead of
     // every step being handed to the pool from outside (see `on_pool`).
     retro_model::device::on_pool(model.device(), || {
-        generate_on(
-            model, retriever, tokenizer, prompt, max_tokens, sampling, on_event,
-        )
-    })
-}
-
-fn generate_on(
-    model: &RetroModel,
-    retriever: Option<&Retriever>,
-    tokenizer: &LmTokenizer,
-    prompt: &str,
-    max_tokens: usize,
-    sampling: &Sampling,
-    on_event: &mut (dyn FnMut(Event) + Send),
-) -> Result<Vec<u32>> {
-    sampling.validate()?;
-    let cl = model.config().chunk_len;
-    let retriever = retriever.filter(|_| !model.config().ca_layers.is_empty());
-    if let Some(r) = retriever {
-        if r.chunk_len() != cl {
+        sampling.validate()?;
+        let cl = model.config().chunk_len;
+        let retriever = retriever.filter(|_| !model.config().ca_layers.is_empty());
+        if let Some(r) = retriever {
+            if r.chunk_len() != cl {
+                return Err(PipelineError::invalid(
+                    "chunk_len",
+                    cl,
+                    format!("the database has chunk_len {}", r.chunk_len()),
+                ));
+            }
+        }
+        let mut tokens = tokenizer.encode(prompt)?;
+        if tokens.is_empty() {
             return Err(PipelineError::invalid(
-                "chunk_len",
-                cl,
-                format!("the database has chunk_len {}", r.chunk_len()),
+                "prompt",
+                format!("{prompt:?}"),
+                "encodes to no token",
             ));
         }
-    }
-    let mut tokens = tokenizer.encode(prompt)?;
-    if tokens.is_empty() {
-        return Err(PipelineError::invalid(
-            "prompt",
-            format!("{prompt:?}"),
-            "encodes to no token",
-        ));
-    }
-    let device = model.device().clone();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
-    let mut state = model.start_decoding(1, retriever.is_some());
-    // Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
-    type Retrieved = (Option<Tensor>, Option<Tensor>);
-    // The neighbours of the last chunks, as many as the coherent gate looks back over: it compares
-    // each new chunk's with them.
-    let lookback = retriever
-        .and_then(|r| r.gate())
-        .map_or(1, |g| g.lookback().max(1));
-    let mut before: Option<Neighbours> = None;
-    let mut neighbours_at =
-        |tokens: &[u32], t: usize, on_event: &mut dyn FnMut(Event)| -> Result<Retrieved> {
-            let Some(r) = retriever else {
-                return Ok((None, None));
+        let device = model.device().clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
+        let mut state = model.start_decoding(1, retriever.is_some());
+        // Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
+        type Retrieved = (Option<Tensor>, Option<Tensor>);
+        // The neighbours of the last chunks, as many as the coherent gate looks back over: it compares
+        // each new chunk's with them.
+        let lookback = retriever
+            .and_then(|r| r.gate())
+            .map_or(1, |g| g.lookback().max(1));
+        let mut before: Option<Neighbours> = None;
+        let mut neighbours_at =
+            |tokens: &[u32], t: usize, on_event: &mut dyn FnMut(Event)| -> Result<Retrieved> {
+                let Some(r) = retriever else {
+                    return Ok((None, None));
+                };
+                if t % cl != cl - 1 {
+                    return Ok((None, None));
+                }
+                let chunk = &tokens[t + 1 - cl..=t];
+                let n = r.retrieve_after(&[chunk.to_vec()], None, Filter::None, before.as_ref())?;
+                on_event(Event::Neighbours {
+                    chunk: t / cl,
+                    tokens: chunk,
+                    neighbours: &n,
+                });
+                let keep = n.keep_tensor(&device)?.map(|k| k.reshape(1)).transpose()?;
+                let ret = n.to_tensor(&device)?.squeeze(1)?;
+                before = Some(match before.take() {
+                    Some(b) => b.followed_by(&n, lookback)?,
+                    None => n,
+                });
+                Ok((Some(ret), keep))
             };
-            if t % cl != cl - 1 {
-                return Ok((None, None));
-            }
-            let chunk = &tokens[t + 1 - cl..=t];
-            let n = r.retrieve_after(&[chunk.to_vec()], None, Filter::None, before.as_ref())?;
-            on_event(Event::Neighbours {
-                chunk: t / cl,
-                tokens: chunk,
-                neighbours: &n,
-            });
-            let keep = n.keep_tensor(&device)?.map(|k| k.reshape(1)).transpose()?;
-            let ret = n.to_tensor(&device)?.squeeze(1)?;
-            before = Some(match before.take() {
-                Some(b) => b.followed_by(&n, lookback)?,
-                None => n,
-            });
-            Ok((Some(ret), keep))
-        };
-    let mut logits = None;
-    for t in 0..tokens.len() {
-        let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
-        let x = Tensor::new(&[tokens[t]], &device)?;
-        logits = Some(model.step_gated(&mut state, &x, nb.as_ref(), keep.as_ref())?);
-    }
-    let mut out = vec![];
-    for _ in 0..max_tokens {
-        let row: Vec<f32> = logits
-            .take()
-            .expect("a step ran")
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        let next = sample(&row, sampling, &mut rng);
-        out.push(next);
-        tokens.push(next);
-        on_event(Event::Token(next));
-        let t = tokens.len() - 1;
-        let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
-        let x = Tensor::new(&[next], &device)?;
-        logits = Some(model.step_gated(&mut state, &x, nb.as_ref(), keep.as_ref())?);
-    }
-    Ok(out)
+        let mut logits = None;
+        for t in 0..tokens.len() {
+            let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
+            let x = Tensor::new(&[tokens[t]], &device)?;
+            logits = Some(model.step_gated(&mut state, &x, nb.as_ref(), keep.as_ref())?);
+        }
+        let mut out = vec![];
+        for _ in 0..max_tokens {
+            let row: Vec<f32> = logits
+                .take()
+                .expect("a step ran")
+                .squeeze(0)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            let next = sample(&row, sampling, &mut rng);
+            out.push(next);
+            tokens.push(next);
+            on_event(Event::Token(next));
+            let t = tokens.len() - 1;
+            let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
+            let x = Tensor::new(&[next], &device)?;
+            logits = Some(model.step_gated(&mut state, &x, nb.as_ref(), keep.as_ref())?);
+        }
+        Ok(out)
+    })
 }
 
 #[cfg(test)]
