@@ -2,8 +2,8 @@
 //! first call), so the kernels can pick their AVX-512 or AVX2 versions. The one place the
 //! workspace asks the CPU (the index's distance kernels ask here too).
 
-/// The instruction sets the kernels are compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The instruction sets the kernels are compiled for, narrowest first (so `<=` is "no wider than").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// What the target compiles for by default.
     Base,
@@ -63,13 +63,8 @@ fn cap_read() -> &'static Result<Option<Isa>, String> {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn allowed(level: Isa) -> bool {
-    let rank = |i: Isa| match i {
-        Isa::Base => 0,
-        Isa::Avx2 => 1,
-        Isa::Avx512 => 2,
-    };
     match cap_read() {
-        Ok(Some(c)) => rank(level) <= rank(*c),
+        Ok(Some(c)) => level <= *c,
         _ => true,
     }
 }

@@ -45,7 +45,7 @@ pub fn dtype_from_name(name: &str) -> Result<DType> {
 /// train step makes 6x fewer context switches and takes ~10% less CPU time.
 ///
 /// Public so that a loop of many small calls (generation: one [`RetroModel::step`] a token) can
-/// run whole on one worker, instead of handing each call to the pool: 6-12% more tokens/s at
+/// run whole on one worker, instead of handing each call to the pool: 6-13% more tokens/s at
 /// batch 1 on a 2-core Intel Xeon (2026-12-05, `retro bench generate`, three alternated pairs).
 /// Calls nested inside it run in place.
 ///

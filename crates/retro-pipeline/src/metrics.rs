@@ -1,7 +1,8 @@
 //! `metrics.jsonl`: a run's [`StepMetrics`], one JSON object a line, appended after every step.
 //!
-//! Each line carries its format version (`"v": 1`) and a CRC-32 of the step's fields (`"crc32"`),
-//! so a line changed on disk is an error that names it rather than a silently wrong loss curve.
+//! Each line carries its format version (`"v": 1`) and, last, a CRC-32 of the line's bytes before
+//! it (`"crc32"`), so a line changed on disk is an error that names it rather than a silently wrong
+//! loss curve.
 //! The file is appended to, not replaced, so a kill can tear the last line: a last line with no
 //! newline is dropped, as a write that never finished. Lines written before the version existed
 //! (no `v`, no `crc32`) still read.
