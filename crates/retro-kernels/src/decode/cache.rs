@@ -203,12 +203,23 @@ impl<T: Float> KvCache<T> {
             // One row: each core takes half of the heads.
             let half = self.heads / 2;
             let (o0, o1) = out.split_at_mut(half * self.d_k);
-            rayon::join(|| heads(0, 0, q, o0), || heads(0, half, q, o1));
+            super::pair::join(|| heads(0, 0, q, o0), || heads(0, half, q, o1));
         } else if self.batch * rows < 2 * MIN_ROWS_PER_TASK {
             q.chunks(hd)
                 .zip(out.chunks_mut(hd))
                 .enumerate()
                 .for_each(one);
+        } else if rayon::current_num_threads() == 2 {
+            // Two threads: half of the rows each, as in `RowLinear`.
+            let half = (self.batch * rows).div_ceil(2);
+            let (q0, q1) = q.split_at(half * hd);
+            let (o0, o1) = out.split_at_mut(half * hd);
+            let some = |r0: usize, q: &[T], out: &mut [T]| {
+                (r0..)
+                    .zip(q.chunks(hd).zip(out.chunks_mut(hd)))
+                    .for_each(one)
+            };
+            super::pair::join(|| some(0, q0, o0), || some(half, q1, o1));
         } else {
             q.par_chunks(hd)
                 .zip(out.par_chunks_mut(hd))

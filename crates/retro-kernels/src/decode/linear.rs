@@ -77,20 +77,19 @@ impl<T: Float> RowLinear<T> {
         assert_eq!(x.len() % n_in.max(1), 0, "x is not [rows, {n_in}]");
         let rows = x.len() / n_in.max(1);
         assert_eq!(rows * n_out, y.len(), "y is not [rows, {n_out}]");
-        // A task takes up to TASK_GROUPS groups of GROUP rows: each panel, once loaded, serves
-        // all of them before the next.
-        let groups = rows.div_ceil(GROUP);
-        let per_task = (groups / (2 * rayon::current_num_threads())).clamp(1, TASK_GROUPS);
-        // On AVX2 (not AVX-512, where the generic block fits the registers) f32 rows go through
-        // the six-row micro-kernel.
-        #[cfg(target_arch = "x86_64")]
-        let six = crate::isa::isa() == crate::isa::Isa::Avx2 && T::f32s(x).is_some();
-        #[cfg(not(target_arch = "x86_64"))]
-        let six = false;
+        // f32 rows go through the widest micro-kernel the CPU has (on AVX-512 the generic
+        // four-row block keeps too few chains in flight; on AVX2 it spills its sums).
+        let tile = Tile::pick(T::f32s(x).is_some());
+        // One task per thread while that is at most TASK_UNITS tiles of rows (64 encoder rows on
+        // two threads: 32 each, where tasks of whole tiles would leave one thread 16 rows
+        // more), more tasks past it.
+        let per_task = rows
+            .div_ceil(rayon::current_num_threads())
+            .clamp(MIN_ROWS_PER_TASK, TASK_UNITS * tile.rows());
         let one = |(x, y): (&[T], &mut [T])| {
-            linear_rows(&self.panels, &self.b, (n_in, n_out), x, y, accumulate, six)
+            linear_rows(&self.panels, &self.b, (n_in, n_out), x, y, accumulate, tile)
         };
-        let (tx, ty) = (per_task * GROUP * n_in.max(1), per_task * GROUP * n_out);
+        let (tx, ty) = (per_task * n_in.max(1), per_task * n_out);
         let panels = self.b.len() / BLOCK;
         if rows == 1 && panels >= 2 && rayon::current_num_threads() > 1 {
             // One row: each core takes half of the panels (half of the outputs).
@@ -98,27 +97,75 @@ impl<T: Float> RowLinear<T> {
             let (w0, w1) = self.panels.split_at(half * n_in * BLOCK);
             let (b0, b1) = self.b.split_at(half * BLOCK);
             let (y0, y1) = y.split_at_mut(half * BLOCK);
-            rayon::join(
-                || linear_rows(w0, b0, (n_in, half * BLOCK), x, y0, accumulate, six),
-                || linear_rows(w1, b1, (n_in, n_out - half * BLOCK), x, y1, accumulate, six),
+            let part = |w, b, n, y| linear_rows(w, b, (n_in, n), x, y, accumulate, tile);
+            super::pair::join(
+                || part(w0, b0, half * BLOCK, y0),
+                || part(w1, b1, n_out - half * BLOCK, y1),
             );
-        } else if groups <= per_task || rows < MIN_ROWS_PER_TASK * 2 {
+        } else if per_task >= rows || rows < MIN_ROWS_PER_TASK * 2 {
             one((x, y));
+        } else if rayon::current_num_threads() == 2 {
+            // Two threads: half of the rows each, the second half on the pair's spinning helper
+            // (rayon's idle worker would first have to be woken).
+            let half = rows.div_ceil(2);
+            let (x0, x1) = x.split_at(half * n_in);
+            let (y0, y1) = y.split_at_mut(half * n_out);
+            super::pair::join(|| one((x0, y0)), || one((x1, y1)));
         } else {
             x.par_chunks(tx).zip(y.par_chunks_mut(ty)).for_each(one);
         }
     }
 }
 
-/// Rows computed together, each panel row loaded once for all of them.
+/// Rows computed together by the generic loop, each panel row loaded once for all of them.
 const GROUP: usize = 4;
-/// Groups of rows one task takes at most.
-const TASK_GROUPS: usize = 4;
+/// Tiles (or GROUPs) of rows one task takes at most.
+const TASK_UNITS: usize = 4;
 
-multiversioned!(fn linear_rows<T: Float>(panels: &[T], b: &[T], dims: (usize, usize), x: &[T], y: &mut [T], accumulate: bool, six: bool) => linear_rows_body);
+/// The micro-kernel that takes f32 rows several at a time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tile {
+    /// The generic loop, GROUP rows at a time.
+    Generic,
+    /// `linear_avx2::panel_rows`, up to six rows.
+    Avx2,
+    /// `linear_avx512::panel_rows`, up to twelve rows.
+    Avx512,
+}
 
-/// Every row of `x`, panel by panel: up to six rows at a time by the AVX2 micro-kernel (`six`),
-/// or GROUP rows at a time; then one by one. `dims` is `(n_in, n_out)`.
+impl Tile {
+    /// The widest the CPU runs, for f32 rows (`f32`); the generic loop otherwise.
+    fn pick(f32: bool) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if f32 {
+            return match crate::isa::isa() {
+                crate::isa::Isa::Avx512 => Tile::Avx512,
+                crate::isa::Isa::Avx2 => Tile::Avx2,
+                _ => Tile::Generic,
+            };
+        }
+        let _ = f32;
+        Tile::Generic
+    }
+
+    /// Rows the kernel takes at once.
+    fn rows(self) -> usize {
+        match self {
+            Tile::Generic => GROUP,
+            #[cfg(target_arch = "x86_64")]
+            Tile::Avx2 => super::linear_avx2::ROWS,
+            #[cfg(target_arch = "x86_64")]
+            Tile::Avx512 => super::linear_avx512::ROWS,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => GROUP,
+        }
+    }
+}
+
+multiversioned!(fn linear_rows<T: Float>(panels: &[T], b: &[T], dims: (usize, usize), x: &[T], y: &mut [T], accumulate: bool, tile: Tile) => linear_rows_body);
+
+/// Every row of `x`, panel by panel: up to twelve (AVX-512) or six (AVX2) rows at a time by a
+/// micro-kernel (`tile`), or GROUP rows at a time; then one by one. `dims` is `(n_in, n_out)`.
 #[inline(always)]
 fn linear_rows_body<T: Float>(
     panels: &[T],
@@ -127,7 +174,7 @@ fn linear_rows_body<T: Float>(
     x: &[T],
     y: &mut [T],
     accumulate: bool,
-    six: bool,
+    tile: Tile,
 ) {
     let rows = y.len() / n_out.max(1);
     for (p, (panel, bias)) in panels
@@ -147,17 +194,28 @@ fn linear_rows_body<T: Float>(
         };
         let mut r0 = 0;
         #[cfg(target_arch = "x86_64")]
-        if let (true, Some(panel), Some(bias), Some(x)) =
-            (six, T::f32s(panel), T::f32s(bias), T::f32s(x))
+        if let (Tile::Avx2 | Tile::Avx512, Some(panel), Some(bias), Some(x)) =
+            (tile, T::f32s(panel), T::f32s(bias), T::f32s(x))
         {
-            use super::linear_avx2::{panel_rows, ROWS};
             let bias: &[f32; BLOCK] = bias.try_into().expect("a block");
-            let mut out = [[0f32; BLOCK]; ROWS];
+            let mut out = [[0f32; BLOCK]; super::linear_avx512::ROWS];
+            let most = tile.rows();
             while rows - r0 >= 2 {
-                let r = (rows - r0).min(ROWS);
-                // SAFETY: `six` is set only where the CPU has AVX2 and FMA; the kernel checks
-                // the slices' lengths.
-                unsafe { panel_rows(r, panel, bias, n_in, &x[r0 * n_in..], &mut out) };
+                let r = (rows - r0).min(most);
+                let x = &x[r0 * n_in..];
+                // SAFETY: `tile` names an instruction set the CPU has (`Tile::pick`); the
+                // kernels check the slices' lengths.
+                unsafe {
+                    match tile {
+                        Tile::Avx512 => {
+                            super::linear_avx512::panel_rows(r, panel, bias, n_in, x, &mut out)
+                        }
+                        _ => {
+                            let out = out.first_chunk_mut().expect("12 rows hold 6");
+                            super::linear_avx2::panel_rows(r, panel, bias, n_in, x, out)
+                        }
+                    }
+                }
                 for (i, o) in out[..r].iter().enumerate() {
                     let o: [T; BLOCK] = std::array::from_fn(|k| T::from_f64(o[k] as f64));
                     put(r0 + i, &o);
@@ -271,9 +329,10 @@ mod tests {
             assert_eq!((rows.n_in(), rows.n_out()), (n_in, n_out));
             let norm = LayerNorm::new(randn(&[n_in], dtype), randn(&[n_in], dtype), 1e-5);
             let row_norm = RowNorm::<T>::new(&norm).unwrap();
-            // One row, two, a group of four, six (one AVX2 tile), eleven (parallel groups and a
-            // partial one) and 64 (tasks of several groups, tiles of six and a remainder).
-            for r in [1, 2, 4, 6, 11, 64] {
+            // One row, two, a group of four, six (one AVX2 tile), eleven (two halves, each one
+            // tile), 25 (a twelve-row AVX-512 tile and one row left) and 64 (halves of whole
+            // tiles and a partial one).
+            for r in [1, 2, 4, 6, 11, 25, 64] {
                 let x = randn(&[r, n_in], dtype);
                 let xv = x.flatten_all().unwrap().to_vec1::<T>().unwrap();
                 let want =

@@ -31,6 +31,8 @@ mod cache;
 mod head_avx2;
 mod linear;
 mod linear_avx2;
+mod linear_avx512;
+pub mod pair;
 
 pub use cache::KvCache;
 pub use linear::{RowLinear, RowNorm};
