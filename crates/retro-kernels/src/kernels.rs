@@ -17,8 +17,13 @@ pub enum Kernels {
 impl Kernels {
     pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
-            // The fused CPU kernel has no f64 version.
-            Kernels::Fused if x.is_contiguous() && x.dtype() != candle_core::DType::F64 => {
+            // candle's fused kernel off the CPU (it has none for f64). On the CPU ours is faster
+            // (multiversioned; candle's is scalar code) and exact to the two-pass variance.
+            Kernels::Fused
+                if !x.device().is_cpu()
+                    && x.is_contiguous()
+                    && x.dtype() != candle_core::DType::F64 =>
+            {
                 candle_nn::ops::layer_norm(x, w, b, eps as f32)
             }
             // Falls back to `layer_norm_slow` off the CPU and for other dtypes.
