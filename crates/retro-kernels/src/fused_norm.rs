@@ -355,12 +355,16 @@ fn rope_cpu<T: Float>(x: &[T], l: &Layout, cos: &[T], sin: &[T], inverse: bool) 
     let (sb, ss, sh) = (st[0], st[1], st[2]);
     let off = l.start_offset();
     let half = d / 2;
-    let mut y = vec![T::zero(); b * s * h * d];
-    if y.is_empty() {
-        return y;
+    let n = b * s * h * d;
+    if n == 0 {
+        return Vec::new();
     }
+    // `rope_bshd` checked that d is even: `rope_row` writes all of each head's row, so `y` is
+    // never zero-filled first (on the encoder's 8,192 rows that fill was a pass of its own).
+    let mut y = Vec::with_capacity(n);
     // One `(b, s)` row (all heads) is only h*d elements: hand rayon blocks of rows.
-    y.par_chunks_mut(h * d)
+    y.spare_capacity_mut()[..n]
+        .par_chunks_mut(h * d)
         .enumerate()
         .with_min_len(64)
         .for_each(|(r, yr)| {
@@ -371,15 +375,30 @@ fn rope_cpu<T: Float>(x: &[T], l: &Layout, cos: &[T], sin: &[T], inverse: bool) 
                 rope_row(xr, c, sn, &mut yr[hi * d..][..d], inverse);
             }
         });
+    // SAFETY: every row of every head was written above.
+    unsafe { y.set_len(n) };
     y
 }
 
-/// One head's row: rotate `x` by theta (or by -theta for the backward) into `y`.
+/// One head's row: rotate `x` by theta (or by -theta for the backward) into `y`, every element of
+/// which is written (straight from `x`: a copy first was a call to memmove per row).
 #[inline(always)]
-fn rope_row<T: Float>(x: &[T], c: &[T], sn: &[T], y: &mut [T], inverse: bool) {
-    let y = &mut y[..x.len()];
-    y.copy_from_slice(x);
-    rope_in_place(y, c, sn, inverse);
+fn rope_row<T: Float>(
+    x: &[T],
+    c: &[T],
+    sn: &[T],
+    y: &mut [std::mem::MaybeUninit<T>],
+    inverse: bool,
+) {
+    let half = c.len();
+    assert!(x.len() == 2 * half && y.len() == 2 * half && sn.len() == half);
+    let (x1, x2) = x.split_at(half);
+    let (y1, y2) = y.split_at_mut(half);
+    for i in 0..half {
+        let (a, b, s) = (x1[i], x2[i], if inverse { T::zero() - sn[i] } else { sn[i] });
+        y1[i].write(a * c[i] - b * s);
+        y2[i].write(b * c[i] + a * s);
+    }
 }
 
 /// One head's row rotated in place by theta (by -theta when `inverse`: the backward).
