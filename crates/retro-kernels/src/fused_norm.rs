@@ -395,7 +395,11 @@ fn rope_row<T: Float>(
     let (x1, x2) = x.split_at(half);
     let (y1, y2) = y.split_at_mut(half);
     for i in 0..half {
-        let (a, b, s) = (x1[i], x2[i], if inverse { T::zero() - sn[i] } else { sn[i] });
+        let (a, b, s) = (
+            x1[i],
+            x2[i],
+            if inverse { T::zero() - sn[i] } else { sn[i] },
+        );
         y1[i].write(a * c[i] - b * s);
         y2[i].write(b * c[i] + a * s);
     }

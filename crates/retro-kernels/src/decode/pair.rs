@@ -133,7 +133,7 @@ fn serve(h: &Helper) -> ! {
             continue;
         }
         polls = polls.wrapping_add(1);
-        if polls % 64 != 0 {
+        if !polls.is_multiple_of(64) {
             std::hint::spin_loop();
             continue;
         }

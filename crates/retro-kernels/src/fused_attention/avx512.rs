@@ -216,3 +216,38 @@ pub(super) unsafe fn exp_row(s: &mut [f32], lim: usize, end: usize, shift: f32) 
     }
     _mm512_reduce_add_ps(sum)
 }
+
+/// See `load_t`: keys `0..nk` of one head, `ss` elements apart from `x[at..]`, transposed in blocks
+/// of `L` keys into `dst [.., d, L]`, each block's feature `c` one gather of its `L` keys (the
+/// scalar scatter was a fifth of the encoder's attention, whose heads hold 32 keys). Lanes past
+/// `nk` are left as they are.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn load_t(x: &[f32], at: usize, ss: usize, nk: usize, d: usize, dst: &mut [f32]) {
+    if nk == 0 || d == 0 {
+        return;
+    }
+    assert!(
+        at + (nk - 1) * ss + d <= x.len() && dst.len() >= nk.div_ceil(L) * d * L,
+        "load_t: keys or destination out of bounds"
+    );
+    assert!(
+        (L - 1) * ss <= i32::MAX as usize,
+        "load_t: row stride too large to gather"
+    );
+    let idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(ss as i32),
+    );
+    let (xp, dp) = (x.as_ptr(), dst.as_mut_ptr());
+    let mut jb = 0;
+    while jb < nk {
+        let m = lanes(nk - jb);
+        let (src, out) = (xp.add(at + jb * ss), dp.add(jb * d));
+        for c in 0..d {
+            // SAFETY (bounds): lane i reads x[at + (jb + i) ss + c], i < nk - jb, asserted above.
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, idx, src.add(c));
+            _mm512_mask_storeu_ps(out.add(c * L), m, v);
+        }
+        jb += L;
+    }
+}

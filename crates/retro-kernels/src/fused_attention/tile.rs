@@ -281,7 +281,26 @@ pub(super) fn load_rows<T: Float>(
 ) {
     for (r, i) in rows.enumerate() {
         let at = vw.row(n, i);
-        dst[r * ldd..r * ldd + d].copy_from_slice(&x[at..at + d]);
+        copy_row(&mut dst[r * ldd..r * ldd + d], &x[at..at + d]);
+    }
+}
+
+/// `dst = src` for one head's row. At the widths heads have the copy is a few vector moves; a
+/// run-time length is a call to memmove, whose overhead is most of the copy's cost at d_k 16.
+#[inline(always)]
+fn copy_row<T: Copy>(dst: &mut [T], src: &[T]) {
+    fn fixed<T: Copy, const N: usize>(dst: &mut [T], src: &[T]) {
+        let (d, s): (&mut [T; N], &[T; N]) = (
+            dst.try_into().expect("lengths match"),
+            src.try_into().expect("lengths match"),
+        );
+        *d = *s;
+    }
+    match src.len() {
+        16 => fixed::<T, 16>(dst, src),
+        32 => fixed::<T, 32>(dst, src),
+        64 => fixed::<T, 64>(dst, src),
+        _ => dst.copy_from_slice(src),
     }
 }
 
@@ -300,6 +319,14 @@ pub(super) fn load_t<T: Float>(
     dst: &mut [T],
 ) {
     assert!(dst.len() >= d * ldk && nk <= ldk);
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Some(x), Some(dst)) = (crate::isa::avx512f(), T::f32s(x), T::f32s_mut(dst)) {
+        if nk > 0 {
+            // SAFETY: AVX-512F was detected; the tile checks its bounds.
+            unsafe { super::avx512::load_t(x, vw.row(n, 0), vw.ss, nk, d, dst) };
+        }
+        return;
+    }
     for j in 0..nk {
         let at = vw.row(n, j);
         let block = &mut dst[(j / L) * d * L + j % L..];
