@@ -2,7 +2,7 @@
 //! bias (weights `[out, in]`, PyTorch's layout) and a LayerNorm with affine weights.
 
 use crate::kernels::Kernels;
-use crate::linear_op::{linear, linear_inference};
+use crate::linear_op::{linear, linear_inference, linear_relu_inference};
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -58,6 +58,15 @@ impl Linear {
                 Some(r) => self.forward(x)? + r,
                 None => self.forward(x),
             },
+        }
+    }
+
+    /// `relu(x W^T + b)`: with `Kernels::Fused` on the CPU the ReLU is applied in place to the
+    /// GEMM's output; otherwise differentiable.
+    pub fn forward_relu_k(&self, x: &Tensor, kern: Kernels) -> Result<Tensor> {
+        match kern {
+            Kernels::Fused => linear_relu_inference(x, &self.weight, &self.bias),
+            Kernels::Differentiable => self.forward(x)?.relu(),
         }
     }
 }

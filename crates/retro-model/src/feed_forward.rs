@@ -42,7 +42,7 @@ impl FeedForward {
             }
         }
         let x = self.norm.forward(h, kern)?;
-        let hidden = self.lin1.forward_k(&x, None, kern)?.relu()?;
+        let hidden = self.lin1.forward_relu_k(&x, kern)?;
         self.lin2.forward_k(&hidden, Some(h), kern)
     }
 }

@@ -127,4 +127,12 @@ impl<T> SendPtr<T> {
     pub(super) unsafe fn slice(&self, at: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(at), len)
     }
+    /// Writes `v` at `at`, which may be uninitialised (no reference to it is made).
+    ///
+    /// # Safety
+    /// `at` must be in bounds and written by no other thread meanwhile.
+    #[inline(always)]
+    pub(super) unsafe fn write(&self, at: usize, v: T) {
+        self.0.add(at).write(v)
+    }
 }
