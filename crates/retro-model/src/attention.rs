@@ -82,13 +82,13 @@ impl SelfAttention {
         cache: Option<&mut KvCache>,
         kern: Kernels,
     ) -> Result<Tensor> {
-        if kern == Kernels::Differentiable && cache.is_none() {
+        if cache.is_none() {
             let attend = Attend::SelfAttention {
                 cos: &rope.cos,
                 sin: &rope.sin,
                 causal: self.causal && mask.is_some(),
             };
-            if let Some(y) = self.params.train_block(h, attend)? {
+            if let Some(y) = self.params.block(h, attend, kern)? {
                 return Ok(y);
             }
         }

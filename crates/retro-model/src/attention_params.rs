@@ -2,7 +2,9 @@
 //! output projections, and the head split. Created in the reference's order: query, key, value,
 //! norm, output.
 
-use crate::attention_block_op::{attention_block, Attend, AttentionBlockParams};
+use crate::attention_block_op::{
+    attention_block, attention_block_inference, Attend, AttentionBlockParams,
+};
 use crate::config::RetroConfig;
 use crate::fused_attention::attention_heads;
 use crate::kernels::Kernels;
@@ -60,9 +62,15 @@ impl AttentionParams {
         attention_heads(&q, &part(0)?, &part(1)?, None, kern)
     }
 
-    /// Training: the whole block (norm, projections, attention, output, residual) as one autograd
-    /// node with a written-out backward; `None` where that op does not apply (not CPU f32/f64).
-    pub(crate) fn train_block(&self, x: &Tensor, attend: Attend) -> Result<Option<Tensor>> {
+    /// The whole block (norm, projections, attention, output, residual) as one op: for training
+    /// (`Differentiable`) an autograd node with a written-out backward, for inference (`Fused`)
+    /// the same forward keeping nothing; `None` where that op does not apply (not CPU f32/f64).
+    pub(crate) fn block(
+        &self,
+        x: &Tensor,
+        attend: Attend,
+        kern: Kernels,
+    ) -> Result<Option<Tensor>> {
         let p = AttentionBlockParams {
             norm_w: self.norm.weight(),
             norm_b: self.norm.bias(),
@@ -77,6 +85,9 @@ impl AttentionParams {
             eps: self.norm.eps(),
             n_heads: self.n_heads,
         };
-        attention_block(x, attend, &p)
+        match kern {
+            Kernels::Differentiable => attention_block(x, attend, &p),
+            Kernels::Fused => attention_block_inference(x, attend, &p),
+        }
     }
 }

@@ -37,12 +37,12 @@ impl ChunkedCrossAttention {
         if c == 0 {
             return Ok(h.clone());
         }
-        if kern == Kernels::Differentiable && keep.is_none() {
+        if keep.is_none() {
             let attend = Attend::Chunked {
                 ctx: e,
                 chunk_len: self.chunk_len,
             };
-            if let Some(y) = self.params.train_block(h, attend)? {
+            if let Some(y) = self.params.block(h, attend, kern)? {
                 return Ok(y);
             }
         }

@@ -24,14 +24,12 @@ impl CrossAttention {
     /// `e [b, c, k, n, d_model]` neighbours, `h [b, c, chunk_len, d_model]` normed input chunks.
     pub fn forward(&self, e: &Tensor, h: &Tensor, kern: Kernels) -> Result<Tensor> {
         let (b, c, k, n, _) = e.dims5()?;
-        if kern == Kernels::Differentiable {
-            let attend = Attend::Cross {
-                ctx: h,
-                groups: b * c,
-            };
-            if let Some(y) = self.params.train_block(e, attend)? {
-                return Ok(y);
-            }
+        let attend = Attend::Cross {
+            ctx: h,
+            groups: b * c,
+        };
+        if let Some(y) = self.params.block(e, attend, kern)? {
+            return Ok(y);
         }
         let (_, _, cl, _) = h.dims4()?;
         let p = &self.params;

@@ -60,7 +60,12 @@ impl AttentionBlockOp {
         };
         let plan = self.plan(rows_x);
         let kv_src: &[T] = if self.kind.is_self() { &proj } else { &kv };
-        let (o, lse) = forward_cpu([&proj, kv_src, kv_src], plan.qkv, plan.dims, true);
+        let (o, lse) = forward_cpu(
+            [&proj, kv_src, kv_src],
+            plan.qkv,
+            plan.dims,
+            !self.inference,
+        );
         let (wo, bo) = (&p[o_[4]..o_[5]], &p[o_[5]..o_[6]]);
         let y = match self.kind {
             Kind::Chunked { .. } => {
@@ -119,7 +124,9 @@ impl FloatKernel for Forward<'_> {
         let c = self.ctx.map(|(s, l)| contiguous::<T>(s, l)).transpose()?;
         let p = contiguous::<T>(self.p.0, self.p.1)?;
         let (y, saved) = op.with_trig::<T, _>(|trig| Ok(op.fwd(x, c, p, trig)))?;
-        *op.saved.lock().unwrap() = Some(Box::new(saved));
+        if !op.inference {
+            *op.saved.lock().unwrap() = Some(Box::new(saved));
+        }
         Ok(T::to_cpu_storage_owned(y))
     }
 }

@@ -14,6 +14,8 @@ pub(super) struct AttentionBlockOp {
     pub(super) da: usize,
     pub(super) heads: usize,
     pub(super) eps: f64,
+    /// No backward will run: the forward keeps nothing and skips the log-sum-exp.
+    pub(super) inference: bool,
     /// A `Saved<T>` from the forward, for the backward.
     pub(super) saved: Mutex<Option<Box<dyn Any + Send + Sync>>>,
 }

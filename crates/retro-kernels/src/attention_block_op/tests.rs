@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::testutil::{max_diff, randn, rel_diff, seed};
-use candle_core::{DType, Device, Var, D};
+use candle_core::{DType, Device, Result, Var, D};
 
 fn rand(shape: &[usize], dt: DType) -> Var {
     Var::from_tensor(&randn(shape, dt)).unwrap()
@@ -120,6 +120,14 @@ fn check(got: Tensor, want: Tensor, inputs: &[&Var], block: &Block, tol: f64, wh
     }
 }
 
+/// The inference op computes the training op's forward: the same values, and no graph.
+fn same_for_inference(train: &Tensor, inference: Result<Option<Tensor>>) {
+    let inference = inference.unwrap().expect("the op applies");
+    assert_eq!(inference.dims(), train.dims());
+    assert!(max_diff(&inference, train) == 0.0, "inference differs");
+    assert!(!inference.track_op(), "an inference result keeps a graph");
+}
+
 const TYPES: [(DType, f64); 2] = [(DType::F64, 1e-9), (DType::F32, 2e-3)];
 
 #[test]
@@ -144,6 +152,12 @@ fn self_attention_equals_the_composition() {
             let got = attention_block(&x, attend, &block.params())
                 .unwrap()
                 .unwrap();
+            let attend = Attend::SelfAttention {
+                cos: &cos,
+                sin: &sin,
+                causal,
+            };
+            same_for_inference(&got, attention_block_inference(&x, attend, &block.params()));
             let xn = block.norm(&x);
             let rope = |t: Tensor| {
                 let t = t.reshape((g, s, heads, dk)).unwrap();
@@ -183,6 +197,11 @@ fn cross_attention_equals_the_composition() {
         let got = attention_block(&x, attend, &block.params())
             .unwrap()
             .unwrap();
+        let attend = Attend::Cross {
+            ctx: &ctx,
+            groups: b * c,
+        };
+        same_for_inference(&got, attention_block_inference(&x, attend, &block.params()));
         let xn = block.norm(&x).reshape((b * c, k * n, d)).unwrap();
         let cg = ctx.reshape((b * c, cl, d)).unwrap();
         let o = block.attend(
@@ -214,6 +233,11 @@ fn chunked_cross_attention_equals_the_composition() {
             let got = attention_block(&x, attend, &block.params())
                 .unwrap()
                 .unwrap();
+            let attend = Attend::Chunked {
+                ctx: &e,
+                chunk_len: cl,
+            };
+            same_for_inference(&got, attention_block_inference(&x, attend, &block.params()));
             // As the reference: drop cl - 1 rows, norm, pad, attend chunk-wise, shift back.
             let kept = t - (cl - 1);
             let xs = block
