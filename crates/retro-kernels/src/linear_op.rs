@@ -284,6 +284,9 @@ pub(crate) fn affine<T: WithDType + 'static>(
     residual: Option<&[T]>,
 ) -> Vec<T> {
     assert!(b.len() >= n && residual.is_none_or(|r| r.len() >= rows * n));
+    if residual.is_none() && k > 0 && n > 2 * (k + 1) && rows >= BIAS_COLUMN_ROWS {
+        return affine_bias_column(x, (rows, k), w, (n, sw), b);
+    }
     let mut dst: Vec<T> = Vec::with_capacity(rows * n);
     dst.spare_capacity_mut()[..rows * n]
         .par_chunks_mut(n.max(1))
@@ -306,6 +309,42 @@ pub(crate) fn affine<T: WithDType + 'static>(
     // x [rows, k] row-major; w [n, k] with strides sw, read as w^T [k, n].
     matmul_into(&mut dst, true, (x, k, 1), (w, sw[1], sw[0]), (rows, n, k));
     dst
+}
+
+/// Rows from which [`affine`] folds a wide output's bias into the GEMM.
+const BIAS_COLUMN_ROWS: usize = 256;
+
+/// [`affine`] without a residual, for outputs much wider than their input (q/k/v, the FFN's
+/// hidden): the bias rides in the GEMM as one more input column, ones in `x` and `b` in `w`, so
+/// the output is written once by the GEMM. Writing `b` into every row first was a pass over the
+/// whole output (25 MiB per layer for the labml-small encoder's q/k/v) where copying `x` with its
+/// extra column is a sixth of it.
+fn affine_bias_column<T: WithDType + 'static>(
+    x: &[T],
+    (rows, k): (usize, usize),
+    w: &[T],
+    (n, sw): (usize, [usize; 2]),
+    b: &[T],
+) -> Vec<T> {
+    let ka = k + 1;
+    let mut xa: Vec<T> = Vec::with_capacity(rows * ka);
+    xa.spare_capacity_mut()[..rows * ka]
+        .par_chunks_mut(ka)
+        .zip(x[..rows * k].par_chunks(k.max(1)))
+        .with_min_len(64)
+        .for_each(|(dst, src)| {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                d.write(v);
+            }
+            dst[k].write(T::from_f64(1.0));
+        });
+    // SAFETY: each row's k inputs and its one were written above.
+    unsafe { xa.set_len(rows * ka) };
+    // w [n, k] strided, as wa [n, k + 1] row-major with the bias last.
+    let wa: Vec<T> = (0..n)
+        .flat_map(|j| (0..k).map(move |c| w[j * sw[0] + c * sw[1]]).chain([b[j]]))
+        .collect();
+    matmul_new((&xa, ka, 1), (&wa, 1, ka), (rows, n, ka))
 }
 
 impl CustomOp3 for LinearOp {
@@ -527,6 +566,16 @@ mod tests {
             assert!(diff < tol, "{dt:?}: {diff}");
             let no_res = linear_inference(&x, &w, &b, None).unwrap();
             assert!(max_diff(&(no_res + &r).unwrap(), &want) < tol);
+            // Enough rows, and an output wide enough, for the bias to ride in the GEMM.
+            let (xw, ww) = (randn(&[300, 7], dt), randn(&[20, 7], dt));
+            let bw = randn(&[20], dt);
+            let want_w = xw
+                .matmul(&ww.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bw)
+                .unwrap();
+            let got_w = linear_inference(&xw, &ww, &bw, None).unwrap();
+            assert!(max_diff(&got_w, &want_w) < tol, "{dt:?} bias column");
             // The ReLU in place: about half of these outputs are negative.
             let relu = linear_relu_inference(&x, &w, &b).unwrap();
             let want = (want - &r).unwrap().relu().unwrap();
