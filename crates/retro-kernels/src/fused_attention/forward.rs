@@ -86,10 +86,10 @@ fn fwd_task_body<T: Float>(
             } else {
                 T::zero()
             };
-            let at = a.dims.out_row(n, i0 + r);
-            for (c, &x) in ob[r * ldd..r * ldd + d].iter().enumerate() {
-                // SAFETY: output row (n, i0 + r) belongs to this task only.
-                unsafe { a.out.write(at + c, x * inv) };
+            // SAFETY: output row (n, i0 + r) belongs to this task only.
+            let dst = unsafe { a.out.uninit(a.dims.out_row(n, i0 + r), d) };
+            for (o, &x) in dst.iter_mut().zip(&ob[r * ldd..r * ldd + d]) {
+                o.write(x * inv);
             }
         }
         i0 += rows;

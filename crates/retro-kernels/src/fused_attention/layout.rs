@@ -127,12 +127,13 @@ impl<T> SendPtr<T> {
     pub(super) unsafe fn slice(&self, at: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(at), len)
     }
-    /// Writes `v` at `at`, which may be uninitialised (no reference to it is made).
+    /// [`Self::slice`] of memory that may be uninitialised.
     ///
     /// # Safety
-    /// `at` must be in bounds and written by no other thread meanwhile.
+    /// As for [`Self::slice`].
     #[inline(always)]
-    pub(super) unsafe fn write(&self, at: usize, v: T) {
-        self.0.add(at).write(v)
+    #[allow(clippy::mut_from_ref)]
+    pub(super) unsafe fn uninit(&self, at: usize, len: usize) -> &mut [std::mem::MaybeUninit<T>] {
+        std::slice::from_raw_parts_mut(self.0.add(at).cast(), len)
     }
 }
