@@ -7,10 +7,13 @@
 //! - [`KvCache`]: the keys and values of every position seen so far, preallocated and written in
 //!   place (capacity doubles when full, so appending is amortised O(1) and never copies the whole
 //!   cache per step), read by causal attention for the newest rows or by full attention.
+//! - [`pair::join`]: the two halves of a step at once, the second on a helper thread that spins
+//!   between steps (rayon's idle worker sleeps between halves this small, and waking it costs as
+//!   much as the half).
 //!
-//! f32 and f64; the loops are compiled for AVX-512 and AVX2 + FMA as well and picked at run time,
-//! and on AVX2 the f32 attention of one head and the two-to-six-row GEMM tile are written with its
-//! intrinsics.
+//! f32 and f64; the loops are compiled for AVX-512 and AVX2 + FMA as well and picked at run time.
+//! The f32 GEMM tiles of several rows are written with intrinsics (twelve rows on AVX-512, six on
+//! AVX2), and so is one head's attention on AVX2.
 //!
 //! ```
 //! use retro_kernels::decode::KvCache;
