@@ -26,14 +26,7 @@ pub(super) unsafe fn panel_rows(
     out: &mut [[f32; BLOCK]; ROWS],
 ) {
     assert!(panel.len() >= n_in * BLOCK && x.len() >= rows * n_in);
-    match rows {
-        2 => tile::<2>(panel, bias, n_in, x, out),
-        3 => tile::<3>(panel, bias, n_in, x, out),
-        4 => tile::<4>(panel, bias, n_in, x, out),
-        5 => tile::<5>(panel, bias, n_in, x, out),
-        6 => tile::<6>(panel, bias, n_in, x, out),
-        _ => panic!("panel_rows takes 2 to {ROWS} rows, not {rows}"),
-    }
+    by_rows!(rows, tile(panel, bias, n_in, x, out), [2, 3, 4, 5, 6])
 }
 
 #[target_feature(enable = "avx2,fma")]

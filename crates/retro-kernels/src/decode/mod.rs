@@ -30,6 +30,17 @@
 
 use crate::float::Float;
 
+/// `match rows { n => tile::<n>(args), .. }` over the row counts a GEMM tile is compiled for.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($rows:expr, $tile:ident $args:tt, [$($n:literal),*]) => {
+        match $rows {
+            $($n => $tile::<$n> $args,)*
+            r => panic!("panel_rows takes 2 to {ROWS} rows, not {r}"),
+        }
+    };
+}
+
 mod cache;
 mod head_avx2;
 mod linear;
