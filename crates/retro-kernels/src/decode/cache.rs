@@ -211,15 +211,11 @@ impl<T: Float> KvCache<T> {
                 .for_each(one);
         } else if rayon::current_num_threads() == 2 {
             // Two threads: half of the rows each, as in `RowLinear`.
-            let half = (self.batch * rows).div_ceil(2);
-            let (q0, q1) = q.split_at(half * hd);
-            let (o0, o1) = out.split_at_mut(half * hd);
-            let some = |r0: usize, q: &[T], out: &mut [T]| {
+            super::pair::halves(q, out, self.batch * rows, |r0, q, out| {
                 (r0..)
                     .zip(q.chunks(hd).zip(out.chunks_mut(hd)))
                     .for_each(one)
-            };
-            super::pair::join(|| some(0, q0, o0), || some(half, q1, o1));
+            });
         } else {
             q.par_chunks(hd)
                 .zip(out.par_chunks_mut(hd))

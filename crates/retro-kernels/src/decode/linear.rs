@@ -107,10 +107,7 @@ impl<T: Float> RowLinear<T> {
         } else if rayon::current_num_threads() == 2 {
             // Two threads: half of the rows each, the second half on the pair's spinning helper
             // (rayon's idle worker would first have to be woken).
-            let half = rows.div_ceil(2);
-            let (x0, x1) = x.split_at(half * n_in);
-            let (y0, y1) = y.split_at_mut(half * n_out);
-            super::pair::join(|| one((x0, y0)), || one((x1, y1)));
+            super::pair::halves(x, y, rows, |_, x, y| one((x, y)));
         } else {
             x.par_chunks(tx).zip(y.par_chunks_mut(ty)).for_each(one);
         }

@@ -83,34 +83,27 @@ struct Helper {
     thread: Thread,
 }
 
-// SAFETY: the jobs behind `slot` are only touched by whoever takes them out of it by
-// compare-exchange; their closures are `Send`.
-unsafe impl Sync for Helper {}
-unsafe impl Send for Helper {}
-
 thread_local! {
     /// Set on the helper thread: a join there runs both halves in place.
     static ON_HELPER: Cell<bool> = const { Cell::new(false) };
 }
 
 fn helper() -> &'static Helper {
-    static HELPER: OnceLock<&'static Helper> = OnceLock::new();
+    static HELPER: OnceLock<Helper> = OnceLock::new();
     HELPER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<&'static Helper>();
-        thread::Builder::new()
+        let spawned = thread::Builder::new()
             .name("retro-decode-pair".into())
-            .spawn(move || {
-                let me: &'static Helper = Box::leak(Box::new(Helper {
-                    slot: AtomicPtr::new(null_mut()),
-                    parked: AtomicBool::new(false),
-                    thread: thread::current(),
-                }));
+            .spawn(|| {
                 ON_HELPER.set(true);
-                tx.send(me).expect("the spawner waits for the helper");
-                serve(me)
+                // Returns once the initialisation below is done.
+                serve(HELPER.wait())
             })
             .expect("spawning the decode helper thread");
-        rx.recv().expect("the helper thread starts")
+        Helper {
+            slot: AtomicPtr::new(null_mut()),
+            parked: AtomicBool::new(false),
+            thread: spawned.thread().clone(),
+        }
     })
 }
 
@@ -208,6 +201,21 @@ where
         (Ok(ra), Ok(rb)) => (ra, rb),
         (Err(p), _) | (_, Err(p)) => resume_unwind(p),
     }
+}
+
+/// `f(r0, a, b)` on each half of the `rows` rows of `a` and `b` (rows of equal width in each),
+/// `r0` the half's first row: the first half here, the second on the helper ([`join`]).
+pub fn halves<A: Sync, B: Send>(
+    a: &[A],
+    b: &mut [B],
+    rows: usize,
+    f: impl Fn(usize, &[A], &mut [B]) + Sync,
+) {
+    let half = rows.div_ceil(2);
+    let (wa, wb) = (a.len() / rows.max(1), b.len() / rows.max(1));
+    let (a0, a1) = a.split_at(half * wa);
+    let (b0, b1) = b.split_at_mut(half * wb);
+    join(|| f(0, a0, b0), || f(half, a1, b1));
 }
 
 #[cfg(test)]
