@@ -40,6 +40,9 @@ enum Cmd {
     /// Build, query and inspect retrieval databases.
     #[command(subcommand)]
     Index(cli::index::IndexCmd),
+    /// Import a pretrained model (GGUF) as a frozen base for RETRO-fitting.
+    #[command(subcommand)]
+    Base(cli::base::BaseCmd),
     /// Train an LM tokenizer offline.
     #[command(subcommand)]
     Tokenizer(cli::tokenizer::TokenizerCmd),
@@ -94,6 +97,7 @@ fn main() -> Result<()> {
     retro_kernels::isa::cap().map_err(anyhow::Error::msg)?;
     match cli.cmd {
         Cmd::Index(c) => c.run(),
+        Cmd::Base(c) => c.run(),
         Cmd::Tokenizer(c) => c.run(),
         Cmd::Dataset(c) => c.run(),
         Cmd::Train(a) => cli::train::run(a),

@@ -2,15 +2,19 @@
 
 use anyhow::Result;
 use clap::Args;
-use retro_pipeline::{generate, Event, Retriever, Run, Sampling};
+use retro_pipeline::{generate, generate_base, BaseDir, Event, Retriever, Run, Sampling};
 use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     pub prompt: String,
+    /// A trained run (RETRO).
+    #[arg(long, required_unless_present = "base", conflicts_with = "base")]
+    pub run: Option<PathBuf>,
+    /// An imported base (`retro base import`): the pretrained model alone, no retrieval.
     #[arg(long)]
-    pub run: PathBuf,
+    pub base: Option<PathBuf>,
     /// Retrieval database (default: the one the run's dataset was built from).
     #[arg(long)]
     pub db: Option<PathBuf>,
@@ -40,24 +44,84 @@ pub struct GenerateArgs {
     pub embedder: super::common::EmbedderArgs,
 }
 
+/// Prints tokens as they come; byte-level BPE tokens may split a character, so they wait until
+/// they decode to whole characters.
+struct Printer<'a> {
+    tokenizer: &'a retro_index::LmTokenizer,
+    pending: Vec<u32>,
+}
+
+impl Printer<'_> {
+    fn token(&mut self, t: u32) {
+        self.pending.push(t);
+        if let Ok(s) = self.tokenizer.decode(&self.pending) {
+            if !s.contains('\u{FFFD}') {
+                print!("{s}");
+                let _ = std::io::stdout().flush();
+                self.pending.clear();
+            }
+        }
+    }
+}
+
+fn sampling(a: &GenerateArgs) -> Sampling {
+    Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    }
+}
+
+fn run_base(a: &GenerateArgs, dir: &std::path::Path) -> Result<()> {
+    let base = BaseDir::open(dir)?;
+    let device = retro_model::device_from_name(&a.embedder.device)?;
+    let model = base.load(&device)?;
+    let tokenizer = base.tokenizer()?;
+    print!("{}", a.prompt);
+    std::io::stdout().flush()?;
+    let mut printer = Printer {
+        tokenizer: &tokenizer,
+        pending: vec![],
+    };
+    let t0 = std::time::Instant::now();
+    let out = generate_base(
+        &model,
+        &tokenizer,
+        &a.prompt,
+        a.max_tokens,
+        &sampling(a),
+        &mut |t| printer.token(t),
+    )?;
+    println!();
+    let n = out.len() - tokenizer.encode(&a.prompt)?.len();
+    eprintln!(
+        "generated {n} tokens with the base alone ({:.1} tokens/s)",
+        n as f64 / t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let run = Run::open(&a.run)?;
+    let run = match (&a.run, &a.base) {
+        (_, Some(base)) => return run_base(&a, base),
+        (Some(run), None) => Run::open(run)?,
+        (None, None) => anyhow::bail!("pass --run RUN or --base BASE"),
+    };
     let device = retro_model::device_from_name(&a.embedder.device)?;
     let model = run.load_model(&device)?;
     let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
     let (db, k, tokenizer) = (&rdb.db, rdb.k, &rdb.tokenizer);
     let (embedder, _) = super::common::load_embedder(&a.embedder, Some(db))?;
     let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?.with_gate(a.gate.gate()?);
-    let sampling = Sampling {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
+    let sampling = sampling(&a);
     print!("{}", a.prompt);
     std::io::stdout().flush()?;
     let store = db.store();
-    let mut pending = vec![];
+    let mut printer = Printer {
+        tokenizer,
+        pending: vec![],
+    };
     let show = a.show_neighbours;
     let out = generate(
         &model,
@@ -67,17 +131,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         a.max_tokens,
         &sampling,
         &mut |e| match e {
-            Event::Token(t) => {
-                // Decode incrementally: byte-level BPE tokens may split a character.
-                pending.push(t);
-                if let Ok(s) = tokenizer.decode(&pending) {
-                    if !s.contains('\u{FFFD}') {
-                        print!("{s}");
-                        let _ = std::io::stdout().flush();
-                        pending.clear();
-                    }
-                }
-            }
+            Event::Token(t) => printer.token(t),
             Event::Neighbours {
                 chunk,
                 tokens,

@@ -1,5 +1,6 @@
 //! Argument parsing and printing for each `retro` subcommand; the work lives in the crates.
 
+pub mod base;
 pub mod bench_generate;
 pub mod bench_index;
 pub mod bench_model;

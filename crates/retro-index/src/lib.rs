@@ -45,6 +45,7 @@
 //! ```
 
 pub mod bert;
+pub mod byte_level_bpe;
 pub mod corpus;
 pub mod database;
 pub mod distance;
@@ -69,6 +70,7 @@ pub mod tokenizer;
 pub mod vector_store;
 
 pub use bert::{BertEmbedder, BertOptions};
+pub use byte_level_bpe::ByteLevelBpe;
 pub use corpus::{read_corpus, Corpus, CorpusOptions, Document};
 pub use database::{
     BuildOptions, Counts, Database, Manifest, OpenOptions, ProgressFn, RecallReport, Stage,

@@ -39,6 +39,7 @@ pub mod encoder;
 pub mod error;
 pub mod feed_forward;
 pub mod incremental;
+pub mod llama;
 pub mod model;
 mod params;
 pub mod rope;

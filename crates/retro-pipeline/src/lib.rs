@@ -35,6 +35,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod base;
 pub mod dataset;
 pub mod error;
 pub mod eval;
@@ -47,6 +48,7 @@ pub mod retriever;
 pub mod schedule;
 pub mod trainer;
 
+pub use base::{generate_base, import_gguf, BaseDir, BaseMeta};
 pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
 pub use error::{PipelineError, Result};
 pub use eval::{

@@ -1,0 +1,199 @@
+//! The Llama decoder's blocks: RMSNorm, grouped-query self-attention with rotary embeddings
+//! (rotate-half, as Hugging Face's weights are laid out) and the SwiGLU feed-forward.
+//! Each takes [`Kernels`]: fused candle kernels for inference, differentiable ops for training
+//! through the frozen blocks (gradients reach the RETRO-fitted blocks below them).
+
+use crate::kernels::Kernels;
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// `x / sqrt(mean(x^2) + eps) * weight`, over the last dimension.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor, kern: Kernels) -> Result<Tensor> {
+        match kern {
+            Kernels::Fused => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32),
+            Kernels::Differentiable => {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
+                    .broadcast_mul(&self.weight)
+            }
+        }
+    }
+}
+
+/// `x @ w^T` for `x [.., in]` and `w [out, in]` (PyTorch's layout), no bias.
+pub(crate) fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let (rows, inp) = (
+        dims[..dims.len() - 1].iter().product::<usize>(),
+        dims[dims.len() - 1],
+    );
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().unwrap() = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// The rotary tables: `cos` and `sin` `[positions, head_dim / 2]`, frequencies
+/// `base^(-2i / head_dim)` as Hugging Face's Llama computes them (in f32).
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    pub fn new(
+        head_dim: usize,
+        base: f64,
+        positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / (base as f32).powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
+        let t = Tensor::arange(0u32, positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((positions, 1))?;
+        let freqs = t.broadcast_mul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    pub fn positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// Rotates `x [B, H, T, head_dim]` whose first row is at position `offset`.
+    pub fn apply(&self, x: &Tensor, offset: usize, kern: Kernels) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let (cos, sin) = (
+            self.cos.narrow(0, offset, t)?,
+            self.sin.narrow(0, offset, t)?,
+        );
+        match kern {
+            Kernels::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+            Kernels::Differentiable => candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
+        }
+    }
+}
+
+/// Grouped-query self-attention: `n_heads` query heads share `n_kv_heads` key/value heads.
+#[derive(Debug, Clone)]
+pub struct SelfAttention {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The keys (after RoPE) and values `[B, n_kv_heads, positions, head_dim]` of one layer.
+pub type LayerKv = Option<(Tensor, Tensor)>;
+
+impl SelfAttention {
+    /// `x [B, T, d]` at positions `offset..offset + T`; `kv` holds the earlier positions' keys and
+    /// values (it must cover exactly `0..offset`) and is extended with these.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        rotary: &Rotary,
+        kv: Option<&mut LayerKv>,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, hk, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        let q = rotary.apply(&heads(project(x, &self.q)?, h)?, offset, kern)?;
+        let k = rotary.apply(&heads(project(x, &self.k)?, hk)?, offset, kern)?;
+        let v = heads(project(x, &self.v)?, hk)?.contiguous()?;
+        let (k, v) = match kv {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        let s = k.dim(2)?;
+        // Each key/value head serves n_heads / n_kv_heads query heads: group the queries
+        // `[B, hk, rep * T, hd]` instead of copying the keys.
+        let rep = h / hk;
+        let q = q.reshape((b, hk, rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = if t > 1 {
+            let mask = causal_mask(t, offset, s, scores.dtype(), scores.device())?;
+            scores
+                .reshape((b, hk, rep, t, s))?
+                .broadcast_add(&mask)?
+                .reshape((b, hk, rep * t, s))?
+        } else {
+            scores
+        };
+        let p = match kern {
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+            Kernels::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        };
+        let y = p
+            .matmul(&v)?
+            .reshape((b, h, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * hd))?;
+        project(&y, &self.o)
+    }
+}
+
+/// `[T, S]`: 0 where query `offset + i` may see key `j` (`j <= offset + i`), -inf elsewhere.
+fn causal_mask(t: usize, offset: usize, s: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(m, (t, s), dev)?.to_dtype(dtype)
+}
+
+/// `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct SwiGlu {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+impl SwiGlu {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&project(x, &self.gate)?)?;
+        project(&(g * project(x, &self.up)?)?, &self.down)
+    }
+}
+
+/// One decoder layer: `h + attn(norm(h))`, then `h + mlp(norm(h))`.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_norm: RmsNorm,
+    pub attn: SelfAttention,
+    pub post_attention_norm: RmsNorm,
+    pub mlp: SwiGlu,
+}

@@ -1,0 +1,345 @@
+//! The Llama base: one forward with an optional KV cache, as candle-transformers' models take
+//! `forward(x, index_pos, cache)`. A RETRO-fitted model adds blocks through [`LayerHook`]; it
+//! never needs a forward of its own.
+
+use super::blocks::{project, Block, LayerKv, RmsNorm, Rotary, SelfAttention, SwiGlu};
+use super::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::kernels::Kernels;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A pretrained Llama decoder, read-only: its weights are never written by training.
+#[derive(Debug, Clone)]
+pub struct LlamaBase {
+    config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    /// The output projection `[vocab, d]`: the embedding itself when tied.
+    lm_head: Tensor,
+    rotary: Rotary,
+    device: Device,
+}
+
+/// The keys and values of every layer for the positions fed so far, one batch of sequences.
+#[derive(Debug, Clone, Default)]
+pub struct LlamaCache {
+    layers: Vec<LayerKv>,
+    position: usize,
+}
+
+impl LlamaCache {
+    /// Number of positions cached: the position of the next token.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+}
+
+/// Called by [`LlamaBase::forward_hooked`] after each layer's self-attention, with the residual
+/// stream `h [B, T, d]` at positions `offset..offset + T`; returns the stream the layer goes on
+/// with. RETRO's chunked cross-attention is such a hook.
+pub trait LayerHook {
+    fn after_attention(&mut self, layer: usize, h: Tensor, offset: usize) -> Result<Tensor>;
+}
+
+/// The hook of the base alone: the identity.
+pub struct NoHook;
+
+impl LayerHook for NoHook {
+    fn after_attention(&mut self, _: usize, h: Tensor, _: usize) -> Result<Tensor> {
+        Ok(h)
+    }
+}
+
+/// The tensor names and shapes of a config, as Hugging Face's `LlamaForCausalLM` names them.
+pub fn tensor_shapes(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, kv, ff) = (
+        c.hidden_size,
+        c.num_key_value_heads * c.head_dim(),
+        c.intermediate_size,
+    );
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, d],
+    )];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        out.extend([
+            (format!("{p}.input_layernorm.weight"), vec![d]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![d, d]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, d]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, d]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![d, d]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![d]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![ff, d]),
+            (format!("{p}.mlp.up_proj.weight"), vec![ff, d]),
+            (format!("{p}.mlp.down_proj.weight"), vec![d, ff]),
+        ]);
+    }
+    out.push(("model.norm.weight".into(), vec![d]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![c.vocab_size, d]));
+    }
+    out
+}
+
+impl LlamaBase {
+    /// From named tensors (see [`tensor_shapes`]): a missing, extra or misshapen tensor is an
+    /// error that names it. Tensors are converted to `dtype` on `device`.
+    pub fn from_tensors(
+        config: &LlamaConfig,
+        tensors: &HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let shapes = tensor_shapes(config);
+        let err = |name: &str, msg: String| ModelError::Weight {
+            name: name.to_string(),
+            msg,
+        };
+        let mut extra: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !shapes.iter().any(|(n, _)| n == *k))
+            .collect();
+        extra.sort();
+        if let Some(name) = extra.first() {
+            return Err(err(
+                name,
+                "unexpected tensor: the config has no such parameter".into(),
+            ));
+        }
+        let mut got = HashMap::new();
+        for (name, shape) in &shapes {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| err(name, "missing".into()))?;
+            if t.dims() != shape.as_slice() {
+                return Err(err(
+                    name,
+                    format!("shape {:?}, the config needs {shape:?}", t.dims()),
+                ));
+            }
+            if !t.dtype().is_float() {
+                return Err(err(name, format!("dtype {:?} is not a float", t.dtype())));
+            }
+            got.insert(name.as_str(), t.to_device(device)?.to_dtype(dtype)?);
+        }
+        let take = |n: String| got[n.as_str()].clone();
+        let c = config;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Block {
+                    input_norm: RmsNorm {
+                        weight: take(format!("{p}.input_layernorm.weight")),
+                        eps: c.rms_norm_eps,
+                    },
+                    attn: SelfAttention {
+                        q: take(format!("{p}.self_attn.q_proj.weight")),
+                        k: take(format!("{p}.self_attn.k_proj.weight")),
+                        v: take(format!("{p}.self_attn.v_proj.weight")),
+                        o: take(format!("{p}.self_attn.o_proj.weight")),
+                        n_heads: c.num_attention_heads,
+                        n_kv_heads: c.num_key_value_heads,
+                        head_dim: c.head_dim(),
+                    },
+                    post_attention_norm: RmsNorm {
+                        weight: take(format!("{p}.post_attention_layernorm.weight")),
+                        eps: c.rms_norm_eps,
+                    },
+                    mlp: SwiGlu {
+                        gate: take(format!("{p}.mlp.gate_proj.weight")),
+                        up: take(format!("{p}.mlp.up_proj.weight")),
+                        down: take(format!("{p}.mlp.down_proj.weight")),
+                    },
+                }
+            })
+            .collect();
+        let embed = take("model.embed_tokens.weight".into());
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            take("lm_head.weight".into())
+        };
+        Ok(Self {
+            rotary: Rotary::new(
+                c.head_dim(),
+                c.rope_theta,
+                c.max_position_embeddings,
+                dtype,
+                device,
+            )?,
+            config: c.clone(),
+            embed,
+            layers,
+            norm: RmsNorm {
+                weight: take("model.norm.weight".into()),
+                eps: c.rms_norm_eps,
+            },
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// Reads `config.json` and `model.safetensors` from a folder (checksums are the caller's:
+    /// the pipeline's base folder verifies them first).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = LlamaConfig::from_json_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let tensors =
+            candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| ModelError::File {
+                path: path.clone(),
+                msg: format!("unreadable safetensors: {e}"),
+            })?;
+        Self::from_tensors(&config, &tensors, dtype, device)
+    }
+
+    /// The named tensors, as [`LlamaBase::from_tensors`] takes them.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        out.insert("model.embed_tokens.weight".to_string(), self.embed.clone());
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (n, t) in [
+                ("input_layernorm", &l.input_norm.weight),
+                ("self_attn.q_proj", &l.attn.q),
+                ("self_attn.k_proj", &l.attn.k),
+                ("self_attn.v_proj", &l.attn.v),
+                ("self_attn.o_proj", &l.attn.o),
+                ("post_attention_layernorm", &l.post_attention_norm.weight),
+                ("mlp.gate_proj", &l.mlp.gate),
+                ("mlp.up_proj", &l.mlp.up),
+                ("mlp.down_proj", &l.mlp.down),
+            ] {
+                out.insert(format!("{p}.{n}.weight"), t.clone());
+            }
+        }
+        out.insert("model.norm.weight".into(), self.norm.weight.clone());
+        if !self.config.tie_word_embeddings {
+            out.insert("lm_head.weight".into(), self.lm_head.clone());
+        }
+        out
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// An empty cache for this model.
+    pub fn new_cache(&self) -> LlamaCache {
+        LlamaCache {
+            layers: vec![None; self.layers.len()],
+            position: 0,
+        }
+    }
+
+    /// `x [B, T]` token ids at positions `index_pos..index_pos + T` -> logits `[B, T, vocab]`.
+    /// With a cache, it must hold exactly the positions before `index_pos`, and is extended;
+    /// without one, `index_pos` must be 0.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        index_pos: usize,
+        cache: Option<&mut LlamaCache>,
+    ) -> Result<Tensor> {
+        self.forward_hooked(x, index_pos, cache, &mut NoHook, Kernels::Fused)
+    }
+
+    /// [`LlamaBase::forward`] with a hook after every layer's attention, and the kernels chosen
+    /// (differentiable ones when gradients must flow through the frozen blocks).
+    pub fn forward_hooked(
+        &self,
+        x: &Tensor,
+        index_pos: usize,
+        mut cache: Option<&mut LlamaCache>,
+        hook: &mut dyn LayerHook,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        let (b, t) = x.dims2().map_err(|_| {
+            ModelError::shape(
+                "llama forward",
+                "x",
+                "must be [B, T]",
+                format!("{:?}", x.dims()),
+            )
+        })?;
+        let at = || format!("llama forward at position {index_pos}");
+        let cached = cache.as_ref().map_or(0, |c| c.position);
+        if cached != index_pos {
+            return Err(ModelError::shape(
+                at(),
+                "cache",
+                format!("must hold the {index_pos} positions before `index_pos`"),
+                format!("{cached} cached positions"),
+            ));
+        }
+        if index_pos + t > self.rotary.positions() {
+            return Err(ModelError::shape(
+                at(),
+                "x",
+                format!(
+                    "must end within the context of {} positions",
+                    self.rotary.positions()
+                ),
+                format!("{t} tokens from position {index_pos}"),
+            ));
+        }
+        let x = self.ids(x)?;
+        let mut h = self.embed.index_select(&x.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?;
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.layers.len() {
+                c.layers = vec![None; self.layers.len()];
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = layer.attn.forward(
+                &layer.input_norm.forward(&h, kern)?,
+                index_pos,
+                &self.rotary,
+                kv,
+                kern,
+            )?;
+            h = hook.after_attention(i, (h + a)?, index_pos)?;
+            let m = layer
+                .mlp
+                .forward(&layer.post_attention_norm.forward(&h, kern)?)?;
+            h = (h + m)?;
+        }
+        if let Some(c) = cache {
+            c.position += t;
+        }
+        Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head)?)
+    }
+
+    fn ids(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_device(&Device::Cpu)?.to_dtype(DType::U32)?;
+        let n = self.config.vocab_size;
+        if let Some(&hi) = x
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .find(|&&id| id as usize >= n)
+        {
+            return Err(ModelError::TokenOutOfRange {
+                input: "x",
+                id: hi as u64,
+                n_vocab: n,
+            });
+        }
+        Ok(x.to_device(&self.device)?)
+    }
+}

@@ -1,0 +1,256 @@
+//! A pretrained base model imported for RETRO-fitting: a folder with the weights in safetensors
+//! (Hugging Face's names, f32), `config.json`, `tokenizer.json` (usable by `index build` and
+//! `dataset build` like any other) and `base.json`, which records the source file and the size
+//! and SHA-256 of each file. It is written through a staged folder and one rename, and checked
+//! whole when opened.
+
+use crate::error::{PipelineError, Result};
+use crate::generate::{sample, Sampling};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use retro_index::database::FileInfo;
+use retro_index::fsutil::{read_json, write_json_atomic, StagedDir};
+use retro_index::{ByteLevelBpe, LmTokenizer};
+use retro_model::llama::{gguf, LlamaBase, LlamaConfig};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The manifest's file name: what makes a folder a base.
+pub const BASE_MANIFEST: &str = "base.json";
+const FORMAT_VERSION: u32 = 1;
+const FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
+/// Where the weights came from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseSource {
+    /// The source file's name (not its path: the folder may move between machines).
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// The GGUF file's `general.*` text fields (name, license, ...).
+    pub general: BTreeMap<String, String>,
+    /// How many source tensors were of each GGML type (`Q4_1`: 210, ...).
+    pub tensor_types: BTreeMap<String, usize>,
+}
+
+/// `base.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseMeta {
+    pub format_version: u32,
+    pub kind: String,
+    /// `llama`.
+    pub architecture: String,
+    pub source: BaseSource,
+    pub files: BTreeMap<String, FileInfo>,
+}
+
+/// An imported base folder, checked.
+#[derive(Debug, Clone)]
+pub struct BaseDir {
+    pub dir: PathBuf,
+    pub meta: BaseMeta,
+    pub config: LlamaConfig,
+}
+
+/// Imports a Llama GGUF file into a base folder at `out` (refused if `out` holds anything but a
+/// base; an existing base is replaced only with `overwrite`).
+pub fn import_gguf(gguf_path: &Path, out: &Path, overwrite: bool) -> Result<BaseDir> {
+    let imported = gguf::import(gguf_path)?;
+    let vocab = &imported.vocab;
+    if vocab.model != "gpt2" {
+        return Err(PipelineError::file(
+            gguf_path,
+            format!(
+                "`tokenizer.ggml.model` is `{}`: only byte-level BPE (`gpt2`) is supported",
+                vocab.model
+            ),
+        ));
+    }
+    let tokenizer = ByteLevelBpe {
+        tokens: vocab.tokens.clone(),
+        merges: vocab.merges.clone(),
+        pre: vocab.pre.clone(),
+    }
+    .tokenizer()
+    .map_err(|e| PipelineError::file(gguf_path, e.to_string()))?;
+    let staged = StagedDir::new(out, BASE_MANIFEST, "base", overwrite)?;
+    let tmp = staged.path();
+    write_json_atomic(&tmp.join("config.json"), &imported.config)?;
+    let tok_path = tmp.join("tokenizer.json");
+    let tok_json = tokenizer
+        .to_string(true)
+        .map_err(|e| PipelineError::file(&tok_path, e.to_string()))?;
+    std::fs::write(&tok_path, tok_json).map_err(|e| PipelineError::io(&tok_path, e))?;
+    let weights = tmp.join("model.safetensors");
+    candle_core::safetensors::save(&imported.tensors, &weights).map_err(|source| {
+        PipelineError::Tensors {
+            path: weights.clone(),
+            source,
+        }
+    })?;
+    let mut files = BTreeMap::new();
+    for f in FILES {
+        let p = tmp.join(f);
+        sync(&p)?;
+        files.insert(f.to_string(), FileInfo::of(&p)?);
+    }
+    let source_info = FileInfo::of(gguf_path)?;
+    let mut tensor_types = BTreeMap::new();
+    for t in imported.source_types.values() {
+        *tensor_types.entry(t.clone()).or_insert(0) += 1;
+    }
+    let meta = BaseMeta {
+        format_version: FORMAT_VERSION,
+        kind: "retro-base".into(),
+        architecture: "llama".into(),
+        source: BaseSource {
+            file: gguf_path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            bytes: source_info.bytes,
+            sha256: source_info.sha256,
+            general: imported.general.into_iter().collect(),
+            tensor_types,
+        },
+        files,
+    };
+    write_json_atomic(&tmp.join(BASE_MANIFEST), &meta)?;
+    sync(tmp)?;
+    staged.commit()?;
+    Ok(BaseDir {
+        dir: out.to_owned(),
+        meta,
+        config: imported.config,
+    })
+}
+
+fn sync(p: &Path) -> Result<()> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| PipelineError::io(p, e))
+}
+
+impl BaseDir {
+    /// Opens a base folder: its manifest's version and kind, then every listed file's size and
+    /// SHA-256, then the config.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let manifest = dir.join(BASE_MANIFEST);
+        if !manifest.is_file() {
+            return Err(PipelineError::file(
+                dir,
+                format!(
+                    "not a base folder (no {BASE_MANIFEST}); make one with `retro base import`"
+                ),
+            ));
+        }
+        let meta: BaseMeta = read_json(&manifest)?;
+        if meta.kind != "retro-base" {
+            return Err(PipelineError::file(
+                &manifest,
+                format!("kind `{}` is not `retro-base`", meta.kind),
+            ));
+        }
+        if meta.format_version != FORMAT_VERSION {
+            return Err(PipelineError::file(
+                &manifest,
+                format!(
+                    "format_version {} (this build reads {FORMAT_VERSION})",
+                    meta.format_version
+                ),
+            ));
+        }
+        if meta.architecture != "llama" {
+            return Err(PipelineError::file(
+                &manifest,
+                format!("architecture `{}` is not supported", meta.architecture),
+            ));
+        }
+        for f in FILES {
+            let info = meta
+                .files
+                .get(f)
+                .ok_or_else(|| PipelineError::file(&manifest, format!("lists no {f}")))?;
+            let p = dir.join(f);
+            info.check_size(&p, BASE_MANIFEST)?;
+            let now = FileInfo::of(&p)?;
+            if now.sha256 != info.sha256 {
+                return Err(PipelineError::file(
+                    &p,
+                    format!(
+                        "SHA-256 {} differs from {BASE_MANIFEST}'s {}: the file is damaged",
+                        now.sha256, info.sha256
+                    ),
+                ));
+            }
+        }
+        let config = LlamaConfig::from_json_file(&dir.join("config.json"))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            meta,
+            config,
+        })
+    }
+
+    /// The LM tokenizer (`tokenizer.json`).
+    pub fn tokenizer(&self) -> Result<LmTokenizer> {
+        Ok(LmTokenizer::from_file(&self.dir.join("tokenizer.json"))?)
+    }
+
+    /// The model, in f32 on `device`.
+    pub fn load(&self, device: &Device) -> Result<LlamaBase> {
+        Ok(LlamaBase::load(&self.dir, DType::F32, device)?)
+    }
+}
+
+/// Generates up to `max_tokens` after `prompt` with the base alone (no retrieval), on its KV
+/// cache; stops early at the end-of-text token. `on_token` hears each token as it is chosen.
+pub fn generate_base(
+    base: &LlamaBase,
+    tokenizer: &LmTokenizer,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: &Sampling,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<Vec<u32>> {
+    sampling.validate()?;
+    let mut tokens = tokenizer.encode(prompt)?;
+    if tokens.is_empty() {
+        return Err(PipelineError::invalid(
+            "prompt",
+            format!("{prompt:?}"),
+            "encodes to no token",
+        ));
+    }
+    let context = base.config().max_position_embeddings;
+    if tokens.len() + max_tokens > context {
+        return Err(PipelineError::invalid(
+            "max_tokens",
+            max_tokens,
+            format!(
+                "the prompt's {} tokens and max_tokens exceed the base's context of {context}",
+                tokens.len()
+            ),
+        ));
+    }
+    let eos = base.config().eos_token_id;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
+    let mut cache = base.new_cache();
+    let dev = base.device();
+    let mut input = Tensor::new(tokens.as_slice(), dev)?.unsqueeze(0)?;
+    for _ in 0..max_tokens {
+        let pos = cache.position();
+        let logits = base.forward(&input, pos, Some(&mut cache))?;
+        let t = logits.dim(1)?;
+        let last: Vec<f32> = logits.narrow(1, t - 1, 1)?.flatten_all()?.to_vec1()?;
+        let next = sample(&last, sampling, &mut rng);
+        if Some(next) == eos {
+            break;
+        }
+        tokens.push(next);
+        on_token(next);
+        input = Tensor::new(&[[next]], dev)?;
+    }
+    Ok(tokens)
+}
