@@ -42,6 +42,7 @@ pub mod incremental;
 pub mod llama;
 pub mod model;
 mod params;
+pub mod retrofit;
 pub mod rope;
 mod rows;
 pub mod train;

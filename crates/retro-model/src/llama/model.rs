@@ -264,7 +264,7 @@ impl LlamaBase {
         hook: &mut dyn LayerHook,
         kern: Kernels,
     ) -> Result<Tensor> {
-        let (b, t) = x.dims2().map_err(|_| {
+        let (_, t) = x.dims2().map_err(|_| {
             ModelError::shape(
                 "llama forward",
                 "x",
@@ -293,12 +293,7 @@ impl LlamaBase {
                 format!("{t} tokens from position {index_pos}"),
             ));
         }
-        let x = self.ids(x)?;
-        let mut h = self.embed.index_select(&x.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.config.hidden_size,
-        ))?;
+        let mut h = self.embed(x, "x")?;
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 c.layers = vec![None; self.layers.len()];
@@ -325,7 +320,16 @@ impl LlamaBase {
         Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head)?)
     }
 
-    fn ids(&self, x: &Tensor) -> Result<Tensor> {
+    /// Token embeddings `[.., hidden_size]` of ids of any shape, checked against the vocabulary
+    /// (`input` names them in the error).
+    pub fn embed(&self, ids: &Tensor, input: &'static str) -> Result<Tensor> {
+        let ids = self.ids(ids, input)?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.config.hidden_size);
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape(dims)?)
+    }
+
+    fn ids(&self, x: &Tensor, input: &'static str) -> Result<Tensor> {
         let x = x.to_device(&Device::Cpu)?.to_dtype(DType::U32)?;
         let n = self.config.vocab_size;
         if let Some(&hi) = x
@@ -335,7 +339,7 @@ impl LlamaBase {
             .find(|&&id| id as usize >= n)
         {
             return Err(ModelError::TokenOutOfRange {
-                input: "x",
+                input,
                 id: hi as u64,
                 n_vocab: n,
             });

@@ -1,0 +1,327 @@
+//! RETRO-fitting (the paper's section 4.2): a frozen pretrained [`LlamaBase`] with chunked
+//! cross-attention (CCA) added after the attention of some of its layers and a neighbour encoder
+//! conditioned on the decoder state at the first CCA layer. Only the new blocks are trainable.
+//!
+//! The new blocks are the labml model's own ([`NeighbourEncoder`], [`ChunkedCrossAttention`]),
+//! at the base's width, under the same `state_dict` names (`encoder.*`, `norm_e.*`, `cca.{i}.*`).
+//! Each CCA's output projection starts at zero, so a freshly RETRO-fitted model predicts exactly
+//! what the base predicts; with retrieval off (RETRO\[OFF\]) it runs the base's forward itself.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use retro_model::llama::{tensor_shapes, LlamaBase, LlamaConfig};
+//! use retro_model::retrofit::{RetroFitted, RetrofitConfig};
+//!
+//! let config = LlamaConfig {
+//!     vocab_size: 32, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 4,
+//!     num_attention_heads: 4, num_key_value_heads: 2, rms_norm_eps: 1e-5, rope_theta: 10_000.0,
+//!     max_position_embeddings: 64, tie_word_embeddings: true, bos_token_id: None, eos_token_id: None,
+//! };
+//! let tensors = tensor_shapes(&config)
+//!     .into_iter()
+//!     .map(|(name, shape)| Ok((name, (Tensor::randn(0f32, 0.1, shape, &Device::Cpu)?))))
+//!     .collect::<candle_core::Result<_>>()?;
+//! let base = LlamaBase::from_tensors(&config, &tensors, DType::F32, &Device::Cpu)?;
+//! let fit = RetrofitConfig { chunk_len: 4, ca_start: 1, ca_every: 2, enc_n_layers: 1, enc_d_ff: 32 };
+//! let model = RetroFitted::new(base, &fit, 7)?;
+//! let x = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu)?;  // 2 chunks of 4
+//! let ret = Tensor::zeros((1, 2, 2, 8), DType::U32, &Device::Cpu)?;    // K = 2, N = 8
+//! let on = model.forward(&x, Some(&ret), None)?;
+//! let base_logits = model.base().forward(&x, 0, None)?;
+//! // New blocks start at zero: exactly the base's predictions, retrieval on or off.
+//! assert_eq!(on.flatten_all()?.to_vec1::<f32>()?, base_logits.flatten_all()?.to_vec1::<f32>()?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use crate::cca::ChunkedCrossAttention;
+use crate::config::RetroConfig;
+use crate::encoder::NeighbourEncoder;
+use crate::error::{ModelError, Result};
+use crate::kernels::Kernels;
+use crate::layers::LayerNorm;
+use crate::llama::{LayerHook, LlamaBase};
+use crate::params::ParamBuilder;
+use crate::rope::{self, RopeTables};
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+
+/// Where the new blocks go and how large the encoder is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrofitConfig {
+    /// Tokens per chunk (the paper's 64).
+    pub chunk_len: usize,
+    /// The first layer (0-based) with CCA after its attention ...
+    pub ca_start: usize,
+    /// ... and then every `ca_every`-th layer (the paper's Table 12: every 3rd from the 6th).
+    pub ca_every: usize,
+    /// Layers of the neighbour encoder (the paper's 2).
+    pub enc_n_layers: usize,
+    /// The encoder's feed-forward width.
+    pub enc_d_ff: usize,
+}
+
+impl RetrofitConfig {
+    /// The paper's settings: chunk 64, CCA every 3rd layer from layer 6, a 2-layer encoder.
+    pub fn paper(enc_d_ff: usize) -> Self {
+        Self {
+            chunk_len: 64,
+            ca_start: 6,
+            ca_every: 3,
+            enc_n_layers: 2,
+            enc_d_ff,
+        }
+    }
+
+    /// The layers with CCA, for a base of `n_layers`.
+    pub fn ca_layers(&self, n_layers: usize) -> BTreeSet<usize> {
+        (self.ca_start..n_layers)
+            .step_by(self.ca_every.max(1))
+            .collect()
+    }
+
+    /// The new blocks' sizes as the labml model's config names them (its decoder fields describe
+    /// the base, which the blocks read from).
+    pub fn blocks(&self, base: &crate::llama::LlamaConfig) -> Result<RetroConfig> {
+        if self.ca_every == 0 {
+            return Err(ModelError::Config("`ca_every` must be > 0".into()));
+        }
+        let ca_layers = self.ca_layers(base.num_hidden_layers);
+        if ca_layers.is_empty() {
+            return Err(ModelError::Config(format!(
+                "`ca_start` = {} leaves no CCA layer in a base of {} layers",
+                self.ca_start, base.num_hidden_layers
+            )));
+        }
+        if self.enc_n_layers == 0 {
+            return Err(ModelError::Config("`enc_n_layers` must be > 0".into()));
+        }
+        let c = RetroConfig {
+            n_vocab: base.vocab_size,
+            d_model: base.hidden_size,
+            n_layers: base.num_hidden_layers,
+            ca_layers,
+            chunk_len: self.chunk_len,
+            n_heads: base.num_attention_heads,
+            d_k: base.head_dim(),
+            d_ff: self.enc_d_ff,
+            enc_n_layers: self.enc_n_layers,
+            // The encoder reads the decoder's chunk in its last layer.
+            enc_ca_layers: [self.enc_n_layers - 1].into(),
+            layer_norm_eps: 1e-5,
+            rope_base: 10_000.0,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// A frozen base with trainable CCA and neighbour encoder.
+pub struct RetroFitted {
+    base: LlamaBase,
+    config: RetrofitConfig,
+    blocks: RetroConfig,
+    varmap: VarMap,
+    encoder: NeighbourEncoder,
+    norm_e: LayerNorm,
+    cca: Vec<ChunkedCrossAttention>,
+    theta: Vec<f32>,
+}
+
+impl RetroFitted {
+    /// New blocks on `base`, drawn from `seed` (PyTorch's default initialisation), with every
+    /// CCA's output projection at zero.
+    pub fn new(base: LlamaBase, config: &RetrofitConfig, seed: u64) -> Result<Self> {
+        let blocks = config.blocks(base.config())?;
+        let varmap = VarMap::new();
+        let mut pb = ParamBuilder::new(&varmap, seed, base.dtype(), base.device());
+        let encoder = NeighbourEncoder::new(&mut pb, "encoder", &blocks)?;
+        let cca = (0..blocks.ca_layers.len())
+            .map(|i| ChunkedCrossAttention::new(&mut pb, &format!("cca.{i}"), &blocks))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm_e = pb.layer_norm("norm_e", blocks.d_model, blocks.layer_norm_eps)?;
+        {
+            let vars = varmap.data().lock().unwrap();
+            for i in 0..cca.len() {
+                for p in ["weight", "bias"] {
+                    let v = &vars[&format!("cca.{i}.output.{p}")];
+                    v.set(&v.as_tensor().zeros_like()?)?;
+                }
+            }
+        }
+        Ok(Self {
+            theta: rope::theta(blocks.d_k, blocks.rope_base),
+            base,
+            config: config.clone(),
+            blocks,
+            varmap,
+            encoder,
+            norm_e,
+            cca,
+        })
+    }
+
+    pub fn base(&self) -> &LlamaBase {
+        &self.base
+    }
+    pub fn config(&self) -> &RetrofitConfig {
+        &self.config
+    }
+    /// The new blocks' sizes (see [`RetrofitConfig::blocks`]).
+    pub fn blocks(&self) -> &RetroConfig {
+        &self.blocks
+    }
+    pub fn chunk_len(&self) -> usize {
+        self.config.chunk_len
+    }
+
+    /// The trainable variables (the new blocks only), sorted by name.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut v: Vec<(String, Var)> = self
+            .varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_trainable(&self) -> usize {
+        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The new blocks' tensors under their `state_dict` names.
+    pub fn state_dict(&self) -> HashMap<String, Tensor> {
+        self.named_vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Fills the new blocks from a state_dict: a missing, extra or misshapen tensor is an error
+    /// that names it.
+    pub fn load_state_dict(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let err = |name: &str, msg: String| ModelError::Weight {
+            name: name.to_string(),
+            msg,
+        };
+        let vars = self.varmap.data().lock().unwrap();
+        let mut extra: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
+        extra.sort();
+        if let Some(name) = extra.first() {
+            return Err(err(name, "unexpected tensor: the RETRO-fit config has no such parameter".into()));
+        }
+        for (name, var) in vars.iter() {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| err(name, "missing".into()))?;
+            if t.dims() != var.dims() {
+                return Err(err(name, format!("shape {:?}, expected {:?}", t.dims(), var.dims())));
+            }
+            var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// `x [B, T]` -> logits `[B, T, vocab]`, inference kernels. `ret [B, C, K, N]` holds the
+    /// neighbours of each complete chunk (`C = T / chunk_len`); `None` is RETRO\[OFF\]: the base's
+    /// own forward. `keep [B, C]` gates each chunk's neighbours as in
+    /// [`crate::RetroModel::forward_gated`].
+    pub fn forward(&self, x: &Tensor, ret: Option<&Tensor>, keep: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with(x, ret, keep, Kernels::Fused)
+    }
+
+    /// The forward for training: every op records its backward, through the frozen base too,
+    /// so the gradients reach the new blocks below the last layer.
+    pub fn forward_train(&self, x: &Tensor, ret: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with(x, ret, None, Kernels::Differentiable)
+    }
+
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        ret: Option<&Tensor>,
+        keep: Option<&Tensor>,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        let Some(ret) = ret else {
+            return self.base.forward_hooked(x, 0, None, &mut crate::llama::NoHook, kern);
+        };
+        let (b, t) = x.dims2().map_err(|_| {
+            ModelError::shape("retrofit forward", "x", "must be [B, T]", format!("{:?}", x.dims()))
+        })?;
+        let c = t / self.config.chunk_len;
+        if !matches!(ret.dims(), &[rb, rc, rk, rn] if rb == b && rc == c && rk > 0 && rn > 0) {
+            return Err(ModelError::shape(
+                "retrofit forward",
+                "ret",
+                format!(
+                    "must be [B, C, K, N] with B = {b} and C = T / chunk_len = {t} / {} = {c}",
+                    self.config.chunk_len
+                ),
+                format!("{:?}", ret.dims()),
+            ));
+        }
+        if let Some(keep) = keep {
+            if keep.dims() != [b, c] {
+                return Err(ModelError::shape(
+                    "retrofit forward",
+                    "keep",
+                    format!("must be [B, C] = [{b}, {c}]"),
+                    format!("{:?}", keep.dims()),
+                ));
+            }
+        }
+        let keep = keep
+            .map(|k| k.to_device(self.base.device())?.to_dtype(self.base.dtype()))
+            .transpose()?;
+        let mut hook = Cca {
+            model: self,
+            ret: (c > 0).then_some(ret),
+            keep: keep.as_ref(),
+            e: None,
+            kern,
+        };
+        self.base.forward_hooked(x, 0, None, &mut hook, kern)
+    }
+
+    /// The encoded neighbours `[B, C, K, N, d]` (after `norm_e`) of `ret [B, C, K, N]`, read
+    /// against the decoder state `h [B, T, d]` at the first CCA layer.
+    fn encode(&self, ret: &Tensor, h: &Tensor, kern: Kernels) -> Result<Tensor> {
+        let n = ret.dim(3)?;
+        let e = self.base.embed(ret, "ret")?;
+        let rope = RopeTables::new(&self.theta, 0, n, self.base.dtype(), self.base.device())?;
+        let e = self.encoder.forward(&e, h, &rope, kern)?;
+        Ok(self.norm_e.forward(&e, kern)?)
+    }
+}
+
+/// The hook of a full-sequence forward: the encoder at the first CCA layer, then each CCA.
+struct Cca<'a> {
+    model: &'a RetroFitted,
+    ret: Option<&'a Tensor>,
+    keep: Option<&'a Tensor>,
+    e: Option<Tensor>,
+    kern: Kernels,
+}
+
+impl LayerHook for Cca<'_> {
+    fn after_attention(&mut self, layer: usize, h: Tensor, _offset: usize) -> Result<Tensor> {
+        let Some(ret) = self.ret else { return Ok(h) };
+        let layers = &self.model.blocks.ca_layers;
+        let Some(i) = layers.iter().position(|&l| l == layer) else {
+            return Ok(h);
+        };
+        if self.e.is_none() {
+            self.e = Some(self.model.encode(ret, &h, self.kern)?);
+        }
+        let e = self.e.as_ref().expect("encoded above");
+        Ok(self.model.cca[i].forward(&h, e, self.keep, self.kern)?)
+    }
+}

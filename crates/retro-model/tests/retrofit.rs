@@ -1,0 +1,141 @@
+//! RETRO-fitting a frozen Llama base: the new blocks start at the base's predictions, only they
+//! train, and RETRO[OFF] stays the base bit for bit.
+
+use candle_core::{DType, Device, Tensor};
+use retro_model::llama::{tensor_shapes, LlamaBase, LlamaConfig};
+use retro_model::retrofit::{RetroFitted, RetrofitConfig};
+use retro_model::train::{cross_entropy, AdamW, AdamWParams};
+
+fn small_base(seed: u64) -> LlamaBase {
+    let config = LlamaConfig {
+        vocab_size: 40,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 5,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 128,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    let dev = Device::Cpu;
+    let mut rng = seed;
+    let tensors = tensor_shapes(&config)
+        .into_iter()
+        .map(|(name, shape)| {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| {
+                    let x = (rng ^ (i as u64).wrapping_mul(0x9E3779B97F4A7C15)) >> 40;
+                    (x as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
+                })
+                .collect();
+            let t = Tensor::from_vec(v, shape, &dev).unwrap();
+            let t = if name.contains("norm") { (t + 1.0).unwrap() } else { t };
+            (name, t)
+        })
+        .collect();
+    LlamaBase::from_tensors(&config, &tensors, DType::F32, &dev).unwrap()
+}
+
+fn fit() -> RetrofitConfig {
+    RetrofitConfig {
+        chunk_len: 4,
+        ca_start: 1,
+        ca_every: 2,
+        enc_n_layers: 2,
+        enc_d_ff: 48,
+    }
+}
+
+fn data(b: usize, t: usize, k: usize, n: usize, seed: u32) -> (Tensor, Tensor, Tensor) {
+    let ids = |len: usize, s: u32| -> Vec<u32> {
+        (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(s * 97)) % 40).collect()
+    };
+    let dev = Device::Cpu;
+    let x = Tensor::from_vec(ids(b * t, seed), (b, t), &dev).unwrap();
+    let y = Tensor::from_vec(ids(b * t, seed + 1), (b, t), &dev).unwrap();
+    let ret = Tensor::from_vec(ids(b * (t / 4) * k * n, seed + 2), (b, t / 4, k, n), &dev).unwrap();
+    (x, y, ret)
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn a_fresh_retrofit_predicts_exactly_what_the_base_predicts() {
+    let model = RetroFitted::new(small_base(1), &fit(), 3).unwrap();
+    let (x, _, ret) = data(2, 14, 2, 8, 5);
+    let base = values(&model.base().forward(&x, 0, None).unwrap());
+    assert_eq!(values(&model.forward(&x, Some(&ret), None).unwrap()), base);
+    assert_eq!(values(&model.forward(&x, None, None).unwrap()), base);
+    assert_eq!(model.blocks().ca_layers, [1, 3].into());
+}
+
+#[test]
+fn only_the_new_blocks_train_and_retro_off_stays_the_base() {
+    let model = RetroFitted::new(small_base(2), &fit(), 4).unwrap();
+    let base_before: Vec<(String, Vec<f32>)> = {
+        let mut t: Vec<_> = model.base().tensors().into_iter().map(|(k, v)| (k, values(&v))).collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    let (x, y, ret) = data(2, 16, 2, 8, 9);
+    let off_before = values(&model.forward(&x, None, None).unwrap());
+    let on_before = values(&model.forward(&x, Some(&ret), None).unwrap());
+    let mut opt = AdamW::new(model.named_vars(), AdamWParams::default()).unwrap();
+    let mut losses = vec![];
+    for step in 0..30 {
+        let loss = cross_entropy(&model.forward_train(&x, Some(&ret)).unwrap(), &y).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        let grads = loss.backward().unwrap();
+        if step == 1 {
+            // From the second step on, every new parameter gets a gradient (the first only
+            // reaches the zeroed output projections).
+            for (name, v) in model.named_vars() {
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(norm > 0.0, "{name}: zero gradient");
+            }
+        }
+        opt.step(&grads, 1e-2).unwrap();
+    }
+    assert!(losses[29] < losses[0] - 0.1, "loss did not fall: {losses:?}");
+    let mut base_after: Vec<_> =
+        model.base().tensors().into_iter().map(|(k, v)| (k, values(&v))).collect();
+    base_after.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(base_after, base_before, "a base weight changed");
+    // RETRO[OFF] is the base bit for bit; retrieval now changes the predictions.
+    assert_eq!(values(&model.forward(&x, None, None).unwrap()), off_before);
+    let on_after = values(&model.forward(&x, Some(&ret), None).unwrap());
+    assert!(on_after.iter().zip(&on_before).any(|(a, b)| (a - b).abs() > 1e-3));
+    // The training forward computes what the inference forward computes.
+    let train = values(&model.forward_train(&x, Some(&ret)).unwrap());
+    let worst = train.iter().zip(&on_after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "training and inference forwards differ by {worst}");
+}
+
+#[test]
+fn the_new_blocks_round_trip_through_their_state_dict() {
+    let a = RetroFitted::new(small_base(3), &fit(), 5).unwrap();
+    let b = RetroFitted::new(small_base(3), &fit(), 6).unwrap();
+    b.load_state_dict(&a.state_dict()).unwrap();
+    let (x, _, ret) = data(1, 12, 2, 8, 1);
+    assert_eq!(
+        values(&a.forward(&x, Some(&ret), None).unwrap()),
+        values(&b.forward(&x, Some(&ret), None).unwrap())
+    );
+    let mut sd = a.state_dict();
+    sd.remove("cca.0.query.weight");
+    let e = b.load_state_dict(&sd).unwrap_err().to_string();
+    assert!(e.contains("cca.0.query.weight") && e.contains("missing"), "{e}");
+    let (x, _, _) = data(1, 12, 2, 8, 1);
+    let bad = Tensor::zeros((1, 2, 2, 8), DType::U32, &Device::Cpu).unwrap();
+    let e = a.forward(&x, Some(&bad), None).unwrap_err().to_string();
+    assert!(e.contains("ret") && e.contains("C = T / chunk_len = 12 / 4 = 3"), "{e}");
+}
