@@ -65,17 +65,18 @@ impl ByteLevelBpe {
             .build()
             .map_err(|e| err("tokens", e.to_string()))?;
         let split = ByteLevel::new(false, true, true);
-        let pre: PreTokenizerWrapper =
-            match self.pre.as_str() {
-                "default" | "gpt2" => split.into(),
-                "smollm" => Sequence::new(vec![Digits::new(true).into(), split.into()]).into(),
-                p => return Err(err(
+        let pre: PreTokenizerWrapper = match self.pre.as_str() {
+            "default" | "gpt2" => split.into(),
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), split.into()]).into(),
+            p => {
+                return Err(err(
                     "pre",
                     format!(
                         "pre-tokenizer `{p}` is not supported (expected one of {PRE_TOKENIZERS:?})"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let mut t = tokenizers::Tokenizer::new(bpe);
         t.with_pre_tokenizer(Some(pre));
         t.with_decoder(Some(ByteLevelDecoder::default()));

@@ -26,6 +26,7 @@
 
 pub mod attention_block_op;
 mod avx2;
+pub mod chunk_schedule;
 mod cpu_storage;
 pub mod decode;
 mod elementwise;
@@ -39,6 +40,7 @@ pub mod kernels;
 pub mod layers;
 pub mod linear_op;
 
+pub use chunk_schedule::ChunkSchedule;
 pub use float::Float;
 pub use kernels::Kernels;
 

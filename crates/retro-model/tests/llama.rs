@@ -69,83 +69,97 @@ fn logits(base: &LlamaBase, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
 }
 
-/// llama.cpp quantises the activations to 8 bits (Q8_1) before each Q4_1 dot product, and we
-/// multiply in f32 with the dequantised weights: the logits differ by that rounding, carried
-/// through 30 layers. This bound is the largest difference measured on the fixture's prompts,
-/// with headroom (see `LOGIT_BOUND_MEASURED`).
-const LOGIT_BOUND: f32 = 60.0;
-
-/// Where llama.cpp's top two logits are closer than this, their order is within the rounding
-/// above and either may come first.
-const TIE_MARGIN: f32 = 10.0;
-
-#[test]
-fn logits_match_llama_cpp() {
-    let Some(base) = base() else { return };
-    let fx = fixture();
+/// Compares our logits with a fixture's at every position: the top-8 and 64 probe ids.
+/// Returns the |differences| (sorted) and the positions whose top-1 differs, with the
+/// fixture's margin there.
+fn compare(base: &LlamaBase, fx: &Value) -> (Vec<f32>, Vec<(usize, f32)>, usize) {
     let probes = ids(&fx["probe_ids"]);
-    let mut worst = 0f32;
-    let mut rel = vec![];
-    let mut flips = vec![];
-    let mut positions = 0;
+    let (mut diffs, mut flips, mut positions) = (vec![], vec![], 0);
     for case in fx["logits"].as_array().unwrap() {
-        let tokens = ids(&case["ids"]);
-        let ours = logits(base, &tokens);
-        positions += ours.len();
+        let ours = logits(base, &ids(&case["ids"]));
         for (pos, row) in ours.iter().enumerate() {
+            positions += 1;
             let argmax = row
                 .iter()
                 .enumerate()
                 .max_by(|a, b| a.1.total_cmp(b.1))
                 .unwrap()
-                .0 as u64;
-            let theirs = case["argmax"][pos].as_u64().unwrap();
-            if argmax != theirs {
-                // A near-tie in llama.cpp's own logits: which of the two is first is within the
-                // two implementations' rounding, so both must be near the top, not equal.
-                let margin = case["margin"][pos].as_f64().unwrap() as f32;
-                flips.push((pos, margin));
-                assert!(
-                    margin < TIE_MARGIN,
-                    "{:?} position {pos}: top-1 {argmax}, llama.cpp's {theirs} by a margin of {margin}",
-                    case["text"]
-                );
-                let gap = row[argmax as usize] - row[theirs as usize];
-                assert!(gap < TIE_MARGIN, "position {pos}: our logit gap {gap}");
+                .0;
+            if argmax as u64 != case["argmax"][pos].as_u64().unwrap() {
+                flips.push((pos, case["margin"][pos].as_f64().unwrap() as f32));
             }
-            let mut pairs: Vec<(u32, f32)> = case["top"][pos]
+            let top = case["top"][pos]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
-                .collect();
-            pairs.extend(
-                probes
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()));
+            let probe = probes.iter().map(|&i| i as u64).zip(
+                case["probe_logits"][pos]
+                    .as_array()
+                    .unwrap()
                     .iter()
-                    .zip(case["probe_logits"][pos].as_array().unwrap())
-                    .map(|(&id, l)| (id, l.as_f64().unwrap() as f32)),
+                    .map(|l| l.as_f64().unwrap()),
             );
-            for (id, theirs) in pairs {
-                let d = (row[id as usize] - theirs).abs();
-                worst = worst.max(d);
-                rel.push(d);
+            for (id, theirs) in top.chain(probe) {
+                diffs.push((row[id as usize] - theirs as f32).abs());
             }
         }
     }
-    rel.sort_by(f32::total_cmp);
+    diffs.sort_by(f32::total_cmp);
+    (diffs, flips, positions)
+}
+
+/// The exact reference: `tools/reference/llama_f64.py`, the same forward in float64 numpy on the
+/// same dequantised weights (their dequantisation asserted equal to the `gguf` package's).
+/// What is left is f32 rounding (logits reach 45, the residual stream 22,500).
+#[test]
+fn logits_match_the_float64_reference() {
+    let Some(base) = base() else { return };
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_f64.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let (diffs, flips, positions) = compare(base, &fx);
+    let worst = diffs[diffs.len() - 1];
+    eprintln!("against float64: max |diff| {worst:.2e}, median {:.2e} over {} logits, {positions} positions", diffs[diffs.len() / 2], diffs.len());
+    assert!(worst < 5e-4, "max |logit difference| {worst}");
+    assert!(flips.is_empty(), "top-1 differs at {flips:?}");
+}
+
+/// llama.cpp quantises the activations to 8 bits before each Q4_1 and Q8_0 dot product, and the
+/// rounding is chaotic: changing only its KV cache from F16 to F32 moves its logits by a median of
+/// 0.17 and at most 2.4, and a float64 forward sits as far from it (median 0.16, max 1.7; see
+/// `tools/reference/`). So we hold ours to it as llama.cpp holds to itself: the same bound, and
+/// the same top-1 wherever llama.cpp is not near a tie.
+const LLAMA_CPP_BOUND: f32 = 2.5;
+const LLAMA_CPP_TIE: f32 = 1.0;
+
+#[test]
+fn logits_match_llama_cpp_within_its_own_rounding() {
+    let Some(base) = base() else { return };
+    let (diffs, flips, positions) = compare(base, &fixture());
+    let worst = diffs[diffs.len() - 1];
     eprintln!(
-        "logits against llama.cpp: max |diff| {worst:.4}, median {:.4}, p99 {:.4} over {} values; \
-         top-1 equal at {} of {positions} positions, the others near-ties {flips:?}",
-        rel[rel.len() / 2],
-        rel[rel.len() * 99 / 100],
-        rel.len(),
-        positions - flips.len()
+        "against llama.cpp: max |diff| {worst:.3}, median {:.3}; top-1 differs at {} of {positions} positions {flips:?}",
+        diffs[diffs.len() / 2],
+        flips.len()
     );
-    assert!(flips.len() * 20 <= positions, "top-1 differs at {flips:?}");
+    assert!(worst <= LLAMA_CPP_BOUND, "max |logit difference| {worst}");
     assert!(
-        worst <= LOGIT_BOUND,
-        "max |logit difference| {worst} > {LOGIT_BOUND}"
+        diffs[diffs.len() / 2] < 0.3,
+        "median |logit difference| {}",
+        diffs[diffs.len() / 2]
     );
+    for (pos, margin) in &flips {
+        assert!(
+            *margin < LLAMA_CPP_TIE,
+            "position {pos}: top-1 differs where llama.cpp leads by {margin}"
+        );
+    }
+    assert!(flips.len() * 10 <= positions, "top-1 differs at {flips:?}");
 }
 
 #[test]

@@ -35,7 +35,11 @@ fn small_base(seed: u64) -> LlamaBase {
                 })
                 .collect();
             let t = Tensor::from_vec(v, shape, &dev).unwrap();
-            let t = if name.contains("norm") { (t + 1.0).unwrap() } else { t };
+            let t = if name.contains("norm") {
+                (t + 1.0).unwrap()
+            } else {
+                t
+            };
             (name, t)
         })
         .collect();
@@ -54,7 +58,9 @@ fn fit() -> RetrofitConfig {
 
 fn data(b: usize, t: usize, k: usize, n: usize, seed: u32) -> (Tensor, Tensor, Tensor) {
     let ids = |len: usize, s: u32| -> Vec<u32> {
-        (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(s * 97)) % 40).collect()
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2654435761).wrapping_add(s * 97)) % 40)
+            .collect()
     };
     let dev = Device::Cpu;
     let x = Tensor::from_vec(ids(b * t, seed), (b, t), &dev).unwrap();
@@ -81,7 +87,12 @@ fn a_fresh_retrofit_predicts_exactly_what_the_base_predicts() {
 fn only_the_new_blocks_train_and_retro_off_stays_the_base() {
     let model = RetroFitted::new(small_base(2), &fit(), 4).unwrap();
     let base_before: Vec<(String, Vec<f32>)> = {
-        let mut t: Vec<_> = model.base().tensors().into_iter().map(|(k, v)| (k, values(&v))).collect();
+        let mut t: Vec<_> = model
+            .base()
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, values(&v)))
+            .collect();
         t.sort_by(|a, b| a.0.cmp(&b.0));
         t
     };
@@ -98,26 +109,51 @@ fn only_the_new_blocks_train_and_retro_off_stays_the_base() {
             // From the second step on, every new parameter gets a gradient (the first only
             // reaches the zeroed output projections).
             for (name, v) in model.named_vars() {
-                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
-                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient"));
+                let norm = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(norm > 0.0, "{name}: zero gradient");
             }
         }
         opt.step(&grads, 1e-2).unwrap();
     }
-    assert!(losses[29] < losses[0] - 0.1, "loss did not fall: {losses:?}");
-    let mut base_after: Vec<_> =
-        model.base().tensors().into_iter().map(|(k, v)| (k, values(&v))).collect();
+    assert!(
+        losses[29] < losses[0] - 0.1,
+        "loss did not fall: {losses:?}"
+    );
+    let mut base_after: Vec<_> = model
+        .base()
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, values(&v)))
+        .collect();
     base_after.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(base_after, base_before, "a base weight changed");
     // RETRO[OFF] is the base bit for bit; retrieval now changes the predictions.
     assert_eq!(values(&model.forward(&x, None, None).unwrap()), off_before);
     let on_after = values(&model.forward(&x, Some(&ret), None).unwrap());
-    assert!(on_after.iter().zip(&on_before).any(|(a, b)| (a - b).abs() > 1e-3));
+    assert!(on_after
+        .iter()
+        .zip(&on_before)
+        .any(|(a, b)| (a - b).abs() > 1e-3));
     // The training forward computes what the inference forward computes.
     let train = values(&model.forward_train(&x, Some(&ret)).unwrap());
-    let worst = train.iter().zip(&on_after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(worst < 1e-4, "training and inference forwards differ by {worst}");
+    let worst = train
+        .iter()
+        .zip(&on_after)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "training and inference forwards differ by {worst}"
+    );
 }
 
 #[test]
@@ -133,9 +169,101 @@ fn the_new_blocks_round_trip_through_their_state_dict() {
     let mut sd = a.state_dict();
     sd.remove("cca.0.query.weight");
     let e = b.load_state_dict(&sd).unwrap_err().to_string();
-    assert!(e.contains("cca.0.query.weight") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("cca.0.query.weight") && e.contains("missing"),
+        "{e}"
+    );
     let (x, _, _) = data(1, 12, 2, 8, 1);
     let bad = Tensor::zeros((1, 2, 2, 8), DType::U32, &Device::Cpu).unwrap();
     let e = a.forward(&x, Some(&bad), None).unwrap_err().to_string();
-    assert!(e.contains("ret") && e.contains("C = T / chunk_len = 12 / 4 = 3"), "{e}");
+    assert!(
+        e.contains("ret") && e.contains("C = T / chunk_len = 12 / 4 = 3"),
+        "{e}"
+    );
+}
+
+/// A RETRO-fitted model whose CCA has left zero (trained a few steps), so the cache is tested on
+/// blocks that change the logits.
+fn trained(seed: u64) -> RetroFitted {
+    let model = RetroFitted::new(small_base(seed), &fit(), seed + 10).unwrap();
+    let (x, y, ret) = data(2, 16, 2, 8, seed as u32);
+    let mut opt = AdamW::new(model.named_vars(), AdamWParams::default()).unwrap();
+    for _ in 0..5 {
+        let loss = cross_entropy(&model.forward_train(&x, Some(&ret)).unwrap(), &y).unwrap();
+        opt.step(&loss.backward().unwrap(), 1e-2).unwrap();
+    }
+    model
+}
+
+#[test]
+fn cached_decoding_equals_the_full_forward() {
+    let model = trained(7);
+    let (x, _, ret) = data(2, 19, 2, 8, 3); // 4 complete chunks of 4, and 3 tokens more
+    let full = model.forward(&x, Some(&ret), None).unwrap();
+    // Prefills of several lengths (inside a chunk, at its end, across two), then one token at a
+    // time, retrieving with the token that completes each chunk.
+    for prefill in [1, 3, 4, 6, 9] {
+        let mut cache = model.new_cache(true);
+        let mut got = vec![];
+        let mut t = 0;
+        while t < 19 {
+            let p = if t == 0 { prefill } else { 1 };
+            let chunks = (t / 4)..((t + p) / 4);
+            let r =
+                (!chunks.is_empty()).then(|| ret.narrow(1, chunks.start, chunks.len()).unwrap());
+            let l = model
+                .forward_cached(&x.narrow(1, t, p).unwrap(), &mut cache, r.as_ref())
+                .unwrap();
+            got.push(l);
+            t += p;
+        }
+        assert_eq!(cache.encoded_chunks(), 4);
+        let got = Tensor::cat(&got, 1).unwrap();
+        let worst = (got - &full)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            worst < 1e-4,
+            "prefill {prefill}: cached logits differ by {worst}"
+        );
+    }
+    // RETRO[OFF] on the cache is the base's cached decoding.
+    let mut cache = model.new_cache(false);
+    let off = model.forward_cached(&x, &mut cache, None).unwrap();
+    assert_eq!(
+        values(&off),
+        values(&model.base().forward(&x, 0, None).unwrap())
+    );
+}
+
+#[test]
+fn the_cache_asks_for_neighbours_exactly_when_a_chunk_completes() {
+    let model = trained(8);
+    let (x, _, ret) = data(1, 8, 2, 8, 4);
+    let mut cache = model.new_cache(true);
+    let e = model
+        .forward_cached(&x.narrow(1, 0, 4).unwrap(), &mut cache, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ret") && e.contains("1 chunk"), "{e}");
+    let e = model
+        .forward_cached(&x.narrow(1, 0, 4).unwrap(), &mut cache, Some(&ret))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("U = 1"), "{e}");
+    let mut off = model.new_cache(false);
+    let e = model
+        .forward_cached(
+            &x.narrow(1, 0, 4).unwrap(),
+            &mut off,
+            Some(&ret.narrow(1, 0, 1).unwrap()),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("retrieval off"), "{e}");
 }

@@ -326,7 +326,10 @@ impl LlamaBase {
         let ids = self.ids(ids, input)?;
         let mut dims = ids.dims().to_vec();
         dims.push(self.config.hidden_size);
-        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape(dims)?)
+        Ok(self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(dims)?)
     }
 
     fn ids(&self, x: &Tensor, input: &'static str) -> Result<Tensor> {

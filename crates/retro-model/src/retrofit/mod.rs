@@ -47,6 +47,9 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 
+mod decode;
+pub use decode::RetroFitCache;
+
 /// Where the new blocks go and how large the encoder is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,13 +123,13 @@ impl RetrofitConfig {
 
 /// A frozen base with trainable CCA and neighbour encoder.
 pub struct RetroFitted {
-    base: LlamaBase,
-    config: RetrofitConfig,
-    blocks: RetroConfig,
+    pub(crate) base: LlamaBase,
+    pub(crate) config: RetrofitConfig,
+    pub(crate) blocks: RetroConfig,
     varmap: VarMap,
     encoder: NeighbourEncoder,
     norm_e: LayerNorm,
-    cca: Vec<ChunkedCrossAttention>,
+    pub(crate) cca: Vec<ChunkedCrossAttention>,
     theta: Vec<f32>,
 }
 
@@ -215,14 +218,20 @@ impl RetroFitted {
         let mut extra: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
         extra.sort();
         if let Some(name) = extra.first() {
-            return Err(err(name, "unexpected tensor: the RETRO-fit config has no such parameter".into()));
+            return Err(err(
+                name,
+                "unexpected tensor: the RETRO-fit config has no such parameter".into(),
+            ));
         }
         for (name, var) in vars.iter() {
             let t = tensors
                 .get(name)
                 .ok_or_else(|| err(name, "missing".into()))?;
             if t.dims() != var.dims() {
-                return Err(err(name, format!("shape {:?}, expected {:?}", t.dims(), var.dims())));
+                return Err(err(
+                    name,
+                    format!("shape {:?}, expected {:?}", t.dims(), var.dims()),
+                ));
             }
             var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
         }
@@ -233,7 +242,12 @@ impl RetroFitted {
     /// neighbours of each complete chunk (`C = T / chunk_len`); `None` is RETRO\[OFF\]: the base's
     /// own forward. `keep [B, C]` gates each chunk's neighbours as in
     /// [`crate::RetroModel::forward_gated`].
-    pub fn forward(&self, x: &Tensor, ret: Option<&Tensor>, keep: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ret: Option<&Tensor>,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
         self.forward_with(x, ret, keep, Kernels::Fused)
     }
 
@@ -251,10 +265,17 @@ impl RetroFitted {
         kern: Kernels,
     ) -> Result<Tensor> {
         let Some(ret) = ret else {
-            return self.base.forward_hooked(x, 0, None, &mut crate::llama::NoHook, kern);
+            return self
+                .base
+                .forward_hooked(x, 0, None, &mut crate::llama::NoHook, kern);
         };
         let (b, t) = x.dims2().map_err(|_| {
-            ModelError::shape("retrofit forward", "x", "must be [B, T]", format!("{:?}", x.dims()))
+            ModelError::shape(
+                "retrofit forward",
+                "x",
+                "must be [B, T]",
+                format!("{:?}", x.dims()),
+            )
         })?;
         let c = t / self.config.chunk_len;
         if !matches!(ret.dims(), &[rb, rc, rk, rn] if rb == b && rc == c && rk > 0 && rn > 0) {
@@ -293,7 +314,7 @@ impl RetroFitted {
 
     /// The encoded neighbours `[B, C, K, N, d]` (after `norm_e`) of `ret [B, C, K, N]`, read
     /// against the decoder state `h [B, T, d]` at the first CCA layer.
-    fn encode(&self, ret: &Tensor, h: &Tensor, kern: Kernels) -> Result<Tensor> {
+    pub(crate) fn encode(&self, ret: &Tensor, h: &Tensor, kern: Kernels) -> Result<Tensor> {
         let n = ret.dim(3)?;
         let e = self.base.embed(ret, "ret")?;
         let rope = RopeTables::new(&self.theta, 0, n, self.base.dtype(), self.base.device())?;
