@@ -45,6 +45,7 @@
 //! ```
 
 pub mod bert;
+pub mod bible;
 pub mod byte_level_bpe;
 pub mod corpus;
 pub mod database;
