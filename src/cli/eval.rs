@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::Args;
 use retro_index::{read_corpus, CorpusOptions, DocumentId};
-use retro_pipeline::{evaluate, EvalOptions, EvalReport, Retriever, Run, Scores};
+use retro_pipeline::{evaluate, EvalOptions, EvalReport, Retriever, Run, Scorer, Scores};
 use std::collections::HashSet;
 use std::path::PathBuf;
 
@@ -39,6 +39,10 @@ pub struct EvalArgs {
     pub plot: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+    /// RETRO-fitted runs: skip in-context retrieval (the frozen base with the same neighbours in
+    /// its prompt), which costs one forward per chunk.
+    #[arg(long)]
+    pub no_in_context: bool,
     #[command(flatten)]
     pub gate: super::common::GateArgs,
     #[command(flatten)]
@@ -48,7 +52,20 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     let run = Run::open(&a.run)?;
     let device = retro_model::device_from_name(&a.embedder.device)?;
-    let model = run.load_model(&device)?;
+    // A labml run, or a RETRO-fitted base (whose frozen base also runs in-context retrieval).
+    let (labml, fitted) = match run.retrofit {
+        Some(_) => (None, Some(run.load_retrofit(&device)?)),
+        None => (Some(run.load_model(&device)?), None),
+    };
+    let model: &dyn Scorer = match (&labml, &fitted) {
+        (Some(m), _) => m,
+        (_, Some(m)) => m,
+        _ => unreachable!("one of the two is loaded"),
+    };
+    let in_context: Option<&dyn Scorer> = fitted
+        .as_ref()
+        .filter(|_| !a.no_in_context)
+        .map(|m| m.base() as &dyn Scorer);
     let baseline_run = a.baseline.as_ref().map(|b| Run::open(b)).transpose()?;
     let baseline = baseline_run
         .as_ref()
@@ -84,8 +101,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         HashSet::new()
     };
     let r = evaluate(
-        &model,
-        baseline.as_ref(),
+        model,
+        baseline.as_ref().map(|b| b as &dyn Scorer),
+        in_context,
         Some(&retriever),
         &rdb.tokenizer,
         &corpus,
@@ -124,22 +142,26 @@ fn row(name: &str, s: Option<&Scores>) {
     }
 }
 
-/// What the baseline comparison is: equal steps, or equal training time.
+/// The two training budgets as measured, and what they are equal in, if anything (times within
+/// 5% of each other count as equal).
 fn budget(run: &Run, baseline: &Run) -> String {
     let (Ok(Some(a)), Ok(Some(b))) = (run.state(), baseline.state()) else {
         return String::new();
     };
-    let kind = if a.step == b.step {
-        "equal steps"
-    } else {
-        "equal time"
+    let (ta, tb) = (a.train_seconds, b.train_seconds);
+    let equal_time = ta > 0.0 && tb > 0.0 && (ta - tb).abs() <= 0.05 * ta.max(tb);
+    let kind = match (a.step == b.step, equal_time) {
+        (true, true) => "equal steps and time",
+        (true, false) => "equal steps",
+        (false, true) => "equal time",
+        (false, false) => "neither equal steps nor equal time",
     };
     format!(
-        "baseline comparison at {kind}: RETRO {} steps in {:.1} min of training, baseline {} steps in {:.1} min",
+        "budgets ({kind}): RETRO {} steps in {:.1} min of training, baseline {} steps in {:.1} min",
         a.step,
-        a.train_seconds / 60.0,
+        ta / 60.0,
         b.step,
-        b.train_seconds / 60.0
+        tb / 60.0
     )
 }
 
@@ -177,6 +199,9 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
         if r.baseline.is_some() {
             row("baseline (no CCA)", r.baseline.as_ref());
         }
+        if c.in_context.is_some() {
+            row("in-context retrieval (base)", c.in_context.as_ref());
+        }
         let off = r.retrieval_off.bits_per_byte;
         let against_off = |what: &str, on: &Scores| {
             println!(
@@ -189,6 +214,14 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
         if let Some(g) = &c.gated {
             against_off("gated", &g.on);
         }
+        if let Some(ic) = &c.in_context {
+            against_off("in-context retrieval", ic);
+            println!(
+                "  scored tokens/s: RETRO {:.0}, in-context retrieval {:.0}",
+                c.on_tokens_per_s,
+                c.in_context_tokens_per_s.unwrap_or(0.0)
+            );
+        }
         println!(
             "  by overlap of each chunk with its neighbours (longest common token run / chunk_len):"
         );
@@ -200,26 +233,36 @@ pub fn print_report(r: &EvalReport, run: &Run, baseline: Option<&Run>) {
                 String::new()
             }
         };
+        let ic = c.in_context.is_some();
+        let ic_col = |v: String| {
+            if ic {
+                format!(" {v:>9}")
+            } else {
+                String::new()
+            }
+        };
         println!(
-            "  {:<28} {:>7} {:>9}{} {:>9} {:>9}",
+            "  {:<28} {:>7} {:>9}{} {:>9} {:>9}{}",
             "bucket",
             "chunks",
             "ON bpb",
             col("gated bpb".into()),
             "OFF bpb",
-            "base bpb"
+            "base bpb",
+            ic_col("ctx bpb".into())
         );
         let f =
             |s: &Option<Scores>| s.map_or("-".to_string(), |s| format!("{:.4}", s.bits_per_byte));
         for b in &c.overlap {
             println!(
-                "  {:<28} {:>7} {:>9}{} {:>9} {:>9}",
+                "  {:<28} {:>7} {:>9}{} {:>9} {:>9}{}",
                 b.label(),
                 b.chunks,
                 f(&b.on),
                 col(f(&b.on_gated)),
                 f(&b.off),
-                f(&b.baseline)
+                f(&b.baseline),
+                ic_col(f(&b.in_context))
             );
         }
         if let Some(g) = &c.gated {

@@ -35,6 +35,26 @@ pub struct TrainArgs {
     /// Train only the CCA layers, encoder and norm_e (RETRO-fitting; use with --init).
     #[arg(long)]
     pub freeze_base: bool,
+    /// An imported base (`retro base import`) to RETRO-fit: with --retrofit, CCA and the neighbour
+    /// encoder are added to it and only they train. The dataset's database must use the base's
+    /// tokenizer.json.
+    #[arg(long, requires = "retrofit", conflicts_with_all = ["config", "preset", "init", "no_retrieval", "resume"])]
+    pub base: Option<PathBuf>,
+    /// RETRO-fit --base (the paper's section 4.2).
+    #[arg(long, requires = "base")]
+    pub retrofit: bool,
+    /// RETRO-fit: the first layer (0-based) with CCA.
+    #[arg(long, default_value_t = 6)]
+    pub ca_start: usize,
+    /// RETRO-fit: CCA in every this-many-th layer from --ca-start (the paper's Table 12: 3).
+    #[arg(long, default_value_t = 3)]
+    pub ca_every: usize,
+    /// RETRO-fit: layers of the neighbour encoder.
+    #[arg(long, default_value_t = 2)]
+    pub enc_layers: usize,
+    /// RETRO-fit: the encoder's feed-forward width [default: twice the base's width].
+    #[arg(long)]
+    pub enc_d_ff: Option<usize>,
     /// Steps to train [default: 1000]. With --resume: extends (or keeps) the run's count.
     #[arg(long)]
     pub steps: Option<usize>,
@@ -173,7 +193,121 @@ pub fn preset(name: &str, n_vocab: usize) -> Result<RetroConfig> {
     Ok(RetroConfig::preset(name, n_vocab)?)
 }
 
+/// Progress bar for the steps; returns the callback that moves it.
+fn progress(
+    steps: usize,
+) -> (
+    indicatif::ProgressBar,
+    impl FnMut(&retro_pipeline::StepMetrics, usize),
+) {
+    let bar = indicatif::ProgressBar::new(steps as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} eta {eta}")
+            .expect("template"),
+    );
+    let mut last_valid = None;
+    let b = bar.clone();
+    (bar, move |m: &retro_pipeline::StepMetrics, _| {
+        last_valid = m.valid_loss.or(last_valid);
+        b.set_position(m.step as u64);
+        let v = last_valid.map_or(String::new(), |v| format!(" valid {v:.4}"));
+        b.set_message(format!(
+            "loss {:.4}{v} lr {:.2e} {:.0} tok/s",
+            m.loss, m.lr, m.tokens_per_s
+        ));
+    })
+}
+
+fn print_done(run_dir: &std::path::Path, state: &retro_pipeline::RunState) {
+    println!(
+        "step {}: checkpoint {}",
+        state.step,
+        run_dir.join(&state.checkpoint).display()
+    );
+    println!(
+        "metrics {}  loss curve {}",
+        run_dir.join("metrics.jsonl").display(),
+        run_dir.join("loss.png").display()
+    );
+}
+
+/// `--base B --retrofit`, or `--resume` of such a run.
+fn run_retrofit(
+    a: &TrainArgs,
+    base_dir: &std::path::Path,
+    fit: retro_model::retrofit::RetrofitConfig,
+    run_dir: PathBuf,
+    train_cfg: TrainConfig,
+    resume: bool,
+) -> Result<()> {
+    let (db, ds) = super::common::open_dataset(&a.dataset, a.db.as_deref())?;
+    let device = retro_model::device_from_name(&a.device)?;
+    let base = retro_pipeline::BaseDir::open(base_dir)?;
+    let blocks = fit.blocks(&base.config)?;
+    let trainable = fit.num_new_parameters(&base.config)?;
+    println!(
+        "RETRO-fitting {} ({} parameters, frozen): CCA in layers {:?}, a {}-layer encoder, about {} new parameters ({:.1}%), on {} sequences of {} tokens (K {}) -> {}",
+        base_dir.display(),
+        base.config.num_parameters(),
+        blocks.ca_layers,
+        blocks.enc_n_layers,
+        trainable,
+        100.0 * trainable as f64 / base.config.num_parameters() as f64,
+        ds.len(retro_pipeline::Split::Train),
+        ds.meta().seq_len,
+        ds.meta().k,
+        run_dir.display()
+    );
+    let (bar, mut on_step) = progress(train_cfg.steps);
+    let state = retro_pipeline::train_retrofit(
+        &run_dir,
+        &base,
+        &fit,
+        &train_cfg,
+        retro_pipeline::TrainData {
+            dataset: &ds,
+            database: &db,
+            device: &device,
+        },
+        if resume {
+            retro_pipeline::Start::Resume
+        } else {
+            retro_pipeline::Start::Fresh
+        },
+        &mut on_step,
+    )?;
+    bar.finish();
+    print_done(&run_dir, &state);
+    Ok(())
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
+    if let Some(base) = &a.base {
+        let mut tc = apply_flags(&a, TrainConfig::default(), None)?;
+        tc.max_seconds = a.max_minutes.map(|m| m * 60.0);
+        tc.stop_after = a.stop_after;
+        let cfg = retro_pipeline::BaseDir::open(base)?.config;
+        let fit = retro_model::retrofit::RetrofitConfig {
+            chunk_len: super::common::open_dataset(&a.dataset, a.db.as_deref())?
+                .1
+                .meta()
+                .chunk_len,
+            ca_start: a.ca_start,
+            ca_every: a.ca_every,
+            enc_n_layers: a.enc_layers,
+            enc_d_ff: a.enc_d_ff.unwrap_or(2 * cfg.hidden_size),
+        };
+        let out = a.out.clone().expect("clap requires --out without --resume");
+        return run_retrofit(&a, base, fit, out, tc, false);
+    }
+    if let Some(dir) = &a.resume {
+        let run = Run::open(dir).with_context(|| format!("opening run {}", dir.display()))?;
+        if let Some(spec) = run.retrofit.clone() {
+            let mut tc = apply_flags(&a, run.train_config.clone(), Some(&dir.join("train.json")))?;
+            tc.max_seconds = a.max_minutes.map(|m| m * 60.0);
+            tc.stop_after = a.stop_after;
+            return run_retrofit(&a, &spec.base, spec.fit, dir.clone(), tc, true);
+        }
+    }
     let (db, ds) = super::common::open_dataset(&a.dataset, a.db.as_deref())?;
     let device = retro_model::device_from_name(&a.device)?;
     let vocab = db.load_tokenizer()?.vocab_size();
@@ -241,11 +375,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         ds.meta().filter,
         run_dir.display()
     );
-    let bar = indicatif::ProgressBar::new(train_cfg.steps as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} eta {eta}")
-            .expect("template"),
-    );
-    let mut last_valid = None;
+    let (bar, mut on_step) = progress(train_cfg.steps);
     let state = retro_pipeline::train(
         &run_dir,
         &model_cfg,
@@ -260,26 +390,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             (false, Some(init)) => retro_pipeline::Start::From(init),
             (false, None) => retro_pipeline::Start::Fresh,
         },
-        &mut |m, _| {
-            last_valid = m.valid_loss.or(last_valid);
-            bar.set_position(m.step as u64);
-            let v = last_valid.map_or(String::new(), |v| format!(" valid {v:.4}"));
-            bar.set_message(format!(
-                "loss {:.4}{v} lr {:.2e} {:.0} tok/s",
-                m.loss, m.lr, m.tokens_per_s
-            ));
-        },
+        &mut on_step,
     )?;
     bar.finish();
-    println!(
-        "step {}: checkpoint {}",
-        state.step,
-        run_dir.join(&state.checkpoint).display()
-    );
-    println!(
-        "metrics {}  loss curve {}",
-        run_dir.join("metrics.jsonl").display(),
-        run_dir.join("loss.png").display()
-    );
+    print_done(&run_dir, &state);
     Ok(())
 }

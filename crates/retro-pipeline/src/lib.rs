@@ -43,9 +43,11 @@ pub mod filter;
 pub mod gate;
 pub mod generate;
 pub mod metrics;
+pub mod near_duplicates;
 pub mod plot;
 pub mod retriever;
 pub mod schedule;
+pub mod trainee;
 pub mod trainer;
 
 pub use base::{generate_base, import_gguf, BaseDir, BaseMeta};
@@ -53,7 +55,7 @@ pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
 pub use error::{PipelineError, Result};
 pub use eval::{
     evaluate, Condition, ConditionReport, EvalOptions, EvalReport, GatedScores, OverlapBucket,
-    Scores,
+    Scorer, Scores,
 };
 pub use filter::{Filter, Origin};
 pub use gate::{longest_common_substring, Gate};
@@ -61,6 +63,8 @@ pub use generate::{generate, Event, Sampling};
 pub use metrics::{MetricsLog, StepMetrics};
 pub use retriever::{KeysOnly, Neighbours, Retriever, Text, Timings};
 pub use schedule::Schedule;
+pub use trainee::Trainee;
 pub use trainer::{
-    train, CheckpointMeta, ResumePoint, Run, RunState, Start, TrainConfig, TrainData,
+    train, train_retrofit, CheckpointMeta, ResumePoint, RetrofitSpec, Run, RunState, Start,
+    TrainConfig, TrainData,
 };

@@ -2,15 +2,18 @@
 //! steps, atomic checkpoints (weights under the reference's names, config, optimizer moments, step)
 //! every N steps and at the end, exact resume, metrics as JSONL and a loss-curve PNG.
 
+use crate::base::BaseDir;
 use crate::dataset::{Dataset, Split};
 use crate::error::{PipelineError, Result};
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::schedule::Schedule;
+use crate::trainee::Trainee;
 use candle_core::{DType, Device, Tensor};
 use retro_index::database::FileInfo;
 use retro_index::fsutil::{read_json, write_json_atomic};
 use retro_index::{Database, DatabaseId};
-use retro_model::train::{clip_grad_norm, cross_entropy, loss_and_grads, AdamW, AdamWParams};
+use retro_model::retrofit::{RetroFitted, RetrofitConfig};
+use retro_model::train::{clip_grad_norm, cross_entropy, AdamW, AdamWParams};
 use retro_model::{RetroConfig, RetroModel};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -138,8 +141,40 @@ fn verify_checkpoint(dir: &Path) -> Result<CheckpointMeta> {
 /// `metrics.jsonl`, `loss.png`.
 pub struct Run {
     pub dir: PathBuf,
+    /// The labml model's config; for a RETRO-fitted base, that of its new blocks.
     pub model_config: RetroConfig,
     pub train_config: TrainConfig,
+    /// `retrofit.json`: the run RETRO-fits this imported base (only the new blocks train).
+    pub retrofit: Option<RetrofitSpec>,
+}
+
+/// `RUN/retrofit.json`: which imported base a RETRO-fitted run reads, and where the blocks go.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrofitSpec {
+    /// The base folder (`retro base import`), as given when the run started.
+    pub base: PathBuf,
+    /// SHA-256 of its `model.safetensors`: a run never reads another base by mistake.
+    pub base_sha256: String,
+    pub fit: RetrofitConfig,
+}
+
+impl RetrofitSpec {
+    /// Opens the base and checks it is the one the run was trained on.
+    pub fn open_base(&self) -> Result<BaseDir> {
+        let base = BaseDir::open(&self.base)?;
+        let sha = &base.meta.files["model.safetensors"].sha256;
+        if *sha != self.base_sha256 {
+            return Err(PipelineError::file(
+                &self.base,
+                format!(
+                    "holds base weights {sha}, the run was RETRO-fitted on {}",
+                    self.base_sha256
+                ),
+            ));
+        }
+        Ok(base)
+    }
 }
 
 impl Run {
@@ -156,10 +191,16 @@ impl Run {
             };
             return Err(PipelineError::file(dir, why));
         }
+        let retrofit_path = dir.join("retrofit.json");
         Ok(Run {
             dir: dir.to_owned(),
             model_config: RetroConfig::from_json_file(&dir.join("config.json"))?,
             train_config: read_json(&dir.join("train.json"))?,
+            retrofit: if retrofit_path.exists() {
+                Some(read_json(&retrofit_path)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -272,12 +313,31 @@ impl Run {
 
     /// The latest checkpoint as a model.
     pub fn load_model(&self, device: &Device) -> Result<RetroModel> {
+        if self.retrofit.is_some() {
+            return Err(PipelineError::file(
+                &self.dir,
+                "a RETRO-fitted Llama base, not a labml model: open it with `Run::load_retrofit`",
+            ));
+        }
         Ok(RetroModel::from_safetensors(
             &self.model_config,
             &self.weights_path()?,
             DType::F32,
             device,
         )?)
+    }
+}
+
+impl Run {
+    /// The latest checkpoint of a RETRO-fitted run: its base, and the new blocks trained on it.
+    pub fn load_retrofit(&self, device: &Device) -> Result<RetroFitted> {
+        let spec = self.retrofit.as_ref().ok_or_else(|| {
+            PipelineError::file(&self.dir, "not a RETRO-fitted run (no retrofit.json)")
+        })?;
+        let base = spec.open_base()?.load(device)?;
+        let model = RetroFitted::new(base, &spec.fit, 0)?;
+        model.load_safetensors(&self.weights_path()?)?;
+        Ok(model)
     }
 }
 
@@ -307,13 +367,9 @@ fn check_resumable(run: &TrainConfig, given: &TrainConfig, path: &Path) -> Resul
     Ok(())
 }
 
-fn is_retrieval_param(name: &str) -> bool {
-    name.starts_with("cca.") || name.starts_with("encoder.") || name.starts_with("norm_e.")
-}
-
 /// Mean loss over up to `batches` validation batches (inference kernels).
 pub fn validation_loss(
-    model: &RetroModel,
+    model: &dyn Trainee,
     ds: &Dataset,
     db: &Database,
     batch_size: usize,
@@ -330,11 +386,7 @@ pub fn validation_loss(
     let mut n = 0;
     for idx in order.iter().take(batches) {
         let (x, y, ret) = ds.batch(db, Split::Valid, idx).tensors(model.device())?;
-        let logits = if retrieval && !model.config().ca_layers.is_empty() {
-            model.forward(&x, &ret)?
-        } else {
-            model.forward_without_retrieval(&x)?
-        };
+        let logits = model.logits(&x, retrieval.then_some(&ret))?;
         total += cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
         n += 1;
     }
@@ -393,6 +445,84 @@ pub fn train(
             format!("the database's tokenizer has {vocab} tokens"),
         ));
     }
+    check_batch_size(cfg, ds)?;
+    let model = RetroModel::new(model_config, cfg.seed, DType::F32, device)?;
+    train_model(
+        run_dir,
+        model_config,
+        None,
+        &model,
+        cfg,
+        data,
+        start,
+        on_step,
+    )
+}
+
+/// RETRO-fits an imported base: CCA and the neighbour encoder at `fit`'s places, trained on
+/// `data` (whose database must use the base's tokenizer), the base never written. Starts or
+/// resumes `run_dir` as [`train`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn train_retrofit(
+    run_dir: &Path,
+    base: &BaseDir,
+    fit: &RetrofitConfig,
+    cfg: &TrainConfig,
+    data: TrainData,
+    start: Start,
+    on_step: OnStep,
+) -> Result<RunState> {
+    let TrainData {
+        dataset: ds,
+        database: db,
+        device,
+    } = data;
+    let blocks = fit.blocks(&base.config)?;
+    if ds.meta().chunk_len != fit.chunk_len {
+        return Err(PipelineError::invalid(
+            "chunk_len",
+            fit.chunk_len,
+            format!("the dataset was cut with chunk_len {}", ds.meta().chunk_len),
+        ));
+    }
+    let theirs = db.load_tokenizer()?.fingerprint();
+    if theirs != base.tokenizer()?.fingerprint() {
+        return Err(PipelineError::file(
+            db.dir(),
+            format!(
+                "the database's tokenizer is not the base's ({}): build it with `--tokenizer {}`",
+                base.dir.display(),
+                base.dir.join("tokenizer.json").display()
+            ),
+        ));
+    }
+    if matches!(start, Start::From(_)) {
+        return Err(PipelineError::invalid(
+            "start",
+            "from weights",
+            "a RETRO-fit starts from its base: begin afresh or resume",
+        ));
+    }
+    check_batch_size(cfg, ds)?;
+    let model = RetroFitted::new(base.load(device)?, fit, cfg.seed)?;
+    let spec = RetrofitSpec {
+        base: base.dir.clone(),
+        base_sha256: base.meta.files["model.safetensors"].sha256.clone(),
+        fit: fit.clone(),
+    };
+    train_model(
+        run_dir,
+        &blocks,
+        Some(spec),
+        &model,
+        cfg,
+        data,
+        start,
+        on_step,
+    )
+}
+
+fn check_batch_size(cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
     if cfg.batch_size == 0 || ds.len(Split::Train) < cfg.batch_size {
         return Err(PipelineError::invalid(
             "batch_size",
@@ -403,14 +533,28 @@ pub fn train(
             ),
         ));
     }
-    let model = RetroModel::new(model_config, cfg.seed, DType::F32, device)?;
-    let vars: Vec<_> = model
-        .named_vars()
-        .into_iter()
-        .filter(|(n, _)| !cfg.freeze_base || is_retrieval_param(n))
-        .collect();
+    Ok(())
+}
+
+/// The loop both kinds of run share.
+#[allow(clippy::too_many_arguments)]
+fn train_model(
+    run_dir: &Path,
+    model_config: &RetroConfig,
+    retrofit: Option<RetrofitSpec>,
+    model: &dyn Trainee,
+    cfg: &TrainConfig,
+    data: TrainData,
+    start: Start,
+    on_step: OnStep,
+) -> Result<RunState> {
+    let TrainData {
+        dataset: ds,
+        database: db,
+        device,
+    } = data;
     let mut opt = AdamW::new(
-        vars,
+        model.trainable(cfg.freeze_base),
         AdamWParams {
             weight_decay: cfg.weight_decay,
             ..Default::default()
@@ -423,6 +567,7 @@ pub fn train(
         dir: run_dir.to_owned(),
         model_config: model_config.clone(),
         train_config: cfg.clone(),
+        retrofit: retrofit.clone(),
     };
     let mut resumed_notes = vec![];
     if start == Start::Resume {
@@ -431,6 +576,12 @@ pub fn train(
             return Err(PipelineError::file(
                 &run_dir.join("config.json"),
                 "the run was trained with another model config",
+            ));
+        }
+        if prev.retrofit != retrofit {
+            return Err(PipelineError::file(
+                &run_dir.join("retrofit.json"),
+                "the run was RETRO-fitted on another base or with other blocks",
             ));
         }
         check_resumable(&prev.train_config, cfg, &run_dir.join("train.json"))?;
@@ -476,7 +627,7 @@ pub fn train(
             write_json_atomic(&run_dir.join("train.json"), cfg)?;
         }
         let ck = run_dir.join(&state.checkpoint);
-        model.load_safetensors(&ck.join("model.safetensors"))?;
+        model.load(&ck.join("model.safetensors"))?;
         let opt_path = ck.join("optimizer.safetensors");
         let st = candle_core::safetensors::load(&opt_path, device).map_err(|source| {
             PipelineError::Tensors {
@@ -497,9 +648,12 @@ pub fn train(
         }
         std::fs::create_dir_all(run_dir).map_err(|e| PipelineError::io(run_dir, e))?;
         if let Start::From(init) = start {
-            model.load_safetensors(init)?;
+            model.load(init)?;
         }
         write_json_atomic(&run_dir.join("config.json"), model_config)?;
+        if let Some(spec) = &retrofit {
+            write_json_atomic(&run_dir.join("retrofit.json"), spec)?;
+        }
         write_json_atomic(&run_dir.join("train.json"), cfg)?;
         db.load_tokenizer()?.save(run_dir)?;
     }
@@ -518,7 +672,7 @@ pub fn train(
             }
         }
     }
-    let retrieval = !model_config.ca_layers.is_empty();
+    let retrieval = model.retrieval();
     let budget_start = train_seconds;
     let start_step = step;
     // The step's clock starts when the previous step's bookkeeping ends, so waiting for a batch counts.
@@ -546,7 +700,7 @@ pub fn train(
                 batch.shuffle_neighbours(cfg.neighbour_shuffle, cfg.seed ^ ((step as u64) << 20));
             }
             let (x, y, ret) = batch.tensors(device)?;
-            let (loss, mut grads) = loss_and_grads(&model, &x, &y, retrieval.then_some(&ret))?;
+            let (loss, mut grads) = model.loss_and_grads(&x, &y, retrieval.then_some(&ret))?;
             let grad_norm = clip_grad_norm(opt.vars(), &mut grads, cfg.grad_clip)?;
             let lr = cfg.schedule.lr(cfg.lr, cfg.warmup, step + 1, cfg.steps);
             opt.step(&grads, lr)?;
@@ -576,7 +730,7 @@ pub fn train(
             let last = step == cfg.steps || out_of_time;
             if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || last) {
                 m.valid_loss =
-                    validation_loss(&model, ds, db, cfg.batch_size, cfg.eval_batches, retrieval)?;
+                    validation_loss(model, ds, db, cfg.batch_size, cfg.eval_batches, retrieval)?;
             }
             metrics.push(&m)?;
             on_step(&m, cfg.steps);
@@ -584,7 +738,7 @@ pub fn train(
             if last || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
                 last_state = Some(save_checkpoint(
                     &run,
-                    &model,
+                    model,
                     &opt,
                     (step, tokens_seen, train_seconds),
                     ds,
@@ -621,7 +775,7 @@ pub fn train(
 /// (atomically), then removes older checkpoints but the previous one.
 fn save_checkpoint(
     run: &Run,
-    model: &RetroModel,
+    model: &dyn Trainee,
     opt: &AdamW,
     (step, tokens_seen, train_seconds): (usize, u64, f64),
     ds: &Dataset,
@@ -631,7 +785,7 @@ fn save_checkpoint(
     let tmp = run.dir.join(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| PipelineError::io(&tmp, e))?;
-    model.save_safetensors(&tmp.join("model.safetensors"))?;
+    model.save(&tmp.join("model.safetensors"))?;
     let (moments, _) = opt.state_dict()?;
     let moments: std::collections::HashMap<String, Tensor> = moments
         .into_iter()

@@ -44,10 +44,11 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
             });
         }
     }
+    // The scored text is a00's with a word more: a near copy, which evaluation must find.
     let scored = Corpus::from_documents([Document {
         id: "scored".into(),
         source: "generated".into(),
-        text: documents[0].text.clone(),
+        text: format!("{}abc ", documents[0].text),
     }]);
     let corpus = Corpus::from_documents(documents);
     let tokenizer = LmTokenizer::char_from_corpus(&corpus);
@@ -145,6 +146,7 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
         evaluate(
             &model,
             None,
+            None,
             Some(r),
             &tokenizer,
             &scored,
@@ -161,8 +163,22 @@ fn retro_learns_to_copy_from_a_twin_in_another_document() {
     let off = report.retrieval_off.bits_per_byte;
     let related = report.condition(Condition::Related).unwrap();
     let novel = report.condition(Condition::Novel).unwrap();
-    // The scored text is a00's: found by content, though its id is "scored".
+    // The scored text is a00's near copy: found by content, though its id is "scored".
     assert_eq!(related.excluded_documents, ["a00"]);
+    // Every scored chunk is counted once, in one bucket: ceil(t / chunk_len) per window.
+    let n = tokenizer.encode(&scored.documents[0].text).unwrap().len();
+    let expected: usize = (0..n.saturating_sub(1))
+        .step_by(64)
+        .map(|s| (n - 1 - s).min(64).div_ceil(chunk_len))
+        .sum();
+    for c in [related, novel] {
+        let counted: usize = c.overlap.iter().map(|b| b.chunks).sum();
+        assert_eq!(
+            counted, expected,
+            "{:?}: chunks in the overlap table",
+            c.condition
+        );
+    }
     assert_eq!(novel.excluded_documents, ["a00", "b00"]);
     assert!(
         related.on.bits_per_byte < 0.5 * off,

@@ -85,6 +85,25 @@ impl RetrofitConfig {
             .collect()
     }
 
+    /// How many parameters the new blocks have on a base of this config (they are built to count
+    /// them: exact, and a few hundred ms).
+    pub fn num_new_parameters(&self, base: &crate::llama::LlamaConfig) -> Result<usize> {
+        let blocks = self.blocks(base)?;
+        let varmap = VarMap::new();
+        let mut pb = ParamBuilder::new(
+            &varmap,
+            0,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        );
+        NeighbourEncoder::new(&mut pb, "encoder", &blocks)?;
+        for i in 0..blocks.ca_layers.len() {
+            ChunkedCrossAttention::new(&mut pb, &format!("cca.{i}"), &blocks)?;
+        }
+        pb.layer_norm("norm_e", blocks.d_model, blocks.layer_norm_eps)?;
+        Ok(varmap.all_vars().iter().map(|v| v.elem_count()).sum())
+    }
+
     /// The new blocks' sizes as the labml model's config names them (its decoder fields describe
     /// the base, which the blocks read from).
     pub fn blocks(&self, base: &crate::llama::LlamaConfig) -> Result<RetroConfig> {
@@ -236,6 +255,36 @@ impl RetroFitted {
             var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
         }
         Ok(())
+    }
+
+    /// Writes the new blocks (f32, atomically): the base is not copied.
+    pub fn save_safetensors(&self, path: &std::path::Path) -> Result<()> {
+        let tensors = self
+            .state_dict()
+            .into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    k,
+                    v.to_dtype(candle_core::DType::F32)?
+                        .to_device(&candle_core::Device::Cpu)?,
+                ))
+            })
+            .collect::<Result<HashMap<_, _>>>()?;
+        crate::weights::write_atomically(path, |tmp| {
+            Ok(candle_core::safetensors::save(&tensors, tmp)?)
+        })
+    }
+
+    /// Reads what [`RetroFitted::save_safetensors`] wrote.
+    pub fn load_safetensors(&self, path: &std::path::Path) -> Result<()> {
+        let file = |msg: String| ModelError::File {
+            path: path.to_owned(),
+            msg,
+        };
+        let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+            .map_err(|e| file(format!("cannot read safetensors: {e}")))?;
+        self.load_state_dict(&tensors)
+            .map_err(|e| file(e.to_string()))
     }
 
     /// `x [B, T]` -> logits `[B, T, vocab]`, inference kernels. `ret [B, C, K, N]` holds the
