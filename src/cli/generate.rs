@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use retro_pipeline::{generate, generate_base, BaseDir, Event, Retriever, Run, Sampling};
+use retro_pipeline::{generate, BaseDir, Decoder, Event, Retriever, Run, Sampling};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -73,63 +73,29 @@ fn sampling(a: &GenerateArgs) -> Sampling {
     }
 }
 
-fn run_base(a: &GenerateArgs, dir: &std::path::Path) -> Result<()> {
-    let base = BaseDir::open(dir)?;
-    let device = retro_model::device_from_name(&a.embedder.device)?;
-    let model = base.load(&device)?;
-    let tokenizer = base.tokenizer()?;
+/// Streams the prompt and what `model` generates after it, with the neighbours of each chunk
+/// when asked; returns the number of tokens generated.
+fn stream<D: Decoder>(
+    a: &GenerateArgs,
+    model: &D,
+    retriever: Option<&Retriever>,
+    tokenizer: &retro_index::LmTokenizer,
+) -> Result<usize> {
     print!("{}", a.prompt);
     std::io::stdout().flush()?;
     let mut printer = Printer {
-        tokenizer: &tokenizer,
+        tokenizer,
         pending: vec![],
     };
-    let t0 = std::time::Instant::now();
-    let out = generate_base(
-        &model,
-        &tokenizer,
+    let store = retriever.map(|r| r.database().store());
+    let show = a.show_neighbours;
+    let out = generate(
+        model,
+        retriever,
+        tokenizer,
         &a.prompt,
         a.max_tokens,
         &sampling(a),
-        &mut |t| printer.token(t),
-    )?;
-    println!();
-    let n = out.len() - tokenizer.encode(&a.prompt)?.len();
-    eprintln!(
-        "generated {n} tokens with the base alone ({:.1} tokens/s)",
-        n as f64 / t0.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-pub fn run(a: GenerateArgs) -> Result<()> {
-    let run = match (&a.run, &a.base) {
-        (_, Some(base)) => return run_base(&a, base),
-        (Some(run), None) => Run::open(run)?,
-        (None, None) => anyhow::bail!("pass --run RUN or --base BASE"),
-    };
-    let device = retro_model::device_from_name(&a.embedder.device)?;
-    let model = run.load_model(&device)?;
-    let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
-    let (db, k, tokenizer) = (&rdb.db, rdb.k, &rdb.tokenizer);
-    let (embedder, _) = super::common::load_embedder(&a.embedder, Some(db))?;
-    let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?.with_gate(a.gate.gate()?);
-    let sampling = sampling(&a);
-    print!("{}", a.prompt);
-    std::io::stdout().flush()?;
-    let store = db.store();
-    let mut printer = Printer {
-        tokenizer,
-        pending: vec![],
-    };
-    let show = a.show_neighbours;
-    let out = generate(
-        &model,
-        (!a.no_retrieval).then_some(&retriever),
-        tokenizer,
-        &a.prompt,
-        a.max_tokens,
-        &sampling,
         &mut |e| match e {
             Event::Token(t) => printer.token(t),
             Event::Neighbours {
@@ -137,6 +103,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 tokens,
                 neighbours,
             } if show => {
+                let Some(store) = store else { return };
                 let gate = match neighbours.keep.as_deref() {
                     Some([k]) if *k == 0.0 => " (not read: the gate is closed)",
                     Some(_) => " (read: the gate is open)",
@@ -163,6 +130,35 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         },
     )?;
     println!();
-    eprintln!("generated {} tokens", out.len());
+    Ok(out.len())
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let device = retro_model::device_from_name(&a.embedder.device)?;
+    let t0 = std::time::Instant::now();
+    let run = match (&a.run, &a.base) {
+        (_, Some(dir)) => {
+            let base = BaseDir::open(dir)?;
+            let tokenizer = base.tokenizer()?;
+            let n = stream(&a, &base.load(&device)?, None, &tokenizer)?;
+            eprintln!(
+                "generated {n} tokens with the base alone ({:.1} tokens/s)",
+                n as f64 / t0.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        (Some(run), None) => Run::open(run)?,
+        (None, None) => anyhow::bail!("pass --run RUN or --base BASE"),
+    };
+    let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
+    let (db, k, tokenizer) = (&rdb.db, rdb.k, &rdb.tokenizer);
+    let (embedder, _) = super::common::load_embedder(&a.embedder, Some(db))?;
+    let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?.with_gate(a.gate.gate()?);
+    let retriever = (!a.no_retrieval).then_some(&retriever);
+    let n = match run.retrofit {
+        Some(_) => stream(&a, &run.load_retrofit(&device)?, retriever, tokenizer)?,
+        None => stream(&a, &run.load_model(&device)?, retriever, tokenizer)?,
+    };
+    eprintln!("generated {n} tokens");
     Ok(())
 }

@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// RETRO-fit: the encoder's feed-forward width [default: twice the base's width].
     #[arg(long)]
     pub enc_d_ff: Option<usize>,
+    /// RETRO-fit: the encoder reads each neighbour as the base's residual stream after this many
+    /// of its layers (frozen); 0 reads the token embeddings [default: --ca-start].
+    #[arg(long)]
+    pub enc_input_layers: Option<usize>,
     /// Steps to train [default: 1000]. With --resume: extends (or keeps) the run's count.
     #[arg(long)]
     pub steps: Option<usize>,
@@ -295,6 +299,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             ca_every: a.ca_every,
             enc_n_layers: a.enc_layers,
             enc_d_ff: a.enc_d_ff.unwrap_or(2 * cfg.hidden_size),
+            enc_input_layers: a.enc_input_layers.unwrap_or(a.ca_start),
         };
         let out = a.out.clone().expect("clap requires --out without --resume");
         return run_retrofit(&a, base, fit, out, tc, false);

@@ -59,3 +59,4 @@ pub use error::{ModelError, Result};
 pub use incremental::{DecodeEngine, DecodeState};
 pub use kernels::Kernels;
 pub use model::RetroModel;
+pub use retro_kernels::ChunkSchedule;

@@ -53,6 +53,7 @@ fn fit() -> RetrofitConfig {
         ca_every: 2,
         enc_n_layers: 2,
         enc_d_ff: 48,
+        enc_input_layers: 1,
     }
 }
 
@@ -81,6 +82,10 @@ fn a_fresh_retrofit_predicts_exactly_what_the_base_predicts() {
     assert_eq!(values(&model.forward(&x, Some(&ret), None).unwrap()), base);
     assert_eq!(values(&model.forward(&x, None, None).unwrap()), base);
     assert_eq!(model.blocks().ca_layers, [1, 3].into());
+    assert_eq!(
+        fit().num_new_parameters(model.base().config()).unwrap(),
+        model.num_trainable()
+    );
 }
 
 #[test]
@@ -199,42 +204,48 @@ fn trained(seed: u64) -> RetroFitted {
 fn cached_decoding_equals_the_full_forward() {
     let model = trained(7);
     let (x, _, ret) = data(2, 19, 2, 8, 3); // 4 complete chunks of 4, and 3 tokens more
-    let full = model.forward(&x, Some(&ret), None).unwrap();
-    // Prefills of several lengths (inside a chunk, at its end, across two), then one token at a
-    // time, retrieving with the token that completes each chunk.
-    for prefill in [1, 3, 4, 6, 9] {
-        let mut cache = model.new_cache(true);
-        let mut got = vec![];
-        let mut t = 0;
-        while t < 19 {
-            let p = if t == 0 { prefill } else { 1 };
-            let chunks = (t / 4)..((t + p) / 4);
-            let r =
-                (!chunks.is_empty()).then(|| ret.narrow(1, chunks.start, chunks.len()).unwrap());
-            let l = model
-                .forward_cached(&x.narrow(1, t, p).unwrap(), &mut cache, r.as_ref())
-                .unwrap();
-            got.push(l);
-            t += p;
+                                            // Ungated, and gated with chunk 1's neighbours of the first sequence left unread.
+    let keep = Tensor::new(&[[1f32, 0., 1., 1.], [1., 1., 1., 1.]], &Device::Cpu).unwrap();
+    for gate in [None, Some(&keep)] {
+        let full = model.forward(&x, Some(&ret), gate).unwrap();
+        // Prefills of several lengths (inside a chunk, at its end, across two), then one token
+        // at a time, retrieving with the token that completes each chunk.
+        for prefill in [1, 3, 4, 6, 9] {
+            let mut cache = model.new_cache(true);
+            let mut got = vec![];
+            let mut t = 0;
+            while t < 19 {
+                let p = if t == 0 { prefill } else { 1 };
+                let chunks = (t / 4)..((t + p) / 4);
+                let some = !chunks.is_empty();
+                let r = some.then(|| ret.narrow(1, chunks.start, chunks.len()).unwrap());
+                let k = gate
+                    .filter(|_| some)
+                    .map(|g| g.narrow(1, chunks.start, chunks.len()).unwrap());
+                let l = model
+                    .forward_cached(
+                        &x.narrow(1, t, p).unwrap(),
+                        &mut cache,
+                        r.as_ref(),
+                        k.as_ref(),
+                    )
+                    .unwrap();
+                got.push(l);
+                t += p;
+            }
+            assert_eq!(cache.encoded_chunks(), 4);
+            let got = Tensor::cat(&got, 1).unwrap();
+            let worst = (got - &full).unwrap().abs().unwrap().max_all().unwrap();
+            let worst = worst.to_scalar::<f32>().unwrap();
+            assert!(
+                worst < 1e-4,
+                "prefill {prefill}, gate {gate:?}: cached logits differ by {worst}"
+            );
         }
-        assert_eq!(cache.encoded_chunks(), 4);
-        let got = Tensor::cat(&got, 1).unwrap();
-        let worst = (got - &full)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            worst < 1e-4,
-            "prefill {prefill}: cached logits differ by {worst}"
-        );
     }
     // RETRO[OFF] on the cache is the base's cached decoding.
     let mut cache = model.new_cache(false);
-    let off = model.forward_cached(&x, &mut cache, None).unwrap();
+    let off = model.forward_cached(&x, &mut cache, None, None).unwrap();
     assert_eq!(
         values(&off),
         values(&model.base().forward(&x, 0, None).unwrap())
@@ -247,12 +258,12 @@ fn the_cache_asks_for_neighbours_exactly_when_a_chunk_completes() {
     let (x, _, ret) = data(1, 8, 2, 8, 4);
     let mut cache = model.new_cache(true);
     let e = model
-        .forward_cached(&x.narrow(1, 0, 4).unwrap(), &mut cache, None)
+        .forward_cached(&x.narrow(1, 0, 4).unwrap(), &mut cache, None, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("ret") && e.contains("1 chunk"), "{e}");
     let e = model
-        .forward_cached(&x.narrow(1, 0, 4).unwrap(), &mut cache, Some(&ret))
+        .forward_cached(&x.narrow(1, 0, 4).unwrap(), &mut cache, Some(&ret), None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("U = 1"), "{e}");
@@ -262,6 +273,7 @@ fn the_cache_asks_for_neighbours_exactly_when_a_chunk_completes() {
             &x.narrow(1, 0, 4).unwrap(),
             &mut off,
             Some(&ret.narrow(1, 0, 1).unwrap()),
+            None,
         )
         .unwrap_err()
         .to_string();

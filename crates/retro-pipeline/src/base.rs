@@ -5,9 +5,7 @@
 //! whole when opened.
 
 use crate::error::{PipelineError, Result};
-use crate::generate::{sample, Sampling};
-use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
+use candle_core::{DType, Device};
 use retro_index::database::FileInfo;
 use retro_index::fsutil::{read_json, write_json_atomic, StagedDir};
 use retro_index::{ByteLevelBpe, LmTokenizer};
@@ -202,55 +200,4 @@ impl BaseDir {
     pub fn load(&self, device: &Device) -> Result<LlamaBase> {
         Ok(LlamaBase::load(&self.dir, DType::F32, device)?)
     }
-}
-
-/// Generates up to `max_tokens` after `prompt` with the base alone (no retrieval), on its KV
-/// cache; stops early at the end-of-text token. `on_token` hears each token as it is chosen.
-pub fn generate_base(
-    base: &LlamaBase,
-    tokenizer: &LmTokenizer,
-    prompt: &str,
-    max_tokens: usize,
-    sampling: &Sampling,
-    on_token: &mut dyn FnMut(u32),
-) -> Result<Vec<u32>> {
-    sampling.validate()?;
-    let mut tokens = tokenizer.encode(prompt)?;
-    if tokens.is_empty() {
-        return Err(PipelineError::invalid(
-            "prompt",
-            format!("{prompt:?}"),
-            "encodes to no token",
-        ));
-    }
-    let context = base.config().max_position_embeddings;
-    if tokens.len() + max_tokens > context {
-        return Err(PipelineError::invalid(
-            "max_tokens",
-            max_tokens,
-            format!(
-                "the prompt's {} tokens and max_tokens exceed the base's context of {context}",
-                tokens.len()
-            ),
-        ));
-    }
-    let eos = base.config().eos_token_id;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
-    let mut cache = base.new_cache();
-    let dev = base.device();
-    let mut input = Tensor::new(tokens.as_slice(), dev)?.unsqueeze(0)?;
-    for _ in 0..max_tokens {
-        let pos = cache.position();
-        let logits = base.forward(&input, pos, Some(&mut cache))?;
-        let t = logits.dim(1)?;
-        let last: Vec<f32> = logits.narrow(1, t - 1, 1)?.flatten_all()?.to_vec1()?;
-        let next = sample(&last, sampling, &mut rng);
-        if Some(next) == eos {
-            break;
-        }
-        tokens.push(next);
-        on_token(next);
-        input = Tensor::new(&[[next]], dev)?;
-    }
-    Ok(tokens)
 }

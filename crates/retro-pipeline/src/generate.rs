@@ -2,13 +2,14 @@
 //! for each generated chunk as soon as it is complete (the partial last chunk has none yet); the model
 //! runs one token at a time on its KV cache, the encoder once per completed chunk.
 
+use crate::decoder::Decoder;
 use crate::error::{PipelineError, Result};
 use crate::filter::Filter;
 use crate::retriever::{Neighbours, Retriever};
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use retro_index::LmTokenizer;
-use retro_model::RetroModel;
+use retro_model::ChunkSchedule;
 
 /// Greedy when `temperature == 0`; otherwise temperature, then top-k, then top-p (nucleus).
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -117,10 +118,10 @@ pub enum Event<'a> {
     Token(u32),
 }
 
-/// Generates up to `max_tokens` after `prompt`. With `retriever` None (or a model without CCA layers)
-/// it generates without retrieval.
-pub fn generate(
-    model: &RetroModel,
+/// Generates up to `max_tokens` after `prompt` (fewer if the model's end-of-text token comes).
+/// With `retriever` None (or a model that reads no neighbours) it generates without retrieval.
+pub fn generate<D: Decoder>(
+    model: &D,
     retriever: Option<&Retriever>,
     tokenizer: &LmTokenizer,
     prompt: &str,
@@ -132,8 +133,8 @@ pub fn generate(
     // every step being handed to the pool from outside (see `on_pool`).
     retro_model::device::on_pool(model.device(), || {
         sampling.validate()?;
-        let cl = model.config().chunk_len;
-        let retriever = retriever.filter(|_| !model.config().ca_layers.is_empty());
+        let cl = model.chunk_len();
+        let retriever = retriever.filter(|_| cl > 0);
         if let Some(r) = retriever {
             if r.chunk_len() != cl {
                 return Err(PipelineError::invalid(
@@ -153,7 +154,18 @@ pub fn generate(
         }
         let device = model.device().clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
-        let mut state = model.start_decoding(1, retriever.is_some());
+        if let Some(context) = model.context().filter(|&c| tokens.len() + max_tokens > c) {
+            return Err(PipelineError::invalid(
+                "max_tokens",
+                max_tokens,
+                format!(
+                    "the prompt's {} tokens and max_tokens exceed the model's context of {context}",
+                    tokens.len()
+                ),
+            ));
+        }
+        let mut state = model.start(retriever.is_some());
+        let schedule = (cl > 0).then(|| ChunkSchedule::new(cl));
         // Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
         type Retrieved = (Option<Tensor>, Option<Tensor>);
         // The neighbours of the last chunks, as many as the coherent gate looks back over: it compares
@@ -167,13 +179,13 @@ pub fn generate(
                 let Some(r) = retriever else {
                     return Ok((None, None));
                 };
-                if t % cl != cl - 1 {
+                let Some(u) = schedule.and_then(|s| s.completes(t)) else {
                     return Ok((None, None));
-                }
+                };
                 let chunk = &tokens[t + 1 - cl..=t];
                 let n = r.retrieve_after(&[chunk.to_vec()], None, Filter::None, before.as_ref())?;
                 on_event(Event::Neighbours {
-                    chunk: t / cl,
+                    chunk: u,
                     tokens: chunk,
                     neighbours: &n,
                 });
@@ -188,25 +200,25 @@ pub fn generate(
         let mut logits = None;
         for t in 0..tokens.len() {
             let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
-            let x = Tensor::new(&[tokens[t]], &device)?;
-            logits = Some(model.step_gated(&mut state, &x, nb.as_ref(), keep.as_ref())?);
+            logits = Some(model.step(&mut state, tokens[t], nb.as_ref(), keep.as_ref())?);
         }
         let mut out = vec![];
         for _ in 0..max_tokens {
             let row: Vec<f32> = logits
                 .take()
                 .expect("a step ran")
-                .squeeze(0)?
                 .to_dtype(DType::F32)?
                 .to_vec1()?;
             let next = sample(&row, sampling, &mut rng);
+            if Some(next) == model.eos() {
+                break;
+            }
             out.push(next);
             tokens.push(next);
             on_event(Event::Token(next));
             let t = tokens.len() - 1;
             let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
-            let x = Tensor::new(&[next], &device)?;
-            logits = Some(model.step_gated(&mut state, &x, nb.as_ref(), keep.as_ref())?);
+            logits = Some(model.step(&mut state, next, nb.as_ref(), keep.as_ref())?);
         }
         Ok(out)
     })

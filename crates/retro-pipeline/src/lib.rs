@@ -37,6 +37,7 @@
 
 pub mod base;
 pub mod dataset;
+pub mod decoder;
 pub mod error;
 pub mod eval;
 pub mod filter;
@@ -50,8 +51,9 @@ pub mod schedule;
 pub mod trainee;
 pub mod trainer;
 
-pub use base::{generate_base, import_gguf, BaseDir, BaseMeta};
+pub use base::{import_gguf, BaseDir, BaseMeta};
 pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
+pub use decoder::Decoder;
 pub use error::{PipelineError, Result};
 pub use eval::{
     evaluate, Condition, ConditionReport, EvalOptions, EvalReport, GatedScores, OverlapBucket,

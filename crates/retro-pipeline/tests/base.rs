@@ -2,7 +2,7 @@
 //! same file (the fixture of retro-model's Llama test), and generation with the base alone.
 
 use retro_index::testdata;
-use retro_pipeline::{generate_base, import_gguf, BaseDir, Sampling};
+use retro_pipeline::{generate, import_gguf, BaseDir, Event, Sampling};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -115,20 +115,45 @@ fn greedy_generation_continues_in_english() {
     let tok = base.tokenizer().unwrap();
     let prompt = "The capital of France is";
     let mut heard = vec![];
-    let out = generate_base(&model, &tok, prompt, 8, &Sampling::default(), &mut |t| {
-        heard.push(t)
-    })
+    let out = generate(
+        &model,
+        None,
+        &tok,
+        prompt,
+        8,
+        &Sampling::default(),
+        &mut |e| {
+            if let Event::Token(t) = e {
+                heard.push(t)
+            }
+        },
+    )
     .unwrap();
-    let n_prompt = tok.encode(prompt).unwrap().len();
-    assert_eq!(&out[n_prompt..], heard.as_slice());
+    assert_eq!(out, heard);
     let text = tok.decode(&out).unwrap();
     assert!(text.contains("Paris"), "{text:?}");
+    // The cached loop predicts what the full forward predicts.
+    let mut ids = tok.encode(prompt).unwrap();
+    ids.extend(&out[..out.len() - 1]);
+    let x = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let full = model
+        .forward(&x, 0, None)
+        .unwrap()
+        .argmax(2)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let full: Vec<u32> = full.to_vec1().unwrap();
+    assert_eq!(&full[full.len() - out.len()..], out.as_slice());
     // Sampling values out of their domain are refused by name.
     let bad = Sampling {
         temperature: -1.0,
         ..Default::default()
     };
-    let e = generate_base(&model, &tok, prompt, 4, &bad, &mut |_| {})
+    let e = generate(&model, None, &tok, prompt, 4, &bad, &mut |_| {})
         .unwrap_err()
         .to_string();
     assert!(e.contains("temperature"), "{e}");

@@ -69,6 +69,7 @@ fn a_retrofit_run_trains_the_new_blocks_only_and_evaluates_beside_in_context_ret
         ca_every: 5,
         enc_n_layers: 1,
         enc_d_ff: 256,
+        enc_input_layers: 2,
     };
     let tc = TrainConfig {
         steps: 3,
@@ -184,6 +185,31 @@ fn a_retrofit_run_trains_the_new_blocks_only_and_evaluates_beside_in_context_ret
     .unwrap()
     .to_string();
     assert!(e.contains("tokenizer"), "{e}");
+
+    // Generation retrieves for each chunk as it completes (chunk_len 16: a 20-token prompt and
+    // 20 tokens more complete chunks 0 and 1), and stops at most at max_tokens.
+    let retriever = Retriever::new(&db, &embedder, &tokenizer, 2).unwrap();
+    let mut chunks = vec![];
+    let prompt = "1:1 In the days when the judges judged, there was a famine in the land.";
+    let out = retro_pipeline::generate(
+        &model,
+        Some(&retriever),
+        &tokenizer,
+        prompt,
+        20,
+        &retro_pipeline::Sampling::default(),
+        &mut |e| {
+            if let retro_pipeline::Event::Neighbours {
+                chunk, neighbours, ..
+            } = e
+            {
+                chunks.push((chunk, neighbours.chunk_ids.len()));
+            }
+        },
+    )
+    .unwrap();
+    let n = tokenizer.encode(prompt).unwrap().len() + out.len();
+    assert_eq!(chunks, (0..n / 16).map(|u| (u, 2)).collect::<Vec<_>>());
 
     // Evaluation: the web text, with ASV's Ruth to retrieve from.
     let scored = Corpus::from_documents(

@@ -320,6 +320,47 @@ impl LlamaBase {
         Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head)?)
     }
 
+    /// The residual stream `[B, T, d]` of `x [B, T]` (positions from 0) after its first `layers`
+    /// layers: features of text for blocks that read it, such as a RETRO-fit's neighbour encoder.
+    pub fn hidden_after(&self, x: &Tensor, layers: usize, kern: Kernels) -> Result<Tensor> {
+        let (_, t) = x.dims2().map_err(|_| {
+            ModelError::shape(
+                "llama hidden",
+                "x",
+                "must be [B, T]",
+                format!("{:?}", x.dims()),
+            )
+        })?;
+        if t > self.rotary.positions() || layers > self.layers.len() {
+            return Err(ModelError::shape(
+                "llama hidden",
+                "x",
+                format!(
+                    "must fit the context of {} positions, through at most {} layers",
+                    self.rotary.positions(),
+                    self.layers.len()
+                ),
+                format!("{t} tokens through {layers} layers"),
+            ));
+        }
+        let mut h = self.embed(x, "ret")?;
+        for layer in &self.layers[..layers] {
+            let a = layer.attn.forward(
+                &layer.input_norm.forward(&h, kern)?,
+                0,
+                &self.rotary,
+                None,
+                kern,
+            )?;
+            h = (h + a)?;
+            let m = layer
+                .mlp
+                .forward(&layer.post_attention_norm.forward(&h, kern)?)?;
+            h = (h + m)?;
+        }
+        Ok(h)
+    }
+
     /// Token embeddings `[.., hidden_size]` of ids of any shape, checked against the vocabulary
     /// (`input` names them in the error).
     pub fn embed(&self, ids: &Tensor, input: &'static str) -> Result<Tensor> {

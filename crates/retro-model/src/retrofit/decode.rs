@@ -25,6 +25,8 @@ pub struct RetroFitCache {
     chunk_h: Option<Tensor>,
     /// `[B, 1, K, N, d]` per completed chunk: its encoded neighbours (after `norm_e`).
     e: Vec<Tensor>,
+    /// `[B, 1, 1]` per completed chunk: its gate (`None`: every neighbour read).
+    keep: Vec<Option<Tensor>>,
 }
 
 impl RetroFitCache {
@@ -50,17 +52,20 @@ impl RetroFitted {
             retrieval,
             chunk_h: None,
             e: vec![],
+            keep: vec![],
         }
     }
 
     /// Feeds `x [B, P]` at the cache's position and returns their logits `[B, P, vocab]`.
     /// `ret [B, U, K, N]` holds the neighbours of the `U` chunks these tokens complete, in order:
-    /// required with retrieval on when `U > 0`, refused otherwise.
+    /// required with retrieval on when `U > 0`, refused otherwise. `keep [B, U]` gates them as
+    /// in [`RetroFitted::forward`] (0: that chunk's neighbours are not read).
     pub fn forward_cached(
         &self,
         x: &Tensor,
         cache: &mut RetroFitCache,
         ret: Option<&Tensor>,
+        keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, p) = x.dims2().map_err(|_| {
             ModelError::shape(
@@ -107,6 +112,16 @@ impl RetroFitted {
             }
             _ => {}
         }
+        if let Some(k) = keep {
+            if ret.is_none() || k.dims() != [b, completed.len()] {
+                return Err(ModelError::shape(
+                    at(),
+                    "keep",
+                    format!("must be [B, U] = [{b}, {}], with `ret`", completed.len()),
+                    format!("{:?}", k.dims()),
+                ));
+            }
+        }
         if !cache.retrieval {
             return self.base.forward_hooked(
                 x,
@@ -117,14 +132,30 @@ impl RetroFitted {
             );
         }
         let RetroFitCache {
-            base, chunk_h, e, ..
+            base,
+            chunk_h,
+            e,
+            keep: gates,
+            ..
         } = cache;
+        for j in 0..completed.len() {
+            gates.push(
+                keep.map(|k| -> Result<Tensor> {
+                    Ok(k.narrow(1, j, 1)?
+                        .reshape((b, 1, 1))?
+                        .to_device(self.base.device())?
+                        .to_dtype(self.base.dtype())?)
+                })
+                .transpose()?,
+            );
+        }
         let mut hook = CachedCca {
             model: self,
             sched,
             ret,
             chunk_h,
             e,
+            keep: gates,
         };
         self.base.forward_hooked(x, t0, Some(base), &mut hook, KERN)
     }
@@ -137,6 +168,7 @@ struct CachedCca<'a> {
     ret: Option<&'a Tensor>,
     chunk_h: &'a mut Option<Tensor>,
     e: &'a mut Vec<Tensor>,
+    keep: &'a [Option<Tensor>],
 }
 
 impl CachedCca<'_> {
@@ -195,7 +227,16 @@ impl CachedCca<'_> {
             let att = params
                 .attend(&x, &e.reshape((b, k * n, d))?, (b, end - r, k * n), KERN)?
                 .reshape((b, end - r, params.n_heads * params.d_k))?;
-            pieces.push(params.output.forward_k(&att, Some(&rows), KERN)?);
+            pieces.push(match &self.keep[u] {
+                None => params.output.forward_k(&att, Some(&rows), KERN)?,
+                Some(k) => {
+                    (params
+                        .output
+                        .forward_k(&att, None, KERN)?
+                        .broadcast_mul(k)?
+                        + &rows)?
+                }
+            });
             r = end;
         }
         Ok(Tensor::cat(&pieces, 1)?)

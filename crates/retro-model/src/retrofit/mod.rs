@@ -22,7 +22,7 @@
 //!     .map(|(name, shape)| Ok((name, (Tensor::randn(0f32, 0.1, shape, &Device::Cpu)?))))
 //!     .collect::<candle_core::Result<_>>()?;
 //! let base = LlamaBase::from_tensors(&config, &tensors, DType::F32, &Device::Cpu)?;
-//! let fit = RetrofitConfig { chunk_len: 4, ca_start: 1, ca_every: 2, enc_n_layers: 1, enc_d_ff: 32 };
+//! let fit = RetrofitConfig { chunk_len: 4, ca_start: 1, ca_every: 2, enc_n_layers: 1, enc_d_ff: 32, enc_input_layers: 0 };
 //! let model = RetroFitted::new(base, &fit, 7)?;
 //! let x = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu)?;  // 2 chunks of 4
 //! let ret = Tensor::zeros((1, 2, 2, 8), DType::U32, &Device::Cpu)?;    // K = 2, N = 8
@@ -64,6 +64,11 @@ pub struct RetrofitConfig {
     pub enc_n_layers: usize,
     /// The encoder's feed-forward width.
     pub enc_d_ff: usize,
+    /// What the encoder reads of each neighbour: 0, the base's token embeddings (as the labml
+    /// model does); `n`, the base's residual stream after its first `n` layers (frozen), the
+    /// features the decoder's own CCA queries come from when `n` is `ca_start`.
+    #[serde(default)]
+    pub enc_input_layers: usize,
 }
 
 impl RetrofitConfig {
@@ -75,6 +80,7 @@ impl RetrofitConfig {
             ca_every: 3,
             enc_n_layers: 2,
             enc_d_ff,
+            enc_input_layers: 6,
         }
     }
 
@@ -119,6 +125,12 @@ impl RetrofitConfig {
         }
         if self.enc_n_layers == 0 {
             return Err(ModelError::Config("`enc_n_layers` must be > 0".into()));
+        }
+        if self.enc_input_layers > base.num_hidden_layers {
+            return Err(ModelError::Config(format!(
+                "`enc_input_layers` = {} is beyond the base's {} layers",
+                self.enc_input_layers, base.num_hidden_layers
+            )));
         }
         let c = RetroConfig {
             n_vocab: base.vocab_size,
@@ -364,8 +376,18 @@ impl RetroFitted {
     /// The encoded neighbours `[B, C, K, N, d]` (after `norm_e`) of `ret [B, C, K, N]`, read
     /// against the decoder state `h [B, T, d]` at the first CCA layer.
     pub(crate) fn encode(&self, ret: &Tensor, h: &Tensor, kern: Kernels) -> Result<Tensor> {
-        let n = ret.dim(3)?;
-        let e = self.base.embed(ret, "ret")?;
+        let (b, c, k, n) = ret.dims4()?;
+        let e = match self.config.enc_input_layers {
+            0 => self.base.embed(ret, "ret")?,
+            layers => {
+                // Frozen and below every trainable block: no gradient needed.
+                let flat = ret.reshape((b * c * k, n))?;
+                self.base
+                    .hidden_after(&flat, layers, Kernels::Fused)?
+                    .detach()
+                    .reshape((b, c, k, n, self.blocks.d_model))?
+            }
+        };
         let rope = RopeTables::new(&self.theta, 0, n, self.base.dtype(), self.base.device())?;
         let e = self.encoder.forward(&e, h, &rope, kern)?;
         Ok(self.norm_e.forward(&e, kern)?)
