@@ -59,6 +59,11 @@ pub struct TrainArgs {
     /// of its layers (frozen); 0 reads the token embeddings [default: --ca-start].
     #[arg(long)]
     pub enc_input_layers: Option<usize>,
+    /// RETRO-fit: how the new blocks start: `base` (each CCA as its layer's self-attention reading
+    /// the neighbours, the encoder as the identity) or `random` (PyTorch's default). Either way
+    /// the CCA's output starts at zero, so the model starts exactly at the base.
+    #[arg(long, default_value = "base", value_parser = ["base", "random"])]
+    pub blocks_init: String,
     /// Steps to train [default: 1000]. With --resume: extends (or keeps) the run's count.
     #[arg(long)]
     pub steps: Option<usize>,
@@ -300,6 +305,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             enc_n_layers: a.enc_layers,
             enc_d_ff: a.enc_d_ff.unwrap_or(2 * cfg.hidden_size),
             enc_input_layers: a.enc_input_layers.unwrap_or(a.ca_start),
+            init_from_base: a.blocks_init == "base",
         };
         let out = a.out.clone().expect("clap requires --out without --resume");
         return run_retrofit(&a, base, fit, out, tc, false);

@@ -70,6 +70,7 @@ fn a_retrofit_run_trains_the_new_blocks_only_and_evaluates_beside_in_context_ret
         enc_n_layers: 1,
         enc_d_ff: 256,
         enc_input_layers: 2,
+        init_from_base: false,
     };
     let tc = TrainConfig {
         steps: 3,

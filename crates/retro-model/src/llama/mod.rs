@@ -33,6 +33,7 @@ pub mod config;
 pub mod gguf;
 pub mod model;
 
+pub use blocks::Block;
 pub use config::LlamaConfig;
 pub use gguf::{GgufImport, GgufVocab};
 pub use model::{tensor_shapes, LayerHook, LlamaBase, LlamaCache, NoHook};

@@ -227,6 +227,10 @@ impl LlamaBase {
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
+    /// Layer `i`'s weights.
+    pub fn block(&self, i: usize) -> &Block {
+        &self.layers[i]
+    }
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -22,7 +22,7 @@
 //!     .map(|(name, shape)| Ok((name, (Tensor::randn(0f32, 0.1, shape, &Device::Cpu)?))))
 //!     .collect::<candle_core::Result<_>>()?;
 //! let base = LlamaBase::from_tensors(&config, &tensors, DType::F32, &Device::Cpu)?;
-//! let fit = RetrofitConfig { chunk_len: 4, ca_start: 1, ca_every: 2, enc_n_layers: 1, enc_d_ff: 32, enc_input_layers: 0 };
+//! let fit = RetrofitConfig { chunk_len: 4, ca_start: 1, ca_every: 2, enc_n_layers: 1, enc_d_ff: 32, enc_input_layers: 0, init_from_base: false };
 //! let model = RetroFitted::new(base, &fit, 7)?;
 //! let x = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu)?;  // 2 chunks of 4
 //! let ret = Tensor::zeros((1, 2, 2, 8), DType::U32, &Device::Cpu)?;    // K = 2, N = 8
@@ -69,6 +69,13 @@ pub struct RetrofitConfig {
     /// features the decoder's own CCA queries come from when `n` is `ca_start`.
     #[serde(default)]
     pub enc_input_layers: usize,
+    /// Start each CCA as its layer's own self-attention reading the neighbours (query, key and
+    /// value projections and the norm's weight copied from the base, the key/value heads repeated
+    /// for each query head), and the encoder as the identity (its blocks' output projections at
+    /// zero); the CCA's output projection still starts at zero, so the model starts exactly at
+    /// the base. Otherwise the new blocks start from PyTorch's default initialisation.
+    #[serde(default)]
+    pub init_from_base: bool,
 }
 
 impl RetrofitConfig {
@@ -81,6 +88,7 @@ impl RetrofitConfig {
             enc_n_layers: 2,
             enc_d_ff,
             enc_input_layers: 6,
+            init_from_base: true,
         }
     }
 
@@ -178,10 +186,50 @@ impl RetroFitted {
         let norm_e = pb.layer_norm("norm_e", blocks.d_model, blocks.layer_norm_eps)?;
         {
             let vars = varmap.data().lock().unwrap();
+            let zero = |name: String| -> Result<()> {
+                let v = &vars[&name];
+                Ok(v.set(&v.as_tensor().zeros_like()?)?)
+            };
             for i in 0..cca.len() {
-                for p in ["weight", "bias"] {
-                    let v = &vars[&format!("cca.{i}.output.{p}")];
-                    v.set(&v.as_tensor().zeros_like()?)?;
+                zero(format!("cca.{i}.output.weight"))?;
+                zero(format!("cca.{i}.output.bias"))?;
+            }
+            if config.init_from_base {
+                let set = |name: String, t: Tensor| -> Result<()> {
+                    Ok(vars[&name].set(&t.to_dtype(base.dtype())?)?)
+                };
+                for (i, &layer) in blocks.ca_layers.iter().enumerate() {
+                    let b = base.block(layer);
+                    let w = &b.input_norm.weight;
+                    let rep = blocks.n_heads / b.attn.n_kv_heads;
+                    // Keys and values read norm_e's output: the base's norm weight folded in.
+                    let kv = |m: &Tensor| -> Result<Tensor> {
+                        let (rows, cols) = m.dims2()?;
+                        let heads =
+                            m.reshape((b.attn.n_kv_heads, 1, rows / b.attn.n_kv_heads, cols))?;
+                        let heads = heads.repeat((1, rep, 1, 1))?.reshape((rows * rep, cols))?;
+                        Ok(heads.broadcast_mul(&w.unsqueeze(0)?)?)
+                    };
+                    set(format!("cca.{i}.query.weight"), b.attn.q.clone())?;
+                    set(format!("cca.{i}.key.weight"), kv(&b.attn.k)?)?;
+                    set(format!("cca.{i}.value.weight"), kv(&b.attn.v)?)?;
+                    set(format!("cca.{i}.norm.weight"), w.clone())?;
+                    for p in ["query", "key", "value", "norm"] {
+                        zero(format!("cca.{i}.{p}.bias"))?;
+                    }
+                }
+                for p in 0..blocks.enc_n_layers {
+                    for name in [
+                        format!("encoder.attn.{p}.output"),
+                        format!("encoder.ffw.{p}.lin2"),
+                    ] {
+                        zero(format!("{name}.weight"))?;
+                        zero(format!("{name}.bias"))?;
+                    }
+                }
+                for i in 0..blocks.enc_ca_layers.len() {
+                    zero(format!("encoder.ca.{i}.output.weight"))?;
+                    zero(format!("encoder.ca.{i}.output.bias"))?;
                 }
             }
         }
