@@ -15,6 +15,10 @@ pub struct EvalArgs {
     /// Held-out text: a file, a folder or a JSONL corpus.
     #[arg(long)]
     pub data: PathBuf,
+    /// Score only the documents of --data whose id contains this text (repeatable), e.g.
+    /// `web/Ruth` of a Bible translation.
+    #[arg(long)]
+    pub data_matching: Vec<String>,
     /// Retrieve from this database instead of the run's own: swapping the database needs no
     /// retraining. Its tokenizer and chunk_len must be the run's.
     #[arg(long)]
@@ -80,7 +84,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let (embedder, _) = super::common::load_embedder(&a.embedder, Some(db))?;
     let retriever =
         Retriever::new(db, embedder.as_ref(), &rdb.tokenizer, rdb.k)?.with_gate(a.gate.gate()?);
-    let corpus = read_corpus(&a.data, &CorpusOptions::default())?;
+    let mut corpus = read_corpus(&a.data, &CorpusOptions::default())?;
+    if !a.data_matching.is_empty() {
+        corpus
+            .documents
+            .retain(|d| a.data_matching.iter().any(|m| d.id.contains(m.as_str())));
+        if corpus.documents.is_empty() {
+            anyhow::bail!(
+                "{}: no document's id contains any of {:?}",
+                a.data.display(),
+                a.data_matching
+            );
+        }
+    }
     // The run's held-out documents, found in this database by id; the rest it was trained on.
     let held_ids: HashSet<&str> = rdb
         .dataset
