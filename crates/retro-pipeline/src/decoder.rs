@@ -1,5 +1,5 @@
 //! What generation needs of a model: a decoding state fed one token at a time, with the
-//! neighbours of the chunk that token completes. One loop ([`crate::generate`]) drives the labml
+//! neighbours of the chunk that token completes. One loop ([`crate::generate()`]) drives the labml
 //! model, a RETRO-fitted base and a base alone.
 
 use crate::error::Result;
