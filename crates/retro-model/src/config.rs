@@ -168,15 +168,7 @@ impl RetroConfig {
 
     /// Reads and validates a JSON config.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let file = |msg: String| ModelError::File {
-            path: path.to_owned(),
-            msg,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
-        let cfg: Self =
-            serde_json::from_str(&text).map_err(|e| file(format!("invalid config JSON: {e}")))?;
-        cfg.validate().map_err(|e| file(e.to_string()))?;
-        Ok(cfg)
+        read_config(path, Self::validate)
     }
 
     /// The config with no decoder CCA layers (a baseline trained without retrieval).
@@ -191,6 +183,22 @@ impl RetroConfig {
     pub fn d_attn(&self) -> usize {
         self.n_heads * self.d_k
     }
+}
+
+/// Reads a JSON config and validates it; every error names the file.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl Fn(&T) -> Result<()>,
+) -> Result<T> {
+    let file = |msg: String| ModelError::File {
+        path: path.to_owned(),
+        msg,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+    let cfg: T =
+        serde_json::from_str(&text).map_err(|e| file(format!("invalid config JSON: {e}")))?;
+    validate(&cfg).map_err(|e| file(e.to_string()))?;
+    Ok(cfg)
 }
 
 #[cfg(test)]

@@ -430,13 +430,7 @@ pub fn train(
         device,
     } = data;
     model_config.validate()?;
-    if ds.meta().chunk_len != model_config.chunk_len {
-        return Err(PipelineError::invalid(
-            "chunk_len",
-            model_config.chunk_len,
-            format!("the dataset was cut with chunk_len {}", ds.meta().chunk_len),
-        ));
-    }
+    check_dataset(ds, model_config.chunk_len, cfg)?;
     let vocab = db.load_tokenizer()?.vocab_size();
     if vocab > model_config.n_vocab {
         return Err(PipelineError::invalid(
@@ -445,7 +439,6 @@ pub fn train(
             format!("the database's tokenizer has {vocab} tokens"),
         ));
     }
-    check_batch_size(cfg, ds)?;
     let model = RetroModel::new(model_config, cfg.seed, DType::F32, device)?;
     train_model(
         run_dir,
@@ -478,13 +471,7 @@ pub fn train_retrofit(
         device,
     } = data;
     let blocks = fit.blocks(&base.config)?;
-    if ds.meta().chunk_len != fit.chunk_len {
-        return Err(PipelineError::invalid(
-            "chunk_len",
-            fit.chunk_len,
-            format!("the dataset was cut with chunk_len {}", ds.meta().chunk_len),
-        ));
-    }
+    check_dataset(ds, fit.chunk_len, cfg)?;
     let theirs = db.load_tokenizer()?.fingerprint();
     if theirs != base.tokenizer()?.fingerprint() {
         return Err(PipelineError::file(
@@ -503,7 +490,6 @@ pub fn train_retrofit(
             "a RETRO-fit starts from its base: begin afresh or resume",
         ));
     }
-    check_batch_size(cfg, ds)?;
     let model = RetroFitted::new(base.load(device)?, fit, cfg.seed)?;
     let spec = RetrofitSpec {
         base: base.dir.clone(),
@@ -522,7 +508,15 @@ pub fn train_retrofit(
     )
 }
 
-fn check_batch_size(cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
+/// The dataset was cut in the model's chunks and holds a batch.
+fn check_dataset(ds: &Dataset, chunk_len: usize, cfg: &TrainConfig) -> Result<()> {
+    if ds.meta().chunk_len != chunk_len {
+        return Err(PipelineError::invalid(
+            "chunk_len",
+            chunk_len,
+            format!("the dataset was cut with chunk_len {}", ds.meta().chunk_len),
+        ));
+    }
     if cfg.batch_size == 0 || ds.len(Split::Train) < cfg.batch_size {
         return Err(PipelineError::invalid(
             "batch_size",

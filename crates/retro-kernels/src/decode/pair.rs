@@ -161,7 +161,7 @@ where
     RB: Send,
 {
     if rayon::current_num_threads() < 2 || ON_HELPER.get() {
-        return (a(), b());
+        return both_here(a, b);
     }
     let h = helper();
     let job = StackJob::new(b);
@@ -170,7 +170,7 @@ where
         .compare_exchange(null_mut(), ptr, SeqCst, Relaxed)
         .is_err()
     {
-        return (a(), job.take()());
+        return both_here(a, job.take());
     }
     if h.parked.load(SeqCst) {
         h.thread.unpark();
@@ -197,6 +197,16 @@ where
         // touches the job.
         unsafe { (*job.result.get()).take() }.expect("a finished job holds its result")
     };
+    match (ra, rb) {
+        (Ok(ra), Ok(rb)) => (ra, rb),
+        (Err(p), _) | (_, Err(p)) => resume_unwind(p),
+    }
+}
+
+/// `a` then `b` on this thread; a panic in `a` still lets `b` run, as [`join`] promises.
+fn both_here<RA, RB>(a: impl FnOnce() -> RA, b: impl FnOnce() -> RB) -> (RA, RB) {
+    let ra = catch_unwind(AssertUnwindSafe(a));
+    let rb = catch_unwind(AssertUnwindSafe(b));
     match (ra, rb) {
         (Ok(ra), Ok(rb)) => (ra, rb),
         (Err(p), _) | (_, Err(p)) => resume_unwind(p),

@@ -96,15 +96,7 @@ impl LlamaConfig {
 
     /// Reads and validates a `config.json`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let file = |msg: String| ModelError::File {
-            path: path.to_owned(),
-            msg,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
-        let cfg: Self =
-            serde_json::from_str(&text).map_err(|e| file(format!("invalid config JSON: {e}")))?;
-        cfg.validate().map_err(|e| file(e.to_string()))?;
-        Ok(cfg)
+        crate::config::read_config(path, Self::validate)
     }
 
     /// Number of parameters (the tied output projection counted once).

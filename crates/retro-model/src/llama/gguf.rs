@@ -281,8 +281,8 @@ mod tests {
             .unwrap();
         let back = unpermute(&permute(&w, 3), 3).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
-        // Row 1 of a head in GGUF is Hugging Face's row half (= 2) of that head.
+        // Row 1 of a head in GGUF is Hugging Face's row `half` of that head (8 rows a head, so 4).
         let p = permute(&w, 3).to_vec2::<f32>().unwrap();
-        assert_eq!(p[1], w.to_vec2::<f32>().unwrap()[2]);
+        assert_eq!(p[1], w.to_vec2::<f32>().unwrap()[4]);
     }
 }
