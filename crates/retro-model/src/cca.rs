@@ -8,6 +8,7 @@ use crate::config::RetroConfig;
 use crate::kernels::Kernels;
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
+use retro_kernels::ChunkSchedule;
 
 #[derive(Debug, Clone)]
 pub struct ChunkedCrossAttention {
@@ -49,8 +50,9 @@ impl ChunkedCrossAttention {
         let (_, t, _) = h.dims3()?;
         let p = &self.params;
         let cl = self.chunk_len;
-        let kept = t - (cl - 1);
-        let x = p.norm.forward(&h.narrow(1, cl - 1, kept)?, kern)?;
+        let shift = ChunkSchedule::new(cl).shift();
+        let kept = t - shift;
+        let x = p.norm.forward(&h.narrow(1, shift, kept)?, kern)?;
         // Zero rows after the norm so the queries split into c whole chunks (they land past T).
         let x = x.pad_with_zeros(1, 0, c * cl - kept)?;
         // Softmax jointly over all k * n neighbour positions.
@@ -70,6 +72,6 @@ impl ChunkedCrossAttention {
                     .narrow(1, 0, kept)?
             }
         };
-        out.pad_with_zeros(1, cl - 1, 0)? + h
+        out.pad_with_zeros(1, shift, 0)? + h
     }
 }

@@ -42,6 +42,7 @@ use crate::kernels::Kernels;
 use crate::model::RetroModel;
 use crate::rows::{ChunkEnd, RowDecode, RowsEngine};
 use candle_core::{DType, Tensor};
+use retro_kernels::ChunkSchedule;
 
 const KERN: Kernels = Kernels::Fused;
 
@@ -254,7 +255,8 @@ impl RetroModel {
                 ))
             }
         }
-        let chunk_end = t % cl == cl - 1;
+        let sched = ChunkSchedule::new(cl);
+        let chunk_end = sched.completes(t).is_some();
         let neighbours = match (state.retrieval, chunk_end, neighbours) {
             (false, _, Some(n)) => {
                 return Err(ModelError::shape(
@@ -271,7 +273,7 @@ impl RetroModel {
                     format!(
                     "come with the last token of a chunk (t % chunk_len == {}, chunk_len = {cl}); \
                          t does not complete a chunk",
-                    cl - 1
+                    sched.shift()
                 ),
                     format!("{:?}", n.dims()),
                 ))
@@ -283,7 +285,7 @@ impl RetroModel {
                     format!(
                         "of chunk {}, which this token completes, must come with it as [B, K, N] \
                          (retrieval is on)",
-                        t / cl
+                        sched.complete_chunks(t)
                     ),
                     "none",
                 ))
@@ -376,9 +378,8 @@ impl RetroModel {
                         state.keep.push(end.keep.clone());
                     }
                 }
-                // Chunk u's neighbours condition positions u*cl + cl - 1 ..= u*cl + 2*cl - 2.
-                if is_ca && t + 1 >= cl {
-                    let u = (t + 1 - cl) / cl;
+                // The chunk whose neighbours condition position t, if any.
+                if let Some(u) = ChunkSchedule::new(cl).conditioned_by(t).filter(|_| is_ca) {
                     h = cca_step(
                         &self.cca[i_ca],
                         &mut state.cca_kv[i_ca],
@@ -420,7 +421,8 @@ impl RetroModel {
                 ))
             }
         };
-        let ends = (t0 + p) / cl - t0 / cl;
+        let sched = ChunkSchedule::new(cl);
+        let ends = sched.completed_between(t0, t0 + p).len();
         let ret = match (state.retrieval, ret) {
             (false, Some(r)) => {
                 return Err(ModelError::shape(
@@ -494,7 +496,7 @@ impl RetroModel {
                 let mut j = 0;
                 for i in 0..p {
                     let neighbours = match &ret {
-                        Some(r) if (t0 + i) % cl == cl - 1 => {
+                        Some(r) if sched.completes(t0 + i).is_some() => {
                             j += 1;
                             Some(r.narrow(1, j - 1, 1)?.squeeze(1)?)
                         }

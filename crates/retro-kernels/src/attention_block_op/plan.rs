@@ -124,8 +124,9 @@ impl AttentionBlockOp {
     fn chunk_rows(&self, mut f: impl FnMut(usize, usize)) {
         if let Kind::Chunked { b, t, cl, c, .. } = self.kind {
             for bi in 0..b {
-                for r in 0..t + 1 - cl {
-                    f(bi * c * cl + r, bi * t + cl - 1 + r);
+                let shift = crate::ChunkSchedule::new(cl).shift();
+                for r in 0..t - shift {
+                    f(bi * c * cl + r, bi * t + shift + r);
                 }
             }
         }

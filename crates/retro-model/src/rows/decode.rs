@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::model::RetroModel;
 use candle_core::{Device, Tensor};
 use retro_kernels::decode::{values, KvCache, RowLinear};
+use retro_kernels::ChunkSchedule;
 use retro_kernels::Float;
 use std::sync::Arc;
 
@@ -174,7 +175,7 @@ impl<T: Float> RowDecode<T> {
             for (s, rows) in self.chunk_h.iter_mut().enumerate() {
                 rows.extend_from_slice(&h[(s * p + i) * d..][..d]);
             }
-            if (t0 + i) % cl == cl - 1 {
+            if ChunkSchedule::new(cl).completes(t0 + i).is_some() {
                 let end = ends
                     .next()
                     .expect("the caller passes one entry per completed chunk");
@@ -192,7 +193,7 @@ impl<T: Float> RowDecode<T> {
     }
 
     /// CCA layer `i_ca` for the rows at positions `t0 .. t0 + P`: position t reads the neighbours
-    /// `e[u]` of chunk `u = (t + 1 - cl) / cl` (none before `cl - 1`), through its gate.
+    /// `e[u]` of the chunk that conditions it ([`ChunkSchedule::conditioned_by`]), through its gate.
     fn cca(
         &mut self,
         m: &RetroModel,
@@ -205,10 +206,11 @@ impl<T: Float> RowDecode<T> {
         let (b, d, cl) = (self.chunk_h.len(), m.config.d_model, m.config.chunk_len);
         let w = &self.w.cca[i_ca];
         // Rows of one chunk's neighbours go together: i0 .. i1 read chunk u.
-        let mut i0 = (cl - 1).saturating_sub(t0).min(p);
+        let sched = ChunkSchedule::new(cl);
+        let mut i0 = sched.shift().saturating_sub(t0).min(p);
         while i0 < p {
-            let u = (t0 + i0 + 1 - cl) / cl;
-            let i1 = ((u + 2) * cl - 1 - t0).min(p);
+            let u = sched.conditioned_by(t0 + i0).expect("at or past the shift");
+            let i1 = (sched.conditioned_rows(u).end - t0).min(p);
             let g = i1 - i0;
             if self.cca_kv[i_ca].as_ref().map(|(cu, _)| *cu) != Some(u) {
                 self.cca_kv[i_ca] = Some((u, w.context(&values(&e[u])?, b)));
