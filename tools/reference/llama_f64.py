@@ -37,7 +37,6 @@ Model, as llama.cpp runs LLM_ARCH_LLAMA:
 """
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -49,28 +48,13 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
 
+from logit_fixture import default_gguf, logit_entry, sha256_file, write_fixture
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-MODEL_REL = os.path.join('models', 'smollm2-135m-instruct-q4_1', 'SmolLM2-135M-Instruct.Q4_1.gguf')
 FIXTURES = os.path.join(REPO, 'crates', 'retro-model', 'tests', 'fixtures')
 DEFAULT_IDS = os.path.join(FIXTURES, 'smollm2_llama_cpp.json')
 DEFAULT_OUT = os.path.join(FIXTURES, 'smollm2_f64.json')
 
-TOP_K = 8
-
-
-def default_gguf():
-    shared = os.environ.get('RETRO_SHARED')
-    if shared:
-        return os.path.join(shared, MODEL_REL)
-    return os.path.join('/work/shared', MODEL_REL)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def field(reader, key):
@@ -192,10 +176,6 @@ class Model:
         return h @ self.output.T
 
 
-def r6(x):
-    return round(float(x), 6)
-
-
 def main():
     t0 = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -220,17 +200,7 @@ def main():
         if args.npy:
             os.makedirs(args.npy, exist_ok=True)
             np.save(os.path.join(args.npy, f'prompt{n}.npy'), x)
-        order = np.argsort(-x, axis=1, kind='stable')[:, :TOP_K]
-        entry = {'text': e['text'], 'ids': list(map(int, ids)), 'argmax': [], 'top': [], 'margin': [],
-                 'probe_logits': []}
-        for p in range(len(ids)):
-            row = x[p]
-            top = order[p]
-            entry['argmax'].append(int(top[0]))
-            entry['top'].append([[int(t), r6(row[t])] for t in top])
-            entry['margin'].append(r6(row[top[0]] - row[top[1]]))
-            entry['probe_logits'].append([r6(row[t]) for t in probe_ids])
-        logits_out.append(entry)
+        logits_out.append(logit_entry(e['text'], ids, x, probe_ids, digits=6))
 
     reference = {
         'implementation': 'tools/reference/llama_f64.py (numpy, independent of llama.cpp)',
@@ -252,27 +222,7 @@ def main():
     }
     fixture = {'reference': reference, 'probe_ids': probe_ids, 'logits': logits_out}
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w', encoding='utf-8') as f:
-        f.write('{\n')
-        f.write(f' "reference": {json.dumps(reference, ensure_ascii=False)},\n')
-        f.write(f' "probe_ids": {json.dumps(probe_ids)},\n')
-        f.write(' "logits": [\n')
-        parts = []
-        for e in logits_out:
-            s = '  {\n'
-            s += f'   "text": {json.dumps(e["text"], ensure_ascii=False)},\n'
-            s += f'   "ids": {json.dumps(e["ids"])},\n'
-            s += f'   "argmax": {json.dumps(e["argmax"])},\n'
-            s += f'   "margin": {json.dumps(e["margin"])},\n'
-            s += '   "top": [\n' + ',\n'.join('    ' + json.dumps(t) for t in e['top']) + '\n   ],\n'
-            s += '   "probe_logits": [\n' + ',\n'.join('    ' + json.dumps(t) for t in e['probe_logits']) + '\n   ]\n'
-            s += '  }'
-            parts.append(s)
-        f.write(',\n'.join(parts))
-        f.write('\n ]\n}\n')
-    with open(args.out, encoding='utf-8') as f:
-        assert json.load(f) == json.loads(json.dumps(fixture))
+    write_fixture(args.out, fixture)
 
     margins = [m for e in logits_out for m in e['margin']]
     print(f'wrote {args.out} ({os.path.getsize(args.out)} bytes); load {t_load:.1f}s, total '

@@ -25,8 +25,6 @@ from the cache. --kv-type f16 gives llama.cpp's default cache, for comparison on
 """
 
 import argparse
-import hashlib
-import json
 import os
 import shlex
 import sys
@@ -35,15 +33,15 @@ import numpy as np
 import llama_cpp
 from llama_cpp import Llama
 
+from logit_fixture import default_gguf, logit_entry, sha256_file, write_fixture
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-MODEL_REL = os.path.join('models', 'smollm2-135m-instruct-q4_1', 'SmolLM2-135M-Instruct.Q4_1.gguf')
 DEFAULT_OUT = os.path.join(REPO, 'crates', 'retro-model', 'tests', 'fixtures', 'smollm2_llama_cpp.json')
 
 KV_TYPES = {'f32': llama_cpp.GGML_TYPE_F32, 'f16': llama_cpp.GGML_TYPE_F16}
 FLASH_ATTN = False
 
 N_PROBES = 64
-TOP_K = 8
 
 TOKENIZATION_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -86,21 +84,6 @@ LOGIT_PROMPTS = [
 ]
 
 
-def default_gguf():
-    shared = os.environ.get('RETRO_SHARED')
-    if shared:
-        return os.path.join(shared, MODEL_REL)
-    return os.path.join('/work/shared', MODEL_REL)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load(path, n_threads, kv_type='f32'):
     return Llama(model_path=path, n_ctx=512, logits_all=True, n_threads=n_threads, n_batch=512,
                  type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], flash_attn=FLASH_ATTN, verbose=False)
@@ -125,10 +108,6 @@ def ggml_commit():
         return out
     except Exception:  # noqa: BLE001 - informational only
         return None
-
-
-def r5(x):
-    return round(float(x), 5)
 
 
 def main():
@@ -163,17 +142,7 @@ def main():
         x = run_logits(llm, ids)
         assert x.shape == (len(ids), n_vocab), x.shape
         all_logits.append((ids, x))
-        order = np.argsort(-x, axis=1, kind='stable')[:, :TOP_K]
-        entry = {'text': text, 'ids': list(map(int, ids)), 'argmax': [], 'top': [], 'margin': [],
-                 'probe_logits': []}
-        for p in range(len(ids)):
-            row = x[p]
-            top = order[p]
-            entry['argmax'].append(int(np.argmax(row)))
-            entry['top'].append([[int(t), r5(row[t])] for t in top])
-            entry['margin'].append(r5(row[top[0]] - row[top[1]]))
-            entry['probe_logits'].append([r5(row[t]) for t in probe_ids])
-        logits_out.append(entry)
+        logits_out.append(logit_entry(text, ids, x, probe_ids, digits=5))
 
     fixture = {
         'reference': {
@@ -196,30 +165,7 @@ def main():
         'logits': logits_out,
     }
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w', encoding='utf-8') as f:
-        # one line per list entry / per position keeps the file diffable without blowing up its size
-        f.write('{\n')
-        f.write(f' "reference": {json.dumps(fixture["reference"], ensure_ascii=False)},\n')
-        f.write(f' "probe_ids": {json.dumps(probe_ids)},\n')
-        f.write(' "tokenization": [\n')
-        f.write(',\n'.join('  ' + json.dumps(t, ensure_ascii=False) for t in tokenization))
-        f.write('\n ],\n "logits": [\n')
-        parts = []
-        for e in logits_out:
-            s = '  {\n'
-            s += f'   "text": {json.dumps(e["text"], ensure_ascii=False)},\n'
-            s += f'   "ids": {json.dumps(e["ids"])},\n'
-            s += f'   "argmax": {json.dumps(e["argmax"])},\n'
-            s += f'   "margin": {json.dumps(e["margin"])},\n'
-            s += '   "top": [\n' + ',\n'.join('    ' + json.dumps(t) for t in e['top']) + '\n   ],\n'
-            s += '   "probe_logits": [\n' + ',\n'.join('    ' + json.dumps(t) for t in e['probe_logits']) + '\n   ]\n'
-            s += '  }'
-            parts.append(s)
-        f.write(',\n'.join(parts))
-        f.write('\n ]\n}\n')
-    with open(args.out, encoding='utf-8') as f:
-        assert json.load(f) == json.loads(json.dumps(fixture))
+    write_fixture(args.out, fixture)
 
     # Summary and checks (stderr only).
     cat = np.concatenate([x for _, x in all_logits])
