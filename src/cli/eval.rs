@@ -57,19 +57,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let run = Run::open(&a.run)?;
     let device = retro_model::device_from_name(&a.embedder.device)?;
     // A labml run, or a RETRO-fitted base (whose frozen base also runs in-context retrieval).
-    let (labml, fitted) = match run.retrofit {
-        Some(_) => (None, Some(run.load_retrofit(&device)?)),
-        None => (Some(run.load_model(&device)?), None),
-    };
-    let model: &dyn Scorer = match (&labml, &fitted) {
-        (Some(m), _) => m,
-        (_, Some(m)) => m,
-        _ => unreachable!("one of the two is loaded"),
-    };
-    let in_context: Option<&dyn Scorer> = fitted
-        .as_ref()
+    let loaded = run.load(&device)?;
+    let model = loaded.scorer();
+    let in_context = loaded
+        .base()
         .filter(|_| !a.no_in_context)
-        .map(|m| m.base() as &dyn Scorer);
+        .map(|b| b as &dyn Scorer);
     let baseline_run = a.baseline.as_ref().map(|b| Run::open(b)).transpose()?;
     let baseline = baseline_run
         .as_ref()

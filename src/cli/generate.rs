@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use retro_pipeline::{generate, BaseDir, Decoder, Event, Retriever, Run, Sampling};
+use retro_pipeline::{generate, BaseDir, Decoder, Event, Retriever, Run, RunModel, Sampling};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -156,9 +156,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let (embedder, _) = super::common::load_embedder(&a.embedder, Some(db))?;
     let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?.with_gate(a.gate.gate()?);
     let retriever = (!a.no_retrieval).then_some(&retriever);
-    let n = match run.retrofit {
-        Some(_) => stream(&a, &run.load_retrofit(&device)?, retriever, tokenizer)?,
-        None => stream(&a, &run.load_model(&device)?, retriever, tokenizer)?,
+    let n = match run.load(&device)? {
+        RunModel::Labml(m) => stream(&a, &m, retriever, tokenizer)?,
+        RunModel::Fitted(m) => stream(&a, &m, retriever, tokenizer)?,
     };
     eprintln!("generated {n} tokens");
     Ok(())

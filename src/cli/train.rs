@@ -202,6 +202,13 @@ pub fn preset(name: &str, n_vocab: usize) -> Result<RetroConfig> {
     Ok(RetroConfig::preset(name, n_vocab)?)
 }
 
+/// The per-invocation limits (`--max-minutes`, `--stop-after`), which a run does not keep.
+fn with_limits(a: &TrainArgs, mut tc: TrainConfig) -> TrainConfig {
+    tc.max_seconds = a.max_minutes.map(|m| m * 60.0);
+    tc.stop_after = a.stop_after;
+    tc
+}
+
 /// Progress bar for the steps; returns the callback that moves it.
 fn progress(
     steps: usize,
@@ -242,7 +249,7 @@ fn print_done(run_dir: &std::path::Path, state: &retro_pipeline::RunState) {
 /// `--base B --retrofit`, or `--resume` of such a run.
 fn run_retrofit(
     a: &TrainArgs,
-    base_dir: &std::path::Path,
+    base: &retro_pipeline::BaseDir,
     fit: retro_model::retrofit::RetrofitConfig,
     run_dir: PathBuf,
     train_cfg: TrainConfig,
@@ -250,7 +257,7 @@ fn run_retrofit(
 ) -> Result<()> {
     let (db, ds) = super::common::open_dataset(&a.dataset, a.db.as_deref())?;
     let device = retro_model::device_from_name(&a.device)?;
-    let base = retro_pipeline::BaseDir::open(base_dir)?;
+    let base_dir = &base.dir;
     let blocks = fit.blocks(&base.config)?;
     let trainable = fit.num_new_parameters(&base.config)?;
     println!(
@@ -269,7 +276,7 @@ fn run_retrofit(
     let (bar, mut on_step) = progress(train_cfg.steps);
     let state = retro_pipeline::train_retrofit(
         &run_dir,
-        &base,
+        base,
         &fit,
         &train_cfg,
         retro_pipeline::TrainData {
@@ -290,33 +297,28 @@ fn run_retrofit(
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    if let Some(base) = &a.base {
-        let mut tc = apply_flags(&a, TrainConfig::default(), None)?;
-        tc.max_seconds = a.max_minutes.map(|m| m * 60.0);
-        tc.stop_after = a.stop_after;
-        let cfg = retro_pipeline::BaseDir::open(base)?.config;
+    if let Some(dir) = &a.base {
+        let tc = with_limits(&a, apply_flags(&a, TrainConfig::default(), None)?);
+        let base = retro_pipeline::BaseDir::open(dir)?;
         let fit = retro_model::retrofit::RetrofitConfig {
-            chunk_len: super::common::open_dataset(&a.dataset, a.db.as_deref())?
-                .1
-                .meta()
-                .chunk_len,
+            // Only the parameters: the dataset itself is opened once, by `run_retrofit`.
+            chunk_len: retro_pipeline::Dataset::read_meta(&a.dataset)?.chunk_len,
             ca_start: a.ca_start,
             ca_every: a.ca_every,
             enc_n_layers: a.enc_layers,
-            enc_d_ff: a.enc_d_ff.unwrap_or(2 * cfg.hidden_size),
+            enc_d_ff: a.enc_d_ff.unwrap_or(2 * base.config.hidden_size),
             enc_input_layers: a.enc_input_layers.unwrap_or(a.ca_start),
             init_from_base: a.blocks_init == "base",
         };
         let out = a.out.clone().expect("clap requires --out without --resume");
-        return run_retrofit(&a, base, fit, out, tc, false);
+        return run_retrofit(&a, &base, fit, out, tc, false);
     }
     if let Some(dir) = &a.resume {
         let run = Run::open(dir).with_context(|| format!("opening run {}", dir.display()))?;
         if let Some(spec) = run.retrofit.clone() {
-            let mut tc = apply_flags(&a, run.train_config.clone(), Some(&dir.join("train.json")))?;
-            tc.max_seconds = a.max_minutes.map(|m| m * 60.0);
-            tc.stop_after = a.stop_after;
-            return run_retrofit(&a, &spec.base, spec.fit, dir.clone(), tc, true);
+            let tc = apply_flags(&a, run.train_config.clone(), Some(&dir.join("train.json")))?;
+            let base = spec.open_base()?;
+            return run_retrofit(&a, &base, spec.fit, dir.clone(), with_limits(&a, tc), true);
         }
     }
     let (db, ds) = super::common::open_dataset(&a.dataset, a.db.as_deref())?;
@@ -367,9 +369,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.no_retrieval {
         model_cfg = model_cfg.without_retrieval();
     }
-    let mut train_cfg = train_cfg;
-    train_cfg.max_seconds = a.max_minutes.map(|m| m * 60.0);
-    train_cfg.stop_after = a.stop_after;
+    let train_cfg = with_limits(&a, train_cfg);
     let params = retro_model::RetroModel::new(
         &model_cfg,
         0,

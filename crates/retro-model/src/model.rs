@@ -112,25 +112,38 @@ impl RetroModel {
 
     /// Checks `keep [B, C]` against `ret [B, C, K, N]` and returns it in the model's dtype.
     pub(crate) fn check_keep(&self, at: &str, keep: &Tensor, b: usize, c: usize) -> Result<Tensor> {
-        if keep.dims() != [b, c] {
-            return Err(ModelError::shape(
-                at,
-                "keep",
-                format!("must be [B, C] = [{b}, {c}] (one gate per chunk)"),
-                format!("{:?}", keep.dims()),
-            ));
-        }
-        if !keep.dtype().is_float() {
-            return Err(ModelError::shape(
-                at,
-                "keep",
-                "must hold floats 0 or 1",
-                format!("dtype {:?}", keep.dtype()),
-            ));
-        }
-        Ok(keep.to_device(&self.device)?.to_dtype(self.dtype)?)
+        keep_gate(at, keep, (b, c), self.dtype, &self.device)
     }
+}
 
+/// Checks a gate `keep [B, C]` (one 0 or 1 float per chunk) and returns it in `dtype` on `device`.
+pub(crate) fn keep_gate(
+    at: &str,
+    keep: &Tensor,
+    (b, c): (usize, usize),
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    if keep.dims() != [b, c] {
+        return Err(ModelError::shape(
+            at,
+            "keep",
+            format!("must be [B, C] = [{b}, {c}] (one gate per chunk)"),
+            format!("{:?}", keep.dims()),
+        ));
+    }
+    if !keep.dtype().is_float() {
+        return Err(ModelError::shape(
+            at,
+            "keep",
+            "must hold floats 0 or 1",
+            format!("dtype {:?}", keep.dtype()),
+        ));
+    }
+    Ok(keep.to_device(device)?.to_dtype(dtype)?)
+}
+
+impl RetroModel {
     /// Checks ids and shapes and returns `(x, ret)` as u32 ids on the model's device.
     pub(crate) fn check_inputs(
         &self,

@@ -23,8 +23,18 @@ pub fn loss_and_grads(
     y: &Tensor,
     ret: Option<&Tensor>,
 ) -> Result<(Tensor, GradStore)> {
-    crate::device::on_pool(model.device(), || {
-        let loss = cross_entropy(&model.forward_train(x, ret)?, y)?;
+    loss_and_grads_of(model.device(), y, || model.forward_train(x, ret))
+}
+
+/// The mean cross-entropy of what `forward` computes against `y`, and its gradients, all of it on
+/// a worker of rayon's pool on the CPU: what every model's training step runs.
+pub(crate) fn loss_and_grads_of(
+    device: &candle_core::Device,
+    y: &Tensor,
+    forward: impl FnOnce() -> Result<Tensor> + Send,
+) -> Result<(Tensor, GradStore)> {
+    crate::device::on_pool(device, || {
+        let loss = cross_entropy(&forward()?, y)?;
         let grads = loss.backward()?;
         Ok((loss, grads))
     })
@@ -174,17 +184,21 @@ impl AdamW {
 impl RetroModel {
     /// Trainable variables with their state_dict names, sorted by name.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        let mut vars: Vec<(String, Var)> = self
-            .varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        vars
+        sorted_vars(&self.varmap)
     }
+}
+
+/// A var map's variables with their names, sorted by name.
+pub(crate) fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
 }
 
 #[cfg(test)]

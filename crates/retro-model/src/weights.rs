@@ -109,16 +109,7 @@ impl RetroModel {
 
     /// Loads a safetensors checkpoint into this model (strict names and shapes).
     pub fn load_safetensors(&self, path: &Path) -> Result<()> {
-        let tensors =
-            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::File {
-                path: path.to_owned(),
-                msg: format!("cannot read safetensors: {e}"),
-            })?;
-        self.load_state_dict(&tensors)
-            .map_err(|e| ModelError::File {
-                path: path.to_owned(),
-                msg: e.to_string(),
-            })
+        load_file(path, |tensors| self.load_state_dict(tensors))
     }
 
     /// Builds a model from a config and a checkpoint.
@@ -135,15 +126,33 @@ impl RetroModel {
 
     /// Writes the state_dict (float32) atomically: a temporary file in the same folder, then rename.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let tensors = self
-            .state_dict()?
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
-            .collect::<Result<HashMap<_, _>>>()?;
-        write_atomically(path, |tmp| {
-            Ok(candle_core::safetensors::save(&tensors, tmp)?)
-        })
+        save_f32(self.state_dict()?, path)
     }
+}
+
+/// Reads a safetensors file and hands its tensors to `load`; every error names the file.
+pub(crate) fn load_file(
+    path: &Path,
+    load: impl FnOnce(&HashMap<String, Tensor>) -> Result<()>,
+) -> Result<()> {
+    let file = |msg: String| ModelError::File {
+        path: path.to_owned(),
+        msg,
+    };
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| file(format!("cannot read safetensors: {e}")))?;
+    load(&tensors).map_err(|e| file(e.to_string()))
+}
+
+/// Writes named tensors as float32 on the CPU, atomically.
+pub(crate) fn save_f32(tensors: HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    write_atomically(path, |tmp| {
+        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+    })
 }
 
 /// Writes through `write` into `path.tmp`, then renames it over `path`, so a reader never sees half a file.

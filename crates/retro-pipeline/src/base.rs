@@ -191,6 +191,11 @@ impl BaseDir {
         })
     }
 
+    /// SHA-256 of `model.safetensors`, as `base.json` records it (checked on opening).
+    pub fn weights_sha256(&self) -> &str {
+        &self.meta.files["model.safetensors"].sha256
+    }
+
     /// The LM tokenizer (`tokenizer.json`).
     pub fn tokenizer(&self) -> Result<LmTokenizer> {
         Ok(LmTokenizer::from_file(&self.dir.join("tokenizer.json"))?)

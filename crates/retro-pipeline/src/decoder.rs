@@ -1,14 +1,15 @@
-//! What generation needs of a model: a decoding state fed one token at a time, with the
-//! neighbours of the chunk that token completes. One loop ([`crate::generate()`]) drives the labml
-//! model, a RETRO-fitted base and a base alone.
+//! What generation needs of a model beside what evaluation does ([`Scorer`]): a decoding state
+//! fed one token at a time, with the neighbours of the chunk that token completes. One loop
+//! ([`crate::generate()`]) drives the labml model, a RETRO-fitted base and a base alone.
 
 use crate::error::Result;
-use candle_core::{Device, Tensor};
+use crate::eval::Scorer;
+use candle_core::Tensor;
 use retro_model::llama::{LlamaBase, LlamaCache};
 use retro_model::retrofit::{RetroFitCache, RetroFitted};
 use retro_model::{DecodeState, RetroModel};
 
-pub trait Decoder: Sync {
+pub trait Decoder: Scorer {
     type State: Send;
     /// A state for one sequence; `retrieval` false decodes RETRO\[OFF\].
     fn start(&self, retrieval: bool) -> Self::State;
@@ -21,15 +22,12 @@ pub trait Decoder: Sync {
         neighbours: Option<&Tensor>,
         keep: Option<&Tensor>,
     ) -> Result<Tensor>;
-    /// Tokens per chunk (0: the model reads no neighbours).
-    fn chunk_len(&self) -> usize;
     /// The token that ends a text, where the model has one.
     fn eos(&self) -> Option<u32>;
     /// The most positions the model reads, where it has a limit.
     fn context(&self) -> Option<usize> {
         None
     }
-    fn device(&self) -> &Device;
 }
 
 impl Decoder for RetroModel {
@@ -47,18 +45,8 @@ impl Decoder for RetroModel {
         let x = Tensor::new(&[token], RetroModel::device(self))?;
         Ok(self.step_gated(state, &x, neighbours, keep)?.squeeze(0)?)
     }
-    fn chunk_len(&self) -> usize {
-        if self.config().ca_layers.is_empty() {
-            0
-        } else {
-            self.config().chunk_len
-        }
-    }
     fn eos(&self) -> Option<u32> {
         None
-    }
-    fn device(&self) -> &Device {
-        RetroModel::device(self)
     }
 }
 
@@ -80,17 +68,11 @@ impl Decoder for RetroFitted {
         let logits = self.forward_cached(&x, state, ret.as_ref(), keep.as_ref())?;
         Ok(logits.flatten_all()?)
     }
-    fn chunk_len(&self) -> usize {
-        RetroFitted::chunk_len(self)
-    }
     fn eos(&self) -> Option<u32> {
         self.base().config().eos_token_id
     }
     fn context(&self) -> Option<usize> {
         Some(self.base().config().max_position_embeddings)
-    }
-    fn device(&self) -> &Device {
-        self.base().device()
     }
 }
 
@@ -110,16 +92,10 @@ impl Decoder for LlamaBase {
         let pos = state.position();
         Ok(self.forward(&x, pos, Some(state))?.flatten_all()?)
     }
-    fn chunk_len(&self) -> usize {
-        0
-    }
     fn eos(&self) -> Option<u32> {
         self.config().eos_token_id
     }
     fn context(&self) -> Option<usize> {
         Some(self.config().max_position_embeddings)
-    }
-    fn device(&self) -> &Device {
-        LlamaBase::device(self)
     }
 }

@@ -29,8 +29,9 @@ pub trait Scorer: Sync {
     /// Logits `[B, T, vocab]` of `x [B, T]` with the neighbours `ret [B, C, K, N]` (None:
     /// RETRO\[OFF\]), gated by `keep [B, C]`.
     fn logits(&self, x: &Tensor, ret: Option<&Tensor>, keep: Option<&Tensor>) -> Result<Tensor>;
-    /// Tokens per chunk; 0 for a model that never reads neighbours.
+    /// Tokens per chunk (whether or not the model reads neighbours).
     fn chunk_len(&self) -> usize;
+    /// Whether the model has blocks that read neighbours.
     fn reads_neighbours(&self) -> bool;
     fn device(&self) -> &candle_core::Device;
 }

@@ -134,7 +134,7 @@ pub fn generate<D: Decoder>(
     retro_model::device::on_pool(model.device(), || {
         sampling.validate()?;
         let cl = model.chunk_len();
-        let retriever = retriever.filter(|_| cl > 0);
+        let retriever = retriever.filter(|_| model.reads_neighbours());
         if let Some(r) = retriever {
             if r.chunk_len() != cl {
                 return Err(PipelineError::invalid(
@@ -165,7 +165,7 @@ pub fn generate<D: Decoder>(
             ));
         }
         let mut state = model.start(retriever.is_some());
-        let schedule = (cl > 0).then(|| ChunkSchedule::new(cl));
+        let schedule = retriever.map(|_| ChunkSchedule::new(cl));
         // Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
         type Retrieved = (Option<Tensor>, Option<Tensor>);
         // The neighbours of the last chunks, as many as the coherent gate looks back over: it compares

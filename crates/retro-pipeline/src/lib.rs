@@ -67,6 +67,6 @@ pub use retriever::{KeysOnly, Neighbours, Retriever, Text, Timings};
 pub use schedule::Schedule;
 pub use trainee::Trainee;
 pub use trainer::{
-    train, train_retrofit, CheckpointMeta, ResumePoint, RetrofitSpec, Run, RunState, Start,
-    TrainConfig, TrainData,
+    train, train_retrofit, CheckpointMeta, ResumePoint, RetrofitSpec, Run, RunModel, RunState,
+    Start, TrainConfig, TrainData,
 };

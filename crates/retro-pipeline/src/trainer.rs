@@ -5,6 +5,7 @@
 use crate::base::BaseDir;
 use crate::dataset::{Dataset, Split};
 use crate::error::{PipelineError, Result};
+use crate::eval::Scorer;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::schedule::Schedule;
 use crate::trainee::Trainee;
@@ -12,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use retro_index::database::FileInfo;
 use retro_index::fsutil::{read_json, write_json_atomic};
 use retro_index::{Database, DatabaseId};
+use retro_model::llama::LlamaBase;
 use retro_model::retrofit::{RetroFitted, RetrofitConfig};
 use retro_model::train::{clip_grad_norm, cross_entropy, AdamW, AdamWParams};
 use retro_model::{RetroConfig, RetroModel};
@@ -163,8 +165,8 @@ impl RetrofitSpec {
     /// Opens the base and checks it is the one the run was trained on.
     pub fn open_base(&self) -> Result<BaseDir> {
         let base = BaseDir::open(&self.base)?;
-        let sha = &base.meta.files["model.safetensors"].sha256;
-        if *sha != self.base_sha256 {
+        let sha = base.weights_sha256();
+        if sha != self.base_sha256 {
             return Err(PipelineError::file(
                 &self.base,
                 format!(
@@ -326,9 +328,7 @@ impl Run {
             device,
         )?)
     }
-}
 
-impl Run {
     /// The latest checkpoint of a RETRO-fitted run: its base, and the new blocks trained on it.
     pub fn load_retrofit(&self, device: &Device) -> Result<RetroFitted> {
         let spec = self.retrofit.as_ref().ok_or_else(|| {
@@ -338,6 +338,38 @@ impl Run {
         let model = RetroFitted::new(base, &spec.fit, 0)?;
         model.load_safetensors(&self.weights_path()?)?;
         Ok(model)
+    }
+
+    /// The latest checkpoint as the model it is: labml's, or a RETRO-fitted base.
+    pub fn load(&self, device: &Device) -> Result<RunModel> {
+        Ok(match self.retrofit {
+            Some(_) => RunModel::Fitted(self.load_retrofit(device)?),
+            None => RunModel::Labml(self.load_model(device)?),
+        })
+    }
+}
+
+/// A run's model, of either kind.
+pub enum RunModel {
+    Labml(RetroModel),
+    Fitted(RetroFitted),
+}
+
+impl RunModel {
+    /// The model, for evaluation.
+    pub fn scorer(&self) -> &dyn Scorer {
+        match self {
+            RunModel::Labml(m) => m,
+            RunModel::Fitted(m) => m,
+        }
+    }
+
+    /// The frozen base of a RETRO-fitted model: what in-context retrieval runs.
+    pub fn base(&self) -> Option<&LlamaBase> {
+        match self {
+            RunModel::Labml(_) => None,
+            RunModel::Fitted(m) => Some(m.base()),
+        }
     }
 }
 
@@ -386,7 +418,7 @@ pub fn validation_loss(
     let mut n = 0;
     for idx in order.iter().take(batches) {
         let (x, y, ret) = ds.batch(db, Split::Valid, idx).tensors(model.device())?;
-        let logits = model.logits(&x, retrieval.then_some(&ret))?;
+        let logits = model.logits(&x, retrieval.then_some(&ret), None)?;
         total += cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
         n += 1;
     }
@@ -455,7 +487,6 @@ pub fn train(
 /// RETRO-fits an imported base: CCA and the neighbour encoder at `fit`'s places, trained on
 /// `data` (whose database must use the base's tokenizer), the base never written. Starts or
 /// resumes `run_dir` as [`train`] does.
-#[allow(clippy::too_many_arguments)]
 pub fn train_retrofit(
     run_dir: &Path,
     base: &BaseDir,
@@ -493,7 +524,7 @@ pub fn train_retrofit(
     let model = RetroFitted::new(base.load(device)?, fit, cfg.seed)?;
     let spec = RetrofitSpec {
         base: base.dir.clone(),
-        base_sha256: base.meta.files["model.safetensors"].sha256.clone(),
+        base_sha256: base.weights_sha256().to_string(),
         fit: fit.clone(),
     };
     train_model(
@@ -666,7 +697,7 @@ fn train_model(
             }
         }
     }
-    let retrieval = model.retrieval();
+    let retrieval = model.reads_neighbours();
     let budget_start = train_seconds;
     let start_step = step;
     // The step's clock starts when the previous step's bookkeeping ends, so waiting for a batch counts.

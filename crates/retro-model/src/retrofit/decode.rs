@@ -112,16 +112,20 @@ impl RetroFitted {
             }
             _ => {}
         }
-        if let Some(k) = keep {
-            if ret.is_none() || k.dims() != [b, completed.len()] {
-                return Err(ModelError::shape(
-                    at(),
-                    "keep",
-                    format!("must be [B, U] = [{b}, {}], with `ret`", completed.len()),
-                    format!("{:?}", k.dims()),
-                ));
-            }
+        if let (Some(k), None) = (keep, ret) {
+            return Err(ModelError::shape(
+                at(),
+                "keep",
+                "must come with `ret`",
+                format!("{:?}", k.dims()),
+            ));
         }
+        let keep = keep
+            .map(|k| {
+                let (dtype, device) = (self.base.dtype(), self.base.device());
+                crate::model::keep_gate(&at(), k, (b, completed.len()), dtype, device)
+            })
+            .transpose()?;
         if !cache.retrieval {
             return self.base.forward_hooked(
                 x,
@@ -140,13 +144,9 @@ impl RetroFitted {
         } = cache;
         for j in 0..completed.len() {
             gates.push(
-                keep.map(|k| -> Result<Tensor> {
-                    Ok(k.narrow(1, j, 1)?
-                        .reshape((b, 1, 1))?
-                        .to_device(self.base.device())?
-                        .to_dtype(self.base.dtype())?)
-                })
-                .transpose()?,
+                keep.as_ref()
+                    .map(|k| k.narrow(1, j, 1)?.reshape((b, 1, 1)))
+                    .transpose()?,
             );
         }
         let mut hook = CachedCca {

@@ -110,11 +110,7 @@ impl RetrofitConfig {
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         );
-        NeighbourEncoder::new(&mut pb, "encoder", &blocks)?;
-        for i in 0..blocks.ca_layers.len() {
-            ChunkedCrossAttention::new(&mut pb, &format!("cca.{i}"), &blocks)?;
-        }
-        pb.layer_norm("norm_e", blocks.d_model, blocks.layer_norm_eps)?;
+        NewBlocks::new(&mut pb, &blocks)?;
         Ok(varmap.all_vars().iter().map(|v| v.elem_count()).sum())
     }
 
@@ -160,6 +156,26 @@ impl RetrofitConfig {
     }
 }
 
+/// The new blocks, created in one order (encoder, CCAs, `norm_e`), so that a seed means the same
+/// thing wherever they are built.
+struct NewBlocks {
+    encoder: NeighbourEncoder,
+    cca: Vec<ChunkedCrossAttention>,
+    norm_e: LayerNorm,
+}
+
+impl NewBlocks {
+    fn new(pb: &mut ParamBuilder, blocks: &RetroConfig) -> candle_core::Result<Self> {
+        Ok(Self {
+            encoder: NeighbourEncoder::new(pb, "encoder", blocks)?,
+            cca: (0..blocks.ca_layers.len())
+                .map(|i| ChunkedCrossAttention::new(pb, &format!("cca.{i}"), blocks))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            norm_e: pb.layer_norm("norm_e", blocks.d_model, blocks.layer_norm_eps)?,
+        })
+    }
+}
+
 /// A frozen base with trainable CCA and neighbour encoder.
 pub struct RetroFitted {
     pub(crate) base: LlamaBase,
@@ -179,11 +195,11 @@ impl RetroFitted {
         let blocks = config.blocks(base.config())?;
         let varmap = VarMap::new();
         let mut pb = ParamBuilder::new(&varmap, seed, base.dtype(), base.device());
-        let encoder = NeighbourEncoder::new(&mut pb, "encoder", &blocks)?;
-        let cca = (0..blocks.ca_layers.len())
-            .map(|i| ChunkedCrossAttention::new(&mut pb, &format!("cca.{i}"), &blocks))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm_e = pb.layer_norm("norm_e", blocks.d_model, blocks.layer_norm_eps)?;
+        let NewBlocks {
+            encoder,
+            cca,
+            norm_e,
+        } = NewBlocks::new(&mut pb, &blocks)?;
         {
             let vars = varmap.data().lock().unwrap();
             let zero = |name: String| -> Result<()> {
@@ -261,16 +277,7 @@ impl RetroFitted {
 
     /// The trainable variables (the new blocks only), sorted by name.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        let mut v: Vec<(String, Var)> = self
-            .varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        crate::train::sorted_vars(&self.varmap)
     }
 
     /// Number of trainable parameters.
@@ -319,32 +326,23 @@ impl RetroFitted {
 
     /// Writes the new blocks (f32, atomically): the base is not copied.
     pub fn save_safetensors(&self, path: &std::path::Path) -> Result<()> {
-        let tensors = self
-            .state_dict()
-            .into_iter()
-            .map(|(k, v)| {
-                Ok((
-                    k,
-                    v.to_dtype(candle_core::DType::F32)?
-                        .to_device(&candle_core::Device::Cpu)?,
-                ))
-            })
-            .collect::<Result<HashMap<_, _>>>()?;
-        crate::weights::write_atomically(path, |tmp| {
-            Ok(candle_core::safetensors::save(&tensors, tmp)?)
-        })
+        crate::weights::save_f32(self.state_dict(), path)
     }
 
     /// Reads what [`RetroFitted::save_safetensors`] wrote.
     pub fn load_safetensors(&self, path: &std::path::Path) -> Result<()> {
-        let file = |msg: String| ModelError::File {
-            path: path.to_owned(),
-            msg,
-        };
-        let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-            .map_err(|e| file(format!("cannot read safetensors: {e}")))?;
-        self.load_state_dict(&tensors)
-            .map_err(|e| file(e.to_string()))
+        crate::weights::load_file(path, |tensors| self.load_state_dict(tensors))
+    }
+
+    /// One batch's mean cross-entropy against `y` and its gradients (the training forward, the
+    /// new blocks' variables only), as [`crate::train::loss_and_grads`] runs the labml model's.
+    pub fn loss_and_grads(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        ret: Option<&Tensor>,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        crate::train::loss_and_grads_of(self.base.device(), y, || self.forward_train(x, ret))
     }
 
     /// `x [B, T]` -> logits `[B, T, vocab]`, inference kernels. `ret [B, C, K, N]` holds the
@@ -398,18 +396,16 @@ impl RetroFitted {
                 format!("{:?}", ret.dims()),
             ));
         }
-        if let Some(keep) = keep {
-            if keep.dims() != [b, c] {
-                return Err(ModelError::shape(
-                    "retrofit forward",
-                    "keep",
-                    format!("must be [B, C] = [{b}, {c}]"),
-                    format!("{:?}", keep.dims()),
-                ));
-            }
-        }
         let keep = keep
-            .map(|k| k.to_device(self.base.device())?.to_dtype(self.base.dtype()))
+            .map(|k| {
+                crate::model::keep_gate(
+                    "retrofit forward",
+                    k,
+                    (b, c),
+                    self.base.dtype(),
+                    self.base.device(),
+                )
+            })
             .transpose()?;
         let mut hook = Cca {
             model: self,
