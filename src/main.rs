@@ -78,6 +78,9 @@ enum BenchCmd {
     /// The embedded graph's build time, peak memory, bytes on disk, latency and recall at
     /// several sizes (one process each), as a table and a PNG.
     Scale(cli::bench_scale::BenchScaleArgs),
+    /// A RETRO-fit training step on an imported base (`retro train --base B --retrofit`), and
+    /// its parts.
+    Retrofit(cli::bench_retrofit::BenchRetrofitArgs),
 }
 
 /// Output piped into `head` and closed early: end quietly, as Unix tools do, instead of Rust's
@@ -110,5 +113,6 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Generate(a)) => cli::bench_generate::run(a),
         Cmd::Bench(BenchCmd::Pipeline(a)) => cli::bench_pipeline::run(a),
         Cmd::Bench(BenchCmd::Scale(a)) => cli::bench_scale::run(a),
+        Cmd::Bench(BenchCmd::Retrofit(a)) => cli::bench_retrofit::run(a),
     }
 }

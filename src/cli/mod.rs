@@ -5,6 +5,7 @@ pub mod bench_generate;
 pub mod bench_index;
 pub mod bench_model;
 pub mod bench_pipeline;
+pub mod bench_retrofit;
 pub mod bench_scale;
 pub mod common;
 pub mod dataset;

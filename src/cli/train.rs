@@ -43,27 +43,8 @@ pub struct TrainArgs {
     /// RETRO-fit --base (the paper's section 4.2).
     #[arg(long, requires = "base")]
     pub retrofit: bool,
-    /// RETRO-fit: the first layer (0-based) with CCA.
-    #[arg(long, default_value_t = 6)]
-    pub ca_start: usize,
-    /// RETRO-fit: CCA in every this-many-th layer from --ca-start (the paper's Table 12: 3).
-    #[arg(long, default_value_t = 3)]
-    pub ca_every: usize,
-    /// RETRO-fit: layers of the neighbour encoder.
-    #[arg(long, default_value_t = 2)]
-    pub enc_layers: usize,
-    /// RETRO-fit: the encoder's feed-forward width [default: twice the base's width].
-    #[arg(long)]
-    pub enc_d_ff: Option<usize>,
-    /// RETRO-fit: the encoder reads each neighbour as the base's residual stream after this many
-    /// of its layers (frozen); 0 reads the token embeddings [default: --ca-start].
-    #[arg(long)]
-    pub enc_input_layers: Option<usize>,
-    /// RETRO-fit: how the new blocks start: `base` (each CCA as its layer's self-attention reading
-    /// the neighbours, the encoder as the identity) or `random` (PyTorch's default). Either way
-    /// the CCA's output starts at zero, so the model starts exactly at the base.
-    #[arg(long, default_value = "base", value_parser = ["base", "random"])]
-    pub blocks_init: String,
+    #[command(flatten)]
+    pub fit: RetrofitArgs,
     /// Steps to train [default: 1000]. With --resume: extends (or keeps) the run's count.
     #[arg(long)]
     pub steps: Option<usize>,
@@ -300,16 +281,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(dir) = &a.base {
         let tc = with_limits(&a, apply_flags(&a, TrainConfig::default(), None)?);
         let base = retro_pipeline::BaseDir::open(dir)?;
-        let fit = retro_model::retrofit::RetrofitConfig {
-            // Only the parameters: the dataset itself is opened once, by `run_retrofit`.
-            chunk_len: retro_pipeline::Dataset::read_meta(&a.dataset)?.chunk_len,
-            ca_start: a.ca_start,
-            ca_every: a.ca_every,
-            enc_n_layers: a.enc_layers,
-            enc_d_ff: a.enc_d_ff.unwrap_or(2 * base.config.hidden_size),
-            enc_input_layers: a.enc_input_layers.unwrap_or(a.ca_start),
-            init_from_base: a.blocks_init == "base",
-        };
+        // Only the parameters: the dataset itself is opened once, by `run_retrofit`.
+        let chunk_len = retro_pipeline::Dataset::read_meta(&a.dataset)?.chunk_len;
+        let fit = a.fit.config(chunk_len, base.config.hidden_size);
         let out = a.out.clone().expect("clap requires --out without --resume");
         return run_retrofit(&a, &base, fit, out, tc, false);
     }
@@ -406,4 +380,45 @@ pub fn run(a: TrainArgs) -> Result<()> {
     bar.finish();
     print_done(&run_dir, &state);
     Ok(())
+}
+
+/// Where `retro train --base B --retrofit` (and `retro bench retrofit`) put the new blocks.
+#[derive(Args, Debug, Clone)]
+pub struct RetrofitArgs {
+    /// RETRO-fit: the first layer (0-based) with CCA.
+    #[arg(long, default_value_t = 6)]
+    pub ca_start: usize,
+    /// RETRO-fit: CCA in every this-many-th layer from --ca-start (the paper's Table 12: 3).
+    #[arg(long, default_value_t = 3)]
+    pub ca_every: usize,
+    /// RETRO-fit: layers of the neighbour encoder.
+    #[arg(long, default_value_t = 2)]
+    pub enc_layers: usize,
+    /// RETRO-fit: the encoder's feed-forward width [default: twice the base's width].
+    #[arg(long)]
+    pub enc_d_ff: Option<usize>,
+    /// RETRO-fit: the encoder reads each neighbour as the base's residual stream after this many
+    /// of its layers (frozen); 0 reads the token embeddings [default: --ca-start].
+    #[arg(long)]
+    pub enc_input_layers: Option<usize>,
+    /// RETRO-fit: how the new blocks start: `base` (each CCA as its layer's self-attention reading
+    /// the neighbours, the encoder as the identity) or `random` (PyTorch's default). Either way
+    /// the CCA's output starts at zero, so the model starts exactly at the base.
+    #[arg(long, default_value = "base", value_parser = ["base", "random"])]
+    pub blocks_init: String,
+}
+
+impl RetrofitArgs {
+    /// The new blocks for chunks of `chunk_len` on a base of width `hidden`.
+    pub fn config(&self, chunk_len: usize, hidden: usize) -> retro_model::retrofit::RetrofitConfig {
+        retro_model::retrofit::RetrofitConfig {
+            chunk_len,
+            ca_start: self.ca_start,
+            ca_every: self.ca_every,
+            enc_n_layers: self.enc_layers,
+            enc_d_ff: self.enc_d_ff.unwrap_or(2 * hidden),
+            enc_input_layers: self.enc_input_layers.unwrap_or(self.ca_start),
+            init_from_base: self.blocks_init == "base",
+        }
+    }
 }

@@ -22,5 +22,6 @@ pub mod generate;
 pub mod index;
 pub mod model;
 pub mod pipeline;
+pub mod retrofit;
 pub mod scale;
 pub mod store;

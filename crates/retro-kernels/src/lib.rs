@@ -32,6 +32,7 @@ pub mod decode;
 mod elementwise;
 pub mod feed_forward_op;
 mod float;
+pub mod frozen_linear;
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod gelu;

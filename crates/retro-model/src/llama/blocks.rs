@@ -26,8 +26,12 @@ impl RmsNorm {
     }
 }
 
-/// `x @ w^T` for `x [.., in]` and `w [out, in]` (PyTorch's layout), no bias.
-pub(crate) fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x @ w^T` for `x [.., in]` and `w [out, in]` (PyTorch's layout), no bias. The base is frozen:
+/// differentiable kernels give `x` a gradient and `w` none (candle's matmul would compute both).
+pub(crate) fn project(x: &Tensor, w: &Tensor, kern: Kernels) -> Result<Tensor> {
+    if kern == Kernels::Differentiable {
+        return retro_kernels::frozen_linear::frozen_linear(x, w);
+    }
     let dims = x.dims();
     let (rows, inp) = (
         dims[..dims.len() - 1].iter().product::<usize>(),
@@ -116,9 +120,9 @@ impl SelfAttention {
         let (b, t, _) = x.dims3()?;
         let (h, hk, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q = rotary.apply(&heads(project(x, &self.q)?, h)?, offset, kern)?;
-        let k = rotary.apply(&heads(project(x, &self.k)?, hk)?, offset, kern)?;
-        let v = heads(project(x, &self.v)?, hk)?.contiguous()?;
+        let q = rotary.apply(&heads(project(x, &self.q, kern)?, h)?, offset, kern)?;
+        let k = rotary.apply(&heads(project(x, &self.k, kern)?, hk)?, offset, kern)?;
+        let v = heads(project(x, &self.v, kern)?, hk)?.contiguous()?;
         let (k, v) = match kv {
             None => (k, v),
             Some(slot) => {
@@ -154,7 +158,7 @@ impl SelfAttention {
             .reshape((b, h, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, h * hd))?;
-        project(&y, &self.o)
+        project(&y, &self.o, kern)
     }
 }
 
@@ -183,9 +187,9 @@ pub struct SwiGlu {
 }
 
 impl SwiGlu {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&project(x, &self.gate)?)?;
-        project(&(g * project(x, &self.up)?)?, &self.down)
+    pub fn forward(&self, x: &Tensor, kern: Kernels) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&project(x, &self.gate, kern)?)?;
+        project(&(g * project(x, &self.up, kern)?)?, &self.down, kern)
     }
 }
 

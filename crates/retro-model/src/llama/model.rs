@@ -315,13 +315,13 @@ impl LlamaBase {
             h = hook.after_attention(i, (h + a)?, index_pos)?;
             let m = layer
                 .mlp
-                .forward(&layer.post_attention_norm.forward(&h, kern)?)?;
+                .forward(&layer.post_attention_norm.forward(&h, kern)?, kern)?;
             h = (h + m)?;
         }
         if let Some(c) = cache {
             c.position += t;
         }
-        Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head)?)
+        Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head, kern)?)
     }
 
     /// The residual stream `[B, T, d]` of `x [B, T]` (positions from 0) after its first `layers`
@@ -359,7 +359,7 @@ impl LlamaBase {
             h = (h + a)?;
             let m = layer
                 .mlp
-                .forward(&layer.post_attention_norm.forward(&h, kern)?)?;
+                .forward(&layer.post_attention_norm.forward(&h, kern)?, kern)?;
             h = (h + m)?;
         }
         Ok(h)

@@ -1,0 +1,111 @@
+//! Throughput of a RETRO-fit training step (`retro bench retrofit`): a frozen imported base with
+//! CCA and the neighbour encoder, on random ids, at the shapes `retro train --base B --retrofit`
+//! runs. Besides the whole step (forward, cross-entropy, backward, AdamW), the parts it is made
+//! of: the frozen base's forward alone, the neighbours' pass through the base's first layers
+//! (what the encoder reads), and the training forward, so that a change can be placed.
+
+use crate::model::median;
+use candle_core::{Device, Tensor};
+use retro_model::llama::LlamaBase;
+use retro_model::retrofit::{RetroFitted, RetrofitConfig};
+use retro_model::train::{AdamW, AdamWParams};
+use retro_model::{Kernels, Result};
+use std::time::Instant;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RetrofitBenchSpec {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub neighbours: usize,
+    /// Tokens per neighbour (chunk + continuation).
+    pub neighbour_len: usize,
+    pub fit: RetrofitConfig,
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RetrofitBenchResult {
+    pub spec: RetrofitBenchSpec,
+    pub trainable_parameters: usize,
+    pub tokens_per_batch: usize,
+    /// The base alone, inference kernels (RETRO\[OFF\]).
+    pub base_forward_ms: f64,
+    /// The neighbours through the base's first `enc_input_layers` layers (part of every step).
+    pub neighbour_input_ms: f64,
+    /// The training forward (differentiable kernels) up to the logits.
+    pub train_forward_ms: f64,
+    /// Forward, cross-entropy, backward and AdamW.
+    pub train_step_ms: f64,
+    pub train_step_tokens_per_s: f64,
+}
+
+fn time_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
+
+/// Deterministic pseudo-random ids below `vocab`.
+fn ids(n: usize, salt: u32, vocab: u32, shape: &[usize]) -> Result<Tensor> {
+    let v: Vec<u32> = (0..n as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % vocab)
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+pub fn run(base: LlamaBase, spec: &RetrofitBenchSpec) -> Result<RetrofitBenchResult> {
+    let vocab = base.config().vocab_size as u32;
+    let (b, t, k, n) = (
+        spec.batch,
+        spec.seq_len,
+        spec.neighbours,
+        spec.neighbour_len,
+    );
+    let c = t / spec.fit.chunk_len;
+    let x = ids(b * t, 1, vocab, &[b, t])?;
+    let y = ids(b * t, 2, vocab, &[b, t])?;
+    let ret = ids(b * c * k * n, 3, vocab, &[b, c, k, n])?;
+    let model = RetroFitted::new(base, &spec.fit, 0)?;
+    let (w, i) = (spec.warmup, spec.iters);
+    let base_forward_ms = time_ms(w, i, || {
+        model.base().forward(&x, 0, None)?;
+        Ok(())
+    })?;
+    let flat = ret.reshape((b * c * k, n))?;
+    let neighbour_input_ms = time_ms(w, i, || {
+        if spec.fit.enc_input_layers > 0 {
+            model
+                .base()
+                .hidden_after(&flat, spec.fit.enc_input_layers, Kernels::Fused)?;
+        }
+        Ok(())
+    })?;
+    let train_forward_ms = time_ms(w, i, || {
+        model.forward_train(&x, Some(&ret))?;
+        Ok(())
+    })?;
+    let mut opt = AdamW::new(model.named_vars(), AdamWParams::default())?;
+    let train_step_ms = time_ms(w, i, || {
+        let (_, grads) = model.loss_and_grads(&x, &y, Some(&ret))?;
+        opt.step(&grads, 1e-4)?;
+        Ok(())
+    })?;
+    Ok(RetrofitBenchResult {
+        spec: spec.clone(),
+        trainable_parameters: model.num_trainable(),
+        tokens_per_batch: b * t,
+        base_forward_ms,
+        neighbour_input_ms,
+        train_forward_ms,
+        train_step_ms,
+        train_step_tokens_per_s: (b * t) as f64 / (train_step_ms / 1e3),
+    })
+}
