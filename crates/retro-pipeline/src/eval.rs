@@ -217,6 +217,9 @@ pub struct EvalOptions {
     /// Database documents the model was trained on: scoring one is an error unless allowed.
     pub training_documents: HashSet<DocumentId>,
     pub allow_training_documents: bool,
+    /// Score the related condition only: for text whose neighbours the held-out set cannot
+    /// supply, the novel condition would repeat it at the same cost.
+    pub related_only: bool,
 }
 
 /// Windows of `seq_len + 1` tokens at stride `seq_len` over each document (the last may be shorter).
@@ -375,13 +378,16 @@ pub fn evaluate(
     }
     let conditions: Vec<(Condition, HashSet<DocumentId>)> = match retrieval {
         None => vec![],
-        Some(_) => vec![
-            (Condition::Related, itself.clone()),
-            (
-                Condition::Novel,
-                itself.union(&opts.held_out_set).copied().collect(),
-            ),
-        ],
+        Some(_) => {
+            let mut c = vec![(Condition::Related, itself.clone())];
+            if !opts.related_only {
+                c.push((
+                    Condition::Novel,
+                    itself.union(&opts.held_out_set).copied().collect(),
+                ));
+            }
+            c
+        }
     };
     let retrievers: Vec<Retriever> = conditions
         .iter()
