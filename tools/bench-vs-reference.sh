@@ -5,6 +5,7 @@
 #   tools/bench-vs-reference.sh generate [N]      # labml's sampler in PyTorch (tools/reference/bench.py)
 #   tools/bench-vs-reference.sh model [N]         # labml's model in PyTorch: forward, train step
 #   tools/bench-vs-reference.sh index KEYS.npy [N] # faiss-cpu HNSWFlat (tools/faiss_compare.py)
+#   tools/bench-vs-reference.sh retrofit BASE [N] # the same RETRO-fit in PyTorch (tools/reference/retrofit_step.py)
 #
 # PYTHON names a Python with torch (generate, model) or faiss-cpu (index); default
 # /work/venv-ref/bin/python. Threads: 2 (RAYON_NUM_THREADS unset on a 2-core machine; torch and
@@ -15,7 +16,7 @@ RETRO=${RETRO:-target/release/retro}
 PYTHON=${PYTHON:-/work/venv-ref/bin/python}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
-what=${1:?usage: tools/bench-vs-reference.sh generate|model|index KEYS.npy [N]}
+what=${1:?usage: tools/bench-vs-reference.sh generate|model|index KEYS.npy|retrofit BASE [N]}
 shift
 [ -x "$RETRO" ] || { echo "no $RETRO: run cargo build --release first" >&2; exit 2; }
 [ -x "$PYTHON" ] || { echo "no Python at $PYTHON: set PYTHON" >&2; exit 2; }
@@ -53,6 +54,31 @@ for key, name in [("forward_ms", "forward"), ("train_step_ms", "train step")]:
     print(f"{name} (labml-small, B 4, T 512): ours median {st.median(ours):.0f} ms ({min(ours):.0f}-{max(ours):.0f}), "
           f"labml's model in PyTorch {runs[0][1]['torch_version']} median {st.median(ref):.0f} ms ({min(ref):.0f}-{max(ref):.0f}); "
           f"ratio median {st.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)")
+EOF
+    ;;
+retrofit)
+    base=${1:?retrofit needs BASE (retro base import)}
+    n=${2:-3}
+    for i in $(seq "$n"); do
+        "$RETRO" bench retrofit --base "$base" --json --iters 3 --warmup 1 > "$OUT/rust-$i.json"
+        "$PYTHON" tools/reference/retrofit_step.py --base "$base" --threads 2 --iters 3 --warmup 1 > "$OUT/torch-$i.json"
+    done
+    "$PYTHON" - "$OUT" "$n" <<'EOF'
+import json, statistics as st, sys
+d, n = sys.argv[1], int(sys.argv[2])
+runs = [(json.load(open(f"{d}/rust-{i}.json")), json.load(open(f"{d}/torch-{i}.json"))) for i in range(1, n + 1)]
+ours, ref = [r["train_step_ms"] for r, _ in runs], [t["train_step_ms"] for _, t in runs]
+ratios = [t / r for r, t in zip(ours, ref)]
+r0, t0 = runs[0]
+assert r0["trainable_parameters"] == t0["trainable"], (r0["trainable_parameters"], t0["trainable"])
+tokens = r0["tokens_per_batch"]
+print(f"RETRO-fit train step (B {t0['B']} x T {t0['T']}, K {t0['K']}, {t0['trainable']} trainable): "
+      f"ours median {st.median(ours):.0f} ms ({min(ours):.0f}-{max(ours):.0f}), {tokens / st.median(ours) * 1e3:.0f} tokens/s; "
+      f"PyTorch {t0['torch_version']} median {st.median(ref):.0f} ms ({min(ref):.0f}-{max(ref):.0f}), "
+      f"{tokens / st.median(ref) * 1e3:.0f} tokens/s; ratio median {st.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)")
+for key in ["base_forward_ms", "neighbour_input_ms", "train_forward_ms"]:
+    v = [r[key] for r, _ in runs]
+    print(f"  ours, {key}: median {st.median(v):.0f} ms ({min(v):.0f}-{max(v):.0f})")
 EOF
     ;;
 index)

@@ -57,8 +57,8 @@ pub struct BenchIndexArgs {
     /// peak RSS is its own (a second half in the same process reports the larger of both).
     /// `embedded` alone: the embedded graph on held-out `--vectors` or `--synthetic` keys, with
     /// its peak RSS and bytes on disk (a point of `retro bench scale`).
-    #[arg(long, value_parser = ["embedded", "store"])]
-    pub only: Option<String>,
+    #[arg(long, value_enum)]
+    pub only: Option<super::choices::BenchHalf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -154,8 +154,9 @@ fn store_comparison(a: &BenchIndexArgs) -> anyhow::Result<()> {
         }),
         _ => None,
     };
-    let only = a.only.as_deref();
-    if store.is_none() && only == Some("store") {
+    use super::choices::BenchHalf;
+    let only = a.only;
+    if store.is_none() && only == Some(BenchHalf::Store) {
         anyhow::bail!("--only store measures a --vector-store: none was given");
     }
     let c = Comparison {
@@ -163,8 +164,8 @@ fn store_comparison(a: &BenchIndexArgs) -> anyhow::Result<()> {
         sample: a.sample,
         k: a.k,
         hnsw,
-        embedded: only != Some("store"),
-        store: store.filter(|_| only != Some("embedded")),
+        embedded: only != Some(BenchHalf::Store),
+        store: store.filter(|_| only != Some(BenchHalf::Embedded)),
     };
     let compared_with_store = a.store.vector_store.is_some();
     let r = bs::compare(&c, &mut |p| {

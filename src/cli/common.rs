@@ -146,8 +146,8 @@ pub struct EmbedderArgs {
     pub lexical_embedder: Option<usize>,
     /// The lexical embedder's features: `words` (words, word bigrams, character trigrams) or
     /// `chars` (character trigrams only, robust to spelling variants and short chunks).
-    #[arg(long, default_value = "words", value_parser = ["words", "chars"], requires = "lexical_embedder")]
-    pub lexical_features: String,
+    #[arg(long, value_enum, default_value_t = super::choices::LexicalFeaturesArg::Words, requires = "lexical_embedder")]
+    pub lexical_features: super::choices::LexicalFeaturesArg,
     /// Texts per forward pass of the model.
     #[arg(long, default_value_t = 32)]
     pub embed_batch: usize,
@@ -168,12 +168,11 @@ pub fn load_embedder(
     db: Option<&Database>,
 ) -> anyhow::Result<(Box<dyn Embedder>, Option<String>)> {
     if let Some(dim) = a.lexical_embedder {
-        let features = match a.lexical_features.as_str() {
-            "chars" => LexicalFeatures::CharTrigrams,
-            _ => LexicalFeatures::Words,
-        };
         return Ok((
-            Box::new(LexicalEmbedder::with_features(dim, features)?),
+            Box::new(LexicalEmbedder::with_features(
+                dim,
+                a.lexical_features.into(),
+            )?),
             None,
         ));
     }
@@ -231,8 +230,8 @@ pub struct VectorStoreArgs {
     pub vector_store: Option<String>,
     /// Milvus' index over the keys: `hnsw` (--m, --ef-construction, --ef-search), `ivf-flat`
     /// (--nlist, --nprobe) or `flat` (exact).
-    #[arg(long, default_value = "hnsw", value_parser = ["hnsw", "ivf-flat", "flat"], requires = "vector_store")]
-    pub milvus_index: String,
+    #[arg(long, value_enum, default_value_t = super::choices::MilvusIndexKind::Hnsw, requires = "vector_store")]
+    pub milvus_index: super::choices::MilvusIndexKind,
     #[arg(long, default_value_t = 1024, requires = "vector_store")]
     pub nlist: usize,
     #[arg(long, default_value_t = 16, requires = "vector_store")]
@@ -252,13 +251,14 @@ impl VectorStoreArgs {
             return Ok(None);
         };
         let loc = MilvusLocation::parse(url)?;
-        let index = match self.milvus_index.as_str() {
-            "ivf-flat" => MilvusIndexParams::IvfFlat {
+        use super::choices::MilvusIndexKind;
+        let index = match self.milvus_index {
+            MilvusIndexKind::IvfFlat => MilvusIndexParams::IvfFlat {
                 nlist: self.nlist,
                 nprobe: self.nprobe,
             },
-            "flat" => MilvusIndexParams::Flat,
-            _ => MilvusIndexParams::hnsw(hnsw),
+            MilvusIndexKind::Flat => MilvusIndexParams::Flat,
+            MilvusIndexKind::Hnsw => MilvusIndexParams::hnsw(hnsw),
         };
         index.validate()?;
         if self.milvus_batch == 0 {

@@ -26,8 +26,8 @@ pub enum DatasetCmd {
         /// Sequence index.
         #[arg(long, default_value_t = 0)]
         sample: usize,
-        #[arg(long, default_value = "train", value_parser = ["train", "valid"])]
-        split: String,
+        #[arg(long, value_enum, default_value_t = super::choices::SplitArg::Train)]
+        split: super::choices::SplitArg,
         #[arg(long)]
         json: bool,
     },
@@ -122,11 +122,7 @@ impl DatasetCmd {
                 json,
             } => {
                 let (db, ds) = open_dataset(&dataset, db.as_deref())?;
-                let split = if split == "train" {
-                    Split::Train
-                } else {
-                    Split::Valid
-                };
+                let split = Split::from(split);
                 anyhow::ensure!(
                     sample < ds.len(split),
                     "--sample {sample}: the split has {} sequences",

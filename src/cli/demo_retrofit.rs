@@ -15,7 +15,6 @@ use super::demo::{find_dir, pip_download, retro, unpack};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::Value;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -136,6 +135,13 @@ fn prompt_from(module: &Path, translation: &str, book: &str, verse: &str) -> Res
     Ok(prompt)
 }
 
+/// Writes `path` through a temporary file and a rename, so a crash leaves the old file or the new.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    Ok(retro_index::fsutil::write_atomic(path, |w| {
+        w.write_all(bytes)
+    })?)
+}
+
 /// Runs this binary with `args`, printing the command, and returns its standard output.
 fn retro_output(args: &[&str]) -> Result<String> {
     println!("\n$ retro {}", args.join(" "));
@@ -227,9 +233,7 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
             lines.push(serde_json::json!({"id": doc.id, "text": doc.text}).to_string());
         }
     }
-    let tmp = out.join("corpus.jsonl.tmp");
-    std::fs::File::create(&tmp)?.write_all((lines.join("\n") + "\n").as_bytes())?;
-    std::fs::rename(&tmp, &corpus)?;
+    write_atomically(&corpus, (lines.join("\n") + "\n").as_bytes())?;
     println!(
         "corpus: {} documents in {} ({:?} of {:?}, and {} held out of training); scored: {} of {}",
         lines.len(),
@@ -338,7 +342,7 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         args.extend(extra);
         let json = retro_output(&args)?;
         let path = out.join(format!("eval-{book}.json"));
-        std::fs::write(&path, &json)?;
+        write_atomically(&path, json.as_bytes())?;
         println!("the report: {} (the overlap plot: {plot})", path.display());
         Ok(serde_json::from_str(&json)?)
     };

@@ -404,8 +404,8 @@ pub struct RetrofitArgs {
     /// RETRO-fit: how the new blocks start: `base` (each CCA as its layer's self-attention reading
     /// the neighbours, the encoder as the identity) or `random` (PyTorch's default). Either way
     /// the CCA's output starts at zero, so the model starts exactly at the base.
-    #[arg(long, default_value = "base", value_parser = ["base", "random"])]
-    pub blocks_init: String,
+    #[arg(long, value_enum, default_value_t = super::choices::BlocksInit::Base)]
+    pub blocks_init: super::choices::BlocksInit,
 }
 
 impl RetrofitArgs {
@@ -418,7 +418,7 @@ impl RetrofitArgs {
             enc_n_layers: self.enc_layers,
             enc_d_ff: self.enc_d_ff.unwrap_or(2 * hidden),
             enc_input_layers: self.enc_input_layers.unwrap_or(self.ca_start),
-            init_from_base: self.blocks_init == "base",
+            init_from_base: self.blocks_init == super::choices::BlocksInit::Base,
         }
     }
 }

@@ -147,6 +147,12 @@ pub fn overlap_plot(r: &EvalReport, out: &Path) -> Result<()> {
         let v = bars(first, |b| b.baseline);
         series.push(("baseline (no CCA)".into(), RGBColor(127, 127, 127), v));
     }
+    // In-context retrieval with the first condition's neighbours: what RETRO is measured against.
+    if first.in_context.is_some() {
+        let v = bars(first, |b| b.in_context);
+        let name = format!("in-context retrieval, {} database", first.condition.name());
+        series.push((name, RGBColor(148, 103, 189), v));
+    }
     let hi = series
         .iter()
         .flat_map(|s| s.2.iter().flatten())
