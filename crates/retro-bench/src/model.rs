@@ -40,23 +40,35 @@ impl ModelBenchSpec {
 
     /// Deterministic pseudo-random `(x, y, ret)` on `device`.
     pub fn inputs(&self, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
-        let v = self.config.n_vocab as u32;
-        let gen = |n: usize, salt: u32| -> Vec<u32> {
-            (0..n as u32)
-                .map(|i| (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % v)
-                .collect()
-        };
-        let (b, t) = (self.batch, self.seq_len);
-        let c = t / self.config.chunk_len;
-        let x = Tensor::from_vec(gen(b * t, 1), (b, t), device)?;
-        let y = Tensor::from_vec(gen(b * t, 2), (b, t), device)?;
-        let ret = Tensor::from_vec(
-            gen(b * c * self.neighbours * self.neighbour_len, 3),
-            (b, c, self.neighbours, self.neighbour_len),
-            device,
-        )?;
-        Ok((x, y, ret))
+        let c = self.seq_len / self.config.chunk_len;
+        let shape = (
+            self.batch,
+            self.seq_len,
+            c,
+            self.neighbours,
+            self.neighbour_len,
+        );
+        pseudo_random_inputs(self.config.n_vocab, shape, device)
     }
+}
+
+/// Deterministic pseudo-random ids below `vocab`: `x` and `y` `[B, T]` and `ret [B, C, K, N]`,
+/// for `(B, T, C, K, N)`.
+pub fn pseudo_random_inputs(
+    vocab: usize,
+    (b, t, c, k, n): (usize, usize, usize, usize, usize),
+    device: &Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let v = vocab as u32;
+    let gen = |n: usize, salt: u32| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % v)
+            .collect()
+    };
+    let x = Tensor::from_vec(gen(b * t, 1), (b, t), device)?;
+    let y = Tensor::from_vec(gen(b * t, 2), (b, t), device)?;
+    let ret = Tensor::from_vec(gen(b * c * k * n, 3), (b, c, k, n), device)?;
+    Ok((x, y, ret))
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -84,7 +96,9 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn time_ms(
+/// The median milliseconds of `iters` calls of `f` after `warmup` more, the device synchronised
+/// after each.
+pub(crate) fn time_ms(
     device: &Device,
     warmup: usize,
     iters: usize,

@@ -4,13 +4,12 @@
 //! of: the frozen base's forward alone, the neighbours' pass through the base's first layers
 //! (what the encoder reads), and the training forward, so that a change can be placed.
 
-use crate::model::median;
-use candle_core::{Device, Tensor};
+use crate::model::{pseudo_random_inputs, time_ms};
+use candle_core::Device;
 use retro_model::llama::LlamaBase;
 use retro_model::retrofit::{RetroFitted, RetrofitConfig};
 use retro_model::train::{AdamW, AdamWParams};
 use retro_model::{Kernels, Result};
-use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RetrofitBenchSpec {
@@ -40,29 +39,7 @@ pub struct RetrofitBenchResult {
     pub train_step_tokens_per_s: f64,
 }
 
-fn time_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    let mut times = Vec::with_capacity(iters.max(1));
-    for _ in 0..iters.max(1) {
-        let t0 = Instant::now();
-        f()?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(median(times))
-}
-
-/// Deterministic pseudo-random ids below `vocab`.
-fn ids(n: usize, salt: u32, vocab: u32, shape: &[usize]) -> Result<Tensor> {
-    let v: Vec<u32> = (0..n as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % vocab)
-        .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
-}
-
 pub fn run(base: LlamaBase, spec: &RetrofitBenchSpec) -> Result<RetrofitBenchResult> {
-    let vocab = base.config().vocab_size as u32;
     let (b, t, k, n) = (
         spec.batch,
         spec.seq_len,
@@ -70,17 +47,16 @@ pub fn run(base: LlamaBase, spec: &RetrofitBenchSpec) -> Result<RetrofitBenchRes
         spec.neighbour_len,
     );
     let c = t / spec.fit.chunk_len;
-    let x = ids(b * t, 1, vocab, &[b, t])?;
-    let y = ids(b * t, 2, vocab, &[b, t])?;
-    let ret = ids(b * c * k * n, 3, vocab, &[b, c, k, n])?;
+    let cpu = Device::Cpu;
+    let (x, y, ret) = pseudo_random_inputs(base.config().vocab_size, (b, t, c, k, n), &cpu)?;
     let model = RetroFitted::new(base, &spec.fit, 0)?;
     let (w, i) = (spec.warmup, spec.iters);
-    let base_forward_ms = time_ms(w, i, || {
+    let base_forward_ms = time_ms(&cpu, w, i, || {
         model.base().forward(&x, 0, None)?;
         Ok(())
     })?;
     let flat = ret.reshape((b * c * k, n))?;
-    let neighbour_input_ms = time_ms(w, i, || {
+    let neighbour_input_ms = time_ms(&cpu, w, i, || {
         if spec.fit.enc_input_layers > 0 {
             model
                 .base()
@@ -88,12 +64,12 @@ pub fn run(base: LlamaBase, spec: &RetrofitBenchSpec) -> Result<RetrofitBenchRes
         }
         Ok(())
     })?;
-    let train_forward_ms = time_ms(w, i, || {
+    let train_forward_ms = time_ms(&cpu, w, i, || {
         model.forward_train(&x, Some(&ret))?;
         Ok(())
     })?;
     let mut opt = AdamW::new(model.named_vars(), AdamWParams::default())?;
-    let train_step_ms = time_ms(w, i, || {
+    let train_step_ms = time_ms(&cpu, w, i, || {
         let (_, grads) = model.loss_and_grads(&x, &y, Some(&ret))?;
         opt.step(&grads, 1e-4)?;
         Ok(())
