@@ -287,3 +287,80 @@ fn the_cache_asks_for_neighbours_exactly_when_a_chunk_completes() {
         .to_string();
     assert!(e.contains("retrieval off"), "{e}");
 }
+
+#[test]
+fn batched_steps_of_sequences_at_different_positions_equal_each_alone() {
+    let model = trained(9);
+    let (x, _, ret) = data(3, 19, 2, 8, 5);
+    // Sequence 0 starts at once, 1 three steps later, 2 (RETRO[OFF]) six steps later: every
+    // batched step mixes positions, chunk ends and a cache without retrieval.
+    let starts = [0usize, 3, 6];
+    let retrieval = [true, true, false];
+    let mut alone: Vec<_> = retrieval.iter().map(|&r| model.new_cache(r)).collect();
+    let mut batched: Vec<_> = retrieval.iter().map(|&r| model.new_cache(r)).collect();
+    let inputs = |s: usize, t: usize| {
+        let tok: u32 = x.get(s).unwrap().get(t).unwrap().to_scalar().unwrap();
+        let r = (retrieval[s] && (t + 1) % 4 == 0).then(|| {
+            ret.get(s)
+                .unwrap()
+                .narrow(0, t / 4, 1)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+        });
+        // The second sequence's chunk 2 is gated off.
+        let k = r.as_ref().map(|_| {
+            let v = if s == 1 && t / 4 == 2 { 0f32 } else { 1. };
+            Tensor::new(&[[v]], &Device::Cpu).unwrap()
+        });
+        (tok, r, k)
+    };
+    let mut worst = 0f32;
+    for step in 0..19 + 6 {
+        let live: Vec<usize> = (0..3)
+            .filter(|&s| step >= starts[s] && step - starts[s] < 19)
+            .collect();
+        let (mut toks, mut rets, mut keeps, mut want) = (vec![], vec![], vec![], vec![]);
+        for &s in &live {
+            let (tok, r, k) = inputs(s, step - starts[s]);
+            let one = model
+                .forward_cached(
+                    &Tensor::new(&[[tok]], &Device::Cpu).unwrap(),
+                    &mut alone[s],
+                    r.as_ref(),
+                    k.as_ref(),
+                )
+                .unwrap();
+            want.push(one.flatten_all().unwrap());
+            toks.push(tok);
+            rets.push(r);
+            keeps.push(k);
+        }
+        let mut caches: Vec<_> = batched
+            .iter_mut()
+            .enumerate()
+            .filter(|(s, _)| live.contains(s))
+            .map(|(_, c)| c)
+            .collect();
+        let got = model
+            .step_batch(&toks, &mut caches, &rets, &keeps)
+            .unwrap();
+        assert_eq!(got.dims(), &[live.len(), 40]);
+        for (i, w) in want.iter().enumerate() {
+            let d = (got.get(i).unwrap() - w).unwrap().abs().unwrap();
+            worst = worst.max(d.max_all().unwrap().to_scalar::<f32>().unwrap());
+        }
+    }
+    assert!(worst < 1e-5, "batched logits differ by {worst}");
+    for (a, b) in alone.iter().zip(&batched) {
+        assert_eq!(a.position(), b.position());
+        assert_eq!(a.encoded_chunks(), b.encoded_chunks());
+    }
+    // A batch whose parts disagree is refused by name.
+    let mut c = [&mut model.new_cache(true)];
+    let e = model
+        .step_batch(&[1, 2], &mut c, &[None], &[None])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one cache"), "{e}");
+}

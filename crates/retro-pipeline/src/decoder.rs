@@ -4,6 +4,7 @@
 
 use crate::error::Result;
 use crate::eval::Scorer;
+use crate::generate::StepInput;
 use candle_core::Tensor;
 use retro_model::llama::{LlamaBase, LlamaCache};
 use retro_model::retrofit::{RetroFitCache, RetroFitted};
@@ -22,6 +23,21 @@ pub trait Decoder: Scorer {
         neighbours: Option<&Tensor>,
         keep: Option<&Tensor>,
     ) -> Result<Tensor>;
+    /// One step of each of several sequences (a server's requests): `inputs[i]` feeds
+    /// `states[i]`; returns each one's next-token logits `[vocab]`. One sequence after another
+    /// unless the model batches them (the Llama base and a RETRO-fit of it do: their
+    /// projections run once over the batch).
+    fn step_batch(
+        &self,
+        states: &mut [&mut Self::State],
+        inputs: &[StepInput],
+    ) -> Result<Vec<Tensor>> {
+        states
+            .iter_mut()
+            .zip(inputs)
+            .map(|(s, i)| self.step(s, i.token, i.neighbours.as_ref(), i.keep.as_ref()))
+            .collect()
+    }
     /// The token that ends a text, where the model has one.
     fn eos(&self) -> Option<u32>;
     /// The most positions the model reads, where it has a limit.
@@ -68,6 +84,25 @@ impl Decoder for RetroFitted {
         let logits = self.forward_cached(&x, state, ret.as_ref(), keep.as_ref())?;
         Ok(logits.flatten_all()?)
     }
+    fn step_batch(
+        &self,
+        states: &mut [&mut RetroFitCache],
+        inputs: &[StepInput],
+    ) -> Result<Vec<Tensor>> {
+        let tokens: Vec<u32> = inputs.iter().map(|i| i.token).collect();
+        let rets = inputs
+            .iter()
+            .map(|i| i.neighbours.as_ref().map(|n| n.unsqueeze(1)).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let keeps = inputs
+            .iter()
+            .map(|i| i.keep.as_ref().map(|k| k.reshape((1, 1))).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let logits = self.step_batch(&tokens, states, &rets, &keeps)?;
+        Ok((0..tokens.len())
+            .map(|i| logits.get(i))
+            .collect::<candle_core::Result<_>>()?)
+    }
     fn eos(&self) -> Option<u32> {
         self.base().config().eos_token_id
     }
@@ -91,6 +126,22 @@ impl Decoder for LlamaBase {
         let x = Tensor::new(&[[token]], LlamaBase::device(self))?;
         let pos = state.position();
         Ok(self.forward(&x, pos, Some(state))?.flatten_all()?)
+    }
+    fn step_batch(
+        &self,
+        states: &mut [&mut LlamaCache],
+        inputs: &[StepInput],
+    ) -> Result<Vec<Tensor>> {
+        let tokens: Vec<u32> = inputs.iter().map(|i| i.token).collect();
+        let mut none = vec![retro_model::llama::NoHook; tokens.len()];
+        let mut hooks: Vec<&mut dyn retro_model::llama::LayerHook> = none
+            .iter_mut()
+            .map(|h| h as &mut dyn retro_model::llama::LayerHook)
+            .collect();
+        let logits = LlamaBase::step_batch(self, &tokens, states, &mut hooks)?;
+        Ok((0..tokens.len())
+            .map(|i| logits.get(i))
+            .collect::<candle_core::Result<_>>()?)
     }
     fn eos(&self) -> Option<u32> {
         self.config().eos_token_id

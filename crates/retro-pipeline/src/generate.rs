@@ -118,6 +118,255 @@ pub enum Event<'a> {
     Token(u32),
 }
 
+/// Why a generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// The model's end-of-text token came, or the caller stopped it (a stop sequence).
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+    /// The caller cancelled it (a client gone).
+    Cancelled,
+    /// Retrieval or the model failed for this sequence; the message says why.
+    Failed(String),
+}
+
+/// One model step of one sequence: the token fed and, when it completes a chunk, that chunk's
+/// neighbours `[1, K, N]` and their gate `[1]`.
+#[derive(Debug, Clone)]
+pub struct StepInput {
+    pub token: u32,
+    pub neighbours: Option<Tensor>,
+    pub keep: Option<Tensor>,
+}
+
+/// One sequence being generated, one token at a time: the prompt's tokens are fed first, then
+/// each sampled token, with the neighbours of every chunk as soon as it completes (the partial
+/// last chunk has none yet). [`generate`] drives one; a server drives many, their model steps
+/// batched by [`step_together`]. Either way a sequence sees the same inputs and draws the same
+/// samples.
+pub struct Generation<'a, D: Decoder> {
+    model: &'a D,
+    retriever: Option<Retriever<'a>>,
+    sampling: Sampling,
+    rng: rand::rngs::StdRng,
+    schedule: Option<ChunkSchedule>,
+    /// How many chunks back the coherent gate compares with (1 without a gate).
+    lookback: usize,
+    /// The neighbours of the last chunks, as many as the gate looks back over.
+    before: Option<Neighbours>,
+    state: D::State,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens fed to the model so far.
+    fed: usize,
+    max_tokens: usize,
+    /// The next token's logits, once every token so far is fed.
+    logits: Option<Tensor>,
+    finish: Option<Finish>,
+}
+
+impl<'a, D: Decoder> Generation<'a, D> {
+    /// Checks the settings and the prompt (it must encode to at least one token and leave room
+    /// for `max_tokens` in the model's context). With `retriever` None (or a model that reads no
+    /// neighbours) it generates without retrieval.
+    pub fn new(
+        model: &'a D,
+        retriever: Option<&Retriever<'a>>,
+        tokenizer: &LmTokenizer,
+        prompt: &str,
+        max_tokens: usize,
+        sampling: &Sampling,
+    ) -> Result<Self> {
+        sampling.validate()?;
+        let cl = model.chunk_len();
+        let retriever = retriever.filter(|_| model.reads_neighbours());
+        if let Some(r) = retriever {
+            if r.chunk_len() != cl {
+                return Err(PipelineError::invalid(
+                    "chunk_len",
+                    cl,
+                    format!("the database has chunk_len {}", r.chunk_len()),
+                ));
+            }
+        }
+        let tokens = tokenizer.encode(prompt)?;
+        if tokens.is_empty() {
+            return Err(PipelineError::invalid(
+                "prompt",
+                format!("{prompt:?}"),
+                "encodes to no token",
+            ));
+        }
+        if let Some(context) = model.context().filter(|&c| tokens.len() + max_tokens > c) {
+            return Err(PipelineError::invalid(
+                "max_tokens",
+                max_tokens,
+                format!(
+                    "the prompt's {} tokens and max_tokens exceed the model's context of {context}",
+                    tokens.len()
+                ),
+            ));
+        }
+        Ok(Self {
+            model,
+            retriever: retriever.cloned(),
+            sampling: *sampling,
+            rng: rand::rngs::StdRng::seed_from_u64(sampling.seed),
+            schedule: retriever.map(|_| ChunkSchedule::new(cl)),
+            lookback: retriever
+                .and_then(|r| r.gate())
+                .map_or(1, |g| g.lookback().max(1)),
+            before: None,
+            state: model.start(retriever.is_some()),
+            prompt_len: tokens.len(),
+            tokens,
+            fed: 0,
+            max_tokens,
+            logits: None,
+            finish: None,
+        })
+    }
+
+    /// The prompt's tokens.
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+    /// The tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+    /// Why it ended, once it has.
+    pub fn finished(&self) -> Option<&Finish> {
+        self.finish.as_ref()
+    }
+    /// Ends it (a stop sequence, a client gone); a finished generation stays as it ended.
+    pub fn finish(&mut self, why: Finish) {
+        self.finish.get_or_insert(why);
+    }
+
+    /// What the model is fed next, sampling the next token first once the prompt is in (and
+    /// announcing it as [`Event::Token`]); None once finished.
+    pub fn next_input(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<Option<StepInput>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        if self.fed == self.tokens.len() {
+            if self.generated().len() == self.max_tokens {
+                self.finish = Some(Finish::Length);
+                return Ok(None);
+            }
+            let row: Vec<f32> = self
+                .logits
+                .take()
+                .expect("every token fed has its logits")
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            let next = sample(&row, &self.sampling, &mut self.rng);
+            if Some(next) == self.model.eos() {
+                self.finish = Some(Finish::Stop);
+                return Ok(None);
+            }
+            self.tokens.push(next);
+            on_event(Event::Token(next));
+            if self.generated().len() == self.max_tokens {
+                // Nothing reads the logits after the last token.
+                self.finish = Some(Finish::Length);
+                return Ok(None);
+            }
+        }
+        let t = self.fed;
+        let (neighbours, keep) = self.neighbours_at(t, on_event)?;
+        Ok(Some(StepInput {
+            token: self.tokens[t],
+            neighbours,
+            keep,
+        }))
+    }
+
+    /// Takes the model's logits `[vocab]` for the input [`Generation::next_input`] gave.
+    pub fn accept(&mut self, logits: Tensor) {
+        self.fed += 1;
+        self.logits = Some(logits);
+    }
+
+    /// Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
+    fn neighbours_at(
+        &mut self,
+        t: usize,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (Some(r), Some(u)) = (&self.retriever, self.schedule.and_then(|s| s.completes(t)))
+        else {
+            return Ok((None, None));
+        };
+        let chunk = &self.tokens[t + 1 - r.chunk_len()..=t];
+        let n = r.retrieve_after(&[chunk.to_vec()], None, Filter::None, self.before.as_ref())?;
+        on_event(Event::Neighbours {
+            chunk: u,
+            tokens: chunk,
+            neighbours: &n,
+        });
+        let device = self.model.device();
+        let keep = n.keep_tensor(device)?.map(|k| k.reshape(1)).transpose()?;
+        let ret = n.to_tensor(device)?.squeeze(1)?;
+        self.before = Some(match self.before.take() {
+            Some(b) => b.followed_by(&n, self.lookback)?,
+            None => n,
+        });
+        Ok((Some(ret), keep))
+    }
+}
+
+/// Advances every unfinished generation in `gens` by one model step, the steps batched into one
+/// call of [`Decoder::step_batch`]; `on_event(i, ..)` hears generation `i`. A generation whose
+/// retrieval fails ends as [`Finish::Failed`] without stopping the others; a failed model step
+/// fails them all. Returns how many were stepped.
+pub fn step_together<D: Decoder>(
+    model: &D,
+    gens: &mut [Generation<'_, D>],
+    on_event: &mut dyn FnMut(usize, Event),
+) -> Result<usize> {
+    let mut inputs = vec![];
+    let mut who = vec![];
+    for (i, g) in gens.iter_mut().enumerate() {
+        match g.next_input(&mut |e| on_event(i, e)) {
+            Ok(Some(input)) => {
+                inputs.push(input);
+                who.push(i);
+            }
+            Ok(None) => {}
+            Err(e) => g.finish(Finish::Failed(e.to_string())),
+        }
+    }
+    if inputs.is_empty() {
+        return Ok(0);
+    }
+    let logits = {
+        let mut states: Vec<&mut D::State> = gens
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| who.contains(i))
+            .map(|(_, g)| &mut g.state)
+            .collect();
+        retro_model::device::on_pool(model.device(), || model.step_batch(&mut states, &inputs))
+    };
+    match logits {
+        Ok(logits) => {
+            for (i, l) in who.iter().zip(logits) {
+                gens[*i].accept(l);
+            }
+            Ok(who.len())
+        }
+        Err(e) => {
+            for &i in &who {
+                gens[i].finish(Finish::Failed(e.to_string()));
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Generates up to `max_tokens` after `prompt` (fewer if the model's end-of-text token comes).
 /// With `retriever` None (or a model that reads no neighbours) it generates without retrieval.
 pub fn generate<D: Decoder>(
@@ -132,95 +381,17 @@ pub fn generate<D: Decoder>(
     // The whole loop on one of rayon's workers: each step's kernels fork from there, instead of
     // every step being handed to the pool from outside (see `on_pool`).
     retro_model::device::on_pool(model.device(), || {
-        sampling.validate()?;
-        let cl = model.chunk_len();
-        let retriever = retriever.filter(|_| model.reads_neighbours());
-        if let Some(r) = retriever {
-            if r.chunk_len() != cl {
-                return Err(PipelineError::invalid(
-                    "chunk_len",
-                    cl,
-                    format!("the database has chunk_len {}", r.chunk_len()),
-                ));
-            }
+        let mut g = Generation::new(model, retriever, tokenizer, prompt, max_tokens, sampling)?;
+        while let Some(input) = g.next_input(on_event)? {
+            let logits = model.step(
+                &mut g.state,
+                input.token,
+                input.neighbours.as_ref(),
+                input.keep.as_ref(),
+            )?;
+            g.accept(logits);
         }
-        let mut tokens = tokenizer.encode(prompt)?;
-        if tokens.is_empty() {
-            return Err(PipelineError::invalid(
-                "prompt",
-                format!("{prompt:?}"),
-                "encodes to no token",
-            ));
-        }
-        let device = model.device().clone();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
-        if let Some(context) = model.context().filter(|&c| tokens.len() + max_tokens > c) {
-            return Err(PipelineError::invalid(
-                "max_tokens",
-                max_tokens,
-                format!(
-                    "the prompt's {} tokens and max_tokens exceed the model's context of {context}",
-                    tokens.len()
-                ),
-            ));
-        }
-        let mut state = model.start(retriever.is_some());
-        let schedule = retriever.map(|_| ChunkSchedule::new(cl));
-        // Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
-        type Retrieved = (Option<Tensor>, Option<Tensor>);
-        // The neighbours of the last chunks, as many as the coherent gate looks back over: it compares
-        // each new chunk's with them.
-        let lookback = retriever
-            .and_then(|r| r.gate())
-            .map_or(1, |g| g.lookback().max(1));
-        let mut before: Option<Neighbours> = None;
-        let mut neighbours_at =
-            |tokens: &[u32], t: usize, on_event: &mut dyn FnMut(Event)| -> Result<Retrieved> {
-                let Some(r) = retriever else {
-                    return Ok((None, None));
-                };
-                let Some(u) = schedule.and_then(|s| s.completes(t)) else {
-                    return Ok((None, None));
-                };
-                let chunk = &tokens[t + 1 - cl..=t];
-                let n = r.retrieve_after(&[chunk.to_vec()], None, Filter::None, before.as_ref())?;
-                on_event(Event::Neighbours {
-                    chunk: u,
-                    tokens: chunk,
-                    neighbours: &n,
-                });
-                let keep = n.keep_tensor(&device)?.map(|k| k.reshape(1)).transpose()?;
-                let ret = n.to_tensor(&device)?.squeeze(1)?;
-                before = Some(match before.take() {
-                    Some(b) => b.followed_by(&n, lookback)?,
-                    None => n,
-                });
-                Ok((Some(ret), keep))
-            };
-        let mut logits = None;
-        for t in 0..tokens.len() {
-            let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
-            logits = Some(model.step(&mut state, tokens[t], nb.as_ref(), keep.as_ref())?);
-        }
-        let mut out = vec![];
-        for _ in 0..max_tokens {
-            let row: Vec<f32> = logits
-                .take()
-                .expect("a step ran")
-                .to_dtype(DType::F32)?
-                .to_vec1()?;
-            let next = sample(&row, sampling, &mut rng);
-            if Some(next) == model.eos() {
-                break;
-            }
-            out.push(next);
-            tokens.push(next);
-            on_event(Event::Token(next));
-            let t = tokens.len() - 1;
-            let (nb, keep) = neighbours_at(&tokens, t, on_event)?;
-            logits = Some(model.step(&mut state, next, nb.as_ref(), keep.as_ref())?);
-        }
-        Ok(out)
+        Ok(g.generated().to_vec())
     })
 }
 

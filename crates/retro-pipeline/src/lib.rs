@@ -61,7 +61,7 @@ pub use eval::{
 };
 pub use filter::{Filter, Origin};
 pub use gate::{longest_common_substring, Gate};
-pub use generate::{generate, Event, Sampling};
+pub use generate::{generate, step_together, Event, Finish, Generation, Sampling, StepInput};
 pub use metrics::{MetricsLog, StepMetrics};
 pub use retriever::{KeysOnly, Neighbours, Retriever, Text, Timings};
 pub use schedule::Schedule;

@@ -302,6 +302,19 @@ impl<'a, T> Retriever<'a, T> {
         Ok(self)
     }
 
+    /// Another number of neighbours per chunk (at least one).
+    pub fn with_k(mut self, k: usize) -> Result<Self> {
+        if k == 0 {
+            return Err(PipelineError::invalid(
+                "k",
+                0,
+                "need at least one neighbour",
+            ));
+        }
+        self.k = k;
+        Ok(self)
+    }
+
     /// Gates each chunk's neighbours ([`Neighbours::keep`]).
     pub fn with_gate(mut self, gate: Option<Gate>) -> Self {
         self.gate = gate;

@@ -117,12 +117,63 @@ impl SelfAttention {
         kv: Option<&mut LayerKv>,
         kern: Kernels,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.qkv(x, kern)?;
+        let y = self.attend(&q, &k, &v, offset, rotary, kv, kern)?;
+        project(&y, &self.o, kern)
+    }
+
+    /// One token for each of B independent sequences `x [B, 1, d]`, sequence `i` at position
+    /// `offsets[i]` on its own cache `kvs[i]`: the projections run once over the batch, the
+    /// attention per sequence (continuous batching).
+    pub fn forward_step(
+        &self,
+        x: &Tensor,
+        offsets: &[usize],
+        rotary: &Rotary,
+        kvs: &mut [&mut LayerKv],
+    ) -> Result<Tensor> {
+        let kern = Kernels::Fused;
+        let (q, k, v) = self.qkv(x, kern)?;
+        let ys = offsets
+            .iter()
+            .zip(kvs.iter_mut())
+            .enumerate()
+            .map(|(i, (&offset, kv))| {
+                let row = |t: &Tensor| t.narrow(0, i, 1);
+                self.attend(&row(&q)?, &row(&k)?, &row(&v)?, offset, rotary, Some(kv), kern)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        project(&Tensor::cat(&ys, 0)?, &self.o, kern)
+    }
+
+    /// The projections `q [B, T, h * hd]`, `k` and `v [B, T, hk * hd]` of `x [B, T, d]`.
+    fn qkv(&self, x: &Tensor, kern: Kernels) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((
+            project(x, &self.q, kern)?,
+            project(x, &self.k, kern)?,
+            project(x, &self.v, kern)?,
+        ))
+    }
+
+    /// The attention of projected rows at positions `offset..offset + T`, before the output
+    /// projection: `[B, T, h * hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        offset: usize,
+        rotary: &Rotary,
+        kv: Option<&mut LayerKv>,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
         let (h, hk, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q = rotary.apply(&heads(project(x, &self.q, kern)?, h)?, offset, kern)?;
-        let k = rotary.apply(&heads(project(x, &self.k, kern)?, hk)?, offset, kern)?;
-        let v = heads(project(x, &self.v, kern)?, hk)?.contiguous()?;
+        let heads = |y: &Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        let q = rotary.apply(&heads(q, h)?, offset, kern)?;
+        let k = rotary.apply(&heads(k, hk)?, offset, kern)?;
+        let v = heads(v, hk)?.contiguous()?;
         let (k, v) = match kv {
             None => (k, v),
             Some(slot) => {
@@ -153,12 +204,10 @@ impl SelfAttention {
             Kernels::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
             Kernels::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
         };
-        let y = p
-            .matmul(&v)?
+        p.matmul(&v)?
             .reshape((b, h, t, hd))?
             .transpose(1, 2)?
-            .reshape((b, t, h * hd))?;
-        project(&y, &self.o, kern)
+            .reshape((b, t, h * hd))
     }
 }
 

@@ -45,6 +45,7 @@ pub trait LayerHook {
 }
 
 /// The hook of the base alone: the identity.
+#[derive(Debug, Clone, Copy)]
 pub struct NoHook;
 
 impl LayerHook for NoHook {
@@ -322,6 +323,73 @@ impl LlamaBase {
             c.position += t;
         }
         Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head, kern)?)
+    }
+
+    /// One token for each of B independent sequences, each on its own cache at its own position
+    /// (continuous batching, as a server decodes its requests): `tokens[i]` goes at
+    /// `caches[i].position()` and `hooks[i]` is sequence `i`'s hook. Returns the logits
+    /// `[B, vocab]`: row `i` is what [`LlamaBase::forward_hooked`] gives that token alone on
+    /// `caches[i]`, up to the rounding of the batched projections.
+    pub fn step_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut LlamaCache],
+        hooks: &mut [&mut dyn LayerHook],
+    ) -> Result<Tensor> {
+        let b = tokens.len();
+        if caches.len() != b || hooks.len() != b {
+            return Err(ModelError::shape(
+                "llama step_batch",
+                "caches",
+                format!("must be one cache and one hook per token ({b})"),
+                format!("{} caches, {} hooks", caches.len(), hooks.len()),
+            ));
+        }
+        let offsets: Vec<usize> = caches.iter().map(|c| c.position).collect();
+        if let Some(&at) = offsets.iter().find(|&&p| p >= self.rotary.positions()) {
+            return Err(ModelError::shape(
+                "llama step_batch",
+                "caches",
+                format!(
+                    "must end within the context of {} positions",
+                    self.rotary.positions()
+                ),
+                format!("a token at position {at}"),
+            ));
+        }
+        let x = Tensor::from_vec(tokens.to_vec(), (b, 1), &Device::Cpu)?;
+        let mut h = self.embed(&x, "tokens")?;
+        for c in caches.iter_mut() {
+            if c.layers.len() != self.layers.len() {
+                c.layers = vec![None; self.layers.len()];
+            }
+        }
+        let kern = Kernels::Fused;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut kvs: Vec<&mut LayerKv> = caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            let a = layer.attn.forward_step(
+                &layer.input_norm.forward(&h, kern)?,
+                &offsets,
+                &self.rotary,
+                &mut kvs,
+            )?;
+            let h1 = (h + a)?;
+            let rows = hooks
+                .iter_mut()
+                .zip(&offsets)
+                .enumerate()
+                .map(|(r, (hook, &at))| hook.after_attention(i, h1.narrow(0, r, 1)?, at))
+                .collect::<Result<Vec<_>>>()?;
+            h = Tensor::cat(&rows, 0)?;
+            let m = layer
+                .mlp
+                .forward(&layer.post_attention_norm.forward(&h, kern)?, kern)?;
+            h = (h + m)?;
+        }
+        for c in caches.iter_mut() {
+            c.position += 1;
+        }
+        Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head, kern)?.squeeze(1)?)
     }
 
     /// The residual stream `[B, T, d]` of `x [B, T]` (positions from 0) after its first `layers`

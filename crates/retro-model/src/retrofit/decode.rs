@@ -76,6 +76,45 @@ impl RetroFitted {
             )
         })?;
         let t0 = cache.position();
+        self.admit(cache, b, p, ret, keep)?;
+        if !cache.retrieval {
+            return self.base.forward_hooked(
+                x,
+                t0,
+                Some(&mut cache.base),
+                &mut crate::llama::NoHook,
+                KERN,
+            );
+        }
+        let RetroFitCache {
+            base,
+            chunk_h,
+            e,
+            keep: gates,
+            ..
+        } = cache;
+        let mut hook = CachedCca {
+            model: self,
+            sched: ChunkSchedule::new(self.config.chunk_len),
+            ret,
+            chunk_h,
+            e,
+            keep: gates,
+        };
+        self.base.forward_hooked(x, t0, Some(base), &mut hook, KERN)
+    }
+
+    /// Checks a call feeding `p` tokens of `b` sequences at the cache's position, with the
+    /// neighbours `ret` and gate `keep` of the chunks they complete, and records the gates.
+    fn admit(
+        &self,
+        cache: &mut RetroFitCache,
+        b: usize,
+        p: usize,
+        ret: Option<&Tensor>,
+        keep: Option<&Tensor>,
+    ) -> Result<()> {
+        let t0 = cache.position();
         let sched = ChunkSchedule::new(self.config.chunk_len);
         let completed = sched.completed_between(t0, t0 + p);
         let at = || format!("retrofit decode at t = {t0}");
@@ -126,38 +165,79 @@ impl RetroFitted {
                 crate::model::keep_gate(&at(), k, (b, completed.len()), dtype, device)
             })
             .transpose()?;
-        if !cache.retrieval {
-            return self.base.forward_hooked(
-                x,
-                t0,
-                Some(&mut cache.base),
-                &mut crate::llama::NoHook,
-                KERN,
-            );
+        if cache.retrieval {
+            for j in 0..completed.len() {
+                cache.keep.push(
+                    keep.as_ref()
+                        .map(|k| k.narrow(1, j, 1)?.reshape((b, 1, 1)))
+                        .transpose()?,
+                );
+            }
         }
-        let RetroFitCache {
-            base,
-            chunk_h,
-            e,
-            keep: gates,
-            ..
-        } = cache;
-        for j in 0..completed.len() {
-            gates.push(
-                keep.as_ref()
-                    .map(|k| k.narrow(1, j, 1)?.reshape((b, 1, 1)))
-                    .transpose()?,
-            );
+        Ok(())
+    }
+
+    /// One token for each of several sequences, each on its own cache at its own position
+    /// (continuous batching): `tokens[i]` with the neighbours `rets[i] [1, 1, K, N]` (and gate
+    /// `keeps[i] [1, 1]`) of the chunk it completes, if any. The base's projections run once over
+    /// the batch; the CCA per sequence. Returns the logits `[B, vocab]`: row `i` is what
+    /// [`RetroFitted::forward_cached`] gives that token alone, up to the rounding of the batched
+    /// projections.
+    pub fn step_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut RetroFitCache],
+        rets: &[Option<Tensor>],
+        keeps: &[Option<Tensor>],
+    ) -> Result<Tensor> {
+        let n = tokens.len();
+        if caches.len() != n || rets.len() != n || keeps.len() != n {
+            return Err(ModelError::shape(
+                "retrofit step_batch",
+                "caches",
+                format!("must be one cache, one `ret` and one `keep` per token ({n})"),
+                format!(
+                    "{} caches, {} rets, {} keeps",
+                    caches.len(),
+                    rets.len(),
+                    keeps.len()
+                ),
+            ));
         }
-        let mut hook = CachedCca {
-            model: self,
-            sched,
-            ret,
-            chunk_h,
-            e,
-            keep: gates,
-        };
-        self.base.forward_hooked(x, t0, Some(base), &mut hook, KERN)
+        for ((c, r), k) in caches.iter_mut().zip(rets).zip(keeps) {
+            self.admit(c, 1, 1, r.as_ref(), k.as_ref())?;
+        }
+        let sched = ChunkSchedule::new(self.config.chunk_len);
+        let mut bases = Vec::with_capacity(n);
+        let mut ccas: Vec<Option<CachedCca>> = Vec::with_capacity(n);
+        for (c, ret) in caches.iter_mut().zip(rets) {
+            let RetroFitCache {
+                base,
+                retrieval,
+                chunk_h,
+                e,
+                keep,
+            } = &mut **c;
+            bases.push(base);
+            ccas.push(retrieval.then(|| CachedCca {
+                model: self,
+                sched,
+                ret: ret.as_ref(),
+                chunk_h,
+                e,
+                keep: &keep[..],
+            }));
+        }
+        let mut none = vec![crate::llama::NoHook; n];
+        let mut hooks: Vec<&mut dyn LayerHook> = ccas
+            .iter_mut()
+            .zip(none.iter_mut())
+            .map(|(c, no)| match c {
+                Some(c) => c as &mut dyn LayerHook,
+                None => no as &mut dyn LayerHook,
+            })
+            .collect();
+        self.base.step_batch(tokens, &mut bases, &mut hooks)
     }
 }
 
