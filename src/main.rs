@@ -53,6 +53,8 @@ enum Cmd {
     Train(cli::train::TrainArgs),
     /// Generate text, retrieving for every completed chunk.
     Generate(cli::generate::GenerateArgs),
+    /// Serve a run over HTTP: OpenAI-compatible completions, streamed, retrieving per chunk.
+    Serve(cli::serve::ServeArgs),
     /// Loss, perplexity and bits per byte with retrieval on, off, and for a baseline.
     Eval(cli::eval::EvalArgs),
     /// The whole loop on Shakespeare (data, database, dataset, train, eval, generate), or
@@ -106,6 +108,7 @@ fn main() -> Result<()> {
         Cmd::Dataset(c) => c.run(),
         Cmd::Train(a) => cli::train::run(a),
         Cmd::Generate(a) => cli::generate::run(a),
+        Cmd::Serve(a) => cli::serve::run(a),
         Cmd::Eval(a) => cli::eval::run(a),
         Cmd::Demo(c) => c.run(),
         Cmd::Model(c) => c.run(),

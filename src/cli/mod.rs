@@ -16,5 +16,6 @@ pub mod eval;
 pub mod generate;
 pub mod index;
 pub mod model;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;

@@ -91,15 +91,30 @@ pub struct RetrievalParams {
 
 /// Parses a body, naming the field at fault in the error (`retrieval.k`, `stop[1]`).
 pub fn parse(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    // serde would read a JSON array as the struct's fields in order.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid(
+            "body",
+            "malformed request: the body must be a JSON object",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let param = if path == "." {
-            // serde names an unknown or missing field in the message, not the path.
-            field_in(&inner.to_string()).unwrap_or_else(|| "body".into())
-        } else {
-            path
+        let msg = inner.to_string();
+        // A missing field is named in serde's message, not in the path (an unknown one is in
+        // both).
+        let field = msg
+            .starts_with("missing field")
+            .then(|| field_in(&msg))
+            .flatten();
+        let root = path == "." || path == "?";
+        let param = match (root, field) {
+            (true, Some(f)) => f,
+            (true, None) => "body".into(),
+            (false, Some(f)) => format!("{path}.{f}"),
+            (false, None) => path,
         };
         ApiError::invalid(param, format!("malformed request: {inner}"))
     })
