@@ -84,6 +84,9 @@ enum BenchCmd {
     /// A RETRO-fit training step on an imported base (`retro train --base B --retrofit`), and
     /// its parts.
     Retrofit(cli::bench_retrofit::BenchRetrofitArgs),
+    /// Concurrent streaming clients against a running `retro serve`: total tokens/s, time to
+    /// first token, time between tokens.
+    Serve(cli::bench_serve::BenchServeArgs),
 }
 
 /// Output piped into `head` and closed early: end quietly, as Unix tools do, instead of Rust's
@@ -118,5 +121,6 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Pipeline(a)) => cli::bench_pipeline::run(a),
         Cmd::Bench(BenchCmd::Scale(a)) => cli::bench_scale::run(a),
         Cmd::Bench(BenchCmd::Retrofit(a)) => cli::bench_retrofit::run(a),
+        Cmd::Bench(BenchCmd::Serve(a)) => cli::bench_serve::run(a),
     }
 }

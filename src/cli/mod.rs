@@ -7,6 +7,7 @@ pub mod bench_model;
 pub mod bench_pipeline;
 pub mod bench_retrofit;
 pub mod bench_scale;
+pub mod bench_serve;
 pub mod choices;
 pub mod common;
 pub mod dataset;

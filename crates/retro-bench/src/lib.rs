@@ -3,7 +3,7 @@
 //! The measurements behind `retro bench` and `docs/PERF.md`: model forward and train-step
 //! throughput ([`model`]), cached against recomputed generation ([`generate`]), the retrieval
 //! pipeline ([`pipeline`]), the HNSW index ([`index`]) and the embedded graph against a vector
-//! store ([`store`]), that graph's scale curve ([`scale`]), and the corpus prefix the index and
+//! store ([`store`]), that graph's scale curve ([`scale`]), `retro serve` under concurrent clients ([`serve`]), and the corpus prefix the index and
 //! pipeline benchmarks build from ([`corpus`]). The `retro` binary parses arguments and prints;
 //! the criterion benches in `benches/` and `examples/profile.rs` reuse the same inputs.
 //!
@@ -24,4 +24,5 @@ pub mod model;
 pub mod pipeline;
 pub mod retrofit;
 pub mod scale;
+pub mod serve;
 pub mod store;

@@ -158,3 +158,47 @@ fn greedy_generation_continues_in_english() {
         .to_string();
     assert!(e.contains("temperature"), "{e}");
 }
+
+#[test]
+fn generations_stepped_together_equal_each_alone() {
+    use retro_pipeline::{step_together, Finish, Generation};
+    let Some(dir) = imported() else { return };
+    let base = BaseDir::open(&dir.join("base")).unwrap();
+    let model = base.load(&candle_core::Device::Cpu).unwrap();
+    let tok = base.tokenizer().unwrap();
+    // Prompts of different lengths, so every batched step mixes positions (and the prompt of
+    // one is fed while another samples); one samples, two are greedy.
+    let prompts = [
+        ("The capital of France is", 10, 0.0),
+        ("Water boils at a temperature of", 14, 0.0),
+        ("Once upon a time", 12, 0.8),
+    ];
+    let sampling = |t: f64| Sampling {
+        temperature: t,
+        top_k: Some(20),
+        seed: 3,
+        ..Default::default()
+    };
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|&(p, n, t)| generate(&model, None, &tok, p, n, &sampling(t), &mut |_| {}).unwrap())
+        .collect();
+    let mut gens: Vec<_> = prompts
+        .iter()
+        .map(|&(p, n, t)| Generation::new(&model, None, &tok, p, n, &sampling(t)).unwrap())
+        .collect();
+    let mut heard = vec![vec![]; 3];
+    while step_together(&model, &mut gens, &mut |i, e| {
+        if let Event::Token(t) = e {
+            heard[i].push(t)
+        }
+    })
+    .unwrap()
+        > 0
+    {}
+    for (i, g) in gens.iter().enumerate() {
+        assert_eq!(g.generated(), alone[i].as_slice(), "prompt {i}");
+        assert_eq!(heard[i], alone[i]);
+        assert_eq!(g.finished(), Some(&Finish::Length));
+    }
+}
