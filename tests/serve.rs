@@ -61,7 +61,15 @@ fn run_dir() -> &'static Path {
             &d("db"),
         ]);
         retro(&[
-            "dataset", "build", "--db", &d("db"), "--seq-len", "64", "--k", "2", "--out",
+            "dataset",
+            "build",
+            "--db",
+            &d("db"),
+            "--seq-len",
+            "64",
+            "--k",
+            "2",
+            "--out",
             &d("ds"),
         ]);
         retro(&[
@@ -137,10 +145,16 @@ fn post(s: &Served, body: &Value) -> (Answer, Value) {
 /// The events of a streamed completion (`[DONE]` as a string).
 fn stream(s: &Served, body: &Value) -> Vec<Value> {
     let mut events = vec![];
-    let status = client::post_events(s.addr, "/v1/completions", &body.to_string(), None, &mut |d| {
-        events.push(serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.into())));
-        true
-    })
+    let status = client::post_events(
+        s.addr,
+        "/v1/completions",
+        &body.to_string(),
+        None,
+        &mut |d| {
+            events.push(serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.into())));
+            true
+        },
+    )
     .unwrap();
     assert_eq!(status, 200, "{events:?}");
     events
@@ -204,12 +218,13 @@ fn completions_equal_retro_generate_streamed_or_not() {
     assert_eq!(streamed_text(&events), want);
     assert_eq!(events.last().unwrap(), "[DONE]");
     let n = events.len();
-    assert_eq!(events[n - 2]["usage"]["completion_tokens"], 40, "{events:?}");
+    assert_eq!(
+        events[n - 2]["usage"]["completion_tokens"],
+        40,
+        "{events:?}"
+    );
     assert_eq!(events[n - 3]["choices"][0]["finish_reason"], "length");
-    let retrieved: Vec<&Value> = events
-        .iter()
-        .filter_map(|e| e.get("retrieval"))
-        .collect();
+    let retrieved: Vec<&Value> = events.iter().filter_map(|e| e.get("retrieval")).collect();
     assert_eq!(retrieved.len(), 4);
 
     // RETRO[OFF] per request: no neighbours, and the text of `generate --no-retrieval`.
@@ -226,7 +241,10 @@ fn completions_equal_retro_generate_streamed_or_not() {
         &s,
         &json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "retrieval": {"enabled": false}}),
     );
-    assert_eq!(v["choices"][0]["text"], off.strip_prefix(PROMPT).unwrap().trim_end());
+    assert_eq!(
+        v["choices"][0]["text"],
+        off.strip_prefix(PROMPT).unwrap().trim_end()
+    );
     assert_eq!(v["retrieval"]["chunks"].as_array().unwrap().len(), 0);
 
     // A stop sequence ends the text before it.
@@ -272,43 +290,151 @@ fn requests_at_once_give_what_each_gives_alone() {
 
 #[test]
 fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
-    let s = serve(&["--max-body-bytes", "2000", "--max-prompt-tokens", "100"], &[]);
+    let s = serve(
+        &["--max-body-bytes", "2000", "--max-prompt-tokens", "100"],
+        &[],
+    );
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("malformed JSON", r#"{"prompt": "The""#.into(), 400, "body"),
         ("not an object", "[1, 2]".into(), 400, "body"),
-        ("unknown field", json!({"prompt": "The", "max_token": 3}).to_string(), 400, "max_token"),
-        ("missing prompt", json!({"max_tokens": 3}).to_string(), 400, "prompt"),
-        ("prompt not a string", json!({"prompt": ["The"]}).to_string(), 400, "prompt"),
-        ("empty prompt", json!({"prompt": ""}).to_string(), 400, "prompt"),
-        ("prompt over the context", json!({"prompt": "The cat ".repeat(20)}).to_string(), 400, "prompt"),
-        ("character outside the vocabulary", json!({"prompt": "Zebra \u{1F600}"}).to_string(), 400, "prompt"),
-        ("max_tokens 0", json!({"prompt": "The", "max_tokens": 0}).to_string(), 400, "max_tokens"),
-        ("max_tokens huge", json!({"prompt": "The", "max_tokens": 1u64 << 40}).to_string(), 400, "max_tokens"),
-        ("max_tokens negative", json!({"prompt": "The", "max_tokens": -1}).to_string(), 400, "max_tokens"),
-        ("temperature", json!({"prompt": "The", "temperature": 3.5}).to_string(), 400, "temperature"),
-        ("top_p", json!({"prompt": "The", "top_p": 0}).to_string(), 400, "top_p"),
-        ("top_k", json!({"prompt": "The", "top_k": 0}).to_string(), 400, "top_k"),
+        (
+            "unknown field",
+            json!({"prompt": "The", "max_token": 3}).to_string(),
+            400,
+            "max_token",
+        ),
+        (
+            "missing prompt",
+            json!({"max_tokens": 3}).to_string(),
+            400,
+            "prompt",
+        ),
+        (
+            "prompt not a string",
+            json!({"prompt": ["The"]}).to_string(),
+            400,
+            "prompt",
+        ),
+        (
+            "empty prompt",
+            json!({"prompt": ""}).to_string(),
+            400,
+            "prompt",
+        ),
+        (
+            "prompt over the context",
+            json!({"prompt": "The cat ".repeat(20)}).to_string(),
+            400,
+            "prompt",
+        ),
+        (
+            "character outside the vocabulary",
+            json!({"prompt": "Zebra \u{1F600}"}).to_string(),
+            400,
+            "prompt",
+        ),
+        (
+            "max_tokens 0",
+            json!({"prompt": "The", "max_tokens": 0}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "max_tokens huge",
+            json!({"prompt": "The", "max_tokens": 1u64 << 40}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "max_tokens negative",
+            json!({"prompt": "The", "max_tokens": -1}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "temperature",
+            json!({"prompt": "The", "temperature": 3.5}).to_string(),
+            400,
+            "temperature",
+        ),
+        (
+            "top_p",
+            json!({"prompt": "The", "top_p": 0}).to_string(),
+            400,
+            "top_p",
+        ),
+        (
+            "top_k",
+            json!({"prompt": "The", "top_k": 0}).to_string(),
+            400,
+            "top_k",
+        ),
         ("n", json!({"prompt": "The", "n": 2}).to_string(), 400, "n"),
-        ("stop count", json!({"prompt": "The", "stop": ["a", "b", "c", "d", "e"]}).to_string(), 400, "stop"),
-        ("empty stop", json!({"prompt": "The", "stop": ["a", ""]}).to_string(), 400, "stop[1]"),
-        ("retrieval.k", json!({"prompt": "The", "retrieval": {"k": 99}}).to_string(), 400, "retrieval.k"),
-        ("retrieval field", json!({"prompt": "The", "retrieval": {"kk": 1}}).to_string(), 400, "retrieval.kk"),
-        ("two gates", json!({"prompt": "The", "retrieval": {"gate": {"max_distance": 1.0, "coherent": 2}}}).to_string(), 400, "retrieval.gate"),
-        ("gate value", json!({"prompt": "The", "retrieval": {"gate": {"min_overlap": 7.0}}}).to_string(), 400, "retrieval.gate.min_overlap"),
-        ("body over the limit", json!({"prompt": "x".repeat(5000)}).to_string(), 413, ""),
+        (
+            "stop count",
+            json!({"prompt": "The", "stop": ["a", "b", "c", "d", "e"]}).to_string(),
+            400,
+            "stop",
+        ),
+        (
+            "empty stop",
+            json!({"prompt": "The", "stop": ["a", ""]}).to_string(),
+            400,
+            "stop[1]",
+        ),
+        (
+            "retrieval.k",
+            json!({"prompt": "The", "retrieval": {"k": 99}}).to_string(),
+            400,
+            "retrieval.k",
+        ),
+        (
+            "retrieval field",
+            json!({"prompt": "The", "retrieval": {"kk": 1}}).to_string(),
+            400,
+            "retrieval.kk",
+        ),
+        (
+            "two gates",
+            json!({"prompt": "The", "retrieval": {"gate": {"max_distance": 1.0, "coherent": 2}}})
+                .to_string(),
+            400,
+            "retrieval.gate",
+        ),
+        (
+            "gate value",
+            json!({"prompt": "The", "retrieval": {"gate": {"min_overlap": 7.0}}}).to_string(),
+            400,
+            "retrieval.gate.min_overlap",
+        ),
+        (
+            "body over the limit",
+            json!({"prompt": "x".repeat(5000)}).to_string(),
+            413,
+            "",
+        ),
     ];
     for (name, body, status, param) in &cases {
         let a = client::post_json(s.addr, "/v1/completions", body, None).unwrap();
         assert_eq!(a.status, *status, "{name}: {}", a.body);
-        let v: Value = serde_json::from_str(&a.body).unwrap_or_else(|_| panic!("{name}: {}", a.body));
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {v}");
+        let v: Value =
+            serde_json::from_str(&a.body).unwrap_or_else(|_| panic!("{name}: {}", a.body));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}: {v}"
+        );
         if !param.is_empty() {
             assert_eq!(v["error"]["param"], *param, "{name}: {v}");
         }
     }
     let a = client::get(s.addr, "/v2/nothing", None).unwrap();
     assert_eq!(a.status, 404);
-    let (a, v) = post(&s, &json!({"prompt": "The", "max_tokens": 5, "temperature": 0}));
+    let (a, v) = post(
+        &s,
+        &json!({"prompt": "The", "max_tokens": 5, "temperature": 0}),
+    );
     assert_eq!(a.status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 5);
 }
@@ -319,14 +445,20 @@ fn a_client_gone_mid_stream_frees_its_slot_and_a_full_server_says_retry_after() 
     let long = json!({"prompt": PROMPT, "max_tokens": 2000, "stream": true});
     let mut seen = 0;
     let mut busy = None;
-    client::post_events(s.addr, "/v1/completions", &long.to_string(), None, &mut |_| {
-        seen += 1;
-        if seen == 3 {
-            // The only slot is taken: the next request is refused at once, with Retry-After.
-            busy = Some(post(&s, &json!({"prompt": "The", "max_tokens": 2})).0);
-        }
-        seen < 3
-    })
+    client::post_events(
+        s.addr,
+        "/v1/completions",
+        &long.to_string(),
+        None,
+        &mut |_| {
+            seen += 1;
+            if seen == 3 {
+                // The only slot is taken: the next request is refused at once, with Retry-After.
+                busy = Some(post(&s, &json!({"prompt": "The", "max_tokens": 2})).0);
+            }
+            seen < 3
+        },
+    )
     .unwrap();
     let busy = busy.expect("three events came");
     assert_eq!(busy.status, 503, "{}", busy.body);
@@ -424,7 +556,15 @@ fn the_openai_python_client_gets_streamed_and_whole_completions() {
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let cli = retro(&[
-        "generate", "--run", &run, PROMPT, "--max-tokens", "30", "--temperature", "0.9", "--seed",
+        "generate",
+        "--run",
+        &run,
+        PROMPT,
+        "--max-tokens",
+        "30",
+        "--temperature",
+        "0.9",
+        "--seed",
         "11",
     ]);
     let want = cli.strip_prefix(PROMPT).unwrap().trim_end_matches('\n');

@@ -83,7 +83,10 @@ fn one_request(spec: &LoadSpec, prompt: &str, seed: u64) -> Sample {
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 s.tokens = n as usize;
             }
-            if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+            if v["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+            {
                 let now = Instant::now();
                 match last {
                     None => s.ttft_ms = Some((now - t0).as_secs_f64() * 1e3),

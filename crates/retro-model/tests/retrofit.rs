@@ -342,9 +342,7 @@ fn batched_steps_of_sequences_at_different_positions_equal_each_alone() {
             .filter(|(s, _)| live.contains(s))
             .map(|(_, c)| c)
             .collect();
-        let got = model
-            .step_batch(&toks, &mut caches, &rets, &keeps)
-            .unwrap();
+        let got = model.step_batch(&toks, &mut caches, &rets, &keeps).unwrap();
         assert_eq!(got.dims(), &[live.len(), 40]);
         for (i, w) in want.iter().enumerate() {
             let d = (got.get(i).unwrap() - w).unwrap().abs().unwrap();

@@ -236,12 +236,10 @@ impl GateRequest {
                 "comes only with `coherent`",
             )),
             (None, None, None) => Ok(None),
-            (Some(d), None, None) => Ok(Some(
-                Gate::distance(d).map_err(|e| bad("max_distance", e))?,
-            )),
-            (None, Some(o), None) => Ok(Some(
-                Gate::overlap(o).map_err(|e| bad("min_overlap", e))?,
-            )),
+            (Some(d), None, None) => {
+                Ok(Some(Gate::distance(d).map_err(|e| bad("max_distance", e))?))
+            }
+            (None, Some(o), None) => Ok(Some(Gate::overlap(o).map_err(|e| bad("min_overlap", e))?)),
             (None, None, Some(m)) => Ok(Some(
                 Gate::coherent(m as usize, self.lookback.unwrap_or(1) as usize)
                     .map_err(|e| bad("coherent", e))?,

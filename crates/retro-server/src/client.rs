@@ -48,11 +48,18 @@ fn whole(
 ) -> std::io::Result<Answer> {
     let mut answer = None;
     let mut bytes = vec![];
-    stream(addr, method, path, body, key, &mut |status, headers, piece| {
-        answer.get_or_insert((status, headers.to_vec()));
-        bytes.extend_from_slice(piece);
-        true
-    })?;
+    stream(
+        addr,
+        method,
+        path,
+        body,
+        key,
+        &mut |status, headers, piece| {
+            answer.get_or_insert((status, headers.to_vec()));
+            bytes.extend_from_slice(piece);
+            true
+        },
+    )?;
     let (status, headers) = answer.unwrap_or_default();
     Ok(Answer {
         status,
@@ -74,31 +81,38 @@ pub fn post_events(
     let mut status = 0;
     let mut buf: Vec<u8> = vec![];
     let mut sse = None;
-    stream(addr, "POST", path, body.as_bytes(), key, &mut |s, headers, piece| {
-        status = s;
-        let is_sse = *sse.get_or_insert_with(|| {
-            headers
-                .iter()
-                .any(|(n, v)| n == "content-type" && v.starts_with("text/event-stream"))
-        });
-        buf.extend_from_slice(piece);
-        if !is_sse {
-            return true;
-        }
-        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = buf.drain(..end + 2).collect();
-            let event = String::from_utf8_lossy(&event);
-            let data: Vec<&str> = event
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect();
-            if !data.is_empty() && !on_event(&data.join("\n")) {
-                return false;
+    stream(
+        addr,
+        "POST",
+        path,
+        body.as_bytes(),
+        key,
+        &mut |s, headers, piece| {
+            status = s;
+            let is_sse = *sse.get_or_insert_with(|| {
+                headers
+                    .iter()
+                    .any(|(n, v)| n == "content-type" && v.starts_with("text/event-stream"))
+            });
+            buf.extend_from_slice(piece);
+            if !is_sse {
+                return true;
             }
-        }
-        true
-    })?;
+            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = buf.drain(..end + 2).collect();
+                let event = String::from_utf8_lossy(&event);
+                let data: Vec<&str> = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                if !data.is_empty() && !on_event(&data.join("\n")) {
+                    return false;
+                }
+            }
+            true
+        },
+    )?;
     if sse == Some(false) || (sse.is_none() && !buf.is_empty()) {
         on_event(&String::from_utf8_lossy(&buf));
     }
@@ -148,12 +162,7 @@ fn stream(
             headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    let find = |n: &str| {
-        headers
-            .iter()
-            .find(|(h, _)| h == n)
-            .map(|(_, v)| v.clone())
-    };
+    let find = |n: &str| headers.iter().find(|(h, _)| h == n).map(|(_, v)| v.clone());
     if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         loop {
             line.clear();

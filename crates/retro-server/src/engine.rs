@@ -275,9 +275,9 @@ impl<'a> Engine<'a> {
                 continue;
             }
             if self.ctl.stopping.load(Ordering::Acquire) {
-                let _ = job
-                    .events
-                    .send(Msg::Rejected(ApiError::overloaded("the server is stopping")));
+                let _ = job.events.send(Msg::Rejected(ApiError::overloaded(
+                    "the server is stopping",
+                )));
                 continue;
             }
             match self.start(model, &job.params) {

@@ -59,11 +59,7 @@ impl ApiError {
 
     /// 503 with `Retry-After`: every slot and queue place is taken, or the server is stopping.
     pub fn overloaded(message: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded_error",
-            message,
-        );
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", message);
         e.retry_after = Some(1);
         e
     }

@@ -158,7 +158,11 @@ async fn completions(
     let prompt_tokens = match rx.recv().await {
         Some(Msg::Accepted { prompt_tokens }) => prompt_tokens,
         Some(Msg::Rejected(e)) => return Err(e),
-        _ => return Err(ApiError::internal("the decoding engine dropped the request")),
+        _ => {
+            return Err(ApiError::internal(
+                "the decoding engine dropped the request",
+            ))
+        }
     };
     let meta = Meta {
         id,
@@ -224,7 +228,11 @@ async fn whole(
             }
             Some(Msg::Failed(m)) => return Err(ApiError::internal(m)),
             Some(Msg::Accepted { .. } | Msg::Rejected(_)) => {}
-            None => return Err(ApiError::internal("the decoding engine dropped the request")),
+            None => {
+                return Err(ApiError::internal(
+                    "the decoding engine dropped the request",
+                ))
+            }
         }
     }
 }
@@ -275,8 +283,7 @@ fn sse(meta: Meta, rx: UnboundedReceiver<Msg>, include_usage: bool) -> Response 
                     st.done = true;
                 }
                 Some(Msg::Failed(m)) => {
-                    st.pending
-                        .push_back(data(ApiError::internal(m).body()));
+                    st.pending.push_back(data(ApiError::internal(m).body()));
                     st.pending.push_back(Event::default().data("[DONE]"));
                     st.done = true;
                 }

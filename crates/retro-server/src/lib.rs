@@ -139,12 +139,10 @@ impl Server {
                 .name("retro-engine".into())
                 .spawn(move || {
                     let t0 = Instant::now();
-                    let result = load()
-                        .map_err(|e| e.to_string())
-                        .and_then(|served| {
-                            tracing::info!("loaded in {:.1} s", t0.elapsed().as_secs_f64());
-                            engine::run(served, &cfg, queue, &ctl).map_err(|e| e.to_string())
-                        });
+                    let result = load().map_err(|e| e.to_string()).and_then(|served| {
+                        tracing::info!("loaded in {:.1} s", t0.elapsed().as_secs_f64());
+                        engine::run(served, &cfg, queue, &ctl).map_err(|e| e.to_string())
+                    });
                     if let Err(e) = &result {
                         let _ = failed_tx.send(e.clone());
                     }
@@ -171,7 +169,9 @@ impl Server {
                 .await
         });
         // The router is gone with its senders: the engine ends once its requests are done.
-        let engine = engine.join().map_err(|_| ServeError::Load("the engine panicked".into()))?;
+        let engine = engine
+            .join()
+            .map_err(|_| ServeError::Load("the engine panicked".into()))?;
         served?;
         engine.map_err(ServeError::Load)
     }

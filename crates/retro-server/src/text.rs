@@ -39,7 +39,11 @@ impl TextStream {
         let stop_at = self
             .stops
             .iter()
-            .filter_map(|s| full[search_from..].find(s.as_str()).map(|i| search_from + i))
+            .filter_map(|s| {
+                full[search_from..]
+                    .find(s.as_str())
+                    .map(|i| search_from + i)
+            })
             .min();
         let end = match stop_at {
             Some(at) => {
