@@ -108,7 +108,7 @@ fn serve(extra: &[&str], envs: &[(&str, &str)]) -> Served {
     let run = run_dir().to_string_lossy().into_owned();
     let mut args = vec!["serve", "--run", &run, "--addr", "127.0.0.1:0"];
     args.extend(extra);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_retro"))
+    let child = Command::new(env!("CARGO_BIN_EXE_retro"))
         .args(&args)
         .env_remove("RETRO_API_KEY")
         .envs(envs.iter().copied())
@@ -116,11 +116,16 @@ fn serve(extra: &[&str], envs: &[(&str, &str)]) -> Served {
         .stderr(Stdio::null())
         .spawn()
         .expect("start retro serve");
+    // Killed on every path from here, a failed assertion included.
+    let mut s = Served {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    BufReader::new(s.child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr: SocketAddr = line
+    s.addr = line
         .trim()
         .strip_prefix("listening on http://")
         .unwrap_or_else(|| panic!("no address in {line:?}"))
@@ -128,8 +133,8 @@ fn serve(extra: &[&str], envs: &[(&str, &str)]) -> Served {
         .unwrap();
     // Loading takes well under a second for this run; bounded all the same.
     for _ in 0..600 {
-        if client::get(addr, "/health", None).is_ok_and(|a| a.status == 200) {
-            return Served { child, addr };
+        if client::get(s.addr, "/health", None).is_ok_and(|a| a.status == 200) {
+            return s;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

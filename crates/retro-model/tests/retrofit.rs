@@ -300,7 +300,7 @@ fn batched_steps_of_sequences_at_different_positions_equal_each_alone() {
     let mut batched: Vec<_> = retrieval.iter().map(|&r| model.new_cache(r)).collect();
     let inputs = |s: usize, t: usize| {
         let tok: u32 = x.get(s).unwrap().get(t).unwrap().to_scalar().unwrap();
-        let r = (retrieval[s] && (t + 1) % 4 == 0).then(|| {
+        let r = (retrieval[s] && (t + 1).is_multiple_of(4)).then(|| {
             ret.get(s)
                 .unwrap()
                 .narrow(0, t / 4, 1)

@@ -119,6 +119,10 @@ pub fn post_events(
     Ok(status)
 }
 
+/// What [`stream`] hands each piece of a body to: the status, the headers and the bytes; false
+/// hangs up.
+type OnPiece<'a> = dyn FnMut(u16, &[(String, String)], &[u8]) -> bool + 'a;
+
 /// Sends one request and feeds the body's pieces, as they arrive, to `on_piece` (with the status
 /// and headers) until it returns false.
 fn stream(
@@ -127,7 +131,7 @@ fn stream(
     path: &str,
     body: &[u8],
     key: Option<&str>,
-    on_piece: &mut dyn FnMut(u16, &[(String, String)], &[u8]) -> bool,
+    on_piece: &mut OnPiece,
 ) -> std::io::Result<()> {
     let mut conn = TcpStream::connect(addr)?;
     conn.set_read_timeout(Some(Duration::from_secs(600)))?;

@@ -57,6 +57,18 @@ impl ApiError {
         )
     }
 
+    /// 408: the body did not arrive in time.
+    pub fn timeout(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {} s",
+                after.as_secs()
+            ),
+        )
+    }
+
     /// 503 with `Retry-After`: every slot and queue place is taken, or the server is stopping.
     pub fn overloaded(message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", message);

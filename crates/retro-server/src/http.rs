@@ -22,6 +22,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+/// How long a request's body may take to arrive.
+const BODY_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(crate) struct Inner {
     pub jobs: UnboundedSender<Job>,
     pub ctl: Arc<Control>,
@@ -128,8 +131,10 @@ async fn completions(
     s.check_key(&headers)?;
     s.check_ready()?;
     let limit = s.cfg.limits.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
+    // A client that stops sending its body does not hold the connection open.
+    let bytes = tokio::time::timeout(BODY_TIME, axum::body::to_bytes(body, limit))
         .await
+        .map_err(|_| ApiError::timeout(BODY_TIME))?
         .map_err(|_| ApiError::too_large(limit))?;
     let id_n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let params = api::parse(&bytes)?.check(&s.cfg.limits, id_n)?;

@@ -60,10 +60,24 @@ pub(crate) fn project(x: &Tensor, w: &Tensor, kern: Kernels) -> Result<Tensor> {
 fn few_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
     let out = w.dim(0)?;
+    let rows = x.dim(0)?;
+    // Two to seven columns run slower than eight on the gemm crate (two take four times one's
+    // time): pad with zero rows, drop their outputs.
+    let x = if rows > 1 && rows < 8 {
+        Tensor::cat(
+            &[
+                x,
+                &Tensor::zeros((8 - rows, x.dim(1)?), x.dtype(), x.device())?,
+            ],
+            0,
+        )?
+    } else {
+        x.clone()
+    };
     let xt = x.t()?.contiguous()?;
     let parts = rayon::current_num_threads().min(out / 64).max(1);
     if parts == 1 || !w.device().is_cpu() {
-        return w.matmul(&xt)?.t()?.contiguous();
+        return w.matmul(&xt)?.narrow(1, 0, rows)?.t()?.contiguous();
     }
     let step = out.div_ceil(parts);
     let pieces = (0..parts)
@@ -73,7 +87,10 @@ fn few_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             w.narrow(0, start, step.min(out - start))?.matmul(&xt)
         })
         .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&pieces, 0)?.t()?.contiguous()
+    Tensor::cat(&pieces, 0)?
+        .narrow(1, 0, rows)?
+        .t()?
+        .contiguous()
 }
 
 /// The rotary tables: `cos` and `sin` `[positions, head_dim / 2]`, frequencies
