@@ -174,15 +174,22 @@ fn streamed_text(events: &[Value]) -> String {
 
 const PROMPT: &str = "The cat sat on the mat and";
 
+/// What `retro generate --run RUN PROMPT SETTINGS` prints after the prompt.
+fn generated(settings: &[&str]) -> String {
+    let run = run_dir().to_string_lossy().into_owned();
+    let mut args = vec!["generate", "--run", &run, PROMPT];
+    args.extend(settings);
+    let out = retro(&args);
+    out.strip_prefix(PROMPT)
+        .unwrap()
+        .trim_end_matches('\n')
+        .to_string()
+}
+
 #[test]
 fn completions_equal_retro_generate_streamed_or_not() {
     let s = serve(&[], &[]);
-    let run = run_dir().to_string_lossy().into_owned();
-    let cli = retro(&[
-        "generate",
-        "--run",
-        &run,
-        PROMPT,
+    let want = generated(&[
         "--max-tokens",
         "40",
         "--temperature",
@@ -192,7 +199,7 @@ fn completions_equal_retro_generate_streamed_or_not() {
         "--seed",
         "5",
     ]);
-    let want = cli.strip_prefix(PROMPT).unwrap().trim_end_matches('\n');
+    let want = want.as_str();
     let body = json!({"model": "run", "prompt": PROMPT, "max_tokens": 40, "temperature": 0.8,
                       "top_k": 12, "seed": 5});
     let (a, v) = post(&s, &body);
@@ -233,23 +240,12 @@ fn completions_equal_retro_generate_streamed_or_not() {
     assert_eq!(retrieved.len(), 4);
 
     // RETRO[OFF] per request: no neighbours, and the text of `generate --no-retrieval`.
-    let off = retro(&[
-        "generate",
-        "--run",
-        &run,
-        PROMPT,
-        "--max-tokens",
-        "40",
-        "--no-retrieval",
-    ]);
+    let off = generated(&["--max-tokens", "40", "--no-retrieval"]);
     let (_, v) = post(
         &s,
         &json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "retrieval": {"enabled": false}}),
     );
-    assert_eq!(
-        v["choices"][0]["text"],
-        off.strip_prefix(PROMPT).unwrap().trim_end()
-    );
+    assert_eq!(v["choices"][0]["text"], off.trim_end());
     assert_eq!(v["retrieval"]["chunks"].as_array().unwrap().len(), 0);
 
     // A stop sequence ends the text before it.
@@ -546,7 +542,6 @@ fn the_openai_python_client_gets_streamed_and_whole_completions() {
         return;
     };
     let s = serve(&["--api-key", "k1"], &[]);
-    let run = run_dir().to_string_lossy().into_owned();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/openai_client_check.py");
     let out = Command::new(python)
         .arg(script)
@@ -560,19 +555,7 @@ fn the_openai_python_client_gets_streamed_and_whole_completions() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let cli = retro(&[
-        "generate",
-        "--run",
-        &run,
-        PROMPT,
-        "--max-tokens",
-        "30",
-        "--temperature",
-        "0.9",
-        "--seed",
-        "11",
-    ]);
-    let want = cli.strip_prefix(PROMPT).unwrap().trim_end_matches('\n');
+    let want = generated(&["--max-tokens", "30", "--temperature", "0.9", "--seed", "11"]);
     assert_eq!(v["whole"], want, "{v}");
     assert_eq!(v["streamed"], want, "{v}");
     assert_eq!(v["completion_tokens"], 30);

@@ -94,6 +94,23 @@ pub fn run_database(run: &Run, db: Option<&Path>, k: Option<usize>) -> Result<Ru
     })
 }
 
+/// Which model to decode: a trained run with its database, or an imported base alone.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelSource {
+    /// A trained run (RETRO, or a RETRO-fitted base).
+    #[arg(long, required_unless_present = "base", conflicts_with = "base")]
+    pub run: Option<PathBuf>,
+    /// An imported base (`retro base import`): the pretrained model alone, no retrieval.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Retrieval database (default: the one the run's dataset was built from).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// Neighbours per chunk (default: the run's dataset's K).
+    #[arg(long)]
+    pub k: Option<usize>,
+}
+
 /// Which chunks' neighbours the model reads.
 #[derive(clap::Args, Debug)]
 pub struct GateArgs {

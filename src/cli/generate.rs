@@ -4,20 +4,12 @@ use anyhow::Result;
 use clap::Args;
 use retro_pipeline::{generate, BaseDir, Decoder, Event, Retriever, Run, RunModel, Sampling};
 use std::io::Write;
-use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     pub prompt: String,
-    /// A trained run (RETRO).
-    #[arg(long, required_unless_present = "base", conflicts_with = "base")]
-    pub run: Option<PathBuf>,
-    /// An imported base (`retro base import`): the pretrained model alone, no retrieval.
-    #[arg(long)]
-    pub base: Option<PathBuf>,
-    /// Retrieval database (default: the one the run's dataset was built from).
-    #[arg(long)]
-    pub db: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: super::common::ModelSource,
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
     /// 0 is greedy.
@@ -29,9 +21,6 @@ pub struct GenerateArgs {
     pub top_p: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Neighbours per chunk (default: the run's dataset's K).
-    #[arg(long)]
-    pub k: Option<usize>,
     /// Print the neighbours retrieved for each chunk.
     #[arg(long)]
     pub show_neighbours: bool,
@@ -135,7 +124,7 @@ fn stream<D: Decoder>(
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let device = retro_model::device_from_name(&a.embedder.device)?;
-    let run = match (&a.run, &a.base) {
+    let run = match (&a.model.run, &a.model.base) {
         (_, Some(dir)) => {
             let base = BaseDir::open(dir)?;
             let tokenizer = base.tokenizer()?;
@@ -151,7 +140,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (Some(run), None) => Run::open(run)?,
         (None, None) => anyhow::bail!("pass --run RUN or --base BASE"),
     };
-    let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
+    let rdb = super::common::run_database(&run, a.model.db.as_deref(), a.model.k)?;
     let (db, k, tokenizer) = (&rdb.db, rdb.k, &rdb.tokenizer);
     let (embedder, _) = super::common::load_embedder(&a.embedder, Some(db))?;
     let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?.with_gate(a.gate.gate()?);

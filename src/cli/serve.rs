@@ -7,23 +7,14 @@ use clap::Args;
 use retro_pipeline::{BaseDir, Run, RunModel};
 use retro_server::{Limits, Served, ServedModel, ServedRetrieval, Server, ServerConfig};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// A trained run (RETRO, or a RETRO-fitted base).
-    #[arg(long, required_unless_present = "base", conflicts_with = "base")]
-    pub run: Option<PathBuf>,
-    /// An imported base (`retro base import`): the pretrained model alone, no retrieval.
-    #[arg(long)]
-    pub base: Option<PathBuf>,
-    /// Retrieval database (default: the one the run's dataset was built from).
-    #[arg(long)]
-    pub db: Option<PathBuf>,
-    /// Neighbours per chunk unless a request sets `retrieval.k` (default: the run's dataset's K).
-    #[arg(long)]
-    pub k: Option<usize>,
+    /// The run (or base) served; `--k` is the neighbours per chunk unless a request sets
+    /// `retrieval.k`.
+    #[command(flatten)]
+    pub model: super::common::ModelSource,
     /// Where to listen. 127.0.0.1 unless you mean to open it to a network; port 0 picks a free
     /// port (printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -93,9 +84,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         },
     };
     let name = a
+        .model
         .run
         .as_ref()
-        .or(a.base.as_ref())
+        .or(a.model.base.as_ref())
         .and_then(|p| p.file_name())
         .map_or("retro".into(), |n| n.to_string_lossy().into_owned());
     let server = Server::bind(cfg)?;
@@ -108,7 +100,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
 /// Loads the model, and with a run its database and embedder, printing each step.
 fn load(a: &ServeArgs) -> Result<Served> {
     let device = retro_model::device_from_name(&a.embedder.device)?;
-    if let Some(dir) = &a.base {
+    if let Some(dir) = &a.model.base {
         eprintln!("loading base {}", dir.display());
         let base = BaseDir::open(dir)?;
         return Ok(Served {
@@ -117,10 +109,10 @@ fn load(a: &ServeArgs) -> Result<Served> {
             retrieval: None,
         });
     }
-    let dir = a.run.as_ref().expect("clap requires --run or --base");
+    let dir = a.model.run.as_ref().expect("clap requires --run or --base");
     let run = Run::open(dir)?;
     eprintln!("opening the run's database");
-    let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
+    let rdb = super::common::run_database(&run, a.model.db.as_deref(), a.model.k)?;
     eprintln!("loading the embedder");
     let (embedder, _) = super::common::load_embedder(&a.embedder, Some(&rdb.db))?;
     eprintln!("loading run {}", dir.display());
