@@ -6,8 +6,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use retro_index::{
-    BertEmbedder, BertOptions, Database, Embedder, HnswParams, LexicalEmbedder, LexicalFeatures,
-    LmTokenizer, MilvusIndexParams, MilvusLocation, MilvusOptions,
+    BertEmbedder, BertOptions, Database, Embedder, HnswParams, LexicalEmbedder, LmTokenizer,
+    MilvusIndexParams, MilvusLocation, MilvusOptions,
 };
 use retro_pipeline::{Dataset, DatasetMeta, Gate, Run};
 use std::path::{Path, PathBuf};
@@ -193,37 +193,24 @@ pub fn load_embedder(
             None,
         ));
     }
+    let device = retro_model::device_from_name(&a.device)?;
+    let opts = BertOptions {
+        batch_size: a.embed_batch,
+        max_len: a.max_len,
+        candle_transformers: a.candle_transformers,
+    };
     let dir = match (&a.embedder, db) {
         (Some(d), _) => d.clone(),
         (None, Some(db)) => {
-            let m = db.manifest();
-            if let Some(features) = LexicalFeatures::from_name(&m.embedder.name) {
-                return Ok((
-                    Box::new(LexicalEmbedder::with_features(m.dim, features)?),
-                    None,
-                ));
-            }
-            match &m.embedder_source {
-                Some(s) => PathBuf::from(s),
-                None => bail!(
-                    "the database was built with {}: pass --embedder DIR",
-                    m.embedder
-                ),
-            }
+            let e = db.own_embedder(None, &device, opts).map_err(|e| {
+                anyhow::anyhow!("{e} (pass --embedder DIR or --lexical-embedder DIM)")
+            })?;
+            return Ok((e, db.manifest().embedder_source.clone()));
         }
         (None, None) => bail!("choose an embedder: --embedder MODEL_DIR or --lexical-embedder DIM"),
     };
-    let device = retro_model::device_from_name(&a.device)?;
-    let e = BertEmbedder::load_with(
-        &dir,
-        &device,
-        BertOptions {
-            batch_size: a.embed_batch,
-            max_len: a.max_len,
-            candle_transformers: a.candle_transformers,
-        },
-    )
-    .with_context(|| format!("loading embedder {}", dir.display()))?;
+    let e = BertEmbedder::load_with(&dir, &device, opts)
+        .with_context(|| format!("loading embedder {}", dir.display()))?;
     let source = dir.canonicalize().unwrap_or(dir).display().to_string();
     Ok((Box::new(e), Some(source)))
 }

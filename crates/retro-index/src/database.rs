@@ -989,6 +989,38 @@ impl Database {
         self.index.as_ref()
     }
     /// The LM tokenizer stored with the database.
+    /// The embedder the keys were made with: the lexical one the manifest names, or the BERT
+    /// model folder it records (`bert_dir` instead, when the folder has moved).
+    pub fn own_embedder(
+        &self,
+        bert_dir: Option<&Path>,
+        device: &candle_core::Device,
+        opts: crate::BertOptions,
+    ) -> Result<Box<dyn Embedder>> {
+        let m = &self.manifest;
+        if bert_dir.is_none() {
+            if let Some(features) = crate::LexicalFeatures::from_name(&m.embedder.name) {
+                return Ok(Box::new(crate::LexicalEmbedder::with_features(
+                    m.dim, features,
+                )?));
+            }
+        }
+        let dir = match (bert_dir, &m.embedder_source) {
+            (Some(d), _) => d.to_path_buf(),
+            (None, Some(s)) => PathBuf::from(s),
+            (None, None) => {
+                return Err(IndexError::Embedder(format!(
+                    "the database was built with {} and does not record where it was loaded \
+                     from: give its model folder",
+                    m.embedder
+                )))
+            }
+        };
+        Ok(Box::new(crate::BertEmbedder::load_with(
+            &dir, device, opts,
+        )?))
+    }
+
     pub fn load_tokenizer(&self) -> Result<LmTokenizer> {
         Ok(self.tokenizer.clone())
     }

@@ -1,0 +1,486 @@
+//! `retro_rs`: the retrieval side of RETRO from Python. A database built by `retro index build`,
+//! searched with numpy queries or texts; the neighbours (chunk + continuation)
+//! of chunk ids; the `[batch, chunks, neighbours, len]` array of a batch of token sequences, as
+//! the labml model takes it; and the batches of a precomputed dataset. Every call that works
+//! releases the GIL; errors are `retro_rs.RetroError` with the CLI's message.
+
+use numpy::ndarray::{Array1, Array2, Array4};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray4, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use retro_index::{BertOptions, ChunkId, DocumentId, Embedder};
+use retro_pipeline::{Filter, Origin, Split};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+create_exception!(
+    retro_rs,
+    RetroError,
+    PyException,
+    "An error of the retro crates; the message names the file, field or value at fault."
+);
+
+fn err(e: impl std::fmt::Display) -> PyErr {
+    RetroError::new_err(e.to_string())
+}
+
+/// A retrieval database folder, opened and checked (format version, checksums).
+#[pyclass(frozen, module = "retro_rs")]
+struct Database {
+    db: Arc<retro_index::Database>,
+    /// Document index by id, for `retrieve(documents=...)`.
+    by_name: Arc<HashMap<String, usize>>,
+    /// The database's own embedder, loaded on the first `search_texts`.
+    embedder: OnceLock<Arc<dyn Embedder>>,
+}
+
+#[pymethods]
+impl Database {
+    /// Opens the database at `path`.
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let db = py
+            .allow_threads(|| retro_index::Database::open(&path))
+            .map_err(err)?;
+        let by_name = db
+            .store()
+            .documents()
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id.clone(), i))
+            .collect();
+        Ok(Self {
+            db: Arc::new(db),
+            by_name: Arc::new(by_name),
+            embedder: OnceLock::new(),
+        })
+    }
+
+    /// Tokens per chunk.
+    #[getter]
+    fn chunk_len(&self) -> usize {
+        self.db.chunk_len()
+    }
+    /// The width of the keys.
+    #[getter]
+    fn dim(&self) -> usize {
+        self.db.manifest().dim
+    }
+    #[getter]
+    fn num_chunks(&self) -> usize {
+        self.db.manifest().counts.chunks
+    }
+    #[getter]
+    fn num_documents(&self) -> usize {
+        self.db.manifest().counts.documents
+    }
+    /// The token that pads a neighbour whose continuation ends with its document.
+    #[getter]
+    fn pad_id(&self) -> u32 {
+        self.db.store().pad_id()
+    }
+    /// The database's content id (16 hex digits).
+    #[getter]
+    fn id(&self) -> String {
+        self.db.id().to_string()
+    }
+
+    /// What `retro index info` prints, as a dict.
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let m = self.db.manifest();
+        let d = PyDict::new(py);
+        d.set_item("id", self.id())?;
+        d.set_item("chunk_len", m.chunk_len)?;
+        d.set_item("dim", m.dim)?;
+        d.set_item("chunks", m.counts.chunks)?;
+        d.set_item("documents", m.counts.documents)?;
+        d.set_item("tokens", m.counts.tokens)?;
+        d.set_item("embedder", m.embedder.to_string())?;
+        d.set_item("embedder_source", m.embedder_source.clone())?;
+        d.set_item("format_version", m.format_version)?;
+        Ok(d)
+    }
+
+    /// The `k` nearest chunks of each query `[n, dim]` (float32; normalised here): chunk ids
+    /// `[n, k]` (int64, -1 where fewer exist) and distances `[n, k]` (float32, inf there).
+    #[pyo3(signature = (queries, k = 2))]
+    fn search<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        k: usize,
+    ) -> PyResult<Hits<'py>> {
+        let q = queries.as_array();
+        let (n, dim) = q.dim();
+        if dim != self.dim() {
+            return Err(err(format!(
+                "queries have {dim} columns; the database's keys have {}",
+                self.dim()
+            )));
+        }
+        if k == 0 {
+            return Err(err("k must be at least 1"));
+        }
+        let rows: Vec<Vec<f32>> = q.outer_iter().map(|r| r.to_vec()).collect();
+        let db = self.db.clone();
+        let hits = py
+            .allow_threads(|| db.search_batch(&rows, k, None))
+            .map_err(err)?;
+        debug_assert_eq!(hits.len(), n);
+        Ok(hits_arrays(py, &hits, k))
+    }
+
+    /// Embeds `texts` with the database's own embedder and searches: as `retro index query`.
+    #[pyo3(signature = (texts, k = 2))]
+    fn search_texts<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+        k: usize,
+    ) -> PyResult<Hits<'py>> {
+        if k == 0 {
+            return Err(err("k must be at least 1"));
+        }
+        let e = match self.embedder.get() {
+            Some(e) => e.clone(),
+            None => {
+                let d = self.db.clone();
+                let e: Arc<dyn Embedder> = py
+                    .allow_threads(|| {
+                        d.own_embedder(None, &retro_index::Device::Cpu, BertOptions::default())
+                    })
+                    .map_err(err)?
+                    .into();
+                self.embedder.get_or_init(|| e).clone()
+            }
+        };
+        let db = self.db.clone();
+        let hits = py
+            .allow_threads(|| {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                db.search_texts(e.as_ref(), &refs, k, None)
+            })
+            .map_err(err)?;
+        Ok(hits_arrays(py, &hits, k))
+    }
+
+    /// Chunk + continuation of each chunk id: `[n, 2 * chunk_len]` int64, padded with `pad_id`
+    /// where a document ends.
+    fn neighbours<'py>(
+        &self,
+        py: Python<'py>,
+        chunk_ids: PyReadonlyArray1<'py, i64>,
+    ) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        let ids = self.chunk_ids(chunk_ids)?;
+        let n = 2 * self.db.chunk_len();
+        let store = self.db.store();
+        let flat: Vec<i64> = ids
+            .iter()
+            .flat_map(|&c| store.neighbour(c).into_iter().map(i64::from))
+            .collect();
+        let a = Array2::from_shape_vec((ids.len(), n), flat).map_err(err)?;
+        Ok(a.into_pyarray(py))
+    }
+
+    /// The id of the document each chunk comes from.
+    fn documents_of(&self, chunk_ids: PyReadonlyArray1<'_, i64>) -> PyResult<Vec<String>> {
+        let store = self.db.store();
+        Ok(self
+            .chunk_ids(chunk_ids)?
+            .into_iter()
+            .map(|c| store.document(store.document_of(c)).id.clone())
+            .collect())
+    }
+
+    /// The text's tokens under the database's tokenizer (int64).
+    fn encode<'py>(&self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let t = self.db.tokenizer().encode(text).map_err(err)?;
+        Ok(Array1::from_iter(t.into_iter().map(i64::from)).into_pyarray(py))
+    }
+
+    /// The text of tokens under the database's tokenizer.
+    fn decode(&self, tokens: Vec<u32>) -> PyResult<String> {
+        self.db.tokenizer().decode(&tokens).map_err(err)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Database({:?}: {} chunks of {} tokens, {} documents)",
+            self.db.dir(),
+            self.num_chunks(),
+            self.chunk_len(),
+            self.num_documents()
+        )
+    }
+}
+
+/// Chunk ids `[n, k]` and their distances.
+type Hits<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
+
+/// Hits as `[n, k]` ids (-1 where fewer) and distances (inf there).
+fn hits_arrays<'py>(
+    py: Python<'py>,
+    hits: &[Vec<retro_index::Hit>],
+    k: usize,
+) -> Hits<'py> {
+    let mut ids = Array2::from_elem((hits.len(), k), -1i64);
+    let mut dist = Array2::from_elem((hits.len(), k), f32::INFINITY);
+    for (i, h) in hits.iter().enumerate() {
+        for (j, (c, d)) in h.iter().take(k).enumerate() {
+            ids[[i, j]] = c.0 as i64;
+            dist[[i, j]] = *d;
+        }
+    }
+    (ids.into_pyarray(py), dist.into_pyarray(py))
+}
+
+impl Database {
+    fn document(&self, name: &str) -> PyResult<DocumentId> {
+        self.by_name
+            .get(name)
+            .map(|&d| DocumentId(d))
+            .ok_or_else(|| err(format!("no document {name:?} in the database")))
+    }
+
+    fn chunk_ids(&self, a: PyReadonlyArray1<'_, i64>) -> PyResult<Vec<ChunkId>> {
+        let n = self.num_chunks() as i64;
+        a.as_array()
+            .iter()
+            .map(|&c| {
+                if (0..n).contains(&c) {
+                    Ok(ChunkId(c as usize))
+                } else {
+                    Err(err(format!(
+                        "chunk id {c} is out of range: the database has {n} chunks"
+                    )))
+                }
+            })
+            .collect()
+    }
+}
+
+/// Neighbours for every complete chunk of a batch of token sequences, with the database's own
+/// embedder (or the BERT folder given, when the recorded one has moved).
+#[pyclass(frozen, module = "retro_rs")]
+struct Retriever {
+    db: Py<Database>,
+    embedder: Arc<dyn Embedder>,
+    k: usize,
+    /// Documents that never serve as neighbours (a dataset's held-out documents).
+    excluded: HashSet<DocumentId>,
+}
+
+#[pymethods]
+impl Retriever {
+    /// `exclude_documents`: ids of documents that never serve as neighbours (a dataset's
+    /// `held_out_documents`).
+    #[new]
+    #[pyo3(signature = (db, k = 2, embedder = None, exclude_documents = None))]
+    fn new(
+        py: Python<'_>,
+        db: Py<Database>,
+        k: usize,
+        embedder: Option<PathBuf>,
+        exclude_documents: Option<Vec<String>>,
+    ) -> PyResult<Self> {
+        let excluded = exclude_documents
+            .unwrap_or_default()
+            .iter()
+            .map(|n| db.get().document(n))
+            .collect::<PyResult<HashSet<_>>>()?;
+        let d = db.get().db.clone();
+        let e = py
+            .allow_threads(|| {
+                d.own_embedder(
+                    embedder.as_deref(),
+                    &retro_index::Device::Cpu,
+                    BertOptions::default(),
+                )
+            })
+            .map_err(err)?;
+        // Checked here, so that a bad K fails at construction.
+        retro_pipeline::Retriever::new(&d, e.as_ref(), d.tokenizer(), k).map_err(err)?;
+        Ok(Self {
+            db,
+            embedder: Arc::from(e),
+            k,
+            excluded,
+        })
+    }
+
+    /// `tokens [batch, T]` (integers) -> `[batch, T // chunk_len, k, 2 * chunk_len]` int64, the
+    /// labml model's `ret`. With `documents` (one document id per row, as the database names
+    /// them), a row never retrieves from its own document: the paper's self-retrieval filter.
+    #[pyo3(signature = (tokens, documents = None))]
+    fn retrieve<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: PyReadonlyArray2<'py, i64>,
+        documents: Option<Vec<String>>,
+    ) -> PyResult<Bound<'py, PyArray4<i64>>> {
+        let db = self.db.get();
+        let t = tokens.as_array();
+        let vocab = db.db.tokenizer().vocab_size() as i64;
+        let rows = t
+            .outer_iter()
+            .map(|r| {
+                r.iter()
+                    .map(|&x| {
+                        if (0..vocab).contains(&x) {
+                            Ok(x as u32)
+                        } else {
+                            Err(err(format!(
+                                "token {x} is outside the tokenizer's vocabulary of {vocab}"
+                            )))
+                        }
+                    })
+                    .collect::<PyResult<Vec<u32>>>()
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let origins = match &documents {
+            None => None,
+            Some(names) if names.len() != rows.len() => {
+                return Err(err(format!(
+                    "documents has {} ids for {} rows",
+                    names.len(),
+                    rows.len()
+                )))
+            }
+            Some(names) => Some(
+                names
+                    .iter()
+                    .map(|n| {
+                        Ok(Origin {
+                            document: db.document(n)?,
+                            start: 0,
+                        })
+                    })
+                    .collect::<PyResult<Vec<_>>>()?,
+            ),
+        };
+        let (d, e, k) = (db.db.clone(), self.embedder.clone(), self.k);
+        let excluded = self.excluded.clone();
+        let n = py
+            .allow_threads(|| {
+                let r = retro_pipeline::Retriever::new(&d, e.as_ref(), d.tokenizer(), k)?
+                    .with_excluded_documents(excluded);
+                let filter = if origins.is_some() {
+                    Filter::SameDocument
+                } else {
+                    Filter::None
+                };
+                r.retrieve(&rows, origins.as_deref(), filter)
+            })
+            .map_err(err)?;
+        let shape = (n.batch, n.chunks, n.k, n.neighbour_len);
+        let a = Array4::from_shape_vec(shape, n.tokens.iter().map(|&x| i64::from(x)).collect())
+            .map_err(err)?;
+        Ok(a.into_pyarray(py))
+    }
+}
+
+/// Training sequences with precomputed neighbours (`retro dataset build`).
+#[pyclass(frozen, module = "retro_rs")]
+struct Dataset {
+    ds: Arc<retro_pipeline::Dataset>,
+    db: Py<Database>,
+}
+
+fn split(name: &str) -> PyResult<Split> {
+    match name {
+        "train" => Ok(Split::Train),
+        "valid" | "validation" => Ok(Split::Valid),
+        other => Err(err(format!(
+            "split {other:?}: must be \"train\" or \"valid\""
+        ))),
+    }
+}
+
+#[pymethods]
+impl Dataset {
+    /// Opens the dataset at `path` over `db`, the database it was built from.
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf, db: Py<Database>) -> PyResult<Self> {
+        let d = db.get().db.clone();
+        let ds = py
+            .allow_threads(|| retro_pipeline::Dataset::open(&path, &d))
+            .map_err(err)?;
+        Ok(Self {
+            ds: Arc::new(ds),
+            db,
+        })
+    }
+
+    /// Sequences in a split.
+    #[pyo3(signature = (split_name = "train"))]
+    fn len(&self, split_name: &str) -> PyResult<usize> {
+        Ok(self.ds.len(split(split_name)?))
+    }
+
+    fn __len__(&self) -> usize {
+        self.ds.len(Split::Train)
+    }
+
+    /// Ids of the documents held out of training (and never neighbours).
+    #[getter]
+    fn held_out_documents(&self) -> Vec<String> {
+        self.ds
+            .meta()
+            .held_out_documents
+            .iter()
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    /// The sequences at `indices`: a dict of `x` and `y` `[batch, seq_len]` and `neighbours`
+    /// `[batch, chunks, k, 2 * chunk_len]` (int64), and `documents`, the id of the document
+    /// each sequence comes from.
+    #[pyo3(signature = (indices, split_name = "train"))]
+    fn batch<'py>(
+        &self,
+        py: Python<'py>,
+        indices: Vec<usize>,
+        split_name: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let s = split(split_name)?;
+        let n = self.ds.len(s);
+        if let Some(bad) = indices.iter().find(|&&i| i >= n) {
+            return Err(err(format!(
+                "index {bad} is out of range: the {split_name} split has {n} sequences"
+            )));
+        }
+        if indices.is_empty() {
+            return Err(err("indices must not be empty"));
+        }
+        let (ds, db) = (self.ds.clone(), self.db.get().db.clone());
+        let b = py.allow_threads(|| ds.batch(&db, s, &indices));
+        let long = |v: &[u32]| v.iter().map(|&x| i64::from(x)).collect::<Vec<_>>();
+        let d = PyDict::new(py);
+        let xy = |v: &[u32]| Array2::from_shape_vec((b.batch, b.seq_len), long(v)).map_err(err);
+        d.set_item("x", xy(&b.x)?.into_pyarray(py))?;
+        d.set_item("y", xy(&b.y)?.into_pyarray(py))?;
+        let ret = Array4::from_shape_vec((b.batch, b.chunks, b.k, b.neighbour_len), long(&b.ret))
+            .map_err(err)?;
+        d.set_item("neighbours", ret.into_pyarray(py))?;
+        let store = db.store();
+        let docs: Vec<String> = b
+            .origins
+            .iter()
+            .map(|o| store.document(o.document).id.clone())
+            .collect();
+        d.set_item("documents", docs)?;
+        Ok(d)
+    }
+}
+
+#[pymodule]
+fn retro_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("RetroError", m.py().get_type::<RetroError>())?;
+    m.add_class::<Database>()?;
+    m.add_class::<Retriever>()?;
+    m.add_class::<Dataset>()?;
+    Ok(())
+}

@@ -1,0 +1,128 @@
+"""retro_rs against the `retro` CLI on the same database: search, neighbours, the retrieve array
+and the dataset's precomputed neighbours, a few steps of a PyTorch-free model on its batches, and
+errors. `RETRO_BIN` names the `retro` binary (tests/python.rs sets it)."""
+
+import json
+import os
+import random
+import subprocess
+
+import numpy as np
+import pytest
+
+import retro_rs
+
+RETRO = os.environ["RETRO_BIN"]
+SENTENCES = [
+    "The cat sat on the mat and looked at the door. ",
+    "A dog ran in the park after a red ball. ",
+    "Rain fell on the old town all night long. ",
+    "She read the letter twice and then burned it. ",
+]
+
+
+def retro(*args):
+    return subprocess.run([RETRO, *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("retro")
+    # Words in a random order per document, and the sentences once each: chunks that repeat
+    # would tie in distance, and ties may come in either order.
+    words = " ".join(SENTENCES).split()
+    with open(d / "corpus.jsonl", "w") as f:
+        for i in range(4):
+            rng = random.Random(i)
+            text = SENTENCES[i] + " ".join(rng.choice(words) for _ in range(150))
+            f.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
+    retro("index", "build", "--corpus", str(d / "corpus.jsonl"), "--tokenizer", "char",
+          "--lexical-embedder", "64", "--chunk-len", "16", "--out", str(d / "db"))
+    retro("dataset", "build", "--db", str(d / "db"), "--seq-len", "64", "--k", "2",
+          "--out", str(d / "ds"))
+    return d
+
+
+def test_search_and_neighbours_equal_the_cli(built):
+    db = retro_rs.Database.open(built / "db")
+    info = json.loads(retro("index", "info", str(built / "db"), "--json"))
+    assert db.chunk_len == 16 and db.id == info["database_id"]
+    assert db.num_chunks == info["counts"]["chunks"] == db.info()["chunks"]
+    query = "A dog ran in the park"
+    cli = json.loads(retro("index", "query", str(built / "db"), query, "-k", "3", "--json"))[0]
+    ids, dist = db.search_texts([query], k=3)
+    assert ids.shape == (1, 3) and ids.dtype == np.int64 and dist.dtype == np.float32
+    assert ids[0].tolist() == [h["chunk"] for h in cli["hits"]]
+    np.testing.assert_allclose(dist[0], [h["distance"] for h in cli["hits"]], rtol=1e-6)
+    assert db.documents_of(ids[0]) == [h["document"] for h in cli["hits"]]
+    n = db.neighbours(ids[0])
+    assert n.shape == (3, 32)
+    for row, h in zip(n, cli["hits"]):
+        text = db.decode([t for t in row.tolist() if t != db.pad_id])
+        assert text == h["chunk_text"] + h["continuation_text"]
+
+
+def test_retrieve_equals_the_datasets_precomputed_neighbours(built):
+    db = retro_rs.Database.open(built / "db")
+    ds = retro_rs.Dataset.open(built / "ds", db)
+    assert len(ds) == ds.len("train") > 2
+    b = ds.batch([0, 1, 2])
+    assert b["x"].shape == (3, 64) and b["y"].shape == (3, 64)
+    assert b["neighbours"].shape == (3, 4, 2, 32) and b["neighbours"].dtype == np.int64
+    np.testing.assert_array_equal(b["x"][:, 1:], b["y"][:, :-1])
+    # The dataset never retrieves from its held-out documents either.
+    r = retro_rs.Retriever(db, k=2, exclude_documents=ds.held_out_documents)
+    got = r.retrieve(b["x"], documents=b["documents"])
+    np.testing.assert_array_equal(got, b["neighbours"])
+    # Without the filter a row finds its own document's chunks.
+    own = r.retrieve(b["x"])
+    assert own.shape == got.shape and not np.array_equal(own, got)
+
+
+def test_batches_train_a_model_a_few_steps(built):
+    """A bag-of-neighbours bigram model in numpy: the loss falls on the dataset's batches."""
+    db = retro_rs.Database.open(built / "db")
+    ds = retro_rs.Dataset.open(built / "ds", db)
+    vocab = int(max(b.max() for b in (ds.batch(list(range(len(ds))))["x"],))) + 1
+    w = np.zeros((vocab, vocab))
+    losses = []
+    for step in range(20):
+        b = ds.batch([step % len(ds)])
+        x, y = b["x"].ravel(), b["y"].ravel()
+        logits = w[x]
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        losses.append(-np.log(p[np.arange(len(y)), y]).mean())
+        g = p
+        g[np.arange(len(y)), y] -= 1
+        np.add.at(w, x, -0.5 * g)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_bad_input_raises_retro_error_with_the_message(built, tmp_path):
+    with pytest.raises(retro_rs.RetroError, match="nothing"):
+        retro_rs.Database.open(tmp_path / "nothing")
+    db = retro_rs.Database.open(built / "db")
+    with pytest.raises(retro_rs.RetroError, match="columns"):
+        db.search(np.zeros((1, 3), dtype=np.float32))
+    with pytest.raises(retro_rs.RetroError, match="out of range"):
+        db.neighbours(np.array([db.num_chunks], dtype=np.int64))
+    with pytest.raises(retro_rs.RetroError, match="k"):
+        retro_rs.Retriever(db, k=0)
+    r = retro_rs.Retriever(db)
+    with pytest.raises(retro_rs.RetroError, match="vocabulary"):
+        r.retrieve(np.full((1, 16), 10**6, dtype=np.int64))
+    with pytest.raises(retro_rs.RetroError, match="no document"):
+        r.retrieve(np.zeros((1, 16), dtype=np.int64), documents=["nope"])
+    ds = retro_rs.Dataset.open(built / "ds", db)
+    with pytest.raises(retro_rs.RetroError, match="out of range"):
+        ds.batch([len(ds)])
+    with pytest.raises(retro_rs.RetroError, match="split"):
+        ds.len("test")
+    # A damaged database file is refused by name, not a crash.
+    damaged = tmp_path / "db"
+    subprocess.run(["cp", "-r", str(built / "db"), str(damaged)], check=True)
+    manifest = damaged / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"chunk_len": 16', '"chunk_len": 17'))
+    with pytest.raises(retro_rs.RetroError):
+        retro_rs.Database.open(damaged)
