@@ -77,6 +77,11 @@ impl Database {
     fn num_documents(&self) -> usize {
         self.db.manifest().counts.documents
     }
+    /// Tokens in the database's tokenizer.
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.db.tokenizer().vocab_size()
+    }
     /// The token that pads a neighbour whose continuation ends with its document.
     #[getter]
     fn pad_id(&self) -> u32 {
@@ -221,11 +226,7 @@ impl Database {
 type Hits<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
 
 /// Hits as `[n, k]` ids (-1 where fewer) and distances (inf there).
-fn hits_arrays<'py>(
-    py: Python<'py>,
-    hits: &[Vec<retro_index::Hit>],
-    k: usize,
-) -> Hits<'py> {
+fn hits_arrays<'py>(py: Python<'py>, hits: &[Vec<retro_index::Hit>], k: usize) -> Hits<'py> {
     let mut ids = Array2::from_elem((hits.len(), k), -1i64);
     let mut dist = Array2::from_elem((hits.len(), k), f32::INFINITY);
     for (i, h) in hits.iter().enumerate() {

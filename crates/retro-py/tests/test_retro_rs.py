@@ -47,6 +47,7 @@ def test_search_and_neighbours_equal_the_cli(built):
     db = retro_rs.Database.open(built / "db")
     info = json.loads(retro("index", "info", str(built / "db"), "--json"))
     assert db.chunk_len == 16 and db.id == info["database_id"]
+    assert db.vocab_size == info["tokenizer"]["vocab_size"]
     assert db.num_chunks == info["counts"]["chunks"] == db.info()["chunks"]
     query = "A dog ran in the park"
     cli = json.loads(retro("index", "query", str(built / "db"), query, "-k", "3", "--json"))[0]
