@@ -31,6 +31,10 @@ pub struct BenchServeArgs {
     /// Seconds after which a level starts no more requests.
     #[arg(long, default_value_t = 300.0)]
     pub time_bound: f64,
+    /// Ask for RETRO[OFF] in every request: decoding alone, without the retrieval and encoder
+    /// pass of each completed chunk.
+    #[arg(long)]
+    pub no_retrieval: bool,
     /// Print the levels as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -57,6 +61,7 @@ pub fn run(a: BenchServeArgs) -> anyhow::Result<()> {
         max_tokens: a.max_tokens,
         prompts: a.prompts,
         time_bound: Duration::from_secs_f64(a.time_bound),
+        no_retrieval: a.no_retrieval,
     };
     let levels = serve::measure(&spec, &mut |l| {
         eprintln!(

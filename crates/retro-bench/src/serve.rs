@@ -21,6 +21,8 @@ pub struct LoadSpec {
     pub prompts: Vec<String>,
     /// A level stops starting requests after this long.
     pub time_bound: Duration,
+    /// Ask for RETRO[OFF] (`retrieval.enabled` false): decoding alone, no chunk retrieved.
+    pub no_retrieval: bool,
 }
 
 /// One level's numbers.
@@ -58,6 +60,7 @@ fn one_request(spec: &LoadSpec, prompt: &str, seed: u64) -> Sample {
         "seed": seed,
         "stream": true,
         "stream_options": {"include_usage": true},
+        "retrieval": {"enabled": !spec.no_retrieval},
     })
     .to_string();
     let t0 = Instant::now();
