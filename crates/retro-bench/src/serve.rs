@@ -21,7 +21,7 @@ pub struct LoadSpec {
     pub prompts: Vec<String>,
     /// A level stops starting requests after this long.
     pub time_bound: Duration,
-    /// Ask for RETRO[OFF] (`retrieval.enabled` false): decoding alone, no chunk retrieved.
+    /// Ask for RETRO\[OFF\] (`retrieval.enabled` false): decoding alone, no chunk retrieved.
     pub no_retrieval: bool,
 }
 
