@@ -988,7 +988,6 @@ impl Database {
     pub fn index(&self) -> &dyn KeyIndex {
         self.index.as_ref()
     }
-    /// The LM tokenizer stored with the database.
     /// The embedder the keys were made with: the lexical one the manifest names, or the BERT
     /// model folder it records (`bert_dir` instead, when the folder has moved).
     pub fn own_embedder(
@@ -1021,6 +1020,7 @@ impl Database {
         )?))
     }
 
+    /// The LM tokenizer stored with the database.
     pub fn load_tokenizer(&self) -> Result<LmTokenizer> {
         Ok(self.tokenizer.clone())
     }

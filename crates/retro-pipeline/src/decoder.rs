@@ -98,10 +98,7 @@ impl Decoder for RetroFitted {
             .iter()
             .map(|i| i.keep.as_ref().map(|k| k.reshape((1, 1))).transpose())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let logits = self.step_batch(&tokens, states, &rets, &keeps)?;
-        Ok((0..tokens.len())
-            .map(|i| logits.get(i))
-            .collect::<candle_core::Result<_>>()?)
+        rows(&self.step_batch(&tokens, states, &rets, &keeps)?)
     }
     fn eos(&self) -> Option<u32> {
         self.base().config().eos_token_id
@@ -138,10 +135,7 @@ impl Decoder for LlamaBase {
             .iter_mut()
             .map(|h| h as &mut dyn retro_model::llama::LayerHook)
             .collect();
-        let logits = LlamaBase::step_batch(self, &tokens, states, &mut hooks)?;
-        Ok((0..tokens.len())
-            .map(|i| logits.get(i))
-            .collect::<candle_core::Result<_>>()?)
+        rows(&LlamaBase::step_batch(self, &tokens, states, &mut hooks)?)
     }
     fn eos(&self) -> Option<u32> {
         self.config().eos_token_id
@@ -149,4 +143,11 @@ impl Decoder for LlamaBase {
     fn context(&self) -> Option<usize> {
         Some(self.config().max_position_embeddings)
     }
+}
+
+/// The rows `[vocab]` of batched logits `[B, vocab]`, one per sequence.
+fn rows(logits: &Tensor) -> Result<Vec<Tensor>> {
+    Ok((0..logits.dim(0)?)
+        .map(|i| logits.get(i))
+        .collect::<candle_core::Result<_>>()?)
 }

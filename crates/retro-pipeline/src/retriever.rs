@@ -268,22 +268,16 @@ impl<'a> Retriever<'a, KeysOnly> {
     /// A retriever that only searches precomputed keys ([`Retriever::search`]), e.g. the database's
     /// own keys of training chunks.
     pub fn for_keys(db: &'a Database, k: usize) -> Result<Self> {
-        if k == 0 {
-            return Err(PipelineError::invalid(
-                "k",
-                0,
-                "need at least one neighbour",
-            ));
-        }
-        Ok(Self {
+        Self {
             db,
             text: KeysOnly,
-            k,
+            k: 1,
             neighbour_len: 2 * db.chunk_len(),
             ef: None,
             excluded: Excluded::new(),
             gate: None,
-        })
+        }
+        .with_k(k)
     }
 }
 

@@ -298,31 +298,49 @@ impl LlamaBase {
                 format!("{t} tokens from position {index_pos}"),
             ));
         }
-        let mut h = self.embed(x, "x")?;
+        let h = self.embed(x, "x")?;
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 c.layers = vec![None; self.layers.len()];
             }
         }
-        for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = layer.attn.forward(
-                &layer.input_norm.forward(&h, kern)?,
-                index_pos,
-                &self.rotary,
-                kv,
-                kern,
-            )?;
-            h = hook.after_attention(i, (h + a)?, index_pos)?;
+        let h = self.layers_through(
+            h,
+            self.layers.len(),
+            kern,
+            &mut |i, attn, x| {
+                let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                attn.forward(x, index_pos, &self.rotary, kv, kern)
+            },
+            &mut |i, h| hook.after_attention(i, h, index_pos),
+        )?;
+        if let Some(c) = cache {
+            c.position += t;
+        }
+        Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head, kern)?)
+    }
+
+    /// The residual stream `h` through the first `n` layers: each layer's attention is
+    /// `attend(i, attention, norm(h))` (one cache, per-sequence caches, or none), its output
+    /// added to `h` and passed through `hook(i, h)`, then the feed-forward. The one layer loop of
+    /// [`LlamaBase::forward_hooked`], [`LlamaBase::step_batch`] and [`LlamaBase::hidden_after`].
+    fn layers_through(
+        &self,
+        mut h: Tensor,
+        n: usize,
+        kern: Kernels,
+        attend: &mut dyn FnMut(usize, &SelfAttention, &Tensor) -> candle_core::Result<Tensor>,
+        hook: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        for (i, layer) in self.layers[..n].iter().enumerate() {
+            let a = attend(i, &layer.attn, &layer.input_norm.forward(&h, kern)?)?;
+            h = hook(i, (h + a)?)?;
             let m = layer
                 .mlp
                 .forward(&layer.post_attention_norm.forward(&h, kern)?, kern)?;
             h = (h + m)?;
         }
-        if let Some(c) = cache {
-            c.position += t;
-        }
-        Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head, kern)?)
+        Ok(h)
     }
 
     /// One token for each of B independent sequences, each on its own cache at its own position
@@ -358,34 +376,33 @@ impl LlamaBase {
             ));
         }
         let x = Tensor::from_vec(tokens.to_vec(), (b, 1), &Device::Cpu)?;
-        let mut h = self.embed(&x, "tokens")?;
+        let h = self.embed(&x, "tokens")?;
         for c in caches.iter_mut() {
             if c.layers.len() != self.layers.len() {
                 c.layers = vec![None; self.layers.len()];
             }
         }
         let kern = Kernels::Fused;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut kvs: Vec<&mut LayerKv> = caches.iter_mut().map(|c| &mut c.layers[i]).collect();
-            let a = layer.attn.forward_step(
-                &layer.input_norm.forward(&h, kern)?,
-                &offsets,
-                &self.rotary,
-                &mut kvs,
-            )?;
-            let h1 = (h + a)?;
-            let rows = hooks
-                .iter_mut()
-                .zip(&offsets)
-                .enumerate()
-                .map(|(r, (hook, &at))| hook.after_attention(i, h1.narrow(0, r, 1)?, at))
-                .collect::<Result<Vec<_>>>()?;
-            h = Tensor::cat(&rows, 0)?;
-            let m = layer
-                .mlp
-                .forward(&layer.post_attention_norm.forward(&h, kern)?, kern)?;
-            h = (h + m)?;
-        }
+        let h = self.layers_through(
+            h,
+            self.layers.len(),
+            kern,
+            &mut |i, attn, x| {
+                let mut kvs: Vec<&mut LayerKv> =
+                    caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+                attn.forward_step(x, &offsets, &self.rotary, &mut kvs)
+            },
+            // Each sequence's hook sees its own row at its own position.
+            &mut |i, h| {
+                let rows = hooks
+                    .iter_mut()
+                    .zip(&offsets)
+                    .enumerate()
+                    .map(|(r, (hook, &at))| hook.after_attention(i, h.narrow(0, r, 1)?, at))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&rows, 0)?)
+            },
+        )?;
         for c in caches.iter_mut() {
             c.position += 1;
         }
@@ -415,22 +432,14 @@ impl LlamaBase {
                 format!("{t} tokens through {layers} layers"),
             ));
         }
-        let mut h = self.embed(x, "ret")?;
-        for layer in &self.layers[..layers] {
-            let a = layer.attn.forward(
-                &layer.input_norm.forward(&h, kern)?,
-                0,
-                &self.rotary,
-                None,
-                kern,
-            )?;
-            h = (h + a)?;
-            let m = layer
-                .mlp
-                .forward(&layer.post_attention_norm.forward(&h, kern)?, kern)?;
-            h = (h + m)?;
-        }
-        Ok(h)
+        let h = self.embed(x, "ret")?;
+        self.layers_through(
+            h,
+            layers,
+            kern,
+            &mut |_, attn, x| attn.forward(x, 0, &self.rotary, None, kern),
+            &mut |_, h| Ok(h),
+        )
     }
 
     /// Token embeddings `[.., hidden_size]` of ids of any shape, checked against the vocabulary
