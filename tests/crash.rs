@@ -4,23 +4,15 @@
 //! succeeds, and a resumed run ends bit-exactly where an uninterrupted one does. Also determinism:
 //! the same corpus and options give the same database id and the same neighbours.
 
+mod common;
+
+use common::retro;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_retro"))
-}
-
-fn retro(args: &[&str]) -> String {
-    let out = bin().args(args).output().expect("run retro");
-    assert!(
-        out.status.success(),
-        "retro {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs to completion, returning the wall time.

@@ -1,22 +1,11 @@
 //! The whole RETRO loop through the `retro` binary at toy size: index, dataset, train (and resume),
 //! baseline, eval with retrieval on/off, generation retrieving at every chunk boundary.
 
+mod common;
+
+use common::retro;
 use std::path::Path;
 use std::process::Command;
-
-fn retro(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_retro"))
-        .args(args)
-        .output()
-        .expect("run retro");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "retro {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 /// Runs retro expecting failure; returns stderr.
 fn retro_fails(args: &[&str]) -> String {

@@ -4,29 +4,18 @@
 //! resolve other features and rebuild the workspace), laid out as the package maturin makes;
 //! pytest and numpy come from PyPI into a venv under `target/`.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
-
-fn ok(c: &mut Command) -> bool {
-    c.status().is_ok_and(|s| s.success())
-}
 
 #[test]
 fn the_python_bindings_pass_their_pytest_suite() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = root.join("target/py-venv");
-    let python = venv.join("bin/python");
-    let ready = ok(Command::new(&python).args(["-c", "import pytest, numpy"]))
-        || (ok(Command::new("python3").args(["-m", "venv"]).arg(&venv))
-            && ok(Command::new(&python).args(["-m", "pip", "install", "-q", "pytest", "numpy"])));
-    if !ready {
-        assert!(
-            std::env::var("RETRO_REQUIRE_SHARED").is_err(),
-            "CI: could not install pytest and numpy from PyPI into target/py-venv"
-        );
+    let Some(python) = common::venv_python("py-venv", "pytest, numpy", &["pytest", "numpy"]) else {
         eprintln!("SKIPPED the_python_bindings: no venv with pytest and numpy");
         return;
-    }
+    };
     // The root package dev-depends on retro-py, so cargo built the module with this test,
     // beside this test's own binary.
     let exe = std::env::current_exe().unwrap();

@@ -2,6 +2,9 @@
 //! generate`'s, streamed or not; concurrent requests equal each alone; bad input gets its 4xx;
 //! a client gone frees its slot; the API key; SIGTERM; the official `openai` Python client.
 
+mod common;
+
+use common::retro;
 use retro_server::client::{self, Answer};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -9,20 +12,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-
-fn retro(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_retro"))
-        .args(args)
-        .output()
-        .expect("run retro");
-    assert!(
-        out.status.success(),
-        "retro {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 const SENTENCES: [&str; 6] = [
     "The cat sat on the mat and looked at the door. ",
@@ -516,28 +505,10 @@ fn sigterm_ends_the_streams_in_flight_then_exits_zero() {
     assert!(status.success(), "{status:?}");
 }
 
-/// The official `openai` client (PyPI) in a venv under target/, made once.
-fn openai_python() -> Option<PathBuf> {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openai-venv");
-    let python = venv.join("bin/python");
-    let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
-    if !ok(Command::new(&python).args(["-c", "import openai"])) {
-        let made = ok(Command::new("python3").args(["-m", "venv"]).arg(&venv))
-            && ok(Command::new(&python).args(["-m", "pip", "install", "-q", "openai>=1.0"]));
-        if !made {
-            return None;
-        }
-    }
-    Some(python)
-}
-
 #[test]
 fn the_openai_python_client_gets_streamed_and_whole_completions() {
-    let Some(python) = openai_python() else {
-        assert!(
-            std::env::var("RETRO_REQUIRE_SHARED").is_err(),
-            "CI: could not install PyPI's openai into target/openai-venv"
-        );
+    // The official `openai` client from PyPI.
+    let Some(python) = common::venv_python("openai-venv", "openai", &["openai>=1.0"]) else {
         eprintln!("SKIPPED the_openai_python_client: no venv with PyPI's openai");
         return;
     };
