@@ -111,6 +111,54 @@ pub struct ModelSource {
     pub k: Option<usize>,
 }
 
+/// What `generate` and `serve` decode: an imported base alone, or a run with its retrieval
+/// database and that database's embedder.
+// Made once per command and moved, never stored in bulk: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum OpenedModel {
+    Base {
+        model: retro_model::llama::LlamaBase,
+        tokenizer: LmTokenizer,
+    },
+    Run {
+        model: retro_pipeline::RunModel,
+        db: RunDatabase,
+        embedder: Box<dyn Embedder>,
+    },
+}
+
+/// Opens what `src` names on `embedder`'s device, saying each step to `step`.
+pub fn open_model(
+    src: &ModelSource,
+    embedder: &EmbedderArgs,
+    step: &dyn Fn(&str),
+) -> Result<OpenedModel> {
+    let device = retro_model::device_from_name(&embedder.device)?;
+    let dir = match (&src.run, &src.base) {
+        (_, Some(dir)) => {
+            step(&format!("loading base {}", dir.display()));
+            let base = retro_pipeline::BaseDir::open(dir)?;
+            return Ok(OpenedModel::Base {
+                tokenizer: base.tokenizer()?,
+                model: base.load(&device)?,
+            });
+        }
+        (Some(dir), None) => dir,
+        (None, None) => bail!("pass --run RUN or --base BASE"),
+    };
+    let run = Run::open(dir)?;
+    step("opening the run's database");
+    let db = run_database(&run, src.db.as_deref(), src.k)?;
+    step("loading the embedder");
+    let (embedder, _) = load_embedder(embedder, Some(&db.db))?;
+    step(&format!("loading run {}", dir.display()));
+    Ok(OpenedModel::Run {
+        model: run.load(&device)?,
+        db,
+        embedder,
+    })
+}
+
 /// Which chunks' neighbours the model reads.
 #[derive(clap::Args, Debug)]
 pub struct GateArgs {

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use retro_pipeline::{generate, BaseDir, Decoder, Event, Retriever, Run, RunModel, Sampling};
+use retro_pipeline::{generate, Decoder, Event, Retriever, RunModel, Sampling};
 use std::io::Write;
 
 #[derive(Args, Debug)]
@@ -123,32 +123,31 @@ fn stream<D: Decoder>(
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let device = retro_model::device_from_name(&a.embedder.device)?;
-    let run = match (&a.model.run, &a.model.base) {
-        (_, Some(dir)) => {
-            let base = BaseDir::open(dir)?;
-            let tokenizer = base.tokenizer()?;
-            let model = base.load(&device)?;
+    use super::common::{open_model, OpenedModel};
+    match open_model(&a.model, &a.embedder, &|_| {})? {
+        OpenedModel::Base { model, tokenizer } => {
             let t0 = std::time::Instant::now();
             let n = stream(&a, &model, None, &tokenizer)?;
             eprintln!(
                 "generated {n} tokens with the base alone ({:.1} tokens/s, the prompt included)",
                 n as f64 / t0.elapsed().as_secs_f64()
             );
-            return Ok(());
         }
-        (Some(run), None) => Run::open(run)?,
-        (None, None) => anyhow::bail!("pass --run RUN or --base BASE"),
-    };
-    let rdb = super::common::run_database(&run, a.model.db.as_deref(), a.model.k)?;
-    let (db, k, tokenizer) = (&rdb.db, rdb.k, &rdb.tokenizer);
-    let (embedder, _) = super::common::load_embedder(&a.embedder, Some(db))?;
-    let retriever = Retriever::new(db, embedder.as_ref(), tokenizer, k)?.with_gate(a.gate.gate()?);
-    let retriever = (!a.no_retrieval).then_some(&retriever);
-    let n = match run.load(&device)? {
-        RunModel::Labml(m) => stream(&a, &m, retriever, tokenizer)?,
-        RunModel::Fitted(m) => stream(&a, &m, retriever, tokenizer)?,
-    };
-    eprintln!("generated {n} tokens");
+        OpenedModel::Run {
+            model,
+            db: rdb,
+            embedder,
+        } => {
+            let (db, k, tokenizer) = (&rdb.db, rdb.k, &rdb.tokenizer);
+            let retriever =
+                Retriever::new(db, embedder.as_ref(), tokenizer, k)?.with_gate(a.gate.gate()?);
+            let retriever = (!a.no_retrieval).then_some(&retriever);
+            let n = match model {
+                RunModel::Labml(m) => stream(&a, &m, retriever, tokenizer)?,
+                RunModel::Fitted(m) => stream(&a, &m, retriever, tokenizer)?,
+            };
+            eprintln!("generated {n} tokens");
+        }
+    }
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use retro_pipeline::{BaseDir, Run, RunModel};
+use retro_pipeline::RunModel;
 use retro_server::{Limits, Served, ServedModel, ServedRetrieval, Server, ServerConfig};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -99,35 +99,31 @@ pub fn run(a: ServeArgs) -> Result<()> {
 
 /// Loads the model, and with a run its database and embedder, printing each step.
 fn load(a: &ServeArgs) -> Result<Served> {
-    let device = retro_model::device_from_name(&a.embedder.device)?;
-    if let Some(dir) = &a.model.base {
-        eprintln!("loading base {}", dir.display());
-        let base = BaseDir::open(dir)?;
-        return Ok(Served {
-            tokenizer: base.tokenizer()?,
-            model: ServedModel::Base(base.load(&device)?),
-            retrieval: None,
-        });
-    }
-    let dir = a.model.run.as_ref().expect("clap requires --run or --base");
-    let run = Run::open(dir)?;
-    eprintln!("opening the run's database");
-    let rdb = super::common::run_database(&run, a.model.db.as_deref(), a.model.k)?;
-    eprintln!("loading the embedder");
-    let (embedder, _) = super::common::load_embedder(&a.embedder, Some(&rdb.db))?;
-    eprintln!("loading run {}", dir.display());
-    let model = match run.load(&device)? {
-        RunModel::Labml(m) => ServedModel::Labml(m),
-        RunModel::Fitted(m) => ServedModel::Fitted(m),
-    };
-    Ok(Served {
-        model,
-        tokenizer: rdb.tokenizer,
-        retrieval: Some(ServedRetrieval {
-            db: rdb.db,
-            embedder,
-            k: rdb.k,
-            gate: a.gate.gate()?,
-        }),
-    })
+    use super::common::{open_model, OpenedModel};
+    Ok(
+        match open_model(&a.model, &a.embedder, &|s| eprintln!("{s}"))? {
+            OpenedModel::Base { model, tokenizer } => Served {
+                tokenizer,
+                model: ServedModel::Base(model),
+                retrieval: None,
+            },
+            OpenedModel::Run {
+                model,
+                db,
+                embedder,
+            } => Served {
+                model: match model {
+                    RunModel::Labml(m) => ServedModel::Labml(m),
+                    RunModel::Fitted(m) => ServedModel::Fitted(m),
+                },
+                tokenizer: db.tokenizer,
+                retrieval: Some(ServedRetrieval {
+                    db: db.db,
+                    embedder,
+                    k: db.k,
+                    gate: a.gate.gate()?,
+                }),
+            },
+        },
+    )
 }
