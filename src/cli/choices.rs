@@ -57,6 +57,24 @@ pub enum BlocksInit {
     Random,
 }
 
+/// `train --neighbour-states`: what a RETRO-fit's CCAs read of the neighbours.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NeighbourStatesArg {
+    /// A trained neighbour encoder, read by every CCA (the paper's).
+    Encoder,
+    /// No encoder: each CCA reads the frozen base's states of the neighbours at its layer.
+    BaseLayers,
+}
+
+impl From<NeighbourStatesArg> for retro_model::retrofit::NeighbourStates {
+    fn from(s: NeighbourStatesArg) -> Self {
+        match s {
+            NeighbourStatesArg::Encoder => Self::Encoder,
+            NeighbourStatesArg::BaseLayers => Self::BaseLayers,
+        }
+    }
+}
+
 /// `demo --keys`: the Shakespeare demo's retrieval keys.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DemoKeys {

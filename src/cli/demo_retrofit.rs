@@ -13,7 +13,7 @@
 
 use super::demo::{find_dir, pypi_folder, retro};
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -63,6 +63,14 @@ pub struct RetrofitDemoArgs {
     pub max_steps: Option<usize>,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// What the CCAs read of the neighbours (`retro train --neighbour-states`): `base-layers`
+    /// learns far faster in minutes on a CPU (docs/QUALITY.md); `encoder` is the paper's.
+    #[arg(long, value_enum, default_value_t = super::choices::NeighbourStatesArg::BaseLayers)]
+    pub neighbour_states: super::choices::NeighbourStatesArg,
+    /// The fraction of training sequences that read another sequence's neighbours (`retro train
+    /// --neighbour-shuffle`), so that CCA learns to ignore neighbours that do not match.
+    #[arg(long, default_value_t = 0.25)]
+    pub neighbour_shuffle: f64,
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
     /// Tokens scored of each book.
@@ -275,6 +283,11 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&run);
     let (lr, minutes) = (a.lr.to_string(), a.train_minutes.to_string());
     let steps = a.max_steps.unwrap_or(1_000_000).to_string();
+    let shuffle = a.neighbour_shuffle.to_string();
+    let states = a
+        .neighbour_states
+        .to_possible_value()
+        .expect("a value enum names each value");
     retro(&[
         "train",
         "--dataset",
@@ -282,6 +295,10 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         "--base",
         &base,
         "--retrofit",
+        "--neighbour-states",
+        states.get_name(),
+        "--neighbour-shuffle",
+        &shuffle,
         "--lr",
         &lr,
         "--batch-size",

@@ -241,12 +241,19 @@ fn run_retrofit(
     let base_dir = &base.dir;
     let blocks = fit.blocks(&base.config)?;
     let trainable = fit.num_new_parameters(&base.config)?;
+    let reads = match fit.neighbour_states {
+        retro_model::retrofit::NeighbourStates::Encoder => {
+            format!("a {}-layer encoder", blocks.enc_n_layers)
+        }
+        retro_model::retrofit::NeighbourStates::BaseLayers => {
+            "no encoder (each reads the base's states of the neighbours)".to_string()
+        }
+    };
     println!(
-        "RETRO-fitting {} ({} parameters, frozen): CCA in layers {:?}, a {}-layer encoder, about {} new parameters ({:.1}%), on {} sequences of {} tokens (K {}) -> {}",
+        "RETRO-fitting {} ({} parameters, frozen): CCA in layers {:?}, {reads}, about {} new parameters ({:.1}%), on {} sequences of {} tokens (K {}) -> {}",
         base_dir.display(),
         base.config.num_parameters(),
         blocks.ca_layers,
-        blocks.enc_n_layers,
         trainable,
         100.0 * trainable as f64 / base.config.num_parameters() as f64,
         ds.len(retro_pipeline::Split::Train),
@@ -406,6 +413,11 @@ pub struct RetrofitArgs {
     /// the CCA's output starts at zero, so the model starts exactly at the base.
     #[arg(long, value_enum, default_value_t = super::choices::BlocksInit::Base)]
     pub blocks_init: super::choices::BlocksInit,
+    /// RETRO-fit: what each CCA reads of the neighbours: `encoder` (the paper's: a trained
+    /// encoder, read by every CCA) or `base-layers` (no encoder: each CCA reads the frozen base's
+    /// own states of the neighbours at its layer).
+    #[arg(long, value_enum, default_value_t = super::choices::NeighbourStatesArg::Encoder)]
+    pub neighbour_states: super::choices::NeighbourStatesArg,
 }
 
 impl RetrofitArgs {
@@ -419,6 +431,7 @@ impl RetrofitArgs {
             enc_d_ff: self.enc_d_ff.unwrap_or(2 * hidden),
             enc_input_layers: self.enc_input_layers.unwrap_or(self.ca_start),
             init_from_base: self.blocks_init == super::choices::BlocksInit::Base,
+            neighbour_states: self.neighbour_states.into(),
         }
     }
 }

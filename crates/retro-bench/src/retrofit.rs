@@ -1,13 +1,14 @@
 //! Throughput of a RETRO-fit training step (`retro bench retrofit`): a frozen imported base with
 //! CCA and the neighbour encoder, on random ids, at the shapes `retro train --base B --retrofit`
 //! runs. Besides the whole step (forward, cross-entropy, backward, AdamW), the parts it is made
-//! of: the frozen base's forward alone, the neighbours' pass through the base's first layers
-//! (what the encoder reads), and the training forward, so that a change can be placed.
+//! of: the frozen base's forward alone, the neighbours' pass through the base (what the encoder
+//! reads, or every CCA layer's states of them), and the training forward, so that a change can
+//! be placed.
 
 use crate::model::{pseudo_random_inputs, time_ms};
 use candle_core::Device;
 use retro_model::llama::LlamaBase;
-use retro_model::retrofit::{RetroFitted, RetrofitConfig};
+use retro_model::retrofit::{NeighbourStates, RetroFitted, RetrofitConfig};
 use retro_model::train::{AdamW, AdamWParams};
 use retro_model::{Kernels, Result};
 
@@ -30,7 +31,8 @@ pub struct RetrofitBenchResult {
     pub tokens_per_batch: usize,
     /// The base alone, inference kernels (RETRO\[OFF\]).
     pub base_forward_ms: f64,
-    /// The neighbours through the base's first `enc_input_layers` layers (part of every step).
+    /// The neighbours through the base (part of every step): its first `enc_input_layers` layers
+    /// for the encoder, or up to the last CCA layer ([`NeighbourStates::BaseLayers`]).
     pub neighbour_input_ms: f64,
     /// The training forward (differentiable kernels) up to the logits.
     pub train_forward_ms: f64,
@@ -56,11 +58,13 @@ pub fn run(base: LlamaBase, spec: &RetrofitBenchSpec) -> Result<RetrofitBenchRes
         Ok(())
     })?;
     let flat = ret.reshape((b * c * k, n))?;
+    let depths: Vec<usize> = match spec.fit.neighbour_states {
+        NeighbourStates::Encoder => vec![spec.fit.enc_input_layers],
+        NeighbourStates::BaseLayers => model.blocks().ca_layers.iter().copied().collect(),
+    };
     let neighbour_input_ms = time_ms(&cpu, w, i, || {
-        if spec.fit.enc_input_layers > 0 {
-            model
-                .base()
-                .hidden_after(&flat, spec.fit.enc_input_layers, Kernels::Fused)?;
+        if depths.iter().any(|&d| d > 0) {
+            model.base().hiddens_after(&flat, &depths, Kernels::Fused)?;
         }
         Ok(())
     })?;

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use retro_model::llama::{tensor_shapes, LlamaBase, LlamaConfig};
-use retro_model::retrofit::{RetroFitted, RetrofitConfig};
+use retro_model::retrofit::{NeighbourStates, RetroFitted, RetrofitConfig};
 use retro_model::train::{cross_entropy, AdamW, AdamWParams};
 
 fn small_base(seed: u64) -> LlamaBase {
@@ -46,7 +46,14 @@ fn small_base(seed: u64) -> LlamaBase {
     LlamaBase::from_tensors(&config, &tensors, DType::F32, &dev).unwrap()
 }
 
+/// Both ways the CCAs can read the neighbours: every test below runs each.
+const STATES: [NeighbourStates; 2] = [NeighbourStates::Encoder, NeighbourStates::BaseLayers];
+
 fn fit() -> RetrofitConfig {
+    fit_reading(NeighbourStates::Encoder)
+}
+
+fn fit_reading(neighbour_states: NeighbourStates) -> RetrofitConfig {
     RetrofitConfig {
         chunk_len: 4,
         ca_start: 1,
@@ -55,6 +62,7 @@ fn fit() -> RetrofitConfig {
         enc_d_ff: 48,
         enc_input_layers: 1,
         init_from_base: true,
+        neighbour_states,
     }
 }
 
@@ -77,21 +85,66 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn a_fresh_retrofit_predicts_exactly_what_the_base_predicts() {
-    let model = RetroFitted::new(small_base(1), &fit(), 3).unwrap();
-    let (x, _, ret) = data(2, 14, 2, 8, 5);
-    let base = values(&model.base().forward(&x, 0, None).unwrap());
-    assert_eq!(values(&model.forward(&x, Some(&ret), None).unwrap()), base);
-    assert_eq!(values(&model.forward(&x, None, None).unwrap()), base);
-    assert_eq!(model.blocks().ca_layers, [1, 3].into());
-    assert_eq!(
-        fit().num_new_parameters(model.base().config()).unwrap(),
-        model.num_trainable()
-    );
+    for states in STATES {
+        let model = RetroFitted::new(small_base(1), &fit_reading(states), 3).unwrap();
+        let (x, _, ret) = data(2, 14, 2, 8, 5);
+        let base = values(&model.base().forward(&x, 0, None).unwrap());
+        assert_eq!(values(&model.forward(&x, Some(&ret), None).unwrap()), base);
+        assert_eq!(values(&model.forward(&x, None, None).unwrap()), base);
+        assert_eq!(model.blocks().ca_layers, [1, 3].into());
+        assert_eq!(
+            fit_reading(states)
+                .num_new_parameters(model.base().config())
+                .unwrap(),
+            model.num_trainable()
+        );
+        let names: Vec<String> = model.named_vars().into_iter().map(|(n, _)| n).collect();
+        let encoder = names
+            .iter()
+            .any(|n| n.starts_with("encoder.") || n.starts_with("norm_e."));
+        assert_eq!(
+            encoder,
+            states == NeighbourStates::Encoder,
+            "{states:?}: {names:?}"
+        );
+    }
+}
+
+#[test]
+fn the_states_of_several_depths_in_one_pass_equal_a_pass_per_depth() {
+    // The base-layer CCAs read the neighbours at every CCA layer from one pass that stops at
+    // each depth in turn; each must be what a pass stopped at that depth alone computes.
+    let base = small_base(11);
+    let ids = Tensor::new(&[[3u32, 7, 1, 30, 2]], &Device::Cpu).unwrap();
+    let kern = retro_model::Kernels::Fused;
+    let at = base.hiddens_after(&ids, &[1, 3, 5], kern).unwrap();
+    for (h, depth) in at.iter().zip([1, 3, 5]) {
+        assert_eq!(
+            values(h),
+            values(&base.hidden_after(&ids, depth, kern).unwrap())
+        );
+    }
+    let e = base
+        .hiddens_after(&ids, &[3, 1], kern)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ascending"), "{e}");
+    let e = base
+        .hiddens_after(&ids, &[6], kern)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at most 5 layers"), "{e}");
 }
 
 #[test]
 fn only_the_new_blocks_train_and_retro_off_stays_the_base() {
-    let model = RetroFitted::new(small_base(2), &fit(), 4).unwrap();
+    for states in STATES {
+        only_the_new_blocks_train(states);
+    }
+}
+
+fn only_the_new_blocks_train(states: NeighbourStates) {
+    let model = RetroFitted::new(small_base(2), &fit_reading(states), 4).unwrap();
     let base_before: Vec<(String, Vec<f32>)> = {
         let mut t: Vec<_> = model
             .base()
@@ -197,8 +250,8 @@ fn the_new_blocks_round_trip_through_their_state_dict() {
 
 /// A RETRO-fitted model whose CCA has left zero (trained a few steps), so the cache is tested on
 /// blocks that change the logits.
-fn trained(seed: u64) -> RetroFitted {
-    let model = RetroFitted::new(small_base(seed), &fit(), seed + 10).unwrap();
+fn trained(seed: u64, states: NeighbourStates) -> RetroFitted {
+    let model = RetroFitted::new(small_base(seed), &fit_reading(states), seed + 10).unwrap();
     let (x, y, ret) = data(2, 16, 2, 8, seed as u32);
     let mut opt = AdamW::new(model.named_vars(), AdamWParams::default()).unwrap();
     for _ in 0..5 {
@@ -210,7 +263,13 @@ fn trained(seed: u64) -> RetroFitted {
 
 #[test]
 fn cached_decoding_equals_the_full_forward() {
-    let model = trained(7);
+    for states in STATES {
+        cached_decoding_equals_the_full_forward_reading(states);
+    }
+}
+
+fn cached_decoding_equals_the_full_forward_reading(states: NeighbourStates) {
+    let model = trained(7, states);
     let (x, _, ret) = data(2, 19, 2, 8, 3); // 4 complete chunks of 4, and 3 tokens more
                                             // Ungated, and gated with chunk 1's neighbours of the first sequence left unread.
     let keep = Tensor::new(&[[1f32, 0., 1., 1.], [1., 1., 1., 1.]], &Device::Cpu).unwrap();
@@ -247,7 +306,7 @@ fn cached_decoding_equals_the_full_forward() {
             let worst = worst.to_scalar::<f32>().unwrap();
             assert!(
                 worst < 1e-4,
-                "prefill {prefill}, gate {gate:?}: cached logits differ by {worst}"
+                "{states:?}, prefill {prefill}, gate {gate:?}: cached logits differ by {worst}"
             );
         }
     }
@@ -262,7 +321,7 @@ fn cached_decoding_equals_the_full_forward() {
 
 #[test]
 fn the_cache_asks_for_neighbours_exactly_when_a_chunk_completes() {
-    let model = trained(8);
+    let model = trained(8, NeighbourStates::Encoder);
     let (x, _, ret) = data(1, 8, 2, 8, 4);
     let mut cache = model.new_cache(true);
     let e = model
@@ -290,7 +349,13 @@ fn the_cache_asks_for_neighbours_exactly_when_a_chunk_completes() {
 
 #[test]
 fn batched_steps_of_sequences_at_different_positions_equal_each_alone() {
-    let model = trained(9);
+    for states in STATES {
+        batched_steps_equal_each_alone(states);
+    }
+}
+
+fn batched_steps_equal_each_alone(states: NeighbourStates) {
+    let model = trained(9, states);
     let (x, _, ret) = data(3, 19, 2, 8, 5);
     // Sequence 0 starts at once, 1 three steps later, 2 (RETRO[OFF]) six steps later: every
     // batched step mixes positions, chunk ends and a cache without retrieval.
@@ -349,7 +414,7 @@ fn batched_steps_of_sequences_at_different_positions_equal_each_alone() {
             worst = worst.max(d.max_all().unwrap().to_scalar::<f32>().unwrap());
         }
     }
-    assert!(worst < 1e-5, "batched logits differ by {worst}");
+    assert!(worst < 1e-5, "{states:?}: batched logits differ by {worst}");
     for (a, b) in alone.iter().zip(&batched) {
         assert_eq!(a.position(), b.position());
         assert_eq!(a.encoded_chunks(), b.encoded_chunks());

@@ -71,6 +71,7 @@ fn a_retrofit_run_trains_the_new_blocks_only_and_evaluates_beside_in_context_ret
         enc_d_ff: 256,
         enc_input_layers: 2,
         init_from_base: false,
+        neighbour_states: Default::default(),
     };
     let tc = TrainConfig {
         steps: 3,

@@ -306,7 +306,7 @@ impl LlamaBase {
         }
         let h = self.layers_through(
             h,
-            self.layers.len(),
+            0..self.layers.len(),
             kern,
             &mut |i, attn, x| {
                 let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -320,19 +320,20 @@ impl LlamaBase {
         Ok(project(&self.norm.forward(&h, kern)?, &self.lm_head, kern)?)
     }
 
-    /// The residual stream `h` through the first `n` layers: each layer's attention is
+    /// The residual stream `h` through layers `layers`: each layer's attention is
     /// `attend(i, attention, norm(h))` (one cache, per-sequence caches, or none), its output
     /// added to `h` and passed through `hook(i, h)`, then the feed-forward. The one layer loop of
     /// [`LlamaBase::forward_hooked`], [`LlamaBase::step_batch`] and [`LlamaBase::hidden_after`].
     fn layers_through(
         &self,
         mut h: Tensor,
-        n: usize,
+        layers: std::ops::Range<usize>,
         kern: Kernels,
         attend: &mut dyn FnMut(usize, &SelfAttention, &Tensor) -> candle_core::Result<Tensor>,
         hook: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        for (i, layer) in self.layers[..n].iter().enumerate() {
+        for (i, layer) in self.layers[layers.clone()].iter().enumerate() {
+            let i = layers.start + i;
             let a = attend(i, &layer.attn, &layer.input_norm.forward(&h, kern)?)?;
             h = hook(i, (h + a)?)?;
             let m = layer
@@ -385,7 +386,7 @@ impl LlamaBase {
         let kern = Kernels::Fused;
         let h = self.layers_through(
             h,
-            self.layers.len(),
+            0..self.layers.len(),
             kern,
             &mut |i, attn, x| {
                 let mut kvs: Vec<&mut LayerKv> =
@@ -412,6 +413,17 @@ impl LlamaBase {
     /// The residual stream `[B, T, d]` of `x [B, T]` (positions from 0) after its first `layers`
     /// layers: features of text for blocks that read it, such as a RETRO-fit's neighbour encoder.
     pub fn hidden_after(&self, x: &Tensor, layers: usize, kern: Kernels) -> Result<Tensor> {
+        Ok(self.hiddens_after(x, &[layers], kern)?.remove(0))
+    }
+
+    /// [`LlamaBase::hidden_after`] at several depths in one pass: `depths` ascending, one
+    /// `[B, T, d]` each.
+    pub fn hiddens_after(
+        &self,
+        x: &Tensor,
+        depths: &[usize],
+        kern: Kernels,
+    ) -> Result<Vec<Tensor>> {
         let (_, t) = x.dims2().map_err(|_| {
             ModelError::shape(
                 "llama hidden",
@@ -420,26 +432,37 @@ impl LlamaBase {
                 format!("{:?}", x.dims()),
             )
         })?;
-        if t > self.rotary.positions() || layers > self.layers.len() {
+        let deepest = depths.last().copied().unwrap_or(0);
+        if t > self.rotary.positions()
+            || deepest > self.layers.len()
+            || depths.windows(2).any(|w| w[0] > w[1])
+        {
             return Err(ModelError::shape(
                 "llama hidden",
                 "x",
                 format!(
-                    "must fit the context of {} positions, through at most {} layers",
+                    "must fit the context of {} positions, through at most {} layers (depths ascending)",
                     self.rotary.positions(),
                     self.layers.len()
                 ),
-                format!("{t} tokens through {layers} layers"),
+                format!("{t} tokens through layers {depths:?}"),
             ));
         }
-        let h = self.embed(x, "ret")?;
-        self.layers_through(
-            h,
-            layers,
-            kern,
-            &mut |_, attn, x| attn.forward(x, 0, &self.rotary, None, kern),
-            &mut |_, h| Ok(h),
-        )
+        let mut h = self.embed(x, "ret")?;
+        let mut from = 0;
+        let mut out = Vec::with_capacity(depths.len());
+        for &to in depths {
+            h = self.layers_through(
+                h,
+                from..to,
+                kern,
+                &mut |_, attn, x| attn.forward(x, 0, &self.rotary, None, kern),
+                &mut |_, h| Ok(h),
+            )?;
+            out.push(h.clone());
+            from = to;
+        }
+        Ok(out)
     }
 
     /// Token embeddings `[.., hidden_size]` of ids of any shape, checked against the vocabulary

@@ -7,7 +7,7 @@
 //! last token is known, and passes them with the call that feeds that token
 //! ([`ChunkSchedule::completes`]).
 
-use super::RetroFitted;
+use super::{Encoded, RetroFitted};
 use crate::error::{ModelError, Result};
 use crate::kernels::Kernels;
 use crate::llama::{LayerHook, LlamaCache};
@@ -23,8 +23,8 @@ pub struct RetroFitCache {
     retrieval: bool,
     /// `[B, rows, d]`: the first CCA layer's rows of the chunk in progress.
     chunk_h: Option<Tensor>,
-    /// `[B, 1, K, N, d]` per completed chunk: its encoded neighbours (after `norm_e`).
-    e: Vec<Tensor>,
+    /// `[B, 1, K, N, d]` per completed chunk (one, or one per CCA): its encoded neighbours.
+    e: Vec<Encoded>,
     /// `[B, 1, 1]` per completed chunk: its gate (`None`: every neighbour read).
     keep: Vec<Option<Tensor>>,
 }
@@ -247,7 +247,7 @@ struct CachedCca<'a> {
     sched: ChunkSchedule,
     ret: Option<&'a Tensor>,
     chunk_h: &'a mut Option<Tensor>,
-    e: &'a mut Vec<Tensor>,
+    e: &'a mut Vec<Encoded>,
     keep: &'a [Option<Tensor>],
 }
 
@@ -301,7 +301,7 @@ impl CachedCca<'_> {
             };
             let end = (self.sched.conditioned_rows(u).end - offset).min(p);
             let rows = h.narrow(1, r, end - r)?;
-            let e = &self.e[u];
+            let e = self.e[u].for_cca(i);
             let (b, _, k, n, d) = e.dims5()?;
             let x = params.norm.forward(&rows, KERN)?;
             let att = params

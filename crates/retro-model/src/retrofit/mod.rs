@@ -22,7 +22,7 @@
 //!     .map(|(name, shape)| Ok((name, (Tensor::randn(0f32, 0.1, shape, &Device::Cpu)?))))
 //!     .collect::<candle_core::Result<_>>()?;
 //! let base = LlamaBase::from_tensors(&config, &tensors, DType::F32, &Device::Cpu)?;
-//! let fit = RetrofitConfig { chunk_len: 4, ca_start: 1, ca_every: 2, enc_n_layers: 1, enc_d_ff: 32, enc_input_layers: 0, init_from_base: false };
+//! let fit = RetrofitConfig { chunk_len: 4, ca_start: 1, ca_every: 2, enc_n_layers: 1, enc_d_ff: 32, enc_input_layers: 0, init_from_base: false, neighbour_states: Default::default() };
 //! let model = RetroFitted::new(base, &fit, 7)?;
 //! let x = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu)?;  // 2 chunks of 4
 //! let ret = Tensor::zeros((1, 2, 2, 8), DType::U32, &Device::Cpu)?;    // K = 2, N = 8
@@ -76,6 +76,25 @@ pub struct RetrofitConfig {
     /// the base. Otherwise the new blocks start from PyTorch's default initialisation.
     #[serde(default)]
     pub init_from_base: bool,
+    /// What each CCA's keys and values read: the encoder's output (the paper's), or the frozen
+    /// base's own view of the neighbours at that CCA's layer.
+    #[serde(default)]
+    pub neighbour_states: NeighbourStates,
+}
+
+/// What a RETRO-fit's CCAs read of the neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NeighbourStates {
+    /// The paper's: a trained encoder over the neighbours (see `enc_input_layers`), conditioned on
+    /// the decoder at the first CCA layer, read by every CCA.
+    #[default]
+    Encoder,
+    /// No encoder: the CCA of layer `l` reads each neighbour as the frozen base's residual stream
+    /// entering layer `l` (RMS-normalised), the states the base's own attention at `l` would read
+    /// had the neighbour been in its context. Started from the base (`init_from_base`), each CCA is
+    /// then that attention, without positions; only the CCAs train.
+    BaseLayers,
 }
 
 impl RetrofitConfig {
@@ -89,6 +108,7 @@ impl RetrofitConfig {
             enc_d_ff,
             enc_input_layers: 6,
             init_from_base: true,
+            neighbour_states: NeighbourStates::Encoder,
         }
     }
 
@@ -110,7 +130,7 @@ impl RetrofitConfig {
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         );
-        NewBlocks::new(&mut pb, &blocks)?;
+        NewBlocks::new(&mut pb, &blocks, self.neighbour_states)?;
         Ok(varmap.all_vars().iter().map(|v| v.elem_count()).sum())
     }
 
@@ -159,20 +179,32 @@ impl RetrofitConfig {
 /// The new blocks, created in one order (encoder, CCAs, `norm_e`), so that a seed means the same
 /// thing wherever they are built.
 struct NewBlocks {
-    encoder: NeighbourEncoder,
+    /// The encoder and its final norm (`None`: [`NeighbourStates::BaseLayers`]).
+    encoder: Option<(NeighbourEncoder, LayerNorm)>,
     cca: Vec<ChunkedCrossAttention>,
-    norm_e: LayerNorm,
 }
 
 impl NewBlocks {
-    fn new(pb: &mut ParamBuilder, blocks: &RetroConfig) -> candle_core::Result<Self> {
-        Ok(Self {
-            encoder: NeighbourEncoder::new(pb, "encoder", blocks)?,
-            cca: (0..blocks.ca_layers.len())
-                .map(|i| ChunkedCrossAttention::new(pb, &format!("cca.{i}"), blocks))
-                .collect::<candle_core::Result<Vec<_>>>()?,
-            norm_e: pb.layer_norm("norm_e", blocks.d_model, blocks.layer_norm_eps)?,
-        })
+    fn new(
+        pb: &mut ParamBuilder,
+        blocks: &RetroConfig,
+        states: NeighbourStates,
+    ) -> candle_core::Result<Self> {
+        let encoder = match states {
+            NeighbourStates::Encoder => Some(NeighbourEncoder::new(pb, "encoder", blocks)?),
+            NeighbourStates::BaseLayers => None,
+        };
+        let cca = (0..blocks.ca_layers.len())
+            .map(|i| ChunkedCrossAttention::new(pb, &format!("cca.{i}"), blocks))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let encoder = match encoder {
+            Some(enc) => Some((
+                enc,
+                pb.layer_norm("norm_e", blocks.d_model, blocks.layer_norm_eps)?,
+            )),
+            None => None,
+        };
+        Ok(Self { encoder, cca })
     }
 }
 
@@ -182,8 +214,7 @@ pub struct RetroFitted {
     pub(crate) config: RetrofitConfig,
     pub(crate) blocks: RetroConfig,
     varmap: VarMap,
-    encoder: NeighbourEncoder,
-    norm_e: LayerNorm,
+    encoder: Option<(NeighbourEncoder, LayerNorm)>,
     pub(crate) cca: Vec<ChunkedCrossAttention>,
     theta: Vec<f32>,
 }
@@ -195,11 +226,7 @@ impl RetroFitted {
         let blocks = config.blocks(base.config())?;
         let varmap = VarMap::new();
         let mut pb = ParamBuilder::new(&varmap, seed, base.dtype(), base.device());
-        let NewBlocks {
-            encoder,
-            cca,
-            norm_e,
-        } = NewBlocks::new(&mut pb, &blocks)?;
+        let NewBlocks { encoder, cca } = NewBlocks::new(&mut pb, &blocks, config.neighbour_states)?;
         {
             let vars = varmap.data().lock().unwrap();
             let zero = |name: String| -> Result<()> {
@@ -234,7 +261,7 @@ impl RetroFitted {
                         zero(format!("cca.{i}.{p}.bias"))?;
                     }
                 }
-                for p in 0..blocks.enc_n_layers {
+                for p in 0..blocks.enc_n_layers * usize::from(encoder.is_some()) {
                     for name in [
                         format!("encoder.attn.{p}.output"),
                         format!("encoder.ffw.{p}.lin2"),
@@ -243,7 +270,7 @@ impl RetroFitted {
                         zero(format!("{name}.bias"))?;
                     }
                 }
-                for i in 0..blocks.enc_ca_layers.len() {
+                for i in 0..blocks.enc_ca_layers.len() * usize::from(encoder.is_some()) {
                     zero(format!("encoder.ca.{i}.output.weight"))?;
                     zero(format!("encoder.ca.{i}.output.bias"))?;
                 }
@@ -256,7 +283,6 @@ impl RetroFitted {
             blocks,
             varmap,
             encoder,
-            norm_e,
             cca,
         })
     }
@@ -417,25 +443,55 @@ impl RetroFitted {
         self.base.forward_hooked(x, 0, None, &mut hook, kern)
     }
 
-    /// The encoded neighbours `[B, C, K, N, d]` (after `norm_e`) of `ret [B, C, K, N]`, read
-    /// against the decoder state `h [B, T, d]` at the first CCA layer.
-    pub(crate) fn encode(&self, ret: &Tensor, h: &Tensor, kern: Kernels) -> Result<Tensor> {
+    /// The neighbours `ret [B, C, K, N]` as the CCAs read them, `[B, C, K, N, d]` each: one
+    /// tensor that every CCA reads (the encoder's output after `norm_e`, conditioned on the decoder
+    /// state `h [B, T, d]` at the first CCA layer), or one per CCA
+    /// ([`NeighbourStates::BaseLayers`]); [`Encoded::for_cca`] picks.
+    pub(crate) fn encode(&self, ret: &Tensor, h: &Tensor, kern: Kernels) -> Result<Encoded> {
         let (b, c, k, n) = ret.dims4()?;
+        let shape = (b, c, k, n, self.blocks.d_model);
+        let flat = || ret.reshape((b * c * k, n));
+        let Some((encoder, norm_e)) = &self.encoder else {
+            // Frozen and below every trainable block: no gradient needed.
+            let layers: Vec<usize> = self.blocks.ca_layers.iter().copied().collect();
+            let states = self.base.hiddens_after(&flat()?, &layers, Kernels::Fused)?;
+            return Ok(Encoded(
+                states
+                    .into_iter()
+                    .map(|s| Ok(rms_normalise(&s.detach())?.reshape(shape)?))
+                    .collect::<Result<_>>()?,
+            ));
+        };
         let e = match self.config.enc_input_layers {
             0 => self.base.embed(ret, "ret")?,
-            layers => {
-                // Frozen and below every trainable block: no gradient needed.
-                let flat = ret.reshape((b * c * k, n))?;
-                self.base
-                    .hidden_after(&flat, layers, Kernels::Fused)?
-                    .detach()
-                    .reshape((b, c, k, n, self.blocks.d_model))?
-            }
+            layers => self
+                .base
+                .hidden_after(&flat()?, layers, Kernels::Fused)?
+                .detach()
+                .reshape(shape)?,
         };
         let rope = RopeTables::new(&self.theta, 0, n, self.base.dtype(), self.base.device())?;
-        let e = self.encoder.forward(&e, h, &rope, kern)?;
-        Ok(self.norm_e.forward(&e, kern)?)
+        let e = encoder.forward(&e, h, &rope, kern)?;
+        Ok(Encoded(vec![norm_e.forward(&e, kern)?]))
     }
+}
+
+/// The neighbours of some chunks as the CCAs read them (see [`RetroFitted::encode`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Encoded(Vec<Tensor>);
+
+impl Encoded {
+    /// What the `i`-th CCA reads.
+    pub(crate) fn for_cca(&self, i: usize) -> &Tensor {
+        &self.0[i.min(self.0.len() - 1)]
+    }
+}
+
+/// `x / rms(x)` over the last dimension: the base's RMSNorm without its weight, which each CCA's
+/// key and value projections carry instead.
+fn rms_normalise(x: &Tensor) -> candle_core::Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    x.broadcast_div(&(ms + 1e-5)?.sqrt()?)
 }
 
 /// The hook of a full-sequence forward: the encoder at the first CCA layer, then each CCA.
@@ -443,7 +499,7 @@ struct Cca<'a> {
     model: &'a RetroFitted,
     ret: Option<&'a Tensor>,
     keep: Option<&'a Tensor>,
-    e: Option<Tensor>,
+    e: Option<Encoded>,
     kern: Kernels,
 }
 
@@ -457,7 +513,7 @@ impl LayerHook for Cca<'_> {
         if self.e.is_none() {
             self.e = Some(self.model.encode(ret, &h, self.kern)?);
         }
-        let e = self.e.as_ref().expect("encoded above");
+        let e = self.e.as_ref().expect("encoded above").for_cca(i);
         Ok(self.model.cca[i].forward(&h, e, self.keep, self.kern)?)
     }
 }
