@@ -1,9 +1,32 @@
-//! Bad input through the `retro` binary: every row must fail with a clear error that contains the
-//! expected words (the file, field or value at fault), exit with status 1 or 2, never panic
-//! (status 101) and never write a partial result. docs/RELIABILITY.md lists these rows.
+//! Bad input through the `retro` binary, one named test per case: each must fail with a clear
+//! error that contains the expected words (the file, field or value at fault), exit with status 1
+//! or 2, never panic (status 101) and never write: a refused command leaves its `--out` uncreated
+//! and the user's files as they were. docs/RELIABILITY.md lists the cases with the messages users
+//! get (`RETRO_RELIABILITY_TABLE=FILE cargo test --test bad_input` writes them).
+//!
+//! The cases share one fixture (a database, a dataset, a run and damaged copies of each), built
+//! once, so the harness is libtest-mimic's (`harness = false` in Cargo.toml): a failure names its
+//! case, and `cargo test --test bad_input NAME` runs one.
 
-use std::path::Path;
-use std::process::Command;
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::{Arc, Mutex};
+
+/// One bad input: the arguments, and the words its error must contain.
+struct Case {
+    name: &'static str,
+    args: Vec<String>,
+    want: Vec<&'static str>,
+}
+
+fn case(name: &'static str, args: Vec<String>, want: Vec<&'static str>) -> Case {
+    Case { name, args, want }
+}
+
+/// The files every case must leave alone, whatever it is refused for.
+const NOTES: &str = "user-files/notes.txt";
+const CORPUS_FILE: &str = "corpus-dir/a.txt";
 
 fn run(args: &[String]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_retro"))
@@ -80,10 +103,9 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn every_bad_input_gets_a_clear_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
+/// Builds the fixture under `t` (a database, a dataset, a 4-step run, damaged copies, bad files)
+/// and returns the cases that run against it.
+fn fixture(t: &Path) -> Vec<Case> {
     let p = |n: &str| t.join(n).to_string_lossy().into_owned();
     let docs: String = (0..6)
         .map(|i| {
@@ -256,7 +278,8 @@ fn every_bad_input_gets_a_clear_error() {
     let ds_trunc = ds_copy("ds-trunc", &|d| {
         std::fs::write(d.join("valid.origins"), b"").unwrap()
     });
-    let ds_bom = ds_copy("ds-bom", &|d| {
+    // Not bad input: a_dataset_json_with_a_byte_order_mark_opens opens it.
+    ds_copy("ds-bom", &|d| {
         let p = d.join("dataset.json");
         let mut b = b"\xEF\xBB\xBF".to_vec();
         b.extend(std::fs::read(&p).unwrap());
@@ -304,10 +327,10 @@ fn every_bad_input_gets_a_clear_error() {
     let ds = p("ds");
     let db = p("db");
     let held = p("held.txt");
-    // (args, words the error must contain)
-    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+    let cases = vec![
         // bench generate: a reference script that is not there, a batch size of 0
-        (
+        case(
+            "bench_generate_reference_script_missing",
             args(&[
                 "bench",
                 "generate",
@@ -318,20 +341,24 @@ fn every_bad_input_gets_a_clear_error() {
             ]),
             vec!["no-bench.py", "does not exist"],
         ),
-        (
+        case(
+            "bench_generate_batch_of_zero",
             args(&["bench", "generate", "--batch", "1,0"]),
             vec!["--batch", "> 0"],
         ),
         // index build
-        (
+        case(
+            "index_build_corpus_missing",
             build(&p("nope.jsonl"), &p("o1"), &[]),
             vec!["nope.jsonl", "No such file"],
         ),
-        (
+        case(
+            "index_build_chunk_len_zero",
             build(&p("corpus.jsonl"), &p("o2"), &["--chunk-len", "0"]),
             vec!["chunk_len", "between 1 and 4096"],
         ),
-        (
+        case(
+            "index_build_chunk_len_overflows",
             build(
                 &p("corpus.jsonl"),
                 &p("o3"),
@@ -339,51 +366,63 @@ fn every_bad_input_gets_a_clear_error() {
             ),
             vec!["chunk_len = 18446744073709551615"],
         ),
-        (
+        case(
+            "index_build_out_is_the_corpus_folder",
             build(&p("corpus-dir"), &p("corpus-dir"), &["--overwrite"]),
             vec!["holds the corpus itself"],
         ),
-        (
+        case(
+            "index_build_overwrite_refuses_a_folder_of_user_files",
             build(&p("corpus.jsonl"), &p("user-files"), &["--overwrite"]),
             vec!["user-files", "is not a retro database"],
         ),
-        (
+        case(
+            "index_build_out_holds_a_database_without_overwrite",
             build(&p("corpus.jsonl"), &db, &[]),
             vec!["already holds a retro database", "--overwrite"],
         ),
-        (
+        case(
+            "index_build_out_is_a_file",
             build(&p("corpus.jsonl"), &p("a-file"), &[]),
             vec!["a-file", "is a file"],
         ),
-        (
+        case(
+            "index_build_duplicate_document_ids",
             build(&p("dup.jsonl"), &p("o4"), &[]),
             vec!["duplicate document id \"a\"", "dup.jsonl:1", "dup.jsonl:2"],
         ),
-        (
+        case(
+            "index_build_jsonl_line_not_an_object",
             build(&p("notobj.jsonl"), &p("o5"), &[]),
             vec!["notobj.jsonl, line 2", "not a JSON object"],
         ),
-        (
+        case(
+            "index_build_jsonl_line_without_text",
             build(&p("notext.jsonl"), &p("o6"), &[]),
             vec!["notext.jsonl, line 1", "missing text field"],
         ),
-        (
+        case(
+            "index_build_jsonl_text_not_a_string",
             build(&p("numtext.jsonl"), &p("o7"), &[]),
             vec!["line 1", "is not a string"],
         ),
-        (
+        case(
+            "index_build_corpus_not_utf8",
             build(&p("bad-utf8.txt"), &p("o8"), &[]),
             vec!["bad-utf8.txt", "invalid UTF-8 at byte offset 3"],
         ),
-        (
+        case(
+            "index_build_corpus_blank",
             build(&p("blank.txt"), &p("o9"), &[]),
             vec!["no non-empty documents"],
         ),
-        (
+        case(
+            "index_build_hnsw_m_too_small",
             build(&p("corpus.jsonl"), &p("o10"), &["--m", "1"]),
             vec!["m", "2..=255"],
         ),
-        (
+        case(
+            "index_build_embedder_folder_empty",
             [
                 "index",
                 "build",
@@ -400,7 +439,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["empty", "BERT model directory"],
         ),
-        (
+        case(
+            "index_build_embedder_folder_missing",
             [
                 "index",
                 "build",
@@ -417,7 +457,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["no-such-model", "BERT model directory"],
         ),
-        (
+        case(
+            "index_build_tokenizer_file_malformed",
             [
                 "index",
                 "build",
@@ -434,7 +475,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["tokenizer"],
         ),
-        (
+        case(
+            "index_build_embedder_max_len_zero",
             [
                 "index",
                 "build",
@@ -454,77 +496,95 @@ fn every_bad_input_gets_a_clear_error() {
             vec!["max_len = 0", "same key"],
         ),
         // opening databases
-        (
+        case(
+            "index_info_on_a_dataset",
             ["index", "info", &ds].map(String::from).to_vec(),
             vec!["is a retro dataset, not a database"],
         ),
-        (
+        case(
+            "index_info_on_a_run",
             ["index", "info", &r].map(String::from).to_vec(),
             vec!["training run, not a database"],
         ),
-        (
+        case(
+            "index_info_on_an_empty_folder",
             ["index", "info", &p("empty")].map(String::from).to_vec(),
             vec!["not a retro database"],
         ),
-        (
+        case(
+            "index_info_on_a_missing_folder",
             ["index", "info", &p("nowhere")].map(String::from).to_vec(),
             vec!["nowhere", "no database here"],
         ),
-        (
+        case(
+            "index_open_sha256_too_short",
             ["index", "info", &short_sha].map(String::from).to_vec(),
             vec!["files.tokens.bin.sha256", "64 hex digits"],
         ),
-        (
+        case(
+            "index_open_tokenizer_fingerprint_malformed",
             ["index", "info", &short_fp].map(String::from).to_vec(),
             vec!["tokenizer.fingerprint", "hex digits"],
         ),
-        (
+        case(
+            "index_open_vocab_size_disagrees",
             ["index", "info", &vocab].map(String::from).to_vec(),
             vec!["tokenizer.vocab_size is 7"],
         ),
-        (
+        case(
+            "index_open_pad_id_disagrees",
             ["index", "info", &pad].map(String::from).to_vec(),
             vec!["tokenizer.pad_id is 3"],
         ),
-        (
+        case(
+            "index_open_format_version_unknown",
             ["index", "info", &version].map(String::from).to_vec(),
             vec!["format_version 99"],
         ),
-        (
+        case(
+            "index_open_chunk_len_zero",
             ["index", "info", &chunk0].map(String::from).to_vec(),
             vec!["chunk_len", "outside 1..=4096"],
         ),
-        (
+        case(
+            "index_open_ef_search_out_of_range",
             ["index", "info", &ef].map(String::from).to_vec(),
             vec!["hnsw", "ef_search"],
         ),
-        (
+        case(
+            "index_open_file_table_escapes_the_folder",
             ["index", "info", &escape].map(String::from).to_vec(),
             vec!["leaves the database folder"],
         ),
-        (
+        case(
+            "index_open_tokens_truncated",
             ["index", "info", &truncated].map(String::from).to_vec(),
             vec!["tokens.bin", "bytes, the manifest says"],
         ),
-        (
+        case(
+            "index_open_embeddings_missing",
             ["index", "info", &missing].map(String::from).to_vec(),
             vec!["embeddings.bin", "missing"],
         ),
-        (
+        case(
+            "index_open_documents_corrupt",
             ["index", "info", &docs_flip].map(String::from).to_vec(),
             vec!["documents.json", "SHA-256"],
         ),
-        (
+        case(
+            "index_open_graph_corrupt",
             ["index", "info", &graph_flip].map(String::from).to_vec(),
             vec!["graph.links", "SHA-256"],
         ),
-        (
+        case(
+            "index_verify_embeddings_corrupt",
             ["index", "info", &keys_flip, "--verify"]
                 .map(String::from)
                 .to_vec(),
             vec!["embeddings.bin", "SHA-256"],
         ),
-        (
+        case(
+            "dataset_build_on_corrupt_embeddings",
             [
                 "dataset",
                 "build",
@@ -539,7 +599,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["embeddings.bin", "SHA-256"],
         ),
-        (
+        case(
+            "dataset_build_on_corrupt_tokens",
             [
                 "dataset",
                 "build",
@@ -554,14 +615,16 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["tokens.bin", "SHA-256"],
         ),
-        (
+        case(
+            "index_query_k_zero",
             ["index", "query", &db, "w1 w2", "-k", "0"]
                 .map(String::from)
                 .to_vec(),
             vec!["k"],
         ),
         // datasets
-        (
+        case(
+            "dataset_build_k_too_large",
             [
                 "dataset",
                 "build",
@@ -578,7 +641,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["k = 1000", "between 1 and 64"],
         ),
-        (
+        case(
+            "dataset_build_k_zero",
             [
                 "dataset",
                 "build",
@@ -595,7 +659,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["k = 0"],
         ),
-        (
+        case(
+            "dataset_build_seq_len_below_chunk_len",
             [
                 "dataset",
                 "build",
@@ -610,7 +675,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["seq_len = 8", "chunk_len"],
         ),
-        (
+        case(
+            "dataset_build_hold_out_matching_nothing",
             [
                 "dataset",
                 "build",
@@ -627,7 +693,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["held_out_matching = zzz"],
         ),
-        (
+        case(
+            "dataset_build_hold_out_unknown_id",
             [
                 "dataset",
                 "build",
@@ -644,7 +711,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["held_out_ids = doc99"],
         ),
-        (
+        case(
+            "dataset_build_out_holds_a_dataset_without_overwrite",
             [
                 "dataset",
                 "build",
@@ -659,7 +727,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["already holds a dataset", "--overwrite"],
         ),
-        (
+        case(
+            "dataset_build_overwrite_refuses_a_folder_of_user_files",
             [
                 "dataset",
                 "build",
@@ -675,46 +744,56 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["user-files", "is not a dataset"],
         ),
-        (
+        case(
+            "dataset_info_on_a_database",
             ["dataset", "info", &db].map(String::from).to_vec(),
             vec!["is a retro database, not a dataset"],
         ),
-        (
+        case(
+            "dataset_open_chunk_len_zero",
             ["dataset", "info", &ds_cl0].map(String::from).to_vec(),
             vec!["chunk_len = 0"],
         ),
-        (
+        case(
+            "dataset_open_neighbour_len_not_two_chunks",
             ["dataset", "info", &ds_nl].map(String::from).to_vec(),
             vec!["neighbour_len = 16", "2 x chunk_len = 32"],
         ),
-        (
+        case(
+            "dataset_open_neighbour_len_too_large",
             ["dataset", "info", &ds_nl_big].map(String::from).to_vec(),
             vec!["neighbour_len = 64"],
         ),
-        (
+        case(
+            "dataset_open_k_zero",
             ["dataset", "info", &ds_k].map(String::from).to_vec(),
             vec!["k = 0"],
         ),
-        (
+        case(
+            "dataset_open_old_format_version",
             ["dataset", "info", &ds_v1].map(String::from).to_vec(),
             vec!["format_version 1", "rebuild"],
         ),
-        (
+        case(
+            "dataset_open_neighbours_corrupt",
             ["dataset", "info", &ds_flip].map(String::from).to_vec(),
             vec!["train.neighbours", "SHA-256"],
         ),
-        (
+        case(
+            "dataset_open_origins_truncated",
             ["dataset", "info", &ds_trunc].map(String::from).to_vec(),
             vec!["valid.origins"],
         ),
-        (
+        case(
+            "dataset_info_with_another_database",
             ["dataset", "info", &ds, "--db", &p("db8")]
                 .map(String::from)
                 .to_vec(),
             vec!["built from database"],
         ),
         // training
-        (
+        case(
+            "train_config_chunk_len_disagrees_with_the_dataset",
             [
                 "train",
                 "--dataset",
@@ -728,7 +807,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["chunk_len 8", "chunk_len 16"],
         ),
-        (
+        case(
+            "train_config_too_large",
             [
                 "train",
                 "--dataset",
@@ -742,7 +822,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["d_model", "limit"],
         ),
-        (
+        case(
+            "train_preset_unknown",
             [
                 "train",
                 "--dataset",
@@ -756,7 +837,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["giant"],
         ),
-        (
+        case(
+            "train_lr_nan",
             [
                 "train",
                 "--dataset",
@@ -772,7 +854,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["--lr NaN"],
         ),
-        (
+        case(
+            "train_lr_negative",
             [
                 "train",
                 "--dataset",
@@ -787,7 +870,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["--lr -1"],
         ),
-        (
+        case(
+            "train_batch_size_zero",
             [
                 "train",
                 "--dataset",
@@ -803,7 +887,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["--batch-size 0"],
         ),
-        (
+        case(
+            "train_steps_zero",
             [
                 "train",
                 "--dataset",
@@ -819,19 +904,22 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["--steps 0"],
         ),
-        (
+        case(
+            "train_out_holds_a_run",
             ["train", "--dataset", &ds, "--preset", "tiny", "--out", &r]
                 .map(String::from)
                 .to_vec(),
             vec!["already holds a run"],
         ),
-        (
+        case(
+            "train_resume_with_another_lr",
             ["train", "--dataset", &ds, "--resume", &r, "--lr", "0.5"]
                 .map(String::from)
                 .to_vec(),
             vec!["--lr 0.5 conflicts with the run's lr"],
         ),
-        (
+        case(
+            "train_resume_with_another_batch_size",
             [
                 "train",
                 "--dataset",
@@ -845,44 +933,51 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["--batch-size 3 conflicts"],
         ),
-        (
+        case(
+            "train_resume_steps_behind_the_run",
             ["train", "--dataset", &ds, "--resume", &r, "--steps", "2"]
                 .map(String::from)
                 .to_vec(),
             vec!["steps = 2", "already at step 4"],
         ),
-        (
+        case(
+            "train_resume_a_missing_run",
             ["train", "--dataset", &ds, "--resume", &p("no-run")]
                 .map(String::from)
                 .to_vec(),
             vec!["no-run", "no such run"],
         ),
-        (
+        case(
+            "train_resume_with_another_model_config",
             ["train", "--dataset", &ds, "--resume", &r, "--no-retrieval"]
                 .map(String::from)
                 .to_vec(),
             vec!["another model config"],
         ),
-        (
+        case(
+            "eval_on_a_damaged_checkpoint",
             ["eval", "--run", &run_damaged, "--data", &held]
                 .map(String::from)
                 .to_vec(),
             vec!["checkpoint-0000004", "damaged"],
         ),
         // generation and evaluation
-        (
+        case(
+            "generate_temperature_nan",
             ["generate", "--run", &r, "w1", "--temperature", "NaN"]
                 .map(String::from)
                 .to_vec(),
             vec!["temperature"],
         ),
-        (
+        case(
+            "generate_temperature_negative",
             ["generate", "--run", &r, "w1", "--temperature=-1"]
                 .map(String::from)
                 .to_vec(),
             vec!["temperature"],
         ),
-        (
+        case(
+            "generate_top_p_zero",
             [
                 "generate",
                 "--run",
@@ -897,7 +992,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["top_p"],
         ),
-        (
+        case(
+            "generate_top_p_above_one",
             [
                 "generate",
                 "--run",
@@ -912,7 +1008,8 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["top_p"],
         ),
-        (
+        case(
+            "generate_top_k_zero",
             [
                 "generate",
                 "--run",
@@ -927,25 +1024,29 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["top_k"],
         ),
-        (
+        case(
+            "generate_a_missing_run",
             ["generate", "--run", &p("no-run"), "w1"]
                 .map(String::from)
                 .to_vec(),
             vec!["no-run", "no such run"],
         ),
-        (
+        case(
+            "generate_with_a_database_of_another_tokenizer",
             ["generate", "--run", &r, "w1", "--db", &p("db-other-tok")]
                 .map(String::from)
                 .to_vec(),
             vec!["tokenizer"],
         ),
-        (
+        case(
+            "eval_with_a_database_of_another_chunk_len",
             ["eval", "--run", &r, "--data", &held, "--db", &p("db8")]
                 .map(String::from)
                 .to_vec(),
             vec!["chunk_len"],
         ),
-        (
+        case(
+            "eval_with_a_database_of_another_tokenizer",
             [
                 "eval",
                 "--run",
@@ -959,90 +1060,140 @@ fn every_bad_input_gets_a_clear_error() {
             .to_vec(),
             vec!["tokenizer"],
         ),
-        (
+        case(
+            "eval_on_training_documents",
             ["eval", "--run", &r, "--data", &p("corpus.jsonl")]
                 .map(String::from)
                 .to_vec(),
             vec!["--allow-training-documents"],
         ),
-        (
+        case(
+            "eval_on_a_missing_file",
             ["eval", "--run", &r, "--data", &p("nothing.txt")]
                 .map(String::from)
                 .to_vec(),
             vec!["nothing.txt"],
         ),
     ];
-    let mut failures = vec![];
-    // RETRO_RELIABILITY_TABLE=FILE writes the rows with the messages users get (docs/RELIABILITY.md).
-    let mut table = String::new();
-    let root = t.to_string_lossy().into_owned();
-    for (args, want) in &cases {
-        let (code, _out, err) = run(args);
-        let shown = |x: &str| x.replace(&root, "T").replace('|', "\\|");
-        table += &format!(
-            "| `retro {}` | {} |\n",
-            shown(&args.join(" ")),
-            shown(&error_text(&err))
-        );
-        let good = (code == 1 || code == 2)
-            && !err.contains("panicked")
-            && want.iter().all(|w| err.contains(w));
-        if !good {
-            failures.push(format!(
-                "retro {}\n  exit {code}\n  stderr: {}\n  wanted: {want:?}",
-                args.join(" "),
-                err.trim()
-            ));
-        }
-    }
-    if let Some(f) = std::env::var_os("RETRO_RELIABILITY_TABLE") {
-        std::fs::write(f, &table).unwrap();
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} rows failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
-    // Nothing was written for the refused builds.
-    for n in ["o1", "o2", "o3", "o4", "o14", "o16", "o21", "o24"] {
-        assert!(!t.join(n).exists(), "{n} was created by a refused command");
-    }
-    assert_eq!(
-        std::fs::read(t.join("user-files/notes.txt")).unwrap(),
-        b"my notes"
-    );
-    assert!(t.join("corpus-dir/a.txt").exists());
-    // Correct behaviour, not an error: a dataset.json with a byte-order mark opens.
-    ok(&["dataset", "info", &ds_bom]);
-    // Output piped into `head` ends quietly, as Unix tools do.
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "{} index query {db} 'w1 w2 w3' -k 100 --json | head -c 10",
-            env!("CARGO_BIN_EXE_retro")
-        ))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !err.contains("Broken pipe") && !err.contains("panicked"),
-        "{err}"
-    );
+    cases
 }
 
-#[test]
-fn an_instruction_set_cap_the_kernels_do_not_know_is_refused_by_name() {
+/// Runs one case: its table row (`| command | message | test |`), and why it failed if it did.
+fn check(c: &Case, root: &Path) -> (String, Result<(), Failed>) {
+    let fresh_out = c
+        .args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| c.args.get(i + 1))
+        .map(PathBuf::from)
+        .filter(|o| !o.exists());
+    let (code, _out, err) = run(&c.args);
+    let root_text = root.to_string_lossy();
+    let shown = |x: &str| x.replace(&*root_text, "T").replace('|', "\\|");
+    let row = format!(
+        "| `retro {}` | {} | `{}` |\n",
+        shown(&c.args.join(" ")),
+        shown(&error_text(&err)),
+        c.name
+    );
+    let good = (code == 1 || code == 2)
+        && !err.contains("panicked")
+        && c.want.iter().all(|w| err.contains(w));
+    let verdict = if !good {
+        Err(format!(
+            "retro {}\n  exit {code}\n  stderr: {}\n  wanted: {:?}",
+            c.args.join(" "),
+            err.trim(),
+            c.want
+        ))
+    } else if let Some(o) = fresh_out.filter(|o| o.exists()) {
+        Err(format!("{} was created by a refused command", o.display()))
+    } else if std::fs::read(root.join(NOTES)).ok().as_deref() != Some(b"my notes".as_slice())
+        || !root.join(CORPUS_FILE).exists()
+    {
+        Err(format!("a user's file changed: {NOTES} or {CORPUS_FILE}"))
+    } else {
+        Ok(())
+    };
+    (row, verdict.map_err(Failed::from))
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let cases = fixture(&root);
+    let mut names: Vec<&str> = cases.iter().map(|c| c.name).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), cases.len(), "two cases share a name");
+    let rows = Arc::new(Mutex::new(vec![None; cases.len()]));
+    let mut trials: Vec<Trial> = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (root, rows) = (root.clone(), rows.clone());
+            Trial::test(c.name, move || {
+                let (row, verdict) = check(&c, &root);
+                rows.lock().unwrap()[i] = Some(row);
+                verdict
+            })
+        })
+        .collect();
+    let ds_bom = root.join("ds-bom").to_string_lossy().into_owned();
+    trials.push(Trial::test(
+        "a_dataset_json_with_a_byte_order_mark_opens",
+        move || {
+            ok(&["dataset", "info", &ds_bom]);
+            Ok(())
+        },
+    ));
+    let db = root.join("db").to_string_lossy().into_owned();
+    trials.push(Trial::test(
+        "output_piped_into_head_ends_quietly",
+        move || {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "{} index query {db} 'w1 w2 w3' -k 100 --json | head -c 10",
+                    env!("CARGO_BIN_EXE_retro")
+                ))
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("Broken pipe") || err.contains("panicked") {
+                return Err(err.into_owned().into());
+            }
+            Ok(())
+        },
+    ));
+    trials.push(Trial::test(
+        "an_instruction_set_cap_the_kernels_do_not_know_is_refused_by_name",
+        an_instruction_set_cap_the_kernels_do_not_know_is_refused_by_name,
+    ));
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(f) = std::env::var_os("RETRO_RELIABILITY_TABLE") {
+        // The rows of the cases that ran, in the cases' order.
+        let table: String = rows.lock().unwrap().iter().flatten().cloned().collect();
+        std::fs::write(f, table).unwrap();
+    }
+    drop(tmp);
+    conclusion.exit_code()
+}
+
+fn an_instruction_set_cap_the_kernels_do_not_know_is_refused_by_name() -> Result<(), Failed> {
     let out = Command::new(env!("CARGO_BIN_EXE_retro"))
         .args(["index", "info", "no-such-db"])
         .env("RETRO_ISA", "avx3")
         .output()
         .expect("run retro");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("RETRO_ISA") && err.contains("avx3") && !err.contains("no-such-db"),
-        "{err}"
-    );
+    if out.status.code() != Some(1)
+        || !err.contains("RETRO_ISA")
+        || !err.contains("avx3")
+        || err.contains("no-such-db")
+    {
+        return Err(format!("exit {:?}: {err}", out.status.code()).into());
+    }
+    Ok(())
 }
