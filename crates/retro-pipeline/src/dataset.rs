@@ -91,8 +91,8 @@ pub struct DatasetMeta {
     pub chunk_len: usize,
     pub seq_len: usize,
     pub k: usize,
-    /// Tokens per neighbour: the chunk and its continuation. Sessions before 2026-12-03 wrote
-    /// the American spelling; such files still load.
+    /// Tokens per neighbour: the chunk and its continuation. Datasets built before 2026-12-03
+    /// use the American spelling; they still load.
     #[serde(alias = "neighbor_len")]
     pub neighbour_len: usize,
     pub filter: Filter,
