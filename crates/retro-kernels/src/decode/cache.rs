@@ -15,7 +15,7 @@ const FIRST_CAPACITY: usize = 64;
 /// with no horizontal sums. Both are read as streams: no stride of a power of two thrashes one
 /// cache set, as the `[d_k, capacity]` layout did.
 #[derive(Debug, Clone)]
-pub struct KvCache<T> {
+pub struct TiledKvCache<T> {
     batch: usize,
     heads: usize,
     d_k: usize,
@@ -31,7 +31,7 @@ pub struct KvCache<T> {
 /// Positions per key tile: one AVX-512 register of f32, two of AVX2.
 pub(super) const TILE: usize = 16;
 
-impl<T: Float> KvCache<T> {
+impl<T: Float> TiledKvCache<T> {
     /// An empty cache (nothing is allocated before the first append).
     pub fn new(batch: usize, heads: usize, d_k: usize) -> Self {
         Self {
@@ -444,7 +444,7 @@ mod tests {
 
     fn check<T: Float>(dtype: DType, tol: f64, (b, h, dk): (usize, usize, usize)) {
         seed(7);
-        let mut cache = KvCache::<T>::new(b, h, dk);
+        let mut cache = TiledKvCache::<T>::new(b, h, dk);
         let (mut ks, mut vs) = (vec![], vec![]);
         // Appends of 1, 3, 70, 1 and 130 positions: the third grows the cache past its first
         // capacity and the last twice more, so what was cached must survive the moves; 130 and

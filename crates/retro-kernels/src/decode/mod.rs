@@ -4,7 +4,7 @@
 //!
 //! - [`RowLinear`] and [`RowNorm`]: `x W^T + b` and LayerNorm over rows, with the weights copied
 //!   once out of a [`Linear`](crate::layers::Linear) and a [`LayerNorm`](crate::layers::LayerNorm).
-//! - [`KvCache`]: the keys and values of every position seen so far, preallocated and written in
+//! - [`TiledKvCache`]: the keys and values of every position seen so far, preallocated and written in
 //!   place (capacity doubles when full, so appending is amortised O(1) and never copies the whole
 //!   cache per step), read by causal attention for the newest rows or by full attention.
 //! - [`pair::join`]: the two halves of a step at once, the second on a helper thread that spins
@@ -16,10 +16,10 @@
 //! AVX2), and so is one head's attention on AVX2.
 //!
 //! ```
-//! use retro_kernels::decode::KvCache;
+//! use retro_kernels::decode::TiledKvCache;
 //!
 //! // One sequence, one head of d_k 2; keys e_0 and e_1, values 10 and 20.
-//! let mut cache = KvCache::<f64>::new(1, 1, 2);
+//! let mut cache = TiledKvCache::<f64>::new(1, 1, 2);
 //! cache.append(&[1.0, 0.0, 0.0, 1.0], &[10.0, 10.0, 20.0, 20.0], 2);
 //! assert_eq!(cache.len(), 2);
 //! // A query that matches the second key strongly, with both keys visible.
@@ -48,7 +48,7 @@ mod linear_avx2;
 mod linear_avx512;
 pub mod pair;
 
-pub use cache::KvCache;
+pub use cache::TiledKvCache;
 pub use linear::{RowLinear, RowNorm};
 
 /// Rows of `x` handed to one rayon task: below this, a fork costs more than it saves.

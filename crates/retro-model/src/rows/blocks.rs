@@ -6,7 +6,7 @@ use crate::attention::SelfAttention;
 use crate::attention_params::AttentionParams;
 use crate::error::Result;
 use crate::feed_forward::FeedForward;
-use retro_kernels::decode::{rotate, KvCache, RowLinear, RowNorm};
+use retro_kernels::decode::{rotate, RowLinear, RowNorm, TiledKvCache};
 use retro_kernels::Float;
 
 /// cos and sin of `position * theta_i` for `p` consecutive positions, each `[p, d_k / 2]`, with
@@ -102,7 +102,7 @@ impl<T: Float> SelfBlock<T> {
         h: &mut [T],
         p: usize,
         rope: &Rope<T>,
-        cache: &mut KvCache<T>,
+        cache: &mut TiledKvCache<T>,
         causal: bool,
     ) {
         let (d, hd, dk) = (self.qkv.n_in(), self.output.n_in(), self.d_k);
@@ -156,17 +156,17 @@ impl<T: Float> CrossBlock<T> {
     }
 
     /// The keys and values of `ctx [S, n, d]` (S sequences of n rows), as a cache of n positions.
-    pub(super) fn context(&self, ctx: &[T], s: usize) -> KvCache<T> {
+    pub(super) fn context(&self, ctx: &[T], s: usize) -> TiledKvCache<T> {
         let (d, hd) = (self.kv.n_in(), self.output.n_in());
         let n = ctx.len() / (d * s).max(1);
-        let mut cache = KvCache::new(s, self.n_heads, self.d_k);
+        let mut cache = TiledKvCache::new(s, self.n_heads, self.d_k);
         cache.append_packed(&project(&self.kv, ctx, s * n), 2 * hd, 0, hd, n);
         cache
     }
 
     /// `output(attend(query(norm(h)), ctx))` for `h [S, P, d]`, each sequence reading its
     /// context.
-    pub(super) fn forward(&self, h: &[T], p: usize, ctx: &KvCache<T>) -> Vec<T> {
+    pub(super) fn forward(&self, h: &[T], p: usize, ctx: &TiledKvCache<T>) -> Vec<T> {
         let (d, hd) = (self.kv.n_in(), self.output.n_in());
         let rows = h.len() / d;
         let mut x = vec![T::zero(); rows * d];

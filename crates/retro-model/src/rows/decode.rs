@@ -1,7 +1,7 @@
 //! The decoder over rows: what [`RetroModel::step`] and [`RetroModel::prefill`] compute.
 //!
 //! A feed of `P` rows (one step, or a whole prompt) goes layer by layer over all of them: the
-//! self-attention keys and values are appended to a preallocated [`KvCache`] and each row attends
+//! self-attention keys and values are appended to a preallocated [`TiledKvCache`] and each row attends
 //! causally; at the first CCA layer every chunk the rows complete is encoded before any row's
 //! CCA reads it.
 
@@ -10,7 +10,7 @@ use super::encode::RowEncoder;
 use crate::error::Result;
 use crate::model::RetroModel;
 use candle_core::{Device, Tensor};
-use retro_kernels::decode::{values, KvCache, RowLinear};
+use retro_kernels::decode::{values, RowLinear, TiledKvCache};
 use retro_kernels::ChunkSchedule;
 use retro_kernels::Float;
 use std::sync::Arc;
@@ -42,14 +42,14 @@ impl<T: Float> Weights<T> {
 pub(crate) struct RowDecode<T> {
     w: Arc<Weights<T>>,
     /// One self-attention cache per decoder layer.
-    caches: Vec<KvCache<T>>,
+    caches: Vec<TiledKvCache<T>>,
     /// Per sequence, the hidden rows `[rows, d]` (after the first CCA layer's self-attention) of
     /// the chunk in progress.
     chunk_h: Vec<Vec<T>>,
     /// Per completed chunk, its gate `[B]` (`None`: kept).
     keep: Vec<Option<Vec<T>>>,
     /// Per CCA layer, the chunk last attended to and its neighbours' keys and values.
-    cca_kv: Vec<Option<(usize, KvCache<T>)>>,
+    cca_kv: Vec<Option<(usize, TiledKvCache<T>)>>,
 }
 
 /// What a feed needs of each chunk its rows complete: `ret [B, 1, K, N]` and `keep [B, 1, 1]`.
@@ -128,7 +128,7 @@ impl<T: Float> RowsEngine for RowDecode<T> {
         (self.caches.len(), self.cca_kv.len())
     }
     fn cached(&self, p: usize) -> Option<usize> {
-        self.caches.get(p).map(KvCache::len)
+        self.caches.get(p).map(TiledKvCache::len)
     }
     fn clone_box(&self) -> Box<dyn RowsEngine> {
         Box::new(self.clone())
@@ -150,7 +150,7 @@ impl<T: Float> RowDecode<T> {
         Ok(Self {
             w: Arc::new(w),
             caches: (0..c.n_layers)
-                .map(|_| KvCache::new(batch, c.n_heads, c.d_k))
+                .map(|_| TiledKvCache::new(batch, c.n_heads, c.d_k))
                 .collect(),
             chunk_h: vec![Vec::new(); batch],
             keep: Vec::new(),

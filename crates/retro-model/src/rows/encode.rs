@@ -9,7 +9,7 @@
 use super::blocks::{layers, CrossBlock, FfBlock, Rope, SelfBlock};
 use crate::error::Result;
 use crate::model::RetroModel;
-use retro_kernels::decode::{KvCache, RowNorm};
+use retro_kernels::decode::{RowNorm, TiledKvCache};
 use retro_kernels::Float;
 use std::collections::BTreeSet;
 
@@ -54,7 +54,7 @@ impl<T: Float> RowEncoder<T> {
         let mut i_ca = 0;
         for (p, (attn, ffw)) in self.attn.iter().zip(&self.ffw).enumerate() {
             // Each neighbour is a sequence of N rows, attending to all of them.
-            let mut cache = KvCache::new(b * k, attn.n_heads, attn.d_k);
+            let mut cache = TiledKvCache::new(b * k, attn.n_heads, attn.d_k);
             attn.forward(&mut e, n, rope, &mut cache, false);
             if self.ca_layers.contains(&p) {
                 // All K neighbours of a sequence query its chunk's rows.
