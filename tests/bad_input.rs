@@ -725,7 +725,7 @@ fn fixture(t: &Path) -> Vec<Case> {
             ]
             .map(String::from)
             .to_vec(),
-            vec!["already holds a dataset", "--overwrite"],
+            vec!["already holds a retro dataset", "--overwrite"],
         ),
         case(
             "dataset_build_overwrite_refuses_a_folder_of_user_files",
@@ -742,7 +742,7 @@ fn fixture(t: &Path) -> Vec<Case> {
             ]
             .map(String::from)
             .to_vec(),
-            vec!["user-files", "is not a dataset"],
+            vec!["user-files", "is not a retro dataset"],
         ),
         case(
             "dataset_info_on_a_database",

@@ -311,7 +311,7 @@ fn kill_9_during_dataset_build_and_overwrite_and_train_then_resume_is_bit_exact(
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".tmp"))
+        .filter(|n| n.ends_with(".tmp") || n.contains(".building-") || n.contains(".old-"))
         .collect();
     assert!(
         stale.is_empty(),

@@ -221,7 +221,7 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         }
     }
     let text = lines.join("\n") + "\n";
-    retro_index::fsutil::write_atomic(&corpus, |w| w.write_all(text.as_bytes()))?;
+    retro_format::write_atomic(&corpus, |w| w.write_all(text.as_bytes()))?;
     println!(
         "corpus: {} documents in {} ({:?} of {:?}, and {} held out of training); scored: {} of {}",
         lines.len(),
@@ -339,7 +339,7 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         args.extend(extra);
         let json = retro_output(&args)?;
         let path = out.join(format!("eval-{book}.json"));
-        retro_index::fsutil::write_atomic(&path, |w| w.write_all(json.as_bytes()))?;
+        retro_format::write_atomic(&path, |w| w.write_all(json.as_bytes()))?;
         println!("the report: {} (the overlap plot: {plot})", path.display());
         Ok(serde_json::from_str(&json)?)
     };

@@ -359,7 +359,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         "keys         {} in {} at {} ({}, dim {}, {})",
         d.count, d.store, d.location, d.params, d.dim, d.metric
     );
-    let total: u64 = m.files.values().map(|f| f.bytes).sum();
+    let total: u64 = m.files.total_bytes();
     println!(
         "files        {} bytes{}",
         total,

@@ -219,7 +219,7 @@ pub fn embedded_run(
         graph_memory_mb: mb(index.graph_bytes()),
         keys_mb: mb(n * dim * 4),
         graph_file_bytes,
-        keys_file_bytes: (n * dim * 4 + retro_index::fsutil::HEADER_LEN) as u64,
+        keys_file_bytes: (n * dim * 4 + retro_index::array_file::HEADER_LEN) as u64,
     });
     Ok(run)
 }

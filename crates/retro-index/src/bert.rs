@@ -95,7 +95,7 @@ impl BertEmbedder {
         let config_path = need("config.json")?;
         let weights = need("model.safetensors")?;
         let tok_path = need("tokenizer.json")?;
-        let config: Config = crate::fsutil::read_json(&config_path)?;
+        let config: Config = retro_format::read_json(&config_path)?;
         // sentence-transformers: a Normalize module means L2-normalised outputs.
         let normalize = match std::fs::read_to_string(dir.join("modules.json")) {
             Ok(s) => s.contains("sentence_transformers.models.Normalize"),
@@ -156,7 +156,7 @@ impl BertEmbedder {
             .unwrap_or_else(|| "bert".into());
         let id = EmbedderId {
             name: format!("bert:{name}"),
-            weights_hash: crate::fsutil::sha256_file(&weights)?,
+            weights_hash: retro_format::sha256_file(&weights)?,
             dim: config.hidden_size,
         };
         Ok(Self {

@@ -5,7 +5,6 @@ use crate::corpus::Corpus;
 use crate::embed::{l2_normalize, Embedder, EmbedderId};
 use crate::embeddings::{Embeddings, EMBEDDINGS_FILE};
 use crate::error::{IndexError, Result};
-use crate::fsutil::{is_hex, read_json, sha256_bytes, sha256_file, write_json_atomic, StagedDir};
 use crate::hnsw::{brute_force_batch, mean_recall_at_k, Hit, HnswIndex, HnswParams};
 use crate::ids::{ChunkId, DatabaseId};
 use crate::key_index::{EmbeddedIndex, KeyFilter, KeyIndex};
@@ -13,14 +12,15 @@ use crate::store::{ChunkStore, CHUNKS_FILE, DOCUMENTS_FILE, TOKENS_FILE};
 use crate::tokenizer::{LmTokenizer, TOKENIZER_FILE};
 use crate::vector_store::{MilvusIndexParams, MilvusLocation, MilvusOptions, VectorStoreRecord};
 use rayon::prelude::*;
-use std::collections::BTreeMap;
+use retro_format::{is_hex, write_json_atomic, FileTable, FolderKind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-pub const MANIFEST_FILE: &str = "manifest.json";
+/// The database's manifest (`manifest.json`): what makes a folder a database.
+pub const MANIFEST_FILE: &str = FolderKind::Database.marker();
 /// Version of the database layout this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = FolderKind::Database.version();
 const HNSW_DIR: &str = "hnsw";
 /// The files every database has, wherever its keys are indexed: the chunk store, the keys and the
 /// LM tokenizer. The manifest lists them (and the graph's, when it is embedded).
@@ -50,68 +50,6 @@ pub struct Counts {
     pub tokens: usize,
 }
 
-/// Size and checksum of one file of the database.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FileInfo {
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-impl FileInfo {
-    /// The size and SHA-256 of the file at `path`, as recorded by every format of the project.
-    pub fn of(path: &Path) -> Result<FileInfo> {
-        let bytes = std::fs::metadata(path)
-            .map_err(|e| IndexError::io(path, e))?
-            .len();
-        Ok(FileInfo {
-            bytes,
-            sha256: sha256_file(path)?,
-        })
-    }
-
-    /// Errors unless the file at `path` has the recorded size: the cheap check, before any
-    /// SHA-256. `recorded_in` names the file that recorded it. A missing file is
-    /// [`IndexError::Missing`].
-    pub fn check_size(&self, path: &Path, recorded_in: &str) -> Result<()> {
-        let len = std::fs::metadata(path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    IndexError::missing(
-                        path,
-                        format!("listed in {recorded_in}: the folder is incomplete"),
-                    )
-                } else {
-                    IndexError::io(path, e)
-                }
-            })?
-            .len();
-        if len != self.bytes {
-            return Err(IndexError::corrupt(
-                path,
-                format!("{len} bytes, {recorded_in} says {}", self.bytes),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Errors unless the file at `path` has this SHA-256. `recorded_in` names the file that
-    /// recorded it ("the manifest", "dataset.json"); `remedy` says what to do about a mismatch.
-    pub fn check_sha256(&self, path: &Path, recorded_in: &str, remedy: &str) -> Result<()> {
-        let sha = sha256_file(path)?;
-        if sha != self.sha256 {
-            return Err(IndexError::corrupt(
-                path,
-                format!(
-                    "SHA-256 {sha} differs from {recorded_in}'s {}: the file was damaged after it \
-                     was written; {remedy}",
-                    self.sha256
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
 /// `manifest.json`: written last, so a directory without it is not a database.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
@@ -130,7 +68,7 @@ pub struct Manifest {
     pub hnsw: HnswParams,
     pub hnsw_basename: String,
     /// Path relative to the database directory -> size and SHA-256.
-    pub files: BTreeMap<String, FileInfo>,
+    pub files: FileTable,
     /// How keys are compared: `unit-l2` (every key and query L2-normalised, then ranked by L2
     /// distance, the same order as cosine). Absent in databases built before keys were always
     /// normalised: those stored a model's raw vectors when it had no Normalize module.
@@ -574,7 +512,7 @@ fn write_chunk_store(
 /// Build step 4's result: the files written so far and what the database is built with, under
 /// the id they give.
 struct Identity {
-    files: BTreeMap<String, FileInfo>,
+    files: FileTable,
     tokenizer: TokenizerInfo,
     embedder: EmbedderId,
     database_id: DatabaseId,
@@ -589,10 +527,7 @@ fn identify(
     opts: &BuildOptions,
 ) -> Result<Identity> {
     tokenizer.save(tmp)?;
-    let mut files = BTreeMap::new();
-    for name in DATA_FILES {
-        files.insert(name.to_string(), FileInfo::of(&tmp.join(name))?);
-    }
+    let files = FileTable::record(tmp, DATA_FILES)?;
     let embedder = embedder.id();
     let tokenizer = TokenizerInfo {
         kind: tokenizer.kind().into(),
@@ -643,7 +578,7 @@ fn database_id(
     opts: &BuildOptions,
     tokenizer_info: &TokenizerInfo,
     embedder_id: &EmbedderId,
-    files: &BTreeMap<String, FileInfo>,
+    files: &FileTable,
 ) -> DatabaseId {
     let index_params = match &opts.vector_store {
         None => format!("{:?}", opts.hnsw),
@@ -653,18 +588,7 @@ fn database_id(
         "{}|{}|{}|{}",
         opts.chunk_len, tokenizer_info.fingerprint, embedder_id.weights_hash, index_params,
     );
-    DatabaseId::new(content_id(&params, files))
-}
-
-/// The id of a database or dataset: the first 16 hex digits of the SHA-256 of its parameters and
-/// of every file's name and checksum, so that the same inputs give the same id on every machine.
-pub fn content_id(params: &str, files: &BTreeMap<String, FileInfo>) -> String {
-    let digests = files
-        .iter()
-        .map(|(k, v)| format!("{k}={}", v.sha256))
-        .collect::<Vec<_>>()
-        .join(",");
-    sha256_bytes(format!("{params}|{digests}").as_bytes())[..16].to_string()
+    DatabaseId::new(files.content_id(&params))
 }
 
 /// Build step 5: the keys indexed, in the embedded graph (saved into `tmp`, its files added to
@@ -675,7 +599,7 @@ fn build_key_index(
     database_id: &DatabaseId,
     opts: &BuildOptions,
     tmp: &Path,
-    files: &mut BTreeMap<String, FileInfo>,
+    files: &mut FileTable,
     report: &(dyn Fn(Stage, usize, usize) + Sync),
 ) -> Result<(String, Option<VectorStoreRecord>)> {
     let n = keys.store.len();
@@ -688,9 +612,7 @@ fn build_key_index(
             report(Stage::Writing, 0, 1);
             let basename = index.save(&tmp.join(HNSW_DIR))?;
             for name in HnswIndex::file_names(&basename) {
-                let name = format!("{HNSW_DIR}/{name}");
-                let info = FileInfo::of(&tmp.join(&name))?;
-                files.insert(name, info);
+                files.add(tmp, &format!("{HNSW_DIR}/{name}"))?;
             }
             (basename, None)
         }
@@ -702,37 +624,12 @@ fn build_key_index(
     })
 }
 
-/// Opening step 1: the manifest at `mpath`, of this format version and valid; a folder without one
-/// is told apart from a dataset, a run or nothing at all.
-fn read_manifest(dir: &Path, mpath: &Path) -> Result<Manifest> {
-    if !mpath.is_file() {
-        let what = if dir.join("dataset.json").is_file() {
-            "this folder is a retro dataset, not a database (give the database it was built from)"
-        } else if dir.join("state.json").is_file() || dir.join("train.json").is_file() {
-            "this folder is a training run, not a database"
-        } else if !dir.exists() {
-            "no database here (build one with `retro index build`)"
-        } else {
-            "not a retro database (every database has a manifest.json, written last)"
-        };
-        return Err(IndexError::missing(mpath, what));
-    }
-    let raw: serde_json::Value = read_json(mpath)?;
-    let found = raw
-        .get("format_version")
-        .and_then(|v| v.as_u64())
-        .ok_or_else(|| IndexError::corrupt(mpath, "no format_version"))?;
-    if found != FORMAT_VERSION as u64 {
-        return Err(IndexError::Version {
-            path: mpath.to_path_buf(),
-            found: found as u32,
-            expected: FORMAT_VERSION,
-        });
-    }
-    let manifest: Manifest =
-        serde_json::from_value(raw).map_err(|e| IndexError::corrupt(mpath, e.to_string()))?;
-    manifest.validate(mpath)?;
-    Ok(manifest)
+/// Opening step 1: the manifest of the database at `dir`, of this format version and valid; a
+/// folder without one is told apart from a dataset, a run or nothing at all.
+fn read_manifest(dir: &Path) -> Result<(PathBuf, Manifest)> {
+    let (mpath, manifest): (PathBuf, Manifest) = FolderKind::Database.read_manifest(dir)?;
+    manifest.validate(&mpath)?;
+    Ok((mpath, manifest))
 }
 
 /// Opening step 2: the manifest lists every file a database needs, and each is there with its
@@ -750,30 +647,24 @@ fn check_files(dir: &Path, mpath: &Path, manifest: &Manifest, verify: bool) -> R
         };
         let native = in_dir(HnswIndex::file_names(base));
         let legacy = in_dir(HnswIndex::legacy_file_names(base));
-        let listed = |names: &[String]| names.iter().all(|f| manifest.files.contains_key(f));
+        let listed = |names: &[String]| names.iter().all(|f| manifest.files.contains(f));
         required.extend(if !listed(&native) && listed(&legacy) {
             legacy
         } else {
             native
         });
     }
-    for required in &required {
-        if !manifest.files.contains_key(required) {
-            return Err(IndexError::corrupt(mpath, format!("lists no {required}")));
-        }
-    }
-    for (name, info) in &manifest.files {
-        let p = dir.join(name);
-        info.check_size(&p, "the manifest")?;
-        // Small files are always checked: it costs milliseconds.
-        // The graph files too, whatever their size: hnsw_rs' loader (older databases) exits
-        // the process or reads out of bounds on a malformed dump, so it must only ever see the
-        // bytes we wrote; and a graph that passes is one the walk can trust.
-        let graph_file = name.starts_with(&format!("{HNSW_DIR}/"));
-        if verify || info.bytes <= SMALL_FILE_BYTES || graph_file {
-            info.check_sha256(&p, "the manifest", REBUILD)?;
-        }
-    }
+    manifest.files.require(mpath, &required)?;
+    // Small files are always checksummed: it costs milliseconds. The graph files too, whatever
+    // their size: hnsw_rs' loader (older databases) exits the process or reads out of bounds on a
+    // malformed dump, so it must only ever see the bytes we wrote; and a graph that passes is one
+    // the walk can trust.
+    let graph = format!("{HNSW_DIR}/");
+    manifest
+        .files
+        .check(dir, "the manifest", REBUILD, |name, info| {
+            verify || info.bytes <= SMALL_FILE_BYTES || name.starts_with(&graph)
+        })?;
     Ok(())
 }
 
@@ -862,7 +753,7 @@ impl Database {
         out_dir: &Path,
     ) -> Result<Database> {
         check_build_inputs(corpus, opts, out_dir)?;
-        let staged = StagedDir::new(out_dir, MANIFEST_FILE, "retro database", opts.overwrite)?;
+        let staged = FolderKind::Database.stage(out_dir, opts.overwrite)?;
         let report = |s: Stage, d: usize, t: usize| {
             if let Some(p) = &opts.progress {
                 p(s, d, t)
@@ -913,8 +804,7 @@ impl Database {
 
     /// [`Database::open`] with options: every checksum verified, Milvus' request sizes.
     pub fn open_with(dir: &Path, opts: OpenOptions) -> Result<Database> {
-        let mpath = dir.join(MANIFEST_FILE);
-        let manifest = read_manifest(dir, &mpath)?;
+        let (mpath, manifest) = read_manifest(dir)?;
         check_files(dir, &mpath, &manifest, opts.verify_checksums)?;
         let store = open_store(dir, &manifest)?;
         let tokenizer = load_tokenizer(dir, &mpath, &manifest, &store)?;

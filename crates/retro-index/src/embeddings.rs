@@ -1,8 +1,9 @@
 //! The keys: `n x dim` f32, row-major, memory-mapped from `embeddings.bin` or held in memory.
 //! Cloning shares the rows, so the graph and the database read one copy.
 
+use crate::array_file::{check_header, header, map_file};
 use crate::error::{IndexError, Result};
-use crate::fsutil::{check_header, header, map_file, write_atomic};
+use retro_format::write_atomic;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -27,10 +28,10 @@ enum Rows {
 impl Embeddings {
     /// Writes row-major vectors (atomically).
     pub fn write(path: &Path, vectors: &[f32]) -> Result<()> {
-        write_atomic(path, |w| {
+        Ok(write_atomic(path, |w| {
             w.write_all(&header(MAGIC, FORMAT_VERSION))?;
             w.write_all(bytemuck::cast_slice(vectors))
-        })
+        })?)
     }
 
     /// Maps the file and checks it holds `n` rows of `dim`.
@@ -76,7 +77,7 @@ impl Embeddings {
     /// All rows, row-major.
     pub fn as_slice(&self) -> &[f32] {
         match &self.rows {
-            Rows::Mapped(map) => bytemuck::cast_slice(&map[crate::fsutil::HEADER_LEN..]),
+            Rows::Mapped(map) => bytemuck::cast_slice(&map[crate::array_file::HEADER_LEN..]),
             Rows::Owned(v) => v,
         }
     }
@@ -96,12 +97,12 @@ pub fn write_npy(path: &Path, vectors: &[f32], dim: usize) -> Result<()> {
         dict.push(' ');
     }
     dict.push('\n');
-    write_atomic(path, |w| {
+    Ok(write_atomic(path, |w| {
         w.write_all(b"\x93NUMPY\x01\x00")?;
         w.write_all(&(dict.len() as u16).to_le_bytes())?;
         w.write_all(dict.as_bytes())?;
         w.write_all(bytemuck::cast_slice(vectors))
-    })
+    })?)
 }
 
 /// Reads a little-endian float32 2-D `.npy` file (as written by [`write_npy`]): `(rows, dim, data)`.

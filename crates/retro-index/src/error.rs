@@ -31,18 +31,10 @@ pub enum IndexError {
     Tokenizer(String),
     #[error("embedder: {0}")]
     Embedder(String),
-    /// A file that should be there is not; `needed_for` says what wanted it ("a retro database",
-    /// "a BERT model directory (--embedder)", ...).
-    #[error("{path}: missing: {needed_for}")]
-    Missing { path: PathBuf, needed_for: String },
-    #[error("{path}: corrupt: {message}")]
-    Corrupt { path: PathBuf, message: String },
-    #[error("{path}: format_version {found} is not supported (this build reads {expected})")]
-    Version {
-        path: PathBuf,
-        found: u32,
-        expected: u32,
-    },
+    /// A file or folder that is missing, corrupt, of another format version or another kind
+    /// (retro-format's one error for every folder the project writes).
+    #[error(transparent)]
+    Format(#[from] retro_format::FormatError),
     #[error("{field} mismatch: the database was built with {database}, got {given}")]
     Mismatch {
         field: &'static str,
@@ -73,16 +65,21 @@ impl IndexError {
         }
     }
     pub(crate) fn missing(path: impl Into<PathBuf>, needed_for: impl Into<String>) -> Self {
-        IndexError::Missing {
-            path: path.into(),
-            needed_for: needed_for.into(),
-        }
+        retro_format::FormatError::missing(path, needed_for).into()
     }
     pub(crate) fn corrupt(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        IndexError::Corrupt {
+        retro_format::FormatError::corrupt(path, message).into()
+    }
+    /// A file of the database in a format version this build does not read.
+    pub(crate) fn version(path: impl Into<PathBuf>, found: u32, expected: u32) -> Self {
+        retro_format::FormatError::Version {
             path: path.into(),
-            message: message.into(),
+            found: found.into(),
+            expected,
+            remedy: "; rebuild the database with this build (`retro index build --overwrite`)"
+                .into(),
         }
+        .into()
     }
     pub(crate) fn invalid(
         field: &'static str,

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// A database's content id: 16 hex digits of the SHA-256 of its parameters and files
-/// ([`crate::database::content_id`]), the same on every machine for the same inputs. Datasets
+/// ([`retro_format::FileTable::content_id`]), the same on every machine for the same inputs. Datasets
 /// and training runs record the id of the database they were built on, and refuse another.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]

@@ -118,7 +118,7 @@ impl Embedder for LexicalEmbedder {
     fn id(&self) -> EmbedderId {
         EmbedderId {
             name: self.features.name().into(),
-            weights_hash: crate::fsutil::sha256_bytes(
+            weights_hash: retro_format::sha256_bytes(
                 format!("{}:{}", self.features.name(), self.dim).as_bytes(),
             ),
             dim: self.dim,

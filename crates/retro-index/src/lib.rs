@@ -44,6 +44,7 @@
 //! # Ok::<(), retro_index::IndexError>(())
 //! ```
 
+pub mod array_file;
 pub mod bert;
 pub mod bible;
 pub mod byte_level_bpe;
@@ -53,7 +54,6 @@ pub mod distance;
 pub mod embed;
 pub mod embeddings;
 pub mod error;
-pub mod fsutil;
 mod graph;
 pub mod hnsw;
 pub mod ids;

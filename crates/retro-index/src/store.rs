@@ -1,9 +1,10 @@
 //! The chunk store: token ids of every document in one little-endian u32 file (memory-mapped),
 //! a chunk table and a document table. Chunks never cross a document boundary.
 
+use crate::array_file::{check_header, header, map_file};
 use crate::error::{IndexError, Result};
-use crate::fsutil::{check_header, header, map_file, read_json, write_atomic, write_json_atomic};
 use crate::ids::{ChunkId, DocumentId};
+use retro_format::{read_json, write_atomic, write_json_atomic};
 use std::ops::Range;
 use std::path::Path;
 
@@ -143,11 +144,11 @@ impl ChunkStore {
         let docs_path = dir.join(DOCUMENTS_FILE);
         let df: DocumentsFile = read_json(&docs_path)?;
         if df.format_version != FORMAT_VERSION {
-            return Err(IndexError::Version {
-                path: docs_path,
-                found: df.format_version,
-                expected: FORMAT_VERSION,
-            });
+            return Err(IndexError::version(
+                docs_path,
+                df.format_version,
+                FORMAT_VERSION,
+            ));
         }
         if df.chunk_len == 0 {
             return Err(IndexError::corrupt(&docs_path, "chunk_len is 0"));
@@ -226,10 +227,10 @@ impl ChunkStore {
     }
 
     fn all_tokens(&self) -> &[u32] {
-        bytemuck::cast_slice(&self.tokens[crate::fsutil::HEADER_LEN..])
+        bytemuck::cast_slice(&self.tokens[crate::array_file::HEADER_LEN..])
     }
     fn entries(&self) -> &[ChunkEntry] {
-        bytemuck::cast_slice(&self.chunks[crate::fsutil::HEADER_LEN..])
+        bytemuck::cast_slice(&self.chunks[crate::array_file::HEADER_LEN..])
     }
 
     pub fn chunk_len(&self) -> usize {

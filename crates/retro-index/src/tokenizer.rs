@@ -3,7 +3,7 @@
 
 use crate::corpus::Corpus;
 use crate::error::{IndexError, Result};
-use crate::fsutil::{read_json, sha256_bytes, write_json_atomic};
+use retro_format::{read_json, sha256_bytes, write_json_atomic};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -267,7 +267,7 @@ impl LmTokenizer {
                 tokenizer: Some(serde_json::from_str(&h.json).map_err(tok_err)?),
             },
         };
-        write_json_atomic(&dir.join(TOKENIZER_FILE), &saved)
+        Ok(write_json_atomic(&dir.join(TOKENIZER_FILE), &saved)?)
     }
 
     /// Loads what [`LmTokenizer::save`] wrote.
@@ -275,11 +275,7 @@ impl LmTokenizer {
         let path = dir.join(TOKENIZER_FILE);
         let s: Saved = read_json(&path)?;
         if s.format_version != FORMAT_VERSION {
-            return Err(IndexError::Version {
-                path,
-                found: s.format_version,
-                expected: FORMAT_VERSION,
-            });
+            return Err(IndexError::version(path, s.format_version, FORMAT_VERSION));
         }
         match (s.kind.as_str(), s.chars, s.tokenizer) {
             ("char", Some(chars), _) => Ok(LmTokenizer::Char(CharTokenizer::from_chars(
@@ -353,7 +349,7 @@ pub fn train_bpe(corpus: &Corpus, vocab_size: usize, out: &Path) -> Result<LmTok
     )
     .map_err(tok_err)?;
     let json = tok.to_string(true).map_err(tok_err)?;
-    crate::fsutil::write_atomic(out, |w| w.write_all(json.as_bytes()))?;
+    retro_format::write_atomic(out, |w| w.write_all(json.as_bytes()))?;
     LmTokenizer::from_json(&json)
 }
 

@@ -1,5 +1,6 @@
 //! Building, reopening and refusing broken or mismatched databases.
 
+use retro_format::FormatError;
 use retro_index::{
     BuildOptions, ChunkId, Corpus, Database, Document, Embedder, Exclusion, IndexError, KeyFilter,
     LexicalEmbedder, LmTokenizer, OpenOptions,
@@ -173,14 +174,15 @@ fn mismatches_and_corruption_are_clear_errors() {
     std::fs::remove_file(d.join("manifest.json")).unwrap();
     assert!(matches!(
         Database::open(&d),
-        Err(IndexError::Missing { .. })
+        Err(IndexError::Format(FormatError::Missing { .. }))
     ));
 
     let d = copy("bad-manifest");
     std::fs::write(d.join("manifest.json"), "{ not json").unwrap();
     let e = Database::open(&d).unwrap_err();
     assert!(
-        matches!(e, IndexError::Corrupt { .. }) && e.to_string().contains("manifest.json"),
+        matches!(e, IndexError::Format(FormatError::Corrupt { .. }))
+            && e.to_string().contains("manifest.json"),
         "{e}"
     );
 
@@ -191,7 +193,7 @@ fn mismatches_and_corruption_are_clear_errors() {
     std::fs::write(d.join("manifest.json"), m).unwrap();
     assert!(matches!(
         Database::open(&d),
-        Err(IndexError::Version { found: 99, .. })
+        Err(IndexError::Format(FormatError::Version { found: 99, .. }))
     ));
 
     let d = copy("no-graph");
@@ -203,7 +205,8 @@ fn mismatches_and_corruption_are_clear_errors() {
     }
     let e = Database::open(&d).unwrap_err();
     assert!(
-        matches!(e, IndexError::Missing { .. }) && e.to_string().contains("graph.links"),
+        matches!(e, IndexError::Format(FormatError::Missing { .. }))
+            && e.to_string().contains("graph.links"),
         "{e}"
     );
 
@@ -213,7 +216,8 @@ fn mismatches_and_corruption_are_clear_errors() {
     std::fs::write(&p, &b[..b.len() - 8]).unwrap();
     let e = Database::open(&d).unwrap_err();
     assert!(
-        matches!(e, IndexError::Corrupt { .. }) && e.to_string().contains("tokens.bin"),
+        matches!(e, IndexError::Format(FormatError::Corrupt { .. }))
+            && e.to_string().contains("tokens.bin"),
         "{e}"
     );
 

@@ -8,8 +8,8 @@
 //! When a damaged database opens, it is used: searched, its chunks and neighbours read and decoded.
 
 use rand::Rng;
+use retro_format::sha256_bytes;
 use retro_index::database::{Manifest, MANIFEST_FILE};
-use retro_index::fsutil::sha256_bytes;
 use retro_index::testdata::mutate;
 use retro_index::{
     read_npy, write_npy, BuildOptions, ChunkId, Corpus, Database, Document, DocumentId, Exclusion,
@@ -135,7 +135,7 @@ fn database() -> (tempfile::TempDir, std::path::PathBuf, Vec<(String, bool)>) {
     let mut names: Vec<(String, bool)> = db
         .manifest()
         .files
-        .keys()
+        .names()
         .map(|k| (k.clone(), k.ends_with(".json")))
         .collect();
     names.push((MANIFEST_FILE.to_string(), true));

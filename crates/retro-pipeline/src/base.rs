@@ -6,16 +6,14 @@
 
 use crate::error::{PipelineError, Result};
 use candle_core::{DType, Device};
-use retro_index::database::FileInfo;
-use retro_index::fsutil::{read_json, write_json_atomic, StagedDir};
+use retro_format::{sync_path, write_json_atomic, FileInfo, FileTable, FolderKind};
 use retro_index::{ByteLevelBpe, LmTokenizer};
 use retro_model::llama::{gguf, LlamaBase, LlamaConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The manifest's file name: what makes a folder a base.
-pub const BASE_MANIFEST: &str = "base.json";
-const FORMAT_VERSION: u32 = 1;
+/// The manifest's file name (`base.json`): what makes a folder a base.
+pub const BASE_MANIFEST: &str = FolderKind::Base.marker();
 const FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 
 /// Where the weights came from.
@@ -41,7 +39,7 @@ pub struct BaseMeta {
     /// `llama`.
     pub architecture: String,
     pub source: BaseSource,
-    pub files: BTreeMap<String, FileInfo>,
+    pub files: FileTable,
 }
 
 /// An imported base folder, checked.
@@ -73,7 +71,7 @@ pub fn import_gguf(gguf_path: &Path, out: &Path, overwrite: bool) -> Result<Base
     }
     .tokenizer()
     .map_err(|e| PipelineError::file(gguf_path, e.to_string()))?;
-    let staged = StagedDir::new(out, BASE_MANIFEST, "base", overwrite)?;
+    let staged = FolderKind::Base.stage(out, overwrite)?;
     let tmp = staged.path();
     write_json_atomic(&tmp.join("config.json"), &imported.config)?;
     let tok_path = tmp.join("tokenizer.json");
@@ -88,19 +86,17 @@ pub fn import_gguf(gguf_path: &Path, out: &Path, overwrite: bool) -> Result<Base
             source,
         }
     })?;
-    let mut files = BTreeMap::new();
     for f in FILES {
-        let p = tmp.join(f);
-        sync(&p)?;
-        files.insert(f.to_string(), FileInfo::of(&p)?);
+        sync_path(&tmp.join(f))?;
     }
+    let files = FileTable::record(tmp, FILES)?;
     let source_info = FileInfo::of(gguf_path)?;
     let mut tensor_types = BTreeMap::new();
     for t in imported.source_types.values() {
         *tensor_types.entry(t.clone()).or_insert(0) += 1;
     }
     let meta = BaseMeta {
-        format_version: FORMAT_VERSION,
+        format_version: FolderKind::Base.version(),
         kind: "retro-base".into(),
         architecture: "llama".into(),
         source: BaseSource {
@@ -115,7 +111,7 @@ pub fn import_gguf(gguf_path: &Path, out: &Path, overwrite: bool) -> Result<Base
         files,
     };
     write_json_atomic(&tmp.join(BASE_MANIFEST), &meta)?;
-    sync(tmp)?;
+    sync_path(tmp)?;
     staged.commit()?;
     Ok(BaseDir {
         dir: out.to_owned(),
@@ -124,39 +120,15 @@ pub fn import_gguf(gguf_path: &Path, out: &Path, overwrite: bool) -> Result<Base
     })
 }
 
-fn sync(p: &Path) -> Result<()> {
-    std::fs::File::open(p)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| PipelineError::io(p, e))
-}
-
 impl BaseDir {
     /// Opens a base folder: its manifest's version and kind, then every listed file's size and
     /// SHA-256, then the config.
     pub fn open(dir: &Path) -> Result<Self> {
-        let manifest = dir.join(BASE_MANIFEST);
-        if !manifest.is_file() {
-            return Err(PipelineError::file(
-                dir,
-                format!(
-                    "not a base folder (no {BASE_MANIFEST}); make one with `retro base import`"
-                ),
-            ));
-        }
-        let meta: BaseMeta = read_json(&manifest)?;
+        let (manifest, meta): (_, BaseMeta) = FolderKind::Base.read_manifest(dir)?;
         if meta.kind != "retro-base" {
             return Err(PipelineError::file(
                 &manifest,
                 format!("kind `{}` is not `retro-base`", meta.kind),
-            ));
-        }
-        if meta.format_version != FORMAT_VERSION {
-            return Err(PipelineError::file(
-                &manifest,
-                format!(
-                    "format_version {} (this build reads {FORMAT_VERSION})",
-                    meta.format_version
-                ),
             ));
         }
         if meta.architecture != "llama" {
@@ -165,24 +137,9 @@ impl BaseDir {
                 format!("architecture `{}` is not supported", meta.architecture),
             ));
         }
-        for f in FILES {
-            let info = meta
-                .files
-                .get(f)
-                .ok_or_else(|| PipelineError::file(&manifest, format!("lists no {f}")))?;
-            let p = dir.join(f);
-            info.check_size(&p, BASE_MANIFEST)?;
-            let now = FileInfo::of(&p)?;
-            if now.sha256 != info.sha256 {
-                return Err(PipelineError::file(
-                    &p,
-                    format!(
-                        "SHA-256 {} differs from {BASE_MANIFEST}'s {}: the file is damaged",
-                        now.sha256, info.sha256
-                    ),
-                ));
-            }
-        }
+        meta.files.require(&manifest, FILES)?;
+        meta.files
+            .check(dir, BASE_MANIFEST, "import it again", |_, _| true)?;
         let config = LlamaConfig::from_json_file(&dir.join("config.json"))?;
         Ok(Self {
             dir: dir.to_owned(),

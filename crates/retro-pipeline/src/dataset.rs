@@ -10,14 +10,13 @@ use crate::retriever::{KeysOnly, Retriever};
 use memmap2::Mmap;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use retro_index::database::FileInfo;
-use retro_index::fsutil::{is_hex, read_json, write_atomic, write_json_atomic, StagedDir};
+use retro_format::{is_hex, write_atomic, write_json_atomic, FileTable, FolderKind};
 use retro_index::{ChunkId, Database, DatabaseId, DocumentId};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// Version 2 added `dataset_id` and the files' checksums.
-pub const DATASET_FORMAT_VERSION: u32 = 2;
+pub const DATASET_FORMAT_VERSION: u32 = FolderKind::Dataset.version();
 /// Most neighbours per chunk a dataset may hold (the paper trains with 2 and evaluates with up to 40).
 pub const MAX_K: usize = 64;
 /// The split files of a dataset, per split.
@@ -106,7 +105,7 @@ pub struct DatasetMeta {
     pub train: SplitInfo,
     pub valid: SplitInfo,
     /// File name -> size and SHA-256, verified on every open.
-    pub files: BTreeMap<String, FileInfo>,
+    pub files: FileTable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,7 +169,7 @@ impl DatasetMeta {
             .flat_map(|s| SPLIT_FILES.iter().map(move |f| format!("{}.{f}", s.name())))
             .collect();
         want.sort();
-        let have: Vec<String> = self.files.keys().cloned().collect();
+        let have: Vec<String> = self.files.names().cloned().collect();
         if have != want {
             return Err(bad(
                 "files",
@@ -379,7 +378,7 @@ impl Dataset {
         };
         // The shuffled order is seeded, so its first sequences are a seeded sample.
         let novel_train = (splits.train.len() as f64 * params.novel_fraction).round() as usize;
-        let staged = StagedDir::new(out_dir, "dataset.json", "dataset", overwrite)?;
+        let staged = FolderKind::Dataset.stage(out_dir, overwrite)?;
         let out = staged.path();
         let total = splits.train.len() + splits.valid.len();
         let mut done = 0;
@@ -408,12 +407,10 @@ impl Dataset {
         let mut held_out_documents: Vec<(DocumentId, String)> =
             held.iter().map(|&d| (d, docs[d.0].id.clone())).collect();
         held_out_documents.sort();
-        let mut files = BTreeMap::new();
+        let mut files = FileTable::new();
         for split in [Split::Train, Split::Valid] {
             for f in SPLIT_FILES {
-                let name = format!("{}.{f}", split.name());
-                let info = FileInfo::of(&out.join(&name))?;
-                files.insert(name, info);
+                files.add(out, &format!("{}.{f}", split.name()))?;
             }
         }
         let meta = DatasetMeta {
@@ -437,7 +434,7 @@ impl Dataset {
             valid: valid_info,
             files,
         };
-        write_json_atomic(&out.join("dataset.json"), &meta)?;
+        write_json_atomic(&out.join(FolderKind::Dataset.marker()), &meta)?;
         staged.commit()?;
         Dataset::open(out_dir, db)
     }
@@ -445,53 +442,22 @@ impl Dataset {
     /// Reads `dataset.json` alone (e.g. to find the database a dataset was built from), checking
     /// its format version and the fields that need no database.
     pub fn read_meta(dir: &Path) -> Result<DatasetMeta> {
-        let path = dir.join("dataset.json");
-        if !path.is_file() {
-            let why = if dir.join(retro_index::database::MANIFEST_FILE).is_file() {
-                "missing: this folder is a retro database, not a dataset (build one with \
-                 `retro dataset build --db DIR --out DS`)"
-            } else if dir.join("state.json").is_file() {
-                "missing: this folder is a training run, not a dataset"
-            } else {
-                "missing: not a retro dataset"
-            };
-            return Err(PipelineError::file(&path, why));
-        }
-        let raw: serde_json::Value = read_json(&path)?;
-        let version = raw.get("format_version").and_then(|v| v.as_u64());
-        if version != Some(DATASET_FORMAT_VERSION as u64) {
-            return Err(PipelineError::file(
-                &path,
-                format!(
-                    "format_version {} (this build reads {DATASET_FORMAT_VERSION}; rebuild the \
-                     dataset with `retro dataset build --overwrite`)",
-                    version.map_or("missing".into(), |v| v.to_string())
-                ),
-            ));
-        }
-        let meta: DatasetMeta =
-            serde_json::from_value(raw).map_err(|source| PipelineError::Json {
-                path: path.clone(),
-                source,
-            })?;
+        let (path, meta): (_, DatasetMeta) = FolderKind::Dataset.read_manifest(dir)?;
         meta.validate(&path)?;
         Ok(meta)
     }
 
     /// Opens a dataset, checking its format and that it was built from `db`.
     pub fn open(dir: &Path, db: &Database) -> Result<Dataset> {
-        let meta_path = dir.join("dataset.json");
+        let meta_path = dir.join(FolderKind::Dataset.marker());
         let meta = Self::read_meta(dir)?;
         meta.check_against(&meta_path, db)?;
-        for (name, info) in &meta.files {
-            let p = dir.join(name);
-            info.check_size(&p, "dataset.json")?;
-            info.check_sha256(
-                &p,
-                "dataset.json",
-                "rebuild the dataset (`retro dataset build --overwrite`)",
-            )?;
-        }
+        meta.files.check(
+            dir,
+            "dataset.json",
+            "rebuild the dataset (`retro dataset build --overwrite`)",
+            |_, _| true,
+        )?;
         let per_seq = (meta.seq_len / meta.chunk_len) * meta.k;
         let load = |split: Split, info: &SplitInfo| -> Result<SplitData> {
             let name = split.name();
@@ -939,12 +905,7 @@ fn write_split(
 }
 
 /// Step 5: the dataset's id, from the database, the parameters and every file's checksum.
-fn dataset_id(
-    db: &Database,
-    params: &DatasetParams,
-    filter: Filter,
-    files: &BTreeMap<String, FileInfo>,
-) -> String {
+fn dataset_id(db: &Database, params: &DatasetParams, filter: Filter, files: &FileTable) -> String {
     let params = format!(
         "{}|{}|{}|{}|{filter}|{}|{}",
         db.id(),
@@ -954,7 +915,7 @@ fn dataset_id(
         params.seed,
         params.novel_fraction,
     );
-    retro_index::database::content_id(&params, files)
+    files.content_id(&params)
 }
 
 fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {

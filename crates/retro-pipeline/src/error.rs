@@ -6,6 +6,10 @@ use std::path::PathBuf;
 pub enum PipelineError {
     #[error(transparent)]
     Index(#[from] retro_index::IndexError),
+    /// A dataset, run, checkpoint or base folder that is missing, corrupt, of another format
+    /// version or another kind.
+    #[error(transparent)]
+    Format(#[from] retro_format::FormatError),
     #[error(transparent)]
     Model(#[from] retro_model::ModelError),
     #[error(transparent)]
@@ -17,13 +21,6 @@ pub enum PipelineError {
         #[source]
         source: std::io::Error,
     },
-    /// A JSON file that does not parse as what it should hold; serde's error stays the source.
-    #[error("{path}: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
     /// A tensor file (safetensors) candle could not read; candle's error stays the source.
     #[error("{path}: {source}")]
     Tensors {
@@ -31,9 +28,6 @@ pub enum PipelineError {
         #[source]
         source: candle_core::Error,
     },
-    /// A checkpoint that its `checkpoint.json` (at `path`) does not describe: resuming skips it.
-    #[error("{path}: {reason}")]
-    Checkpoint { path: PathBuf, reason: String },
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
     #[error("invalid {field} = {value}: {reason}")]

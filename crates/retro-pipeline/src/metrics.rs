@@ -8,7 +8,7 @@
 //! (no `v`, no `crc32`) still read.
 
 use crate::error::{PipelineError, Result};
-use retro_index::fsutil::write_atomic;
+use retro_format::write_atomic;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

@@ -10,18 +10,16 @@ use crate::metrics::{MetricsLog, StepMetrics};
 use crate::schedule::Schedule;
 use crate::trainee::Trainee;
 use candle_core::{DType, Device, Tensor};
-use retro_index::database::FileInfo;
-use retro_index::fsutil::{read_json, write_json_atomic};
+use retro_format::{read_json, sync_path, write_json_atomic, FileTable, FolderKind};
 use retro_index::{Database, DatabaseId};
 use retro_model::llama::LlamaBase;
 use retro_model::retrofit::{RetroFitted, RetrofitConfig};
 use retro_model::train::{clip_grad_norm, cross_entropy, AdamW, AdamWParams};
 use retro_model::{RetroConfig, RetroModel};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub const RUN_FORMAT_VERSION: u32 = 1;
+pub const RUN_FORMAT_VERSION: u32 = FolderKind::Run.version();
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
@@ -103,7 +101,7 @@ pub struct CheckpointMeta {
     pub step: usize,
     pub tokens_seen: u64,
     pub train_seconds: f64,
-    pub files: BTreeMap<String, FileInfo>,
+    pub files: FileTable,
 }
 
 const CHECKPOINT_FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "config.json"];
@@ -118,24 +116,14 @@ pub struct ResumePoint {
 
 /// Checks a checkpoint directory against its `checkpoint.json`.
 fn verify_checkpoint(dir: &Path) -> Result<CheckpointMeta> {
-    let meta_path = dir.join("checkpoint.json");
-    let meta: CheckpointMeta = read_json(&meta_path)?;
-    let damaged = |reason: String| PipelineError::Checkpoint {
-        path: meta_path.clone(),
-        reason,
-    };
-    if meta.format_version != RUN_FORMAT_VERSION {
-        return Err(damaged(format!("format_version {}", meta.format_version)));
-    }
-    for f in CHECKPOINT_FILES {
-        let info = meta
-            .files
-            .get(f)
-            .ok_or_else(|| damaged(format!("lists no {f}")))?;
-        let p = dir.join(f);
-        info.check_size(&p, "checkpoint.json")?;
-        info.check_sha256(&p, "checkpoint.json", "its weights cannot be trusted")?;
-    }
+    let (meta_path, meta): (_, CheckpointMeta) = FolderKind::Checkpoint.read_manifest(dir)?;
+    meta.files.require(&meta_path, CHECKPOINT_FILES)?;
+    meta.files.check(
+        dir,
+        "checkpoint.json",
+        "its weights cannot be trusted",
+        |_, _| true,
+    )?;
     Ok(meta)
 }
 
@@ -181,23 +169,12 @@ impl RetrofitSpec {
 
 impl Run {
     pub fn open(dir: &Path) -> Result<Run> {
-        if !dir.join("config.json").is_file() || !dir.join("train.json").is_file() {
-            let why = if !dir.exists() {
-                "no such run (a run folder is made by `retro train --out`)"
-            } else if dir.join("manifest.json").is_file() {
-                "this folder is a retro database, not a training run"
-            } else if dir.join("dataset.json").is_file() {
-                "this folder is a dataset, not a training run"
-            } else {
-                "not a training run (no config.json and train.json)"
-            };
-            return Err(PipelineError::file(dir, why));
-        }
+        let train_json = FolderKind::Run.open(dir)?;
         let retrofit_path = dir.join("retrofit.json");
         Ok(Run {
             dir: dir.to_owned(),
             model_config: RetroConfig::from_json_file(&dir.join("config.json"))?,
-            train_config: read_json(&dir.join("train.json"))?,
+            train_config: read_json(&train_json)?,
             retrofit: if retrofit_path.exists() {
                 Some(read_json(&retrofit_path)?)
             } else {
@@ -211,17 +188,7 @@ impl Run {
         if !p.exists() {
             return Ok(None);
         }
-        let s: RunState = read_json(&p)?;
-        if s.format_version != RUN_FORMAT_VERSION {
-            return Err(PipelineError::file(
-                &p,
-                format!(
-                    "format_version {} (this build reads {RUN_FORMAT_VERSION})",
-                    s.format_version
-                ),
-            ));
-        }
-        Ok(Some(s))
+        Ok(Some(FolderKind::Run.read_versioned(&p)?))
     }
 
     /// The tokenizer the model was trained to read (`RUN/lm_tokenizer.json`); `None` for runs written
@@ -682,8 +649,10 @@ fn train_model(
         write_json_atomic(&run_dir.join("train.json"), cfg)?;
         db.load_tokenizer()?.save(run_dir)?;
     }
-    // Half-written checkpoints and files of a run that was killed (`.NAME.tmp`, `.NAME.PID.tmp`):
-    // never referenced, so removed. A run directory has one trainer at a time.
+    // Half-written checkpoints and files of a run that was killed (staged `.NAME.building-*`
+    // folders, `.NAME.PID.tmp` files): never referenced, so removed. A run directory has one
+    // trainer at a time.
+    retro_format::remove_stale_staged(run_dir);
     if let Ok(entries) = std::fs::read_dir(run_dir) {
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
@@ -807,9 +776,9 @@ fn save_checkpoint(
     db: &Database,
 ) -> Result<RunState> {
     let name = format!("checkpoint-{step:07}");
-    let tmp = run.dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| PipelineError::io(&tmp, e))?;
+    // A checkpoint of this step left by a run that died after writing it is replaced.
+    let staged = FolderKind::Checkpoint.stage(&run.dir.join(&name), true)?;
+    let tmp = staged.path();
     model.save(&tmp.join("model.safetensors"))?;
     let (moments, _) = opt.state_dict()?;
     let moments: std::collections::HashMap<String, Tensor> = moments
@@ -818,27 +787,19 @@ fn save_checkpoint(
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
     write_json_atomic(&tmp.join("config.json"), &run.model_config)?;
-    let mut files = BTreeMap::new();
-    for f in CHECKPOINT_FILES {
-        files.insert(f.to_string(), FileInfo::of(&tmp.join(f))?);
-    }
     write_json_atomic(
-        &tmp.join("checkpoint.json"),
+        &tmp.join(FolderKind::Checkpoint.marker()),
         &CheckpointMeta {
-            format_version: RUN_FORMAT_VERSION,
+            format_version: FolderKind::Checkpoint.version(),
             step,
             tokens_seen,
             train_seconds,
-            files,
+            files: FileTable::record(tmp, CHECKPOINT_FILES)?,
         },
     )?;
-    // The directory's entries must be durable before the rename publishes them.
-    if let Ok(d) = std::fs::File::open(&tmp) {
-        let _ = d.sync_all();
-    }
-    let final_dir = run.dir.join(&name);
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).map_err(|e| PipelineError::io(&final_dir, e))?;
+    // The folder's entries must be durable before the swap publishes them.
+    sync_path(tmp)?;
+    staged.commit()?;
     let state = RunState {
         format_version: RUN_FORMAT_VERSION,
         step,

@@ -197,7 +197,7 @@ fn rebuilding_a_dataset_needs_overwrite_and_never_replaces_other_folders() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("not a dataset"), "{e}");
+    assert!(e.contains("not a retro dataset"), "{e}");
     assert!(mine.join("notes.txt").is_file());
 }
 

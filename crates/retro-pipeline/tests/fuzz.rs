@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::Device;
-use retro_index::fsutil::sha256_bytes;
+use retro_format::sha256_bytes;
 use retro_index::testdata::mutate;
 use retro_model::RetroConfig;
 use retro_pipeline::{
@@ -46,7 +46,7 @@ fn every_dataset_file_damaged_as_found_and_behind_agreeing_checksums() {
     let f = common::fixture(5, 3000, 8);
     let ds = dataset(&f, "ds", 32);
     let dir = ds.dir().to_owned();
-    let mut names: Vec<String> = ds.meta().files.keys().cloned().collect();
+    let mut names: Vec<String> = ds.meta().files.names().cloned().collect();
     names.push("dataset.json".into());
     drop(ds);
     let meta_path = dir.join("dataset.json");

@@ -5,8 +5,9 @@
 //! never a walk out of bounds.
 
 use super::{Graph, MAX_LEVEL};
+use crate::array_file::{check_header, header, map_file, HEADER_LEN};
 use crate::error::{IndexError, Result};
-use crate::fsutil::{check_header, header, map_file, write_atomic, HEADER_LEN};
+use retro_format::write_atomic;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
@@ -55,7 +56,7 @@ pub(crate) fn write(graph: &Graph, path: &Path) -> Result<()> {
     }
     let mut head = header(MAGIC, FORMAT_VERSION);
     head[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
-    write_atomic(path, |w| {
+    Ok(write_atomic(path, |w| {
         w.write_all(&head)?;
         w.write_all(&fields)?;
         w.write_all(&levels)?;
@@ -63,7 +64,7 @@ pub(crate) fn write(graph: &Graph, path: &Path) -> Result<()> {
             each_block(slots, |b| w.write_all(b))?;
         }
         Ok(())
-    })
+    })?)
 }
 
 /// Reads a graph of `n` nodes with lists of `m` (the manifest's numbers) from `path`.
