@@ -1,7 +1,5 @@
-//! What several subcommands share, so that no subcommand imports from another: the embedder and
-//! vector-store arguments, opening a dataset with its database, and opening a run's retrieval
-//! database with the checks that make a swapped database safe (same tokenizer and chunk_len as the
-//! run was trained with).
+//! What several subcommands share, so that no subcommand imports from another: the model,
+//! embedder, gate and vector-store arguments, and what they open.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -9,90 +7,8 @@ use retro_index::{
     BertEmbedder, BertOptions, Database, Embedder, HnswParams, LexicalEmbedder, LmTokenizer,
     MilvusIndexParams, MilvusLocation, MilvusOptions,
 };
-use retro_pipeline::{Dataset, DatasetMeta, Gate, Run};
+use retro_pipeline::{Gate, Run, RunDatabase};
 use std::path::{Path, PathBuf};
-
-/// A run's database (its own, or `--db`), K, the tokenizer the model reads, and the dataset it was
-/// trained on (when its `dataset.json` is still there).
-pub struct RunDatabase {
-    pub db: Database,
-    pub k: usize,
-    pub tokenizer: LmTokenizer,
-    pub dataset: Option<DatasetMeta>,
-}
-
-impl RunDatabase {
-    /// Whether `db` is the database the run was trained with.
-    pub fn is_training_database(&self) -> bool {
-        self.dataset
-            .as_ref()
-            .is_some_and(|m| m.database_id == *self.db.id())
-    }
-}
-
-/// Opens the database for `run`: `db` if given (another database swapped in without retraining),
-/// else the one its dataset was built from. Refuses a database whose tokenizer or chunk_len is not
-/// the run's: its chunks would be read as other tokens.
-pub fn run_database(run: &Run, db: Option<&Path>, k: Option<usize>) -> Result<RunDatabase> {
-    let dataset = run
-        .state()?
-        .and_then(|s| retro_pipeline::Dataset::read_meta(&s.dataset).ok());
-    let dir = match (db, &dataset) {
-        (Some(d), _) => d.to_path_buf(),
-        (None, Some(m)) => m.database_dir.clone(),
-        (None, None) => {
-            bail!("pass --db: the run does not say which database it was trained with")
-        }
-    };
-    let db = Database::open(&dir).with_context(|| format!("opening database {}", dir.display()))?;
-    let chunk_len = run.model_config.chunk_len;
-    db.check_chunk_len(chunk_len).with_context(|| {
-        format!(
-            "database {} cannot serve run {} (trained with chunk_len {chunk_len})",
-            dir.display(),
-            run.dir.display()
-        )
-    })?;
-    let tokenizer = match run.tokenizer()? {
-        Some(t) => t,
-        None => match &dataset {
-            // Runs written before the run kept its tokenizer: the training database's.
-            Some(m) if m.database_id == *db.id() => db.load_tokenizer()?,
-            Some(m) => Database::open(&m.database_dir)
-                .and_then(|d| d.load_tokenizer())
-                .with_context(|| {
-                    format!(
-                        "run {} keeps no tokenizer and its training database {} cannot be opened \
-                         to check that {} uses the same one",
-                        run.dir.display(),
-                        m.database_dir.display(),
-                        dir.display()
-                    )
-                })?,
-            None => bail!(
-                "run {} keeps no tokenizer and names no dataset: cannot check that {} tokenizes \
-                 as the model was trained",
-                run.dir.display(),
-                dir.display()
-            ),
-        },
-    };
-    db.check_compatible(&tokenizer).with_context(|| {
-        format!(
-            "database {} tokenizes differently from run {}: the model would read its chunks as \
-             other tokens",
-            dir.display(),
-            run.dir.display()
-        )
-    })?;
-    let k = k.or(dataset.as_ref().map(|m| m.k)).unwrap_or(2);
-    Ok(RunDatabase {
-        db,
-        k,
-        tokenizer,
-        dataset,
-    })
-}
 
 /// Which model to decode: a trained run with its database, or an imported base alone.
 #[derive(clap::Args, Debug, Clone)]
@@ -148,7 +64,7 @@ pub fn open_model(
     };
     let run = Run::open(dir)?;
     step("opening the run's database");
-    let db = run_database(&run, src.db.as_deref(), src.k)?;
+    let db = RunDatabase::open(&run, src.db.as_deref(), src.k)?;
     step("loading the embedder");
     let (embedder, _) = load_embedder(embedder, Some(&db.db))?;
     step(&format!("loading run {}", dir.display()));
@@ -337,14 +253,4 @@ pub fn rayon_threads() -> usize {
                 .map(|n| n.get())
                 .unwrap_or(1)
         })
-}
-
-/// Opens the database a dataset names (or the one given) and the dataset.
-pub fn open_dataset(dataset: &Path, db: Option<&Path>) -> Result<(Database, Dataset)> {
-    let meta = Dataset::read_meta(dataset)?;
-    let db_dir = db.map(Path::to_path_buf).unwrap_or(meta.database_dir);
-    let db = Database::open(&db_dir)
-        .with_context(|| format!("opening database {}", db_dir.display()))?;
-    let ds = Dataset::open(dataset, &db)?;
-    Ok((db, ds))
 }

@@ -1,6 +1,5 @@
 //! `retro dataset build | info | show`: training sequences with precomputed neighbours.
 
-use super::common::open_dataset;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use retro_index::Database;
@@ -112,7 +111,7 @@ impl DatasetCmd {
                 );
             }
             DatasetCmd::Info { dataset, db } => {
-                print_info(&open_dataset(&dataset, db.as_deref())?.1)
+                print_info(&Dataset::open_with_database(&dataset, db.as_deref())?.1)
             }
             DatasetCmd::Show {
                 dataset,
@@ -121,7 +120,7 @@ impl DatasetCmd {
                 split,
                 json,
             } => {
-                let (db, ds) = open_dataset(&dataset, db.as_deref())?;
+                let (db, ds) = Dataset::open_with_database(&dataset, db.as_deref())?;
                 let split = Split::from(split);
                 anyhow::ensure!(
                     sample < ds.len(split),

@@ -3,9 +3,8 @@
 
 use anyhow::Result;
 use clap::Args;
-use retro_index::{read_corpus, CorpusOptions, DocumentId};
+use retro_index::{read_corpus, CorpusOptions};
 use retro_pipeline::{evaluate, EvalOptions, EvalReport, Retriever, Run, Scorer, Scores};
-use std::collections::HashSet;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -72,7 +71,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .as_ref()
         .map(|b| b.load_model(&device))
         .transpose()?;
-    let rdb = super::common::run_database(&run, a.db.as_deref(), a.k)?;
+    let rdb = retro_pipeline::RunDatabase::open(&run, a.db.as_deref(), a.k)?;
     let db = &rdb.db;
     let seq_len = a
         .seq_len
@@ -95,24 +94,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
     }
     // The run's held-out documents, found in this database by id; the rest it was trained on.
-    let held_ids: HashSet<&str> = rdb
-        .dataset
-        .iter()
-        .flat_map(|m| m.held_out_documents.iter().map(|(_, id)| id.as_str()))
-        .collect();
-    let docs = db.store().documents();
-    let held_out_set: HashSet<DocumentId> = (0..docs.len())
-        .filter(|&d| held_ids.contains(docs[d].id.as_str()))
-        .map(DocumentId)
-        .collect();
-    let training_documents = if rdb.is_training_database() {
-        (0..docs.len())
-            .map(DocumentId)
-            .filter(|d| !held_out_set.contains(d))
-            .collect()
-    } else {
-        HashSet::new()
-    };
+    let sets = rdb.document_sets();
     let r = evaluate(
         model,
         baseline.as_ref().map(|b| b as &dyn Scorer),
@@ -123,8 +105,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         &EvalOptions {
             seq_len,
             max_tokens: a.max_tokens,
-            held_out_set,
-            training_documents,
+            held_out_set: sets.held_out,
+            training_documents: sets.trained_on,
             allow_training_documents: a.allow_training_documents,
             related_only: a.related_only,
         },

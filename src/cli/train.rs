@@ -236,7 +236,7 @@ fn run_retrofit(
     train_cfg: TrainConfig,
     resume: bool,
 ) -> Result<()> {
-    let (db, ds) = super::common::open_dataset(&a.dataset, a.db.as_deref())?;
+    let (db, ds) = retro_pipeline::Dataset::open_with_database(&a.dataset, a.db.as_deref())?;
     let device = retro_model::device_from_name(&a.device)?;
     let base_dir = &base.dir;
     let blocks = fit.blocks(&base.config)?;
@@ -302,7 +302,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             return run_retrofit(&a, &base, spec.fit, dir.clone(), with_limits(&a, tc), true);
         }
     }
-    let (db, ds) = super::common::open_dataset(&a.dataset, a.db.as_deref())?;
+    let (db, ds) = retro_pipeline::Dataset::open_with_database(&a.dataset, a.db.as_deref())?;
     let device = retro_model::device_from_name(&a.device)?;
     let vocab = db.load_tokenizer()?.vocab_size();
     let (run_dir, resume, mut model_cfg, train_cfg) = if let Some(dir) = &a.resume {

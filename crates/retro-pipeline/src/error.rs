@@ -30,6 +30,13 @@ pub enum PipelineError {
     },
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
+    /// What was being done when `source` happened ("opening database DIR"); the CLI prints both.
+    #[error("{context}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<PipelineError>,
+    },
     #[error("invalid {field} = {value}: {reason}")]
     Invalid {
         field: &'static str,
@@ -61,3 +68,17 @@ impl PipelineError {
 }
 
 pub type Result<T> = std::result::Result<T, PipelineError>;
+
+/// Says what was being done when an error happened, as anyhow's `with_context` does.
+pub trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<PipelineError>> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| PipelineError::Context {
+            context: what(),
+            source: Box::new(e.into()),
+        })
+    }
+}

@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod near_duplicates;
 pub mod plot;
 pub mod retriever;
+pub mod run_database;
 pub mod schedule;
 pub mod trainee;
 pub mod trainer;
@@ -64,6 +65,7 @@ pub use gate::{longest_common_substring, Gate};
 pub use generate::{generate, step_together, Event, Finish, Generation, Sampling, StepInput};
 pub use metrics::{MetricsLog, StepMetrics};
 pub use retriever::{KeysOnly, Neighbours, Retriever, Text, Timings};
+pub use run_database::{DocumentSets, RunDatabase};
 pub use schedule::Schedule;
 pub use trainee::Trainee;
 pub use trainer::{

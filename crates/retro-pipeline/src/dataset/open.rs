@@ -2,7 +2,7 @@
 //! the splits memory-mapped.
 
 use super::*;
-use crate::error::{PipelineError, Result};
+use crate::error::{Context, PipelineError, Result};
 use crate::filter::Origin;
 use memmap2::Mmap;
 use retro_format::FolderKind;
@@ -111,5 +111,17 @@ impl Dataset {
             train,
             valid,
         })
+    }
+}
+
+impl Dataset {
+    /// Opens the database a dataset names (or `db`, when given) and the dataset on it.
+    pub fn open_with_database(dataset: &Path, db: Option<&Path>) -> Result<(Database, Dataset)> {
+        let meta = Dataset::read_meta(dataset)?;
+        let db_dir = db.map(Path::to_path_buf).unwrap_or(meta.database_dir);
+        let db =
+            Database::open(&db_dir).context(|| format!("opening database {}", db_dir.display()))?;
+        let ds = Dataset::open(dataset, &db)?;
+        Ok((db, ds))
     }
 }
