@@ -77,7 +77,7 @@ fn pipeline(c: &mut Criterion) {
     let keys: Vec<Vec<f32>> = batch
         .chunk_ids
         .iter()
-        .map(|&id| db.embeddings().row(id.0).to_vec())
+        .map(|&id| db.embeddings().row(id).to_vec())
         .collect();
     let chunks = 512 / 64;
     let mut g = c.benchmark_group(format!("pipeline_{}chunks_b4_t512_k2", db.store().len()));

@@ -96,7 +96,7 @@ fn sample_keys(db: &Database, n: usize) -> (Vec<ChunkId>, Vec<Vec<f32>>) {
     let ids: Vec<ChunkId> = (0..n).map(|i| ChunkId(i * total / n)).collect();
     let keys = ids
         .iter()
-        .map(|&i| db.embeddings().row(i.0).to_vec())
+        .map(|&i| db.embeddings().row(i).to_vec())
         .collect();
     (ids, keys)
 }

@@ -174,7 +174,7 @@ pub fn bench_retrieve(
         let keys: Vec<Vec<f32>> = b
             .chunk_ids
             .iter()
-            .map(|&id| db.embeddings().row(id.0).to_vec())
+            .map(|&id| db.embeddings().row(id).to_vec())
             .collect();
         let u = retriever.search(&keys, b.x.len(), c, Some(&b.origins), Filter::None)?;
         let s = retriever.search(&keys, b.x.len(), c, Some(&b.origins), params.filter)?;

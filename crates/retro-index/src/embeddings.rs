@@ -3,6 +3,7 @@
 
 use crate::array_file::{check_header, header, map_file};
 use crate::error::{IndexError, Result};
+use crate::ids::ChunkId;
 use retro_format::write_atomic;
 use std::path::Path;
 use std::sync::Arc;
@@ -81,9 +82,9 @@ impl Embeddings {
             Rows::Owned(v) => v,
         }
     }
-    /// Row `i`. Panics if out of range.
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.as_slice()[i * self.dim..(i + 1) * self.dim]
+    /// The key of `chunk` (a chunk's id is its key's row). Panics if out of range.
+    pub fn row(&self, chunk: ChunkId) -> &[f32] {
+        &self.as_slice()[chunk.0 * self.dim..(chunk.0 + 1) * self.dim]
     }
 }
 

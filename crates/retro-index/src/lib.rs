@@ -34,7 +34,7 @@
 //! let (chunk, _distance) = hits[0][0];
 //! assert_eq!(db.store().document(db.store().document_of(chunk)).id, "b");
 //! // The same-document filter: nothing from document 1 ("b").
-//! let key = db.embeddings().row(chunk.0).to_vec(); // a ChunkId's index is its key's row
+//! let key = db.embeddings().row(chunk).to_vec();
 //! let no_b = retro_index::KeyFilter { exclude: vec![retro_index::Exclusion::document(DocumentId(1))] };
 //! let other = db.search_filtered(&[key], 3, None, &[no_b])?;
 //! assert!(other[0].iter().all(|&(c, _)| db.store().document_of(c) == DocumentId(0)));

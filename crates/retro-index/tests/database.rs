@@ -76,13 +76,13 @@ fn build_open_search_and_counts() {
                 .contains("moon")
     );
     // a stored key finds its own chunk (or an identical one) at distance ~0
-    let own = db.search(db.embeddings().row(10), 1).unwrap();
+    let own = db.search(db.embeddings().row(ChunkId(10)), 1).unwrap();
     assert!(own[0].1 < 1e-5);
     // self-retrieval filter
     let d = db.store().document_of(ChunkId(10));
     let other = db
         .search_filtered(
-            &[db.embeddings().row(10).to_vec()],
+            &[db.embeddings().row(ChunkId(10)).to_vec()],
             5,
             None,
             &[KeyFilter {
@@ -108,8 +108,8 @@ fn build_open_search_and_counts() {
     .unwrap();
     assert_eq!(re.id(), db.id());
     assert_eq!(
-        re.search(db.embeddings().row(3), 8).unwrap(),
-        db.search(db.embeddings().row(3), 8).unwrap()
+        re.search(db.embeddings().row(ChunkId(3)), 8).unwrap(),
+        db.search(db.embeddings().row(ChunkId(3)), 8).unwrap()
     );
     re.check_compatible(&t).unwrap();
     re.check_embedder(&e).unwrap();
@@ -341,7 +341,7 @@ fn keys_of_a_model_without_normalize_are_stored_as_unit_vectors() {
     for i in 0..db.embeddings().len() {
         let n = db
             .embeddings()
-            .row(i)
+            .row(ChunkId(i))
             .iter()
             .map(|x| x * x)
             .sum::<f32>()
@@ -351,7 +351,7 @@ fn keys_of_a_model_without_normalize_are_stored_as_unit_vectors() {
     // Chunks of the same text are at distance ~0; chunks of the other topics are not: no ties at 0
     // between keys of other directions.
     let n = db.embeddings().len();
-    let hits = db.search(db.embeddings().row(0), n).unwrap();
+    let hits = db.search(db.embeddings().row(ChunkId(0)), n).unwrap();
     assert!(hits[0].1 < 1e-4, "{hits:?}");
     let far = hits.iter().filter(|h| h.1 > 0.05).count();
     assert!(far >= n / 2, "{hits:?}");

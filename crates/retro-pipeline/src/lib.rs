@@ -53,7 +53,7 @@ pub mod trainee;
 pub mod trainer;
 
 pub use base::{import_gguf, BaseDir, BaseMeta};
-pub use dataset::{Batch, Dataset, DatasetMeta, DatasetParams, Split};
+pub use dataset::{Batch, Dataset, DatasetId, DatasetMeta, DatasetParams, Split};
 pub use decoder::Decoder;
 pub use error::{PipelineError, Result};
 pub use eval::{

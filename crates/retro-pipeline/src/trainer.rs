@@ -88,7 +88,7 @@ pub struct RunState {
     /// [`crate::DatasetMeta::dataset_id`] of the dataset trained on (empty in runs written before
     /// datasets had ids): resuming on another dataset is refused.
     #[serde(default)]
-    pub dataset_id: String,
+    pub dataset_id: crate::dataset::DatasetId,
     /// What a resume had to say (damaged checkpoints skipped); not saved.
     #[serde(skip)]
     pub notes: Vec<String>,
@@ -598,7 +598,7 @@ fn train_model(
                 ),
             ));
         }
-        if !state.dataset_id.is_empty() && state.dataset_id != ds.meta().dataset_id {
+        if !state.dataset_id.is_unknown() && state.dataset_id != ds.meta().dataset_id {
             return Err(PipelineError::file(
                 &run_dir.join("state.json"),
                 format!(

@@ -13,7 +13,7 @@ use crate::embed::{l2_normalize, Embedder};
 use crate::embeddings::Embeddings;
 use crate::error::{IndexError, Result};
 use crate::hnsw::{brute_force_batch, mean_recall_at_k, Hit, HnswIndex};
-use crate::ids::DatabaseId;
+use crate::ids::{ChunkId, DatabaseId};
 use crate::key_index::{KeyFilter, KeyIndex};
 use crate::store::ChunkStore;
 use crate::tokenizer::LmTokenizer;
@@ -229,7 +229,7 @@ impl Database {
         let ids: Vec<usize> = (0..sample).map(|i| i * n / sample).collect();
         let queries: Vec<Vec<f32>> = ids
             .iter()
-            .map(|&i| self.embeddings.row(i).to_vec())
+            .map(|&i| self.embeddings.row(ChunkId(i)).to_vec())
             .collect();
         let ef_used = ef.unwrap_or(self.manifest.hnsw.ef_search).max(k);
         let t = std::time::Instant::now();

@@ -327,7 +327,7 @@ fn write_split(
                 let first = store.document(o.document).first_chunk as usize + o.start / cl;
                 (0..c).map(move |u| first + u)
             })
-            .map(|chunk| db.embeddings().row(chunk).to_vec())
+            .map(|chunk| db.embeddings().row(ChunkId(chunk)).to_vec())
             .collect();
         // Rows of this group below `novel` (in the split's order) get novel neighbours.
         let novel_rows = novel.saturating_sub(g * 64).min(group.len());
@@ -365,7 +365,12 @@ fn write_split(
 }
 
 /// Step 5: the dataset's id, from the database, the parameters and every file's checksum.
-fn dataset_id(db: &Database, params: &DatasetParams, filter: Filter, files: &FileTable) -> String {
+fn dataset_id(
+    db: &Database,
+    params: &DatasetParams,
+    filter: Filter,
+    files: &FileTable,
+) -> DatasetId {
     let params = format!(
         "{}|{}|{}|{}|{filter}|{}|{}",
         db.id(),
@@ -375,7 +380,7 @@ fn dataset_id(db: &Database, params: &DatasetParams, filter: Filter, files: &Fil
         params.seed,
         params.novel_fraction,
     );
-    files.content_id(&params)
+    DatasetId::new(files.content_id(&params))
 }
 
 fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -65,7 +65,7 @@ pub struct DatasetMeta {
     pub format_version: u32,
     /// Content id: a hash of the parameters, the database id and the files' checksums. A run
     /// records it, and resuming on another dataset is refused.
-    pub dataset_id: String,
+    pub dataset_id: DatasetId,
     pub database_id: DatabaseId,
     /// Where the database was when the dataset was built (the id is what is checked).
     #[serde(default)]
@@ -192,5 +192,31 @@ impl DatasetMeta {
             }
         }
         Ok(())
+    }
+}
+
+/// A dataset's content id: 16 hex digits of the SHA-256 of its database's id, its parameters and
+/// its files' checksums, the same on every machine for the same inputs. A training run records it
+/// and refuses to resume on a dataset rebuilt otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct DatasetId(String);
+
+impl DatasetId {
+    pub(crate) fn new(id: String) -> Self {
+        Self(id)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The id recorded by runs written before datasets had ids: none.
+    pub fn is_unknown(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for DatasetId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }

@@ -8,7 +8,7 @@ mod build;
 mod meta;
 mod open;
 
-pub use meta::{DatasetMeta, DatasetParams, SplitInfo};
+pub use meta::{DatasetId, DatasetMeta, DatasetParams, SplitInfo};
 
 use crate::error::{PipelineError, Result};
 use crate::filter::Origin;
