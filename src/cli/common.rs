@@ -181,11 +181,7 @@ pub fn load_embedder(
 
 /// Loads the LM tokenizer: `char` (built from the corpus) or a tokenizer.json path.
 pub fn load_lm_tokenizer(spec: &str, corpus: &retro_index::Corpus) -> anyhow::Result<LmTokenizer> {
-    if spec == "char" {
-        Ok(LmTokenizer::char_from_corpus(corpus))
-    } else {
-        Ok(LmTokenizer::from_file(Path::new(spec))?)
-    }
+    Ok(LmTokenizer::from_spec(spec, corpus)?)
 }
 
 /// Where the keys go: the embedded HNSW graph (default) or a Milvus collection.

@@ -90,6 +90,15 @@ impl LmTokenizer {
         LmTokenizer::Char(CharTokenizer::from_corpus(corpus))
     }
 
+    /// What a build names: `char` (labml's characters, from `corpus`) or a `tokenizer.json` path.
+    pub fn from_spec(spec: &str, corpus: &Corpus) -> Result<Self> {
+        if spec == "char" {
+            Ok(Self::char_from_corpus(corpus))
+        } else {
+            Self::from_file(Path::new(spec))
+        }
+    }
+
     /// Any Hugging Face `tokenizer.json` (e.g. GPT-2 byte-level BPE). Padding and truncation are turned off.
     pub fn from_file(path: &Path) -> Result<Self> {
         let json = std::fs::read_to_string(path).map_err(|e| IndexError::io(path, e))?;

@@ -37,8 +37,100 @@ struct Database {
     embedder: OnceLock<Arc<dyn Embedder>>,
 }
 
+/// Calls a Python `progress(stage, done, total)` from a build's threads (taking the GIL for it);
+/// an exception it raises is printed and ignored, so a broken progress bar never loses a build.
+fn progress_fn(cb: Option<PyObject>) -> Option<retro_index::database::ProgressFn> {
+    let cb = Arc::new(cb?);
+    Some(Arc::new(move |stage, done, total| {
+        Python::with_gil(|py| {
+            let name = format!("{stage:?}").to_lowercase();
+            if let Err(e) = cb.call1(py, (name, done, total)) {
+                e.print(py);
+            }
+        })
+    }))
+}
+
 #[pymethods]
 impl Database {
+    /// Builds a database at `out` from `corpus` (a JSONL file of `{"id", "text"}` lines, a text
+    /// file, or a folder of them), as `retro index build` does: `tokenizer` is `"char"` or a
+    /// `tokenizer.json` path; the keys come from `embedder` (a BERT model folder) or, with
+    /// `lexical_dim`, from hashed n-grams (`lexical_features` `"words"` or `"chars"`). Written in a
+    /// staged folder swapped in whole; an existing database is replaced only with `overwrite`.
+    /// `progress(stage, done, total)` is called as it goes.
+    #[staticmethod]
+    #[pyo3(signature = (corpus, out, *, tokenizer, embedder = None, lexical_dim = None,
+        lexical_features = "words", chunk_len = 64, batch_size = 256, device = "cpu",
+        overwrite = false, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        py: Python<'_>,
+        corpus: PathBuf,
+        out: PathBuf,
+        tokenizer: &str,
+        embedder: Option<PathBuf>,
+        lexical_dim: Option<usize>,
+        lexical_features: &str,
+        chunk_len: usize,
+        batch_size: usize,
+        device: &str,
+        overwrite: bool,
+        progress: Option<PyObject>,
+    ) -> PyResult<Self> {
+        let features = match lexical_features {
+            "words" => retro_index::LexicalFeatures::Words,
+            "chars" => retro_index::LexicalFeatures::CharTrigrams,
+            other => {
+                return Err(err(format!(
+                    "lexical_features {other:?}: must be \"words\" or \"chars\""
+                )))
+            }
+        };
+        let device = retro_model_device(device)?;
+        let progress = progress_fn(progress);
+        py.allow_threads(|| -> Result<(), String> {
+            let docs = retro_index::read_corpus(&corpus, &Default::default())
+                .map_err(|e| format!("reading corpus {}: {e}", corpus.display()))?;
+            let tok =
+                retro_index::LmTokenizer::from_spec(tokenizer, &docs).map_err(|e| e.to_string())?;
+            let (emb, source): (Box<dyn Embedder>, Option<String>) = match (lexical_dim, &embedder)
+            {
+                (Some(_), Some(_)) => return Err("give embedder or lexical_dim, not both".into()),
+                (Some(dim), None) => (
+                    Box::new(
+                        retro_index::LexicalEmbedder::with_features(dim, features)
+                            .map_err(|e| e.to_string())?,
+                    ),
+                    None,
+                ),
+                (None, Some(dir)) => {
+                    let e =
+                        retro_index::BertEmbedder::load_with(dir, &device, BertOptions::default())
+                            .map_err(|e| format!("loading embedder {}: {e}", dir.display()))?;
+                    let source = dir.canonicalize().unwrap_or(dir.clone());
+                    (Box::new(e), Some(source.display().to_string()))
+                }
+                (None, None) => {
+                    return Err("choose an embedder: embedder=MODEL_DIR or lexical_dim=DIM".into())
+                }
+            };
+            let opts = retro_index::BuildOptions {
+                chunk_len,
+                batch_size,
+                progress,
+                overwrite,
+                embedder_source: source,
+                ..Default::default()
+            };
+            retro_index::Database::build(&docs, &tok, emb.as_ref(), &opts, &out)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(err)?;
+        Self::open(py, out)
+    }
+
     /// Opens the database at `path`.
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
@@ -402,6 +494,56 @@ fn split(name: &str) -> PyResult<Split> {
 
 #[pymethods]
 impl Dataset {
+    /// Builds a dataset at `out` from `db`, as `retro dataset build` does: sequences of `seq_len`
+    /// tokens cut from the database's documents, each chunk's `k` neighbours precomputed with
+    /// the same-document filter. Documents whose id contains one of `hold_out_matching` form the
+    /// validation split and never serve as neighbours; without any, `valid_fraction` of the
+    /// documents (seeded) does. `progress(done, total)` is called per sequence written.
+    #[staticmethod]
+    #[pyo3(signature = (db, out, *, seq_len = 512, k = 2, seed = 0, hold_out_matching = vec![],
+        valid_fraction = 0.1, overwrite = false, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        py: Python<'_>,
+        db: Py<Database>,
+        out: PathBuf,
+        seq_len: usize,
+        k: usize,
+        seed: u64,
+        hold_out_matching: Vec<String>,
+        valid_fraction: f64,
+        overwrite: bool,
+        progress: Option<PyObject>,
+    ) -> PyResult<Self> {
+        let d = db.get().db.clone();
+        let params = retro_pipeline::DatasetParams {
+            seq_len,
+            k,
+            seed,
+            held_out_matching: hold_out_matching,
+            valid_fraction,
+            ..Default::default()
+        };
+        let report = |done: usize, total: usize| {
+            if let Some(cb) = &progress {
+                Python::with_gil(|py| {
+                    if let Err(e) = cb.call1(py, (done, total)) {
+                        e.print(py);
+                    }
+                })
+            }
+        };
+        let ds = py
+            .allow_threads(|| {
+                retro_pipeline::Dataset::build_with(&d, &params, &out, overwrite, &report)
+            })
+            .map_err(err)?;
+        Ok(Self {
+            ds: Arc::new(ds),
+            db,
+        })
+    }
+
     /// Opens the dataset at `path` over `db`, the database it was built from.
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf, db: Py<Database>) -> PyResult<Self> {
@@ -413,6 +555,12 @@ impl Dataset {
             ds: Arc::new(ds),
             db,
         })
+    }
+
+    /// The dataset's content id (16 hex digits), as `retro dataset info` prints it.
+    #[getter]
+    fn id(&self) -> String {
+        self.ds.meta().dataset_id.to_string()
     }
 
     /// Sequences in a split.
@@ -474,6 +622,15 @@ impl Dataset {
             .collect();
         d.set_item("documents", docs)?;
         Ok(d)
+    }
+}
+
+fn retro_model_device(name: &str) -> PyResult<candle_core::Device> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        other => Err(err(format!(
+            "device {other:?}: retro_rs builds on the CPU (\"cpu\")"
+        ))),
     }
 }
 

@@ -63,6 +63,43 @@ def test_search_and_neighbours_equal_the_cli(built):
         assert text == h["chunk_text"] + h["continuation_text"]
 
 
+def test_a_database_and_dataset_built_from_python_equal_the_clis(built, tmp_path):
+    stages = []
+    db = retro_rs.Database.build(
+        built / "corpus.jsonl", tmp_path / "db", tokenizer="char", lexical_dim=64, chunk_len=16,
+        progress=lambda stage, done, total: stages.append(stage))
+    cli = retro_rs.Database.open(built / "db")
+    # Content ids: the same chunks, keys, tokenizer and parameters as `retro index build`.
+    assert db.id == cli.id and db.num_chunks == cli.num_chunks
+    assert {"tokenizing", "embedding", "inserting"} <= set(stages)
+    done = []
+    ds = retro_rs.Dataset.build(db, tmp_path / "ds", seq_len=64, k=2,
+                                progress=lambda d, t: done.append((d, t)))
+    assert ds.id == retro_rs.Dataset.open(built / "ds", cli).id
+    assert done and done[-1][0] == done[-1][1]
+    np.testing.assert_array_equal(ds.batch([0, 1])["neighbours"],
+                                  retro_rs.Dataset.open(built / "ds", cli).batch([0, 1])["neighbours"])
+    # Rebuilding needs overwrite, and a folder of someone's files is never replaced.
+    with pytest.raises(retro_rs.RetroError, match="overwrite"):
+        retro_rs.Dataset.build(db, tmp_path / "ds", seq_len=64)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(retro_rs.RetroError, match="is not a retro database"):
+        retro_rs.Database.build(built / "corpus.jsonl", mine, tokenizer="char", lexical_dim=64,
+                                overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+    with pytest.raises(retro_rs.RetroError, match="lexical_features"):
+        retro_rs.Database.build(built / "corpus.jsonl", tmp_path / "x", tokenizer="char",
+                                lexical_dim=64, lexical_features="bogus")
+    with pytest.raises(retro_rs.RetroError, match="choose an embedder"):
+        retro_rs.Database.build(built / "corpus.jsonl", tmp_path / "x", tokenizer="char")
+    with pytest.raises(retro_rs.RetroError, match="nope.jsonl"):
+        retro_rs.Database.build(tmp_path / "nope.jsonl", tmp_path / "x", tokenizer="char",
+                                lexical_dim=64)
+    assert not (tmp_path / "x").exists()
+
+
 def test_retrieve_equals_the_datasets_precomputed_neighbours(built):
     db = retro_rs.Database.open(built / "db")
     ds = retro_rs.Dataset.open(built / "ds", db)

@@ -1,5 +1,5 @@
 from os import PathLike
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -10,6 +10,25 @@ class RetroError(Exception):
 class Database:
     """A retrieval database folder (``retro index build``), opened and checked."""
 
+    @staticmethod
+    def build(
+        corpus: str | PathLike[str],
+        out: str | PathLike[str],
+        *,
+        tokenizer: str,
+        embedder: Optional[str | PathLike[str]] = None,
+        lexical_dim: Optional[int] = None,
+        lexical_features: str = "words",
+        chunk_len: int = 64,
+        batch_size: int = 256,
+        device: str = "cpu",
+        overwrite: bool = False,
+        progress: Optional[Callable[[str, int, int], None]] = None,
+    ) -> "Database":
+        """Builds a database as ``retro index build`` does: ``tokenizer`` is ``"char"`` or a
+        tokenizer.json path; keys from ``embedder`` (a BERT model folder) or ``lexical_dim``.
+        ``progress(stage, done, total)`` with stage "tokenizing", "embedding", "inserting" or
+        "writing". Raises RetroError; a failed build leaves nothing at ``out``."""
     @staticmethod
     def open(path: str | PathLike[str]) -> "Database": ...
     @property
@@ -62,7 +81,24 @@ class Dataset:
     """Training sequences with precomputed neighbours (``retro dataset build``)."""
 
     @staticmethod
+    def build(
+        db: Database,
+        out: str | PathLike[str],
+        *,
+        seq_len: int = 512,
+        k: int = 2,
+        seed: int = 0,
+        hold_out_matching: Sequence[str] = (),
+        valid_fraction: float = 0.1,
+        overwrite: bool = False,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> "Dataset":
+        """Builds a dataset as ``retro dataset build`` does: sequences of ``seq_len`` tokens, each
+        chunk's ``k`` neighbours precomputed with the same-document filter."""
+    @staticmethod
     def open(path: str | PathLike[str], db: Database) -> "Dataset": ...
+    @property
+    def id(self) -> str: ...
     def len(self, split_name: str = "train") -> int: ...
     def __len__(self) -> int: ...
     @property
