@@ -8,7 +8,7 @@ use retro_index::{
     MilvusIndexParams, MilvusLocation, MilvusOptions,
 };
 use retro_pipeline::{Gate, Run, RunDatabase};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Which model to decode: a trained run with its database, or an imported base alone.
 #[derive(clap::Args, Debug, Clone)]

@@ -88,6 +88,7 @@ impl DatasetCmd {
                     max_train_sequences: a.max_train_sequences,
                     max_valid_sequences: a.max_valid_sequences,
                     novel_fraction: a.novel_fraction,
+                    cancel: Default::default(),
                 };
                 let bar = indicatif::ProgressBar::new(0).with_style(
                     indicatif::ProgressStyle::with_template(

@@ -235,6 +235,7 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
         embedder_source: source,
         vector_store: a.store.resolve(hnsw)?,
         milvus: a.store.options(),
+        cancel: Default::default(),
     };
     let db = Database::build(&corpus, &tokenizer, embedder.as_ref(), &opts, &a.out)?;
     let c = db.manifest().counts;

@@ -49,6 +49,9 @@ pub enum IndexError {
     },
     #[error("index: {0}")]
     Index(String),
+    /// A build stopped by its [`crate::Cancel`]; its staged folder was removed.
+    #[error("cancelled: the build was stopped and nothing was written")]
+    Cancelled,
     /// A vector store (Milvus) failed or disagrees with the manifest; `location` is its URL.
     #[error("{location}: {message}")]
     Store { location: String, message: String },

@@ -48,6 +48,7 @@ pub mod array_file;
 pub mod bert;
 pub mod bible;
 pub mod byte_level_bpe;
+pub mod cancel;
 pub mod corpus;
 pub mod database;
 pub mod distance;
@@ -72,6 +73,7 @@ pub mod vector_store;
 
 pub use bert::{BertEmbedder, BertOptions};
 pub use byte_level_bpe::ByteLevelBpe;
+pub use cancel::Cancel;
 pub use corpus::{read_corpus, Corpus, CorpusOptions, Document};
 pub use database::{
     BuildOptions, Counts, Database, Manifest, OpenOptions, ProgressFn, RecallReport, Stage,

@@ -37,18 +37,54 @@ struct Database {
     embedder: OnceLock<Arc<dyn Embedder>>,
 }
 
-/// Calls a Python `progress(stage, done, total)` from a build's threads (taking the GIL for it);
-/// an exception it raises is printed and ignored, so a broken progress bar never loses a build.
-fn progress_fn(cb: Option<PyObject>) -> Option<retro_index::database::ProgressFn> {
-    let cb = Arc::new(cb?);
-    Some(Arc::new(move |stage, done, total| {
+/// A build's link to Python: calls the user's `progress` and watches for Ctrl-C (a
+/// `KeyboardInterrupt` from the callback, or a signal pending when it returns), which cancels the
+/// build; the interrupt is then what the call raises. Another exception from the callback is
+/// printed and ignored, so a broken progress bar never loses a build.
+struct Interrupt {
+    cancel: retro_index::Cancel,
+    error: std::sync::Mutex<Option<PyErr>>,
+}
+
+impl Interrupt {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            cancel: retro_index::Cancel::new(),
+            error: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Runs `call` (the user's callback, if any) under the GIL, then checks for signals.
+    fn poll(&self, call: impl FnOnce(Python<'_>) -> PyResult<PyObject>) {
         Python::with_gil(|py| {
-            let name = format!("{stage:?}").to_lowercase();
-            if let Err(e) = cb.call1(py, (name, done, total)) {
-                e.print(py);
+            if let Err(e) = call(py) {
+                if !e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
+                    e.print(py);
+                    return;
+                }
+                self.stop(e);
+            }
+            if let Err(e) = py.check_signals() {
+                self.stop(e);
             }
         })
-    }))
+    }
+
+    fn stop(&self, e: PyErr) {
+        self.cancel.cancel();
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    }
+
+    /// The build's result: the interrupt when it was cancelled, else its own error.
+    fn result<T>(&self, r: Result<T, String>) -> PyResult<T> {
+        let pending = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (r, pending) {
+            (Ok(v), _) => Ok(v),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(err(e)),
+        }
+    }
 }
 
 #[pymethods]
@@ -88,8 +124,16 @@ impl Database {
             }
         };
         let device = retro_model_device(device)?;
-        let progress = progress_fn(progress);
-        py.allow_threads(|| -> Result<(), String> {
+        let interrupt = Interrupt::new();
+        let watch = interrupt.clone();
+        let report: retro_index::database::ProgressFn = Arc::new(move |stage, done, total| {
+            let name = format!("{stage:?}").to_lowercase();
+            watch.poll(|py| match &progress {
+                Some(cb) => cb.call1(py, (name, done, total)),
+                None => Ok(py.None()),
+            })
+        });
+        let r = py.allow_threads(|| -> Result<(), String> {
             let docs = retro_index::read_corpus(&corpus, &Default::default())
                 .map_err(|e| format!("reading corpus {}: {e}", corpus.display()))?;
             let tok =
@@ -118,7 +162,8 @@ impl Database {
             let opts = retro_index::BuildOptions {
                 chunk_len,
                 batch_size,
-                progress,
+                progress: Some(report),
+                cancel: interrupt.cancel.clone(),
                 overwrite,
                 embedder_source: source,
                 ..Default::default()
@@ -126,8 +171,8 @@ impl Database {
             retro_index::Database::build(&docs, &tok, emb.as_ref(), &opts, &out)
                 .map(drop)
                 .map_err(|e| e.to_string())
-        })
-        .map_err(err)?;
+        });
+        interrupt.result(r)?;
         Self::open(py, out)
     }
 
@@ -516,28 +561,27 @@ impl Dataset {
         progress: Option<PyObject>,
     ) -> PyResult<Self> {
         let d = db.get().db.clone();
+        let interrupt = Interrupt::new();
         let params = retro_pipeline::DatasetParams {
             seq_len,
             k,
             seed,
             held_out_matching: hold_out_matching,
             valid_fraction,
+            cancel: interrupt.cancel.clone(),
             ..Default::default()
         };
         let report = |done: usize, total: usize| {
-            if let Some(cb) = &progress {
-                Python::with_gil(|py| {
-                    if let Err(e) = cb.call1(py, (done, total)) {
-                        e.print(py);
-                    }
-                })
-            }
-        };
-        let ds = py
-            .allow_threads(|| {
-                retro_pipeline::Dataset::build_with(&d, &params, &out, overwrite, &report)
+            interrupt.poll(|py| match &progress {
+                Some(cb) => cb.call1(py, (done, total)),
+                None => Ok(py.None()),
             })
-            .map_err(err)?;
+        };
+        let r = py.allow_threads(|| {
+            retro_pipeline::Dataset::build_with(&d, &params, &out, overwrite, &report)
+                .map_err(|e| e.to_string())
+        });
+        let ds = interrupt.result(r)?;
         Ok(Self {
             ds: Arc::new(ds),
             db,

@@ -5,6 +5,7 @@ errors. `RETRO_BIN` names the `retro` binary (tests/python.rs sets it)."""
 import json
 import os
 import random
+import signal
 import subprocess
 
 import numpy as np
@@ -98,6 +99,26 @@ def test_a_database_and_dataset_built_from_python_equal_the_clis(built, tmp_path
         retro_rs.Database.build(tmp_path / "nope.jsonl", tmp_path / "x", tokenizer="char",
                                 lexical_dim=64)
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_stops_a_build_and_leaves_nothing(built, tmp_path):
+    def ctrl_c(*_):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        retro_rs.Database.build(built / "corpus.jsonl", tmp_path / "db", tokenizer="char",
+                                lexical_dim=64, chunk_len=16, progress=ctrl_c)
+    db = retro_rs.Database.open(built / "db")
+    with pytest.raises(KeyboardInterrupt):
+        retro_rs.Dataset.build(db, tmp_path / "ds", seq_len=64, progress=ctrl_c)
+    # Neither the folders nor their staged copies (hidden siblings) stay.
+    assert list(tmp_path.iterdir()) == []
+    # A progress callback that fails is reported, not fatal.
+    def broken(*_):
+        raise ValueError("broken progress bar")
+
+    ds = retro_rs.Dataset.build(db, tmp_path / "ds", seq_len=64, progress=broken)
+    assert len(ds) > 0
 
 
 def test_retrieve_equals_the_datasets_precomputed_neighbours(built):

@@ -44,6 +44,9 @@ pub struct BuildOptions {
     /// (needs the `milvus` feature). `overwrite` also allows replacing the collection.
     pub vector_store: Option<(MilvusLocation, MilvusIndexParams)>,
     pub milvus: MilvusOptions,
+    /// Checked between the build's steps and its batches of keys: once set, the build stops with
+    /// [`IndexError::Cancelled`] and writes nothing.
+    pub cancel: crate::Cancel,
 }
 
 impl Default for BuildOptions {
@@ -57,6 +60,7 @@ impl Default for BuildOptions {
             embedder_source: None,
             vector_store: None,
             milvus: MilvusOptions::default(),
+            cancel: crate::Cancel::default(),
         }
     }
 }
@@ -199,15 +203,16 @@ fn embed_chunks(
     store: &ChunkStore,
     tokenizer: &LmTokenizer,
     embedder: &dyn Embedder,
-    batch_size: usize,
+    opts: &BuildOptions,
     report: &(dyn Fn(Stage, usize, usize) + Sync),
 ) -> Result<Vec<f32>> {
     let n = store.len();
     let dim = embedder.dim();
     let mut vectors = Vec::with_capacity(n * dim);
     report(Stage::Embedding, 0, n);
-    let batch = batch_size.max(1);
+    let batch = opts.batch_size.max(1);
     for start in (0..n).step_by(batch) {
+        opts.cancel.check()?;
         let end = (start + batch).min(n);
         let texts: Vec<String> = (start..end)
             .into_par_iter()
@@ -422,13 +427,14 @@ impl Database {
 
         // 1. Tokenize (parallel over documents).
         let tokens = tokenize(corpus, tokenizer, &report)?;
+        opts.cancel.check()?;
 
         // 2. Chunk store.
         let (store, counts) = write_chunk_store(&tmp, corpus, tokens, tokenizer, opts.chunk_len)?;
 
         // 3. Keys: decode each chunk, embed in batches.
         let dim = embedder.dim();
-        let vectors = embed_chunks(&store, tokenizer, embedder, opts.batch_size, &report)?;
+        let vectors = embed_chunks(&store, tokenizer, embedder, opts, &report)?;
         Embeddings::write(&tmp.join(EMBEDDINGS_FILE), &vectors)?;
 
         // 4. The id, from the files written so far and the parameters.
@@ -442,15 +448,17 @@ impl Database {
         };
         let id = &identity.database_id;
         let index = build_key_index(keys, id, opts, &tmp, &mut identity.files, &report)?;
+        opts.cancel.check()?;
 
         // 6. Manifest, last.
         let manifest = manifest(identity, opts, dim, counts, index);
         write_json_atomic(&tmp.join(MANIFEST_FILE), &manifest)?;
         drop(store);
 
-        // 7. Into place.
-        staged.commit()?;
+        // 7. Into place, unless cancelled by now.
         report(Stage::Writing, 1, 1);
+        opts.cancel.check()?;
+        staged.commit()?;
         Database::open(out_dir)
     }
 }

@@ -95,9 +95,11 @@ impl Dataset {
         let out = staged.path();
         let total = splits.train.len() + splits.valid.len();
         let mut done = 0;
+        let cancel = &params.cancel;
         let mut step = |n: usize| {
             done += n;
             progress(done, total);
+            cancel.check()
         };
         let train_info = write_split(
             db,
@@ -148,6 +150,7 @@ impl Dataset {
             files,
         };
         write_json_atomic(&out.join(FolderKind::Dataset.marker()), &meta)?;
+        params.cancel.check()?;
         staged.commit()?;
         Dataset::open(out_dir, db)
     }
@@ -312,7 +315,7 @@ fn write_split(
     origins: &[Origin],
     (seq_len, filter, novel): (usize, Filter, usize),
     out: &Path,
-    progress: &mut dyn FnMut(usize),
+    progress: &mut dyn FnMut(usize) -> retro_index::Result<()>,
 ) -> Result<SplitInfo> {
     let store = db.store();
     let (cl, k) = (db.chunk_len(), retriever.k());
@@ -346,7 +349,7 @@ fn write_split(
         );
         dists.extend(&n.distances);
         padded += n.padded;
-        progress(group.len());
+        progress(group.len())?;
     }
     let name = split.name();
     let flat: Vec<u32> = origins

@@ -30,6 +30,10 @@ pub struct DatasetParams {
     /// ([`Retriever::search_without_nearest_document`]). Neighbours that look alike without
     /// continuing the text, so CCA learns to check a neighbour before copying it. 0 in the paper.
     pub novel_fraction: f64,
+    /// Checked between groups of sequences: once set, the build stops with `Cancelled` and
+    /// writes nothing. Not part of the dataset.
+    #[serde(skip)]
+    pub cancel: retro_index::Cancel,
 }
 
 impl Default for DatasetParams {
@@ -45,6 +49,7 @@ impl Default for DatasetParams {
             max_train_sequences: None,
             max_valid_sequences: None,
             novel_fraction: 0.0,
+            cancel: retro_index::Cancel::default(),
         }
     }
 }

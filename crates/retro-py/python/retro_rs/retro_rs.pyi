@@ -28,7 +28,8 @@ class Database:
         """Builds a database as ``retro index build`` does: ``tokenizer`` is ``"char"`` or a
         tokenizer.json path; keys from ``embedder`` (a BERT model folder) or ``lexical_dim``.
         ``progress(stage, done, total)`` with stage "tokenizing", "embedding", "inserting" or
-        "writing". Raises RetroError; a failed build leaves nothing at ``out``."""
+        "writing". Raises RetroError; a failed build leaves nothing at ``out``. Ctrl-C stops it at
+        its next step (KeyboardInterrupt), leaving nothing either."""
     @staticmethod
     def open(path: str | PathLike[str]) -> "Database": ...
     @property
