@@ -230,6 +230,14 @@ impl Database {
         self.db.id().to_string()
     }
 
+    /// Every chunk's key `[num_chunks, dim]` (float32, unit length; row i is chunk i's), for
+    /// search or analysis elsewhere.
+    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let e = self.db.embeddings();
+        let a = Array2::from_shape_vec((e.len(), e.dim()), e.as_slice().to_vec()).map_err(err)?;
+        Ok(a.into_pyarray(py))
+    }
+
     /// What `retro index info` prints, as a dict.
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let m = self.db.manifest();

@@ -57,6 +57,12 @@ def test_search_and_neighbours_equal_the_cli(built):
     assert ids[0].tolist() == [h["chunk"] for h in cli["hits"]]
     np.testing.assert_allclose(dist[0], [h["distance"] for h in cli["hits"]], rtol=1e-6)
     assert db.documents_of(ids[0]) == [h["document"] for h in cli["hits"]]
+    keys = db.keys()
+    assert keys.shape == (db.num_chunks, db.dim) and keys.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, rtol=1e-5)
+    # A stored key's nearest chunk is its own (the lexical keys of these chunks are distinct).
+    own, _ = db.search(keys[[0, 5, 9]], k=1)
+    assert own[:, 0].tolist() == [0, 5, 9]
     n = db.neighbours(ids[0])
     assert n.shape == (3, 32)
     for row, h in zip(n, cli["hits"]):

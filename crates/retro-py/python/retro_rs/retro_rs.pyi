@@ -32,6 +32,8 @@ class Database:
         its next step (KeyboardInterrupt), leaving nothing either."""
     @staticmethod
     def open(path: str | PathLike[str]) -> "Database": ...
+    def keys(self) -> npt.NDArray[np.float32]:
+        """Every chunk's key [num_chunks, dim] (unit length; row i is chunk i's)."""
     @property
     def chunk_len(self) -> int: ...
     @property
