@@ -74,8 +74,8 @@ pub struct Manifest {
     pub vector_store: Option<VectorStoreRecord>,
 }
 
-/// Files up to this size are checksummed on every open; larger ones by [`Database::verify`] or
-/// [`OpenOptions::verify_checksums`].
+/// Files up to this size are checksummed on every open; larger ones by [`super::Database::verify`] or
+/// [`super::OpenOptions::verify_checksums`].
 pub const SMALL_FILE_BYTES: u64 = 8 << 20;
 
 /// What to do about a damaged database file.

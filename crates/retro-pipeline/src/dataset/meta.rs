@@ -27,7 +27,7 @@ pub struct DatasetParams {
     pub max_valid_sequences: Option<usize>,
     /// This fraction of the training sequences (seeded) get *novel* neighbours: each chunk's are
     /// also kept out of the document of its nearest neighbour
-    /// ([`Retriever::search_without_nearest_document`]). Neighbours that look alike without
+    /// ([`crate::Retriever::search_without_nearest_document`]). Neighbours that look alike without
     /// continuing the text, so CCA learns to check a neighbour before copying it. 0 in the paper.
     pub novel_fraction: f64,
     /// Checked between groups of sequences: once set, the build stops with `Cancelled` and
