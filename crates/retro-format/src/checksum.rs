@@ -33,7 +33,7 @@ pub fn is_hex(s: &str, len: std::ops::RangeInclusive<usize>) -> bool {
 }
 
 /// Lowercase hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
+fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -51,7 +51,7 @@ impl FolderKind {
                 long: "retro database",
                 short: "database",
                 make: "build one with `retro index build`",
-                rebuild: "rebuild it with `retro index build --overwrite`",
+                rebuild: "rebuild the database with `retro index build --overwrite`",
             },
             FolderKind::Dataset => Spec {
                 marker: "dataset.json",
@@ -173,14 +173,21 @@ impl FolderKind {
             FormatError::corrupt(path, format!("format_version {found} is not a number"))
         })?;
         if found != self.version() as u64 {
-            return Err(FormatError::Version {
-                path: path.to_owned(),
-                found,
-                expected: self.version(),
-                remedy: format!("; {}", self.spec().rebuild),
-            });
+            return Err(self.version_error(path, found, self.version()));
         }
         serde_json::from_value(raw).map_err(|e| FormatError::corrupt(path, e.to_string()))
+    }
+
+    /// A file of a folder of this kind, at `path`, of format version `found` where this build
+    /// reads `expected` (the manifest's, or that of a file inside with its own version), with
+    /// what to do about it.
+    pub fn version_error(self, path: &Path, found: u64, expected: u32) -> FormatError {
+        FormatError::Version {
+            path: path.to_owned(),
+            found,
+            expected,
+            remedy: format!("; {}", self.spec().rebuild),
+        }
     }
 
     /// A staged folder to write one of this kind at `out` (see [`StagedDir::new`]).

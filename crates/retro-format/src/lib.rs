@@ -32,7 +32,7 @@ mod folder;
 mod staged;
 
 pub use atomic::{read_json, sync_path, write_atomic, write_json_atomic};
-pub use checksum::{hex, is_hex, sha256_bytes, sha256_file, FileInfo, FileTable};
+pub use checksum::{is_hex, sha256_bytes, sha256_file, FileInfo, FileTable};
 pub use error::{FormatError, Result};
 pub use folder::FolderKind;
 pub use staged::{remove_stale_staged, StagedDir};

@@ -74,15 +74,10 @@ impl IndexError {
         retro_format::FormatError::corrupt(path, message).into()
     }
     /// A file of the database in a format version this build does not read.
-    pub(crate) fn version(path: impl Into<PathBuf>, found: u32, expected: u32) -> Self {
-        retro_format::FormatError::Version {
-            path: path.into(),
-            found: found.into(),
-            expected,
-            remedy: "; rebuild the database with this build (`retro index build --overwrite`)"
-                .into(),
-        }
-        .into()
+    pub(crate) fn version(path: &std::path::Path, found: u32, expected: u32) -> Self {
+        retro_format::FolderKind::Database
+            .version_error(path, found.into(), expected)
+            .into()
     }
     pub(crate) fn invalid(
         field: &'static str,

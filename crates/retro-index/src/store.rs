@@ -145,7 +145,7 @@ impl ChunkStore {
         let df: DocumentsFile = read_json(&docs_path)?;
         if df.format_version != FORMAT_VERSION {
             return Err(IndexError::version(
-                docs_path,
+                &docs_path,
                 df.format_version,
                 FORMAT_VERSION,
             ));

@@ -284,7 +284,7 @@ impl LmTokenizer {
         let path = dir.join(TOKENIZER_FILE);
         let s: Saved = read_json(&path)?;
         if s.format_version != FORMAT_VERSION {
-            return Err(IndexError::version(path, s.format_version, FORMAT_VERSION));
+            return Err(IndexError::version(&path, s.format_version, FORMAT_VERSION));
         }
         match (s.kind.as_str(), s.chars, s.tokenizer) {
             ("char", Some(chars), _) => Ok(LmTokenizer::Char(CharTokenizer::from_chars(

@@ -87,6 +87,23 @@ impl Interrupt {
     }
 }
 
+impl Database {
+    fn from_opened(db: retro_index::Database) -> Self {
+        let by_name = db
+            .store()
+            .documents()
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id.clone(), i))
+            .collect();
+        Self {
+            db: Arc::new(db),
+            by_name: Arc::new(by_name),
+            embedder: OnceLock::new(),
+        }
+    }
+}
+
 #[pymethods]
 impl Database {
     /// Builds a database at `out` from `corpus` (a JSONL file of `{"id", "text"}` lines, a text
@@ -97,8 +114,8 @@ impl Database {
     /// `progress(stage, done, total)` is called as it goes.
     #[staticmethod]
     #[pyo3(signature = (corpus, out, *, tokenizer, embedder = None, lexical_dim = None,
-        lexical_features = "words", chunk_len = 64, batch_size = 256, device = "cpu",
-        overwrite = false, progress = None))]
+        lexical_features = "words", chunk_len = 64, batch_size = 256, overwrite = false,
+        progress = None))]
     #[allow(clippy::too_many_arguments)]
     fn build(
         py: Python<'_>,
@@ -110,7 +127,6 @@ impl Database {
         lexical_features: &str,
         chunk_len: usize,
         batch_size: usize,
-        device: &str,
         overwrite: bool,
         progress: Option<PyObject>,
     ) -> PyResult<Self> {
@@ -123,7 +139,6 @@ impl Database {
                 )))
             }
         };
-        let device = retro_model_device(device)?;
         let interrupt = Interrupt::new();
         let watch = interrupt.clone();
         let report: retro_index::database::ProgressFn = Arc::new(move |stage, done, total| {
@@ -133,7 +148,7 @@ impl Database {
                 None => Ok(py.None()),
             })
         });
-        let r = py.allow_threads(|| -> Result<(), String> {
+        let r = py.allow_threads(|| -> Result<retro_index::Database, String> {
             let docs = retro_index::read_corpus(&corpus, &Default::default())
                 .map_err(|e| format!("reading corpus {}: {e}", corpus.display()))?;
             let tok =
@@ -149,9 +164,12 @@ impl Database {
                     None,
                 ),
                 (None, Some(dir)) => {
-                    let e =
-                        retro_index::BertEmbedder::load_with(dir, &device, BertOptions::default())
-                            .map_err(|e| format!("loading embedder {}: {e}", dir.display()))?;
+                    let e = retro_index::BertEmbedder::load_with(
+                        dir,
+                        &retro_index::Device::Cpu,
+                        BertOptions::default(),
+                    )
+                    .map_err(|e| format!("loading embedder {}: {e}", dir.display()))?;
                     let source = dir.canonicalize().unwrap_or(dir.clone());
                     (Box::new(e), Some(source.display().to_string()))
                 }
@@ -169,11 +187,9 @@ impl Database {
                 ..Default::default()
             };
             retro_index::Database::build(&docs, &tok, emb.as_ref(), &opts, &out)
-                .map(drop)
                 .map_err(|e| e.to_string())
         });
-        interrupt.result(r)?;
-        Self::open(py, out)
+        Ok(Self::from_opened(interrupt.result(r)?))
     }
 
     /// Opens the database at `path`.
@@ -182,18 +198,7 @@ impl Database {
         let db = py
             .allow_threads(|| retro_index::Database::open(&path))
             .map_err(err)?;
-        let by_name = db
-            .store()
-            .documents()
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (d.id.clone(), i))
-            .collect();
-        Ok(Self {
-            db: Arc::new(db),
-            by_name: Arc::new(by_name),
-            embedder: OnceLock::new(),
-        })
+        Ok(Self::from_opened(db))
     }
 
     /// Tokens per chunk.
@@ -674,15 +679,6 @@ impl Dataset {
             .collect();
         d.set_item("documents", docs)?;
         Ok(d)
-    }
-}
-
-fn retro_model_device(name: &str) -> PyResult<candle_core::Device> {
-    match name {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        other => Err(err(format!(
-            "device {other:?}: retro_rs builds on the CPU (\"cpu\")"
-        ))),
     }
 }
 

@@ -21,7 +21,6 @@ class Database:
         lexical_features: str = "words",
         chunk_len: int = 64,
         batch_size: int = 256,
-        device: str = "cpu",
         overwrite: bool = False,
         progress: Optional[Callable[[str, int, int], None]] = None,
     ) -> "Database":
