@@ -67,6 +67,12 @@ pub struct RetrofitDemoArgs {
     /// learns far faster in minutes on a CPU (docs/QUALITY.md); `encoder` is the paper's.
     #[arg(long, value_enum, default_value_t = super::choices::NeighbourStatesArg::BaseLayers)]
     pub neighbour_states: super::choices::NeighbourStatesArg,
+    /// Rotary positions in each CCA (`retro train --cca-positions`): `true` or `false`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub cca_positions: bool,
+    /// A gate on each CCA's output (`retro train --gated-output`): `true` or `false`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub gated_output: bool,
     /// The fraction of training sequences that read another sequence's neighbours (`retro train
     /// --neighbour-shuffle`), so that CCA learns to ignore neighbours that do not match.
     #[arg(long, default_value_t = 0.25)]
@@ -288,7 +294,7 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         .neighbour_states
         .to_possible_value()
         .expect("a value enum names each value");
-    retro(&[
+    let mut train = vec![
         "train",
         "--dataset",
         &ds,
@@ -317,7 +323,14 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         "100",
         "--out",
         &run,
-    ])?;
+    ];
+    if a.cca_positions {
+        train.push("--cca-positions");
+    }
+    if a.gated_output {
+        train.push("--gated-output");
+    }
+    retro(&train)?;
     let max_tokens = a.eval_tokens.to_string();
     let eval = |book: &str, extra: &[&str]| -> Result<Value> {
         let matching = format!("{}/{book}", a.hold_out);

@@ -418,6 +418,14 @@ pub struct RetrofitArgs {
     /// own states of the neighbours at its layer).
     #[arg(long, value_enum, default_value_t = super::choices::NeighbourStatesArg::Encoder)]
     pub neighbour_states: super::choices::NeighbourStatesArg,
+    /// RETRO-fit: rotary positions in each CCA (the base's tables; each neighbour before the
+    /// rows it conditions, as in the base's context). Without, the CCA sees no positions.
+    #[arg(long)]
+    pub cca_positions: bool,
+    /// RETRO-fit: each CCA's output times tanh(10 g), g learned from 0 (Flamingo's gate), so that
+    /// its output projection can start as its layer's own (`--blocks-init base`) instead of zero.
+    #[arg(long)]
+    pub gated_output: bool,
 }
 
 impl RetrofitArgs {
@@ -432,6 +440,8 @@ impl RetrofitArgs {
             enc_input_layers: self.enc_input_layers.unwrap_or(self.ca_start),
             init_from_base: self.blocks_init == super::choices::BlocksInit::Base,
             neighbour_states: self.neighbour_states.into(),
+            cca_positions: self.cca_positions,
+            gated_output: self.gated_output,
         }
     }
 }

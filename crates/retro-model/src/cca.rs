@@ -3,9 +3,10 @@
 //! positions, attend chunk-wise, shift back right by `chunk_len - 1` zero rows, truncate to T.
 
 use crate::attention_block_op::Attend;
-use crate::attention_params::AttentionParams;
+use crate::attention_params::{AttentionParams, CcaPositions};
 use crate::config::RetroConfig;
 use crate::kernels::Kernels;
+use crate::llama::blocks::Rotary;
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
 use retro_kernels::ChunkSchedule;
@@ -14,13 +15,65 @@ use retro_kernels::ChunkSchedule;
 pub struct ChunkedCrossAttention {
     pub(crate) params: AttentionParams,
     pub(crate) chunk_len: usize,
+    /// Rotary positions (a RETRO-fit's option, see [`CcaPositions`]); the labml CCA has none.
+    pub(crate) rotary: Option<Rotary>,
+    /// A learned scalar `g` (`{name}.gate`, a RETRO-fit's option): the output is multiplied by
+    /// `tanh(GATE_GAIN * g)`, Flamingo's gated cross-attention; the labml CCA has none.
+    pub(crate) gate: Option<Tensor>,
 }
+
+/// AdamW moves every parameter by about its learning rate per step, whatever its gradient's
+/// size: a bare scalar gate would open by 0.1 in 100 steps at 1e-3. The gain lets it open in
+/// tens of steps, as the projections it scales move.
+pub(crate) const GATE_GAIN: f64 = 10.0;
 
 impl ChunkedCrossAttention {
     pub(crate) fn new(pb: &mut ParamBuilder, name: &str, c: &RetroConfig) -> Result<Self> {
         Ok(Self {
             params: AttentionParams::new(pb, name, c)?,
             chunk_len: c.chunk_len,
+            rotary: None,
+            gate: None,
+        })
+    }
+
+    /// The output of attention rows `att` (heads merged): the projection, times `tanh(gate)` if
+    /// gated, times `keep` (`[b, 1, 1]` or broadcastable) if given, plus `residual` if given.
+    pub(crate) fn output(
+        &self,
+        att: &Tensor,
+        residual: Option<&Tensor>,
+        keep: Option<&Tensor>,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        let out = &self.params.output;
+        if self.gate.is_none() && keep.is_none() {
+            return out.forward_k(att, residual, kern);
+        }
+        let mut y = out.forward_k(att, None, kern)?;
+        if let Some(g) = &self.gate {
+            y = y.broadcast_mul(&(g * GATE_GAIN)?.tanh()?)?;
+        }
+        if let Some(k) = keep {
+            y = y.broadcast_mul(k)?;
+        }
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+
+    /// The positions of query rows from the `first_row`-th a chunk conditions, against
+    /// neighbours of `neighbour_len` tokens (`None` without positions).
+    pub(crate) fn positions(
+        &self,
+        neighbour_len: usize,
+        first_row: usize,
+    ) -> Option<CcaPositions<'_>> {
+        self.rotary.as_ref().map(|rotary| CcaPositions {
+            rotary,
+            neighbour_len,
+            first_row,
         })
     }
 
@@ -38,7 +91,8 @@ impl ChunkedCrossAttention {
         if c == 0 {
             return Ok(h.clone());
         }
-        if keep.is_none() {
+        // The fused block knows no positions and no gate.
+        if keep.is_none() && self.rotary.is_none() && self.gate.is_none() {
             let attend = Attend::Chunked {
                 ctx: e,
                 chunk_len: self.chunk_len,
@@ -57,9 +111,9 @@ impl ChunkedCrossAttention {
         let x = x.pad_with_zeros(1, 0, c * cl - kept)?;
         // Softmax jointly over all k * n neighbour positions.
         let out = p
-            .attend(&x, e, (b * c, cl, k * n), kern)? // [b*c, cl, h, dk]
+            .attend(&x, e, (b * c, cl, k * n), self.positions(n, 0), kern)? // [b*c, cl, h, dk]
             .reshape((b, c * cl, p.n_heads * p.d_k))?;
-        let out = p.output.forward_k(&out.narrow(1, 0, kept)?, None, kern)?;
+        let out = self.output(&out.narrow(1, 0, kept)?, None, None, kern)?;
         let out = match keep {
             None => out,
             // After the output projection: its bias must not reach a gated row either.

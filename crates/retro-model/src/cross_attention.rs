@@ -35,7 +35,7 @@ impl CrossAttention {
         let p = &self.params;
         let x = p.norm.forward(e, kern)?;
         let out = p
-            .attend(&x, h, (b * c, k * n, cl), kern)? // [b*c, k*n, h, dk]
+            .attend(&x, h, (b * c, k * n, cl), None, kern)? // [b*c, k*n, h, dk]
             .reshape((b, c, k, n, p.n_heads * p.d_k))?;
         p.output.forward_k(&out, Some(e), kern)
     }

@@ -60,6 +60,11 @@ impl<'a> ParamBuilder<'a> {
         ))
     }
 
+    /// A learned scalar `[1]` starting at `value` (a CCA's output gate).
+    pub fn scalar(&mut self, name: &str, value: f32) -> Result<Tensor> {
+        self.var(name.to_string(), &[1], vec![value])
+    }
+
     pub fn embedding(&mut self, name: &str, n: usize, d: usize) -> Result<Tensor> {
         let values = (0..n * d)
             .map(|_| {

@@ -47,13 +47,31 @@ fn small_base(seed: u64) -> LlamaBase {
 }
 
 /// Both ways the CCAs can read the neighbours: every test below runs each.
-const STATES: [NeighbourStates; 2] = [NeighbourStates::Encoder, NeighbourStates::BaseLayers];
+/// What the CCAs read, whether they have positions and whether their output is gated: every
+/// combination is tested.
+const FITS: [(NeighbourStates, bool, bool); 8] = {
+    use NeighbourStates::{BaseLayers, Encoder};
+    [
+        (Encoder, false, false),
+        (BaseLayers, false, false),
+        (Encoder, true, false),
+        (BaseLayers, true, false),
+        (Encoder, false, true),
+        (BaseLayers, false, true),
+        (Encoder, true, true),
+        (BaseLayers, true, true),
+    ]
+};
 
 fn fit() -> RetrofitConfig {
-    fit_reading(NeighbourStates::Encoder)
+    fit_reading(NeighbourStates::Encoder, false, false)
 }
 
-fn fit_reading(neighbour_states: NeighbourStates) -> RetrofitConfig {
+fn fit_reading(
+    neighbour_states: NeighbourStates,
+    cca_positions: bool,
+    gated_output: bool,
+) -> RetrofitConfig {
     RetrofitConfig {
         chunk_len: 4,
         ca_start: 1,
@@ -63,6 +81,8 @@ fn fit_reading(neighbour_states: NeighbourStates) -> RetrofitConfig {
         enc_input_layers: 1,
         init_from_base: true,
         neighbour_states,
+        cca_positions,
+        gated_output,
     }
 }
 
@@ -85,15 +105,16 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn a_fresh_retrofit_predicts_exactly_what_the_base_predicts() {
-    for states in STATES {
-        let model = RetroFitted::new(small_base(1), &fit_reading(states), 3).unwrap();
+    for (states, positions, gated) in FITS {
+        let model =
+            RetroFitted::new(small_base(1), &fit_reading(states, positions, gated), 3).unwrap();
         let (x, _, ret) = data(2, 14, 2, 8, 5);
         let base = values(&model.base().forward(&x, 0, None).unwrap());
         assert_eq!(values(&model.forward(&x, Some(&ret), None).unwrap()), base);
         assert_eq!(values(&model.forward(&x, None, None).unwrap()), base);
         assert_eq!(model.blocks().ca_layers, [1, 3].into());
         assert_eq!(
-            fit_reading(states)
+            fit_reading(states, positions, gated)
                 .num_new_parameters(model.base().config())
                 .unwrap(),
             model.num_trainable()
@@ -138,13 +159,13 @@ fn the_states_of_several_depths_in_one_pass_equal_a_pass_per_depth() {
 
 #[test]
 fn only_the_new_blocks_train_and_retro_off_stays_the_base() {
-    for states in STATES {
-        only_the_new_blocks_train(states);
+    for (states, positions, gated) in FITS {
+        only_the_new_blocks_train(states, positions, gated);
     }
 }
 
-fn only_the_new_blocks_train(states: NeighbourStates) {
-    let model = RetroFitted::new(small_base(2), &fit_reading(states), 4).unwrap();
+fn only_the_new_blocks_train(states: NeighbourStates, positions: bool, gated: bool) {
+    let model = RetroFitted::new(small_base(2), &fit_reading(states, positions, gated), 4).unwrap();
     let base_before: Vec<(String, Vec<f32>)> = {
         let mut t: Vec<_> = model
             .base()
@@ -250,8 +271,13 @@ fn the_new_blocks_round_trip_through_their_state_dict() {
 
 /// A RETRO-fitted model whose CCA has left zero (trained a few steps), so the cache is tested on
 /// blocks that change the logits.
-fn trained(seed: u64, states: NeighbourStates) -> RetroFitted {
-    let model = RetroFitted::new(small_base(seed), &fit_reading(states), seed + 10).unwrap();
+fn trained(seed: u64, (states, positions, gated): (NeighbourStates, bool, bool)) -> RetroFitted {
+    let model = RetroFitted::new(
+        small_base(seed),
+        &fit_reading(states, positions, gated),
+        seed + 10,
+    )
+    .unwrap();
     let (x, y, ret) = data(2, 16, 2, 8, seed as u32);
     let mut opt = AdamW::new(model.named_vars(), AdamWParams::default()).unwrap();
     for _ in 0..5 {
@@ -263,13 +289,13 @@ fn trained(seed: u64, states: NeighbourStates) -> RetroFitted {
 
 #[test]
 fn cached_decoding_equals_the_full_forward() {
-    for states in STATES {
-        cached_decoding_equals_the_full_forward_reading(states);
+    for (states, positions, gated) in FITS {
+        cached_decoding_equals_the_full_forward_reading((states, positions, gated));
     }
 }
 
-fn cached_decoding_equals_the_full_forward_reading(states: NeighbourStates) {
-    let model = trained(7, states);
+fn cached_decoding_equals_the_full_forward_reading(fit: (NeighbourStates, bool, bool)) {
+    let model = trained(7, fit);
     let (x, _, ret) = data(2, 19, 2, 8, 3); // 4 complete chunks of 4, and 3 tokens more
                                             // Ungated, and gated with chunk 1's neighbours of the first sequence left unread.
     let keep = Tensor::new(&[[1f32, 0., 1., 1.], [1., 1., 1., 1.]], &Device::Cpu).unwrap();
@@ -306,7 +332,7 @@ fn cached_decoding_equals_the_full_forward_reading(states: NeighbourStates) {
             let worst = worst.to_scalar::<f32>().unwrap();
             assert!(
                 worst < 1e-4,
-                "{states:?}, prefill {prefill}, gate {gate:?}: cached logits differ by {worst}"
+                "{fit:?}, prefill {prefill}, gate {gate:?}: cached logits differ by {worst}"
             );
         }
     }
@@ -321,7 +347,7 @@ fn cached_decoding_equals_the_full_forward_reading(states: NeighbourStates) {
 
 #[test]
 fn the_cache_asks_for_neighbours_exactly_when_a_chunk_completes() {
-    let model = trained(8, NeighbourStates::Encoder);
+    let model = trained(8, (NeighbourStates::Encoder, false, false));
     let (x, _, ret) = data(1, 8, 2, 8, 4);
     let mut cache = model.new_cache(true);
     let e = model
@@ -349,13 +375,13 @@ fn the_cache_asks_for_neighbours_exactly_when_a_chunk_completes() {
 
 #[test]
 fn batched_steps_of_sequences_at_different_positions_equal_each_alone() {
-    for states in STATES {
-        batched_steps_equal_each_alone(states);
+    for (states, positions, gated) in FITS {
+        batched_steps_equal_each_alone((states, positions, gated));
     }
 }
 
-fn batched_steps_equal_each_alone(states: NeighbourStates) {
-    let model = trained(9, states);
+fn batched_steps_equal_each_alone(fit: (NeighbourStates, bool, bool)) {
+    let model = trained(9, fit);
     let (x, _, ret) = data(3, 19, 2, 8, 5);
     // Sequence 0 starts at once, 1 three steps later, 2 (RETRO[OFF]) six steps later: every
     // batched step mixes positions, chunk ends and a cache without retrieval.
@@ -414,7 +440,7 @@ fn batched_steps_equal_each_alone(states: NeighbourStates) {
             worst = worst.max(d.max_all().unwrap().to_scalar::<f32>().unwrap());
         }
     }
-    assert!(worst < 1e-5, "{states:?}: batched logits differ by {worst}");
+    assert!(worst < 1e-5, "{fit:?}: batched logits differ by {worst}");
     for (a, b) in alone.iter().zip(&batched) {
         assert_eq!(a.position(), b.position());
         assert_eq!(a.encoded_chunks(), b.encoded_chunks());
@@ -426,4 +452,32 @@ fn batched_steps_equal_each_alone(states: NeighbourStates) {
         .unwrap_err()
         .to_string();
     assert!(e.contains("one cache"), "{e}");
+}
+
+#[test]
+fn positions_and_the_gate_are_part_of_what_the_cca_computes() {
+    use NeighbourStates::BaseLayers;
+    let (x, _, ret) = data(2, 16, 2, 8, 3);
+    // The same trained weights without positions compute something else.
+    let with = trained(7, (BaseLayers, true, true));
+    let without =
+        RetroFitted::new(small_base(7), &fit_reading(BaseLayers, false, true), 1).unwrap();
+    without.load_state_dict(&with.state_dict()).unwrap();
+    let a = values(&with.forward(&x, Some(&ret), None).unwrap());
+    let b = values(&without.forward(&x, Some(&ret), None).unwrap());
+    assert!(a.iter().zip(&b).any(|(a, b)| (a - b).abs() > 1e-3));
+    // Gated, a fresh CCA's output projection is its layer's own, and its gate is closed.
+    let fresh = RetroFitted::new(small_base(1), &fit_reading(BaseLayers, false, true), 3).unwrap();
+    let sd = fresh.state_dict();
+    let layer = *fresh.blocks().ca_layers.first().unwrap();
+    assert_eq!(
+        values(&sd["cca.0.output.weight"]),
+        values(&fresh.base().block(layer).attn.o)
+    );
+    assert_eq!(values(&sd["cca.0.gate"]), [0.0]);
+    // A gated model's weights do not load into an ungated one: the gate is named.
+    let ungated =
+        RetroFitted::new(small_base(1), &fit_reading(BaseLayers, false, false), 3).unwrap();
+    let e = ungated.load_state_dict(&sd).unwrap_err().to_string();
+    assert!(e.contains("cca.0.gate") && e.contains("unexpected"), "{e}");
 }

@@ -72,6 +72,8 @@ fn a_retrofit_run_trains_the_new_blocks_only_and_evaluates_beside_in_context_ret
         enc_input_layers: 2,
         init_from_base: false,
         neighbour_states: Default::default(),
+        cca_positions: true,
+        gated_output: true,
     };
     let tc = TrainConfig {
         steps: 3,

@@ -229,6 +229,11 @@ impl LlamaBase {
         &self.config
     }
     /// Layer `i`'s weights.
+    /// The rotary tables of every layer's attention.
+    pub(crate) fn rotary(&self) -> &Rotary {
+        &self.rotary
+    }
+
     pub fn block(&self, i: usize) -> &Block {
         &self.layers[i]
     }

@@ -299,24 +299,24 @@ impl CachedCca<'_> {
                 r = end;
                 continue;
             };
-            let end = (self.sched.conditioned_rows(u).end - offset).min(p);
+            let conditioned = self.sched.conditioned_rows(u);
+            let end = (conditioned.end - offset).min(p);
             let rows = h.narrow(1, r, end - r)?;
             let e = self.e[u].for_cca(i);
             let (b, _, k, n, d) = e.dims5()?;
             let x = params.norm.forward(&rows, KERN)?;
+            let positions = self.model.cca[i].positions(n, t - conditioned.start);
             let att = params
-                .attend(&x, &e.reshape((b, k * n, d))?, (b, end - r, k * n), KERN)?
+                .attend(
+                    &x,
+                    &e.reshape((b, k * n, d))?,
+                    (b, end - r, k * n),
+                    positions,
+                    KERN,
+                )?
                 .reshape((b, end - r, params.n_heads * params.d_k))?;
-            pieces.push(match &self.keep[u] {
-                None => params.output.forward_k(&att, Some(&rows), KERN)?,
-                Some(k) => {
-                    (params
-                        .output
-                        .forward_k(&att, None, KERN)?
-                        .broadcast_mul(k)?
-                        + &rows)?
-                }
-            });
+            let keep = self.keep[u].as_ref();
+            pieces.push(self.model.cca[i].output(&att, Some(&rows), keep, KERN)?);
             r = end;
         }
         Ok(Tensor::cat(&pieces, 1)?)

@@ -4,8 +4,9 @@
 //!
 //! The new blocks are the labml model's own ([`NeighbourEncoder`], [`ChunkedCrossAttention`]),
 //! at the base's width, under the same `state_dict` names (`encoder.*`, `norm_e.*`, `cca.{i}.*`).
-//! Each CCA's output projection starts at zero, so a freshly RETRO-fitted model predicts exactly
-//! what the base predicts; with retrieval off (RETRO\[OFF\]) it runs the base's forward itself.
+//! Each CCA's output starts at zero (its projection, or with `gated_output` a `tanh` gate), so a
+//! freshly RETRO-fitted model predicts exactly what the base predicts; with retrieval off
+//! (RETRO\[OFF\]) it runs the base's forward itself.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -22,7 +23,7 @@
 //!     .map(|(name, shape)| Ok((name, (Tensor::randn(0f32, 0.1, shape, &Device::Cpu)?))))
 //!     .collect::<candle_core::Result<_>>()?;
 //! let base = LlamaBase::from_tensors(&config, &tensors, DType::F32, &Device::Cpu)?;
-//! let fit = RetrofitConfig { chunk_len: 4, ca_start: 1, ca_every: 2, enc_n_layers: 1, enc_d_ff: 32, enc_input_layers: 0, init_from_base: false, neighbour_states: Default::default() };
+//! let fit = RetrofitConfig { chunk_len: 4, ca_start: 1, ca_every: 2, enc_n_layers: 1, enc_d_ff: 32, enc_input_layers: 0, init_from_base: false, neighbour_states: Default::default(), cca_positions: true, gated_output: false };
 //! let model = RetroFitted::new(base, &fit, 7)?;
 //! let x = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu)?;  // 2 chunks of 4
 //! let ret = Tensor::zeros((1, 2, 2, 8), DType::U32, &Device::Cpu)?;    // K = 2, N = 8
@@ -72,14 +73,25 @@ pub struct RetrofitConfig {
     /// Start each CCA as its layer's own self-attention reading the neighbours (query, key and
     /// value projections and the norm's weight copied from the base, the key/value heads repeated
     /// for each query head), and the encoder as the identity (its blocks' output projections at
-    /// zero); the CCA's output projection still starts at zero, so the model starts exactly at
-    /// the base. Otherwise the new blocks start from PyTorch's default initialisation.
+    /// zero); the CCA's output still starts at zero (see `gated_output`), so the model starts
+    /// exactly at the base. Otherwise the new blocks start from PyTorch's default initialisation.
     #[serde(default)]
     pub init_from_base: bool,
     /// What each CCA's keys and values read: the encoder's output (the paper's), or the frozen
     /// base's own view of the neighbours at that CCA's layer.
     #[serde(default)]
     pub neighbour_states: NeighbourStates,
+    /// Rotary positions in each CCA, with the base's tables: the neighbour's tokens at `0..N`, the
+    /// rows a chunk conditions at `N + j`, as if the neighbour preceded them in the base's context
+    /// (the paper's CCA has relative positions too). Without, the CCA sees no positions (labml's).
+    #[serde(default)]
+    pub cca_positions: bool,
+    /// Each CCA's output times `tanh(10 g)`, `g` a learned scalar (`cca.{i}.gate`) starting at 0
+    /// (Flamingo's gated cross-attention): the model starts exactly at the base while the output
+    /// projection starts from the base layer's own (with `init_from_base`) instead of zero, so the
+    /// CCA starts as that layer's attention over the neighbours, turned off.
+    #[serde(default)]
+    pub gated_output: bool,
 }
 
 /// What a RETRO-fit's CCAs read of the neighbours.
@@ -109,6 +121,8 @@ impl RetrofitConfig {
             enc_input_layers: 6,
             init_from_base: true,
             neighbour_states: NeighbourStates::Encoder,
+            cca_positions: false,
+            gated_output: false,
         }
     }
 
@@ -130,7 +144,7 @@ impl RetrofitConfig {
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         );
-        NewBlocks::new(&mut pb, &blocks, self.neighbour_states)?;
+        NewBlocks::new(&mut pb, &blocks, self)?;
         Ok(varmap.all_vars().iter().map(|v| v.elem_count()).sum())
     }
 
@@ -188,15 +202,20 @@ impl NewBlocks {
     fn new(
         pb: &mut ParamBuilder,
         blocks: &RetroConfig,
-        states: NeighbourStates,
+        fit: &RetrofitConfig,
     ) -> candle_core::Result<Self> {
-        let encoder = match states {
+        let encoder = match fit.neighbour_states {
             NeighbourStates::Encoder => Some(NeighbourEncoder::new(pb, "encoder", blocks)?),
             NeighbourStates::BaseLayers => None,
         };
-        let cca = (0..blocks.ca_layers.len())
+        let mut cca = (0..blocks.ca_layers.len())
             .map(|i| ChunkedCrossAttention::new(pb, &format!("cca.{i}"), blocks))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        if fit.gated_output {
+            for (i, c) in cca.iter_mut().enumerate() {
+                c.gate = Some(pb.scalar(&format!("cca.{i}.gate"), 0.0)?);
+            }
+        }
         let encoder = match encoder {
             Some(enc) => Some((
                 enc,
@@ -221,19 +240,25 @@ pub struct RetroFitted {
 
 impl RetroFitted {
     /// New blocks on `base`, drawn from `seed` (PyTorch's default initialisation), with every
-    /// CCA's output projection at zero.
+    /// CCA's output at zero (its projection, or its gate).
     pub fn new(base: LlamaBase, config: &RetrofitConfig, seed: u64) -> Result<Self> {
         let blocks = config.blocks(base.config())?;
         let varmap = VarMap::new();
         let mut pb = ParamBuilder::new(&varmap, seed, base.dtype(), base.device());
-        let NewBlocks { encoder, cca } = NewBlocks::new(&mut pb, &blocks, config.neighbour_states)?;
+        let NewBlocks { encoder, mut cca } = NewBlocks::new(&mut pb, &blocks, config)?;
+        if config.cca_positions {
+            for c in &mut cca {
+                c.rotary = Some(base.rotary().clone());
+            }
+        }
         {
             let vars = varmap.data().lock().unwrap();
             let zero = |name: String| -> Result<()> {
                 let v = &vars[&name];
                 Ok(v.set(&v.as_tensor().zeros_like()?)?)
             };
-            for i in 0..cca.len() {
+            // Gated, the gate at zero starts the model at the base; otherwise the output.
+            for i in 0..cca.len() * usize::from(!config.gated_output) {
                 zero(format!("cca.{i}.output.weight"))?;
                 zero(format!("cca.{i}.output.bias"))?;
             }
@@ -257,8 +282,11 @@ impl RetroFitted {
                     set(format!("cca.{i}.key.weight"), kv(&b.attn.k)?)?;
                     set(format!("cca.{i}.value.weight"), kv(&b.attn.v)?)?;
                     set(format!("cca.{i}.norm.weight"), w.clone())?;
-                    for p in ["query", "key", "value", "norm"] {
+                    for p in ["query", "key", "value", "norm", "output"] {
                         zero(format!("cca.{i}.{p}.bias"))?;
+                    }
+                    if config.gated_output {
+                        set(format!("cca.{i}.output.weight"), b.attn.o.clone())?;
                     }
                 }
                 for p in 0..blocks.enc_n_layers * usize::from(encoder.is_some()) {
