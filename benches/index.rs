@@ -29,15 +29,12 @@ fn hnsw(c: &mut Criterion) {
         bch.iter(|| HnswIndex::build(black_box(&v), dim, HnswParams::default(), None).unwrap())
     });
     let index = HnswIndex::build(&v, dim, HnswParams::default(), None).unwrap();
-    let queries: Vec<Vec<f32>> = unit_vectors(200, dim, 3)
-        .chunks_exact(dim)
-        .map(|q| q.to_vec())
-        .collect();
+    let queries = retro_index::Queries::new(unit_vectors(200, dim, 3), dim).unwrap();
     g.throughput(Throughput::Elements(queries.len() as u64));
     for ef in [32, 128] {
         g.bench_function(format!("search_k10_ef{ef}_one_thread"), |bch| {
             bch.iter(|| {
-                for q in &queries {
+                for q in queries.iter() {
                     black_box(index.search(q, 10, Some(ef)).unwrap());
                 }
             })

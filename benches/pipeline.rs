@@ -74,11 +74,12 @@ fn pipeline(c: &mut Criterion) {
     .unwrap();
     let retriever = Retriever::new(&db, &embedder, &tokenizer, 2).unwrap();
     let batch = cut_batches(&db, 4, 512, 1).unwrap().remove(0);
-    let keys: Vec<Vec<f32>> = batch
+    let rows: Vec<&[f32]> = batch
         .chunk_ids
         .iter()
-        .map(|&id| db.embeddings().row(id).to_vec())
+        .map(|&id| db.embeddings().row(id))
         .collect();
+    let keys = retro_index::Queries::from_rows(&rows).unwrap();
     let chunks = 512 / 64;
     let mut g = c.benchmark_group(format!("pipeline_{}chunks_b4_t512_k2", db.store().len()));
     g.throughput(Throughput::Elements(keys.len() as u64));
@@ -96,7 +97,13 @@ fn pipeline(c: &mut Criterion) {
             bch.iter(|| {
                 black_box(
                     retriever
-                        .search(black_box(&keys), 4, chunks, Some(&batch.origins), filter)
+                        .search(
+                            black_box(keys.clone()),
+                            4,
+                            chunks,
+                            Some(&batch.origins),
+                            filter,
+                        )
                         .unwrap(),
                 )
             })

@@ -7,6 +7,7 @@
 use retro_index::{
     testdata, BuildOptions, ChunkId, Corpus, Database, Document, DocumentId, Exclusion, Hit,
     KeyFilter, LexicalEmbedder, LmTokenizer, MilvusIndexParams, MilvusLocation, OpenOptions,
+    Queries,
 };
 use retro_pipeline::{Dataset, DatasetParams, Split};
 use std::path::{Path, PathBuf};
@@ -91,14 +92,11 @@ fn pair(url: &str, name: &str) -> (tempfile::TempDir, Database, Database, String
     (dir, embedded, milvus, store)
 }
 
-fn sample_keys(db: &Database, n: usize) -> (Vec<ChunkId>, Vec<Vec<f32>>) {
+fn sample_keys(db: &Database, n: usize) -> (Vec<ChunkId>, Queries) {
     let total = db.store().len();
     let ids: Vec<ChunkId> = (0..n).map(|i| ChunkId(i * total / n)).collect();
-    let keys = ids
-        .iter()
-        .map(|&i| db.embeddings().row(i).to_vec())
-        .collect();
-    (ids, keys)
+    let rows: Vec<&[f32]> = ids.iter().map(|&i| db.embeddings().row(i)).collect();
+    (ids, Queries::from_rows(&rows).unwrap())
 }
 
 /// The fraction of `b`'s hits that `a` also has, counting a hit at the distance of `a`'s last
@@ -126,8 +124,8 @@ fn milvus_and_hnsw_rs_agree_on_the_top_10() {
         ("milvus", 128, embedded.store().len())
     );
     let (_, keys) = sample_keys(&embedded, 300);
-    let a = embedded.search_batch(&keys, 10, None).unwrap();
-    let b = milvus.search_batch(&keys, 10, None).unwrap();
+    let a = embedded.search_batch(keys.clone(), 10, None).unwrap();
+    let b = milvus.search_batch(keys.clone(), 10, None).unwrap();
     let mean = a.iter().zip(&b).map(|(x, y)| agreement(x, y)).sum::<f64>() / a.len() as f64;
     assert!(mean >= 0.9, "top-10 agreement {mean:.3}");
     // Both rank by 1 - cosine, so their first hits are as far. Both are approximate: on these
@@ -159,7 +157,9 @@ fn the_same_document_filter_runs_inside_milvus_and_returns_exactly_k() {
             exclude: vec![Exclusion::document(store.document_of(c))],
         })
         .collect();
-    let hits = milvus.search_filtered(&keys, 10, None, &filters).unwrap();
+    let hits = milvus
+        .search_filtered(keys.clone(), 10, None, &filters)
+        .unwrap();
     for (&c, h) in ids.iter().zip(&hits) {
         assert_eq!(h.len(), 10, "query chunk {c}");
         assert!(h
@@ -184,7 +184,7 @@ fn the_same_document_filter_runs_inside_milvus_and_returns_exactly_k() {
     let k = 12.min(available);
     for db in [&embedded, &milvus] {
         let hits = db
-            .search_filtered(&keys[..5], k, None, &vec![two.clone(); 5])
+            .search_filtered(keys.first(5), k, None, &vec![two.clone(); 5])
             .unwrap();
         for h in &hits {
             assert_eq!(h.len(), k);
@@ -200,7 +200,7 @@ fn the_same_document_filter_runs_inside_milvus_and_returns_exactly_k() {
         }],
     };
     let h = milvus
-        .search_filtered(&keys[..1], 20, None, std::slice::from_ref(&window))
+        .search_filtered(keys.first(1), 20, None, std::slice::from_ref(&window))
         .unwrap();
     assert_eq!(h[0].len(), 20);
     assert!(h[0]
@@ -280,9 +280,12 @@ fn a_stopped_server_gives_a_clear_error_and_the_next_call_works() {
     }
     let (dir, _embedded, milvus, store) = pair(&url, "retro_test_restart");
     let (_, keys) = sample_keys(&milvus, 4);
-    let before = milvus.search_batch(&keys, 5, None).unwrap();
+    let before = milvus.search_batch(keys.clone(), 5, None).unwrap();
     server("stop");
-    let e = milvus.search_batch(&keys, 5, None).unwrap_err().to_string();
+    let e = milvus
+        .search_batch(keys.clone(), 5, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&store) && e.contains("attempts"), "{e}");
     let e = Database::open(&dir.path().join("milvus"))
         .unwrap_err()
@@ -293,8 +296,8 @@ fn a_stopped_server_gives_a_clear_error_and_the_next_call_works() {
     // answer bit for bit as before: Milvus rebuilds its segments' search state on load.)
     let again = Database::open_with(&dir.path().join("milvus"), OpenOptions::default()).unwrap();
     for after in [
-        milvus.search_batch(&keys, 5, None).unwrap(),
-        again.search_batch(&keys, 5, None).unwrap(),
+        milvus.search_batch(keys.clone(), 5, None).unwrap(),
+        again.search_batch(keys.clone(), 5, None).unwrap(),
     ] {
         assert_eq!(after.len(), before.len());
         for (b, a) in before.iter().zip(&after) {

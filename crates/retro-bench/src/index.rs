@@ -68,16 +68,17 @@ pub struct HnswRun {
 
 /// The stored vectors `ids` as queries, with their exact answers (brute force over `vectors`).
 pub struct EfQueries {
-    pub queries: Vec<Vec<f32>>,
+    pub queries: retro_index::Queries,
     pub exact: Vec<Vec<retro_index::Hit>>,
 }
 
 impl EfQueries {
     pub fn new(vectors: &[f32], dim: usize, ids: &[usize], k: usize) -> Self {
-        let queries: Vec<Vec<f32>> = ids
+        let rows: Vec<&[f32]> = ids
             .iter()
-            .map(|&i| vectors[i * dim..(i + 1) * dim].to_vec())
+            .map(|&i| &vectors[i * dim..(i + 1) * dim])
             .collect();
+        let queries = retro_index::Queries::from_rows(&rows).expect("rows of one width");
         let exact = brute_force_batch(vectors, dim, &queries, k);
         Self { queries, exact }
     }
@@ -111,7 +112,7 @@ fn measure_walk(index: &HnswIndex, q: &EfQueries, k: usize, ef: usize) -> anyhow
     let approx = index.search_batch(queries, k, Some(ef))?;
     let par = queries.len() as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
-    for q in queries {
+    for q in queries.iter() {
         std::hint::black_box(index.search(q, k, Some(ef))?);
     }
     let one = queries.len() as f64 / t.elapsed().as_secs_f64();

@@ -171,13 +171,14 @@ pub fn bench_retrieve(
         let t = Instant::now();
         let n = retriever.retrieve(&b.x, Some(&b.origins), params.filter)?;
         let wall = t.elapsed();
-        let keys: Vec<Vec<f32>> = b
+        let rows: Vec<&[f32]> = b
             .chunk_ids
             .iter()
-            .map(|&id| db.embeddings().row(id).to_vec())
+            .map(|&id| db.embeddings().row(id))
             .collect();
-        let u = retriever.search(&keys, b.x.len(), c, Some(&b.origins), Filter::None)?;
-        let s = retriever.search(&keys, b.x.len(), c, Some(&b.origins), params.filter)?;
+        let keys = retro_index::Queries::from_rows(&rows)?;
+        let u = retriever.search(keys.clone(), b.x.len(), c, Some(&b.origins), Filter::None)?;
+        let s = retriever.search(keys, b.x.len(), c, Some(&b.origins), params.filter)?;
         if i < params.warmup {
             continue;
         }

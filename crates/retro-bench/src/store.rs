@@ -5,7 +5,7 @@
 //! `retro index export-embeddings`) or `--synthetic N` clustered unit vectors. The embedded half
 //! alone, at several sizes, is the scale curve ([`crate::scale`]).
 
-use retro_index::{mean_recall_at_k, Embeddings, Hit, HnswIndex, HnswParams};
+use retro_index::{mean_recall_at_k, Embeddings, Hit, HnswIndex, HnswParams, Queries};
 #[cfg(feature = "milvus")]
 use retro_index::{ChunkId, DatabaseId, DocumentId};
 use std::path::PathBuf;
@@ -204,7 +204,7 @@ pub fn embedded_run(
     let t = Instant::now();
     let index = HnswIndex::build_keys(keys, params, None)?;
     let build_s = t.elapsed().as_secs_f64();
-    let search = |q: &[Vec<f32>]| Ok(index.search_batch(q, k, None)?);
+    let search = |q: &[Vec<f32>]| Ok(index.search_batch(&Queries::from_rows(q)?, k, None)?);
     let m = measure_queries(queries, exact, k, &search)?;
     let mut run = StoreRun::new("embedded graph", params.to_string(), n, dim, build_s, m, k);
     let tmp = tempfile::tempdir()?;
@@ -258,7 +258,7 @@ pub fn milvus_run(h: &HeldOut, target: &MilvusTarget) -> anyhow::Result<StoreRun
     Box::new(b).finish()?;
     let build_s = t.elapsed().as_secs_f64();
     let store = MilvusIndex::open(&record, opts)?;
-    let search = |q: &[Vec<f32>]| Ok(store.search(q, k, None)?);
+    let search = |q: &[Vec<f32>]| Ok(store.search(&Queries::from_rows(q)?, k, None)?);
     let m = measure_queries(&h.queries, &h.exact, k, &search)?;
     store.drop_index()?;
     Ok(StoreRun::new(
@@ -316,7 +316,7 @@ impl HeldOut {
         };
         // The last `sample` keys are the queries, not indexed.
         let (keys, queries) = hold_out_queries(keys, dim, sample);
-        let exact = retro_index::brute_force_batch(&keys, dim, &queries, k);
+        let exact = retro_index::brute_force_batch(&keys, dim, &Queries::from_rows(&queries)?, k);
         Ok(Self {
             keys: Embeddings::from_vec(keys, dim)?,
             queries,

@@ -7,6 +7,7 @@ use crate::embeddings::Embeddings;
 use crate::error::{IndexError, Result};
 use crate::graph::{self, Graph};
 use crate::ids::ChunkId;
+use crate::queries::Queries;
 use hnsw_rs::prelude::HnswIo;
 use rayon::prelude::*;
 use std::path::Path;
@@ -205,13 +206,11 @@ impl HnswIndex {
     /// Many queries in parallel (rayon), results in query order.
     pub fn search_batch(
         &self,
-        queries: &[Vec<f32>],
+        queries: &Queries,
         k: usize,
         ef: Option<usize>,
     ) -> Result<Vec<Vec<Hit>>> {
-        for (i, q) in queries.iter().enumerate() {
-            check_vector(q, self.dim(), &format!("query {i}"))?;
-        }
+        queries.check(self.dim())?;
         let ef = ef.unwrap_or(self.params.ef_search);
         Ok(queries
             .par_iter()
@@ -389,7 +388,7 @@ fn brute_force_kept(
 pub fn brute_force_batch(
     vectors: &[f32],
     dim: usize,
-    queries: &[Vec<f32>],
+    queries: &Queries,
     k: usize,
 ) -> Vec<Vec<Hit>> {
     queries

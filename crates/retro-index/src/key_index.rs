@@ -6,6 +6,7 @@
 use crate::error::Result;
 use crate::hnsw::{Hit, HnswIndex};
 use crate::ids::{ChunkId, DocumentId};
+use crate::queries::Queries;
 use crate::store::ChunkStore;
 use std::ops::Range;
 use std::sync::Arc;
@@ -83,12 +84,12 @@ pub trait KeyIndex: Send + Sync {
     fn dim(&self) -> usize;
     /// The `k` nearest chunks of each query, nearest first, in query order. `ef` is the search
     /// breadth (HNSW ef, IVF nprobe); `None` uses the index's default.
-    fn search(&self, queries: &[Vec<f32>], k: usize, ef: Option<usize>) -> Result<Vec<Vec<Hit>>>;
+    fn search(&self, queries: &Queries, k: usize, ef: Option<usize>) -> Result<Vec<Vec<Hit>>>;
     /// As [`KeyIndex::search`], each query with its own filter (`filters.len() == queries.len()`):
     /// exactly `k` hits whenever `k` chunks pass the filter.
     fn search_filtered(
         &self,
-        queries: &[Vec<f32>],
+        queries: &Queries,
         k: usize,
         ef: Option<usize>,
         filters: &[KeyFilter],
@@ -103,7 +104,7 @@ pub trait KeyIndex: Send + Sync {
 }
 
 /// The filtered searches' precondition, one filter per query, as an error rather than a panic.
-pub fn check_filters(queries: &[Vec<f32>], filters: &[KeyFilter]) -> Result<()> {
+pub fn check_filters(queries: &Queries, filters: &[KeyFilter]) -> Result<()> {
     if queries.len() != filters.len() {
         return Err(crate::error::IndexError::invalid(
             "filters",
@@ -159,7 +160,7 @@ impl KeyIndex for EmbeddedIndex {
     fn dim(&self) -> usize {
         self.hnsw.dim()
     }
-    fn search(&self, queries: &[Vec<f32>], k: usize, ef: Option<usize>) -> Result<Vec<Vec<Hit>>> {
+    fn search(&self, queries: &Queries, k: usize, ef: Option<usize>) -> Result<Vec<Vec<Hit>>> {
         self.hnsw.search_batch(queries, k, ef)
     }
     fn as_hnsw(&self) -> Option<&HnswIndex> {
@@ -171,13 +172,14 @@ impl KeyIndex for EmbeddedIndex {
     }
     fn search_filtered(
         &self,
-        queries: &[Vec<f32>],
+        queries: &Queries,
         k: usize,
         ef: Option<usize>,
         filters: &[KeyFilter],
     ) -> Result<Vec<Vec<Hit>>> {
         use rayon::prelude::*;
         check_filters(queries, filters)?;
+        queries.check(self.hnsw.dim())?;
         let store = &self.store;
         queries
             .par_iter()

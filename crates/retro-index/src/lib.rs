@@ -36,7 +36,7 @@
 //! // The same-document filter: nothing from document 1 ("b").
 //! let key = db.embeddings().row(chunk).to_vec();
 //! let no_b = retro_index::KeyFilter { exclude: vec![retro_index::Exclusion::document(DocumentId(1))] };
-//! let other = db.search_filtered(&[key], 3, None, &[no_b])?;
+//! let other = db.search_filtered(retro_index::Queries::one(&key), 3, None, &[no_b])?;
 //! assert!(other[0].iter().all(|&(c, _)| db.store().document_of(c) == DocumentId(0)));
 //! let value = db.store().neighbour(chunk); // chunk + continuation, 2 * chunk_len tokens
 //! assert_eq!(value.len(), 32);
@@ -64,6 +64,7 @@ pub mod lexical;
 pub mod milvus_store;
 pub mod packed_bert;
 pub mod panic_guard;
+pub mod queries;
 pub mod store;
 /// Locating `../shared` for this workspace's tests and benchmarks; not part of the API.
 #[doc(hidden)]
@@ -88,6 +89,7 @@ pub use hnsw::{
 pub use ids::{ChunkId, DatabaseId, DocumentId};
 pub use key_index::{EmbeddedIndex, Exclusion, IndexDescription, KeyFilter, KeyIndex, KeyRef};
 pub use lexical::{LexicalEmbedder, LexicalFeatures};
+pub use queries::Queries;
 pub use store::{ChunkEntry, ChunkStore, DocumentEntry};
 pub use tokenizer::{train_bpe, CharTokenizer, LmTokenizer};
 pub use vector_store::{MilvusIndexParams, MilvusLocation, MilvusOptions, VectorStoreRecord};

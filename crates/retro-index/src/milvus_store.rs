@@ -14,6 +14,7 @@ use crate::ids::{ChunkId, DatabaseId};
 use crate::key_index::{
     check_filters, IndexDescription, KeyFilter, KeyIndex, KeyIndexBuilder, KeyRef,
 };
+use crate::queries::Queries;
 use crate::vector_store::{
     collection_description, MilvusIndexParams, MilvusLocation, MilvusOptions, VectorStoreRecord,
 };
@@ -480,7 +481,7 @@ impl MilvusIndex {
 
     fn search_group(
         &self,
-        queries: &[&Vec<f32>],
+        queries: &[&[f32]],
         k: usize,
         ef: Option<usize>,
         expr: &str,
@@ -564,19 +565,20 @@ impl KeyIndex for MilvusIndex {
     fn dim(&self) -> usize {
         self.record.dim
     }
-    fn search(&self, queries: &[Vec<f32>], k: usize, ef: Option<usize>) -> Result<Vec<Vec<Hit>>> {
+    fn search(&self, queries: &Queries, k: usize, ef: Option<usize>) -> Result<Vec<Vec<Hit>>> {
         // No filter: one group, searched in batches.
         let none = vec![KeyFilter::default(); queries.len()];
         self.search_filtered(queries, k, ef, &none)
     }
     fn search_filtered(
         &self,
-        queries: &[Vec<f32>],
+        queries: &Queries,
         k: usize,
         ef: Option<usize>,
         filters: &[KeyFilter],
     ) -> Result<Vec<Vec<Hit>>> {
         check_filters(queries, filters)?;
+        queries.check(self.record.dim)?;
         // One request per distinct filter (the queries of one sequence share theirs), in
         // batches; answers go back to their queries' places.
         let mut groups: Vec<(String, Vec<usize>)> = vec![];
@@ -592,7 +594,7 @@ impl KeyIndex for MilvusIndex {
         let mut out: Vec<Vec<Hit>> = vec![vec![]; queries.len()];
         for (expr, ids) in &groups {
             for part in ids.chunks(self.conn.opts.batch_size.max(1)) {
-                let qs: Vec<&Vec<f32>> = part.iter().map(|&i| &queries[i]).collect();
+                let qs: Vec<&[f32]> = part.iter().map(|&i| queries.get(i)).collect();
                 for (&i, hits) in part.iter().zip(self.search_group(&qs, k, ef, expr)?) {
                     out[i] = hits;
                 }

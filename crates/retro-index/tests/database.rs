@@ -3,7 +3,7 @@
 use retro_format::FormatError;
 use retro_index::{
     BuildOptions, ChunkId, Corpus, Database, Document, Embedder, Exclusion, IndexError, KeyFilter,
-    LexicalEmbedder, LmTokenizer, OpenOptions,
+    LexicalEmbedder, LmTokenizer, OpenOptions, Queries,
 };
 use std::path::Path;
 
@@ -82,7 +82,7 @@ fn build_open_search_and_counts() {
     let d = db.store().document_of(ChunkId(10));
     let other = db
         .search_filtered(
-            &[db.embeddings().row(ChunkId(10)).to_vec()],
+            Queries::one(db.embeddings().row(ChunkId(10))),
             5,
             None,
             &[KeyFilter {

@@ -43,7 +43,7 @@ fn exercise(db: &Database) {
     let q: Vec<f32> = (0..dim).map(|i| (i as f32).sin()).collect();
     let _ = db.search(&q, 5);
     let _ = db.search_filtered(
-        std::slice::from_ref(&q),
+        retro_index::Queries::one(&q),
         3,
         None,
         &[KeyFilter {

@@ -3,7 +3,8 @@
 
 use rand::{Rng, SeedableRng};
 use retro_index::{
-    brute_force, recall_at_k, ChunkId, DistUnitDot, Embeddings, Hit, HnswIndex, HnswParams, Walk,
+    brute_force, recall_at_k, ChunkId, DistUnitDot, Embeddings, Hit, HnswIndex, HnswParams,
+    Queries, Walk,
 };
 
 fn random_unit(n: usize, dim: usize, seed: u64) -> Vec<f32> {
@@ -17,7 +18,7 @@ fn random_unit(n: usize, dim: usize, seed: u64) -> Vec<f32> {
     v
 }
 
-fn mean_recall(v: &[f32], dim: usize, queries: &[Vec<f32>], approx: &[Vec<Hit>]) -> f64 {
+fn mean_recall(v: &[f32], dim: usize, queries: &Queries, approx: &[Vec<Hit>]) -> f64 {
     queries
         .iter()
         .zip(approx)
@@ -26,11 +27,8 @@ fn mean_recall(v: &[f32], dim: usize, queries: &[Vec<f32>], approx: &[Vec<Hit>])
         / queries.len() as f64
 }
 
-fn queries(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
-    random_unit(n, dim, seed)
-        .chunks_exact(dim)
-        .map(|q| q.to_vec())
-        .collect()
+fn queries(n: usize, dim: usize, seed: u64) -> Queries {
+    Queries::new(random_unit(n, dim, seed), dim).unwrap()
 }
 
 #[test]
@@ -70,7 +68,7 @@ fn recall_at_10_and_reload() {
     );
 
     // single search = batch search
-    assert_eq!(idx.search(&queries[0], 10, None).unwrap(), approx[0]);
+    assert_eq!(idx.search(queries.get(0), 10, None).unwrap(), approx[0]);
 
     let dir = tempfile::tempdir().unwrap();
     let g = dir.path().join("g");
@@ -89,12 +87,12 @@ fn recall_at_10_and_reload() {
 
     // filtered search: only even ids
     let even = idx
-        .search_filtered(&queries[1], 10, None, &|id| id.0 % 2 == 0)
+        .search_filtered(queries.get(1), 10, None, &|id| id.0 % 2 == 0)
         .unwrap();
     assert_eq!(even.len(), 10);
     assert!(even.iter().all(|(id, _)| id.0 % 2 == 0));
     // The filtered answer is the exact one among even ids, as the unfiltered answer is overall.
-    let exact_even: Vec<Hit> = brute_force(&v, dim, &queries[1], n)
+    let exact_even: Vec<Hit> = brute_force(&v, dim, queries.get(1), n)
         .into_iter()
         .filter(|h| h.0 .0 % 2 == 0)
         .take(10)
@@ -102,14 +100,14 @@ fn recall_at_10_and_reload() {
     assert!(recall_at_k(&exact_even, &even, 10) >= 0.9);
     // A filter may itself search the index (the walk inside gets its own scratch).
     let nested = idx
-        .search_filtered(&queries[1], 10, None, &|id| {
-            id.0 % 2 == 0 && !idx.search(&queries[3], 1, None).unwrap().is_empty()
+        .search_filtered(queries.get(1), 10, None, &|id| {
+            id.0 % 2 == 0 && !idx.search(queries.get(3), 1, None).unwrap().is_empty()
         })
         .unwrap();
     assert_eq!(nested, even);
     // Only 3 kept keys: all 3 are found, nearest first, even with a narrow beam.
     let few = idx
-        .search_filtered(&queries[2], 10, Some(4), &|id| id.0 % 1000 == 1)
+        .search_filtered(queries.get(2), 10, Some(4), &|id| id.0 % 1000 == 1)
         .unwrap();
     let ids: Vec<usize> = few.iter().map(|h| h.0 .0).collect();
     let mut want: Vec<(usize, f32)> = [1, 1001, 2001]

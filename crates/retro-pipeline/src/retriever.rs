@@ -6,7 +6,7 @@ use crate::error::{PipelineError, Result};
 use crate::filter::{Excluded, Filter, Origin};
 use crate::gate::Gate;
 use candle_core::{Device, Tensor};
-use retro_index::{ChunkId, ChunkStore, Database, DocumentId, Embedder, LmTokenizer};
+use retro_index::{ChunkId, ChunkStore, Database, DocumentId, Embedder, LmTokenizer, Queries};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -356,7 +356,7 @@ impl<'a, T> Retriever<'a, T> {
     /// [`Retriever::retrieve`].
     pub fn search(
         &self,
-        keys: &[Vec<f32>],
+        keys: Queries,
         batch: usize,
         chunks: usize,
         origins: Option<&[Origin]>,
@@ -372,7 +372,7 @@ impl<'a, T> Retriever<'a, T> {
     /// continuing the text.
     pub fn search_without_nearest_document(
         &self,
-        keys: &[Vec<f32>],
+        keys: Queries,
         batch: usize,
         chunks: usize,
         origins: Option<&[Origin]>,
@@ -386,9 +386,10 @@ impl<'a, T> Retriever<'a, T> {
                 "reads the chunks' tokens, which a search by keys does not have (use retrieve)",
             ));
         }
-        let mut out = self.search_keys(keys, batch, chunks, origins, filter, &[])?;
         let rows = rows.min(batch);
-        if rows > 0 {
+        let head_keys = (rows > 0).then(|| keys.first(rows * chunks));
+        let mut out = self.search_keys(keys, batch, chunks, origins, filter, &[])?;
+        if let Some(head_keys) = head_keys {
             let (k, n, h) = (self.k, self.neighbour_len, rows * chunks);
             let store = self.db.store();
             let nearest: Vec<Option<DocumentId>> = out.chunk_ids[..h * k]
@@ -396,7 +397,7 @@ impl<'a, T> Retriever<'a, T> {
                 .map(|ids| ids[0].map(|c| store.document_of(c)))
                 .collect();
             let head = self.search_keys(
-                &keys[..h],
+                head_keys,
                 rows,
                 chunks,
                 origins.map(|o| &o[..rows]),
@@ -420,7 +421,7 @@ impl<'a, T> Retriever<'a, T> {
     /// The search; `also_excluded[i]`, where given, is one more document query i may not use.
     fn search_keys(
         &self,
-        keys: &[Vec<f32>],
+        keys: Queries,
         batch: usize,
         chunks: usize,
         origins: Option<&[Origin]>,
@@ -444,11 +445,12 @@ impl<'a, T> Retriever<'a, T> {
         let cl = self.db.chunk_len();
         let store = self.db.store();
         let t0 = Instant::now();
+        let n_keys = keys.len();
         let hits = if filter == Filter::None && self.excluded.is_empty() && also_excluded.is_empty()
         {
             self.db.search_batch(keys, self.k, self.ef)?
         } else {
-            let filters: Vec<_> = (0..keys.len())
+            let filters: Vec<_> = (0..n_keys)
                 .map(|i| {
                     let origin = origins.map(|o| o[i / chunks.max(1)]);
                     let query_start = origin.map_or(0, |o| o.start + (i % chunks.max(1)) * cl);
@@ -469,9 +471,9 @@ impl<'a, T> Retriever<'a, T> {
             chunks,
             k,
             neighbour_len: n,
-            chunk_ids: Vec::with_capacity(keys.len() * k),
-            distances: Vec::with_capacity(keys.len() * k),
-            tokens: Vec::with_capacity(keys.len() * k * n),
+            chunk_ids: Vec::with_capacity(n_keys * k),
+            distances: Vec::with_capacity(n_keys * k),
+            tokens: Vec::with_capacity(n_keys * k * n),
             padded: 0,
             keep: None,
             timings: Timings::default(),
@@ -546,12 +548,12 @@ impl Retriever<'_> {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let keys = if refs.is_empty() {
-            vec![]
+            Queries::default()
         } else {
-            embedder.embed(&refs)?
+            Queries::from_rows(&embedder.embed(&refs)?)?
         };
         let embed = t0.elapsed();
-        let mut out = self.search_keys(&keys, x.len(), c, origins, filter, &[])?;
+        let mut out = self.search_keys(keys, x.len(), c, origins, filter, &[])?;
         out.timings.embed = embed;
         if let Some(g) = self.gate {
             let chunks = x

@@ -239,9 +239,9 @@ fn the_overlap_gate_keeps_exactly_the_chunks_a_neighbour_shares_a_long_run_with(
     }
     assert!(keep.contains(&1.0) && keep.contains(&0.0), "{runs:?}");
     // A search by keys has no chunk tokens to compare: an error, not a guess.
-    let keys = vec![vec![0.0f32; f.embedder.dim()]];
+    let keys = retro_index::Queries::one(&vec![0.0f32; f.embedder.dim()]);
     let e = gated
-        .search(&keys, 1, 1, None, Filter::None)
+        .search(keys, 1, 1, None, Filter::None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("gate"), "{e}");

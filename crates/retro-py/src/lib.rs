@@ -279,10 +279,12 @@ impl Database {
         if k == 0 {
             return Err(err("k must be at least 1"));
         }
-        let rows: Vec<Vec<f32>> = q.outer_iter().map(|r| r.to_vec()).collect();
+        // One copy, row-major whatever numpy's strides.
+        let flat: Vec<f32> = q.iter().copied().collect();
+        let queries = retro_index::Queries::new(flat, dim).map_err(err)?;
         let db = self.db.clone();
         let hits = py
-            .allow_threads(|| db.search_batch(&rows, k, None))
+            .allow_threads(|| db.search_batch(queries, k, None))
             .map_err(err)?;
         debug_assert_eq!(hits.len(), n);
         Ok(hits_arrays(py, &hits, k))

@@ -9,12 +9,13 @@ pub use build::{BuildOptions, ProgressFn, Stage};
 pub use manifest::*;
 pub use open::OpenOptions;
 
-use crate::embed::{l2_normalize, Embedder};
+use crate::embed::Embedder;
 use crate::embeddings::Embeddings;
 use crate::error::{IndexError, Result};
 use crate::hnsw::{brute_force_batch, mean_recall_at_k, Hit, HnswIndex};
 use crate::ids::{ChunkId, DatabaseId};
 use crate::key_index::{KeyFilter, KeyIndex};
+use crate::queries::Queries;
 use crate::store::ChunkStore;
 use crate::tokenizer::LmTokenizer;
 use std::path::{Path, PathBuf};
@@ -49,18 +50,6 @@ impl std::fmt::Debug for Database {
             .field("store", &self.store)
             .finish()
     }
-}
-
-/// The queries as unit vectors, as the stored keys are.
-fn normalized(queries: &[Vec<f32>]) -> Vec<Vec<f32>> {
-    queries
-        .iter()
-        .map(|q| {
-            let mut q = q.clone();
-            l2_normalize(&mut q);
-            q
-        })
-        .collect()
 }
 
 impl Database {
@@ -181,31 +170,31 @@ impl Database {
     }
 
     pub fn search_ef(&self, query: &[f32], k: usize, ef: Option<usize>) -> Result<Vec<Hit>> {
-        let q = normalized(std::slice::from_ref(&query.to_vec()));
+        let q = Queries::one(query).normalised();
         Ok(self.index.search(&q, k, ef)?.pop().unwrap_or_default())
     }
 
-    /// Many keys in parallel.
+    /// Many keys in parallel (normalised here, in place).
     pub fn search_batch(
         &self,
-        queries: &[Vec<f32>],
+        queries: Queries,
         k: usize,
         ef: Option<usize>,
     ) -> Result<Vec<Vec<Hit>>> {
-        self.index.search(&normalized(queries), k, ef)
+        self.index.search(&queries.normalised(), k, ef)
     }
 
     /// The `k` nearest chunks of each key that its filter keeps (one filter per key), e.g. the
     /// self-retrieval filter `Exclusion::document(my_doc)`: exactly `k` whenever `k` exist.
     pub fn search_filtered(
         &self,
-        queries: &[Vec<f32>],
+        queries: Queries,
         k: usize,
         ef: Option<usize>,
         filters: &[KeyFilter],
     ) -> Result<Vec<Vec<Hit>>> {
         self.index
-            .search_filtered(&normalized(queries), k, ef, filters)
+            .search_filtered(&queries.normalised(), k, ef, filters)
     }
 
     /// Embeds texts with `embedder` (checked against the manifest) and searches.
@@ -218,7 +207,7 @@ impl Database {
     ) -> Result<Vec<Vec<Hit>>> {
         self.check_embedder(embedder)?;
         let keys = embedder.embed(texts)?;
-        self.search_batch(&keys, k, ef)
+        self.search_batch(Queries::from_rows(&keys)?, k, ef)
     }
 
     /// Recall@k of the graph against brute force over the stored keys, on `sample` chunks spread
@@ -227,10 +216,11 @@ impl Database {
         let n = self.store.len();
         let sample = sample.min(n).max(1);
         let ids: Vec<usize> = (0..sample).map(|i| i * n / sample).collect();
-        let queries: Vec<Vec<f32>> = ids
-            .iter()
-            .map(|&i| self.embeddings.row(ChunkId(i)).to_vec())
-            .collect();
+        let queries = Queries::from_rows(
+            &ids.iter()
+                .map(|&i| self.embeddings.row(ChunkId(i)))
+                .collect::<Vec<_>>(),
+        )?;
         let ef_used = ef.unwrap_or(self.manifest.hnsw.ef_search).max(k);
         let t = std::time::Instant::now();
         let approx = self.index.search(&queries, k, Some(ef_used))?;

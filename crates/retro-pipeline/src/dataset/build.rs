@@ -8,7 +8,7 @@ use crate::retriever::{KeysOnly, Retriever};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use retro_format::{write_atomic, write_json_atomic, FileTable, FolderKind};
-use retro_index::{Database, DocumentId};
+use retro_index::{Database, DocumentId, Queries};
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -324,18 +324,19 @@ fn write_split(
     let mut dists: Vec<f32> = Vec::with_capacity(origins.len() * c * k);
     let mut padded = 0;
     for (g, group) in origins.chunks(64).enumerate() {
-        let keys: Vec<Vec<f32>> = group
+        let keys: Vec<f32> = group
             .iter()
             .flat_map(|o| {
                 let first = store.document(o.document).first_chunk as usize + o.start / cl;
                 (0..c).map(move |u| first + u)
             })
-            .map(|chunk| db.embeddings().row(ChunkId(chunk)).to_vec())
+            .flat_map(|chunk| db.embeddings().row(ChunkId(chunk)).iter().copied())
             .collect();
+        let keys = Queries::new(keys, db.embeddings().dim())?;
         // Rows of this group below `novel` (in the split's order) get novel neighbours.
         let novel_rows = novel.saturating_sub(g * 64).min(group.len());
         let n = retriever.search_without_nearest_document(
-            &keys,
+            keys,
             group.len(),
             c,
             Some(group),
