@@ -456,7 +456,7 @@ pub fn evaluate(
                     gate_counts[ci].0 += k.len();
                     gate_counts[ci].1 += k.iter().filter(|&&v| v > 0.0).count();
                 }
-                let chunks = n.chunks;
+                let chunks = n.chunks();
                 // Target j (window index 1..=t) lies in chunk j / cl; neighbours of chunk u - 1
                 // condition chunk u (the CCA shift).
                 let overlap = |u: usize| -> Option<f64> {

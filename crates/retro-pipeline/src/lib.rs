@@ -65,6 +65,7 @@ pub use gate::{longest_common_substring, Gate};
 pub use generate::{generate, step_together, Event, Finish, Generation, Sampling, StepInput};
 pub use metrics::{MetricsLog, StepMetrics};
 pub use retriever::{KeysOnly, Neighbours, Retriever, Text, Timings};
+pub use retro_model::NeighbourBlock;
 pub use run_database::{DocumentSets, RunDatabase};
 pub use schedule::Schedule;
 pub use trainee::Trainee;

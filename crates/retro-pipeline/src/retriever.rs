@@ -7,22 +7,19 @@ use crate::filter::{Excluded, Filter, Origin};
 use crate::gate::Gate;
 use candle_core::{Device, Tensor};
 use retro_index::{ChunkId, ChunkStore, Database, DocumentId, Embedder, LmTokenizer, Queries};
+use retro_model::NeighbourBlock;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 /// Neighbours of the chunks of a batch, nearest first.
 #[derive(Debug, Clone)]
 pub struct Neighbours {
-    pub batch: usize,
-    pub chunks: usize,
-    pub k: usize,
-    pub neighbour_len: usize,
+    /// `[B, C, K, neighbour_len]` token ids (the store's padding where a neighbour is missing).
+    pub tokens: NeighbourBlock,
     /// `[B, C, K]` database chunk ids; `None` where the database could not supply K (padded).
     pub chunk_ids: Vec<Option<ChunkId>>,
     /// `[B, C, K]` distances (`f32::INFINITY` for padding).
     pub distances: Vec<f32>,
-    /// `[B, C, K, neighbour_len]` token ids.
-    pub tokens: Vec<u32>,
     /// Neighbours that had to be padded.
     pub padded: usize,
     /// `[B, C]` the retriever's gate: 1 where a chunk's neighbours are to be read, 0 where they are
@@ -42,19 +39,32 @@ pub struct Timings {
 impl Neighbours {
     /// The model's `ret` tensor `[B, C, K, neighbour_len]` (u32) on `device`.
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec(
-            self.tokens.clone(),
-            (self.batch, self.chunks, self.k, self.neighbour_len),
-            device,
-        )?)
+        Ok(self.tokens.to_tensor(device)?)
+    }
+
+    /// `B`: rows.
+    pub fn batch(&self) -> usize {
+        self.tokens.batch()
+    }
+    /// `C`: chunks per row.
+    pub fn chunks(&self) -> usize {
+        self.tokens.chunks()
+    }
+    /// `K`: neighbours per chunk.
+    pub fn k(&self) -> usize {
+        self.tokens.k()
+    }
+    /// `N`: tokens per neighbour (chunk + continuation).
+    pub fn neighbour_len(&self) -> usize {
+        self.tokens.neighbour_len()
     }
 
     /// The values (chunk + continuation) of the non-padded neighbours of chunk `i` (of `B * C`).
     pub fn values(&self, i: usize) -> Vec<&[u32]> {
-        let (k, n) = (self.k, self.neighbour_len);
+        let k = self.k();
         (0..k)
             .filter(|&j| self.chunk_ids[i * k + j].is_some())
-            .map(|j| &self.tokens[(i * k + j) * n..(i * k + j + 1) * n])
+            .map(|j| self.tokens.neighbour(i, j))
             .collect()
     }
 
@@ -71,20 +81,20 @@ impl Neighbours {
         lookback: usize,
     ) -> bool {
         fn ids(n: &Neighbours, j: usize) -> impl Iterator<Item = ChunkId> + '_ {
-            n.chunk_ids[j * n.k..(j + 1) * n.k]
+            n.chunk_ids[j * n.k()..(j + 1) * n.k()]
                 .iter()
                 .flatten()
                 .copied()
         }
-        let (row, u) = (i / self.chunks.max(1), i % self.chunks.max(1));
-        let before = before.filter(|p| p.batch == self.batch && p.chunks > 0);
+        let (row, u) = (i / self.chunks().max(1), i % self.chunks().max(1));
+        let before = before.filter(|p| p.batch() == self.batch() && p.chunks() > 0);
         (1..=lookback).any(|lag| {
             let earlier: Vec<ChunkId> = if u >= lag {
                 ids(self, i - lag).collect()
             } else {
                 match before {
-                    Some(p) if p.chunks + u >= lag => {
-                        ids(p, row * p.chunks + p.chunks + u - lag).collect()
+                    Some(p) if p.chunks() + u >= lag => {
+                        ids(p, row * p.chunks() + p.chunks() + u - lag).collect()
                     }
                     _ => return false,
                 }
@@ -103,17 +113,26 @@ impl Neighbours {
     /// of each row: the history a gate that looks back reads (generation retrieves one chunk at a
     /// time).
     pub fn followed_by(&self, next: &Neighbours, keep: usize) -> Result<Neighbours> {
-        if (self.batch, self.k, self.neighbour_len) != (next.batch, next.k, next.neighbour_len) {
+        if (self.batch(), self.k(), self.neighbour_len())
+            != (next.batch(), next.k(), next.neighbour_len())
+        {
             return Err(PipelineError::invalid(
                 "neighbours",
-                format!("[{}, _, {}, {}]", next.batch, next.k, next.neighbour_len),
+                format!(
+                    "[{}, _, {}, {}]",
+                    next.batch(),
+                    next.k(),
+                    next.neighbour_len()
+                ),
                 format!(
                     "must follow [{}, _, {}, {}] with the same B, K and neighbour_len",
-                    self.batch, self.k, self.neighbour_len
+                    self.batch(),
+                    self.k(),
+                    self.neighbour_len()
                 ),
             ));
         }
-        let chunks = (self.chunks + next.chunks).min(keep);
+        let chunks = (self.chunks() + next.chunks()).min(keep);
         // Each row's last `chunks` chunks of `a` (`ca` a row) then `b` (`cb`), `per` values a chunk.
         fn rows<T: Copy>(
             (a, ca): (&[T], usize),
@@ -133,33 +152,31 @@ impl Neighbours {
                 })
                 .collect()
         }
-        let (ca, cb, b) = (self.chunks, next.chunks, self.batch);
+        let (ca, cb, b) = (self.chunks(), next.chunks(), self.batch());
         let chunk_ids = rows(
             (&self.chunk_ids, ca),
             (&next.chunk_ids, cb),
             b,
-            self.k,
+            self.k(),
+            chunks,
+        );
+        let (k, n) = (self.k(), self.neighbour_len());
+        let tokens = rows(
+            (self.tokens.as_slice(), ca),
+            (next.tokens.as_slice(), cb),
+            b,
+            k * n,
             chunks,
         );
         Ok(Neighbours {
-            batch: self.batch,
-            chunks,
-            k: self.k,
-            neighbour_len: self.neighbour_len,
+            tokens: NeighbourBlock::new(tokens, [b, chunks, k, n])?,
             padded: chunk_ids.iter().filter(|c| c.is_none()).count(),
             chunk_ids,
             distances: rows(
                 (&self.distances, ca),
                 (&next.distances, cb),
                 b,
-                self.k,
-                chunks,
-            ),
-            tokens: rows(
-                (&self.tokens, ca),
-                (&next.tokens, cb),
-                b,
-                self.k * self.neighbour_len,
+                self.k(),
                 chunks,
             ),
             keep: match (&self.keep, &next.keep) {
@@ -178,7 +195,7 @@ impl Neighbours {
         chunks: impl Iterator<Item = &'t [u32]>,
         before: Option<&Neighbours>,
     ) -> Vec<f32> {
-        let k = self.k;
+        let k = self.k();
         chunks
             .enumerate()
             .map(|(i, chunk)| {
@@ -205,7 +222,7 @@ impl Neighbours {
             .map(|k| {
                 Ok(Tensor::from_vec(
                     k.clone(),
-                    (self.batch, self.chunks),
+                    (self.batch(), self.chunks()),
                     device,
                 )?)
             })
@@ -406,13 +423,13 @@ impl<'a, T> Retriever<'a, T> {
             )?;
             out.chunk_ids[..h * k].copy_from_slice(&head.chunk_ids);
             out.distances[..h * k].copy_from_slice(&head.distances);
-            out.tokens[..h * k * n].copy_from_slice(&head.tokens);
+            out.tokens.as_mut_slice()[..h * k * n].copy_from_slice(head.tokens.as_slice());
             out.padded = out.chunk_ids.iter().filter(|c| c.is_none()).count();
             out.timings.search += head.timings.search;
             out.timings.gather += head.timings.gather;
         }
         if let Some(g) = self.gate {
-            let none = std::iter::repeat_n(&[][..], out.batch * out.chunks);
+            let none = std::iter::repeat_n(&[][..], out.batch() * out.chunks());
             out.keep = Some(out.gate(&g, self.db.store(), none, None));
         }
         Ok(out)
@@ -466,35 +483,35 @@ impl<'a, T> Retriever<'a, T> {
         let search = t0.elapsed();
         let t1 = Instant::now();
         let (k, n) = (self.k, self.neighbour_len);
-        let mut out = Neighbours {
-            batch,
-            chunks,
-            k,
-            neighbour_len: n,
-            chunk_ids: Vec::with_capacity(n_keys * k),
-            distances: Vec::with_capacity(n_keys * k),
-            tokens: Vec::with_capacity(n_keys * k * n),
-            padded: 0,
-            keep: None,
-            timings: Timings::default(),
-        };
+        let mut chunk_ids = Vec::with_capacity(n_keys * k);
+        let mut distances = Vec::with_capacity(n_keys * k);
+        let mut tokens = Vec::with_capacity(n_keys * k * n);
+        let mut padded = 0;
         for row in hits {
             for j in 0..k {
                 match row.get(j) {
                     Some(&(id, dist)) => {
-                        out.chunk_ids.push(Some(id));
-                        out.distances.push(dist);
-                        out.tokens.extend_from_slice(&store.neighbour(id)[..n]);
+                        chunk_ids.push(Some(id));
+                        distances.push(dist);
+                        tokens.extend_from_slice(&store.neighbour(id)[..n]);
                     }
                     None => {
-                        out.chunk_ids.push(None);
-                        out.distances.push(f32::INFINITY);
-                        out.tokens.extend(std::iter::repeat_n(store.pad_id(), n));
-                        out.padded += 1;
+                        chunk_ids.push(None);
+                        distances.push(f32::INFINITY);
+                        tokens.extend(std::iter::repeat_n(store.pad_id(), n));
+                        padded += 1;
                     }
                 }
             }
         }
+        let mut out = Neighbours {
+            tokens: NeighbourBlock::new(tokens, [batch, chunks, k, n])?,
+            chunk_ids,
+            distances,
+            padded,
+            keep: None,
+            timings: Timings::default(),
+        };
         out.timings = Timings {
             embed: Duration::ZERO,
             search,

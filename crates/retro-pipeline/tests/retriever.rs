@@ -14,7 +14,7 @@ fn neighbours_are_the_stored_chunk_plus_its_continuation_within_its_document() {
     let x = vec![doc[..80].to_vec(), doc[40..120].to_vec()];
     let out = r.retrieve(&x, None, Filter::None).unwrap();
     assert_eq!(
-        (out.batch, out.chunks, out.k, out.neighbour_len),
+        (out.batch(), out.chunks(), out.k(), out.neighbour_len()),
         (2, 5, 3, 32)
     );
     for (i, id) in out.chunk_ids.iter().enumerate() {
@@ -22,7 +22,7 @@ fn neighbours_are_the_stored_chunk_plus_its_continuation_within_its_document() {
         let d = store.document_of(id);
         let tokens = store.document_tokens(d);
         let start = store.chunk_start(id);
-        let got = &out.tokens[i * 32..(i + 1) * 32];
+        let got = &out.tokens.as_slice()[i * 32..(i + 1) * 32];
         for (j, &tok) in got.iter().enumerate() {
             let expect = tokens.get(start + j).copied().unwrap_or(store.pad_id());
             assert_eq!(
@@ -152,7 +152,7 @@ fn shapes_for_partial_and_short_inputs_and_padding_when_k_cannot_be_met() {
         )
         .unwrap();
     assert_eq!(out.padded, 4);
-    assert!(out.tokens.iter().all(|&t| t == store.pad_id()));
+    assert!(out.tokens.as_slice().iter().all(|&t| t == store.pad_id()));
     // A filter that needs origins without them is an error, not a guess.
     assert!(r
         .retrieve(&[tokens[..32].to_vec()], None, Filter::SameDocument)
@@ -174,7 +174,7 @@ fn the_gate_keeps_exactly_the_chunks_whose_nearest_neighbour_is_close() {
     let gated = plain.clone().with_gate(Some(Gate::distance(m).unwrap()));
     let out = gated.retrieve(&x, None, Filter::None).unwrap();
     let keep = out.keep.clone().unwrap();
-    assert_eq!(keep.len(), out.chunks);
+    assert_eq!(keep.len(), out.chunks());
     for (u, d) in out.distances.chunks(3).enumerate() {
         assert_eq!(
             keep[u],
@@ -184,7 +184,7 @@ fn the_gate_keeps_exactly_the_chunks_whose_nearest_neighbour_is_close() {
     }
     assert!(keep.contains(&1.0) && keep.contains(&0.0), "{keep:?}");
     let t = out.keep_tensor(&candle_core::Device::Cpu).unwrap().unwrap();
-    assert_eq!(t.dims(), &[1, out.chunks]);
+    assert_eq!(t.dims(), &[1, out.chunks()]);
 }
 
 /// The longest run shared by `a` and `b`, by trying every window of `a` (the slow way).
@@ -209,12 +209,12 @@ fn the_overlap_gate_keeps_exactly_the_chunks_a_neighbour_shares_a_long_run_with(
     let out = plain
         .retrieve(&x, Some(&[origin]), Filter::SameDocument)
         .unwrap();
-    let (k, n, cl) = (out.k, out.neighbour_len, 16);
-    let runs: Vec<usize> = (0..out.chunks)
+    let (k, cl) = (out.k(), 16);
+    let runs: Vec<usize> = (0..out.chunks())
         .map(|u| {
             (0..k)
                 .map(|j| {
-                    let v = &out.tokens[(u * k + j) * n..(u * k + j + 1) * n];
+                    let v = out.tokens.neighbour(u, j);
                     longest_shared_run(&x[0][u * cl..(u + 1) * cl], v)
                 })
                 .max()
@@ -353,8 +353,8 @@ fn followed_by_keeps_each_rows_last_chunks() {
         )
         .unwrap();
     let both = first.followed_by(&next, 3).unwrap();
-    assert_eq!((both.batch, both.chunks, both.k), (2, 3, 2));
-    let (k, n) = (2, both.neighbour_len);
+    assert_eq!((both.batch(), both.chunks(), both.k()), (2, 3, 2));
+    let (k, n) = (2, both.neighbour_len());
     for row in 0..2 {
         // Row `row`: chunk 3 of `first`, then chunks 0 and 1 of `next`.
         let want: Vec<_> = first.chunk_ids[(row * 4 + 3) * k..(row * 4 + 4) * k]
@@ -364,8 +364,8 @@ fn followed_by_keeps_each_rows_last_chunks() {
             .collect();
         assert_eq!(&both.chunk_ids[row * 3 * k..(row + 1) * 3 * k], &want[..]);
         assert_eq!(
-            &both.tokens[(row * 3 + 1) * k * n..(row * 3 + 3) * k * n],
-            &next.tokens[row * 2 * k * n..(row + 1) * 2 * k * n]
+            &both.tokens.as_slice()[(row * 3 + 1) * k * n..(row * 3 + 3) * k * n],
+            &next.tokens.as_slice()[row * 2 * k * n..(row + 1) * 2 * k * n]
         );
     }
     let other = Retriever::new(&f.db, &f.embedder, &f.tokenizer, 3).unwrap();

@@ -528,9 +528,7 @@ impl Retriever {
                 r.retrieve(&rows, origins.as_deref(), filter)
             })
             .map_err(err)?;
-        let shape = (n.batch, n.chunks, n.k, n.neighbour_len);
-        let a = Array4::from_shape_vec(shape, n.tokens.iter().map(|&x| i64::from(x)).collect())
-            .map_err(err)?;
+        let a = neighbours_array(&n.tokens)?;
         Ok(a.into_pyarray(py))
     }
 }
@@ -670,8 +668,7 @@ impl Dataset {
         let xy = |v: &[u32]| Array2::from_shape_vec((b.batch, b.seq_len), long(v)).map_err(err);
         d.set_item("x", xy(&b.x)?.into_pyarray(py))?;
         d.set_item("y", xy(&b.y)?.into_pyarray(py))?;
-        let ret = Array4::from_shape_vec((b.batch, b.chunks, b.k, b.neighbour_len), long(&b.ret))
-            .map_err(err)?;
+        let ret = neighbours_array(&b.ret)?;
         d.set_item("neighbours", ret.into_pyarray(py))?;
         let store = db.store();
         let docs: Vec<String> = b
@@ -691,4 +688,11 @@ fn retro_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Retriever>()?;
     m.add_class::<Dataset>()?;
     Ok(())
+}
+
+/// A neighbour block as the int64 array `[B, C, K, N]` PyTorch indexes with.
+fn neighbours_array(block: &retro_pipeline::NeighbourBlock) -> PyResult<Array4<i64>> {
+    let [b, c, k, n] = block.shape();
+    let values = block.as_slice().iter().map(|&x| i64::from(x)).collect();
+    Array4::from_shape_vec((b, c, k, n), values).map_err(err)
 }

@@ -17,6 +17,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use retro_format::FolderKind;
 use retro_index::{ChunkId, Database};
+use retro_model::NeighbourBlock;
 use std::path::{Path, PathBuf};
 
 /// Version 2 added `dataset_id` and the files' checksums.
@@ -57,17 +58,15 @@ pub struct Dataset {
     valid: SplitData,
 }
 
-/// A batch ready for the model: `x`, `y` `[B, T]`, `ret` `[B, C, K, N]`, row-major.
+/// A batch ready for the model: `x`, `y` `[B, T]` row-major, and the neighbours `ret`
+/// `[B, C, K, N]`.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub batch: usize,
     pub seq_len: usize,
-    pub chunks: usize,
-    pub k: usize,
-    pub neighbour_len: usize,
     pub x: Vec<u32>,
     pub y: Vec<u32>,
-    pub ret: Vec<u32>,
+    pub ret: NeighbourBlock,
     pub origins: Vec<Origin>,
 }
 
@@ -80,16 +79,14 @@ impl Batch {
         if b < 2 || p <= 0.0 {
             return;
         }
-        let block = self.chunks * self.k * self.neighbour_len;
-        let original = self.ret.clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut moves = vec![];
         for i in 0..b {
             if rng.random::<f64>() < p {
-                let j = (i + rng.random_range(1..b)) % b;
-                self.ret[i * block..(i + 1) * block]
-                    .copy_from_slice(&original[j * block..(j + 1) * block]);
+                moves.push((i, (i + rng.random_range(1..b)) % b));
             }
         }
+        self.ret.move_rows(&moves);
     }
 
     pub fn tensors(
@@ -103,13 +100,9 @@ impl Batch {
         use candle_core::Tensor;
         let (b, t) = (self.batch, self.seq_len);
         Ok((
-            Tensor::from_vec(self.x.clone(), (b, t), device)?,
-            Tensor::from_vec(self.y.clone(), (b, t), device)?,
-            Tensor::from_vec(
-                self.ret.clone(),
-                (b, self.chunks, self.k, self.neighbour_len),
-                device,
-            )?,
+            Tensor::from_slice(&self.x, (b, t), device)?,
+            Tensor::from_slice(&self.y, (b, t), device)?,
+            self.ret.to_tensor(device)?,
         ))
     }
 }
@@ -163,31 +156,33 @@ impl Dataset {
         let (t, cl, k, n) = (m.seq_len, m.chunk_len, m.k, m.neighbour_len);
         let c = t / cl;
         let store = db.store();
-        let mut b = Batch {
-            batch: indices.len(),
-            seq_len: t,
-            chunks: c,
-            k,
-            neighbour_len: n,
-            x: Vec::with_capacity(indices.len() * t),
-            y: Vec::with_capacity(indices.len() * t),
-            ret: Vec::with_capacity(indices.len() * c * k * n),
-            origins: vec![],
-        };
+        let b = indices.len();
+        let mut x = Vec::with_capacity(b * t);
+        let mut y = Vec::with_capacity(b * t);
+        let mut ret = Vec::with_capacity(b * c * k * n);
+        let mut origins = Vec::with_capacity(b);
         for &i in indices {
             let o = self.origin(s, i);
             let tokens = &store.document_tokens(o.document)[o.start..o.start + t + 1];
-            b.x.extend_from_slice(&tokens[..t]);
-            b.y.extend_from_slice(&tokens[1..]);
-            b.origins.push(o);
+            x.extend_from_slice(&tokens[..t]);
+            y.extend_from_slice(&tokens[1..]);
+            origins.push(o);
             for (id, _) in self.neighbours(s, i) {
                 match id {
-                    Some(id) => b.ret.extend_from_slice(&store.neighbour(id)[..n]),
-                    None => b.ret.extend(std::iter::repeat_n(store.pad_id(), n)),
+                    Some(id) => ret.extend_from_slice(&store.neighbour(id)[..n]),
+                    None => ret.extend(std::iter::repeat_n(store.pad_id(), n)),
                 }
             }
         }
-        b
+        Batch {
+            batch: b,
+            seq_len: t,
+            x,
+            y,
+            ret: NeighbourBlock::new(ret, [b, c, k, n])
+                .expect("the dataset's neighbours are K of N tokens per chunk"),
+            origins,
+        }
     }
 
     /// The loader: feeds `f` the training batches of global steps `from..to` (epoch `s / per_epoch`,
@@ -275,13 +270,14 @@ mod tests {
         Batch {
             batch: b,
             seq_len: 8,
-            chunks: c,
-            k,
-            neighbour_len: n,
             x: vec![0; b * 8],
             y: vec![0; b * 8],
             // Row i's neighbour tokens are all i.
-            ret: (0..b).flat_map(|i| vec![i as u32; c * k * n]).collect(),
+            ret: NeighbourBlock::new(
+                (0..b).flat_map(|i| vec![i as u32; c * k * n]).collect(),
+                [b, c, k, n],
+            )
+            .unwrap(),
             origins: vec![],
         }
     }
@@ -290,8 +286,7 @@ mod tests {
     fn shuffled_neighbours_come_whole_from_another_row_and_replay_from_the_seed() {
         let mut a = batch(4);
         a.shuffle_neighbours(0.999, 11);
-        let block = 2 * 2 * 3;
-        for (i, r) in a.ret.chunks(block).enumerate() {
+        for (i, r) in (0..4).map(|i| a.ret.row(i)).enumerate() {
             assert!(r.iter().all(|&t| t == r[0]), "row {i} mixes rows");
             assert_ne!(r[0] as usize, i, "row {i} kept its own neighbours");
         }
@@ -306,8 +301,8 @@ mod tests {
             .map(|s| {
                 let mut b = batch(4);
                 b.shuffle_neighbours(0.25, s);
-                b.ret
-                    .chunks(block)
+                (0..4)
+                    .map(|i| b.ret.row(i))
                     .enumerate()
                     .filter(|(i, r)| r[0] as usize != *i)
                     .count()
