@@ -12,7 +12,7 @@ use std::process::Command;
 #[test]
 fn the_python_bindings_pass_their_pytest_suite() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let Some(python) = common::venv_python("py-venv", "pytest, numpy", &["pytest", "numpy"]) else {
+    let Some(python) = common::venv_python("py-venv", "pytest, numpy, tqdm", &["pytest", "numpy", "tqdm"]) else {
         eprintln!("SKIPPED the_python_bindings: no venv with pytest and numpy");
         return;
     };
@@ -25,7 +25,7 @@ fn the_python_bindings_pass_their_pytest_suite() {
     let pkg = root.join("target/py-pkg/retro_rs");
     std::fs::create_dir_all(&pkg).unwrap();
     let src = root.join("crates/retro-py/python/retro_rs");
-    for f in ["__init__.py", "retro_rs.pyi", "py.typed"] {
+    for f in ["__init__.py", "progress.py", "retro_rs.pyi", "py.typed"] {
         std::fs::copy(src.join(f), pkg.join(f)).unwrap();
     }
     std::fs::copy(&module, pkg.join("retro_rs.abi3.so")).unwrap();

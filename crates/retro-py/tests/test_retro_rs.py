@@ -5,6 +5,7 @@ errors. `RETRO_BIN` names the `retro` binary (tests/python.rs sets it)."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 
@@ -126,6 +127,26 @@ def test_ctrl_c_stops_a_build_and_leaves_nothing(built, tmp_path):
         raise ValueError("broken progress bar")
 
     ds = retro_rs.Dataset.build(db, tmp_path / "ds", seq_len=64, progress=broken)
+    assert len(ds) > 0
+
+
+def test_progress_bar_draws_a_tqdm_bar_per_stage_to_the_end(built, tmp_path):
+    import io
+
+    out = io.StringIO()
+    with retro_rs.progress_bar(file=out, mininterval=0) as bar:
+        db = retro_rs.Database.build(built / "corpus.jsonl", tmp_path / "db", tokenizer="char",
+                                     lexical_dim=64, chunk_len=16, progress=bar)
+    text = out.getvalue()
+    for stage in ["tokenizing", "embedding", "inserting"]:
+        # Each stage's bar ends full: "stage: 100%|...| n/n".
+        last = [line for line in text.replace("\r", "\n").splitlines() if line.startswith(stage)]
+        assert last and "100%" in last[-1], (stage, last[-1:])
+    out = io.StringIO()
+    with retro_rs.progress_bar("sequences", file=out, mininterval=0) as bar:
+        ds = retro_rs.Dataset.build(db, tmp_path / "ds", seq_len=64, progress=bar)
+    last = out.getvalue().replace("\r", "\n").splitlines()[-1]
+    assert last.startswith("sequences: 100%") and re.search(r" (\d+)/\1 ", last), last
     assert len(ds) > 0
 
 
