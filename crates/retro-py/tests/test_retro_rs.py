@@ -150,6 +150,50 @@ def test_progress_bar_draws_a_tqdm_bar_per_stage_to_the_end(built, tmp_path):
     assert len(ds) > 0
 
 
+@pytest.mark.parametrize("kind", ["db", "ds"])
+def test_damaged_files_raise_retro_error_and_never_crash(built, tmp_path, kind):
+    """Seeded mutations of every file of a database or a dataset (bits flipped, the file cut
+    short, emptied, removed): opening raises RetroError, never another exception (a Rust panic
+    would be pyo3's PanicException), and a damaged binary file is never opened as if whole."""
+    import shutil
+
+    rng = random.Random(7)
+    folder = built / kind
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    assert len(files) >= 6
+    refused = 0
+    for rel in files:
+        for mutation in ["flip", "cut", "empty", "remove"]:
+            work = tmp_path / f"{rel.name}-{mutation}"
+            shutil.copytree(built / "db", work / "db")
+            shutil.copytree(built / "ds", work / "ds")
+            target = work / kind / rel
+            data = bytearray(target.read_bytes())
+            if mutation == "flip":
+                for _ in range(4):
+                    i = rng.randrange(len(data))
+                    data[i] ^= 1 << rng.randrange(8)
+                target.write_bytes(data)
+            elif mutation == "cut":
+                target.write_bytes(data[: rng.randrange(len(data))])
+            elif mutation == "empty":
+                target.write_bytes(b"")
+            else:
+                target.unlink()
+            try:
+                db = retro_rs.Database.open(work / "db")
+                if kind == "ds":
+                    retro_rs.Dataset.open(work / "ds", db)
+            except retro_rs.RetroError as e:
+                refused += 1
+                assert str(e), (rel, mutation)
+            else:
+                # Only a JSON file whose flipped bits still parse to the values it had may open.
+                assert mutation == "flip" and rel.suffix == ".json", (rel, mutation)
+            shutil.rmtree(work)
+    assert refused >= 4 * len(files) - len([f for f in files if f.suffix == ".json"])
+
+
 def test_retrieve_equals_the_datasets_precomputed_neighbours(built):
     db = retro_rs.Database.open(built / "db")
     ds = retro_rs.Dataset.open(built / "ds", db)
