@@ -12,7 +12,11 @@ use std::process::Command;
 #[test]
 fn the_python_bindings_pass_their_pytest_suite() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let Some(python) = common::venv_python("py-venv", "pytest, numpy, tqdm", &["pytest", "numpy", "tqdm"]) else {
+    let Some(python) = common::venv_python(
+        "py-venv",
+        "pytest, numpy, tqdm",
+        &["pytest", "numpy", "tqdm"],
+    ) else {
         eprintln!("SKIPPED the_python_bindings: no venv with pytest and numpy");
         return;
     };

@@ -324,74 +324,16 @@ pub fn run(a: DemoArgs) -> Result<()> {
     );
 
     let p = |n: &str| out.join(n).to_string_lossy().into_owned();
-    let (cl, sl) = (a.chunk_len.to_string(), a.seq_len.to_string());
     let emb = embedder.map(|e| e.to_string_lossy().into_owned());
-    let keys: Vec<&str> = match &emb {
-        Some(e) => vec!["--embedder", e],
-        None => vec!["--lexical-embedder", "384", "--lexical-features", "chars"],
-    };
-    let (corpus_dir, db_dir) = (p("corpus"), p("db"));
-    let mut build = vec![
-        "index",
-        "build",
-        "--corpus",
-        &corpus_dir,
-        "--tokenizer",
-        "char",
-    ];
-    build.extend(keys);
-    build.extend(["--chunk-len", &cl, "--overwrite", "--out", &db_dir]);
-    retro(&build)?;
+    retro(&strs(&index_args(&a, out, emb.as_deref())))?;
+    retro(&strs(&dataset_args(&a, out)))?;
     let ds_dir = p("dataset");
-    let mut ds = vec![
-        "dataset",
-        "build",
-        "--db",
-        &db_dir,
-        "--seq-len",
-        &sl,
-        "--k",
-        "2",
-        "--overwrite",
-        "--out",
-        &ds_dir,
-    ];
-    for h in &a.hold_out {
-        ds.extend(["--hold-out-matching", h.as_str()]);
-    }
-    retro(&ds)?;
     for run in ["run", "baseline"] {
         let _ = std::fs::remove_dir_all(out.join(run));
     }
-    let lr = a.lr.to_string();
-    let batch = BATCH_SIZE.to_string();
     let shuffle = a.neighbour_shuffle.to_string();
     let train = |run: &str, budget: &[&str], extra: &[&str]| -> Result<()> {
-        let dir = p(run);
-        let mut args = vec![
-            "train",
-            "--dataset",
-            &ds_dir,
-            "--preset",
-            &a.preset,
-            "--batch-size",
-            &batch,
-            "--lr",
-            &lr,
-            "--warmup",
-            "100",
-            "--schedule",
-            "cosine",
-            "--eval-every",
-            "500",
-            "--checkpoint-every",
-            "1000",
-            "--out",
-            &dir,
-        ];
-        args.extend(budget);
-        args.extend(extra);
-        retro(&args)
+        retro(&strs(&train_args(&a, out, run, budget, extra)))
     };
     let seconds_of = |run: &str| -> Result<(usize, f64)> {
         let s = retro_pipeline::Run::open(&out.join(run))?
@@ -436,45 +378,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &["--steps", &baseline_steps, "--max-minutes", &cap],
         &["--no-retrieval"],
     )?;
-    let max_tokens = a.eval_tokens.to_string();
-    let (step, lookback) = (a.coherent.to_string(), a.coherent_lookback.to_string());
-    let gate: Vec<&str> = if a.no_gate {
-        vec![]
-    } else {
-        vec!["--coherent", &step, "--coherent-lookback", &lookback]
-    };
-    let (run_dir, baseline_dir, heldout_dir, plot) =
-        (p("run"), p("baseline"), p("heldout"), p("eval-overlap.png"));
-    let mut eval = vec![
-        "eval",
-        "--run",
-        &run_dir,
-        "--baseline",
-        &baseline_dir,
-        "--data",
-        &heldout_dir,
-        "--max-tokens",
-        &max_tokens,
-        "--plot",
-        &plot,
-    ];
-    eval.extend(&gate);
-    retro(&eval)?;
-    let mut generate = vec![
-        "generate",
-        "--run",
-        &run_dir,
-        &a.prompt,
-        "--max-tokens",
-        "200",
-        "--temperature",
-        "0.8",
-        "--top-k",
-        "20",
-        "--show-neighbours",
-    ];
-    generate.extend(&gate);
-    retro(&generate)?;
+    retro(&strs(&eval_args(&a, out)))?;
+    retro(&strs(&generate_args(&a, out)))?;
     println!(
         "\ndemo finished in {:.1} minutes; everything is under {}:",
         t0.elapsed().as_secs_f64() / 60.0,
@@ -489,4 +394,198 @@ pub fn run(a: DemoArgs) -> Result<()> {
         p("eval-overlap.png")
     );
     Ok(())
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn owned(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn path_in(out: &Path, name: &str) -> String {
+    out.join(name).to_string_lossy().into_owned()
+}
+
+/// `retro index build` of OUT/corpus: character tokens, MiniLM keys from `embedder` or trigrams.
+fn index_args(a: &DemoArgs, out: &Path, embedder: Option<&str>) -> Vec<String> {
+    let mut v = owned(&[
+        "index",
+        "build",
+        "--corpus",
+        &path_in(out, "corpus"),
+        "--tokenizer",
+        "char",
+    ]);
+    v.extend(owned(&match embedder {
+        Some(e) => vec!["--embedder", e],
+        None => vec!["--lexical-embedder", "384", "--lexical-features", "chars"],
+    }));
+    v.extend(owned(&[
+        "--chunk-len",
+        &a.chunk_len.to_string(),
+        "--overwrite",
+        "--out",
+        &path_in(out, "db"),
+    ]));
+    v
+}
+
+/// `retro dataset build`, every edition of the held-out plays left out.
+fn dataset_args(a: &DemoArgs, out: &Path) -> Vec<String> {
+    let mut v = owned(&[
+        "dataset",
+        "build",
+        "--db",
+        &path_in(out, "db"),
+        "--seq-len",
+        &a.seq_len.to_string(),
+        "--k",
+        "2",
+        "--overwrite",
+        "--out",
+        &path_in(out, "dataset"),
+    ]);
+    for h in &a.hold_out {
+        v.extend(owned(&["--hold-out-matching", h]));
+    }
+    v
+}
+
+/// `retro train` of OUT/`run` with the demo's settings, then `budget` and `extra` flags.
+fn train_args(a: &DemoArgs, out: &Path, run: &str, budget: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut v = owned(&[
+        "train",
+        "--dataset",
+        &path_in(out, "dataset"),
+        "--preset",
+        &a.preset,
+        "--batch-size",
+        &BATCH_SIZE.to_string(),
+        "--lr",
+        &a.lr.to_string(),
+        "--warmup",
+        "100",
+        "--schedule",
+        "cosine",
+        "--eval-every",
+        "500",
+        "--checkpoint-every",
+        "1000",
+        "--out",
+        &path_in(out, run),
+    ]);
+    v.extend(owned(budget));
+    v.extend(owned(extra));
+    v
+}
+
+/// The coherent gate's flags (none with `--no-gate`).
+fn gate_args(a: &DemoArgs) -> Vec<String> {
+    if a.no_gate {
+        return vec![];
+    }
+    owned(&[
+        "--coherent",
+        &a.coherent.to_string(),
+        "--coherent-lookback",
+        &a.coherent_lookback.to_string(),
+    ])
+}
+
+/// `retro eval` of the run against the baseline on the held-out plays.
+fn eval_args(a: &DemoArgs, out: &Path) -> Vec<String> {
+    let mut v = owned(&[
+        "eval",
+        "--run",
+        &path_in(out, "run"),
+        "--baseline",
+        &path_in(out, "baseline"),
+        "--data",
+        &path_in(out, "heldout"),
+        "--max-tokens",
+        &a.eval_tokens.to_string(),
+        "--plot",
+        &path_in(out, "eval-overlap.png"),
+    ]);
+    v.extend(gate_args(a));
+    v
+}
+
+/// `retro generate` from the run, the neighbours shown.
+fn generate_args(a: &DemoArgs, out: &Path) -> Vec<String> {
+    let mut v = owned(&[
+        "generate",
+        "--run",
+        &path_in(out, "run"),
+        &a.prompt,
+        "--max-tokens",
+        "200",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--show-neighbours",
+    ]);
+    v.extend(gate_args(a));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Demo {
+        #[command(flatten)]
+        a: DemoArgs,
+    }
+
+    /// Every command the demo runs parses with the binary's own parser: a renamed flag fails
+    /// here, not minutes into a demo.
+    #[test]
+    fn every_step_parses_as_a_retro_command() {
+        for flags in [
+            &["demo"][..],
+            &[
+                "demo",
+                "--no-gate",
+                "--hold-out",
+                "tempest",
+                "--hold-out",
+                "lear",
+            ],
+        ] {
+            let a = Demo::parse_from(flags).a;
+            let out = Path::new("/x");
+            let steps = [
+                index_args(&a, out, None),
+                index_args(&a, out, Some("/minilm")),
+                dataset_args(&a, out),
+                train_args(
+                    &a,
+                    out,
+                    "probe",
+                    &["--steps", "60"],
+                    &["--neighbour-shuffle", "0.25"],
+                ),
+                train_args(
+                    &a,
+                    out,
+                    "run",
+                    &["--steps", "9", "--max-minutes", "8.6"],
+                    &[],
+                ),
+                train_args(&a, out, "baseline", &["--steps", "9"], &["--no-retrieval"]),
+                eval_args(&a, out),
+                generate_args(&a, out),
+            ];
+            for step in &steps {
+                crate::Cli::try_parse_from(std::iter::once("retro").chain(strs(step)))
+                    .unwrap_or_else(|e| panic!("retro {}: {e}", step.join(" ")));
+            }
+        }
+    }
 }

@@ -239,134 +239,39 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         held_out.display()
     );
 
-    let p = |n: &str| out.join(n).to_string_lossy().into_owned();
-    let s = |p: &Path| p.to_string_lossy().into_owned();
-    let (base, db, ds, run) = (p("base"), p("db"), p("dataset"), p("run"));
-    let (gguf, emb, corpus, held) = (s(&gguf), s(&embedder), s(&corpus), s(&held_out));
-    retro(&[
-        "base",
-        "import",
-        "--gguf",
-        &gguf,
-        "--out",
-        &base,
-        "--overwrite",
-    ])?;
-    retro(&["generate", "--base", &base, "--max-tokens", "24", &prompt])?;
-    let tokenizer = format!("{base}/tokenizer.json");
-    retro(&[
-        "index",
-        "build",
-        "--corpus",
-        &corpus,
-        "--tokenizer",
-        &tokenizer,
-        "--embedder",
-        &emb,
-        "--chunk-len",
-        "64",
-        "--overwrite",
-        "--out",
-        &db,
-    ])?;
-    let novel = format!("/{}", a.novel);
-    let seq_len = a.seq_len.to_string();
-    retro(&[
-        "dataset",
-        "build",
-        "--db",
-        &db,
-        "--seq-len",
-        &seq_len,
-        "--k",
-        "2",
-        "--hold-out-matching",
-        &novel,
-        "--overwrite",
-        "--out",
-        &ds,
-    ])?;
-    let _ = std::fs::remove_dir_all(&run);
-    let (lr, minutes) = (a.lr.to_string(), a.train_minutes.to_string());
-    let steps = a.max_steps.unwrap_or(1_000_000).to_string();
-    let shuffle = a.neighbour_shuffle.to_string();
-    let states = a
-        .neighbour_states
-        .to_possible_value()
-        .expect("a value enum names each value");
-    let mut train = vec![
-        "train",
-        "--dataset",
-        &ds,
-        "--base",
-        &base,
-        "--retrofit",
-        "--neighbour-states",
-        states.get_name(),
-        "--neighbour-shuffle",
-        &shuffle,
-        "--lr",
-        &lr,
-        "--batch-size",
-        "2",
-        "--schedule",
-        "constant",
-        "--warmup",
-        "20",
-        "--steps",
-        &steps,
-        "--max-minutes",
-        &minutes,
-        "--eval-every",
-        "100",
-        "--checkpoint-every",
-        "100",
-        "--out",
-        &run,
-    ];
-    if a.cca_positions {
-        train.push("--cca-positions");
-    }
-    if a.gated_output {
-        train.push("--gated-output");
-    }
-    retro(&train)?;
-    let max_tokens = a.eval_tokens.to_string();
-    let eval = |book: &str, extra: &[&str]| -> Result<Value> {
-        let matching = format!("{}/{book}", a.hold_out);
-        let plot = p(&format!("eval-{book}.png"));
-        let mut args = vec![
-            "eval",
-            "--run",
-            &run,
-            "--data",
-            &held,
-            "--data-matching",
-            &matching,
-            "--max-tokens",
-            &max_tokens,
-            "--plot",
-            &plot,
-            "--json",
-        ];
-        args.extend(extra);
-        let json = retro_output(&args)?;
+    let plan = steps(
+        &a,
+        &Inputs {
+            out,
+            gguf: &gguf,
+            embedder: &embedder,
+            corpus: &corpus,
+            held_out: &held_out,
+            prompt: &prompt,
+        },
+    );
+    retro(&strs(&plan.import))?;
+    retro(&strs(&plan.generate_base))?;
+    retro(&strs(&plan.index))?;
+    retro(&strs(&plan.dataset))?;
+    let _ = std::fs::remove_dir_all(out.join("run"));
+    retro(&strs(&plan.train))?;
+    let mut reports = vec![];
+    for (book, args) in &plan.evals {
+        let json = retro_output(&strs(args))?;
         let path = out.join(format!("eval-{book}.json"));
         retro_format::write_atomic(&path, |w| w.write_all(json.as_bytes()))?;
-        println!("the report: {} (the overlap plot: {plot})", path.display());
-        Ok(serde_json::from_str(&json)?)
-    };
-    let scored = eval(&a.score, &["--related-only"])?;
-    let novel = eval(&a.novel, &[])?;
-    retro(&[
-        "generate",
-        "--run",
-        &run,
-        "--max-tokens",
-        &a.generate_tokens.to_string(),
-        "--show-neighbours",
-        &prompt,
-    ])?;
+        println!(
+            "the report: {} (the overlap plot: {})",
+            path.display(),
+            out.join(format!("eval-{book}.png")).display()
+        );
+        reports.push(serde_json::from_str::<Value>(&json)?);
+    }
+    let (scored, novel) = (&reports[0], &reports[1]);
+    retro(&strs(&plan.generate))?;
+    let p = |n: &str| out.join(n).to_string_lossy().into_owned();
+    let (base, db, ds, run) = (p("base"), p("db"), p("dataset"), p("run"));
 
     println!(
         "\nbits per byte of the {} text (lower is better); neighbours from {:?}",
@@ -379,17 +284,17 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
     let rows = [
         (
             format!("{}, related (trained on its translations)", a.score),
-            &scored,
+            scored,
             "related",
         ),
         (
             format!("{}, related (never trained on)", a.novel),
-            &novel,
+            novel,
             "related",
         ),
         (
             format!("{}, novel (not in the database)", a.novel),
-            &novel,
+            novel,
             "novel",
         ),
     ];
@@ -411,4 +316,202 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// What the demo's commands read: the folders and files it fetched or wrote.
+struct Inputs<'a> {
+    out: &'a Path,
+    gguf: &'a Path,
+    embedder: &'a Path,
+    corpus: &'a Path,
+    held_out: &'a Path,
+    prompt: &'a str,
+}
+
+/// The `retro` commands the demo runs, in order, as a user would type them (a test parses each
+/// with the binary's own parser, so a renamed flag fails there rather than minutes into a run).
+struct Steps {
+    import: Vec<String>,
+    generate_base: Vec<String>,
+    index: Vec<String>,
+    dataset: Vec<String>,
+    train: Vec<String>,
+    /// `retro eval --json` of the related book, then of the novel one, with the book's name.
+    evals: [(String, Vec<String>); 2],
+    generate: Vec<String>,
+}
+
+fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
+    let p = |n: &str| i.out.join(n).to_string_lossy().into_owned();
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let (base, db, ds, run) = (p("base"), p("db"), p("dataset"), p("run"));
+    let args = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let states = a
+        .neighbour_states
+        .to_possible_value()
+        .expect("a value enum names each value");
+    let mut train = args(&[
+        "train",
+        "--dataset",
+        &ds,
+        "--base",
+        &base,
+        "--retrofit",
+        "--neighbour-states",
+        states.get_name(),
+        "--neighbour-shuffle",
+        &a.neighbour_shuffle.to_string(),
+        "--lr",
+        &a.lr.to_string(),
+        "--batch-size",
+        "2",
+        "--schedule",
+        "constant",
+        "--warmup",
+        "20",
+        "--steps",
+        &a.max_steps.unwrap_or(1_000_000).to_string(),
+        "--max-minutes",
+        &a.train_minutes.to_string(),
+        "--eval-every",
+        "100",
+        "--checkpoint-every",
+        "100",
+        "--out",
+        &run,
+    ]);
+    if a.cca_positions {
+        train.push("--cca-positions".into());
+    }
+    if a.gated_output {
+        train.push("--gated-output".into());
+    }
+    let eval = |book: &str, extra: &[&str]| {
+        let mut v = args(&[
+            "eval",
+            "--run",
+            &run,
+            "--data",
+            &s(i.held_out),
+            "--data-matching",
+            &format!("{}/{book}", a.hold_out),
+            "--max-tokens",
+            &a.eval_tokens.to_string(),
+            "--plot",
+            &p(&format!("eval-{book}.png")),
+            "--json",
+        ]);
+        v.extend(args(extra));
+        (book.to_string(), v)
+    };
+    Steps {
+        import: args(&[
+            "base",
+            "import",
+            "--gguf",
+            &s(i.gguf),
+            "--out",
+            &base,
+            "--overwrite",
+        ]),
+        generate_base: args(&["generate", "--base", &base, "--max-tokens", "24", i.prompt]),
+        index: args(&[
+            "index",
+            "build",
+            "--corpus",
+            &s(i.corpus),
+            "--tokenizer",
+            &format!("{base}/tokenizer.json"),
+            "--embedder",
+            &s(i.embedder),
+            "--chunk-len",
+            "64",
+            "--overwrite",
+            "--out",
+            &db,
+        ]),
+        dataset: args(&[
+            "dataset",
+            "build",
+            "--db",
+            &db,
+            "--seq-len",
+            &a.seq_len.to_string(),
+            "--k",
+            "2",
+            "--hold-out-matching",
+            &format!("/{}", a.novel),
+            "--overwrite",
+            "--out",
+            &ds,
+        ]),
+        train,
+        evals: [eval(&a.score, &["--related-only"]), eval(&a.novel, &[])],
+        generate: args(&[
+            "generate",
+            "--run",
+            &run,
+            "--max-tokens",
+            &a.generate_tokens.to_string(),
+            "--show-neighbours",
+            i.prompt,
+        ]),
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// The demo's own flags, as a user would give them (none: the defaults).
+    #[derive(Parser)]
+    struct Demo {
+        #[command(flatten)]
+        a: RetrofitDemoArgs,
+    }
+
+    #[test]
+    fn every_step_parses_as_a_retro_command() {
+        for flags in [
+            &["demo"][..],
+            &["demo", "--max-steps", "5", "--gated-output", "false"],
+        ] {
+            let a = Demo::parse_from(flags).a;
+            let p = Path::new("/x");
+            let plan = steps(
+                &a,
+                &Inputs {
+                    out: p,
+                    gguf: p,
+                    embedder: p,
+                    corpus: p,
+                    held_out: p,
+                    prompt: "11:1 Now",
+                },
+            );
+            let [e1, e2] = &plan.evals;
+            for step in [
+                &plan.import,
+                &plan.generate_base,
+                &plan.index,
+                &plan.dataset,
+                &plan.train,
+                &e1.1,
+                &e2.1,
+                &plan.generate,
+            ] {
+                crate::Cli::try_parse_from(std::iter::once("retro").chain(strs(step)))
+                    .unwrap_or_else(|e| panic!("retro {}: {e}", step.join(" ")));
+            }
+            assert_eq!(
+                plan.train.contains(&"--gated-output".into()),
+                a.gated_output
+            );
+        }
+    }
 }

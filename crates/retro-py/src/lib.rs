@@ -139,6 +139,8 @@ impl Database {
                 )))
             }
         };
+        let bar = TerminalBar::unless_given(py, &progress);
+        let progress = progress.or_else(|| bar.callback(py));
         let interrupt = Interrupt::new();
         let watch = interrupt.clone();
         let report: retro_index::database::ProgressFn = Arc::new(move |stage, done, total| {
@@ -189,6 +191,7 @@ impl Database {
             retro_index::Database::build(&docs, &tok, emb.as_ref(), &opts, &out)
                 .map_err(|e| e.to_string())
         });
+        bar.close(py);
         Ok(Self::from_opened(interrupt.result(r)?))
     }
 
@@ -574,6 +577,8 @@ impl Dataset {
         progress: Option<PyObject>,
     ) -> PyResult<Self> {
         let d = db.get().db.clone();
+        let bar = TerminalBar::unless_given(py, &progress);
+        let progress = progress.or_else(|| bar.callback(py));
         let interrupt = Interrupt::new();
         let params = retro_pipeline::DatasetParams {
             seq_len,
@@ -594,6 +599,7 @@ impl Dataset {
             retro_pipeline::Dataset::build_with(&d, &params, &out, overwrite, &report)
                 .map_err(|e| e.to_string())
         });
+        bar.close(py);
         let ds = interrupt.result(r)?;
         Ok(Self {
             ds: Arc::new(ds),
@@ -695,4 +701,40 @@ fn neighbours_array(block: &retro_pipeline::NeighbourBlock) -> PyResult<Array4<i
     let [b, c, k, n] = block.shape();
     let values = block.as_slice().iter().map(|&x| i64::from(x)).collect();
     Array4::from_shape_vec((b, c, k, n), values).map_err(err)
+}
+
+/// The bar a build draws unasked: with no `progress` callback given and standard error a
+/// terminal, `retro_rs.progress_bar()` (tqdm), if tqdm is installed; otherwise none.
+struct TerminalBar(Option<PyObject>);
+
+impl TerminalBar {
+    fn unless_given(py: Python<'_>, progress: &Option<PyObject>) -> Self {
+        if progress.is_some() {
+            return Self(None);
+        }
+        let tty = py
+            .import("sys")
+            .and_then(|sys| sys.getattr("stderr")?.call_method0("isatty")?.is_truthy())
+            .unwrap_or(false);
+        // Without tqdm, progress_bar() raises ImportError: no bar, as before.
+        let bar = tty
+            .then(|| {
+                py.import("retro_rs.progress")
+                    .and_then(|m| m.getattr("progress_bar")?.call0())
+                    .ok()
+            })
+            .flatten();
+        Self(bar.map(|b| b.unbind()))
+    }
+
+    fn callback(&self, py: Python<'_>) -> Option<PyObject> {
+        self.0.as_ref().map(|b| b.clone_ref(py))
+    }
+
+    /// Closes the last stage's bar (the builds do not say when they end).
+    fn close(&self, py: Python<'_>) {
+        if let Some(b) = &self.0 {
+            let _ = b.call_method0(py, "close");
+        }
+    }
 }

@@ -150,6 +150,43 @@ def test_progress_bar_draws_a_tqdm_bar_per_stage_to_the_end(built, tmp_path):
     assert len(ds) > 0
 
 
+def test_a_build_on_a_terminal_draws_a_bar_unasked(built, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import sys
+    import termios
+
+    code = ("import retro_rs, sys; retro_rs.Database.build(sys.argv[1], sys.argv[2], "
+            "tokenizer='char', lexical_dim=64, chunk_len=16)")
+
+    def run(out, on_terminal):
+        args = [sys.executable, "-c", code, str(built / "corpus.jsonl"), str(out)]
+        if not on_terminal:
+            return subprocess.run(args, stderr=subprocess.PIPE, check=True).stderr
+        main, sub = pty.openpty()
+        # A new pseudo-terminal is 0 columns wide, and tqdm then draws nothing: give it a size.
+        fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        subprocess.run(args, stderr=sub, check=True)
+        os.close(sub)
+        drawn = b""
+        while True:
+            try:
+                part = os.read(main, 1 << 16)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not part:
+                break
+            drawn += part
+        os.close(main)
+        return drawn
+
+    drawn = run(tmp_path / "a", on_terminal=True).decode()
+    assert "embedding" in drawn and "100%" in drawn, drawn[-300:]
+    # Piped (a log file, CI): nothing drawn.
+    assert run(tmp_path / "b", on_terminal=False) == b""
+
+
 @pytest.mark.parametrize("kind", ["db", "ds"])
 def test_damaged_files_raise_retro_error_and_never_crash(built, tmp_path, kind):
     """Seeded mutations of every file of a database or a dataset (bits flipped, the file cut
