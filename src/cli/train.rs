@@ -249,6 +249,12 @@ fn run_retrofit(
             "no encoder (each reads the base's states of the neighbours)".to_string()
         }
     };
+    let reads = match (fit.cca_positions, fit.gated_output) {
+        (false, false) => reads,
+        (true, false) => format!("{reads}, rotary positions"),
+        (false, true) => format!("{reads}, gated output"),
+        (true, true) => format!("{reads}, rotary positions, gated output"),
+    };
     println!(
         "RETRO-fitting {} ({} parameters, frozen): CCA in layers {:?}, {reads}, about {} new parameters ({:.1}%), on {} sequences of {} tokens (K {}) -> {}",
         base_dir.display(),

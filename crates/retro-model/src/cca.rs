@@ -37,7 +37,7 @@ impl ChunkedCrossAttention {
         })
     }
 
-    /// The output of attention rows `att` (heads merged): the projection, times `tanh(gate)` if
+    /// The output of attention rows `att` (heads merged): the projection, times the gate if
     /// gated, times `keep` (`[b, 1, 1]` or broadcastable) if given, plus `residual` if given.
     pub(crate) fn output(
         &self,
