@@ -152,7 +152,7 @@ fn median_step_seconds(metrics: &Path, tokens_per_step: usize) -> Result<f64> {
 }
 
 /// Runs this binary with `args`, printing the command first.
-pub(super) fn retro(args: &[&str]) -> Result<()> {
+pub(super) fn retro(args: &[String]) -> Result<()> {
     println!("\n$ retro {}", args.join(" "));
     sh(Command::new(std::env::current_exe()?).args(args))
 }
@@ -323,17 +323,17 @@ pub fn run(a: DemoArgs) -> Result<()> {
         a.hold_out
     );
 
-    let p = |n: &str| out.join(n).to_string_lossy().into_owned();
+    let p = |n: &str| path_in(out, n);
     let emb = embedder.map(|e| e.to_string_lossy().into_owned());
-    retro(&strs(&index_args(&a, out, emb.as_deref())))?;
-    retro(&strs(&dataset_args(&a, out)))?;
+    retro(&index_args(&a, out, emb.as_deref()))?;
+    retro(&dataset_args(&a, out))?;
     let ds_dir = p("dataset");
     for run in ["run", "baseline"] {
         let _ = std::fs::remove_dir_all(out.join(run));
     }
     let shuffle = a.neighbour_shuffle.to_string();
     let train = |run: &str, budget: &[&str], extra: &[&str]| -> Result<()> {
-        retro(&strs(&train_args(&a, out, run, budget, extra)))
+        retro(&train_args(&a, out, run, budget, extra))
     };
     let seconds_of = |run: &str| -> Result<(usize, f64)> {
         let s = retro_pipeline::Run::open(&out.join(run))?
@@ -378,8 +378,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &["--steps", &baseline_steps, "--max-minutes", &cap],
         &["--no-retrieval"],
     )?;
-    retro(&strs(&eval_args(&a, out)))?;
-    retro(&strs(&generate_args(&a, out)))?;
+    retro(&eval_args(&a, out))?;
+    retro(&generate_args(&a, out))?;
     println!(
         "\ndemo finished in {:.1} minutes; everything is under {}:",
         t0.elapsed().as_secs_f64() / 60.0,
@@ -396,15 +396,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-fn owned(v: &[&str]) -> Vec<String> {
+/// A command's arguments as `retro` takes them.
+pub(super) fn owned(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
 
-fn path_in(out: &Path, name: &str) -> String {
+/// `out/name` as an argument.
+pub(super) fn path_in(out: &Path, name: &str) -> String {
     out.join(name).to_string_lossy().into_owned()
 }
 
@@ -532,6 +530,14 @@ fn generate_args(a: &DemoArgs, out: &Path) -> Vec<String> {
     v
 }
 
+/// Panics, naming the command, unless `retro ARGS` parses with the binary's own parser.
+#[cfg(test)]
+pub(super) fn assert_parses(args: &[String]) {
+    use clap::Parser;
+    crate::Cli::try_parse_from(std::iter::once("retro".to_string()).chain(args.iter().cloned()))
+        .unwrap_or_else(|e| panic!("retro {}: {e}", args.join(" ")));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,8 +589,7 @@ mod tests {
                 generate_args(&a, out),
             ];
             for step in &steps {
-                crate::Cli::try_parse_from(std::iter::once("retro").chain(strs(step)))
-                    .unwrap_or_else(|e| panic!("retro {}: {e}", step.join(" ")));
+                assert_parses(step);
             }
         }
     }

@@ -11,7 +11,7 @@
 //! translation is in neither. Each book of each translation is one document, so a chunk's own
 //! book is filtered out of its neighbours and the other translations' parallel verses remain.
 
-use super::demo::{find_dir, pypi_folder, retro};
+use super::demo::{find_dir, owned, path_in, pypi_folder, retro};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::Value;
@@ -136,7 +136,7 @@ fn prompt_from(module: &Path, translation: &str, book: &str, verse: &str) -> Res
 }
 
 /// Runs this binary with `args`, printing the command, and returns its standard output.
-fn retro_output(args: &[&str]) -> Result<String> {
+fn retro_output(args: &[String]) -> Result<String> {
     println!("\n$ retro {}", args.join(" "));
     let out = Command::new(std::env::current_exe()?)
         .args(args)
@@ -250,15 +250,15 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
             prompt: &prompt,
         },
     );
-    retro(&strs(&plan.import))?;
-    retro(&strs(&plan.generate_base))?;
-    retro(&strs(&plan.index))?;
-    retro(&strs(&plan.dataset))?;
+    retro(&plan.import)?;
+    retro(&plan.generate_base)?;
+    retro(&plan.index)?;
+    retro(&plan.dataset)?;
     let _ = std::fs::remove_dir_all(out.join("run"));
-    retro(&strs(&plan.train))?;
+    retro(&plan.train)?;
     let mut reports = vec![];
     for (book, args) in &plan.evals {
-        let json = retro_output(&strs(args))?;
+        let json = retro_output(args)?;
         let path = out.join(format!("eval-{book}.json"));
         retro_format::write_atomic(&path, |w| w.write_all(json.as_bytes()))?;
         println!(
@@ -269,8 +269,8 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
         reports.push(serde_json::from_str::<Value>(&json)?);
     }
     let (scored, novel) = (&reports[0], &reports[1]);
-    retro(&strs(&plan.generate))?;
-    let p = |n: &str| out.join(n).to_string_lossy().into_owned();
+    retro(&plan.generate)?;
+    let p = |n: &str| path_in(out, n);
     let (base, db, ds, run) = (p("base"), p("db"), p("dataset"), p("run"));
 
     println!(
@@ -342,15 +342,14 @@ struct Steps {
 }
 
 fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
-    let p = |n: &str| i.out.join(n).to_string_lossy().into_owned();
+    let p = |n: &str| path_in(i.out, n);
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let (base, db, ds, run) = (p("base"), p("db"), p("dataset"), p("run"));
-    let args = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let states = a
         .neighbour_states
         .to_possible_value()
         .expect("a value enum names each value");
-    let mut train = args(&[
+    let mut train = owned(&[
         "train",
         "--dataset",
         &ds,
@@ -387,7 +386,7 @@ fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
         train.push("--gated-output".into());
     }
     let eval = |book: &str, extra: &[&str]| {
-        let mut v = args(&[
+        let mut v = owned(&[
             "eval",
             "--run",
             &run,
@@ -401,11 +400,11 @@ fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
             &p(&format!("eval-{book}.png")),
             "--json",
         ]);
-        v.extend(args(extra));
+        v.extend(owned(extra));
         (book.to_string(), v)
     };
     Steps {
-        import: args(&[
+        import: owned(&[
             "base",
             "import",
             "--gguf",
@@ -414,8 +413,8 @@ fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
             &base,
             "--overwrite",
         ]),
-        generate_base: args(&["generate", "--base", &base, "--max-tokens", "24", i.prompt]),
-        index: args(&[
+        generate_base: owned(&["generate", "--base", &base, "--max-tokens", "24", i.prompt]),
+        index: owned(&[
             "index",
             "build",
             "--corpus",
@@ -430,7 +429,7 @@ fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
             "--out",
             &db,
         ]),
-        dataset: args(&[
+        dataset: owned(&[
             "dataset",
             "build",
             "--db",
@@ -447,7 +446,7 @@ fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
         ]),
         train,
         evals: [eval(&a.score, &["--related-only"]), eval(&a.novel, &[])],
-        generate: args(&[
+        generate: owned(&[
             "generate",
             "--run",
             &run,
@@ -457,10 +456,6 @@ fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
             i.prompt,
         ]),
     }
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 #[cfg(test)]
@@ -505,8 +500,7 @@ mod tests {
                 &e2.1,
                 &plan.generate,
             ] {
-                crate::Cli::try_parse_from(std::iter::once("retro").chain(strs(step)))
-                    .unwrap_or_else(|e| panic!("retro {}: {e}", step.join(" ")));
+                crate::cli::demo::assert_parses(step);
             }
             assert_eq!(
                 plan.train.contains(&"--gated-output".into()),

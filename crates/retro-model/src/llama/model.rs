@@ -228,12 +228,12 @@ impl LlamaBase {
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
-    /// Layer `i`'s weights.
     /// The rotary tables of every layer's attention.
     pub(crate) fn rotary(&self) -> &Rotary {
         &self.rotary
     }
 
+    /// Layer `i`'s weights.
     pub fn block(&self, i: usize) -> &Block {
         &self.layers[i]
     }

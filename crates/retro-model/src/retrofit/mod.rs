@@ -258,9 +258,11 @@ impl RetroFitted {
                 Ok(v.set(&v.as_tensor().zeros_like()?)?)
             };
             // Gated, the gate at zero starts the model at the base; otherwise the output.
-            for i in 0..cca.len() * usize::from(!config.gated_output) {
-                zero(format!("cca.{i}.output.weight"))?;
-                zero(format!("cca.{i}.output.bias"))?;
+            if !config.gated_output {
+                for i in 0..cca.len() {
+                    zero(format!("cca.{i}.output.weight"))?;
+                    zero(format!("cca.{i}.output.bias"))?;
+                }
             }
             if config.init_from_base {
                 let set = |name: String, t: Tensor| -> Result<()> {
