@@ -315,10 +315,158 @@ fn nll_in_context(
     Ok(out)
 }
 
-/// Per-token sums of one model, split by overlap bucket.
-#[derive(Clone, Default)]
-struct Sums {
-    nll: [f64; 5],
+/// Overlap buckets: chunks without neighbours, then one per [`OVERLAP_BOUNDS`] entry.
+const BUCKETS: usize = OVERLAP_BOUNDS.len() + 1;
+
+/// The bucket's bounds as reported: `None` for the chunks without neighbours.
+fn bucket_bounds(b: usize) -> (Option<f64>, Option<f64>) {
+    match b {
+        0 => (None, None),
+        b => (
+            Some(if b == 1 { 0.0 } else { OVERLAP_BOUNDS[b - 2] }),
+            Some(OVERLAP_BOUNDS[b - 1]),
+        ),
+    }
+}
+
+/// The chunk whose neighbours' bucket target `j` (1..=t of a window of `t` targets) is scored
+/// in. The window's last target, alone in its chunk when `t` is a multiple of `cl` (the next
+/// window starts with it), is read with the same neighbours as the chunk before: it belongs to
+/// that chunk, not to a one-token chunk of its own.
+fn chunk_of_target(j: usize, t: usize, cl: usize) -> usize {
+    if j == t && t.is_multiple_of(cl) {
+        j / cl - 1
+    } else {
+        j / cl
+    }
+}
+
+/// One window's per-target negative log-likelihoods under each model scored.
+struct WindowNll<'a> {
+    on: &'a [f64],
+    off: &'a [f64],
+    gated: Option<&'a [f64]>,
+    in_context: Option<&'a [f64]>,
+    baseline: Option<&'a [f64]>,
+}
+
+/// Which models beside RETRO ON and OFF an evaluation scores.
+#[derive(Clone, Copy)]
+struct Scored {
+    baseline: bool,
+    in_context: bool,
+    gate: Option<Gate>,
+}
+
+/// One condition's running totals: each model's summed negative log-likelihood and the chunks,
+/// tokens and bytes per overlap bucket, the model time, and the gate's counts.
+#[derive(Default)]
+struct Tally {
+    on: [f64; BUCKETS],
+    gated: [f64; BUCKETS],
+    in_context: [f64; BUCKETS],
+    off: [f64; BUCKETS],
+    baseline: [f64; BUCKETS],
+    chunks: [usize; BUCKETS],
+    tokens: [usize; BUCKETS],
+    bytes: [usize; BUCKETS],
+    on_time: Duration,
+    in_context_time: Duration,
+    /// Retrieved chunks, and those the gate kept.
+    gate_chunks: usize,
+    gate_kept: usize,
+}
+
+impl Tally {
+    /// Adds target `j` (1-based in its window, `bytes` long) to `bucket`.
+    fn add_target(&mut self, bucket: usize, j: usize, bytes: usize, nll: &WindowNll) {
+        let i = j - 1;
+        self.tokens[bucket] += 1;
+        self.bytes[bucket] += bytes;
+        self.on[bucket] += nll.on[i];
+        self.off[bucket] += nll.off[i];
+        let opt = |v: Option<&[f64]>| v.map_or(0.0, |v| v[i]);
+        self.gated[bucket] += opt(nll.gated);
+        self.in_context[bucket] += opt(nll.in_context);
+        self.baseline[bucket] += opt(nll.baseline);
+    }
+
+    fn bucket(&self, b: usize, scored: Scored) -> OverlapBucket {
+        let (tk, by) = (self.tokens[b], self.bytes[b]);
+        let s = |v: f64| (tk > 0).then(|| scores(v, tk, by));
+        let (lo, hi) = bucket_bounds(b);
+        OverlapBucket {
+            lo,
+            hi,
+            chunks: self.chunks[b],
+            tokens: tk,
+            bytes: by,
+            on: s(self.on[b]),
+            on_gated: scored.gate.and(s(self.gated[b])),
+            off: s(self.off[b]),
+            baseline: s(self.baseline[b]).filter(|_| scored.baseline),
+            in_context: s(self.in_context[b]).filter(|_| scored.in_context),
+        }
+    }
+
+    fn report(
+        &self,
+        condition: Condition,
+        excluded_documents: Vec<String>,
+        (tokens, bytes): (usize, usize),
+        scored: Scored,
+    ) -> ConditionReport {
+        let total = |v: &[f64; BUCKETS]| scores(v.iter().sum(), tokens, bytes);
+        let per_s = |d: Duration| tokens as f64 / d.as_secs_f64().max(1e-9);
+        ConditionReport {
+            condition,
+            excluded_documents,
+            on: total(&self.on),
+            gated: scored.gate.map(|gate| GatedScores {
+                gate,
+                chunks: self.gate_chunks,
+                kept_chunks: self.gate_kept,
+                on: total(&self.gated),
+            }),
+            in_context: scored.in_context.then(|| total(&self.in_context)),
+            on_tokens_per_s: per_s(self.on_time),
+            in_context_tokens_per_s: scored.in_context.then(|| per_s(self.in_context_time)),
+            overlap: (0..BUCKETS).map(|b| self.bucket(b, scored)).collect(),
+        }
+    }
+}
+
+/// The database documents that are the held-out documents' own text, exact or near copies. A
+/// copy the model was trained on is an error unless allowed: scoring it measures memorisation.
+fn own_copies(
+    retriever: &Retriever,
+    held_out: &Corpus,
+    docs: &[(Vec<u32>, Vec<usize>)],
+    opts: &EvalOptions,
+) -> Result<HashSet<DocumentId>> {
+    let store = retriever.database().store();
+    let copies = crate::near_duplicates::NearDuplicates::new(
+        (0..store.documents().len()).map(|d| (DocumentId(d), store.document_tokens(DocumentId(d)))),
+    );
+    let mut itself = HashSet::new();
+    for (doc, (ids, _)) in held_out.documents.iter().zip(docs) {
+        for (d, _) in copies.of(ids) {
+            if opts.training_documents.contains(&d) && !opts.allow_training_documents {
+                return Err(PipelineError::invalid(
+                    "held-out data",
+                    &doc.id,
+                    format!(
+                        "its text is the database document {:?}, which the model was trained \
+                         on; scoring it measures memorisation (pass --allow-training-documents \
+                         to do it anyway)",
+                        store.document(d).id
+                    ),
+                ));
+            }
+            itself.insert(d);
+        }
+    }
+    Ok(itself)
 }
 
 /// Scores `model` (and `baseline`) on `held_out`, up to `max_tokens` scored tokens, with retrieval
@@ -350,70 +498,30 @@ pub fn evaluate(
                 .map_err(PipelineError::from)
         })
         .collect::<Result<Vec<_>>>()?;
-    // The scored documents' own copies in the database, exact or near, found by content.
-    let mut itself = HashSet::new();
-    if let Some(r) = retriever {
-        let store = r.database().store();
-        let copies = crate::near_duplicates::NearDuplicates::new(
-            (0..store.documents().len())
-                .map(|d| (DocumentId(d), store.document_tokens(DocumentId(d)))),
-        );
-        for (doc, (ids, _)) in held_out.documents.iter().zip(&docs) {
-            for (d, _) in copies.of(ids) {
-                if opts.training_documents.contains(&d) && !opts.allow_training_documents {
-                    return Err(PipelineError::invalid(
-                        "held-out data",
-                        &doc.id,
-                        format!(
-                            "its text is the database document {:?}, which the model was trained \
-                             on; scoring it measures memorisation (pass --allow-training-documents \
-                             to do it anyway)",
-                            store.document(d).id
-                        ),
-                    ));
-                }
-                itself.insert(d);
-            }
+    let itself = match retriever {
+        Some(r) => own_copies(r, held_out, &docs, opts)?,
+        None => HashSet::new(),
+    };
+    // Each condition with the documents its retriever may not return.
+    let mut conditions: Vec<(Condition, HashSet<DocumentId>)> = vec![];
+    if retrieval.is_some() {
+        conditions.push((Condition::Related, itself.clone()));
+        if !opts.related_only {
+            let novel = itself.union(&opts.held_out_set).copied().collect();
+            conditions.push((Condition::Novel, novel));
         }
     }
-    let conditions: Vec<(Condition, HashSet<DocumentId>)> = match retrieval {
+    let retrievers: Vec<Retriever> = match retrieval {
+        Some(r) => conditions
+            .iter()
+            .map(|(_, ex)| r.clone().with_excluded_documents(ex.clone()))
+            .collect(),
         None => vec![],
-        Some(_) => {
-            let mut c = vec![(Condition::Related, itself.clone())];
-            if !opts.related_only {
-                c.push((
-                    Condition::Novel,
-                    itself.union(&opts.held_out_set).copied().collect(),
-                ));
-            }
-            c
-        }
     };
-    let retrievers: Vec<Retriever> = conditions
-        .iter()
-        .map(|(_, ex)| {
-            retrieval
-                .expect("conditions need a retriever")
-                .clone()
-                .with_excluded_documents(ex.clone())
-        })
-        .collect();
     let cl = model.chunk_len();
-    let nb = OVERLAP_BOUNDS.len() + 1;
-    let mut on = vec![Sums::default(); conditions.len()];
-    let mut in_ctx = vec![Sums::default(); conditions.len()];
-    // Per condition: model time with retrieval on, and for in-context retrieval.
-    let mut on_time = vec![Duration::ZERO; conditions.len()];
-    let mut in_ctx_time = vec![Duration::ZERO; conditions.len()];
-    let mut on_gated = vec![Sums::default(); conditions.len()];
-    // Per condition: retrieved chunks, and those the gate kept.
-    let mut gate_counts = vec![(0usize, 0usize); conditions.len()];
-    // Per condition and bucket: chunks, tokens, bytes (on differs by condition, so do its buckets).
-    let mut counts = vec![vec![(0usize, 0usize, 0usize); nb]; conditions.len()];
-    let mut off = 0.0;
-    let mut base = 0.0;
-    let mut off_buckets = vec![Sums::default(); conditions.len()];
-    let mut base_buckets = vec![Sums::default(); conditions.len()];
+    let mut tallies: Vec<Tally> = conditions.iter().map(|_| Tally::default()).collect();
+    // RETRO[OFF] and the baseline over all the scored text (the same under every condition).
+    let (mut off, mut base) = (0.0, 0.0);
     let (mut tokens, mut bytes) = (0usize, 0usize);
     'docs: for (ids, lens) in &docs {
         // Per condition: the neighbours of the window before, in this document (the coherent gate
@@ -432,35 +540,38 @@ pub fn evaluate(
             let nll_off = nll(model, &x, &y, None, None)?;
             off += nll_off.iter().sum::<f64>();
             let nll_base = baseline.map(|b| nll(b, &x, &y, None, None)).transpose()?;
-            if let Some(v) = &nll_base {
-                base += v.iter().sum::<f64>();
-            }
-            for (ci, r) in retrievers.iter().enumerate() {
+            base += nll_base.iter().flatten().sum::<f64>();
+            for ((r, tally), before) in retrievers.iter().zip(&mut tallies).zip(&mut before) {
                 let n =
-                    r.retrieve_after(&[ws[..t].to_vec()], None, Filter::None, before[ci].as_ref())?;
+                    r.retrieve_after(&[ws[..t].to_vec()], None, Filter::None, before.as_ref())?;
                 let ret = n.to_tensor(device)?;
                 let clock = Instant::now();
                 let nll_on = nll(model, &x, &y, Some(&ret), None)?;
-                on_time[ci] += clock.elapsed();
+                tally.on_time += clock.elapsed();
                 let clock = Instant::now();
                 let nll_ctx = in_context
                     .map(|b| nll_in_context(b, ws, &n, cl, tokenizer.pad_id()))
                     .transpose()?;
-                in_ctx_time[ci] += clock.elapsed();
-                let keep = n.keep_tensor(device)?;
-                let nll_gated = keep
-                    .as_ref()
-                    .map(|k| nll(model, &x, &y, Some(&ret), Some(k)))
+                tally.in_context_time += clock.elapsed();
+                let nll_gated = n
+                    .keep_tensor(device)?
+                    .map(|k| nll(model, &x, &y, Some(&ret), Some(&k)))
                     .transpose()?;
                 if let Some(k) = &n.keep {
-                    gate_counts[ci].0 += k.len();
-                    gate_counts[ci].1 += k.iter().filter(|&&v| v > 0.0).count();
+                    tally.gate_chunks += k.len();
+                    tally.gate_kept += k.iter().filter(|&&v| v > 0.0).count();
                 }
-                let chunks = n.chunks();
-                // Target j (window index 1..=t) lies in chunk j / cl; neighbours of chunk u - 1
-                // condition chunk u (the CCA shift).
+                let window = WindowNll {
+                    on: &nll_on,
+                    off: &nll_off,
+                    gated: nll_gated.as_deref(),
+                    in_context: nll_ctx.as_deref(),
+                    baseline: nll_base.as_deref(),
+                };
+                // Chunk u's overlap with the neighbours of chunk u - 1, which condition it (the
+                // CCA shift); chunk 0 has none.
                 let overlap = |u: usize| -> Option<f64> {
-                    if u == 0 || u > chunks {
+                    if u == 0 || u > n.chunks() {
                         return None;
                     }
                     let chunk = &ws[u * cl..((u + 1) * cl).min(ws.len())];
@@ -471,37 +582,17 @@ pub fn evaluate(
                         .max()?;
                     Some(best as f64 / cl as f64)
                 };
-                let mut last_u = usize::MAX;
-                let mut bucket = 0;
-                for j in 1..=t {
-                    // The window's last target, alone in its chunk here (the next window starts
-                    // with it), is read with the same neighbours as the chunk before: it is
-                    // scored in that chunk's bucket, not counted as a chunk of its own.
-                    let u = if j == t && t % cl == 0 {
-                        j / cl - 1
-                    } else {
-                        j / cl
-                    };
+                let (mut last_u, mut bucket) = (usize::MAX, 0);
+                for (j, &target_bytes) in wl.iter().enumerate().take(t + 1).skip(1) {
+                    let u = chunk_of_target(j, t, cl);
                     if u != last_u {
                         bucket = bucket_of(overlap(u));
-                        counts[ci][bucket].0 += 1;
+                        tally.chunks[bucket] += 1;
                         last_u = u;
                     }
-                    counts[ci][bucket].1 += 1;
-                    counts[ci][bucket].2 += wl[j];
-                    on[ci].nll[bucket] += nll_on[j - 1];
-                    if let Some(v) = &nll_ctx {
-                        in_ctx[ci].nll[bucket] += v[j - 1];
-                    }
-                    if let Some(v) = &nll_gated {
-                        on_gated[ci].nll[bucket] += v[j - 1];
-                    }
-                    off_buckets[ci].nll[bucket] += nll_off[j - 1];
-                    if let Some(v) = &nll_base {
-                        base_buckets[ci].nll[bucket] += v[j - 1];
-                    }
+                    tally.add_target(bucket, j, target_bytes, &window);
                 }
-                before[ci] = Some(n);
+                *before = Some(n);
             }
         }
     }
@@ -521,56 +612,19 @@ pub fn evaluate(
         v.sort();
         v
     };
-    let gate = retrieval.and_then(|r| r.gate());
+    let scored = Scored {
+        baseline: baseline.is_some(),
+        in_context: in_context.is_some(),
+        gate: retrieval.and_then(|r| r.gate()),
+    };
     let reports: Vec<ConditionReport> = conditions
         .iter()
-        .enumerate()
-        .map(|(ci, (c, ex))| {
-            let overlap = (0..nb)
-                .map(|b| {
-                    let (chunks, tk, by) = counts[ci][b];
-                    let s = |v: f64| (tk > 0).then(|| scores(v, tk, by));
-                    let (lo, hi) = match b {
-                        0 => (None, None),
-                        b => (
-                            Some(if b == 1 { 0.0 } else { OVERLAP_BOUNDS[b - 2] }),
-                            Some(OVERLAP_BOUNDS[b - 1]),
-                        ),
-                    };
-                    OverlapBucket {
-                        lo,
-                        hi,
-                        chunks,
-                        tokens: tk,
-                        bytes: by,
-                        on: s(on[ci].nll[b]),
-                        on_gated: gate.and(s(on_gated[ci].nll[b])),
-                        off: s(off_buckets[ci].nll[b]),
-                        baseline: baseline.and(s(base_buckets[ci].nll[b])),
-                        in_context: in_context.and(s(in_ctx[ci].nll[b])),
-                    }
-                })
-                .collect();
-            ConditionReport {
-                condition: *c,
-                excluded_documents: names(ex),
-                on: scores(on[ci].nll.iter().sum(), tokens, bytes),
-                gated: gate.map(|g| GatedScores {
-                    gate: g,
-                    chunks: gate_counts[ci].0,
-                    kept_chunks: gate_counts[ci].1,
-                    on: scores(on_gated[ci].nll.iter().sum(), tokens, bytes),
-                }),
-                in_context: in_context.map(|_| scores(in_ctx[ci].nll.iter().sum(), tokens, bytes)),
-                on_tokens_per_s: tokens as f64 / on_time[ci].as_secs_f64().max(1e-9),
-                in_context_tokens_per_s: in_context
-                    .map(|_| tokens as f64 / in_ctx_time[ci].as_secs_f64().max(1e-9)),
-                overlap,
-            }
-        })
+        .zip(&tallies)
+        .map(|((c, ex), tally)| tally.report(*c, names(ex), (tokens, bytes), scored))
         .collect();
     let retrieval_off = scores(off, tokens, bytes);
     let baseline = baseline.map(|_| scores(base, tokens, bytes));
+    let related = reports.first();
     Ok(EvalReport {
         documents: held_out.documents.len(),
         tokens,
@@ -578,17 +632,13 @@ pub fn evaluate(
         k: retrieval.map(|r| r.k()),
         database_id: retrieval.map(|r| r.database().id().clone()),
         bits_per_byte: BitsPerByte {
-            on: reports.first().map(|r| r.on.bits_per_byte),
-            on_gated: reports
-                .first()
+            on: related.map(|r| r.on.bits_per_byte),
+            on_gated: related
                 .and_then(|r| r.gated.as_ref())
                 .map(|g| g.on.bits_per_byte),
             off: retrieval_off.bits_per_byte,
             baseline: baseline.map(|s| s.bits_per_byte),
-            in_context: reports
-                .first()
-                .and_then(|r| r.in_context)
-                .map(|s| s.bits_per_byte),
+            in_context: related.and_then(|r| r.in_context).map(|s| s.bits_per_byte),
         },
         retrieval_off,
         baseline,
@@ -612,6 +662,31 @@ mod tests {
         assert_eq!(bucket_of(Some(0.49)), 3);
         assert_eq!(bucket_of(Some(0.5)), 4);
         assert_eq!(bucket_of(Some(1.0)), 4);
+    }
+
+    #[test]
+    fn a_windows_last_target_alone_in_its_chunk_joins_the_chunk_before() {
+        // 128 targets, chunk 64: target 128 would open chunk 2 alone; it is scored in chunk 1.
+        assert_eq!(chunk_of_target(1, 128, 64), 0);
+        assert_eq!(chunk_of_target(63, 128, 64), 0);
+        assert_eq!(chunk_of_target(64, 128, 64), 1);
+        assert_eq!(chunk_of_target(127, 128, 64), 1);
+        assert_eq!(chunk_of_target(128, 128, 64), 1);
+        // A shorter last window ends inside its chunk: nothing moves.
+        assert_eq!(chunk_of_target(100, 100, 64), 1);
+        let chunks: HashSet<usize> = (1..=128).map(|j| chunk_of_target(j, 128, 64)).collect();
+        assert_eq!(chunks.len(), 2);
+    }
+
+    #[test]
+    fn bucket_bounds_follow_the_overlap_bounds() {
+        assert_eq!(bucket_bounds(0), (None, None));
+        assert_eq!(bucket_bounds(1), (Some(0.0), Some(0.125)));
+        assert_eq!(bucket_bounds(4), (Some(0.5), Some(1.0)));
+        for f in [0.0, 0.1, 0.125, 0.3, 0.5, 0.99, 1.0] {
+            let (lo, hi) = bucket_bounds(bucket_of(Some(f)));
+            assert!(lo.unwrap() <= f && f <= hi.unwrap(), "{f}");
+        }
     }
 
     #[test]

@@ -528,6 +528,14 @@ fn check_dataset(ds: &Dataset, chunk_len: usize, cfg: &TrainConfig) -> Result<()
     Ok(())
 }
 
+/// Where a run stands: steps taken, tokens trained on, seconds spent in training steps.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    step: usize,
+    tokens_seen: u64,
+    train_seconds: f64,
+}
+
 /// The loop both kinds of run share.
 #[allow(clippy::too_many_arguments)]
 fn train_model(
@@ -540,11 +548,6 @@ fn train_model(
     start: Start,
     on_step: OnStep,
 ) -> Result<RunState> {
-    let TrainData {
-        dataset: ds,
-        database: db,
-        device,
-    } = data;
     let mut opt = AdamW::new(
         model.trainable(cfg.freeze_base),
         AdamWParams {
@@ -552,106 +555,192 @@ fn train_model(
             ..Default::default()
         },
     )?;
-    let mut step = 0;
-    let mut tokens_seen = 0u64;
-    let mut train_seconds = 0f64;
     let run = Run {
         dir: run_dir.to_owned(),
         model_config: model_config.clone(),
         train_config: cfg.clone(),
-        retrofit: retrofit.clone(),
+        retrofit,
     };
-    let mut resumed_notes = vec![];
+    let (progress, resumed_notes) = match start {
+        Start::Resume => resume(&run, model, &mut opt, data)?,
+        _ => {
+            begin(&run, model, start, data.database)?;
+            (Progress::default(), vec![])
+        }
+    };
+    remove_half_written(run_dir);
+    // Every step's metrics so far (a resumed run's too), for the loss curve. Steps past the
+    // checkpoint (trained before a crash, or past a damaged checkpoint) are trained again: their
+    // old lines go, so the file holds each step once.
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let rows = MetricsLog::read(&metrics_path, progress.step)?;
     if start == Start::Resume {
-        let prev = Run::open(run_dir)?;
-        if prev.model_config != *model_config {
-            return Err(PipelineError::file(
-                &run_dir.join("config.json"),
-                "the run was trained with another model config",
-            ));
-        }
-        if prev.retrofit != retrofit {
-            return Err(PipelineError::file(
-                &run_dir.join("retrofit.json"),
-                "the run was RETRO-fitted on another base or with other blocks",
-            ));
-        }
-        check_resumable(&prev.train_config, cfg, &run_dir.join("train.json"))?;
-        let point = prev.resume_point()?;
-        let state = point.state;
-        resumed_notes = point.notes;
-        if cfg.steps < state.step {
-            return Err(PipelineError::invalid(
-                "steps",
-                cfg.steps,
-                format!("the run is already at step {}", state.step),
-            ));
-        }
-        if state.database_id != *db.id() {
-            return Err(PipelineError::file(
-                &run_dir.join("state.json"),
-                format!(
-                    "the run was trained on database {}, given database {} ({})",
-                    state.database_id,
-                    db.id(),
-                    db.dir().display()
-                ),
-            ));
-        }
-        if !state.dataset_id.is_unknown() && state.dataset_id != ds.meta().dataset_id {
-            return Err(PipelineError::file(
-                &run_dir.join("state.json"),
-                format!(
-                    "the run was trained on dataset {} ({}), but {} is now dataset {} \
-                     (seq_len {}, K {}, filter {}): it was rebuilt; resume with the dataset the run \
-                     started on, or start a new run",
-                    state.dataset_id,
-                    state.dataset.display(),
-                    ds.dir().display(),
-                    ds.meta().dataset_id,
-                    ds.meta().seq_len,
-                    ds.meta().k,
-                    ds.meta().filter
-                ),
-            ));
-        }
-        if cfg.steps != prev.train_config.steps {
-            write_json_atomic(&run_dir.join("train.json"), cfg)?;
-        }
-        let ck = run_dir.join(&state.checkpoint);
-        model.load(&ck.join("model.safetensors"))?;
-        let opt_path = ck.join("optimizer.safetensors");
-        let st = candle_core::safetensors::load(&opt_path, device).map_err(|source| {
-            PipelineError::Tensors {
-                path: opt_path.clone(),
-                source,
-            }
-        })?;
-        opt.load_state_dict(&st, state.step)?;
-        step = state.step;
-        tokens_seen = state.tokens_seen;
-        train_seconds = state.train_seconds;
-    } else {
-        if run_dir.join("state.json").exists() {
-            return Err(PipelineError::file(
-                run_dir,
-                "already holds a run (resume it, or choose another directory)",
-            ));
-        }
-        std::fs::create_dir_all(run_dir).map_err(|e| PipelineError::io(run_dir, e))?;
-        if let Start::From(init) = start {
-            model.load(init)?;
-        }
-        write_json_atomic(&run_dir.join("config.json"), model_config)?;
-        if let Some(spec) = &retrofit {
-            write_json_atomic(&run_dir.join("retrofit.json"), spec)?;
-        }
-        write_json_atomic(&run_dir.join("train.json"), cfg)?;
-        db.load_tokenizer()?.save(run_dir)?;
+        MetricsLog::rewrite(&metrics_path, &rows)?;
     }
-    // Half-written checkpoints and files of a run that was killed (staged `.NAME.building-*`
-    // folders, `.NAME.PID.tmp` files): never referenced, so removed. A run directory has one
-    // trainer at a time.
+    let mut steps = Steps {
+        run: &run,
+        model,
+        opt,
+        data,
+        retrieval: model.reads_neighbours(),
+        progress,
+        budget_start: progress.train_seconds,
+        metrics: MetricsLog::append_to(&metrics_path)?,
+        rows,
+        last_state: None,
+        on_step,
+    };
+    // The step's clock starts when the previous step's bookkeeping ends, so waiting for a batch counts.
+    let mut step_started = Instant::now();
+    // The next batches are gathered on another thread while the model runs.
+    data.dataset.for_each_train_batch(
+        data.database,
+        cfg.batch_size,
+        cfg.seed,
+        progress.step..cfg.steps,
+        &mut |batch| {
+            let go_on = steps.step(batch, step_started)?;
+            step_started = Instant::now();
+            Ok(go_on)
+        },
+    )?;
+    let title = format!(
+        "{} ({}): loss by step",
+        run_dir
+            .file_name()
+            .map_or("run".into(), |n| n.to_string_lossy()),
+        if steps.retrieval {
+            "RETRO"
+        } else {
+            "no retrieval"
+        }
+    );
+    crate::plot::loss_curve(&steps.rows, &title, &run_dir.join("loss.png"))?;
+    let with_notes = |mut s: RunState| {
+        s.notes = resumed_notes.clone();
+        s
+    };
+    match steps.last_state.map(with_notes) {
+        Some(s) => Ok(s),
+        None if steps.progress.step > progress.step => {
+            unreachable!("the last step always checkpoints")
+        }
+        None => run
+            .state()?
+            .map(with_notes)
+            .ok_or_else(|| PipelineError::file(run_dir, "no steps to train")),
+    }
+}
+
+/// Starts `run` in its directory, which must not hold a run: its config, training settings and
+/// tokenizer written, the model loaded from `Start::From`'s weights if given.
+fn begin(run: &Run, model: &dyn Trainee, start: Start, db: &Database) -> Result<()> {
+    let run_dir = &run.dir;
+    if run_dir.join("state.json").exists() {
+        return Err(PipelineError::file(
+            run_dir,
+            "already holds a run (resume it, or choose another directory)",
+        ));
+    }
+    std::fs::create_dir_all(run_dir).map_err(|e| PipelineError::io(run_dir, e))?;
+    if let Start::From(init) = start {
+        model.load(init)?;
+    }
+    write_json_atomic(&run_dir.join("config.json"), &run.model_config)?;
+    if let Some(spec) = &run.retrofit {
+        write_json_atomic(&run_dir.join("retrofit.json"), spec)?;
+    }
+    write_json_atomic(&run_dir.join("train.json"), &run.train_config)?;
+    db.load_tokenizer()?.save(run_dir)?;
+    Ok(())
+}
+
+/// Reopens the run in `run.dir` to go on: it must be the same model (and base), on the same
+/// database and dataset, with the same settings but `steps`. Its newest intact checkpoint is
+/// loaded into `model` and `opt`; returns where it stands and the damaged checkpoints skipped.
+fn resume(
+    run: &Run,
+    model: &dyn Trainee,
+    opt: &mut AdamW,
+    data: TrainData,
+) -> Result<(Progress, Vec<String>)> {
+    let (run_dir, cfg, ds, db) = (&run.dir, &run.train_config, data.dataset, data.database);
+    let prev = Run::open(run_dir)?;
+    if prev.model_config != run.model_config {
+        return Err(PipelineError::file(
+            &run_dir.join("config.json"),
+            "the run was trained with another model config",
+        ));
+    }
+    if prev.retrofit != run.retrofit {
+        return Err(PipelineError::file(
+            &run_dir.join("retrofit.json"),
+            "the run was RETRO-fitted on another base or with other blocks",
+        ));
+    }
+    check_resumable(&prev.train_config, cfg, &run_dir.join("train.json"))?;
+    let point = prev.resume_point()?;
+    let state = point.state;
+    if cfg.steps < state.step {
+        return Err(PipelineError::invalid(
+            "steps",
+            cfg.steps,
+            format!("the run is already at step {}", state.step),
+        ));
+    }
+    if state.database_id != *db.id() {
+        return Err(PipelineError::file(
+            &run_dir.join("state.json"),
+            format!(
+                "the run was trained on database {}, given database {} ({})",
+                state.database_id,
+                db.id(),
+                db.dir().display()
+            ),
+        ));
+    }
+    if !state.dataset_id.is_unknown() && state.dataset_id != ds.meta().dataset_id {
+        return Err(PipelineError::file(
+            &run_dir.join("state.json"),
+            format!(
+                "the run was trained on dataset {} ({}), but {} is now dataset {} \
+                 (seq_len {}, K {}, filter {}): it was rebuilt; resume with the dataset the run \
+                 started on, or start a new run",
+                state.dataset_id,
+                state.dataset.display(),
+                ds.dir().display(),
+                ds.meta().dataset_id,
+                ds.meta().seq_len,
+                ds.meta().k,
+                ds.meta().filter
+            ),
+        ));
+    }
+    if cfg.steps != prev.train_config.steps {
+        write_json_atomic(&run_dir.join("train.json"), cfg)?;
+    }
+    let ck = run_dir.join(&state.checkpoint);
+    model.load(&ck.join("model.safetensors"))?;
+    let opt_path = ck.join("optimizer.safetensors");
+    let st = candle_core::safetensors::load(&opt_path, data.device).map_err(|source| {
+        PipelineError::Tensors {
+            path: opt_path.clone(),
+            source,
+        }
+    })?;
+    opt.load_state_dict(&st, state.step)?;
+    let progress = Progress {
+        step: state.step,
+        tokens_seen: state.tokens_seen,
+        train_seconds: state.train_seconds,
+    };
+    Ok((progress, point.notes))
+}
+
+/// Removes the half-written checkpoints and files of a run that was killed (staged
+/// `.NAME.building-*` folders, `.NAME.PID.tmp` files): never referenced. A run directory has one
+/// trainer at a time.
+fn remove_half_written(run_dir: &Path) {
     retro_format::remove_stale_staged(run_dir);
     if let Ok(entries) = std::fs::read_dir(run_dir) {
         for e in entries.flatten() {
@@ -666,102 +755,96 @@ fn train_model(
             }
         }
     }
-    let retrieval = model.reads_neighbours();
-    let budget_start = train_seconds;
-    let start_step = step;
-    // The step's clock starts when the previous step's bookkeeping ends, so waiting for a batch counts.
-    let mut step_started = Instant::now();
-    // Every step's metrics so far (a resumed run's too), for the loss curve. Steps past the
-    // checkpoint (trained before a crash, or past a damaged checkpoint) are trained again: their
-    // old lines go, so the file holds each step once.
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let mut rows = MetricsLog::read(&metrics_path, step)?;
-    if start == Start::Resume {
-        MetricsLog::rewrite(&metrics_path, &rows)?;
-    }
-    let mut metrics = MetricsLog::append_to(&metrics_path)?;
-    let mut last_state = None;
-    // The next batches are gathered on another thread while the model runs.
-    ds.for_each_train_batch(
-        db,
-        cfg.batch_size,
-        cfg.seed,
-        step..cfg.steps,
-        &mut |mut batch| {
-            let t0 = step_started;
-            if retrieval && cfg.neighbour_shuffle > 0.0 {
-                // Seeded by the step, so a resumed run shuffles as the uninterrupted one did.
-                batch.shuffle_neighbours(cfg.neighbour_shuffle, cfg.seed ^ ((step as u64) << 20));
-            }
-            let (x, y, ret) = batch.tensors(device)?;
-            let (loss, mut grads) = model.loss_and_grads(&x, &y, retrieval.then_some(&ret))?;
-            let grad_norm = clip_grad_norm(opt.vars(), &mut grads, cfg.grad_clip)?;
-            let lr = cfg.schedule.lr(cfg.lr, cfg.warmup, step + 1, cfg.steps);
-            opt.step(&grads, lr)?;
-            step += 1;
-            tokens_seen += (batch.batch * batch.seq_len) as u64;
-            let loss_v = loss.to_scalar::<f32>()? as f64;
-            if !loss_v.is_finite() {
-                return Err(PipelineError::invalid(
-                    "loss",
-                    loss_v,
-                    format!("diverged at step {step}; lower the learning rate"),
-                ));
-            }
-            let mut m = StepMetrics {
-                step,
-                loss: loss_v,
-                lr,
-                grad_norm,
-                tokens_per_s: (batch.batch * batch.seq_len) as f64 / t0.elapsed().as_secs_f64(),
-                valid_loss: None,
-            };
-            train_seconds += t0.elapsed().as_secs_f64();
-            let out_of_time = cfg
-                .max_seconds
-                .is_some_and(|s| train_seconds - budget_start >= s)
-                || cfg.stop_after.is_some_and(|s| step >= s);
-            let last = step == cfg.steps || out_of_time;
-            if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || last) {
-                m.valid_loss =
-                    validation_loss(model, ds, db, cfg.batch_size, cfg.eval_batches, retrieval)?;
-            }
-            metrics.push(&m)?;
-            on_step(&m, cfg.steps);
-            rows.push(m.clone());
-            if last || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
-                last_state = Some(save_checkpoint(
-                    &run,
-                    model,
-                    &opt,
-                    (step, tokens_seen, train_seconds),
-                    ds,
-                    db,
-                )?);
-            }
-            step_started = Instant::now();
-            Ok(!out_of_time)
-        },
-    )?;
-    let title = format!(
-        "{} ({}): loss by step",
-        run_dir
-            .file_name()
-            .map_or("run".into(), |n| n.to_string_lossy()),
-        if retrieval { "RETRO" } else { "no retrieval" }
-    );
-    crate::plot::loss_curve(&rows, &title, &run_dir.join("loss.png"))?;
-    let with_notes = |mut s: RunState| {
-        s.notes = resumed_notes.clone();
-        s
-    };
-    match last_state.map(with_notes) {
-        Some(s) => Ok(s),
-        None if step > start_step => unreachable!("the last step always checkpoints"),
-        None => run
-            .state()?
-            .map(with_notes)
-            .ok_or_else(|| PipelineError::file(run_dir, "no steps to train")),
+}
+
+/// The training steps of one invocation: the optimizer, where the run stands, the metrics logged
+/// and the last checkpoint written.
+struct Steps<'a, 'f> {
+    run: &'a Run,
+    model: &'a dyn Trainee,
+    opt: AdamW,
+    data: TrainData<'a>,
+    retrieval: bool,
+    progress: Progress,
+    /// `train_seconds` when this invocation started: `max_seconds` counts from there.
+    budget_start: f64,
+    metrics: MetricsLog,
+    rows: Vec<StepMetrics>,
+    last_state: Option<RunState>,
+    on_step: OnStep<'f>,
+}
+
+impl Steps<'_, '_> {
+    /// One optimizer step on `batch`, timed from `started`, then validation and a checkpoint when
+    /// due. Returns whether to go on.
+    fn step(&mut self, mut batch: crate::dataset::Batch, started: Instant) -> Result<bool> {
+        let cfg = &self.run.train_config;
+        let step = self.progress.step;
+        if self.retrieval && cfg.neighbour_shuffle > 0.0 {
+            // Seeded by the step, so a resumed run shuffles as the uninterrupted one did.
+            batch.shuffle_neighbours(cfg.neighbour_shuffle, cfg.seed ^ ((step as u64) << 20));
+        }
+        let (x, y, ret) = batch.tensors(self.data.device)?;
+        let (loss, mut grads) =
+            self.model
+                .loss_and_grads(&x, &y, self.retrieval.then_some(&ret))?;
+        let grad_norm = clip_grad_norm(self.opt.vars(), &mut grads, cfg.grad_clip)?;
+        let lr = cfg.schedule.lr(cfg.lr, cfg.warmup, step + 1, cfg.steps);
+        self.opt.step(&grads, lr)?;
+        let step = step + 1;
+        let tokens = batch.batch * batch.seq_len;
+        let loss_v = loss.to_scalar::<f32>()? as f64;
+        if !loss_v.is_finite() {
+            return Err(PipelineError::invalid(
+                "loss",
+                loss_v,
+                format!("diverged at step {step}; lower the learning rate"),
+            ));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        self.progress = Progress {
+            step,
+            tokens_seen: self.progress.tokens_seen + tokens as u64,
+            train_seconds: self.progress.train_seconds + seconds,
+        };
+        let mut m = StepMetrics {
+            step,
+            loss: loss_v,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / seconds,
+            valid_loss: None,
+        };
+        let out_of_time = cfg
+            .max_seconds
+            .is_some_and(|s| self.progress.train_seconds - self.budget_start >= s)
+            || cfg.stop_after.is_some_and(|s| step >= s);
+        let last = step == cfg.steps || out_of_time;
+        let (ds, db) = (self.data.dataset, self.data.database);
+        if cfg.eval_every > 0 && (step.is_multiple_of(cfg.eval_every) || last) {
+            m.valid_loss = validation_loss(
+                self.model,
+                ds,
+                db,
+                cfg.batch_size,
+                cfg.eval_batches,
+                self.retrieval,
+            )?;
+        }
+        self.metrics.push(&m)?;
+        (self.on_step)(&m, cfg.steps);
+        self.rows.push(m);
+        if last || (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every)) {
+            self.last_state = Some(save_checkpoint(
+                self.run,
+                self.model,
+                &self.opt,
+                self.progress,
+                ds,
+                db,
+            )?);
+        }
+        Ok(!out_of_time)
     }
 }
 
@@ -771,10 +854,15 @@ fn save_checkpoint(
     run: &Run,
     model: &dyn Trainee,
     opt: &AdamW,
-    (step, tokens_seen, train_seconds): (usize, u64, f64),
+    progress: Progress,
     ds: &Dataset,
     db: &Database,
 ) -> Result<RunState> {
+    let Progress {
+        step,
+        tokens_seen,
+        train_seconds,
+    } = progress;
     let name = format!("checkpoint-{step:07}");
     // A checkpoint of this step left by a run that died after writing it is replaced.
     let staged = FolderKind::Checkpoint.stage(&run.dir.join(&name), true)?;
