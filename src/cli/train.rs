@@ -82,7 +82,9 @@ pub struct TrainArgs {
     /// [default: 200]
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
-    /// Stop after this many minutes (the checkpoint is written; --resume continues).
+    /// Stop after this many minutes (the checkpoint is written; --resume continues). With
+    /// `--schedule cosine`, the learning rate decays over these minutes when they end the run
+    /// before --steps (counted over the whole run: a run resumed past them stays at the floor).
     #[arg(long)]
     pub max_minutes: Option<f64>,
     /// Stop at this step as an interrupted run would (the schedule still spans --steps).

@@ -38,6 +38,7 @@
 use crate::attention::KvCache;
 use crate::cca::ChunkedCrossAttention;
 use crate::error::{ModelError, Result};
+use crate::hook::{LayerHook, NoHook};
 use crate::kernels::Kernels;
 use crate::model::RetroModel;
 use crate::rows::{ChunkEnd, RowDecode, RowsEngine};
@@ -358,44 +359,26 @@ impl RetroModel {
         tokens: &Tensor,
         end: Option<ChunkEnd>,
     ) -> Result<Tensor> {
-        let (b, cl) = (tokens.dim(0)?, self.config.chunk_len);
-        let use_cca = retrieval && !self.config.ca_layers.is_empty();
-        let first_cca = self.config.ca_layers.first().copied();
-        let mut h = self.embed(&tokens.reshape((b, 1))?)?;
-        let rope = self.rope(t, 1)?;
-        let mut i_ca = 0;
-        for (p, attn) in self.attn.iter().enumerate() {
-            // One query sees every cached key: no mask.
-            h = attn.forward(&h, &rope, None, Some(&mut state.caches[p]), KERN)?;
-            let is_ca = self.config.ca_layers.contains(&p);
-            if use_cca {
-                if Some(p) == first_cca {
-                    state.chunk_h.push(h.clone());
-                    if let Some(end) = &end {
-                        let h_chunk = Tensor::cat(&state.chunk_h, 1)?; // [B, cl, d]
-                        state.chunk_h.clear();
-                        e.push(self.encode_neighbours(&end.ret, &h_chunk, KERN)?);
-                        state.keep.push(end.keep.clone());
-                    }
-                }
-                // The chunk whose neighbours condition position t, if any.
-                if let Some(u) = ChunkSchedule::new(cl).conditioned_by(t).filter(|_| is_ca) {
-                    h = cca_step(
-                        &self.cca[i_ca],
-                        &mut state.cca_kv[i_ca],
-                        &e[u],
-                        state.keep[u].as_ref(),
-                        u,
-                        &h,
-                    )?;
-                }
-            }
-            if is_ca {
-                i_ca += 1;
-            }
-            h = self.ffw[p].forward(&h, KERN)?;
+        let x = tokens.reshape((tokens.dim(0)?, 1))?;
+        let TensorDecode {
+            caches,
+            chunk_h,
+            keep,
+            cca_kv,
+        } = state;
+        if !retrieval || self.config.ca_layers.is_empty() {
+            return self.decoder_forward(&x, t, Some(caches), &mut NoHook, KERN);
         }
-        Ok(self.read.forward_k(&h, None, KERN)?)
+        let mut hook = CachedCca {
+            model: self,
+            t,
+            end,
+            chunk_h,
+            keep,
+            cca_kv,
+            e,
+        };
+        self.decoder_forward(&x, t, Some(caches), &mut hook, KERN)
     }
 
     /// Feeds `x [B, P]` (positions `t0 .. t0 + P` with `t0 = state.position()`) one step at a time and
@@ -510,6 +493,49 @@ impl RetroModel {
         };
         state.t += p;
         Ok(logits)
+    }
+}
+
+/// The tensor decoder's CCA for the row at position `t`: at the first CCA layer the row joins its
+/// chunk's rows, and a chunk's last row encodes that chunk's neighbours (`end`); each CCA layer
+/// then reads the neighbours of the chunk that conditions `t`, if any.
+struct CachedCca<'a> {
+    model: &'a RetroModel,
+    t: usize,
+    end: Option<ChunkEnd>,
+    chunk_h: &'a mut Vec<Tensor>,
+    keep: &'a mut Vec<Option<Tensor>>,
+    cca_kv: &'a mut [Option<CcaKv>],
+    e: &'a mut Vec<Tensor>,
+}
+
+impl LayerHook for CachedCca<'_> {
+    fn after_attention(&mut self, layer: usize, h: Tensor, _offset: usize) -> Result<Tensor> {
+        let model = self.model;
+        let Some(i) = model.config.ca_layers.iter().position(|&l| l == layer) else {
+            return Ok(h);
+        };
+        if i == 0 {
+            self.chunk_h.push(h.clone());
+            if let Some(end) = self.end.take() {
+                let h_chunk = Tensor::cat(self.chunk_h, 1)?; // [B, cl, d]
+                self.chunk_h.clear();
+                self.e
+                    .push(model.encode_neighbours(&end.ret, &h_chunk, KERN)?);
+                self.keep.push(end.keep);
+            }
+        }
+        match ChunkSchedule::new(model.config.chunk_len).conditioned_by(self.t) {
+            Some(u) => cca_step(
+                &model.cca[i],
+                &mut self.cca_kv[i],
+                &self.e[u],
+                self.keep[u].as_ref(),
+                u,
+                &h,
+            ),
+            None => Ok(h),
+        }
     }
 }
 

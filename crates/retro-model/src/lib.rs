@@ -38,6 +38,7 @@ pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod feed_forward;
+pub mod hook;
 pub mod incremental;
 pub mod llama;
 pub mod model;

@@ -1,12 +1,13 @@
 //! The RETRO decoder: token embedding shared with the neighbours, causal self-attention layers, the
 //! neighbour encoder run once before the first CCA layer, chunked cross-attention, feed-forward, `read`.
 
-use crate::attention::{causal_mask, SelfAttention};
+use crate::attention::{causal_mask, KvCache, SelfAttention};
 use crate::cca::ChunkedCrossAttention;
 use crate::config::RetroConfig;
 use crate::encoder::NeighbourEncoder;
 use crate::error::{ModelError, Result};
 use crate::feed_forward::FeedForward;
+use crate::hook::{LayerHook, NoHook};
 use crate::kernels::Kernels;
 use crate::layers::{LayerNorm, Linear};
 use crate::params::ParamBuilder;
@@ -270,33 +271,72 @@ impl RetroModel {
             .map(|k| self.check_keep("forward", k, b, c))
             .transpose()?;
         // With no complete chunk there is nothing to attend to: CCA is the identity.
-        let ret = ret.filter(|_| c > 0 && !self.config.ca_layers.is_empty());
-        let mut h = self.embed(&x)?;
-        let rope = self.rope(0, t)?;
-        let mask = causal_mask(t, 0, self.dtype, &self.device)?;
-        let first_cca = self.config.ca_layers.first().copied();
-        let mut e = None;
-        let mut p_ca = 0;
-        for (p, attn) in self.attn.iter().enumerate() {
-            h = attn.forward(&h, &rope, Some(&mask), None, kern)?;
-            if let Some(ret) = &ret {
-                if Some(p) == first_cca {
-                    e = Some(self.encode_neighbours(ret, &h, kern)?);
-                }
-                if self.config.ca_layers.contains(&p) {
-                    h = self.cca[p_ca].forward(
-                        &h,
-                        e.as_ref().expect("encoder ran"),
-                        keep.as_ref(),
-                        kern,
-                    )?;
-                }
+        match ret.filter(|_| c > 0 && !self.config.ca_layers.is_empty()) {
+            None => self.decoder_forward(&x, 0, None, &mut NoHook, kern),
+            Some(ret) => {
+                let mut hook = Cca {
+                    model: self,
+                    ret: &ret,
+                    keep: keep.as_ref(),
+                    e: None,
+                    kern,
+                };
+                self.decoder_forward(&x, 0, None, &mut hook, kern)
             }
-            if self.config.ca_layers.contains(&p) {
-                p_ca += 1;
-            }
-            h = self.ffw[p].forward(&h, kern)?;
+        }
+    }
+
+    /// The decoder over the ids `x [B, P]` at positions `t0..t0 + P`: each layer's self-attention
+    /// (reading the positions before `t0` from `caches`, one per layer, when given), then `hook`,
+    /// then its feed-forward; returns the readout's logits `[B, P, n_vocab]`. The full forward,
+    /// training and the tensor decoder all run this one; the CCA and the encoder come in through
+    /// `hook` ([`Cca`] here, the cached one in `incremental.rs`). The rows engine is the CPU fast
+    /// path beside it.
+    pub(crate) fn decoder_forward(
+        &self,
+        x: &Tensor,
+        t0: usize,
+        mut caches: Option<&mut [KvCache]>,
+        hook: &mut dyn LayerHook,
+        kern: Kernels,
+    ) -> Result<Tensor> {
+        let p = x.dim(1)?;
+        let mut h = self.embed(x)?;
+        let rope = self.rope(t0, p)?;
+        // One query row on a cache sees every cached key: no mask.
+        let mask = (caches.is_none() || p > 1)
+            .then(|| causal_mask(p, t0, self.dtype, &self.device))
+            .transpose()?;
+        for (layer, attn) in self.attn.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[layer]);
+            h = attn.forward(&h, &rope, mask.as_ref(), cache, kern)?;
+            h = hook.after_attention(layer, h, t0)?;
+            h = self.ffw[layer].forward(&h, kern)?;
         }
         Ok(self.read.forward_k(&h, None, kern)?)
+    }
+}
+
+/// The full forward's CCA: the neighbours `ret [B, C, K, N]` encoded at the first CCA layer
+/// (conditioned on the decoder's rows there), then read by each CCA layer.
+struct Cca<'a> {
+    model: &'a RetroModel,
+    ret: &'a Tensor,
+    keep: Option<&'a Tensor>,
+    e: Option<Tensor>,
+    kern: Kernels,
+}
+
+impl LayerHook for Cca<'_> {
+    fn after_attention(&mut self, layer: usize, h: Tensor, _offset: usize) -> Result<Tensor> {
+        let model = self.model;
+        let Some(i) = model.config.ca_layers.iter().position(|&l| l == layer) else {
+            return Ok(h);
+        };
+        if self.e.is_none() {
+            self.e = Some(model.encode_neighbours(self.ret, &h, self.kern)?);
+        }
+        let e = self.e.as_ref().expect("encoded above");
+        Ok(model.cca[i].forward(&h, e, self.keep, self.kern)?)
     }
 }

@@ -36,7 +36,8 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// RETRO-fitting: train only the CCA layers, the encoder and `norm_e` on top of a checkpoint.
     pub freeze_base: bool,
-    /// Stop (and checkpoint) after this many seconds of training, if set.
+    /// Stop (and checkpoint) after this many seconds of training, if set; the cosine schedule
+    /// then decays over this budget when it ends the run before `steps`.
     pub max_seconds: Option<f64>,
     /// The fraction of training sequences that get the neighbours of another sequence of their
     /// batch: CCA then also sees neighbours that say nothing about the text, as a database
@@ -789,7 +790,14 @@ impl Steps<'_, '_> {
             self.model
                 .loss_and_grads(&x, &y, self.retrieval.then_some(&ret))?;
         let grad_norm = clip_grad_norm(self.opt.vars(), &mut grads, cfg.grad_clip)?;
-        let lr = cfg.schedule.lr(cfg.lr, cfg.warmup, step + 1, cfg.steps);
+        // A decaying schedule spans the run's time budget when that ends it before `steps`
+        // (counted over the whole run, so a resumed run goes on down the same curve).
+        let spent = cfg
+            .max_seconds
+            .map(|m| self.progress.train_seconds / m.max(1e-9));
+        let lr = cfg
+            .schedule
+            .lr_within(cfg.lr, cfg.warmup, step + 1, cfg.steps, spent);
         self.opt.step(&grads, lr)?;
         let step = step + 1;
         let tokens = batch.batch * batch.seq_len;

@@ -5,6 +5,7 @@
 use super::blocks::{project, Block, LayerKv, RmsNorm, Rotary, SelfAttention, SwiGlu};
 use super::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+pub use crate::hook::{LayerHook, NoHook};
 use crate::kernels::Kernels;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -34,23 +35,6 @@ impl LlamaCache {
     /// Number of positions cached: the position of the next token.
     pub fn position(&self) -> usize {
         self.position
-    }
-}
-
-/// Called by [`LlamaBase::forward_hooked`] after each layer's self-attention, with the residual
-/// stream `h [B, T, d]` at positions `offset..offset + T`; returns the stream the layer goes on
-/// with. RETRO's chunked cross-attention is such a hook.
-pub trait LayerHook {
-    fn after_attention(&mut self, layer: usize, h: Tensor, offset: usize) -> Result<Tensor>;
-}
-
-/// The hook of the base alone: the identity.
-#[derive(Debug, Clone, Copy)]
-pub struct NoHook;
-
-impl LayerHook for NoHook {
-    fn after_attention(&mut self, _: usize, h: Tensor, _: usize) -> Result<Tensor> {
-        Ok(h)
     }
 }
 
