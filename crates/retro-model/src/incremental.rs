@@ -41,6 +41,7 @@ use crate::error::{ModelError, Result};
 use crate::hook::{LayerHook, NoHook};
 use crate::kernels::Kernels;
 use crate::model::RetroModel;
+use crate::neighbour_block::NeighbourBlock;
 use crate::rows::{ChunkEnd, RowDecode, RowsEngine};
 use candle_core::{DType, Tensor};
 use retro_kernels::ChunkSchedule;
@@ -215,7 +216,21 @@ impl RetroModel {
         keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         crate::device::on_pool(&self.device, || {
-            self.step_on(state, tokens, neighbours, keep)
+            self.step_on(state, tokens, neighbours.map(Ids::Tensor), keep)
+        })
+    }
+
+    /// [`RetroModel::step_gated`] with the neighbours as a block `[B, 1, K, N]`, as a retriever
+    /// returns them: the rows engine reads their ids where they are, no tensor in between.
+    pub fn step_block(
+        &self,
+        state: &mut DecodeState,
+        tokens: &Tensor,
+        neighbours: Option<&NeighbourBlock>,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        crate::device::on_pool(&self.device, || {
+            self.step_on(state, tokens, neighbours.map(Ids::Block), keep)
         })
     }
 
@@ -223,7 +238,7 @@ impl RetroModel {
         &self,
         state: &mut DecodeState,
         tokens: &Tensor,
-        neighbours: Option<&Tensor>,
+        neighbours: Option<Ids>,
         keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let cl = self.config.chunk_len;
@@ -264,7 +279,7 @@ impl RetroModel {
                     format!("step at t = {t}"),
                     "neighbours",
                     "must be absent: retrieval is off for this decode state",
-                    format!("{:?}", n.dims()),
+                    n.dims(),
                 ))
             }
             (true, false, Some(n)) => {
@@ -276,7 +291,7 @@ impl RetroModel {
                          t does not complete a chunk",
                     sched.shift()
                 ),
-                    format!("{:?}", n.dims()),
+                    n.dims(),
                 ))
             }
             (true, true, None) => {
@@ -291,15 +306,35 @@ impl RetroModel {
                     "none",
                 ))
             }
-            (true, true, Some(n)) => match n.dims() {
-                &[nb, k, nn] if nb == b && k > 0 && nn > 0 => {
-                    Some(self.ids(n, "neighbours")?.reshape((b, 1, k, nn))?)
-                }
+            (true, true, Some(Ids::Tensor(n))) => match n.dims() {
+                &[nb, k, nn] if nb == b && k > 0 && nn > 0 => Some(NeighbourBlock::from_tensor(
+                    &self.ids(n, "neighbours")?.reshape((b, 1, k, nn))?,
+                )?),
                 d => {
                     return Err(ModelError::shape(
                         format!("step at t = {t}"),
                         "neighbours",
                         format!("must be [B, K, N] with B = {b} and K, N > 0"),
+                        format!("{d:?}"),
+                    ))
+                }
+            },
+            (true, true, Some(Ids::Block(n))) => match n.shape() {
+                [nb, 1, k, nn] if nb == b && k > 0 && nn > 0 => {
+                    if let Some(hi) = n.max_id().filter(|&hi| hi as usize >= self.config.n_vocab) {
+                        return Err(ModelError::TokenOutOfRange {
+                            input: "neighbours",
+                            id: hi as u64,
+                            n_vocab: self.config.n_vocab,
+                        });
+                    }
+                    Some(n.clone())
+                }
+                d => {
+                    return Err(ModelError::shape(
+                        format!("step at t = {t}"),
+                        "neighbours",
+                        format!("must be a block [B, 1, K, N] with B = {b} and K, N > 0"),
                         format!("{d:?}"),
                     ))
                 }
@@ -456,7 +491,7 @@ impl RetroModel {
                 Some(r) => (0..ends)
                     .map(|j| {
                         Ok(ChunkEnd {
-                            ret: r.narrow(1, j, 1)?,
+                            ret: NeighbourBlock::from_tensor(&r.narrow(1, j, 1)?)?,
                             keep: None,
                         })
                     })
@@ -520,8 +555,11 @@ impl LayerHook for CachedCca<'_> {
             if let Some(end) = self.end.take() {
                 let h_chunk = Tensor::cat(self.chunk_h, 1)?; // [B, cl, d]
                 self.chunk_h.clear();
-                self.e
-                    .push(model.encode_neighbours(&end.ret, &h_chunk, KERN)?);
+                self.e.push(model.encode_neighbours(
+                    &end.ret.to_tensor(&model.device)?,
+                    &h_chunk,
+                    KERN,
+                )?);
                 self.keep.push(end.keep);
             }
         }
@@ -535,6 +573,23 @@ impl LayerHook for CachedCca<'_> {
                 &h,
             ),
             None => Ok(h),
+        }
+    }
+}
+
+/// The neighbours passed to a step: `[B, K, N]` ids as a tensor, or a block `[B, 1, K, N]`.
+#[derive(Clone, Copy)]
+enum Ids<'a> {
+    Tensor(&'a Tensor),
+    Block(&'a NeighbourBlock),
+}
+
+impl Ids<'_> {
+    /// The shape, for error messages.
+    fn dims(&self) -> String {
+        match self {
+            Ids::Tensor(t) => format!("{:?}", t.dims()),
+            Ids::Block(b) => format!("{:?}", b.shape()),
         }
     }
 }

@@ -96,6 +96,29 @@ impl NeighbourBlock {
         }
     }
 
+    /// A block from a `ret` tensor `[B, C, K, N]` of u32 ids.
+    pub fn from_tensor(ret: &Tensor) -> Result<Self> {
+        let &[b, c, k, n] = ret.dims() else {
+            return Err(ModelError::shape(
+                "neighbour block",
+                "ret",
+                "must be [B, C, K, N]",
+                format!("{:?}", ret.dims()),
+            ));
+        };
+        Self::new(
+            ret.flatten_all()?
+                .to_dtype(candle_core::DType::U32)?
+                .to_vec1()?,
+            [b, c, k, n],
+        )
+    }
+
+    /// The largest id, if any (ids must be below the model's vocabulary).
+    pub fn max_id(&self) -> Option<u32> {
+        self.tokens.iter().copied().max()
+    }
+
     /// The model's `ret` tensor `[B, C, K, N]` (u32) on `device`.
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
         let [b, c, k, n] = self.shape;

@@ -629,3 +629,66 @@ fn these_tests_pass_with_the_avx2_and_baseline_kernels() {
         "these_tests_pass_with_the_avx2_and_baseline_kernels",
     );
 }
+
+/// Neighbours passed as a block `[B, 1, K, N]` (what a retriever returns) give the logits the
+/// same ids as a tensor give, on both engines; a block of the wrong shape or with an id past the
+/// vocabulary is an error that leaves the state as it was.
+#[test]
+fn neighbours_as_a_block_equal_neighbours_as_a_tensor() {
+    use retro_model::NeighbourBlock;
+    let c = &configs()[0];
+    let cl = c.chunk_len;
+    let m = RetroModel::new(c, 9, DType::F32, &Device::Cpu).unwrap();
+    let (x, ret) = inputs(c);
+    let block_at = |t: usize| {
+        neighbours_at(&ret, t, cl)
+            .map(|n| NeighbourBlock::from_tensor(&n.unsqueeze(1).unwrap()).unwrap())
+    };
+    for engine in ENGINES {
+        let (mut a, mut b) = (start(&m, true, engine), start(&m, true, engine));
+        for t in 0..x.dim(1).unwrap() {
+            let tok = x.i((.., t)).unwrap();
+            let want = m
+                .step(&mut a, &tok, neighbours_at(&ret, t, cl).as_ref())
+                .unwrap();
+            let got = m
+                .step_block(&mut b, &tok, block_at(t).as_ref(), None)
+                .unwrap();
+            assert_eq!(max_abs(&got, &want), 0.0, "{engine:?} at t = {t}");
+        }
+        assert_eq!(b.completed_chunks(), ret.dim(1).unwrap());
+    }
+    let mut state = m.start_decoding(B, true);
+    for t in 0..cl - 1 {
+        m.step_block(&mut state, &x.i((.., t)).unwrap(), None, None)
+            .unwrap();
+    }
+    let tok = x.i((.., cl - 1)).unwrap();
+    let n = ret.i((.., 0)).unwrap(); // [B, K, N]
+    let (k, nn) = (n.dim(1).unwrap(), n.dim(2).unwrap());
+    let flat: Vec<u32> = n.flatten_all().unwrap().to_vec1().unwrap();
+    // [B, K, 1, N]: the chunk axis in the wrong place.
+    let wrong = NeighbourBlock::new(flat.clone(), [B, k, 1, nn]).unwrap();
+    shape_err(
+        m.step_block(&mut state, &tok, Some(&wrong), None),
+        "neighbours",
+        "[B, 1, K, N]",
+    );
+    let mut too_big = flat;
+    too_big[3] = c.n_vocab as u32;
+    let too_big = NeighbourBlock::new(too_big, [B, 1, k, nn]).unwrap();
+    match m.step_block(&mut state, &tok, Some(&too_big), None) {
+        Err(ModelError::TokenOutOfRange { input, id, .. }) => {
+            assert_eq!((input, id), ("neighbours", c.n_vocab as u64))
+        }
+        other => panic!(
+            "expected an id out of range, got {:?}",
+            other.map(|t| t.dims().to_vec())
+        ),
+    }
+    assert_eq!(
+        state.position(),
+        cl - 1,
+        "failed steps leave the state as it was"
+    );
+}

@@ -8,19 +8,19 @@ use crate::generate::StepInput;
 use candle_core::Tensor;
 use retro_model::llama::{LlamaBase, LlamaCache};
 use retro_model::retrofit::{RetroFitCache, RetroFitted};
-use retro_model::{DecodeState, RetroModel};
+use retro_model::{DecodeState, NeighbourBlock, RetroModel};
 
 pub trait Decoder: Scorer {
     type State: Send;
     /// A state for one sequence; `retrieval` false decodes RETRO\[OFF\].
     fn start(&self, retrieval: bool) -> Self::State;
-    /// Feeds `token` and returns the next token's logits `[vocab]`. `neighbours [1, K, N]` (and
-    /// their gate `keep [1]`) come with the token that completes a chunk.
+    /// Feeds `token` and returns the next token's logits `[vocab]`. `neighbours [1, 1, K, N]`
+    /// (and their gate `keep [1]`) come with the token that completes a chunk.
     fn step(
         &self,
         state: &mut Self::State,
         token: u32,
-        neighbours: Option<&Tensor>,
+        neighbours: Option<&NeighbourBlock>,
         keep: Option<&Tensor>,
     ) -> Result<Tensor>;
     /// One step of each of several sequences (a server's requests): `inputs[i]` feeds
@@ -55,11 +55,11 @@ impl Decoder for RetroModel {
         &self,
         state: &mut DecodeState,
         token: u32,
-        neighbours: Option<&Tensor>,
+        neighbours: Option<&NeighbourBlock>,
         keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let x = Tensor::new(&[token], RetroModel::device(self))?;
-        Ok(self.step_gated(state, &x, neighbours, keep)?.squeeze(0)?)
+        Ok(self.step_block(state, &x, neighbours, keep)?.squeeze(0)?)
     }
     fn eos(&self) -> Option<u32> {
         None
@@ -75,11 +75,12 @@ impl Decoder for RetroFitted {
         &self,
         state: &mut RetroFitCache,
         token: u32,
-        neighbours: Option<&Tensor>,
+        neighbours: Option<&NeighbourBlock>,
         keep: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let x = Tensor::new(&[[token]], self.base().device())?;
-        let ret = neighbours.map(|n| n.unsqueeze(1)).transpose()?;
+        let device = self.base().device();
+        let x = Tensor::new(&[[token]], device)?;
+        let ret = neighbours.map(|n| n.to_tensor(device)).transpose()?;
         let keep = keep.map(|k| k.reshape((1, 1))).transpose()?;
         let logits = self.forward_cached(&x, state, ret.as_ref(), keep.as_ref())?;
         Ok(logits.flatten_all()?)
@@ -90,10 +91,16 @@ impl Decoder for RetroFitted {
         inputs: &[StepInput],
     ) -> Result<Vec<Tensor>> {
         let tokens: Vec<u32> = inputs.iter().map(|i| i.token).collect();
+        let device = self.base().device();
         let rets = inputs
             .iter()
-            .map(|i| i.neighbours.as_ref().map(|n| n.unsqueeze(1)).transpose())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|i| {
+                i.neighbours
+                    .as_ref()
+                    .map(|n| n.to_tensor(device))
+                    .transpose()
+            })
+            .collect::<retro_model::Result<Vec<_>>>()?;
         let keeps = inputs
             .iter()
             .map(|i| i.keep.as_ref().map(|k| k.reshape((1, 1))).transpose())
@@ -117,7 +124,7 @@ impl Decoder for LlamaBase {
         &self,
         state: &mut LlamaCache,
         token: u32,
-        _neighbours: Option<&Tensor>,
+        _neighbours: Option<&NeighbourBlock>,
         _keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let x = Tensor::new(&[[token]], LlamaBase::device(self))?;

@@ -9,7 +9,7 @@ use crate::retriever::{Neighbours, Retriever};
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use retro_index::LmTokenizer;
-use retro_model::ChunkSchedule;
+use retro_model::{ChunkSchedule, NeighbourBlock};
 
 /// Greedy when `temperature == 0`; otherwise temperature, then top-k, then top-p (nucleus).
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -135,11 +135,11 @@ pub enum Finish {
 }
 
 /// One model step of one sequence: the token fed and, when it completes a chunk, that chunk's
-/// neighbours `[1, K, N]` and their gate `[1]`.
+/// neighbours `[1, 1, K, N]` and their gate `[1]`.
 #[derive(Debug, Clone)]
 pub struct StepInput {
     pub token: u32,
-    pub neighbours: Option<Tensor>,
+    pub neighbours: Option<NeighbourBlock>,
     pub keep: Option<Tensor>,
 }
 
@@ -293,12 +293,12 @@ impl<'a, D: Decoder> Generation<'a, D> {
         self.logits = Some(logits);
     }
 
-    /// Neighbours `[1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
+    /// Neighbours `[1, 1, K, N]` of the chunk that ends at position t, if any, and their gate `[1]`.
     fn neighbours_at(
         &mut self,
         t: usize,
         on_event: &mut dyn FnMut(Event),
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<NeighbourBlock>, Option<Tensor>)> {
         let (Some(r), Some(u)) = (&self.retriever, self.schedule.and_then(|s| s.completes(t)))
         else {
             return Ok((None, None));
@@ -312,7 +312,7 @@ impl<'a, D: Decoder> Generation<'a, D> {
         });
         let device = self.model.device();
         let keep = n.keep_tensor(device)?.map(|k| k.reshape(1)).transpose()?;
-        let ret = n.to_tensor(device)?.squeeze(1)?;
+        let ret = n.tokens.clone();
         self.before = Some(match self.before.take() {
             Some(b) => b.followed_by(&n, self.lookback)?,
             None => n,

@@ -9,6 +9,7 @@ use super::blocks::{layers, CrossBlock, FfBlock, Rope, SelfBlock};
 use super::encode::RowEncoder;
 use crate::error::Result;
 use crate::model::RetroModel;
+use crate::neighbour_block::NeighbourBlock;
 use candle_core::{Device, Tensor};
 use retro_kernels::decode::{values, RowLinear, TiledKvCache};
 use retro_kernels::ChunkSchedule;
@@ -54,7 +55,7 @@ pub(crate) struct RowDecode<T> {
 
 /// What a feed needs of each chunk its rows complete: `ret [B, 1, K, N]` and `keep [B, 1, 1]`.
 pub(crate) struct ChunkEnd {
-    pub ret: Tensor,
+    pub ret: NeighbourBlock,
     pub keep: Option<Tensor>,
 }
 
@@ -180,8 +181,8 @@ impl<T: Float> RowDecode<T> {
                     .next()
                     .expect("the caller passes one entry per completed chunk");
                 let rows: Vec<T> = self.chunk_h.iter_mut().flat_map(std::mem::take).collect();
-                let (_, _, k, n) = end.ret.dims4()?;
-                let emb = self.w.embed(&end.ret.flatten_all()?.to_vec1::<u32>()?, d);
+                let [_, _, k, n] = end.ret.shape();
+                let emb = self.w.embed(end.ret.as_slice(), d);
                 let rope = Rope::new(&m.theta, 0, n);
                 let encoded = self.w.enc.forward(emb, &rows, (k, n, d), &rope);
                 e.push(Tensor::from_vec(encoded, (b, 1, k, n, d), &Device::Cpu)?);
