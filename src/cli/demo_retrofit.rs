@@ -73,9 +73,20 @@ pub struct RetrofitDemoArgs {
     /// A gate on each CCA's output (`retro train --gated-output`): `true` or `false`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub gated_output: bool,
+    /// CCA in every this-many-th layer from layer 6 (`retro train --ca-every`): 1 puts one in
+    /// each of the base's layers 6-29, where in-context retrieval reads the neighbours in every
+    /// layer (docs/QUALITY.md); the paper's Table 12 has 3.
+    #[arg(long, default_value_t = 1)]
+    pub ca_every: usize,
+    /// The learning-rate schedule after 20 warm-up steps (`retro train --schedule`); `cosine`
+    /// decays over --train-minutes (or --max-steps when that ends training first).
+    #[arg(long, default_value = "cosine")]
+    pub schedule: retro_pipeline::Schedule,
     /// The fraction of training sequences that read another sequence's neighbours (`retro train
-    /// --neighbour-shuffle`), so that CCA learns to ignore neighbours that do not match.
-    #[arg(long, default_value_t = 0.25)]
+    /// --neighbour-shuffle`), so that CCA learns to ignore neighbours that do not match (with a
+    /// CCA in every layer, a quarter is not enough to keep novel text within 0.01 bpb of the
+    /// base: docs/QUALITY.md).
+    #[arg(long, default_value_t = 0.4)]
     pub neighbour_shuffle: f64,
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
@@ -365,7 +376,9 @@ fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
         "--batch-size",
         "2",
         "--schedule",
-        "constant",
+        &a.schedule.to_string(),
+        "--ca-every",
+        &a.ca_every.to_string(),
         "--warmup",
         "20",
         "--steps",
@@ -474,7 +487,17 @@ mod tests {
     fn every_step_parses_as_a_retro_command() {
         for flags in [
             &["demo"][..],
-            &["demo", "--max-steps", "5", "--gated-output", "false"],
+            &[
+                "demo",
+                "--max-steps",
+                "5",
+                "--gated-output",
+                "false",
+                "--ca-every",
+                "3",
+                "--schedule",
+                "constant",
+            ],
         ] {
             let a = Demo::parse_from(flags).a;
             let p = Path::new("/x");
@@ -506,6 +529,12 @@ mod tests {
                 plan.train.contains(&"--gated-output".into()),
                 a.gated_output
             );
+            let after = |flag: &str| {
+                let i = plan.train.iter().position(|f| f == flag).unwrap();
+                plan.train[i + 1].clone()
+            };
+            assert_eq!(after("--ca-every"), a.ca_every.to_string());
+            assert_eq!(after("--schedule"), a.schedule.to_string());
         }
     }
 }
