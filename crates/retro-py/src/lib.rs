@@ -76,12 +76,18 @@ impl Interrupt {
         slot.get_or_insert(e);
     }
 
-    /// The build's result: the interrupt when it was cancelled, else its own error.
-    fn result<T>(&self, r: Result<T, String>) -> PyResult<T> {
+    /// The build's result: the interrupt when there was one, else its own result. A signal that
+    /// no poll handled (Python runs signal handlers on the main thread only, and a callback may
+    /// have run on a worker) is handled here, on the main thread, so Ctrl-C is never swallowed;
+    /// if it came after the build was in place, the folder is complete and stays.
+    fn result<T>(&self, py: Python<'_>, r: Result<T, String>) -> PyResult<T> {
+        if let Err(e) = py.check_signals() {
+            self.stop(e);
+        }
         let pending = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
         match (r, pending) {
-            (Ok(v), _) => Ok(v),
-            (Err(_), Some(e)) => Err(e),
+            (_, Some(e)) => Err(e),
+            (Ok(v), None) => Ok(v),
             (Err(e), None) => Err(err(e)),
         }
     }
@@ -192,7 +198,7 @@ impl Database {
                 .map_err(|e| e.to_string())
         });
         bar.close(py);
-        Ok(Self::from_opened(interrupt.result(r)?))
+        Ok(Self::from_opened(interrupt.result(py, r)?))
     }
 
     /// Opens the database at `path`.
@@ -600,7 +606,7 @@ impl Dataset {
                 .map_err(|e| e.to_string())
         });
         bar.close(py);
-        let ds = interrupt.result(r)?;
+        let ds = interrupt.result(py, r)?;
         Ok(Self {
             ds: Arc::new(ds),
             db,

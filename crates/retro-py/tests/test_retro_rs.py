@@ -111,8 +111,9 @@ def test_a_database_and_dataset_built_from_python_equal_the_clis(built, tmp_path
 
 
 def test_ctrl_c_stops_a_build_and_leaves_nothing(built, tmp_path):
+    # What Python raises in a callback running on the main thread when Ctrl-C comes.
     def ctrl_c(*_):
-        os.kill(os.getpid(), signal.SIGINT)
+        raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         retro_rs.Database.build(built / "corpus.jsonl", tmp_path / "db", tokenizer="char",
@@ -128,6 +129,23 @@ def test_ctrl_c_stops_a_build_and_leaves_nothing(built, tmp_path):
 
     ds = retro_rs.Dataset.build(db, tmp_path / "ds", seq_len=64, progress=broken)
     assert len(ds) > 0
+
+
+def test_a_sigint_during_a_build_raises_and_leaves_nothing_half_written(built, tmp_path):
+    # A real signal: it may reach the build before the database is in place (nothing stays) or
+    # just after (the database is complete); it is raised either way, never swallowed, and no
+    # staged copy (a hidden sibling) stays.
+    def sigint(*_):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            retro_rs.Database.build(built / "corpus.jsonl", tmp_path / "db", tokenizer="char",
+                                    lexical_dim=64, chunk_len=16, overwrite=True,
+                                    progress=sigint)
+        assert [p.name for p in tmp_path.iterdir()] in ([], ["db"])
+        if (tmp_path / "db").exists():
+            assert retro_rs.Database.open(tmp_path / "db").num_chunks > 0
 
 
 def test_progress_bar_draws_a_tqdm_bar_per_stage_to_the_end(built, tmp_path):
