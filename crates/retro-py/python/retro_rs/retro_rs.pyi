@@ -28,7 +28,8 @@ class Database:
         tokenizer.json path; keys from ``embedder`` (a BERT model folder) or ``lexical_dim``.
         ``progress(stage, done, total)`` with stage "tokenizing", "embedding", "inserting" or
         "writing". Raises RetroError; a failed build leaves nothing at ``out``. Ctrl-C stops it at
-        its next step (KeyboardInterrupt), leaving nothing either."""
+        its next step (KeyboardInterrupt), leaving nothing either (after its last step, the
+        complete database stays)."""
     @staticmethod
     def open(path: str | PathLike[str]) -> "Database": ...
     def keys(self) -> npt.NDArray[np.float32]:
