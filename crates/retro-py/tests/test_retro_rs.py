@@ -138,14 +138,20 @@ def test_a_sigint_during_a_build_raises_and_leaves_nothing_half_written(built, t
     def sigint(*_):
         os.kill(os.getpid(), signal.SIGINT)
 
-    for _ in range(3):
-        with pytest.raises(KeyboardInterrupt):
-            retro_rs.Database.build(built / "corpus.jsonl", tmp_path / "db", tokenizer="char",
-                                    lexical_dim=64, chunk_len=16, overwrite=True,
-                                    progress=sigint)
-        assert [p.name for p in tmp_path.iterdir()] in ([], ["db"])
-        if (tmp_path / "db").exists():
-            assert retro_rs.Database.open(tmp_path / "db").num_chunks > 0
+    # Python's own Ctrl-C handler, even where the process inherited SIGINT ignored (as a
+    # background job of a shell without job control does).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for _ in range(3):
+            with pytest.raises(KeyboardInterrupt):
+                retro_rs.Database.build(built / "corpus.jsonl", tmp_path / "db", tokenizer="char",
+                                        lexical_dim=64, chunk_len=16, overwrite=True,
+                                        progress=sigint)
+            assert [p.name for p in tmp_path.iterdir()] in ([], ["db"])
+            if (tmp_path / "db").exists():
+                assert retro_rs.Database.open(tmp_path / "db").num_chunks > 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_progress_bar_draws_a_tqdm_bar_per_stage_to_the_end(built, tmp_path):
