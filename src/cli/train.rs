@@ -243,7 +243,7 @@ fn run_retrofit(
     let base_dir = &base.dir;
     let blocks = fit.blocks(&base.config)?;
     let trainable = fit.num_new_parameters(&base.config)?;
-    let reads = match fit.neighbour_states {
+    let mut reads = match fit.neighbour_states {
         retro_model::retrofit::NeighbourStates::Encoder => {
             format!("a {}-layer encoder", blocks.enc_n_layers)
         }
@@ -251,12 +251,12 @@ fn run_retrofit(
             "no encoder (each reads the base's states of the neighbours)".to_string()
         }
     };
-    let reads = match (fit.cca_positions, fit.gated_output) {
-        (false, false) => reads,
-        (true, false) => format!("{reads}, rotary positions"),
-        (false, true) => format!("{reads}, gated output"),
-        (true, true) => format!("{reads}, rotary positions, gated output"),
-    };
+    if fit.cca_positions {
+        reads.push_str(", rotary positions");
+    }
+    if fit.gated_output {
+        reads.push_str(", gated output");
+    }
     println!(
         "RETRO-fitting {} ({} parameters, frozen): CCA in layers {:?}, {reads}, about {} new parameters ({:.1}%), on {} sequences of {} tokens (K {}) -> {}",
         base_dir.display(),

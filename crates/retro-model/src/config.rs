@@ -35,6 +35,11 @@ pub struct RetroConfig {
 }
 
 impl RetroConfig {
+    /// Which CCA (0-based, in layer order) decoder layer `layer` has, if any.
+    pub fn cca_index(&self, layer: usize) -> Option<usize> {
+        self.ca_layers.iter().position(|&l| l == layer)
+    }
+
     /// labml's "small" training configuration (3,584,289 parameters).
     pub fn labml_small() -> Self {
         Self {

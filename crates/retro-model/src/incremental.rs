@@ -321,13 +321,7 @@ impl RetroModel {
             },
             (true, true, Some(Ids::Block(n))) => match n.shape() {
                 [nb, 1, k, nn] if nb == b && k > 0 && nn > 0 => {
-                    if let Some(hi) = n.max_id().filter(|&hi| hi as usize >= self.config.n_vocab) {
-                        return Err(ModelError::TokenOutOfRange {
-                            input: "neighbours",
-                            id: hi as u64,
-                            n_vocab: self.config.n_vocab,
-                        });
-                    }
+                    self.check_max_id("neighbours", n.max_id())?;
                     Some(n.clone())
                 }
                 d => {
@@ -547,7 +541,7 @@ struct CachedCca<'a> {
 impl LayerHook for CachedCca<'_> {
     fn after_attention(&mut self, layer: usize, h: Tensor, _offset: usize) -> Result<Tensor> {
         let model = self.model;
-        let Some(i) = model.config.ca_layers.iter().position(|&l| l == layer) else {
+        let Some(i) = model.config.cca_index(layer) else {
             return Ok(h);
         };
         if i == 0 {

@@ -181,15 +181,7 @@ impl RetroModel {
         let t = t.to_device(&self.device)?;
         if t.dtype() == DType::U32 && t.device().is_cpu() {
             // The common case (every decoding step): one pass over the ids, no tensor ops.
-            if let Some(&hi) = t.flatten_all()?.to_vec1::<u32>()?.iter().max() {
-                if hi as usize >= self.config.n_vocab {
-                    return Err(ModelError::TokenOutOfRange {
-                        input,
-                        id: hi as u64,
-                        n_vocab: self.config.n_vocab,
-                    });
-                }
-            }
+            self.check_max_id(input, t.flatten_all()?.to_vec1::<u32>()?.into_iter().max())?;
             return Ok(t);
         }
         if t.elem_count() > 0 {
@@ -205,15 +197,25 @@ impl RetroModel {
                     n_vocab: self.config.n_vocab,
                 });
             }
-            if hi as usize >= self.config.n_vocab {
-                return Err(ModelError::TokenOutOfRange {
-                    input,
-                    id: hi as u64,
-                    n_vocab: self.config.n_vocab,
-                });
-            }
+            self.check_max_id(input, Some(hi as u64))?;
         }
         Ok(t.to_dtype(DType::U32)?)
+    }
+
+    /// The largest id of `input` (none when it is empty) is below the vocabulary.
+    pub(crate) fn check_max_id(
+        &self,
+        input: &'static str,
+        hi: Option<impl Into<u64>>,
+    ) -> Result<()> {
+        match hi.map(Into::into) {
+            Some(id) if id >= self.config.n_vocab as u64 => Err(ModelError::TokenOutOfRange {
+                input,
+                id,
+                n_vocab: self.config.n_vocab,
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
@@ -330,7 +332,7 @@ struct Cca<'a> {
 impl LayerHook for Cca<'_> {
     fn after_attention(&mut self, layer: usize, h: Tensor, _offset: usize) -> Result<Tensor> {
         let model = self.model;
-        let Some(i) = model.config.ca_layers.iter().position(|&l| l == layer) else {
+        let Some(i) = model.config.cca_index(layer) else {
             return Ok(h);
         };
         if self.e.is_none() {

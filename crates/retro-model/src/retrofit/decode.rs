@@ -325,8 +325,7 @@ impl CachedCca<'_> {
 
 impl LayerHook for CachedCca<'_> {
     fn after_attention(&mut self, layer: usize, h: Tensor, offset: usize) -> Result<Tensor> {
-        let layers = &self.model.blocks.ca_layers;
-        let Some(i) = layers.iter().position(|&l| l == layer) else {
+        let Some(i) = self.model.blocks.cca_index(layer) else {
             return Ok(h);
         };
         if i == 0 {

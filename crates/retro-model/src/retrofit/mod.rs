@@ -536,8 +536,7 @@ struct Cca<'a> {
 impl LayerHook for Cca<'_> {
     fn after_attention(&mut self, layer: usize, h: Tensor, _offset: usize) -> Result<Tensor> {
         let Some(ret) = self.ret else { return Ok(h) };
-        let layers = &self.model.blocks.ca_layers;
-        let Some(i) = layers.iter().position(|&l| l == layer) else {
+        let Some(i) = self.model.blocks.cca_index(layer) else {
             return Ok(h);
         };
         if self.e.is_none() {
