@@ -153,6 +153,7 @@ fn median_step_seconds(metrics: &Path, tokens_per_step: usize) -> Result<f64> {
 
 /// Runs this binary with `args`, printing the command first.
 pub(super) fn retro(args: &[String]) -> Result<()> {
+    check_parses(args)?;
     println!("\n$ retro {}", args.join(" "));
     sh(Command::new(std::env::current_exe()?).args(args))
 }
@@ -530,12 +531,25 @@ fn generate_args(a: &DemoArgs, out: &Path) -> Vec<String> {
     v
 }
 
+/// An error naming the command unless `retro ARGS` parses with the binary's own parser: the demos
+/// check each step this way before it runs (the retrofit demo all of them before the first), so a
+/// renamed flag fails at once, and in the tests, rather than minutes into a run.
+pub(super) fn check_parses(args: &[String]) -> Result<()> {
+    use clap::Parser;
+    crate::Cli::try_parse_from(std::iter::once("retro".to_string()).chain(args.iter().cloned()))
+        .map(drop)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the demo's step `retro {}` does not parse: {e}",
+                args.join(" ")
+            )
+        })
+}
+
 /// Panics, naming the command, unless `retro ARGS` parses with the binary's own parser.
 #[cfg(test)]
 pub(super) fn assert_parses(args: &[String]) {
-    use clap::Parser;
-    crate::Cli::try_parse_from(std::iter::once("retro".to_string()).chain(args.iter().cloned()))
-        .unwrap_or_else(|e| panic!("retro {}: {e}", args.join(" ")));
+    check_parses(args).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[cfg(test)]

@@ -261,6 +261,10 @@ pub fn run(a: RetrofitDemoArgs) -> Result<()> {
             prompt: &prompt,
         },
     );
+    // Every step parses before the first runs: minutes of work are not lost to a bad flag.
+    for step in plan.all() {
+        super::demo::check_parses(step)?;
+    }
     retro(&plan.import)?;
     retro(&plan.generate_base)?;
     retro(&plan.index)?;
@@ -350,6 +354,23 @@ struct Steps {
     /// `retro eval --json` of the related book, then of the novel one, with the book's name.
     evals: [(String, Vec<String>); 2],
     generate: Vec<String>,
+}
+
+impl Steps {
+    /// Every command, in the order they run.
+    fn all(&self) -> [&Vec<String>; 8] {
+        let [e1, e2] = &self.evals;
+        [
+            &self.import,
+            &self.generate_base,
+            &self.index,
+            &self.dataset,
+            &self.train,
+            &e1.1,
+            &e2.1,
+            &self.generate,
+        ]
+    }
 }
 
 fn steps(a: &RetrofitDemoArgs, i: &Inputs) -> Steps {
@@ -512,17 +533,7 @@ mod tests {
                     prompt: "11:1 Now",
                 },
             );
-            let [e1, e2] = &plan.evals;
-            for step in [
-                &plan.import,
-                &plan.generate_base,
-                &plan.index,
-                &plan.dataset,
-                &plan.train,
-                &e1.1,
-                &e2.1,
-                &plan.generate,
-            ] {
+            for step in plan.all() {
                 crate::cli::demo::assert_parses(step);
             }
             assert_eq!(
