@@ -153,7 +153,6 @@ fn median_step_seconds(metrics: &Path, tokens_per_step: usize) -> Result<f64> {
 
 /// Runs this binary with `args`, printing the command first.
 pub(super) fn retro(args: &[String]) -> Result<()> {
-    check_parses(args)?;
     println!("\n$ retro {}", args.join(" "));
     sh(Command::new(std::env::current_exe()?).args(args))
 }
@@ -326,13 +325,17 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     let p = |n: &str| path_in(out, n);
     let emb = embedder.map(|e| e.to_string_lossy().into_owned());
+    let shuffle = a.neighbour_shuffle.to_string();
+    // Every step parses before the first runs.
+    for step in planned_steps(&a, out, emb.as_deref()) {
+        check_parses(&step)?;
+    }
     retro(&index_args(&a, out, emb.as_deref()))?;
     retro(&dataset_args(&a, out))?;
     let ds_dir = p("dataset");
     for run in ["run", "baseline"] {
         let _ = std::fs::remove_dir_all(out.join(run));
     }
-    let shuffle = a.neighbour_shuffle.to_string();
     let train = |run: &str, budget: &[&str], extra: &[&str]| -> Result<()> {
         retro(&train_args(&a, out, run, budget, extra))
     };
@@ -395,6 +398,21 @@ pub fn run(a: DemoArgs) -> Result<()> {
         p("eval-overlap.png")
     );
     Ok(())
+}
+
+/// The demo's commands as known before the first runs: the training budgets come later from the
+/// probes, so the runs stand here with one step.
+fn planned_steps(a: &DemoArgs, out: &Path, embedder: Option<&str>) -> [Vec<String>; 6] {
+    let shuffle = a.neighbour_shuffle.to_string();
+    let one = ["--steps", "1"];
+    [
+        index_args(a, out, embedder),
+        dataset_args(a, out),
+        train_args(a, out, "run", &one, &["--neighbour-shuffle", &shuffle]),
+        train_args(a, out, "baseline", &one, &["--no-retrieval"]),
+        eval_args(a, out),
+        generate_args(a, out),
+    ]
 }
 
 /// A command's arguments as `retro` takes them.
@@ -532,8 +550,8 @@ fn generate_args(a: &DemoArgs, out: &Path) -> Vec<String> {
 }
 
 /// An error naming the command unless `retro ARGS` parses with the binary's own parser: the demos
-/// check each step this way before it runs (the retrofit demo all of them before the first), so a
-/// renamed flag fails at once, and in the tests, rather than minutes into a run.
+/// check their steps this way before the first runs (a step's own process would fail on a bad flag
+/// only after the steps before it), so a renamed flag fails at once, and in the tests.
 pub(super) fn check_parses(args: &[String]) -> Result<()> {
     use clap::Parser;
     crate::Cli::try_parse_from(std::iter::once("retro".to_string()).chain(args.iter().cloned()))
@@ -580,10 +598,9 @@ mod tests {
         ] {
             let a = Demo::parse_from(flags).a;
             let out = Path::new("/x");
-            let steps = [
-                index_args(&a, out, None),
+            let mut steps = planned_steps(&a, out, None).to_vec();
+            steps.extend([
                 index_args(&a, out, Some("/minilm")),
-                dataset_args(&a, out),
                 train_args(
                     &a,
                     out,
@@ -598,10 +615,7 @@ mod tests {
                     &["--steps", "9", "--max-minutes", "8.6"],
                     &[],
                 ),
-                train_args(&a, out, "baseline", &["--steps", "9"], &["--no-retrieval"]),
-                eval_args(&a, out),
-                generate_args(&a, out),
-            ];
+            ]);
             for step in &steps {
                 assert_parses(step);
             }
